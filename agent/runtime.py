@@ -1,0 +1,154 @@
+"""Runtimes behind one small interface: ONNX Runtime and TFLite.
+
+`open_model` gives a `LoadedModel` whose `run` takes and returns real (float) values: for
+quantized inputs/outputs it applies the tensor's scale and zero point, so clients never see
+int8. TFLite comes from `ai-edge-litert` (tflite-runtime's successor, works with numpy 2) or,
+where that is what a distribution ships, `tflite-runtime`. Third-party errors are translated
+into `RuntimeLoadError` at this edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import AgentError
+from agent.manifest import QuantParams, TensorSpec
+
+F32 = npt.NDArray[np.float32]
+
+
+class RuntimeLoadError(AgentError):
+    """A model file could not be loaded by its runtime."""
+
+
+class LoadedModel(Protocol):
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, x: F32) -> F32:
+        """Run one batch of float inputs; returns float outputs of the first output."""
+        ...
+
+
+def quantize(x: F32, q: QuantParams, dtype: Any) -> npt.NDArray[Any]:
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize(v: npt.NDArray[Any], q: QuantParams) -> F32:
+    return ((v.astype(np.float32) - q.zero_point) * q.scale).astype(np.float32)
+
+
+@dataclass
+class OnnxModel:
+    session: Any
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, x: F32) -> F32:
+        out = self.session.run(None, {self.inputs[0].name: x.astype(np.float32)})
+        return np.asarray(out[0], dtype=np.float32)
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float16)": "float16"}
+
+
+def _ort_spec(arg: Any) -> TensorSpec:
+    shape = [d if isinstance(d, int) else None for d in arg.shape]
+    return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, "float32"), shape=shape)
+
+
+def open_onnx(path: Path, *, threads: int = 1,
+              providers: list[str] | None = None) -> OnnxModel:
+    import onnxruntime as ort  # noqa: PLC0415
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    available = set(ort.get_available_providers())
+    wanted = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=wanted or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's exceptions are not part of a stable hierarchy
+        raise RuntimeLoadError(f"onnxruntime cannot load {path.name}: "
+                               f"{str(exc).splitlines()[0][:200]}") from exc
+    return OnnxModel(sess, [_ort_spec(a) for a in sess.get_inputs()],
+                     [_ort_spec(a) for a in sess.get_outputs()])
+
+
+def tflite_interpreter_class() -> Any:
+    """The TFLite Interpreter class from whichever runtime is installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # noqa: PLC0415
+        except ImportError as exc:
+            raise RuntimeLoadError("no TFLite runtime: install ai-edge-litert "
+                                   "(pip install 'edge-agent[tflite]') or tflite-runtime") from exc
+    return Interpreter
+
+
+def _tfl_spec(d: dict[str, Any]) -> TensorSpec:
+    scale, zp = d["quantization"]
+    dtype = np.dtype(d["dtype"]).name
+    q = QuantParams(scale=float(scale), zero_point=int(zp)) if scale else None
+    return TensorSpec(name=d["name"], dtype=dtype, shape=[int(v) for v in d["shape"]],
+                      quantization=q)
+
+
+@dataclass
+class TfliteModel:
+    interpreter: Any
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    _in_index: int
+    _out_index: int
+
+    def run(self, x: F32) -> F32:
+        """Runs sample by sample when the model's batch is fixed at 1."""
+        fixed = self.inputs[0].shape[0]
+        if fixed == 1 and len(x) != 1:
+            return np.concatenate([self.run(x[i:i + 1]) for i in range(len(x))])
+        spec_in, spec_out = self.inputs[0], self.outputs[0]
+        feed = x if spec_in.quantization is None else quantize(
+            x, spec_in.quantization, np.dtype(spec_in.dtype))
+        self.interpreter.set_tensor(self._in_index, feed.astype(np.dtype(spec_in.dtype)))
+        self.interpreter.invoke()
+        raw = self.interpreter.get_tensor(self._out_index)
+        if spec_out.quantization is None:
+            return np.asarray(raw, dtype=np.float32)
+        return dequantize(raw, spec_out.quantization)
+
+
+def open_tflite(path: Path, *, threads: int = 1,
+                delegates: list[Any] | None = None) -> TfliteModel:
+    interpreter_cls = tflite_interpreter_class()
+    try:
+        it = interpreter_cls(model_path=str(path), num_threads=threads,
+                             experimental_delegates=delegates or None)
+        it.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise RuntimeLoadError(f"TFLite cannot load {path.name}: "
+                               f"{str(exc).splitlines()[0][:200]}") from exc
+    ins, outs = it.get_input_details(), it.get_output_details()
+    return TfliteModel(it, [_tfl_spec(d) for d in ins], [_tfl_spec(d) for d in outs],
+                       ins[0]["index"], outs[0]["index"])
+
+
+def open_model(path: Path, runtime: Literal["onnx", "tflite"], *,
+               threads: int = 1) -> LoadedModel:
+    """Load a model file with the named runtime.
+
+    Raises:
+        RuntimeLoadError: the runtime is missing or refuses the file.
+    """
+    if runtime == "onnx":
+        return open_onnx(path, threads=threads)
+    return open_tflite(path, threads=threads)

@@ -1,0 +1,53 @@
+"""A bundle's self-test: run the golden inputs, compare with the outputs recorded at build.
+
+The check the device runs before it serves a new model: outputs within the manifest's `atol`
+and top-1 agreement at or above `min_top1_agreement`.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.errors import BundleError
+from agent.manifest import Manifest
+from agent.runtime import open_model
+
+
+@dataclass(frozen=True)
+class SelfTestResult:
+    samples: int
+    max_abs_diff: float
+    top1_agreement: float
+    passed: bool
+
+
+def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1) -> SelfTestResult:
+    """Run the bundle's model on its golden inputs.
+
+    Raises:
+        BundleError: selftest file unreadable or malformed (check="selftest").
+        RuntimeLoadError: the model cannot be loaded.
+    """
+    path = bundle_dir / manifest.selftest.file
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            inputs, expected = npz["inputs"], npz["outputs"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"selftest file {manifest.selftest.file} unreadable: {exc}",
+                          check="selftest", path=manifest.selftest.file) from exc
+    if len(inputs) != len(expected) or len(inputs) == 0:
+        raise BundleError("selftest inputs and outputs differ in length", check="selftest",
+                          path=manifest.selftest.file)
+    model = open_model(bundle_dir / manifest.model_file, manifest.runtime, threads=threads)
+    got = model.run(inputs.astype(np.float32))
+    if got.shape != expected.shape:
+        raise BundleError(f"selftest output shape {got.shape}, expected {expected.shape}",
+                          check="selftest")
+    diff = float(np.max(np.abs(got - expected)))
+    agree = float((got.argmax(1) == expected.argmax(1)).mean())
+    passed = diff <= manifest.selftest.atol and agree >= manifest.selftest.min_top1_agreement
+    return SelfTestResult(len(inputs), diff, agree, passed)

@@ -1,0 +1,161 @@
+"""Assemble the bundle directory the device installs (DESIGN.md, Bundle).
+
+The model for the profile's first runtime preference goes in (the Vela-compiled file for
+Ethos-U targets), with `selftest.npz` (golden inputs and the outputs this model gave for
+them here) and reference statistics of inputs and outputs on the calibration data, which the
+device compares live traffic with to detect drift. The manifest is unsigned here; signing
+adds `signatures.json` without touching anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent import __version__ as agent_version
+from agent.manifest import (
+    MANIFEST_FILE,
+    SELFTEST_FILE,
+    FileEntry,
+    Histogram,
+    InputReference,
+    Manifest,
+    OutputReference,
+    Preprocessing,
+    ReferenceStats,
+    ResourceEstimate,
+    SelfTest,
+    canonical_json,
+)
+from agent.runtime import LoadedModel, open_onnx, open_tflite
+from converter.errors import ConvertError
+
+if TYPE_CHECKING:
+    from converter.pipeline import Context
+
+INPUT_BINS = 20
+CONFIDENCE_BINS = 10
+MAX_FEATURE_STATS = 4096
+
+
+def _choose(ctx: Context) -> tuple[str, Path, Path]:
+    """(runtime, file to ship, file to run here for golden outputs)."""
+    from converter.pipeline import INT8_ONNX, INT8_TFLITE  # noqa: PLC0415
+
+    vela = ctx.results.get("compile", {}).get("model")
+    for runtime in ctx.profile.runtime.preference:
+        if runtime == "tflite" and (ctx.work / INT8_TFLITE).is_file():
+            ship = ctx.work / vela if vela else ctx.work / INT8_TFLITE
+            return "tflite", ship, ctx.work / INT8_TFLITE
+        if runtime == "onnx" and (ctx.work / INT8_ONNX).is_file():
+            return "onnx", ctx.work / INT8_ONNX, ctx.work / INT8_ONNX
+    raise ConvertError(f"no model for {ctx.profile.name}'s runtimes "
+                       f"{ctx.profile.runtime.preference}; check quantize.formats")
+
+
+def _sha256(path: Path) -> FileEntry:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return FileEntry(sha256=h.hexdigest(), size_bytes=path.stat().st_size)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def reference_stats(x: np.ndarray, logits: np.ndarray) -> ReferenceStats:
+    """Input and output statistics of the calibration data, for drift detection."""
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    counts, edges = np.histogram(x, bins=INPUT_BINS, range=(lo, hi))
+    flat = x.reshape(len(x), -1)
+    if flat.shape[1] > MAX_FEATURE_STATS and x.ndim >= 3:
+        flat = x.reshape(len(x), x.shape[1], -1).mean(axis=2)  # per channel
+    probs = _softmax(logits)
+    conf_counts, conf_edges = np.histogram(probs.max(axis=1), bins=CONFIDENCE_BINS,
+                                           range=(0.0, 1.0))
+    classes = np.bincount(probs.argmax(axis=1), minlength=logits.shape[1])
+    return ReferenceStats(
+        samples=len(x),
+        input=InputReference(
+            histogram=Histogram(bin_edges=[float(e) for e in edges],
+                                fractions=[float(c) / counts.sum() for c in counts]),
+            mean=float(x.mean()), std=float(x.std()),
+            feature_mean=[float(v) for v in flat.mean(axis=0)],
+            feature_std=[float(v) for v in flat.std(axis=0)]),
+        output=OutputReference(
+            class_fractions=[float(c) / len(x) for c in classes],
+            confidence=Histogram(bin_edges=[float(e) for e in conf_edges],
+                                 fractions=[float(c) / len(x) for c in conf_counts])),
+    )
+
+
+def build_bundle(ctx: Context) -> Manifest:
+    """Write `<work>/bundle/` and return its manifest."""
+    runtime, ship, runnable = _choose(ctx)
+    bundle = ctx.work / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    bundle.mkdir()
+    model_name = f"model{ship.suffix}" if "vela" not in ship.name else "model_vela.tflite"
+    shutil.copyfile(ship, bundle / model_name)
+    loaded: LoadedModel = (open_tflite(runnable) if runtime == "tflite" else open_onnx(runnable))
+    opts = ctx.recipe.bundle
+    golden = ctx.data.x[ctx.split.val[:opts.selftest_samples]]
+    expected = loaded.run(golden)
+    np.savez(bundle / SELFTEST_FILE, inputs=golden, outputs=expected)
+    calib = ctx.calib()
+    ref = reference_stats(calib, loaded.run(calib))
+    span = float(expected.max() - expected.min()) or 1.0
+    classes = int(expected.shape[1])
+    labels = opts.labels or [str(i) for i in range(classes)]
+    if len(labels) != classes:
+        raise ConvertError(f"bundle.labels has {len(labels)} entries, the model has "
+                           f"{classes} outputs")
+    manifest = Manifest(
+        name=opts.name, version=opts.version, created=(now := datetime.now(UTC)),
+        expires=now + timedelta(days=opts.expires_days), min_agent_version=agent_version,
+        profiles=[ctx.profile.name], runtime=runtime, model_file=model_name,
+        files={model_name: _sha256(bundle / model_name),
+               SELFTEST_FILE: _sha256(bundle / SELFTEST_FILE)},
+        inputs=loaded.inputs, outputs=loaded.outputs, labels=labels,
+        preprocessing=Preprocessing(
+            layout="NCHW" if len(ctx.data.sample_shape) == 3 else "NC",
+            scale=ctx.data.scale, offset=ctx.data.offset,
+            description="x = raw * scale + offset, then the input tensor's own "
+                        "quantization if it has one"),
+        reference=ref,
+        resources=_resources(ctx, bundle / model_name),
+        # 2 % of the golden outputs' range is about five int8 steps: room for rounding
+        # differences between CPUs, far below a wrong model's error.
+        selftest=SelfTest(atol=0.02 * span, min_top1_agreement=0.9),
+        provenance=_provenance(ctx),
+    )
+    (bundle / MANIFEST_FILE).write_bytes(canonical_json(manifest))
+    return manifest
+
+
+def _resources(ctx: Context, model: Path) -> ResourceEstimate:
+    mem = ctx.results["evaluate"]["memory_int8"]
+    size = model.stat().st_size
+    return ResourceEstimate(model_bytes=size, arena_bytes=mem["arena_bytes"],
+                            peak_memory_bytes=size + mem["arena_bytes"])
+
+
+def _provenance(ctx: Context) -> dict[str, Any]:
+    ev = ctx.results["evaluate"]
+    acc = {f"{m['name']} ({m['runtime']})": m.get("accuracy") for m in ev["models"]}
+    return {"tool": f"edge-convert {agent_version}", "profile": ctx.profile.name,
+            "teacher": ctx.results["teacher"]["description"],
+            "student": ctx.recipe.student.family, "test_accuracy": acc,
+            "recipe_sha256": hashlib.sha256(
+                ctx.recipe.model_dump_json().encode()).hexdigest()}

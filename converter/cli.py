@@ -1,0 +1,120 @@
+"""`edge-convert`: a thin shell over converter.pipeline.
+
+    edge-convert example digits --out DIR     write data, a trained teacher and a recipe
+    edge-convert run [RECIPE] [options]       the whole pipeline, atomically into --out
+    edge-convert STAGE [RECIPE] --work DIR    one stage (teacher, distill, prune, export,
+                                              quantize, compile, evaluate, report, bundle)
+    edge-convert profiles                     list the firmware profiles
+
+Every recipe field is also an option `--<section>-<field>` (see `edge-convert run --help`).
+Errors print one line naming the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+from converter.errors import ConvertError
+
+EXIT_ERROR = 2
+
+
+def _add_recipe_options(p: argparse.ArgumentParser) -> None:
+    from converter.recipe import option_names  # noqa: PLC0415
+
+    p.add_argument("recipe", nargs="?", type=Path, help="recipe TOML (optional)")
+    group = p.add_argument_group("recipe options (override the recipe file)")
+    for flag, (section, field) in option_names().items():
+        group.add_argument(flag, dest=f"opt:{section or ''}:{field}", metavar="VALUE",
+                           help=f"{section + '.' if section else ''}{field}")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[tuple[str | None, str], Any]:
+    from converter.recipe import parse_value  # noqa: PLC0415
+
+    out: dict[tuple[str | None, str], Any] = {}
+    for key, raw in vars(ns).items():
+        if key.startswith("opt:") and raw is not None:
+            _, section, field = key.split(":")
+            value = raw if (section, field) in {("data", "source"), ("", "out")} \
+                else parse_value(raw)
+            out[(section or None, field)] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from converter.pipeline import STAGES  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="edge-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("example", help="write a built-in example (data, teacher, recipe)")
+    ex.add_argument("name", choices=["digits"])
+    ex.add_argument("--out", type=Path, required=True)
+    ex.add_argument("--profile", default="raspberry-pi-4")
+    ex.add_argument("--epochs", type=int, default=40, help="teacher training epochs")
+    ex.add_argument("--teacher", choices=["onnx", "torch"], default="onnx",
+                    help="which teacher the recipe names (both files are written)")
+    run = sub.add_parser("run", help="run the whole pipeline into --out")
+    _add_recipe_options(run)
+    run.add_argument("--force", action="store_true", help="replace an existing output")
+    for name in STAGES:
+        st = sub.add_parser(name, help=f"run the {name} stage in a work directory")
+        _add_recipe_options(st)
+        st.add_argument("--work", type=Path, required=True,
+                        help="work directory shared by the stages")
+    sub.add_parser("profiles", help="list firmware profiles")
+    return parser
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    from converter import pipeline  # noqa: PLC0415
+    from converter.recipe import load_recipe  # noqa: PLC0415
+
+    if ns.command == "profiles":
+        from agent.profiles import available_profiles, load_profile  # noqa: PLC0415
+
+        for name in available_profiles():
+            print(f"{name:22} {load_profile(name).description}")
+        return 0
+    if ns.command == "example":
+        from converter.examples.digits import write_example  # noqa: PLC0415
+
+        acc = write_example(ns.out, profile=ns.profile, epochs=ns.epochs,
+                            teacher_kind=ns.teacher)
+        _say(f"example written to {ns.out} (teacher test accuracy {acc:.2%}); next: "
+             f"edge-convert run {ns.out / 'recipe.toml'}")
+        return 0
+    recipe = load_recipe(ns.recipe, _overrides(ns))
+    if ns.command == "run":
+        out = pipeline.run(recipe, _say, force=ns.force)
+        _say(f"done: {out}/report.md, bundle in {out}/bundle")
+        return 0
+    ctx = pipeline.open_context(recipe, ns.work, _say)
+    pipeline.run_stage(ns.command, ctx)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    ns = build_parser().parse_args(argv)
+    try:
+        return _dispatch(ns)
+    except (ConvertError, AgentError) as exc:
+        print(f"edge-convert: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Built-in examples that need no download."""

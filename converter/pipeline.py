@@ -1,0 +1,364 @@
+"""The conversion pipeline: stages over one work directory.
+
+Each stage reads what earlier stages left in the work directory (`results.json`, model
+files) and adds its own, so every stage is also a subcommand. `run` executes them all in a
+temporary directory next to the output and renames it into place only when every stage
+succeeded: a failure leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agent.errors import ProfileError
+from agent.profiles import FirmwareProfile, load_profile
+from agent.runtime import open_onnx, open_tflite
+from converter import evaluate as ev
+from converter import npu
+from converter import prune as pr
+from converter.data import Dataset, Split, calibration_indices, load_dataset, split
+from converter.distill import KDSettings, distill
+from converter.errors import AccuracyGateError, ConvertError, DataError, RecipeError
+from converter.export import export_onnx
+from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, quantize_tflite
+from converter.recipe import Recipe
+from converter.students import build_student, fold_batchnorm, param_count
+from converter.teacher import run_onnx_teacher, run_torch_teacher
+
+log = logging.getLogger("edge.convert")
+
+STUDENT_FILE = "student.pt"
+FP32_ONNX = "model_fp32.onnx"
+PRE_ONNX = "model_fp32.pre.onnx"
+INT8_ONNX = "model_int8.onnx"
+INT8_TFLITE = "model_int8.tflite"
+RESULTS = "results.json"
+TEACHER_LOGITS = "teacher_logits.npy"
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    profile: FirmwareProfile
+    work: Path
+    data: Dataset
+    split: Split
+    results: dict[str, Any] = field(default_factory=dict)
+    say: Callable[[str], None] = print
+
+    @property
+    def classes(self) -> int:
+        return int(self.teacher_logits.shape[1])
+
+    @property
+    def teacher_logits(self) -> np.ndarray:
+        return np.load(self.work / TEACHER_LOGITS)
+
+    def truth(self, idx: np.ndarray) -> np.ndarray:
+        """Labels where the data has them, else the teacher's predictions."""
+        if self.data.y is not None:
+            return self.data.y[idx]
+        return np.asarray(self.teacher_logits[idx].argmax(1))
+
+    def save(self) -> None:
+        tmp = self.work / (RESULTS + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2, default=str))
+        os.replace(tmp, self.work / RESULTS)
+
+    def calib(self) -> np.ndarray:
+        r = self.recipe.data
+        return self.data.x[calibration_indices(self.split, r.calibration_samples, r.seed)]
+
+
+def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print) -> Context:
+    """Load profile and data, split them, and pick up earlier stages' results."""
+    try:
+        profile = load_profile(recipe.target.profile)
+    except ProfileError as exc:
+        raise RecipeError(str(exc)) from exc
+    data = load_dataset(recipe.data.source)
+    if data.y is not None and data.y.max() >= 10_000:
+        raise DataError(f"data {data.source}: labels go up to {data.y.max()}, not class ids")
+    r = recipe.data
+    sp = split(len(data.x), data.y, seed=r.seed, val_fraction=r.val_fraction,
+               test_fraction=r.test_fraction)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads((work / RESULTS).read_text()) if (work / RESULTS).is_file() else {}
+    return Context(recipe, profile, work, data, sp, results, say)
+
+
+def _need(ctx: Context, *files: str) -> None:
+    for f in files:
+        if not (ctx.work / f).is_file():
+            raise ConvertError(f"{ctx.work / f} is missing: run the earlier stages first")
+
+
+def stage_teacher(ctx: Context) -> None:
+    t = ctx.recipe.teacher
+    if t.onnx:
+        out = run_onnx_teacher(Path(t.onnx), ctx.data.x, t.batch_size)
+    elif t.torch:
+        assert t.weights is not None
+        out = run_torch_teacher(t.torch, Path(t.weights), ctx.data.x, t.batch_size)
+    else:
+        raise RecipeError("no teacher: set teacher.onnx, or teacher.torch and teacher.weights")
+    if ctx.data.y is not None and out.logits.shape[1] <= int(ctx.data.y.max()):
+        raise DataError(f"labels go up to {int(ctx.data.y.max())} but the teacher has "
+                        f"{out.logits.shape[1]} outputs")
+    np.save(ctx.work / TEACHER_LOGITS, out.logits)
+    test = ctx.split.test
+    acc = float((out.logits[test].argmax(1) == ctx.truth(test)).mean())
+    ctx.results["teacher"] = {"kind": out.kind, "description": out.description,
+                              "parameters": out.parameters, "test_accuracy": acc,
+                              "classes": int(out.logits.shape[1])}
+    ctx.say(f"teacher: {out.description}, {out.parameters:,} parameters, "
+            f"test accuracy {acc:.2%}")
+
+
+def _kd(ctx: Context, epochs: int, tag: str) -> KDSettings:
+    d = ctx.recipe.distill
+    tb = ctx.work / "tensorboard" if d.tensorboard else None
+    return KDSettings(epochs=epochs, batch_size=d.batch_size, lr=d.lr,
+                      weight_decay=d.weight_decay, temperature=d.temperature, alpha=d.alpha,
+                      patience=d.patience, seed=ctx.recipe.data.seed, progress=d.progress,
+                      tensorboard_dir=tb, tag=tag)
+
+
+def _torch_accuracy(ctx: Context, model: torch.nn.Module) -> float:
+    test = ctx.split.test
+    with torch.no_grad():
+        pred = model(torch.from_numpy(ctx.data.x[test])).argmax(1).numpy()
+    return float((pred == ctx.truth(test)).mean())
+
+
+def stage_distill(ctx: Context) -> None:
+    _need(ctx, TEACHER_LOGITS)
+    torch.manual_seed(ctx.recipe.data.seed)
+    student = build_student(ctx.recipe.student, ctx.data.sample_shape, ctx.classes)
+    hist = distill(student, ctx.data.x, ctx.teacher_logits, ctx.data.y, ctx.split.train,
+                   ctx.split.val, _kd(ctx, ctx.recipe.distill.epochs, "distill"))
+    torch.save(student, ctx.work / STUDENT_FILE)
+    acc = _torch_accuracy(ctx, student)
+    ctx.results["student"] = {"family": ctx.recipe.student.family,
+                              "parameters": param_count(student), "test_accuracy": acc,
+                              "history": hist.as_dict()}
+    ctx.say(f"student: {ctx.recipe.student.family}, {param_count(student):,} parameters, "
+            f"{len(hist.epochs)} epochs (best {hist.best_epoch}), test accuracy {acc:.2%}")
+
+
+def load_student(ctx: Context) -> torch.nn.Module:
+    _need(ctx, STUDENT_FILE)
+    model = torch.load(ctx.work / STUDENT_FILE, weights_only=False)
+    assert isinstance(model, torch.nn.Module)
+    return model.eval()
+
+
+def stage_prune(ctx: Context) -> None:
+    p = ctx.recipe.prune
+    if p.method == "none":
+        ctx.results["prune"] = {"method": "none"}
+        return
+    student = load_student(ctx)
+    before = param_count(student)
+    acc_before = _torch_accuracy(ctx, student)
+    if p.method == "unstructured":
+        pr.apply_unstructured(student, p.sparsity)
+    else:
+        example = torch.from_numpy(ctx.data.x[:1])
+        student = pr.apply_structured(student, p.sparsity, example)
+    acc_pruned = _torch_accuracy(ctx, student)
+    if p.finetune_epochs:
+        distill(student, ctx.data.x, ctx.teacher_logits, ctx.data.y, ctx.split.train,
+                ctx.split.val, _kd(ctx, p.finetune_epochs, "prune_finetune"))
+    if p.method == "unstructured":
+        pr.finalize_unstructured(student)
+    res = pr.summary(p.method, before, student)
+    acc_after = _torch_accuracy(ctx, student)
+    torch.save(student, ctx.work / STUDENT_FILE)
+    ctx.results["prune"] = {**res.__dict__, "target_sparsity": p.sparsity,
+                            "test_accuracy_before": acc_before,
+                            "test_accuracy_pruned": acc_pruned,
+                            "test_accuracy_finetuned": acc_after}
+    ctx.results.setdefault("student", {})["parameters"] = res.params_after
+    ctx.results["student"]["test_accuracy"] = acc_after
+    ctx.say(f"prune ({p.method}): parameters {before:,} -> {res.params_after:,} "
+            f"(non-zero {res.nonzero_after:,}, weight sparsity {res.sparsity:.0%}), "
+            f"test accuracy {acc_before:.2%} -> {acc_pruned:.2%} -> {acc_after:.2%} fine-tuned")
+
+
+def stage_export(ctx: Context) -> None:
+    student = fold_batchnorm(load_student(ctx))
+    torch.save(student, ctx.work / STUDENT_FILE)
+    res = export_onnx(student, ctx.data.x[ctx.split.val[:64]], ctx.work / FP32_ONNX)
+    ctx.results["export"] = {"file": FP32_ONNX, "max_abs_diff_vs_torch": res.max_abs_diff}
+    ctx.say(f"export: {FP32_ONNX} (max |onnx - torch| = {res.max_abs_diff:.2e})")
+
+
+def stage_quantize(ctx: Context) -> None:
+    _need(ctx, FP32_ONNX)
+    q, prof = ctx.recipe.quantize, ctx.profile
+    per_channel = q.per_channel and prof.quantization.per_channel
+    calib = ctx.calib()
+    val = ctx.split.val
+    x_val, truth_val = ctx.data.x[val], ctx.truth(val)
+    out: dict[str, Any] = {"per_channel": per_channel, "calibration_samples": len(calib)}
+    if "onnx" in q.formats:
+        preprocess_onnx(ctx.work / FP32_ONNX, ctx.work / PRE_ONNX)
+        base = OnnxQuantSettings(per_channel, prof.quantization.activation_symmetric,
+                                 q.calibration)
+        gate = gate_onnx(ctx.work / PRE_ONNX, ctx.work / INT8_ONNX, calib, x_val, truth_val,
+                         base, tolerance_points=q.tolerance_points, mitigate=q.mitigate,
+                         float_fallback_allowed=prof.quantization.float_fallback_allowed,
+                         max_float_layers=q.max_float_layers)
+        out["onnx"] = {"calibration": gate.settings.calibration,
+                       "float_layers": list(gate.settings.exclude), "steps": gate.steps,
+                       "sensitivity": gate.sensitivity, "val_fp32": gate.fp32_val_accuracy,
+                       "val_int8": gate.int8_val_accuracy, "gate_passed": gate.passed}
+        _gate(ctx, "ONNX", gate.fp32_val_accuracy, gate.int8_val_accuracy, gate.steps)
+        ctx.say(f"quantize: {INT8_ONNX} ({gate.settings.calibration} calibration, "
+                f"{'per-channel' if per_channel else 'per-tensor'}, val accuracy "
+                f"{gate.fp32_val_accuracy:.2%} fp32 -> {gate.int8_val_accuracy:.2%} int8)")
+    if "tflite" in q.formats:
+        out["tflite"] = _quantize_tflite(ctx, calib, x_val, truth_val, per_channel)
+    ctx.results["quantize"] = out
+
+
+def _gate(ctx: Context, what: str, fp32: float, int8: float, steps: list[str]) -> None:
+    tol = ctx.recipe.quantize.tolerance_points
+    if (fp32 - int8) * 100 > tol + 1e-9:
+        raise AccuracyGateError(
+            f"{what} int8 accuracy {int8:.2%} is {(fp32 - int8) * 100:.2f} points below fp32 "
+            f"{fp32:.2%} (tolerance {tol} points) after: {'; '.join(steps)}",
+            fp32_accuracy=fp32, int8_accuracy=int8, tolerance_points=tol)
+
+
+def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray,
+                     truth_val: np.ndarray, per_channel: bool) -> dict[str, Any]:
+    student = load_student(ctx)
+    res = quantize_tflite(student, calib, ctx.work / INT8_TFLITE, per_channel=per_channel)
+    fp32 = float((open_onnx(ctx.work / FP32_ONNX).run(x_val).argmax(1) == truth_val).mean())
+    int8 = float((open_tflite(ctx.work / INT8_TFLITE).run(x_val).argmax(1) == truth_val).mean())
+    steps = [f"PT2E {'per-channel' if per_channel else 'per-tensor'}, histogram observers: "
+             f"int8 {int8:.4f} vs fp32 {fp32:.4f}"]
+    tol = ctx.recipe.quantize.tolerance_points
+    if (fp32 - int8) * 100 > tol and ctx.recipe.quantize.mitigate:
+        all_train = ctx.data.x[ctx.split.train]
+        res = quantize_tflite(student, all_train, ctx.work / INT8_TFLITE, per_channel=per_channel)
+        int8 = float((open_tflite(ctx.work / INT8_TFLITE).run(x_val).argmax(1)
+                      == truth_val).mean())
+        steps.append(f"calibrated on all {len(all_train)} training samples: int8 {int8:.4f}")
+    _gate(ctx, "TFLite", fp32, int8, steps)
+    loaded = open_tflite(ctx.work / INT8_TFLITE)
+    ops = npu.tflite_ops(ctx.work / INT8_TFLITE)
+    check = npu.check_target(ctx.profile, ops, res.io_dtype, loaded.inputs[0].shape,
+                             require_full_offload=ctx.recipe.target.require_full_offload)
+    ctx.say(f"quantize: {INT8_TFLITE} (I/O {res.io_dtype}, val accuracy {fp32:.2%} fp32 -> "
+            f"{int8:.2%} int8, ops {', '.join(check.operators)})")
+    return {"io_dtype": res.io_dtype, "steps": steps, "val_fp32": fp32, "val_int8": int8,
+            "operators": ops, "unsupported": check.unsupported, "notes": check.notes}
+
+
+def stage_compile(ctx: Context) -> None:
+    acc = ctx.profile.accelerator
+    out: dict[str, Any] = {"compiler": acc.compiler if acc else "none",
+                           "external_steps": npu.external_steps(ctx.profile)}
+    if acc is not None and acc.compiler == "vela":
+        _need(ctx, INT8_TFLITE)
+        res = npu.compile_vela(ctx.work / INT8_TFLITE, ctx.work / "vela", acc.compiler_args)
+        out.update({"model": f"vela/{res.path.name}", "summary": res.summary,
+                    "npu_ops": res.npu_ops, "cpu_fallback_ops": res.cpu_ops})
+        ctx.say(f"compile: Vela {res.summary.get('accelerator')}: SRAM "
+                f"{res.summary.get('sram_kib', 0):.1f} KiB, flash "
+                f"{res.summary.get('flash_kib', 0):.1f} KiB, {res.summary.get('cycles_total')} "
+                f"cycles/inference, CPU fallback: {', '.join(res.cpu_ops) or 'none'}")
+    for step in out["external_steps"]:
+        ctx.say(f"compile: external step remains: {step}")
+    ctx.results["compile"] = out
+
+
+def stage_evaluate(ctx: Context) -> None:
+    from converter.report import evaluate_all  # noqa: PLC0415
+
+    ctx.results["evaluate"] = evaluate_all(ctx)
+    ctx.say("evaluate: " + ", ".join(
+        f"{m['name']} {m['accuracy']:.2%}" for m in ctx.results["evaluate"]["models"]
+        if m.get("accuracy") is not None))
+
+
+def stage_report(ctx: Context) -> None:
+    from converter.report import write_report  # noqa: PLC0415
+
+    write_report(ctx)
+    ctx.say("report: report.md, report.json, report.png")
+
+
+def stage_bundle(ctx: Context) -> None:
+    from converter.bundle import build_bundle  # noqa: PLC0415
+
+    manifest = build_bundle(ctx)
+    ctx.results["bundle"] = {"dir": "bundle", "runtime": manifest.runtime,
+                             "model_file": manifest.model_file, "version": manifest.version}
+    ctx.say(f"bundle: bundle/ ({manifest.name} v{manifest.version}, "
+            f"{manifest.runtime}, {manifest.model_file})")
+
+
+STAGES: dict[str, Callable[[Context], None]] = {
+    "teacher": stage_teacher, "distill": stage_distill, "prune": stage_prune,
+    "export": stage_export, "quantize": stage_quantize, "compile": stage_compile,
+    "evaluate": stage_evaluate, "report": stage_report, "bundle": stage_bundle,
+}
+
+
+def run_stage(name: str, ctx: Context) -> None:
+    t0 = time.perf_counter()
+    STAGES[name](ctx)
+    ctx.results.setdefault("timings_s", {})[name] = round(time.perf_counter() - t0, 3)
+    ctx.save()
+
+
+def run(recipe: Recipe, say: Callable[[str], None] = print, *, force: bool = False) -> Path:
+    """Run every stage into a temporary directory, then move it to `recipe.out`.
+
+    Raises:
+        ConvertError: any stage failed; nothing is left at `recipe.out`.
+    """
+    out = Path(recipe.out)
+    if out.exists() and not force:
+        raise RecipeError(f"output {out} exists; remove it or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    t0 = time.perf_counter()
+    try:
+        ctx = open_context(recipe, tmp, say)
+        ctx.results["recipe"] = recipe.model_dump(mode="json")
+        for name in STAGES:
+            run_stage(name, ctx)
+        ctx.results["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+        ctx.save()
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,216 @@
+"""int8 post-training quantization, calibrated on real training samples.
+
+ONNX: onnxruntime's pre-processing (symbolic shape inference + graph optimisation) first,
+then `quantize_static` in QDQ format: int8 weights (per-channel where the profile allows it),
+int8 activations (symmetric where the profile needs it, e.g. TensorRT).
+
+TFLite: litert-torch's PT2E path (torch.export -> PT2EQuantizer -> prepare/calibrate/convert
+-> LiteRT flatbuffer) with no TensorFlow; inputs and outputs come out int8.
+
+The accuracy gate (`gate_onnx`) compares int8 with fp32 on the validation split (the test
+split stays untouched for the report) and, when the drop exceeds the tolerance, tries other
+calibration methods and then keeps the most sensitive layers in float, one at a time, where
+the profile allows float layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agent.runtime import open_onnx, open_tflite
+from converter.data import F32, I64
+from converter.errors import ConvertError
+
+CALIBRATION_BATCH = 32
+QUANTIZABLE_ONNX_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
+
+
+@dataclass(frozen=True)
+class OnnxQuantSettings:
+    per_channel: bool
+    activation_symmetric: bool
+    calibration: str = "minmax"
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass
+class GateResult:
+    settings: OnnxQuantSettings
+    fp32_val_accuracy: float
+    int8_val_accuracy: float
+    passed: bool
+    steps: list[str] = field(default_factory=list)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+
+def preprocess_onnx(src: Path, dst: Path) -> None:
+    """onnxruntime's recommended pre-processing before static quantization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+
+
+def quantizable_nodes(path: Path) -> list[str]:
+    import onnx  # noqa: PLC0415
+
+    graph = onnx.load(str(path)).graph
+    return [n.name for n in graph.node if n.op_type in QUANTIZABLE_ONNX_OPS]
+
+
+def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> None:
+    """Static int8 QDQ quantization of a pre-processed float model."""
+    from onnxruntime.quantization import (  # noqa: PLC0415
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    input_name = open_onnx(src).inputs[0].name
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._it = iter(calib[i:i + CALIBRATION_BATCH]
+                            for i in range(0, len(calib), CALIBRATION_BATCH))
+
+        def get_next(self) -> dict[str, F32] | None:
+            batch = next(self._it, None)
+            return None if batch is None else {input_name: batch}
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[s.calibration]
+    extra: dict[str, Any] = {"ActivationSymmetric": s.activation_symmetric,
+                             "WeightSymmetric": True}
+    if s.calibration == "percentile":
+        extra["CalibPercentile"] = 99.99
+    try:
+        quantize_static(
+            str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+            per_channel=s.per_channel, activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8, calibrate_method=method,
+            nodes_to_exclude=list(s.exclude), extra_options=extra,
+        )
+    except Exception as exc:  # quantize_static raises assorted builtins
+        raise ConvertError(f"ONNX int8 quantization failed: "
+                           f"{str(exc).splitlines()[0][:300]}") from exc
+
+
+def accuracy(pred_logits: F32, truth: I64) -> float:
+    return float((pred_logits.argmax(1) == truth).mean())
+
+
+def gate_onnx(pre: Path, dst: Path, calib: F32, x_val: F32, truth_val: I64,
+              base: OnnxQuantSettings, *, tolerance_points: float, mitigate: bool,
+              float_fallback_allowed: bool, max_float_layers: int) -> GateResult:
+    """Quantize, check the accuracy gate on validation data, mitigate if needed.
+
+    The model at `dst` is the best one found. The caller decides whether a failed gate is
+    fatal (it raises AccuracyGateError with these figures).
+    """
+    fp32 = accuracy(open_onnx(pre).run(x_val), truth_val)
+
+    def trial(s: OnnxQuantSettings) -> float:
+        quantize_onnx(pre, dst, calib, s)
+        return accuracy(open_onnx(dst).run(x_val), truth_val)
+
+    def ok(acc: float) -> bool:
+        return (fp32 - acc) * 100 <= tolerance_points + 1e-9
+
+    best_s, best_acc = base, trial(base)
+    result = GateResult(base, fp32, best_acc, ok(best_acc),
+                        [f"{base.calibration} calibration: int8 {best_acc:.4f} vs fp32 {fp32:.4f}"])
+    if result.passed or not mitigate:
+        return result
+    for method in ("percentile", "entropy"):
+        if method == base.calibration:
+            continue
+        s = OnnxQuantSettings(base.per_channel, base.activation_symmetric, method)
+        acc = trial(s)
+        result.steps.append(f"{method} calibration: int8 {acc:.4f}")
+        if acc > best_acc:
+            best_s, best_acc = s, acc
+        if ok(acc):
+            break
+    if not ok(best_acc) and float_fallback_allowed and max_float_layers > 0:
+        best_s, best_acc = _keep_sensitive_in_float(
+            trial, best_s, best_acc, pre, result, ok, max_float_layers)
+    elif not ok(best_acc):
+        result.steps.append("keeping layers in float is not allowed on this target")
+    quantize_onnx(pre, dst, calib, best_s)  # trials overwrote dst: leave the best one there
+    result.settings, result.int8_val_accuracy, result.passed = best_s, best_acc, ok(best_acc)
+    return result
+
+
+def _keep_sensitive_in_float(
+    trial: Callable[[OnnxQuantSettings], float], best_s: OnnxQuantSettings, best_acc: float,
+    pre: Path, result: GateResult, ok: Callable[[float], bool], max_float_layers: int,
+) -> tuple[OnnxQuantSettings, float]:
+    """Per-layer sensitivity: accuracy with each quantizable node alone kept in float."""
+    nodes = quantizable_nodes(pre)
+    for node in nodes:
+        s = OnnxQuantSettings(best_s.per_channel, best_s.activation_symmetric,
+                              best_s.calibration, (node,))
+        result.sensitivity[node] = trial(s) - best_acc
+    ranked = sorted(nodes, key=lambda n: result.sensitivity[n], reverse=True)
+    result.steps.append("sensitivity (accuracy gained when kept in float): " + ", ".join(
+        f"{n} {result.sensitivity[n]:+.4f}" for n in ranked))
+    excluded: list[str] = []
+    for node in ranked[:max_float_layers]:
+        excluded.append(node)
+        s = OnnxQuantSettings(best_s.per_channel, best_s.activation_symmetric,
+                              best_s.calibration, tuple(excluded))
+        acc = trial(s)
+        result.steps.append(f"float layers {excluded}: int8 {acc:.4f}")
+        if acc > best_acc:
+            best_s, best_acc = s, acc
+        if ok(acc):
+            break
+    return best_s, best_acc
+
+
+@dataclass(frozen=True)
+class TfliteResult:
+    path: Path
+    per_channel: bool
+    io_dtype: str
+
+
+def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: bool) -> TfliteResult:
+    """Full-int8 TFLite through litert-torch's PT2E quantizer (batch fixed at 1)."""
+    import litert_torch  # noqa: PLC0415
+    from litert_torch.quantize import pt2e_quantizer as pq  # noqa: PLC0415
+    from litert_torch.quantize.quant_config import QuantConfig  # noqa: PLC0415
+    from torchao.quantization.pt2e import quantize_pt2e  # noqa: PLC0415
+
+    model.eval()
+    args = (torch.from_numpy(calib[:1]),)
+    try:
+        graph = torch.export.export(model, args).module()
+        quantizer = pq.PT2EQuantizer().set_global(
+            pq.get_symmetric_quantization_config(is_per_channel=per_channel))
+        graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for i in range(len(calib)):
+                graph(torch.from_numpy(calib[i:i + 1]))
+        graph = quantize_pt2e.convert_pt2e(graph, fold_quantize=False)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            edge = litert_torch.convert(graph, args,
+                                        quant_config=QuantConfig(pt2e_quantizer=quantizer))
+            edge.export(str(dst))
+    except Exception as exc:  # litert-torch raises many unrelated types
+        raise ConvertError(f"TFLite int8 conversion failed: "
+                           f"{str(exc).splitlines()[0][:300]}") from exc
+    loaded = open_tflite(dst)
+    io_dtype = loaded.inputs[0].dtype + "/" + loaded.outputs[0].dtype
+    return TfliteResult(dst, per_channel, io_dtype)

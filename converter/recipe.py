@@ -1,0 +1,189 @@
+"""The recipe: every option of every stage, from a TOML file and the command line.
+
+Source order is explicit: command-line options override the recipe file, which overrides the
+defaults here. Every field of every section is also a command-line option named
+`--<section>-<field>` (generated from these models, so the two never drift apart). Relative
+paths in a recipe file are relative to that file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from converter.errors import RecipeError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataOptions(_Section):
+    """Where samples come from and how they are split."""
+
+    source: str = "digits"  # "digits" (scikit-learn's load_digits) or a path to an .npz
+    seed: int = 0
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    calibration_samples: int = Field(256, ge=8)
+
+
+class TeacherOptions(_Section):
+    """An ONNX file, or a torch factory `package.module:function` plus a weights file."""
+
+    onnx: str | None = None
+    torch: str | None = None
+    weights: str | None = None
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TeacherOptions:
+        if self.onnx and self.torch:
+            raise ValueError("give either teacher.onnx or teacher.torch, not both")
+        if self.torch and not self.weights:
+            raise ValueError("teacher.torch needs teacher.weights")
+        return self
+
+
+class StudentOptions(_Section):
+    family: Literal["mlp", "cnn", "dscnn", "module"] = "cnn"
+    hidden: list[int] = Field(default_factory=lambda: [32])  # mlp: hidden layer widths
+    channels: list[int] = Field(default_factory=lambda: [8, 16])  # cnn/dscnn: stage widths
+    module: str | None = None  # family "module": `package.module:factory(input_shape, classes)`
+
+    @model_validator(mode="after")
+    def _module_given(self) -> StudentOptions:
+        if self.family == "module" and not self.module:
+            raise ValueError("student.family = 'module' needs student.module")
+        return self
+
+
+class DistillOptions(_Section):
+    epochs: int = Field(80, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) loss
+    patience: int = Field(12, ge=1)  # early stopping on the validation split
+    tensorboard: bool = False  # write TensorBoard event files under <out>/tensorboard
+    progress: bool = True
+
+
+class PruneOptions(_Section):
+    method: Literal["none", "unstructured", "structured"] = "none"
+    sparsity: float = Field(0.5, ge=0, lt=1)  # share of weights, or of channels if structured
+    finetune_epochs: int = Field(20, ge=0)
+
+
+class QuantizeOptions(_Section):
+    formats: list[Literal["onnx", "tflite"]] = Field(default_factory=lambda: ["onnx", "tflite"])
+    calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
+    per_channel: bool = True  # forced off where the profile disallows it
+    tolerance_points: float = Field(1.0, ge=0)  # accuracy gate: max int8 drop below fp32
+    mitigate: bool = True
+    max_float_layers: int = Field(3, ge=0)
+
+
+class EvaluateOptions(_Section):
+    latency_runs: int = Field(200, ge=1)
+    threads: int = Field(1, ge=1)
+
+
+class BundleOptions(_Section):
+    name: str = Field("digits", pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    version: int = Field(1, ge=1)
+    expires_days: int = Field(365, ge=1)
+    labels: list[str] = Field(default_factory=list)
+    selftest_samples: int = Field(16, ge=1)
+
+
+class TargetOptions(_Section):
+    profile: str = "x86_64-generic"
+    # Refuse models with operators the accelerator cannot run, even where the profile's
+    # compiler would let them fall back to the CPU. None: the profile decides.
+    require_full_offload: bool | None = None
+
+
+class Recipe(_Section):
+    data: DataOptions = DataOptions()
+    teacher: TeacherOptions = TeacherOptions()
+    student: StudentOptions = StudentOptions()
+    distill: DistillOptions = DistillOptions()
+    prune: PruneOptions = PruneOptions()
+    quantize: QuantizeOptions = QuantizeOptions()
+    evaluate: EvaluateOptions = EvaluateOptions()
+    bundle: BundleOptions = BundleOptions()
+    target: TargetOptions = TargetOptions()
+    out: str = "build/convert"
+
+
+PATH_FIELDS = {("teacher", "onnx"), ("teacher", "weights"), (None, "out")}
+
+
+def option_names() -> dict[str, tuple[str | None, str]]:
+    """Command-line option name -> (section, field) for every recipe field."""
+    names: dict[str, tuple[str | None, str]] = {"--out": (None, "out")}
+    for section, info in Recipe.model_fields.items():
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, _Section):
+            for field in model.model_fields:
+                names[f"--{section}-{field}".replace("_", "-")] = (section, field)
+    return names
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, lists), else as a plain string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for section, field in PATH_FIELDS:
+        holder = data if section is None else data.get(section)
+        if isinstance(holder, dict) and isinstance(holder.get(field), str):
+            holder[field] = str((base / holder[field]).resolve())
+    source = data.get("data", {}).get("source")
+    if isinstance(source, str) and source != "digits":
+        data["data"]["source"] = str((base / source).resolve())
+
+
+def load_recipe(path: Path | None, overrides: dict[tuple[str | None, str], Any]) -> Recipe:
+    """Build the recipe from a file (optional) and command-line overrides.
+
+    Raises:
+        RecipeError: unreadable file, unknown key or invalid value, naming the key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise RecipeError(f"recipe {path}: cannot read: {exc}") from exc
+        _resolve_paths(data, path.parent)
+    cli: dict[str, Any] = {}
+    for (section, field), value in overrides.items():
+        if section is None:
+            cli[field] = value
+        else:
+            cli.setdefault(section, {})[field] = value
+    _resolve_paths(cli, Path.cwd())
+    for key, value in cli.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        where = f"recipe {path}" if path else "options"
+        raise RecipeError(f"{where}: {problems}") from exc

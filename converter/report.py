@@ -1,0 +1,254 @@
+"""The report: every figure measured on the test split, as JSON, Markdown and a PNG plot.
+
+`evaluate_all` measures; `write_report` renders. The Markdown says in words what the numbers
+mean for the target (what falls back to the CPU, which external step remains) so nobody has
+to read the JSON to decide whether to ship.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from agent.runtime import LoadedModel, open_onnx, open_tflite
+from converter import evaluate as ev
+
+if TYPE_CHECKING:
+    from converter.pipeline import Context
+
+
+def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: LoadedModel | None,
+               params: int, teacher_pred: np.ndarray) -> dict[str, Any]:
+    test = ctx.split.test
+    row: dict[str, Any] = {"name": name, "runtime": runtime, "file": path.name,
+                           "parameters": params, **ev.sizes(path)}
+    if loaded is not None:
+        logits = loaded.run(ctx.data.x[test])
+        row.update(ev.scores(logits, ctx.truth(test), teacher_pred))
+        row["latency"] = ev.latency(loaded, ctx.data.x[test], ctx.recipe.evaluate.latency_runs)
+    return row
+
+
+def evaluate_all(ctx: Context) -> dict[str, Any]:
+    from converter.pipeline import FP32_ONNX, INT8_ONNX, INT8_TFLITE  # noqa: PLC0415
+
+    threads = ctx.recipe.evaluate.threads
+    test = ctx.split.test
+    teacher_pred = ctx.teacher_logits[test].argmax(1)
+    t = ctx.results["teacher"]
+    models = []
+    teacher_file = Path(ctx.recipe.teacher.onnx or ctx.recipe.teacher.weights or "")
+    teacher_loaded = open_onnx(teacher_file, threads=threads) if t["kind"] == "onnx" else None
+    teacher_row = _model_row(ctx, "teacher", t["kind"], teacher_file, teacher_loaded,
+                             t["parameters"], teacher_pred)
+    if teacher_loaded is None:  # torch teacher: figures from the cached logits
+        teacher_row.update(ev.scores(ctx.teacher_logits[test], ctx.truth(test), teacher_pred))
+    models.append(teacher_row)
+    fp32 = ev.onnx_profile(ctx.work / FP32_ONNX)
+    student_params = fp32["parameters"]
+    models.append(_model_row(ctx, "student fp32", "onnx", ctx.work / FP32_ONNX,
+                             open_onnx(ctx.work / FP32_ONNX, threads=threads), student_params,
+                             teacher_pred))
+    if (ctx.work / INT8_ONNX).is_file():
+        models.append(_model_row(ctx, "student int8", "onnx", ctx.work / INT8_ONNX,
+                                 open_onnx(ctx.work / INT8_ONNX, threads=threads),
+                                 student_params, teacher_pred))
+    if (ctx.work / INT8_TFLITE).is_file():
+        models.append(_model_row(ctx, "student int8", "tflite", ctx.work / INT8_TFLITE,
+                                 open_tflite(ctx.work / INT8_TFLITE, threads=threads),
+                                 student_params, teacher_pred))
+    vela = ctx.results.get("compile", {}).get("model")
+    if vela:
+        models.append(_model_row(ctx, "student int8 (Vela)", "tflite+ethos-u", ctx.work / vela,
+                                 None, student_params, teacher_pred))
+    teacher_macs = ev.onnx_profile(teacher_file)["macs"] if t["kind"] == "onnx" else None
+    return {
+        "test_samples": len(test),
+        "labels": "the dataset's labels" if ctx.data.y is not None
+        else "the teacher's predictions (the data has no labels)",
+        "threads": threads,
+        "models": models,
+        "student_macs": fp32["macs"],
+        "teacher_macs": teacher_macs,
+        "onnx_operators": fp32["operators"],
+        "memory_fp32": ev.memory_estimate(student_params * 4, fp32["peak_activation_elements"], 4),
+        "memory_int8": ev.memory_estimate(student_params, fp32["peak_activation_elements"], 1),
+        "checks": _checks(ctx, models),
+    }
+
+
+def _checks(ctx: Context, models: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {(m["name"], m["runtime"]): m for m in models}
+    teacher = models[0]
+    fp32 = by[("student fp32", "onnx")]
+    tol = ctx.recipe.quantize.tolerance_points
+    out: dict[str, Any] = {
+        "param_ratio_teacher_over_student": teacher["parameters"] / max(fp32["parameters"], 1),
+        "student_drop_vs_teacher_points": (teacher["accuracy"] - fp32["accuracy"]) * 100,
+    }
+    for rt in ("onnx", "tflite"):
+        m = by.get(("student int8", rt))
+        if m is not None:
+            drop = (fp32["accuracy"] - m["accuracy"]) * 100
+            out[f"int8_{rt}_drop_points"] = drop
+            out[f"int8_{rt}_within_tolerance"] = drop <= tol + 1e-9
+    return out
+
+
+def write_report(ctx: Context) -> None:
+    """Write report.json, report.md and report.png into the work directory."""
+    report = _report_data(ctx)
+    (ctx.work / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _plot(ctx, report, ctx.work / "report.png")
+    (ctx.work / "report.md").write_text(render_markdown(report))
+
+
+def _report_data(ctx: Context) -> dict[str, Any]:
+    r = ctx.results
+    return {
+        "profile": ctx.profile.name,
+        "profile_description": ctx.profile.description,
+        "data": {"source": ctx.data.source, "samples": len(ctx.data.x),
+                 "train": len(ctx.split.train), "val": len(ctx.split.val),
+                 "test": len(ctx.split.test), "sample_shape": list(ctx.data.sample_shape)},
+        "teacher": r.get("teacher"), "student": {k: v for k, v in r.get("student", {}).items()
+                                                 if k != "history"},
+        "prune": r.get("prune"), "export": r.get("export"), "quantize": r.get("quantize"),
+        "compile": r.get("compile"), "evaluate": r.get("evaluate"),
+        "timings_s": r.get("timings_s"),
+        "history": r.get("student", {}).get("history"),
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2%}"
+
+
+def render_markdown(rep: dict[str, Any]) -> str:
+    ev_ = rep["evaluate"]
+    lines = [f"# edge-convert report: {rep['profile']}", "",
+             f"Target: {rep['profile_description']}.  ",
+             f"Data: {rep['data']['source']}, {rep['data']['samples']} samples "
+             f"(train {rep['data']['train']}, val {rep['data']['val']}, test "
+             f"{rep['data']['test']}); accuracy is measured against {ev_['labels']} on the "
+             f"test split, never used for training, calibration or the accuracy gate.", "",
+             "| model | runtime | accuracy | agrees with teacher | parameters | size | gzip | "
+             "p50 latency | p95 latency |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in ev_["models"]:
+        lat = m.get("latency") or {}
+        p50 = f"{lat['p50_ms']:.3f} ms" if lat else ""
+        p95 = f"{lat['p95_ms']:.3f} ms" if lat else ""
+        lines.append(
+            f"| {m['name']} | {m['runtime']} | {_pct(m.get('accuracy'))} | "
+            f"{_pct(m.get('teacher_agreement'))} | {m['parameters']:,} | "
+            f"{_fmt_bytes(m['raw_bytes'])} | {_fmt_bytes(m['gzip_bytes'])} | {p50} | {p95} |")
+    c = ev_["checks"]
+    lines += ["", f"Latency: host CPU, batch 1, {ev_['threads']} thread(s); device figures "
+              "differ. ", "",
+              "## Checks", "",
+              f"- student has {c['param_ratio_teacher_over_student']:.1f}x fewer parameters than "
+              f"the teacher; its accuracy is {c['student_drop_vs_teacher_points']:.2f} points "
+              "below the teacher's",
+              f"- MACs per sample: student {ev_['student_macs']:,}"
+              + (f", teacher {ev_['teacher_macs']:,}" if ev_["teacher_macs"] else "")]
+    for rt in ("onnx", "tflite"):
+        if f"int8_{rt}_drop_points" in c:
+            ok = "within" if c[f"int8_{rt}_within_tolerance"] else "OUTSIDE"
+            lines.append(f"- int8 {rt}: {c[f'int8_{rt}_drop_points']:.2f} points below fp32 "
+                         f"({ok} tolerance)")
+    m8, m32 = ev_["memory_int8"], ev_["memory_fp32"]
+    lines += [f"- estimated peak memory: int8 {_fmt_bytes(m8['peak_memory_bytes'])} (weights "
+              f"{_fmt_bytes(m8['model_bytes'])} + arena {_fmt_bytes(m8['arena_bytes'])}); fp32 "
+              f"{_fmt_bytes(m32['peak_memory_bytes'])}"]
+    lines += _quant_lines(rep) + _target_lines(rep)
+    if rep.get("prune") and rep["prune"].get("method") != "none":
+        p = rep["prune"]
+        lines += ["", "## Pruning", "",
+                  f"{p['method']}: parameters {p['params_before']:,} -> {p['params_after']:,}, "
+                  f"non-zero {p['nonzero_after']:,}, weight sparsity {p['sparsity']:.0%}; test "
+                  f"accuracy {_pct(p['test_accuracy_before'])} -> "
+                  f"{_pct(p['test_accuracy_pruned'])} pruned -> "
+                  f"{_pct(p['test_accuracy_finetuned'])} fine-tuned."]
+        if p["method"] == "unstructured":
+            lines.append("Unstructured zeros shrink the gzipped size, not the raw file or the "
+                         "latency of dense kernels.")
+    lines += ["", "![accuracy and training curves](report.png)", "",
+              f"Stage timings (s): {rep['timings_s']}", ""]
+    return "\n".join(lines)
+
+
+def _quant_lines(rep: dict[str, Any]) -> list[str]:
+    q = rep.get("quantize") or {}
+    lines = ["", "## Quantization", "",
+             f"{'per-channel' if q.get('per_channel') else 'per-tensor'} int8 weights, "
+             f"{q.get('calibration_samples')} calibration samples from the training split."]
+    if "onnx" in q:
+        o = q["onnx"]
+        lines.append(f"- ONNX QDQ: {o['calibration']} calibration; float layers: "
+                     f"{', '.join(o['float_layers']) or 'none'}")
+        lines += [f"  - {s}" for s in o["steps"]]
+    if "tflite" in q:
+        t = q["tflite"]
+        lines.append(f"- TFLite (litert-torch PT2E): I/O {t['io_dtype']}; operators "
+                     f"{', '.join(t['operators'])}")
+        lines += [f"  - {s}" for s in t["steps"]]
+    return lines
+
+
+def _target_lines(rep: dict[str, Any]) -> list[str]:
+    lines = ["", "## Target", ""]
+    q = rep.get("quantize") or {}
+    unsupported = q.get("tflite", {}).get("unsupported", [])
+    lines.append(f"- operators outside {rep['profile']}'s set (run on the CPU): "
+                 f"{', '.join(unsupported) or 'none'}")
+    comp = rep.get("compile") or {}
+    if comp.get("summary"):
+        s = comp["summary"]
+        lines.append(f"- Vela ({s.get('accelerator')}, {s.get('system_config')}): SRAM "
+                     f"{s.get('sram_kib', 0):.2f} KiB, off-chip flash {s.get('flash_kib', 0):.2f} "
+                     f"KiB, {s.get('cycles_total')} cycles "
+                     f"({s.get('inference_time_s', 0) * 1e6:.1f} us at the NPU clock), "
+                     f"{comp['npu_ops']} NPU op(s), CPU fallback: "
+                     f"{', '.join(comp['cpu_fallback_ops']) or 'none'}")
+    for step in comp.get("external_steps", []):
+        lines.append(f"- external step remains: `{step}`")
+    return lines
+
+
+def _plot(ctx: Context, rep: dict[str, Any], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [m for m in rep["evaluate"]["models"] if m.get("accuracy") is not None]
+    names = [f"{m['name']}\n({m['runtime']})" for m in rows]
+    accs = [m["accuracy"] * 100 for m in rows]
+    bars = ax1.bar(names, accs, color=["#777", "#1f77b4", "#ff7f0e", "#2ca02c"][:len(rows)])
+    ax1.bar_label(bars, fmt="%.1f")
+    ax1.set_ylim(max(0, min(accs) - 10), 100.5)
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_title(f"{rep['profile']}")
+    hist = rep.get("history") or {}
+    epochs = hist.get("epochs") or []
+    if epochs:
+        xs = [e["epoch"] for e in epochs]
+        ax2.plot(xs, [e["train_acc"] * 100 for e in epochs], label="student train")
+        ax2.plot(xs, [e["val_acc"] * 100 for e in epochs], label="student val")
+        ax2.plot(xs, [e["teacher_val_acc"] * 100 for e in epochs], "--", label="teacher val")
+        ax2.axvline(hist.get("best_epoch", 0), color="#999", lw=0.8)
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("accuracy (%)")
+        ax2.set_title("distillation")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

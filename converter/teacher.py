@@ -1,0 +1,124 @@
+"""Teachers: anything that maps samples to class logits.
+
+An ONNX file from any framework runs in onnxruntime; a torch module comes as a factory
+`package.module:function` plus a weights file (state_dict). Either way the teacher is run once
+over all samples and its logits are cached: offline distillation needs nothing more.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converter.data import F32
+from converter.errors import TeacherError
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    logits: F32
+    parameters: int
+    description: str
+    kind: str  # "onnx" | "torch"
+
+
+def import_factory(spec: str, what: str) -> Any:
+    """Resolve `package.module:function`.
+
+    Raises:
+        TeacherError: the module or attribute cannot be found.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise TeacherError(f"{what} {spec!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise TeacherError(f"{what} {spec!r} cannot be imported: {exc}") from exc
+
+
+def _as_logits(out: F32, n: int, source: str) -> F32:
+    if out.ndim != 2 or out.shape[0] != n or out.shape[1] < 2:
+        raise TeacherError(f"teacher {source} gave output shape {out.shape}; "
+                           f"expected ({n}, classes)")
+    if not np.isfinite(out).all():
+        raise TeacherError(f"teacher {source} produced NaN/inf outputs")
+    # A teacher that ends in softmax gives probabilities; distillation wants logits.
+    if (out >= 0).all() and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+        out = np.log(np.clip(out, 1e-8, 1.0)).astype(np.float32)
+    return out
+
+
+def run_onnx_teacher(path: Path, x: F32, batch_size: int) -> TeacherOutputs:
+    """Run an ONNX teacher over x.
+
+    Raises:
+        TeacherError: missing or corrupt file, or inputs that do not fit the model.
+    """
+    import onnx  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+
+    if not path.is_file():
+        raise TeacherError(f"teacher file {path} does not exist")
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        params = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        raise TeacherError(f"teacher file {path} is not a valid ONNX model: "
+                           f"{str(exc).splitlines()[0][:200]}") from exc
+    inp = sess.get_inputs()[0]
+    want = [d if isinstance(d, int) else None for d in inp.shape]
+    got = list(x.shape)
+    if len(want) != len(got) or any(w is not None and w != g
+                                    for w, g in zip(want[1:], got[1:], strict=True)):
+        raise TeacherError(f"data samples have shape {tuple(got[1:])} but teacher {path.name} "
+                           f"expects {tuple(want[1:])} (input {inp.name!r})")
+    outs = []
+    fixed_batch = want[0]
+    step = fixed_batch or batch_size
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        if fixed_batch and len(chunk) != fixed_batch:
+            outs.extend(sess.run(None, {inp.name: x[j:j + 1]})[0] for j in range(i, len(x)))
+            break
+        outs.append(sess.run(None, {inp.name: chunk})[0])
+    logits = _as_logits(np.concatenate(outs).astype(np.float32), len(x), path.name)
+    return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx")
+
+
+def run_torch_teacher(factory: str, weights: Path, x: F32, batch_size: int) -> TeacherOutputs:
+    """Build a torch teacher from its factory and weights, run it over x.
+
+    Raises:
+        TeacherError: factory not importable, weights missing/corrupt or not matching, or
+            inputs that do not fit the model.
+    """
+    import torch  # noqa: PLC0415
+
+    make = import_factory(factory, "teacher factory")
+    if not weights.is_file():
+        raise TeacherError(f"teacher weights {weights} do not exist")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model = make()
+        model.load_state_dict(state)
+    except Exception as exc:  # torch raises RuntimeError/UnpicklingError/... for bad files
+        raise TeacherError(f"teacher weights {weights} cannot be loaded into {factory}: "
+                           f"{str(exc).splitlines()[0][:200]}") from exc
+    model.eval()
+    outs = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                outs.append(model(torch.from_numpy(x[i:i + batch_size])).numpy())
+    except RuntimeError as exc:
+        raise TeacherError(f"data samples of shape {x.shape[1:]} do not fit teacher {factory}: "
+                           f"{str(exc).splitlines()[0][:200]}") from exc
+    params = sum(p.numel() for p in model.parameters())
+    logits = _as_logits(np.concatenate(outs).astype(np.float32), len(x), factory)
+    return TeacherOutputs(logits, params, f"torch {factory}", "torch")

@@ -1,0 +1,1 @@
+"""edge-fleet: operator tools (keys and signing, rollouts, fleet status)."""

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Idempotent setup on a fresh Debian/Ubuntu machine: apt packages, .venv, torch first, the
+# project with all extras. Safe to run again: each step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+# --- apt: what the tests and the agent need from the system -------------------------------
+APT_PKGS=(mosquitto mosquitto-clients)
+PY=""
+for cand in python3.11 python3.12 python3.13 python3; do
+  if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    PY=$(command -v "$cand"); break
+  fi
+done
+[ -z "$PY" ] && APT_PKGS+=(python3 python3-venv python3-dev)
+if [ -n "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then APT_PKGS+=(python3-venv); fi
+missing=()
+for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+[ -z "$PY" ] && PY=$(command -v python3)
+
+# --- virtual environment -----------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+
+# torch first and pinned: an unpinned torch (asked for by litert-torch) would resolve to a
+# multi-GB CUDA build.
+if ! "$VPY" -c 'import torch, sys; sys.exit(not torch.__version__.startswith("2.13.0"))' 2>/dev/null; then
+  log "installing torch==2.13.0 (CPU)"
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q "torch==2.13.0"
+fi
+
+# The project and its extras; skipped when pyproject.toml has not changed since last time.
+STAMP=.venv/.edge-installed
+WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  log "installing edge-agent[convert,tflite,dev] (editable)"
+  "$VPY" -m pip install -q -e ".[convert,tflite,dev]" "torch==2.13.0"
+  echo "$WANT" > "$STAMP"
+fi
+log "ready: $("$VPY" --version), torch $("$VPY" -c 'import torch; print(torch.__version__)')"
