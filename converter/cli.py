@@ -41,8 +41,12 @@ def _overrides(ns: argparse.Namespace) -> dict[tuple[str | None, str], Any]:
     for key, raw in vars(ns).items():
         if key.startswith("opt:") and raw is not None:
             _, section, field = key.split(":")
-            value = raw if (section, field) in {("data", "source"), ("", "out")} \
-                else parse_value(raw)
+            if raw == "":
+                value = None  # `--teacher-onnx ""` unsets what the recipe file set
+            elif (section, field) in {("data", "source"), ("", "out")}:
+                value = raw
+            else:
+                value = parse_value(raw)
             out[(section or None, field)] = value
     return out
 

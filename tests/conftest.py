@@ -1,0 +1,22 @@
+"""Shared fixtures: one small digits example (data + trained teacher) per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FAST = [
+    "--distill-epochs", "12", "--distill-progress", "false", "--evaluate-latency-runs", "10",
+    "--data-calibration-samples", "64",
+]
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits.npz, teacher.pt, teacher.onnx and recipe.toml, with a quickly trained teacher."""
+    from converter.examples.digits import write_example
+
+    out = tmp_path_factory.mktemp("example")
+    write_example(out, profile="raspberry-pi-4", epochs=8)
+    return out

@@ -1,0 +1,119 @@
+"""The bundle manifest: canonical bytes, strict parsing, file checks against tampering."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.bundle import check_files, read_manifest
+from agent.errors import BundleError
+from agent.manifest import (
+    FileEntry,
+    Histogram,
+    InputReference,
+    Manifest,
+    OutputReference,
+    Preprocessing,
+    ReferenceStats,
+    ResourceEstimate,
+    SelfTest,
+    TensorSpec,
+    canonical_json,
+    parse_manifest,
+)
+
+
+def make_bundle(tmp_path: Path) -> Path:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    files = {"model.tflite": b"\x00model-bytes" * 100, "selftest.npz": b"golden"}
+    for name, data in files.items():
+        (bundle / name).write_bytes(data)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    hist = Histogram(bin_edges=[0.0, 0.5, 1.0], fractions=[0.5, 0.5])
+    m = Manifest(
+        name="digits", version=3, created=now, expires=now + timedelta(days=30),
+        min_agent_version="0.1.0", profiles=["raspberry-pi-4"], runtime="tflite",
+        model_file="model.tflite",
+        files={n: FileEntry(sha256=hashlib.sha256(d).hexdigest(), size_bytes=len(d))
+               for n, d in files.items()},
+        inputs=[TensorSpec(name="x", dtype="int8", shape=[1, 4])],
+        outputs=[TensorSpec(name="y", dtype="int8", shape=[1, 2])], labels=["a", "b"],
+        preprocessing=Preprocessing(layout="NC"),
+        reference=ReferenceStats(samples=4, input=InputReference(
+            histogram=hist, mean=0.5, std=0.1, feature_mean=[0.5], feature_std=[0.1]),
+            output=OutputReference(class_fractions=[0.5, 0.5], confidence=hist)),
+        resources=ResourceEstimate(model_bytes=1, arena_bytes=1, peak_memory_bytes=2),
+        selftest=SelfTest(atol=0.1, min_top1_agreement=0.9),
+    )
+    (bundle / "manifest.json").write_bytes(canonical_json(m))
+    return bundle
+
+
+def test_canonical_json_is_sorted_compact_and_round_trips(tmp_path: Path) -> None:
+    raw = (make_bundle(tmp_path) / "manifest.json").read_bytes()
+    data = json.loads(raw)
+    assert raw == json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    assert canonical_json(parse_manifest(raw)) == raw
+    assert data["schema"] == 1
+
+
+def test_an_intact_bundle_checks_out(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path)
+    check_files(bundle, read_manifest(bundle))
+
+
+@pytest.mark.parametrize(("tamper", "check"), [
+    (lambda b: (b / "model.tflite").write_bytes(b"\x01" + (b / "model.tflite").read_bytes()[1:]),
+     "sha256"),
+    (lambda b: (b / "model.tflite").write_bytes((b / "model.tflite").read_bytes() + b"x"), "size"),
+    (lambda b: (b / "model.tflite").write_bytes((b / "model.tflite").read_bytes()[:-1]), "size"),
+    (lambda b: (b / "model.tflite").unlink(), "missing"),
+    (lambda b: (b / "extra.bin").write_bytes(b"hi"), "unlisted"),
+])
+def test_tampered_files_are_refused_with_the_check_named(tmp_path: Path, tamper, check: str) -> None:  # type: ignore[no-untyped-def]
+    bundle = make_bundle(tmp_path)
+    tamper(bundle)
+    with pytest.raises(BundleError) as err:
+        check_files(bundle, read_manifest(bundle))
+    assert err.value.check == check
+
+
+@pytest.mark.parametrize("path", ["../evil", "/etc/passwd", "a//b", "./x", "a/../../b"])
+def test_manifest_refuses_paths_that_leave_the_bundle(tmp_path: Path, path: str) -> None:
+    data = json.loads((make_bundle(tmp_path) / "manifest.json").read_bytes())
+    data["files"][path] = data["files"]["selftest.npz"]
+    with pytest.raises(BundleError, match="files"):
+        parse_manifest(json.dumps(data).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_parse_or_raise_bundle_error(raw: bytes) -> None:
+    try:
+        parse_manifest(raw)
+    except BundleError:
+        pass
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(), c, max_size=3),
+                     max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_manifests_parse_or_raise_bundle_error(tmp_path_factory, data) -> None:  # type: ignore[no-untyped-def]
+    base = json.loads((make_bundle(tmp_path_factory.mktemp("m")) / "manifest.json").read_bytes())
+    key = data.draw(st.sampled_from(sorted(base)))
+    base[key] = data.draw(_json)
+    try:
+        parse_manifest(json.dumps(base).encode())
+    except BundleError:
+        pass
