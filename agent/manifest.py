@@ -126,7 +126,7 @@ class SelfTest(_Wire):
 
 
 class Manifest(_Wire):
-    schema_version: Literal[1] = Field(default=MANIFEST_SCHEMA, alias="schema")
+    schema_version: Literal[1] = Field(default=1, alias="schema")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     version: int = Field(ge=1)
     created: datetime

@@ -37,7 +37,9 @@ class LoadedModel(Protocol):
 
 def quantize(x: F32, q: QuantParams, dtype: Any) -> npt.NDArray[Any]:
     info = np.iinfo(dtype)
-    return np.clip(np.round(x / q.scale) + q.zero_point, info.min, info.max).astype(dtype)
+    out: npt.NDArray[Any] = np.clip(np.round(x / q.scale) + q.zero_point, info.min,
+                                    info.max).astype(dtype)
+    return out
 
 
 def dequantize(v: npt.NDArray[Any], q: QuantParams) -> F32:

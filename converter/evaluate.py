@@ -75,7 +75,7 @@ def _shapes_at_batch1(path: Path) -> tuple[Any, dict[str, list[int]], dict[str, 
 
 def onnx_profile(path: Path) -> dict[str, Any]:
     """MACs, parameter count, operator counts and a peak-memory estimate of an ONNX file."""
-    model, shapes, dtypes = _shapes_at_batch1(path)
+    model, shapes, _dtypes = _shapes_at_batch1(path)
     inits = {i.name: i for i in model.graph.initializer}
     macs = 0
     for node in model.graph.node:

@@ -55,8 +55,10 @@ class TargetCheck:
     notes: list[str] = field(default_factory=list)
 
 
-def check_target(profile: FirmwareProfile, ops: list[str], io_dtypes: str,
-                 input_shape: list[int | None], *, require_full_offload: bool | None) -> TargetCheck:
+def check_target(
+    profile: FirmwareProfile, ops: list[str], io_dtypes: str, input_shape: list[int | None], *,
+    require_full_offload: bool | None,
+) -> TargetCheck:
     """Check a TFLite model's ops and I/O against the profile.
 
     Raises:

@@ -25,7 +25,6 @@ import torch
 from agent.errors import ProfileError
 from agent.profiles import FirmwareProfile, load_profile
 from agent.runtime import open_onnx, open_tflite
-from converter import evaluate as ev
 from converter import npu
 from converter import prune as pr
 from converter.data import Dataset, Split, calibration_indices, load_dataset, split
@@ -64,12 +63,12 @@ class Context:
 
     @property
     def teacher_logits(self) -> np.ndarray:
-        return np.load(self.work / TEACHER_LOGITS)
+        return np.asarray(np.load(self.work / TEACHER_LOGITS), dtype=np.float32)
 
     def truth(self, idx: np.ndarray) -> np.ndarray:
         """Labels where the data has them, else the teacher's predictions."""
         if self.data.y is not None:
-            return self.data.y[idx]
+            return np.asarray(self.data.y[idx])
         return np.asarray(self.teacher_logits[idx].argmax(1))
 
     def save(self) -> None:

@@ -35,8 +35,8 @@ def _weighted(model: nn.Module) -> list[nn.Module]:
 
 
 def weight_sparsity(model: nn.Module) -> float:
-    ws = [m.weight for m in _weighted(model)]
-    total = sum(w.numel() for w in ws)
+    ws: list[torch.Tensor] = [m.weight for m in _weighted(model)]  # type: ignore[misc]
+    total = sum(int(w.numel()) for w in ws)
     return sum(int((w == 0).sum()) for w in ws) / max(total, 1)
 
 
@@ -52,7 +52,7 @@ def finalize_unstructured(model: nn.Module) -> None:
     """Make the masks permanent (weights hold the zeros, hooks removed)."""
     for m in _weighted(model):
         if tprune.is_pruned(m):
-            tprune.remove(m, "weight")
+            tprune.remove(m, "weight")  # type: ignore[no-untyped-call]
 
 
 def apply_structured(model: nn.Module, sparsity: float, example: torch.Tensor) -> nn.Module:

@@ -80,7 +80,8 @@ class PruneOptions(_Section):
 
 
 class QuantizeOptions(_Section):
-    formats: list[Literal["onnx", "tflite"]] = Field(default_factory=lambda: ["onnx", "tflite"])
+    formats: list[Literal["onnx", "tflite"]] = Field(
+        default_factory=lambda: ["onnx", "tflite"])  # type: ignore[arg-type]  # literal list
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
     per_channel: bool = True  # forced off where the profile disallows it
     tolerance_points: float = Field(1.0, ge=0)  # accuracy gate: max int8 drop below fp32

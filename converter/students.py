@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from converter.errors import RecipeError
-from converter.teacher import TeacherError, import_factory
+from converter.errors import RecipeError, TeacherError
+from converter.teacher import import_factory
 
 if TYPE_CHECKING:
     from converter.recipe import StudentOptions

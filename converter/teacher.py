@@ -78,7 +78,7 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int) -> TeacherOutputs:
                                     for w, g in zip(want[1:], got[1:], strict=True)):
         raise TeacherError(f"data samples have shape {tuple(got[1:])} but teacher {path.name} "
                            f"expects {tuple(want[1:])} (input {inp.name!r})")
-    outs = []
+    outs: list[np.ndarray] = []
     fixed_batch = want[0]
     step = fixed_batch or batch_size
     for i in range(0, len(x), step):

@@ -22,7 +22,8 @@ def inspect_bundle(bundle: Path) -> list[str]:
     outs = ", ".join(f"{t.name} {t.dtype}{t.shape}" for t in m.outputs)
     signed = (bundle / SIGNATURES_FILE).is_file()
     return [
-        f"{m.name} v{m.version}: {m.runtime} model {m.model_file}, profiles {', '.join(m.profiles)}",
+        f"{m.name} v{m.version}: {m.runtime} model {m.model_file}, "
+        f"profiles {', '.join(m.profiles)}",
         f"inputs: {ins}",
         f"outputs: {outs}",
         f"files: {len(m.files)}, all sizes and sha256 match",

@@ -50,7 +50,7 @@ def test_bad_data_is_named(tmp_path: Path, arrays: dict[str, np.ndarray], messag
 def test_a_corrupt_or_missing_data_file_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04 definitely not a zip")
-    with pytest.raises(DataError, match="not a readable .npz"):
+    with pytest.raises(DataError, match=r"not a readable \.npz"):
         load_dataset(str(bad))
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(str(tmp_path / "nope.npz"))

@@ -14,7 +14,7 @@ FORBIDDEN = ("torch", "torchao", "onnx", "onnxscript", "litert_torch", "tensorfl
 
 
 def _top(name: str) -> str:
-    return name.split(".")[0]
+    return name.split(".", maxsplit=1)[0]
 
 
 def test_agent_sources_import_nothing_forbidden() -> None:
