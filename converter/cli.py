@@ -13,8 +13,10 @@ Errors print one line naming the problem and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +111,14 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Quiet the toolchains' own chatter (TensorFlow/absl C++ logs, deprecation notices from
+    # torch internals) so the user sees our stage lines and real errors.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for noisy in ("torchao", "torch", "root"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     ns = build_parser().parse_args(argv)
     try:
         return _dispatch(ns)

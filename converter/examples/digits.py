@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +87,11 @@ def write_example(out_dir: Path, *, profile: str = "raspberry-pi-4", epochs: int
     np.savez_compressed(out_dir / "digits.npz", x=ds.x, y=ds.y)
     model, acc = train_teacher(epochs=epochs)
     torch.save(model.state_dict(), out_dir / "teacher.pt")
-    torch.onnx.export(model, (torch.from_numpy(ds.x[:2]),), str(out_dir / "teacher.onnx"),
-                      input_names=["image"], output_names=["logits"], dynamo=True,
-                      external_data=False, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress
+        torch.onnx.export(model, (torch.from_numpy(ds.x[:2]),), str(out_dir / "teacher.onnx"),
+                          input_names=["image"], output_names=["logits"], dynamo=True,
+                          external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
     teacher_line = ('onnx = "teacher.onnx"' if teacher_kind == "onnx" else
                     'torch = "converter.examples.digits:teacher"\nweights = "teacher.pt"')
     (out_dir / "recipe.toml").write_text(RECIPE.format(teacher=teacher_line, profile=profile))
