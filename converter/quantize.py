@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ def gate_onnx(pre: Path, dst: Path, calib: F32, x_val: F32, truth_val: I64,
     for method in ("percentile", "entropy"):
         if method == base.calibration:
             continue
-        s = OnnxQuantSettings(base.per_channel, base.activation_symmetric, method)
+        s = replace(base, calibration=method)
         acc = trial(s)
         result.steps.append(f"{method} calibration: int8 {acc:.4f}")
         if acc > best_acc:
@@ -156,19 +156,17 @@ def _keep_sensitive_in_float(
     pre: Path, result: GateResult, ok: Callable[[float], bool], max_float_layers: int,
 ) -> tuple[OnnxQuantSettings, float]:
     """Per-layer sensitivity: accuracy with each quantizable node alone kept in float."""
+    anchor, anchor_acc = best_s, best_acc
     nodes = quantizable_nodes(pre)
     for node in nodes:
-        s = OnnxQuantSettings(best_s.per_channel, best_s.activation_symmetric,
-                              best_s.calibration, (node,))
-        result.sensitivity[node] = trial(s) - best_acc
+        result.sensitivity[node] = trial(replace(anchor, exclude=(node,))) - anchor_acc
     ranked = sorted(nodes, key=lambda n: result.sensitivity[n], reverse=True)
     result.steps.append("sensitivity (accuracy gained when kept in float): " + ", ".join(
         f"{n} {result.sensitivity[n]:+.4f}" for n in ranked))
     excluded: list[str] = []
     for node in ranked[:max_float_layers]:
         excluded.append(node)
-        s = OnnxQuantSettings(best_s.per_channel, best_s.activation_symmetric,
-                              best_s.calibration, tuple(excluded))
+        s = replace(anchor, exclude=tuple(excluded))
         acc = trial(s)
         result.steps.append(f"float layers {excluded}: int8 {acc:.4f}")
         if acc > best_acc:
