@@ -36,7 +36,10 @@ def run_pipeline(example: Path, out: Path, profile: str, family: str, extra: lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--profile", default="raspberry-pi-4")
-    ap.add_argument("--families", default="cnn,dscnn,mlp")
+    ap.add_argument("--families", default="cnn,dscnn,mlp,cnn-wide,cnn-wide+structured,"
+                                          "cnn-wide+unstructured",
+                    help="student families; cnn-wide = channels [32,64]; +structured / "
+                         "+unstructured prune 50 %% with 20 fine-tuning epochs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         example = Path(tmp) / "example"
@@ -46,21 +49,27 @@ def main() -> None:
         teacher_s = time.perf_counter() - t0
         print(f"digits example written (teacher trained) in {teacher_s:.1f} s; "
               f"profile {args.profile}\n")
-        head = (f"{'student':8} {'params':>7} {'ratio':>6} {'teacher':>8} {'fp32':>7} "
+        head = (f"{'student':22} {'params':>7} {'ratio':>6} {'teacher':>8} {'fp32':>7} "
                 f"{'int8onnx':>8} {'int8tfl':>8} {'Δtea':>6} {'Δonnx':>6} {'Δtfl':>6} "
                 f"{'fp32 p50':>9} {'onnx8 p50':>9} {'tfl8 p50':>9} {'tfl KiB':>7} {'wall s':>7}")
         print(head)
         print("-" * len(head))
         extras = {"mlp": ["--student-hidden", "[32]"], "dscnn": ["--student-channels",
-                                                                 "[8,16,32]"]}
-        for family in args.families.split(","):
-            out = Path(tmp) / family
-            wall = run_pipeline(example, out, args.profile, family, extras.get(family, []))
+                                                                 "[8,16,32]"],
+                  "cnn-wide": ["--student-channels", "[32,64]"]}
+        for row in args.families.split(","):
+            variant, _, prune = row.partition("+")
+            family = variant.removesuffix("-wide")
+            extra = list(extras.get(variant, []))
+            if prune:
+                extra += ["--prune-method", prune, "--prune-sparsity", "0.5"]
+            out = Path(tmp) / row
+            wall = run_pipeline(example, out, args.profile, family, extra)
             rep = json.loads((out / "report.json").read_text())
             ms = {(m["name"], m["runtime"]): m for m in rep["evaluate"]["models"]}
             t, f = ms[("teacher", "onnx")], ms[("student fp32", "onnx")]
             o, tl = ms[("student int8", "onnx")], ms[("student int8", "tflite")]
-            print(f"{family:8} {f['parameters']:>7,} {t['parameters'] / f['parameters']:>5.0f}x "
+            print(f"{row:22} {f['parameters']:>7,} {t['parameters'] / f['parameters']:>5.0f}x "
                   f"{t['accuracy']:>8.2%} {f['accuracy']:>7.2%} {o['accuracy']:>8.2%} "
                   f"{tl['accuracy']:>8.2%} {(t['accuracy'] - f['accuracy']) * 100:>6.2f} "
                   f"{(f['accuracy'] - o['accuracy']) * 100:>6.2f} "
