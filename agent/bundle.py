@@ -12,7 +12,7 @@ import hashlib
 from pathlib import Path
 
 from agent.errors import BundleError
-from agent.manifest import MANIFEST_FILE, SIGNATURES_FILE, Manifest, parse_manifest
+from agent.manifest import MANIFEST_FILE, SIGNATURES_FILE, FileEntry, Manifest, parse_manifest
 
 CHUNK_BYTES = 1 << 20
 
@@ -47,21 +47,37 @@ def check_files(bundle_dir: Path, manifest: Manifest) -> None:
         _check_one(bundle_dir / rel, rel, entry.size_bytes, entry.sha256)
 
 
-def _check_one(path: Path, rel: str, size: int, sha256: str) -> None:
+def _stream_sha256(path: Path, cap: int | None) -> tuple[str, int] | None:
+    """(hex digest, bytes read) in chunks; None as soon as more than `cap` bytes appear."""
     digest = hashlib.sha256()
     seen = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES if cap is None else min(CHUNK_BYTES, cap - seen + 1)):
+            seen += len(chunk)
+            if cap is not None and seen > cap:
+                return None
+            digest.update(chunk)
+    return digest.hexdigest(), seen
+
+
+def file_entry(path: Path) -> FileEntry:
+    """The manifest entry (sha256 and size) of a file, hashed in chunks."""
+    streamed = _stream_sha256(path, cap=None)
+    assert streamed is not None
+    return FileEntry(sha256=streamed[0], size_bytes=streamed[1])
+
+
+def _check_one(path: Path, rel: str, size: int, sha256: str) -> None:
     try:
-        with path.open("rb") as fh:
-            while chunk := fh.read(min(CHUNK_BYTES, size - seen + 1)):
-                seen += len(chunk)
-                if seen > size:
-                    raise BundleError(f"file {rel} is longer than its declared {size} bytes",
-                                      check="size", path=rel)
-                digest.update(chunk)
+        streamed = _stream_sha256(path, cap=size)
     except FileNotFoundError as exc:
         raise BundleError(f"file {rel} is missing", check="missing", path=rel) from exc
+    if streamed is None:
+        raise BundleError(f"file {rel} is longer than its declared {size} bytes",
+                          check="size", path=rel)
+    digest, seen = streamed
     if seen != size:
         raise BundleError(f"file {rel} has {seen} bytes, manifest says {size}", check="size",
                           path=rel)
-    if digest.hexdigest() != sha256:
+    if digest != sha256:
         raise BundleError(f"file {rel} does not match its sha256", check="sha256", path=rel)

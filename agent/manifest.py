@@ -21,7 +21,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from agent.errors import BundleError
 
-MANIFEST_SCHEMA = 1
 MANIFEST_FILE = "manifest.json"
 SIGNATURES_FILE = "signatures.json"
 SELFTEST_FILE = "selftest.npz"

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent import __version__ as agent_version
+from agent.bundle import file_entry
 from agent.manifest import (
     MANIFEST_FILE,
     SELFTEST_FILE,
-    FileEntry,
     Histogram,
     InputReference,
     Manifest,
@@ -56,14 +56,6 @@ def _choose(ctx: Context) -> tuple[str, Path, Path]:
             return "onnx", ctx.work / INT8_ONNX, ctx.work / INT8_ONNX
     raise ConvertError(f"no model for {ctx.profile.name}'s runtimes "
                        f"{ctx.profile.runtime.preference}; check quantize.formats")
-
-
-def _sha256(path: Path) -> FileEntry:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return FileEntry(sha256=h.hexdigest(), size_bytes=path.stat().st_size)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -125,8 +117,8 @@ def build_bundle(ctx: Context) -> Manifest:
         name=opts.name, version=opts.version, created=(now := datetime.now(UTC)),
         expires=now + timedelta(days=opts.expires_days), min_agent_version=agent_version,
         profiles=[ctx.profile.name], runtime=runtime, model_file=model_name,
-        files={model_name: _sha256(bundle / model_name),
-               SELFTEST_FILE: _sha256(bundle / SELFTEST_FILE)},
+        files={model_name: file_entry(bundle / model_name),
+               SELFTEST_FILE: file_entry(bundle / SELFTEST_FILE)},
         inputs=loaded.inputs, outputs=loaded.outputs, labels=labels,
         preprocessing=Preprocessing(
             layout="NCHW" if len(ctx.data.sample_shape) == 3 else "NC",

@@ -52,9 +52,9 @@ def sizes(path: Path) -> dict[str, int]:
     return {"raw_bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, compresslevel=9))}
 
 
-def _shapes_at_batch1(path: Path) -> tuple[Any, dict[str, list[int]], dict[str, int]]:
+def _shapes_at_batch1(path: Path) -> tuple[Any, dict[str, list[int]]]:
     import onnx  # noqa: PLC0415
-    from onnx import helper, shape_inference  # noqa: PLC0415
+    from onnx import shape_inference  # noqa: PLC0415
 
     model = onnx.load(str(path))
     for inp in model.graph.input:
@@ -63,19 +63,16 @@ def _shapes_at_batch1(path: Path) -> tuple[Any, dict[str, list[int]], dict[str, 
                 dim.dim_value = 1
     model = shape_inference.infer_shapes(model)
     shapes: dict[str, list[int]] = {}
-    dtypes: dict[str, int] = {}
     for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        t = vi.type.tensor_type
-        shapes[vi.name] = [d.dim_value for d in t.shape.dim]
-        dtypes[vi.name] = helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
-    return model, shapes, dtypes
+    return model, shapes
 
 
 def onnx_profile(path: Path) -> dict[str, Any]:
     """MACs, parameter count, operator counts and a peak-memory estimate of an ONNX file."""
-    model, shapes, _dtypes = _shapes_at_batch1(path)
+    model, shapes = _shapes_at_batch1(path)
     inits = {i.name: i for i in model.graph.initializer}
     macs = 0
     for node in model.graph.node:

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,9 @@ class Context:
     def classes(self) -> int:
         return int(self.teacher_logits.shape[1])
 
-    @property
+    @cached_property
     def teacher_logits(self) -> np.ndarray:
+        """Cached on first use, which comes after the teacher stage wrote the file."""
         return np.asarray(np.load(self.work / TEACHER_LOGITS), dtype=np.float32)
 
     def truth(self, idx: np.ndarray) -> np.ndarray:
