@@ -1,83 +1,118 @@
-"""Reading a bundle directory and checking its files against the manifest.
+"""A bundle directory on disk: the edge that feeds `agent.trust` its bytes.
 
-Hashing streams in chunks with a hard cap at the declared size, so a file longer than
-declared is refused without reading it whole, and memory stays flat whatever the size.
-Signature checks arrive with the trust layer; this module only checks that the bytes on disk
-are the bytes the manifest names.
+`verify_bundle_dir` is the one path both the device and `edge-fleet verify` take: read
+`manifest.json` and `signatures.json` (capped), verify them against the trusted root, check
+the file set, then stream every file in chunks through `trust.FileCheck`, reading at most
+one byte past a file's declared size. Memory stays flat whatever the bundle's size.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from datetime import datetime
 from pathlib import Path
 
 from agent.errors import BundleError
-from agent.manifest import MANIFEST_FILE, SIGNATURES_FILE, FileEntry, Manifest, parse_manifest
+from agent.manifest import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    SIGNATURES_FILE,
+    FileEntry,
+    Manifest,
+    parse_manifest,
+)
+from agent.root import Root
+from agent.signatures import MAX_SIGNATURES_BYTES
+from agent.trust import Device, FileCheck, Verified, check_file_set, verify_manifest
 
 CHUNK_BYTES = 1 << 20
 
 
+def read_capped(path: Path, cap: int, *, check: str) -> bytes:
+    """A small file's bytes, refused when longer than `cap`.
+
+    Raises:
+        BundleError: with `check` when it is missing, unreadable or too long.
+    """
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(cap + 1)
+    except OSError as exc:
+        raise BundleError(f"cannot read {path.name}: {exc.strerror}", check=check,
+                          path=path.name) from exc
+    if len(raw) > cap:
+        raise BundleError(f"{path.name} is longer than {cap} bytes", check=check,
+                          path=path.name)
+    return raw
+
+
 def read_manifest(bundle_dir: Path) -> Manifest:
-    """Load and validate `manifest.json` of a bundle directory.
+    """Load and validate `manifest.json` of a bundle directory (no signature check).
 
     Raises:
         BundleError: missing or invalid manifest.
     """
-    path = bundle_dir / MANIFEST_FILE
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BundleError(f"cannot read {path}: {exc.strerror}", check="manifest") from exc
-    return parse_manifest(raw)
+    return parse_manifest(read_capped(bundle_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES,
+                                      check="manifest"))
+
+
+def present_files(bundle_dir: Path) -> list[str]:
+    """Relative POSIX paths of everything in the bundle that is not a directory."""
+    return sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*")
+                  if not p.is_dir())
 
 
 def check_files(bundle_dir: Path, manifest: Manifest) -> None:
-    """Check every listed file's size and sha256, and that no unlisted file is present.
+    """Check that exactly the listed files are present, with their sizes and sha256.
 
     Raises:
-        BundleError: with check "missing", "unlisted", "size" or "sha256".
+        BundleError: check "unlisted", "missing", "size", "truncated" or "sha256".
     """
-    allowed = {MANIFEST_FILE, SIGNATURES_FILE, *manifest.files}
-    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(bundle_dir).as_posix()
-        if rel not in allowed:
-            raise BundleError(f"file {rel} is not listed in the manifest", check="unlisted",
-                              path=rel)
+    check_file_set(manifest, present_files(bundle_dir))
     for rel, entry in sorted(manifest.files.items()):
-        _check_one(bundle_dir / rel, rel, entry.size_bytes, entry.sha256)
+        stream_file(bundle_dir / rel, FileCheck(rel, entry))
 
 
-def _stream_sha256(path: Path, cap: int | None) -> tuple[str, int] | None:
-    """(hex digest, bytes read) in chunks; None as soon as more than `cap` bytes appear."""
-    digest = hashlib.sha256()
-    seen = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_BYTES if cap is None else min(CHUNK_BYTES, cap - seen + 1)):
-            seen += len(chunk)
-            if cap is not None and seen > cap:
-                return None
-            digest.update(chunk)
-    return digest.hexdigest(), seen
+def stream_file(path: Path, check: FileCheck) -> None:
+    """Feed a file to its check in chunks, never reading past its declared size + 1."""
+    try:
+        fh = path.open("rb")
+    except FileNotFoundError as exc:
+        raise BundleError(f"file {check.rel} is missing", check="missing",
+                          path=check.rel) from exc
+    with fh:
+        if not path.is_file():
+            raise BundleError(f"{check.rel} is not a regular file", check="unlisted",
+                              path=check.rel)
+        while chunk := fh.read(min(CHUNK_BYTES, check.remaining + 1)):
+            check.update(chunk)
+    check.finish()
+
+
+def verify_bundle_dir(bundle_dir: Path, root: Root, *, device: Device, now: datetime,
+                      new_roots: Iterable[bytes] = ()) -> Verified:
+    """Verify a signed bundle directory completely (trust steps 1-8).
+
+    Raises:
+        RootError, SignatureError, BundleError: the first check that fails.
+    """
+    manifest_raw = read_capped(bundle_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES,
+                               check="manifest")
+    sig_path = bundle_dir / SIGNATURES_FILE
+    signatures_raw = (read_capped(sig_path, MAX_SIGNATURES_BYTES, check="signatures")
+                      if sig_path.exists() else None)
+    verified = verify_manifest(root, manifest_raw, signatures_raw, device=device, now=now,
+                               new_roots=new_roots)
+    check_files(bundle_dir, verified.manifest)
+    return verified
 
 
 def file_entry(path: Path) -> FileEntry:
     """The manifest entry (sha256 and size) of a file, hashed in chunks."""
-    streamed = _stream_sha256(path, cap=None)
-    assert streamed is not None
-    return FileEntry(sha256=streamed[0], size_bytes=streamed[1])
-
-
-def _check_one(path: Path, rel: str, size: int, sha256: str) -> None:
-    try:
-        streamed = _stream_sha256(path, cap=size)
-    except FileNotFoundError as exc:
-        raise BundleError(f"file {rel} is missing", check="missing", path=rel) from exc
-    if streamed is None:
-        raise BundleError(f"file {rel} is longer than its declared {size} bytes",
-                          check="size", path=rel)
-    digest, seen = streamed
-    if seen != size:
-        raise BundleError(f"file {rel} has {seen} bytes, manifest says {size}", check="size",
-                          path=rel)
-    if digest != sha256:
-        raise BundleError(f"file {rel} does not match its sha256", check="sha256", path=rel)
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileEntry(sha256=digest.hexdigest(), size_bytes=size)

@@ -13,17 +13,25 @@ UTF-8 (DESIGN.md, Bundle).
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from agent.errors import BundleError
+from agent.signatures import canonical, strict_json, validation_message
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURES_FILE = "signatures.json"
 SELFTEST_FILE = "selftest.npz"
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -124,12 +132,24 @@ class SelfTest(_Wire):
     min_top1_agreement: float = Field(ge=0, le=1)
 
 
+class Sealed(_Wire):
+    """At-rest protection of the model file (DESIGN.md, Trust): the file holds NaCl
+    SecretBox ciphertext (XSalsa20-Poly1305) under a fresh key, and that key is sealed to
+    each recipient device's X25519 key (SealedBox). Hashes in `files` cover the ciphertext,
+    so a bundle verifies without any key; only listed devices can decrypt, into memory."""
+
+    scheme: Literal["nacl-secretbox+sealedbox"] = "nacl-secretbox+sealedbox"
+    # device id -> sealed 32-byte key (48 bytes of SealedBox overhead): 80 bytes, hex.
+    recipients: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")],
+                     Annotated[str, Field(pattern=r"^[0-9a-f]{160}$")]] = Field(min_length=1)
+
+
 class Manifest(_Wire):
     schema_version: Literal[1] = Field(default=1, alias="schema")
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     version: int = Field(ge=1)
-    created: datetime
-    expires: datetime
+    created: AwareDatetime
+    expires: AwareDatetime
     min_agent_version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
     profiles: list[str] = Field(min_length=1)
     runtime: Literal["onnx", "tflite"]
@@ -142,6 +162,7 @@ class Manifest(_Wire):
     reference: ReferenceStats
     resources: ResourceEstimate
     selftest: SelfTest
+    sealed: Sealed | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -158,28 +179,18 @@ class Manifest(_Wire):
 
 def canonical_json(manifest: Manifest) -> bytes:
     """The exact bytes that signatures cover."""
-    data = manifest.model_dump(mode="json", by_alias=True)
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
+    return canonical(manifest.model_dump(mode="json", by_alias=True))
 
 
 def parse_manifest(raw: bytes) -> Manifest:
     """Parse manifest bytes from outside.
 
     Raises:
-        BundleError: not UTF-8 JSON, or does not validate (check="manifest").
+        BundleError: not strict UTF-8 JSON, or does not validate (check="manifest").
     """
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"manifest is not UTF-8 JSON: {exc}", check="manifest") from exc
+    data = strict_json(raw, what="manifest", max_bytes=MAX_MANIFEST_BYTES, error=BundleError,
+                       check="manifest")
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        raise BundleError(
-            f"manifest invalid at {where}: {first['msg']} ({exc.error_count()} problem(s))",
-            check="manifest",
-        ) from exc
+        raise BundleError(validation_message("manifest", exc), check="manifest") from exc

@@ -66,7 +66,11 @@ def _ort_spec(arg: Any) -> TensorSpec:
     return TensorSpec(name=arg.name, dtype=_ORT_TYPES.get(arg.type, "float32"), shape=shape)
 
 
-def open_onnx(path: Path, *, threads: int = 1,
+def _label(source: Path | bytes) -> str:
+    return source.name if isinstance(source, Path) else f"model ({len(source)} bytes in memory)"
+
+
+def open_onnx(source: Path | bytes, *, threads: int = 1,
               providers: list[str] | None = None) -> OnnxModel:
     import onnxruntime as ort  # noqa: PLC0415
 
@@ -76,9 +80,10 @@ def open_onnx(path: Path, *, threads: int = 1,
     available = set(ort.get_available_providers())
     wanted = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
     try:
-        sess = ort.InferenceSession(str(path), opts, providers=wanted or ["CPUExecutionProvider"])
+        where = str(source) if isinstance(source, Path) else source
+        sess = ort.InferenceSession(where, opts, providers=wanted or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's exceptions are not part of a stable hierarchy
-        raise RuntimeLoadError(f"onnxruntime cannot load {path.name}: "
+        raise RuntimeLoadError(f"onnxruntime cannot load {_label(source)}: "
                                f"{str(exc).splitlines()[0][:200]}") from exc
     return OnnxModel(sess, [_ort_spec(a) for a in sess.get_inputs()],
                      [_ort_spec(a) for a in sess.get_outputs()])
@@ -129,28 +134,31 @@ class TfliteModel:
         return dequantize(raw, spec_out.quantization)
 
 
-def open_tflite(path: Path, *, threads: int = 1,
+def open_tflite(source: Path | bytes, *, threads: int = 1,
                 delegates: list[Any] | None = None) -> TfliteModel:
     interpreter_cls = tflite_interpreter_class()
     try:
-        it = interpreter_cls(model_path=str(path), num_threads=threads,
+        where = ({"model_path": str(source)} if isinstance(source, Path)
+                 else {"model_content": source})
+        it = interpreter_cls(**where, num_threads=threads,
                              experimental_delegates=delegates or None)
         it.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
-        raise RuntimeLoadError(f"TFLite cannot load {path.name}: "
+        raise RuntimeLoadError(f"TFLite cannot load {_label(source)}: "
                                f"{str(exc).splitlines()[0][:200]}") from exc
     ins, outs = it.get_input_details(), it.get_output_details()
     return TfliteModel(it, [_tfl_spec(d) for d in ins], [_tfl_spec(d) for d in outs],
                        ins[0]["index"], outs[0]["index"])
 
 
-def open_model(path: Path, runtime: Literal["onnx", "tflite"], *,
+def open_model(source: Path | bytes, runtime: Literal["onnx", "tflite"], *,
                threads: int = 1) -> LoadedModel:
-    """Load a model file with the named runtime.
+    """Load a model, from its file or from bytes in memory (a sealed model), with the named
+    runtime.
 
     Raises:
         RuntimeLoadError: the runtime is missing or refuses the file.
     """
     if runtime == "onnx":
-        return open_onnx(path, threads=threads)
-    return open_tflite(path, threads=threads)
+        return open_onnx(source, threads=threads)
+    return open_tflite(source, threads=threads)

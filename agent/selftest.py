@@ -25,8 +25,13 @@ class SelfTestResult:
     passed: bool
 
 
-def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1) -> SelfTestResult:
+def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1,
+                 model: Path | bytes | None = None) -> SelfTestResult:
     """Run the bundle's model on its golden inputs.
+
+    Args:
+        model: the model to load (decrypted bytes of a sealed model); default the
+            bundle's model file.
 
     Raises:
         BundleError: selftest file unreadable or malformed (check="selftest").
@@ -42,8 +47,9 @@ def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1) -> S
     if len(inputs) != len(expected) or len(inputs) == 0:
         raise BundleError("selftest inputs and outputs differ in length", check="selftest",
                           path=manifest.selftest.file)
-    model = open_model(bundle_dir / manifest.model_file, manifest.runtime, threads=threads)
-    got = model.run(inputs.astype(np.float32))
+    loaded = open_model(bundle_dir / manifest.model_file if model is None else model,
+                        manifest.runtime, threads=threads)
+    got = loaded.run(inputs.astype(np.float32))
     if got.shape != expected.shape:
         raise BundleError(f"selftest output shape {got.shape}, expected {expected.shape}",
                           check="selftest")

@@ -1,0 +1,162 @@
+"""Bundle archives: one compressed tar (zstd or gzip) that travels small, and the verified
+unpacking the device does.
+
+An archive holds `manifest.json` first, then `signatures.json` (when signed), then the
+manifest's files. `unpack_bundle` streams it once: it reads the manifest and signatures,
+runs the signature and policy checks before any model byte is read, then writes each file
+into a fresh directory through its `trust.FileCheck`, stopping the moment a member runs
+past its declared size. Only regular files with a listed name are accepted (no links,
+devices, directories or duplicates), so nothing can land outside the directory.
+On any rejection the directory is removed; the caller never sees a half-checked bundle.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from agent.errors import BundleError
+from agent.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE
+from agent.root import Root
+from agent.signatures import MAX_SIGNATURES_BYTES
+from agent.trust import Device, FileCheck, Verified, check_file_set, verify_manifest
+
+CHUNK_BYTES = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, zlib.error,
+                                               gzip.BadGzipFile)
+    try:
+        import zstandard  # noqa: PLC0415  # optional on tiny devices: gzip still works
+    except ImportError:
+        return errors
+    return (*errors, zstandard.ZstdError)
+
+
+@contextmanager
+def _archive_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except _decompression_errors() as exc:
+        raise BundleError(f"archive {path.name} is corrupt: {str(exc)[:200]}",
+                          check="archive") from exc
+
+
+def decompressed(fh: IO[bytes], path: Path) -> IO[bytes]:
+    """A readable stream of the tar inside a zstd or gzip file (told apart by magic)."""
+    magic = fh.read(4)
+    fh.seek(0)
+    if magic.startswith(GZIP_MAGIC):
+        gz: IO[bytes] = gzip.GzipFile(fileobj=fh, mode="rb")  # type: ignore[assignment]
+        return gz
+    if magic == ZSTD_MAGIC:
+        try:
+            import zstandard  # noqa: PLC0415
+        except ImportError as exc:
+            raise BundleError(f"{path.name} is zstd-compressed and the zstandard module is "
+                              "not installed", check="archive") from exc
+        reader: IO[bytes] = zstandard.ZstdDecompressor().stream_reader(fh)
+        return reader
+    raise BundleError(f"{path.name} is neither a zstd nor a gzip archive", check="archive",
+                      magic=magic.hex())
+
+
+def _read_small(tar: tarfile.TarFile, member: tarfile.TarInfo, cap: int) -> bytes:
+    if member.size > cap:
+        raise BundleError(f"{member.name} in the archive is {member.size} bytes, more than "
+                          f"{cap}", check="archive", path=member.name)
+    f = tar.extractfile(member)
+    assert f is not None  # regular file, checked by the caller
+    return f.read(cap + 1)
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, check: FileCheck,
+                  target: Path) -> None:
+    f = tar.extractfile(member)
+    assert f is not None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("xb") as out:
+        while chunk := f.read(min(CHUNK_BYTES, check.remaining + 1)):
+            check.update(chunk)
+            out.write(chunk)
+        check.finish()
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _regular(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    if not member.isreg():
+        raise BundleError(f"archive member {member.name} is not a regular file",
+                          check="archive", path=member.name)
+    return member
+
+
+def unpack_bundle(archive: Path, dest: Path, root: Root, *, device: Device, now: datetime,
+                  new_roots: Iterable[bytes] = ()) -> Verified:
+    """Verify a bundle archive while unpacking it into `dest` (which must not exist).
+
+    Raises:
+        RootError, SignatureError, BundleError: the first check that fails; `dest` is then
+            removed.
+    """
+    dest.mkdir()
+    try:
+        with archive.open("rb") as fh, _archive_errors(archive):
+            stream = decompressed(fh, archive)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                return _unpack(tar, dest, root, device=device, now=now, new_roots=new_roots)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def _unpack(tar: tarfile.TarFile, dest: Path, root: Root, **verify: Any) -> Verified:
+    members = iter(tar)
+    first = next(members, None)
+    if first is None or first.name != MANIFEST_FILE:
+        raise BundleError("an archive must start with manifest.json", check="archive")
+    manifest_raw = _read_small(tar, _regular(first), MAX_MANIFEST_BYTES)
+    member = next(members, None)
+    signatures_raw = None
+    if member is not None and member.name == SIGNATURES_FILE:
+        signatures_raw = _read_small(tar, _regular(member), MAX_SIGNATURES_BYTES)
+        member = next(members, None)
+    verified = verify_manifest(root, manifest_raw, signatures_raw, **verify)
+    files = verified.manifest.files
+    seen: list[str] = []
+    while member is not None:
+        name = _regular(member).name
+        if name not in files:
+            raise BundleError(f"file {name} is not listed in the manifest", check="unlisted",
+                              path=name)
+        if name in seen:
+            raise BundleError(f"file {name} appears twice in the archive", check="archive",
+                              path=name)
+        _write_member(tar, member, FileCheck(name, files[name]), dest / name)
+        seen.append(name)
+        member = next(members, None)
+    check_file_set(verified.manifest, seen)
+    for raw, name in ((manifest_raw, MANIFEST_FILE), (signatures_raw, SIGNATURES_FILE)):
+        if raw is not None:
+            (dest / name).write_bytes(raw)
+    _fsync_dir(dest)
+    return verified
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
