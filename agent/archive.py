@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from agent._durable import fsync_dir
 from agent.errors import BundleError
 from agent.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE
 from agent.root import Root
@@ -121,17 +122,23 @@ def unpack_bundle(archive: Path, dest: Path, root: Root, *, device: Device, now:
         raise
 
 
-def _unpack(tar: tarfile.TarFile, dest: Path, root: Root, **verify: Any) -> Verified:
-    members = iter(tar)
+def _head(tar: tarfile.TarFile, members: Iterator[tarfile.TarInfo]
+          ) -> tuple[bytes, bytes | None, tarfile.TarInfo | None]:
+    """manifest.json, signatures.json (or None) and the member after them."""
     first = next(members, None)
     if first is None or first.name != MANIFEST_FILE:
         raise BundleError("an archive must start with manifest.json", check="archive")
     manifest_raw = _read_small(tar, _regular(first), MAX_MANIFEST_BYTES)
     member = next(members, None)
-    signatures_raw = None
-    if member is not None and member.name == SIGNATURES_FILE:
-        signatures_raw = _read_small(tar, _regular(member), MAX_SIGNATURES_BYTES)
-        member = next(members, None)
+    if member is None or member.name != SIGNATURES_FILE:
+        return manifest_raw, None, member
+    signatures_raw = _read_small(tar, _regular(member), MAX_SIGNATURES_BYTES)
+    return manifest_raw, signatures_raw, next(members, None)
+
+
+def _unpack(tar: tarfile.TarFile, dest: Path, root: Root, **verify: Any) -> Verified:
+    members = iter(tar)
+    manifest_raw, signatures_raw, member = _head(tar, members)
     verified = verify_manifest(root, manifest_raw, signatures_raw, **verify)
     files = verified.manifest.files
     seen: list[str] = []
@@ -150,13 +157,18 @@ def _unpack(tar: tarfile.TarFile, dest: Path, root: Root, **verify: Any) -> Veri
     for raw, name in ((manifest_raw, MANIFEST_FILE), (signatures_raw, SIGNATURES_FILE)):
         if raw is not None:
             (dest / name).write_bytes(raw)
-    _fsync_dir(dest)
+    fsync_dir(dest)
     return verified
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def read_archive_head(archive: Path) -> tuple[bytes, bytes | None]:
+    """The raw `manifest.json` and `signatures.json` (None if unsigned) at the head of an
+    archive, without reading the rest. Nothing is verified here.
+
+    Raises:
+        BundleError: check "archive" when the archive is corrupt or misordered.
+    """
+    with (archive.open("rb") as fh, _archive_errors(archive),
+          tarfile.open(fileobj=decompressed(fh, archive), mode="r|") as tar):
+        manifest_raw, signatures_raw, _ = _head(tar, iter(tar))
+        return manifest_raw, signatures_raw

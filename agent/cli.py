@@ -3,6 +3,7 @@
     edge-agent profiles                 list the firmware profiles this install knows
     edge-agent profile NAME             validate and print one profile
     edge-agent selftest BUNDLE_DIR      check a bundle's files and run its self-test here
+    edge-agent device-key ID --out DIR  make this device's X25519 key pair for sealed models
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from agent import __version__
 from agent.bundle import check_files, read_manifest
 from agent.errors import AgentError
 from agent.profiles import available_profiles, load_profile
+from agent.sealing import generate_device_key
 from agent.selftest import run_selftest
 
 
@@ -29,11 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     s = sub.add_parser("selftest")
     s.add_argument("bundle", type=Path)
+    dk = sub.add_parser("device-key")
+    dk.add_argument("device")
+    dk.add_argument("--out", type=Path, required=True)
     ns = parser.parse_args(argv)
     try:
         if ns.command == "profiles":
             for name in available_profiles():
                 print(f"{name:22} {load_profile(name).description}")
+        elif ns.command == "device-key":
+            key, pub = generate_device_key(ns.device, ns.out)
+            print(f"private key {key} (keep on this device), public key {pub} (give to the "
+                  "operator for `edge-fleet seal`)")
         elif ns.command == "profile":
             print(json.dumps(load_profile(ns.name).model_dump(), indent=2))
         else:

@@ -30,8 +30,8 @@ from agent.signatures import (
     verify_threshold,
 )
 
-ROLES = ("root", "release", "command")
 RoleName = Literal["root", "release", "command"]
+ROLES: tuple[RoleName, ...] = ("root", "release", "command")
 MAX_ROOT_BYTES = 256 * 1024
 
 

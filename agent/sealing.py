@@ -16,6 +16,7 @@ import nacl.public
 import nacl.secret
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent._durable import write_atomic
 from agent.errors import BundleError, ConfigError
 from agent.manifest import Manifest
 
@@ -79,3 +80,21 @@ def model_source(bundle_dir: Path, manifest: Manifest, *,
         raise BundleError(f"{manifest.name} v{manifest.version} is sealed and this device "
                           "has no device key configured", check="sealed")
     return open_sealed(manifest, path.read_bytes(), device=device_key[0], key=device_key[1])
+
+
+def generate_device_key(device: str, out_dir: Path) -> tuple[Path, Path]:
+    """Create this device's X25519 key pair: `DEVICE.key` (0600, stays on the device) and
+    `DEVICE.pub` (give it to the operator for `edge-fleet seal`).
+
+    Raises:
+        ConfigError: the key file exists already (never overwrite a device key).
+    """
+    key_path, pub_path = out_dir / f"{device}.key", out_dir / f"{device}.pub"
+    if key_path.exists():
+        raise ConfigError(f"{key_path} exists; refusing to overwrite a device key")
+    key = nacl.public.PrivateKey.generate()
+    write_atomic(key_path, json.dumps({"keytype": "x25519", "device": device,
+                                       "private": bytes(key).hex()}).encode(), mode=0o600)
+    write_atomic(pub_path, json.dumps({"keytype": "x25519", "device": device,
+                                       "public": bytes(key.public_key).hex()}).encode())
+    return key_path, pub_path

@@ -1,17 +1,47 @@
-"""`edge-fleet`: operator command (signing and rollouts arrive with their issues).
+"""`edge-fleet`: the operator's command (rollouts arrive with their issue).
 
-    edge-fleet bundle inspect BUNDLE_DIR   summarise a bundle and check its files' hashes
+    edge-fleet keys init --dir D --fleet F      root, release and command keys + root.json v1
+    edge-fleet keys rotate --dir D [...]        root.json v+1: revoke/add keys, thresholds
+    edge-fleet keys show --dir D                the current root: roles, keys, thresholds
+    edge-fleet seal BUNDLE --device-pub P ...   encrypt the model to devices (before signing)
+    edge-fleet sign BUNDLE --key K [--key K]    append release signatures
+    edge-fleet pack BUNDLE [--out A]            one .tar.zst (or .tar.gz) archive
+    edge-fleet verify BUNDLE|ARCHIVE --root R   the device's own verification
+    edge-fleet command KIND --key K ...         a signed deploy/rollback/restart/reload/config
+    edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
+
+Passphrase-protected keys read the passphrase from the environment variable named by
+--passphrase-env (default EDGE_FLEET_PASSPHRASE), or prompt when a terminal is attached.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from agent import __version__
 from agent.bundle import check_files, read_manifest
-from agent.errors import AgentError
+from agent.errors import AgentError, RejectedError
 from agent.manifest import SIGNATURES_FILE
+from agent.root import ROLES, RoleName, load_pinned_root
+from agent.trust import Device
+from fleet.commands import build_command, deploy_fields, parse_settings, sign_command
+from fleet.errors import FleetError
+from fleet.keys import KeyDir, init_keys, load_key, rotate_keys
+from fleet.release import (
+    archive_name,
+    describe,
+    load_device_public,
+    pack_bundle,
+    seal_bundle,
+    sign_bundle,
+    verify_release,
+)
 
 
 def inspect_bundle(bundle: Path) -> list[str]:
@@ -28,21 +58,219 @@ def inspect_bundle(bundle: Path) -> list[str]:
         f"outputs: {outs}",
         f"files: {len(m.files)}, all sizes and sha256 match",
         f"expires {m.expires:%Y-%m-%d}, min agent {m.min_agent_version}, "
-        f"{'signed' if signed else 'unsigned (sign before release)'}",
+        f"{'signed' if signed else 'unsigned (sign before release)'}"
+        + (f", sealed to {len(m.sealed.recipients)} device(s)" if m.sealed else ""),
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _passphrase(ns: argparse.Namespace, *, new: bool = False) -> str | None:
+    value = os.environ.get(ns.passphrase_env)
+    if value is not None or not sys.stdin.isatty():
+        return value
+    if not new:
+        return getpass.getpass("key passphrase (empty if none): ") or None
+    first = getpass.getpass("passphrase for the new keys (empty for none): ")
+    if first and first != getpass.getpass("again: "):
+        raise FleetError("passphrases differ")
+    return first or None
+
+
+def _role_count(text: str) -> tuple[int, int]:
+    n, _, t = text.partition("/")
+    return int(n), int(t or n)
+
+
+def _role_numbers(pairs: list[str]) -> dict[RoleName, int]:
+    out: dict[RoleName, int] = {}
+    for pair in pairs:
+        role, _, n = pair.partition("=")
+        if role not in ROLES or not n.isdigit():
+            raise FleetError(f"{pair!r}: expected ROLE=N with ROLE one of {', '.join(ROLES)}")
+        out[role] = int(n)
+    return out
+
+
+def cmd_keys(ns: argparse.Namespace) -> None:
+    if ns.action == "init":
+        counts: dict[RoleName, tuple[int, int]] = {
+            "root": ns.root, "release": ns.release, "command": ns.command_keys}
+        root = init_keys(ns.dir, fleet=ns.fleet, counts=counts, expires_days=ns.expires_days,
+                         passphrase=_passphrase(ns, new=True))
+        print(f"created keys in {ns.dir / 'keys'} and {ns.dir / 'root.json'} v{root.version}")
+    elif ns.action == "rotate":
+        old = KeyDir(ns.dir).root()
+        root = rotate_keys(ns.dir, revoke=ns.revoke, add=_role_numbers(ns.add),
+                           thresholds=_role_numbers(ns.threshold),
+                           expires_days=ns.expires_days, passphrase=_passphrase(ns, new=True))
+        print(f"root.json v{old.version} -> v{root.version}; devices accept it via "
+              f"{ns.dir / 'roots'}")
+    root = KeyDir(ns.dir).root()
+    names = {f.keyid: f.name for _, f in KeyDir(ns.dir).key_files()}
+    print(f"fleet {root.fleet}, root v{root.version}, expires {root.expires:%Y-%m-%d}")
+    for role in ROLES:
+        r = root.roles[role]
+        print(f"  {role:8} {r.threshold} of {len(r.keyids)}: "
+              + ", ".join(f"{names.get(k, '?')} ({k[:10]})" for k in r.keyids))
+
+
+def cmd_sign(ns: argparse.Namespace) -> None:
+    root = load_pinned_root(ns.root.read_bytes()) if ns.root else None
+    res = sign_bundle(ns.bundle, [load_key(k, _passphrase(ns)) for k in ns.key], root)
+    if res.threshold is None:
+        print(f"{ns.bundle}: {res.signatures} signature(s)")
+    else:
+        more = max(0, res.threshold - res.valid)
+        print(f"{ns.bundle}: {res.valid} of {res.threshold} release signature(s)"
+              + (f"; {more} more needed" if more else "; threshold met"))
+
+
+def cmd_verify(ns: argparse.Namespace) -> None:
+    root = load_pinned_root(ns.root.read_bytes())
+    now = ns.at or datetime.now(UTC)
+    profile = ns.profile
+    if profile is None:
+        m = read_manifest(ns.path) if ns.path.is_dir() else None
+        profile = m.profiles[0] if m else "x86_64-generic"
+    committed = {ns.model: ns.committed} if ns.model and ns.committed else {}
+    device = Device(profile=profile, agent_version=ns.agent_version, committed=committed)
+    verified = verify_release(ns.path, root, device=device, now=now,
+                              new_roots=[p.read_bytes() for p in ns.new_root])
+    print(describe(verified) + f"; for profile {profile}")
+
+
+def cmd_command(ns: argparse.Namespace) -> None:
+    keys = [load_key(k, _passphrase(ns)) for k in ns.key]
+    fleet = load_pinned_root(ns.root.read_bytes()).fleet
+    fields: dict[str, Any] = {}
+    if ns.kind == "deploy":
+        if not ns.archive or not ns.url:
+            raise FleetError("deploy needs --archive and at least one --url")
+        fields = deploy_fields(ns.archive, ns.url)
+    elif ns.kind == "rollback":
+        fields = {"model": ns.model, "reason": ns.reason}
+    elif ns.kind == "config":
+        fields = {"settings": parse_settings(ns.set)}
+    cmd = build_command(ns.kind, fleet=fleet, device=ns.device, group=ns.group,
+                        ttl=timedelta(seconds=ns.ttl), **fields)
+    raw = sign_command(cmd, keys)
+    if ns.out:
+        ns.out.write_bytes(raw)
+        print(f"{ns.kind} command {cmd.id} for "
+              f"{'device ' + ns.device if ns.device else 'group ' + ns.group} -> {ns.out}")
+    else:
+        sys.stdout.write(raw.decode() + "\n")
+
+
+def cmd_seal(ns: argparse.Namespace) -> None:
+    m = seal_bundle(ns.bundle, [load_device_public(p) for p in ns.device_pub])
+    assert m.sealed is not None
+    print(f"{m.name} v{m.version}: {m.model_file} sealed to "
+          f"{', '.join(sorted(m.sealed.recipients))}; now sign it")
+
+
+def cmd_pack(ns: argparse.Namespace) -> None:
+    out = ns.out or ns.bundle.parent / archive_name(read_manifest(ns.bundle), ns.compression)
+    pack_bundle(ns.bundle, out, ns.compression)
+    print(f"{out} ({out.stat().st_size} bytes)")
+
+
+def cmd_bundle(ns: argparse.Namespace) -> None:
+    for line in inspect_bundle(ns.dir):
+        print(line)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-fleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passphrase-env", default="EDGE_FLEET_PASSPHRASE", metavar="VAR")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_keys(sub)
+    _add_release(sub)
+    _add_command(sub)
     bundle = sub.add_parser("bundle").add_subparsers(dest="action", required=True)
-    bundle.add_parser("inspect").add_argument("dir", type=Path)
-    ns = parser.parse_args(argv)
+    bi = bundle.add_parser("inspect")
+    bi.set_defaults(func=cmd_bundle)
+    bi.add_argument("dir", type=Path)
+    return parser
+
+
+Subparsers = argparse._SubParsersAction  # argparse exposes no public name
+
+
+def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    keys = sub.add_parser("keys", help="create, rotate and show the fleet's keys")
+    keys.set_defaults(func=cmd_keys)
+    ka = keys.add_subparsers(dest="action", required=True)
+    init = ka.add_parser("init")
+    init.add_argument("--fleet", required=True)
+    for role, default in (("root", "3/2"), ("release", "3/2"), ("command", "2/1")):
+        init.add_argument(f"--{role}", dest="command_keys" if role == "command" else role,
+                          type=_role_count, default=_role_count(default), metavar="N/T",
+                          help=f"{role} keys and threshold (default {default})")
+    rot = ka.add_parser("rotate")
+    rot.add_argument("--revoke", action="append", default=[], metavar="NAME|KEYID")
+    rot.add_argument("--add", action="append", default=[], metavar="ROLE=N")
+    rot.add_argument("--threshold", action="append", default=[], metavar="ROLE=N")
+    show = ka.add_parser("show")
+    for p in (init, rot, show):
+        p.add_argument("--dir", type=Path, required=True)
+        p.add_argument("--expires-days", type=int, default=365)
+
+
+def _add_release(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    s = sub.add_parser("sign", help="append release signatures to a bundle")
+    s.set_defaults(func=cmd_sign)
+    s.add_argument("bundle", type=Path)
+    s.add_argument("--key", type=Path, action="append", required=True)
+    s.add_argument("--root", type=Path, help="report progress against this root's threshold")
+
+    v = sub.add_parser("verify", help="verify a bundle or archive as a device would")
+    v.set_defaults(func=cmd_verify)
+    v.add_argument("path", type=Path)
+    v.add_argument("--root", type=Path, required=True)
+    v.add_argument("--new-root", type=Path, action="append", default=[])
+    v.add_argument("--profile")
+    v.add_argument("--agent-version", default=__version__)
+    v.add_argument("--model")
+    v.add_argument("--committed", type=int)
+    v.add_argument("--at", type=datetime.fromisoformat, help="reference time (ISO 8601)")
+    se = sub.add_parser("seal", help="encrypt a bundle's model to devices' X25519 keys")
+    se.set_defaults(func=cmd_seal)
+    se.add_argument("bundle", type=Path)
+    se.add_argument("--device-pub", type=Path, action="append", required=True)
+    pk = sub.add_parser("pack", help="pack a bundle into one compressed archive")
+    pk.set_defaults(func=cmd_pack)
+    pk.add_argument("bundle", type=Path)
+    pk.add_argument("--out", type=Path)
+    pk.add_argument("--compression", choices=["zst", "gz"], default="zst")
+
+
+def _add_command(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    c = sub.add_parser("command", help="build a signed command")
+    c.set_defaults(func=cmd_command)
+    c.add_argument("kind", choices=["deploy", "rollback", "restart", "reload", "config"])
+    c.add_argument("--key", type=Path, action="append", required=True)
+    c.add_argument("--root", type=Path, required=True)
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device")
+    who.add_argument("--group")
+    c.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    c.add_argument("--archive", type=Path)
+    c.add_argument("--url", action="append", default=[])
+    c.add_argument("--model")
+    c.add_argument("--reason", default="")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--out", type=Path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
     try:
-        for line in inspect_bundle(ns.dir):
-            print(line)
-    except AgentError as exc:
+        ns.func(ns)
+    except RejectedError as exc:
+        print(f"edge-fleet: rejected ({exc.check}): {exc}", file=sys.stderr)
+        return 3
+    except (AgentError, FleetError, OSError) as exc:
         print(f"edge-fleet: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -20,3 +20,15 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("example")
     write_example(out, profile="raspberry-pi-4", epochs=8)
     return out
+
+
+@pytest.fixture(scope="session")
+def onnx_run(example: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full `edge-convert run` of the example for raspberry-pi-4 (ONNX teacher)."""
+    from converter.cli import main as convert
+
+    out = tmp_path_factory.mktemp("run") / "pi4"
+    rc = convert(["run", str(example / "recipe.toml"), "--out", str(out),
+                  "--distill-tensorboard", "true", *FAST])
+    assert rc == 0
+    return out

@@ -45,15 +45,6 @@ def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1) == y).mean())
 
 
-@pytest.fixture(scope="module")
-def onnx_run(example: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "pi4"
-    rc = convert(["run", str(example / "recipe.toml"), "--out", str(out),
-                  "--distill-tensorboard", "true", *FAST])
-    assert rc == 0
-    return out
-
-
 def test_onnx_teacher_run_writes_report_bundle_and_curves(onnx_run: Path) -> None:
     for name in ("report.json", "report.md", "report.png", "model_int8.onnx",
                  "model_int8.tflite", "bundle/manifest.json", "bundle/selftest.npz"):

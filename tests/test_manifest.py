@@ -3,58 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from fixture_trust import make_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.bundle import check_files, read_manifest
 from agent.errors import BundleError
-from agent.manifest import (
-    FileEntry,
-    Histogram,
-    InputReference,
-    Manifest,
-    OutputReference,
-    Preprocessing,
-    ReferenceStats,
-    ResourceEstimate,
-    SelfTest,
-    TensorSpec,
-    canonical_json,
-    parse_manifest,
-)
-
-
-def make_bundle(tmp_path: Path) -> Path:
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    files = {"model.tflite": b"\x00model-bytes" * 100, "selftest.npz": b"golden"}
-    for name, data in files.items():
-        (bundle / name).write_bytes(data)
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    hist = Histogram(bin_edges=[0.0, 0.5, 1.0], fractions=[0.5, 0.5])
-    m = Manifest(
-        name="digits", version=3, created=now, expires=now + timedelta(days=30),
-        min_agent_version="0.1.0", profiles=["raspberry-pi-4"], runtime="tflite",
-        model_file="model.tflite",
-        files={n: FileEntry(sha256=hashlib.sha256(d).hexdigest(), size_bytes=len(d))
-               for n, d in files.items()},
-        inputs=[TensorSpec(name="x", dtype="int8", shape=[1, 4])],
-        outputs=[TensorSpec(name="y", dtype="int8", shape=[1, 2])], labels=["a", "b"],
-        preprocessing=Preprocessing(layout="NC"),
-        reference=ReferenceStats(samples=4, input=InputReference(
-            histogram=hist, mean=0.5, std=0.1, feature_mean=[0.5], feature_std=[0.1]),
-            output=OutputReference(class_fractions=[0.5, 0.5], confidence=hist)),
-        resources=ResourceEstimate(model_bytes=1, arena_bytes=1, peak_memory_bytes=2),
-        selftest=SelfTest(atol=0.1, min_top1_agreement=0.9),
-    )
-    (bundle / "manifest.json").write_bytes(canonical_json(m))
-    return bundle
+from agent.manifest import canonical_json, parse_manifest
 
 
 def test_canonical_json_is_sorted_compact_and_round_trips(tmp_path: Path) -> None:
@@ -74,7 +33,8 @@ def test_an_intact_bundle_checks_out(tmp_path: Path) -> None:
     (lambda b: (b / "model.tflite").write_bytes(b"\x01" + (b / "model.tflite").read_bytes()[1:]),
      "sha256"),
     (lambda b: (b / "model.tflite").write_bytes((b / "model.tflite").read_bytes() + b"x"), "size"),
-    (lambda b: (b / "model.tflite").write_bytes((b / "model.tflite").read_bytes()[:-1]), "size"),
+    (lambda b: (b / "model.tflite").write_bytes((b / "model.tflite").read_bytes()[:-1]),
+     "truncated"),
     (lambda b: (b / "model.tflite").unlink(), "missing"),
     (lambda b: (b / "extra.bin").write_bytes(b"hi"), "unlisted"),
 ])
