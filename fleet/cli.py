@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
+from agent.archive import read_archive_head
 from agent.bundle import check_files, read_manifest
 from agent.errors import AgentError, RejectedError
-from agent.manifest import SIGNATURES_FILE
+from agent.manifest import SIGNATURES_FILE, parse_manifest
 from agent.root import ROLES, RoleName, load_pinned_root
 from agent.trust import Device
 from fleet.commands import build_command, deploy_fields, parse_settings, sign_command
@@ -128,9 +129,10 @@ def cmd_verify(ns: argparse.Namespace) -> None:
     root = load_pinned_root(ns.root.read_bytes())
     now = ns.at or datetime.now(UTC)
     profile = ns.profile
-    if profile is None:
-        m = read_manifest(ns.path) if ns.path.is_dir() else None
-        profile = m.profiles[0] if m else "x86_64-generic"
+    if profile is None:  # check against the first profile the bundle names
+        m = (read_manifest(ns.path) if ns.path.is_dir()
+             else parse_manifest(read_archive_head(ns.path)[0]))
+        profile = m.profiles[0]
     committed = {ns.model: ns.committed} if ns.model and ns.committed else {}
     device = Device(profile=profile, agent_version=ns.agent_version, committed=committed)
     verified = verify_release(ns.path, root, device=device, now=now,
