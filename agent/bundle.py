@@ -37,7 +37,13 @@ def read_capped(path: Path, cap: int, *, check: str) -> bytes:
     """
     try:
         with path.open("rb") as fh:
-            raw = fh.read(cap + 1)
+            # In chunks: read(cap + 1) would allocate the whole cap up front.
+            parts: list[bytes] = []
+            got = 0
+            while got <= cap and (chunk := fh.read(min(1 << 16, cap + 1 - got))):
+                parts.append(chunk)
+                got += len(chunk)
+            raw = b"".join(parts)
     except OSError as exc:
         raise BundleError(f"cannot read {path.name}: {exc.strerror}", check=check,
                           path=path.name) from exc

@@ -22,3 +22,21 @@ echo
 echo "== 4. the bundle, ready to sign: $OUT/$PROFILE/bundle"
 ls -l "$OUT/$PROFILE/bundle"
 "$V/edge-fleet" bundle inspect "$OUT/$PROFILE/bundle"
+echo
+echo "== 5. sign it with 2 of the fleet's 3 release keys, pack it, verify it as a device would"
+# Demo keys carry no passphrase; for real keys set EDGE_FLEET_PASSPHRASE (or answer the prompt).
+export EDGE_FLEET_PASSPHRASE=${EDGE_FLEET_PASSPHRASE-}
+KEYS=$OUT/keys
+[ -f "$KEYS/root.json" ] || "$V/edge-fleet" keys init --dir "$KEYS" --fleet demo
+"$V/edge-fleet" sign "$OUT/$PROFILE/bundle" --key "$KEYS/keys/release-1.key" --root "$KEYS/root.json"
+"$V/edge-fleet" sign "$OUT/$PROFILE/bundle" --key "$KEYS/keys/release-2.key" --root "$KEYS/root.json"
+ARCHIVE=$("$V/edge-fleet" pack "$OUT/$PROFILE/bundle" --out "$OUT/$PROFILE/bundle.tar.zst")
+echo "packed: $ARCHIVE"
+"$V/edge-fleet" verify "$OUT/$PROFILE/bundle.tar.zst" --root "$KEYS/root.json" --profile "$PROFILE"
+echo
+echo "== 6. a device refuses a tampered copy: one byte of the model changed"
+cp -r "$OUT/$PROFILE/bundle" "$OUT/$PROFILE/tampered"
+trap 'rm -rf "$OUT/$PROFILE/tampered"' EXIT
+MODEL=$(ls "$OUT/$PROFILE/tampered" | grep '^model\.')
+printf '\x01' | dd of="$OUT/$PROFILE/tampered/$MODEL" bs=1 seek=100 conv=notrunc status=none
+"$V/edge-fleet" verify "$OUT/$PROFILE/tampered" --root "$KEYS/root.json" || echo "(refused, as it must be)"
