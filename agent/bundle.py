@@ -9,6 +9,8 @@ one byte past a file's declared size. Memory stays flat whatever the bundle's si
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -83,13 +85,17 @@ def check_files(bundle_dir: Path, manifest: Manifest) -> None:
 def stream_file(path: Path, check: FileCheck) -> None:
     """Feed a file to its check in chunks, never reading past its declared size + 1."""
     try:
-        fh = path.open("rb")
+        # O_NOFOLLOW: a symlink could be re-pointed between verification and use.
+        fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
     except FileNotFoundError as exc:
         raise BundleError(f"file {check.rel} is missing", check="missing",
                           path=check.rel) from exc
+    except OSError as exc:  # ELOOP: a symlink
+        raise BundleError(f"{check.rel} is not a regular file", check="not_regular",
+                          path=check.rel) from exc
     with fh:
-        if not path.is_file():
-            raise BundleError(f"{check.rel} is not a regular file", check="unlisted",
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise BundleError(f"{check.rel} is not a regular file", check="not_regular",
                               path=check.rel)
         while chunk := fh.read(min(CHUNK_BYTES, check.remaining + 1)):
             check.update(chunk)

@@ -10,14 +10,16 @@ Pure: bytes in, a verdict out. Two shapes of signed object exist (DESIGN.md, Tru
 
 A role's threshold counts *distinct* keys of that role whose signature verifies: a key
 signing twice counts once (TUF spec 5.4.3), and keys of other roles or unknown keys count
-for nothing. All untrusted JSON goes through `strict_json`, which refuses NaN/Infinity,
-duplicate object keys, over-deep nesting and oversized input with the caller's error.
+for nothing. All untrusted JSON goes through `strict_json`, which refuses NaN/Infinity
+(spelled out or overflowing), duplicate object keys, over-deep nesting and oversized input
+with the caller's error.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -89,6 +91,13 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # "1e400" parses to inf without complaint
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def strict_json(raw: bytes, *, what: str, max_bytes: int, error: type[RejectedError],
                 check: str) -> Any:
     """Parse untrusted JSON, or raise `error(check=check)` naming `what` was wrong.
@@ -105,7 +114,7 @@ def strict_json(raw: bytes, *, what: str, max_bytes: int, error: type[RejectedEr
                     check=check, size_bytes=len(raw), max_bytes=max_bytes)
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
-                          parse_constant=_no_constant)
+                          parse_constant=_no_constant, parse_float=_finite)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # json.JSONDecodeError is a ValueError; deep nesting raises RecursionError.
         raise error(f"{what} is not strict UTF-8 JSON: {str(exc)[:200]}",

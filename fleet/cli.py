@@ -128,6 +128,8 @@ def cmd_sign(ns: argparse.Namespace) -> None:
 def cmd_verify(ns: argparse.Namespace) -> None:
     root = load_pinned_root(ns.root.read_bytes())
     now = ns.at or datetime.now(UTC)
+    if now.tzinfo is None:  # --at without an offset means UTC
+        now = now.replace(tzinfo=UTC)
     profile = ns.profile
     if profile is None:  # check against the first profile the bundle names
         m = (read_manifest(ns.path) if ns.path.is_dir()

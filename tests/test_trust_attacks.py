@@ -166,6 +166,15 @@ def test_extra_symlink_in_the_bundle(tmp_path: Path) -> None:
     rejected(BundleError, "unlisted", bundle)
 
 
+def test_a_listed_file_that_is_a_symlink_is_refused_even_if_its_target_matches(
+        tmp_path: Path) -> None:
+    bundle = signed_bundle(tmp_path)
+    real = tmp_path / "elsewhere.tflite"
+    (bundle / "model.tflite").rename(real)
+    (bundle / "model.tflite").symlink_to(real)
+    rejected(BundleError, "not_regular", bundle)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     bundle = signed_bundle(tmp_path)
     (bundle / "selftest.npz").unlink()

@@ -138,3 +138,10 @@ def test_deeply_nested_json_is_a_rejection_not_a_crash(tmp_path: Path) -> None:
     raw = b"[" * 100_000 + b"]" * 100_000
     with pytest.raises(RejectedError):
         verify_command(root(), raw, me=ME, now=NOW, seen=set())
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"NaN", b"Infinity"])
+def test_non_finite_numbers_are_a_rejection_not_a_crash(number: bytes) -> None:
+    raw = b'{"signed":{"x":' + number + b'},"signatures":[]}'
+    with pytest.raises(RejectedError, match="JSON"):
+        verify_command(root(), raw, me=ME, now=NOW, seen=set())
