@@ -143,3 +143,15 @@ def test_a_command_names_exactly_one_addressee(target: dict[str, str]) -> None:
     cmd["signed"]["target"] = target
     raw = sign_envelope(cmd["signed"], [KEYS["command-1"]])
     assert check_of(raw) == "format"
+
+
+def test_config_settings_are_typed_and_survive_signing() -> None:
+    from fleet.commands import parse_settings
+
+    settings = parse_settings(["telemetry_interval_s=15", "latency_z=3.5", "drift=true",
+                               "log_level=debug"])
+    raw = command("config", group="lab", settings=settings)
+    cmd = verify_command(root(), raw, me=ME, now=NOW, seen=set())
+    assert cmd.kind == "config"
+    assert cmd.settings == {"telemetry_interval_s": 15, "latency_z": 3.5, "drift": True,
+                            "log_level": "debug"}
