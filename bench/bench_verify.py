@@ -122,6 +122,7 @@ def signatures() -> None:
     role = Role(name="release", keyids=frozenset({key.keyid}), threshold=1)
     keys = {key.keyid: key.public}
     me = Addressee(fleet=FLEET, device="pi-0007")
+    trusted = root()
     cmd = sign_command(build_command("restart", fleet=FLEET, device="pi-0007", now=NOW),
                        [KEYS["command-1"]])
     n = 5000
@@ -130,7 +131,7 @@ def signatures() -> None:
         ("verify_threshold (1 signature, key lookup, role)",
          lambda: verify_threshold(msg, [sig], role=role, keys=keys, what="m")),
         ("verify_command (parse envelope, signature, model, checks)",
-         lambda: verify_command(root(), cmd, me=me, now=NOW, seen=set())),
+         lambda: verify_command(trusted, cmd, me=me, now=NOW, seen=set())),
     ]
     print(f"\nsignature verification ({n} iterations each)")
     print(f"  {'path':60} {'per s':>9} {'us each':>8}")
