@@ -1,9 +1,14 @@
-"""`edge-agent`: the device command (the daemon arrives with the serving issue).
+"""`edge-agent`: the device command.
 
-    edge-agent profiles                 list the firmware profiles this install knows
-    edge-agent profile NAME             validate and print one profile
-    edge-agent selftest BUNDLE_DIR      check a bundle's files and run its self-test here
-    edge-agent device-key ID --out DIR  make this device's X25519 key pair for sealed models
+    edge-agent run [--config PATH]            the daemon (systemd runs this)
+    edge-agent check-config [--config PATH]   validate a configuration, naming each problem
+    edge-agent install BUNDLE [--config PATH] install through the running daemon, or
+                                              directly when it is stopped
+    edge-agent status [--config PATH]         what the running daemon serves
+    edge-agent profiles                       list the firmware profiles this install knows
+    edge-agent profile NAME                   validate and print one profile
+    edge-agent selftest BUNDLE_DIR            check a bundle's files and run its self-test here
+    edge-agent device-key ID --out DIR        make this device's X25519 pair for sealed models
 """
 
 from __future__ import annotations
@@ -15,10 +20,46 @@ from pathlib import Path
 
 from agent import __version__
 from agent.bundle import check_files, read_manifest
+from agent.client import unix_call
+from agent.config import DEFAULT_PATH, AgentConfig, load_config
 from agent.errors import AgentError
 from agent.profiles import available_profiles, load_profile
 from agent.sealing import generate_device_key
 from agent.selftest import run_selftest
+
+
+def _selftest(bundle: Path) -> int:
+    manifest = read_manifest(bundle)
+    check_files(bundle, manifest)
+    res = run_selftest(bundle, manifest)
+    print(f"{manifest.name} v{manifest.version} ({manifest.runtime}): self-test "
+          f"{'passed' if res.passed else 'FAILED'} on {res.samples} samples, max |diff| "
+          f"{res.max_abs_diff:.4g} (atol {manifest.selftest.atol:.4g}), top-1 agreement "
+          f"{res.top1_agreement:.0%}")
+    return 0 if res.passed else 1
+
+
+def _install(config: AgentConfig, bundle: Path) -> int:
+    from agent.service import StateLocked, lock_state  # noqa: PLC0415  # aiohttp only here
+
+    try:
+        lock = lock_state(config.paths.state_dir)
+    except StateLocked:  # the daemon runs: install through it, while it keeps serving
+        status, body = unix_call(config.api.socket, "POST", "/v1/admin/install",
+                                 {"path": str(bundle.resolve())})
+        print(json.dumps(body, indent=2))
+        return 0 if status == 200 else 3
+    try:  # stopped: install directly, the daemon loads it at its next start
+        from agent.daemon import Agent  # noqa: PLC0415
+
+        agent = Agent(config)
+        agent.store.recover()
+        r = agent.install(bundle)
+        print(f"installed {r.model} v{r.version} directly (daemon stopped); self-test "
+              f"{r.selftest}")
+    finally:
+        lock.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,37 +67,54 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "check-config", "install", "status"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", type=Path, default=DEFAULT_PATH)
+        if name == "install":
+            p.add_argument("bundle", type=Path)
     sub.add_parser("profiles")
-    p = sub.add_parser("profile")
-    p.add_argument("name")
-    s = sub.add_parser("selftest")
-    s.add_argument("bundle", type=Path)
+    sub.add_parser("profile").add_argument("name")
+    sub.add_parser("selftest").add_argument("bundle", type=Path)
     dk = sub.add_parser("device-key")
     dk.add_argument("device")
     dk.add_argument("--out", type=Path, required=True)
     ns = parser.parse_args(argv)
     try:
-        if ns.command == "profiles":
-            for name in available_profiles():
-                print(f"{name:22} {load_profile(name).description}")
-        elif ns.command == "device-key":
-            key, pub = generate_device_key(ns.device, ns.out)
-            print(f"private key {key} (keep on this device), public key {pub} (give to the "
-                  "operator for `edge-fleet seal`)")
-        elif ns.command == "profile":
-            print(json.dumps(load_profile(ns.name).model_dump(), indent=2))
-        else:
-            manifest = read_manifest(ns.bundle)
-            check_files(ns.bundle, manifest)
-            res = run_selftest(ns.bundle, manifest)
-            print(f"{manifest.name} v{manifest.version} ({manifest.runtime}): self-test "
-                  f"{'passed' if res.passed else 'FAILED'} on {res.samples} samples, max |diff| "
-                  f"{res.max_abs_diff:.4g} (atol {manifest.selftest.atol:.4g}), top-1 agreement "
-                  f"{res.top1_agreement:.0%}")
-            return 0 if res.passed else 1
+        return _dispatch(ns)
     except AgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the daemon's socket is absent or refuses
+        print(f"edge-agent: error: cannot reach the agent: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    if ns.command == "profiles":
+        for name in available_profiles():
+            print(f"{name:22} {load_profile(name).description}")
+    elif ns.command == "profile":
+        print(json.dumps(load_profile(ns.name).model_dump(), indent=2))
+    elif ns.command == "device-key":
+        key, pub = generate_device_key(ns.device, ns.out)
+        print(f"private key {key} (keep on this device), public key {pub} (give to the "
+              "operator for `edge-fleet seal`)")
+    elif ns.command == "selftest":
+        return _selftest(ns.bundle)
+    elif ns.command == "check-config":
+        cfg = load_config(ns.config)
+        load_profile(cfg.device.profile)
+        print(f"{ns.config}: valid (device {cfg.device.id}, profile {cfg.device.profile})")
+    elif ns.command == "run":
+        from agent.service import run  # noqa: PLC0415
+
+        return run(load_config(ns.config))
+    elif ns.command == "install":
+        return _install(load_config(ns.config), ns.bundle)
+    elif ns.command == "status":
+        status, body = unix_call(load_config(ns.config).api.socket, "GET", "/v1/admin/status")
+        print(json.dumps(body, indent=2))
+        return 0 if status == 200 else 2
     return 0
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from agent.errors import BundleError
 from agent.manifest import Manifest
-from agent.runtime import open_model
+from agent.runtime import LoadedModel, open_model
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class SelfTestResult:
 
 def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1,
                  model: Path | bytes | None = None) -> SelfTestResult:
-    """Run the bundle's model on its golden inputs.
+    """Load the bundle's model and run it on its golden inputs.
 
     Args:
         model: the model to load (decrypted bytes of a sealed model); default the
@@ -36,6 +36,18 @@ def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1,
     Raises:
         BundleError: selftest file unreadable or malformed (check="selftest").
         RuntimeLoadError: the model cannot be loaded.
+    """
+    loaded = open_model(bundle_dir / manifest.model_file if model is None else model,
+                        manifest.runtime, threads=threads)
+    return selftest_loaded(bundle_dir, manifest, loaded)
+
+
+def selftest_loaded(bundle_dir: Path, manifest: Manifest, loaded: LoadedModel
+                    ) -> SelfTestResult:
+    """Run an already loaded model (the second session of an update) on the golden inputs.
+
+    Raises:
+        BundleError: selftest file unreadable or malformed (check="selftest").
     """
     path = bundle_dir / manifest.selftest.file
     try:
@@ -47,8 +59,6 @@ def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1,
     if len(inputs) != len(expected) or len(inputs) == 0:
         raise BundleError("selftest inputs and outputs differ in length", check="selftest",
                           path=manifest.selftest.file)
-    loaded = open_model(bundle_dir / manifest.model_file if model is None else model,
-                        manifest.runtime, threads=threads)
     got = loaded.run(inputs.astype(np.float32))
     if got.shape != expected.shape:
         raise BundleError(f"selftest output shape {got.shape}, expected {expected.shape}",

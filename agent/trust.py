@@ -173,3 +173,18 @@ class FileCheck:
             raise BundleError(f"file {self.rel} does not match its sha256", check="sha256",
                               path=self.rel, declared=self.entry.sha256,
                               got=self._hash.hexdigest())
+
+
+def verify_installed(root: Root, manifest_raw: bytes, signatures_raw: bytes | None) -> Manifest:
+    """Re-check a bundle already installed on this device (at start): release signatures
+    and a valid manifest. Version, expiry and compatibility were checked at install time
+    and are deliberately not re-checked, so an expired release keeps serving until a new
+    one arrives rather than leaving the device with nothing.
+
+    Raises:
+        SignatureError, BundleError.
+    """
+    sigs = [] if signatures_raw is None else parse_signature_file(signatures_raw).signatures
+    verify_threshold(manifest_raw, sigs, role=root.role("release"), keys=root.keys,
+                     what="installed manifest")
+    return parse_manifest(manifest_raw)

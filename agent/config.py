@@ -1,0 +1,156 @@
+"""The agent's configuration: `/etc/edge-agent/agent.toml`, environment overrides, one
+frozen model.
+
+Sources, strongest first: command-line arguments (`overrides`), the environment
+(`EDGE_AGENT__SECTION__FIELD=value`, the value in TOML syntax or a bare string), the file.
+Every section forbids unknown keys, limits carry their unit in the name, and a problem is
+reported with the file, the dotted field and the reason; `edge-agent check-config` lists
+them all, and the daemon refuses to start on any.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
+ENV_PREFIX = "EDGE_AGENT__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DeviceSection(_Section):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    fleet: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    groups: list[str] = Field(default_factory=list)
+    profile: str
+
+
+class PathsSection(_Section):
+    state_dir: Path = Path("/var/lib/edge-agent")
+    # The fleet's root.json, pinned at provisioning; accepted rotations are kept in state_dir.
+    root_file: Path = Path("/etc/edge-agent/root.json")
+    # X25519 key for sealed models; None when this device takes no sealed bundles.
+    device_key: Path | None = None
+
+
+class ApiSection(_Section):
+    socket: Path = Path("/run/edge-agent/api.sock")
+    socket_mode: int = Field(default=0o660, ge=0, le=0o777)
+    # TCP stays off unless a port is set; it always requires the bearer token.
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int | None = Field(default=None, ge=1, le=65535)
+    token_file: Path = Path("/etc/edge-agent/api.token")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _tcp_needs_token(self) -> ApiSection:
+        if self.tcp_port is not None and not str(self.token_file):
+            raise ValueError("tcp_port needs token_file")
+        return self
+
+
+class SchedulerSection(_Section):
+    queue_max: int = Field(default=64, ge=1, le=100_000)
+    max_batch: int = Field(default=8, ge=1, le=1024)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    # Requests without a deadline get this one; it bounds how stale an answer may be.
+    default_deadline_ms: float = Field(default=1000.0, gt=0)
+    # None: from the firmware profile's memory section.
+    memory_budget_bytes: int | None = Field(default=None, ge=1)
+    arena_budget_bytes: int | None = Field(default=None, ge=1)
+    # Refuse new work when the system has less than this available (psutil).
+    min_available_bytes: int = Field(default=32 * 1024 * 1024, ge=0)
+
+
+class ThermalSection(_Section):
+    # None: the profile's sensor; a file with millidegrees (sysfs) or degrees.
+    sensor: Path | None = None
+    poll_s: float = Field(default=1.0, gt=0)
+    throttle_c: float | None = None
+    critical_c: float | None = None
+    hysteresis_c: float | None = Field(default=None, ge=0)
+
+
+class SystemdSection(_Section):
+    watchdog: bool = True
+
+
+class AgentConfig(_Section):
+    device: DeviceSection
+    paths: PathsSection = PathsSection()
+    api: ApiSection = ApiSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    thermal: ThermalSection = ThermalSection()
+    systemd: SystemdSection = SystemdSection()
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_dotted(data: dict[str, Any], dotted: list[str], value: Any) -> None:
+    for key in dotted[:-1]:
+        data = data.setdefault(key, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{'.'.join(dotted)}: {key} is not a section")
+    data[dotted[-1]] = value
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """`EDGE_AGENT__API__TCP_PORT=8080` -> {"api": {"tcp_port": 8080}}."""
+    out: dict[str, Any] = {}
+    for key, text in environ.items():
+        if key.startswith(ENV_PREFIX):
+            _set_dotted(out, key[len(ENV_PREFIX):].lower().split("__"), _env_value(text))
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """One line per problem: dotted field and reason."""
+    return [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+            for e in exc.errors()]
+
+
+def load_config(path: Path = DEFAULT_PATH, *, environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> AgentConfig:
+    """Read, merge and validate the configuration.
+
+    Raises:
+        ConfigError: unreadable file, TOML syntax, or fields that do not validate (all of
+            them listed in the message).
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = _merge(data, environment_overrides(os.environ if environ is None else environ))
+    data = _merge(data, overrides or {})
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + "; ".join(problems(exc))) from exc

@@ -1,0 +1,222 @@
+"""The daemon: configuration in, a serving agent out.
+
+`Agent` ties the parts together and carries out what the pure cores decide:
+
+* start: load the profile and the trusted root, let the store finish any interrupted update
+  (`ModelStore.recover`), then for each model re-verify the active bundle (signatures and
+  every hash), load it and run its self-test; a damaged bundle or failed self-test falls
+  back to the previous slot, and the journal says why;
+* install (local file or directory, one at a time): verify into staging -> rename into the
+  store -> load in a second session -> self-test -> switch slots -> hot swap in the
+  scheduler -> commit; every step journaled, any failure leaves the old model serving;
+* serve: the scheduler and the local API (`agent.api`); systemd notifications.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from agent import __version__
+from agent.admission import Budget, ThermalLimits
+from agent.command import Addressee
+from agent.config import AgentConfig
+from agent.errors import AgentError, BundleError, RejectedError
+from agent.manifest import Manifest
+from agent.metrics import Metrics
+from agent.profiles import FirmwareProfile, load_profile
+from agent.root import Root, load_pinned_root
+from agent.runtime import LoadedModel, open_model
+from agent.scheduler import Resident, Scheduler
+from agent.sealing import load_device_key, model_source
+from agent.selftest import selftest_loaded
+from agent.sensors import Sensors, SystemSensors
+from agent.store import ModelStore, Staged
+from agent.trust import Device
+
+log = logging.getLogger("edge_agent")
+
+
+class Busy(AgentError):
+    """Another update is in progress; this one was refused, not queued."""
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    model: str
+    version: int
+    previous: str | None
+    selftest: str
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, sensors: Sensors | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.profile: FirmwareProfile = load_profile(config.device.profile)
+        self.metrics = metrics or Metrics()
+        state = config.paths.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self.root_path = state / "root.json"
+        self.root: Root = self._load_root()
+        self.store = ModelStore(state)
+        self.device_key = (load_device_key(config.paths.device_key)
+                           if config.paths.device_key else None)
+        sched, thermal = config.scheduler, config.thermal
+        prof_thermal = self.profile.thermal
+        self.scheduler = Scheduler(
+            budget=Budget(
+                memory_budget_bytes=sched.memory_budget_bytes
+                or self.profile.memory.model_budget_bytes + self.profile.memory.arena_budget_bytes,
+                min_available_bytes=sched.min_available_bytes, queue_max=sched.queue_max,
+                max_batch=sched.max_batch),
+            thermal_limits=ThermalLimits(
+                throttle_c=thermal.throttle_c or prof_thermal.throttle_c,
+                critical_c=thermal.critical_c or prof_thermal.critical_c,
+                hysteresis_c=thermal.hysteresis_c if thermal.hysteresis_c is not None
+                else prof_thermal.hysteresis_c),
+            sensors=sensors or SystemSensors(
+                thermal.sensor or (Path(prof_thermal.sensor) if prof_thermal.sensor else None)),
+            metrics=self.metrics, max_wait_s=sched.max_wait_ms / 1000,
+            sensor_interval_s=thermal.poll_s)
+        self._install_lock = threading.Lock()
+        self.notes: list[str] = []
+
+    # -- trust ---------------------------------------------------------------------------
+    def _load_root(self) -> Root:
+        path = self.root_path if self.root_path.exists() else self.config.paths.root_file
+        try:
+            return load_pinned_root(path.read_bytes())
+        except OSError as exc:
+            raise AgentError(f"cannot read the trusted root {path}: {exc.strerror}") from exc
+
+    @property
+    def device(self) -> Device:
+        return Device(profile=self.config.device.profile, agent_version=__version__,
+                      committed=self.store.committed())
+
+    @property
+    def addressee(self) -> Addressee:
+        d = self.config.device
+        return Addressee(fleet=d.fleet, device=d.id, groups=frozenset(d.groups))
+
+    # -- loading -------------------------------------------------------------------------
+    def _open(self, bundle_dir: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
+        """Load a model in a new session; returns it and the resident bytes it added."""
+        rss = psutil.Process().memory_info().rss
+        source = model_source(bundle_dir, manifest, device_key=self.device_key)
+        model = open_model(source, manifest.runtime, threads=self.profile.runtime.threads)
+        grown = psutil.Process().memory_info().rss - rss
+        return model, max(grown, manifest.resources.model_bytes)
+
+    def _resident(self, manifest: Manifest, model: LoadedModel, size: int) -> Resident:
+        batchable = manifest.inputs[0].shape[0] is None
+        return Resident(manifest.name, manifest, model, size, batchable)
+
+    def start(self) -> list[str]:
+        """Recover the store and load every active model; returns what happened."""
+        notes = self.store.recover()
+        for name in self.store.models():
+            notes += self._start_model(name)
+        self.notes = notes
+        for line in notes:
+            log.info("start: %s", line)
+        return notes
+
+    def _start_model(self, name: str) -> list[str]:
+        notes = []
+        while (slot := self.store.slots(name).active) is not None:
+            try:
+                m = self.store.check_installed(name, slot, self.root)
+                d = self.store.bundle_dir(name, slot)
+                assert d is not None
+                model, size = self._open(d, m)
+                result = selftest_loaded(d, m, model)
+                if not result.passed:
+                    raise BundleError(f"self-test failed: max |diff| {result.max_abs_diff:.4g}"
+                                      f", top-1 agreement {result.top1_agreement:.0%}",
+                                      check="selftest")
+            except AgentError as exc:
+                why = f"{name} {slot}: not loaded at start ({exc}); falling back"
+                self.store.fall_back(name, why)
+                notes.append(why)
+                continue
+            self.scheduler.load(self._resident(m, model, size))
+            notes.append(f"{name} v{m.version} verified, self-tested and serving")
+            break
+        return notes
+
+    # -- install -------------------------------------------------------------------------
+    def install(self, source: Path, *, now: datetime | None = None) -> InstallResult:
+        """Install a bundle archive or directory while serving.
+
+        Raises:
+            Busy: another install is running.
+            RejectedError: verification failed (nothing changed).
+            AgentError: load or self-test failed (the old model keeps serving).
+        """
+        if not self._install_lock.acquire(blocking=False):
+            raise Busy("another update is in progress; try again when it finishes")
+        try:
+            return self._install(source, now or datetime.now(UTC))
+        finally:
+            self._install_lock.release()
+
+    def _install(self, source: Path, now: datetime) -> InstallResult:
+        try:
+            staged = self.store.stage(source, self.root, device=self.device, now=now)
+        except RejectedError as exc:
+            self.metrics.inc("edge_agent_updates_total", result=f"rejected_{exc.check}")
+            raise
+        m = staged.manifest
+        try:
+            model, size = self._open(staged.path, m)
+            self.store.record(staged, "loaded")
+            result = selftest_loaded(staged.path, m, model)
+            if not result.passed:
+                raise BundleError(f"{m.name} v{m.version} failed its self-test: max |diff| "
+                                  f"{result.max_abs_diff:.4g} (atol {m.selftest.atol}), top-1 "
+                                  f"agreement {result.top1_agreement:.0%}", check="selftest")
+            self.store.record(staged, "self_tested")
+        except AgentError as exc:
+            self.store.fail(staged, str(exc))
+            self.metrics.inc("edge_agent_updates_total", result="failed")
+            raise
+        return self._activate(staged, model, size, result.top1_agreement)
+
+    def _activate(self, staged: Staged, model: LoadedModel, size: int,
+                  agreement: float) -> InstallResult:
+        m = staged.manifest
+        slots = self.store.activate(staged)
+        self.scheduler.load(self._resident(m, model, size))
+        self.store.commit(staged)
+        self.metrics.inc("edge_agent_updates_total", result="committed")
+        log.info("update.committed model=%s version=%d", m.name, m.version)
+        return InstallResult(m.name, m.version, slots.previous,
+                             f"passed, top-1 agreement {agreement:.0%}")
+
+    def roll_back(self, name: str, reason: str) -> str:
+        """Serve the previous slot of `name` again (hot swap)."""
+        with self._install_lock:
+            slots = self.store.roll_back(name, reason)
+            notes = self._start_model(name) if slots.active else []
+            if not slots.active:
+                self.scheduler.unload(name)
+            return "; ".join(notes) or f"{name}: nothing left to serve"
+
+    def status(self) -> dict[str, object]:
+        models = {}
+        for name, r in self.scheduler.models().items():
+            s = self.store.slots(name)
+            models[name] = {"version": r.manifest.version, "runtime": r.manifest.runtime,
+                            "resident_bytes": r.resident_bytes, "slot": s.active,
+                            "previous": s.previous, "committed": s.committed}
+        return {"device": self.config.device.id, "profile": self.profile.name,
+                "agent_version": __version__, "root_version": self.root.version,
+                "thermal": self.scheduler.thermal.name.lower(), "models": models,
+                "start_notes": self.notes}

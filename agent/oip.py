@@ -1,0 +1,239 @@
+"""Wire formats of the local API, without I/O: Open Inference Protocol (KServe v2) requests
+and responses with the binary tensor data extension, and TensorFlow Serving's predict.
+
+Every parser takes untrusted bytes and either returns float32 input batches or raises
+`ApiError` (a 4xx status and a message naming the problem); nothing else escapes, which a
+hypothesis test holds. Clients send and receive real values: the runtime adapter applies
+any int8 quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import AgentError
+from agent.manifest import Manifest, TensorSpec
+
+F32 = npt.NDArray[np.float32]
+
+# OIP datatypes we accept for inputs, with their numpy dtype and item size.
+DATATYPES: dict[str, Any] = {
+    "FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT8": np.int8,
+    "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+}
+MAX_ELEMENTS = 1 << 24
+
+
+class ApiError(AgentError):
+    """A request the API refuses: HTTP `status` and a message for the error body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    x: F32
+    binary_output: bool
+    priority: str
+    timeout_ms: float | None
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {str(exc)[:160]}") from exc
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _shape_ok(spec: TensorSpec, shape: list[int]) -> bool:
+    want = spec.shape
+    if len(shape) != len(want):
+        return False
+    return all(w is None or w == g or (i == 0 and w == 1) for i, (w, g) in
+               enumerate(zip(want, shape, strict=True)))
+
+
+def _check_shape(spec: TensorSpec, shape: Any) -> list[int]:
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise ApiError(400, f"input {spec.name}: shape must be a list of positive integers")
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise ApiError(413, f"input {spec.name}: {math.prod(shape)} elements is too many")
+    if not _shape_ok(spec, shape):
+        want = ["-1" if d is None else str(d) for d in spec.shape]
+        raise ApiError(400, f"input {spec.name}: shape {shape} does not match the model's "
+                       f"[{', '.join(want)}] (any batch size)")
+    return list(shape)
+
+
+def _tensor_from_json(spec: TensorSpec, shape: list[int], datatype: str, data: Any) -> F32:
+    try:
+        arr = np.asarray(data, dtype=DATATYPES[datatype])
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ApiError(400, f"input {spec.name}: data is not {datatype} numbers") from exc
+    if arr.size != math.prod(shape):
+        raise ApiError(400, f"input {spec.name}: {arr.size} values for shape {shape}")
+    out = arr.reshape(shape).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise ApiError(400, f"input {spec.name}: values must be finite")
+    return out
+
+
+def parse_infer(body: bytes, manifest: Manifest, header_length: int | None) -> InferRequest:
+    """Parse a v2 infer request (JSON, or JSON + binary tensors after `header_length`).
+
+    Raises:
+        ApiError: 400 malformed, wrong name/shape/datatype; 413 too many elements.
+    """
+    if header_length is not None and not 0 < header_length <= len(body):
+        raise ApiError(400, "Inference-Header-Content-Length is outside the body")
+    head, binary = (body, b"") if header_length is None else (body[:header_length],
+                                                              body[header_length:])
+    req = _json(head)
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+        raise ApiError(400, "request must be an object with an 'inputs' list")
+    spec = manifest.inputs[0]
+    if len(req["inputs"]) != 1 or not isinstance(req["inputs"][0], dict):
+        raise ApiError(400, f"model takes exactly one input, {spec.name!r}")
+    inp = req["inputs"][0]
+    if inp.get("name") != spec.name:
+        raise ApiError(400, f"unknown input {inp.get('name')!r}; the model's input is "
+                       f"{spec.name!r}")
+    datatype = inp.get("datatype")
+    if datatype not in DATATYPES:
+        raise ApiError(400, f"input {spec.name}: datatype {datatype!r} is not one of "
+                       f"{', '.join(DATATYPES)}")
+    shape = _check_shape(spec, inp.get("shape"))
+    params = inp.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ApiError(400, "parameters must be an object")
+    if "binary_data_size" in params:
+        x = _tensor_from_binary(spec, shape, datatype, params["binary_data_size"], binary)
+    elif "data" in inp:
+        x = _tensor_from_json(spec, shape, datatype, inp["data"])
+    else:
+        raise ApiError(400, f"input {spec.name}: neither data nor binary_data_size")
+    return InferRequest(id=_opt_str(req.get("id")), x=x,
+                        binary_output=_wants_binary(req), **_scheduling(req))
+
+
+def _tensor_from_binary(spec: TensorSpec, shape: list[int], datatype: str, size: Any,
+                        binary: bytes) -> F32:
+    dtype = np.dtype(DATATYPES[datatype])
+    expected = math.prod(shape) * dtype.itemsize
+    if not isinstance(size, int) or size != expected or len(binary) != expected:
+        raise ApiError(400, f"input {spec.name}: binary_data_size must be {expected} bytes "
+                       f"and match the binary part ({len(binary)} bytes)")
+    out = np.frombuffer(binary, dtype=dtype).reshape(shape).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise ApiError(400, f"input {spec.name}: values must be finite")
+    return out
+
+
+def _opt_str(v: Any) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    raise ApiError(400, "id must be a string")
+
+
+def _wants_binary(req: dict[str, Any]) -> bool:
+    outs = req.get("outputs") or []
+    if not isinstance(outs, list):
+        raise ApiError(400, "outputs must be a list")
+    for o in outs:
+        p = o.get("parameters") if isinstance(o, dict) else None
+        if isinstance(p, dict) and p.get("binary_data") is True:
+            return True
+    params = req.get("parameters")
+    return isinstance(params, dict) and params.get("binary_data_output") is True
+
+
+def _scheduling(req: dict[str, Any]) -> dict[str, Any]:
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ApiError(400, "parameters must be an object")
+    priority = params.get("priority", "normal")
+    if priority not in ("high", "normal", "low"):
+        raise ApiError(400, "parameters.priority must be high, normal or low")
+    timeout = params.get("timeout_ms")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not 0 < timeout <= 600_000):
+        raise ApiError(400, "parameters.timeout_ms must be a number in (0, 600000]")
+    return {"priority": priority, "timeout_ms": timeout}
+
+
+def infer_response(manifest: Manifest, y: F32, *, request_id: str | None,
+                   binary: bool) -> tuple[bytes, int | None]:
+    """(body, header length for the binary extension or None)."""
+    out = manifest.outputs[0]
+    tensor: dict[str, Any] = {"name": out.name, "datatype": "FP32", "shape": list(y.shape)}
+    meta: dict[str, Any] = {"model_name": manifest.name, "model_version": str(manifest.version),
+                            "outputs": [tensor]}
+    if request_id is not None:
+        meta["id"] = request_id
+    if binary:
+        raw = np.ascontiguousarray(y, dtype="<f4").tobytes()
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps(meta, separators=(",", ":")).encode()
+        return head + raw, len(head)
+    tensor["data"] = y.ravel().tolist()
+    return json.dumps(meta, separators=(",", ":")).encode(), None
+
+
+def model_metadata(manifest: Manifest) -> dict[str, Any]:
+    def t(spec: TensorSpec) -> dict[str, Any]:
+        return {"name": spec.name, "datatype": "FP32",
+                "shape": [-1 if d is None else d for d in spec.shape]}
+    return {"name": manifest.name, "versions": [str(manifest.version)],
+            "platform": "onnxruntime_onnx" if manifest.runtime == "onnx" else "tensorflow_lite",
+            "inputs": [t(s) for s in manifest.inputs], "outputs": [t(s) for s in manifest.outputs],
+            "parameters": {"labels": manifest.labels, "profiles": manifest.profiles}}
+
+
+def parse_predict(body: bytes, manifest: Manifest) -> tuple[F32, bool]:
+    """TF Serving `:predict`: {"instances": [...]} (row format) or {"inputs": ...} (columnar).
+    Returns the batch and whether the row format was used.
+
+    Raises:
+        ApiError: 400 malformed or wrong shape.
+    """
+    req = _json(body)
+    if not isinstance(req, dict) or ("instances" in req) == ("inputs" in req):
+        raise ApiError(400, "body must have exactly one of 'instances' or 'inputs'")
+    rows = "instances" in req
+    data = req["instances"] if rows else req["inputs"]
+    if isinstance(data, dict):
+        spec_name = manifest.inputs[0].name
+        if list(data) != [spec_name]:
+            raise ApiError(400, f"named inputs must be exactly {spec_name!r}")
+        data = data[spec_name]
+    if not isinstance(data, list) or not data:
+        raise ApiError(400, "instances/inputs must be a non-empty list")
+    try:
+        arr = np.asarray(data, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ApiError(400, "instances must be nested lists of numbers of one shape") from exc
+    if arr.size > MAX_ELEMENTS:
+        raise ApiError(413, "too many elements")
+    _check_shape(manifest.inputs[0], list(arr.shape) if arr.ndim else [])
+    if not np.isfinite(arr).all():
+        raise ApiError(400, "values must be finite")
+    return arr, rows
+
+
+def predict_response(y: F32, rows: bool) -> bytes:
+    key = "predictions" if rows else "outputs"
+    return json.dumps({key: y.tolist()}, separators=(",", ":")).encode()

@@ -1,0 +1,279 @@
+"""The scheduler: resident models, bounded priority queues, micro-batching, admission.
+
+Every request goes through `agent.admission.admit` (pure) with the current load, budgets,
+sensor reading and time; a refusal is raised as `Refused` with its reason and HTTP status
+and counted. Admitted work waits in its model's bounded heap (priority, then deadline);
+one worker thread per resident model takes the most urgent job, gathers more jobs of the
+same model for up to `max_wait_s` or `max_batch` samples (only when the model has a dynamic
+batch dimension), drops jobs whose deadline passed, runs one batch and completes each job's
+`concurrent.futures.Future`.
+
+Hot swap: `load` replaces a model's entry under the lock. A worker reads the entry once per
+batch, so a batch that started on the old model finishes on it, the next one runs on the
+new model, and no request fails during the swap. Several models stay resident within the
+memory budget; loading past it unloads the least recently used first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.admission import (
+    Admit,
+    Budget,
+    Load,
+    Priority,
+    Request,
+    Thermal,
+    ThermalLimits,
+    admit,
+    limits_for,
+    thermal_state,
+)
+from agent.errors import AgentError
+from agent.manifest import Manifest
+from agent.metrics import Metrics
+from agent.runtime import LoadedModel
+from agent.sensors import Sensors
+
+F32 = npt.NDArray[np.float32]
+
+
+class Refused(AgentError):
+    """The scheduler refused a request: `reason` (stable), `status` (HTTP), message."""
+
+    def __init__(self, reason: str, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
+
+
+class UnknownModel(AgentError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model {name!r} is not installed")
+        self.name = name
+
+
+@dataclass
+class Resident:
+    """A loaded model as the scheduler serves it."""
+
+    name: str
+    manifest: Manifest
+    model: LoadedModel
+    resident_bytes: int
+    batchable: bool
+    last_used: float = 0.0
+
+
+@dataclass(order=True)
+class _Job:
+    priority: int
+    deadline: float
+    seq: int
+    x: F32 = field(compare=False)
+    arena_bytes: int = field(compare=False)
+    future: Future[F32] = field(compare=False)
+    submitted: float = field(compare=False)
+
+
+class _Queue:
+    def __init__(self) -> None:
+        self.heap: list[_Job] = []
+        self.worker: threading.Thread | None = None
+
+
+class Scheduler:
+    """Admission, queues and worker threads for the resident models."""
+
+    def __init__(self, *, budget: Budget, thermal_limits: ThermalLimits, sensors: Sensors,
+                 metrics: Metrics | None = None, max_wait_s: float = 0.002,
+                 clock: Callable[[], float] = time.monotonic,
+                 sensor_interval_s: float = 1.0) -> None:
+        self.budget = budget
+        self.thermal_limits = thermal_limits
+        self.sensors = sensors
+        self.metrics = metrics or Metrics()
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self.sensor_interval_s = sensor_interval_s
+        self.thermal = Thermal.NORMAL
+        self.reading = sensors.read()
+        self._read_at = clock()
+        self._cv = threading.Condition()
+        self._models: dict[str, Resident] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._arena_in_flight = 0
+        self._seq = itertools.count()
+        self._stopping = False
+
+    # -- models --------------------------------------------------------------------------
+    def load(self, entry: Resident) -> Resident | None:
+        """Serve `entry` (replacing any model of that name); returns the replaced one."""
+        with self._cv:
+            self._make_room(entry)
+            entry.last_used = self.clock()
+            old = self._models.get(entry.name)
+            self._models[entry.name] = entry
+            q = self._queues.setdefault(entry.name, _Queue())
+            if q.worker is None:
+                q.worker = threading.Thread(target=self._work, args=(entry.name,),
+                                            name=f"infer-{entry.name}", daemon=True)
+                q.worker.start()
+            self._gauges()
+            return old
+
+    def _make_room(self, entry: Resident) -> None:
+        others = [m for m in self._models.values() if m.name != entry.name]
+        total = sum(m.resident_bytes for m in others) + entry.resident_bytes
+        for victim in sorted(others, key=lambda m: m.last_used):
+            if total <= self.budget.memory_budget_bytes:
+                break
+            if self._queues[victim.name].heap:
+                continue  # never unload a model with queued work
+            del self._models[victim.name]
+            total -= victim.resident_bytes
+            self.metrics.inc("edge_agent_model_unloads_total", model=victim.name)
+
+    def unload(self, name: str) -> None:
+        with self._cv:
+            self._models.pop(name, None)
+            self._gauges()
+
+    def models(self) -> dict[str, Resident]:
+        with self._cv:
+            return dict(self._models)
+
+    def _gauges(self) -> None:
+        self.metrics.set("edge_agent_resident_model_bytes",
+                         sum(m.resident_bytes for m in self._models.values()))
+        for m in self._models.values():
+            self.metrics.set("edge_agent_model_version", m.manifest.version, model=m.name)
+
+    # -- requests ------------------------------------------------------------------------
+    def _sense(self, now: float) -> None:
+        if now - self._read_at >= self.sensor_interval_s:
+            self.reading = self.sensors.read()
+            self._read_at = now
+            self.thermal = thermal_state(self.thermal, self.reading.temperature_c,
+                                         self.thermal_limits)
+            if self.reading.temperature_c is not None:
+                self.metrics.set("edge_agent_temperature_celsius", self.reading.temperature_c)
+            self.metrics.set("edge_agent_throttle_state", int(self.thermal))
+            self.metrics.set("edge_agent_available_memory_bytes", self.reading.available_bytes)
+
+    def submit(self, name: str, x: F32, *, priority: Priority = Priority.NORMAL,
+               timeout_s: float = 1.0) -> Future[F32]:
+        """Queue a batch of inputs for `name`; the future gets its outputs.
+
+        Raises:
+            UnknownModel: no such model resident.
+            Refused: admission said no (reason and HTTP status attached).
+        """
+        now = self.clock()
+        with self._cv:
+            self._sense(now)
+            entry = self._models.get(name)
+            if entry is None:
+                raise UnknownModel(name)
+            q = self._queues[name]
+            arena = entry.manifest.resources.arena_bytes
+            req = Request(priority=priority, deadline=now + timeout_s, arena_bytes=arena)
+            load = Load(queue_depth=sum(len(qq.heap) for qq in self._queues.values()),
+                        resident_bytes=sum(m.resident_bytes for m in self._models.values()),
+                        arena_in_flight_bytes=self._arena_in_flight)
+            verdict = admit(req, load=load, budget=self.budget, reading=self.reading,
+                            thermal=self.thermal, now=now)
+            if not isinstance(verdict, Admit):
+                self.metrics.inc("edge_agent_refusals_total", reason=verdict.reason)
+                raise Refused(verdict.reason, verdict.status, verdict.detail)
+            fut: Future[F32] = Future()
+            heapq.heappush(q.heap, _Job(int(priority), req.deadline, next(self._seq), x, arena,
+                                        fut, now))
+            self._arena_in_flight += arena
+            self.metrics.set("edge_agent_queue_depth", load.queue_depth + 1)
+            self._cv.notify_all()
+        return fut
+
+    # -- workers -------------------------------------------------------------------------
+    def _take(self, name: str) -> tuple[Resident, list[_Job]] | None:
+        """Block for the next batch of `name`; None when stopping."""
+        q = self._queues[name]
+        with self._cv:
+            while not self._stopping and not (q.heap and name in self._models):
+                self._cv.wait(0.5)
+            if self._stopping:
+                return None
+            entry = self._models[name]
+            jobs = [heapq.heappop(q.heap)]
+            _, max_batch = limits_for(self.thermal, self.budget)
+            if entry.batchable and max_batch > 1:
+                until = self.clock() + self.max_wait_s
+                while sum(len(j.x) for j in jobs) < max_batch:
+                    if q.heap:
+                        if sum(len(j.x) for j in jobs) + len(q.heap[0].x) > max_batch:
+                            break
+                        jobs.append(heapq.heappop(q.heap))
+                        continue
+                    left = until - self.clock()
+                    if left <= 0 or not self._cv.wait(left):
+                        break
+            entry.last_used = self.clock()
+            self.metrics.set("edge_agent_queue_depth",
+                             sum(len(qq.heap) for qq in self._queues.values()))
+            return entry, jobs
+
+    def _work(self, name: str) -> None:
+        while (taken := self._take(name)) is not None:
+            entry, jobs = taken
+            now = self.clock()
+            live = []
+            for j in jobs:
+                if now >= j.deadline:
+                    self.metrics.inc("edge_agent_refusals_total", reason="deadline")
+                    j.future.set_exception(Refused("deadline", 503, "deadline passed in the "
+                                                   "queue"))
+                else:
+                    live.append(j)
+            self._run(entry, live)
+            with self._cv:
+                self._arena_in_flight -= sum(j.arena_bytes for j in jobs)
+
+    def _run(self, entry: Resident, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        try:
+            x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+            y = entry.model.run(x)
+        except Exception as exc:  # a runtime failure fails these jobs, not the worker
+            self.metrics.inc("edge_agent_errors_total", model=entry.name)
+            for j in jobs:
+                j.future.set_exception(exc)
+            return
+        done = self.clock()
+        self.metrics.inc("edge_agent_batches_total", model=entry.name)
+        start = 0
+        for j in jobs:
+            j.future.set_result(y[start:start + len(j.x)])
+            start += len(j.x)
+            self.metrics.observe("edge_agent_request_duration_seconds", done - j.submitted,
+                                 model=entry.name)
+        self.metrics.inc("edge_agent_inferences_total", len(x), model=entry.name)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            for q in self._queues.values():
+                for j in q.heap:
+                    j.future.set_exception(Refused("stopping", 503, "agent is stopping"))
+                q.heap.clear()
+            self._cv.notify_all()

@@ -1,0 +1,118 @@
+"""`edge-agent run`: the daemon's process around `Agent` and the API.
+
+Holds an exclusive lock on `STATE/agent.lock` (so `edge-agent install --direct` cannot race
+a running daemon), starts the Unix socket (and TCP if configured), tells systemd READY with
+a status line, pings the watchdog from the event loop (so a wedged loop stops the pings and
+systemd restarts the service), and on SIGTERM/SIGINT says STOPPING, stops accepting, drains
+the queues and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+from aiohttp import web
+
+from agent.api import make_app
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.errors import AgentError
+from agent.sdnotify import Notifier
+
+log = logging.getLogger("edge_agent")
+
+
+class StateLocked(AgentError):
+    """Another edge-agent process holds the state directory."""
+
+
+def lock_state(state_dir: Path) -> IO[bytes]:
+    """Take the state directory's exclusive lock; keep the returned file open.
+
+    Raises:
+        StateLocked: another process holds it.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fh = (state_dir / "agent.lock").open("ab")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.close()
+        raise StateLocked(f"{state_dir} is in use by a running edge-agent") from exc
+    return fh
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise AgentError(f"TCP is configured but the token file {path} is unreadable: "
+                         f"{exc.strerror}") from exc
+    if len(token) < 16:
+        raise AgentError(f"the API token in {path} is shorter than 16 characters")
+    return token
+
+
+async def serve(agent: Agent, notifier: Notifier) -> None:
+    cfg = agent.config.api
+    token = read_token(cfg.token_file) if cfg.tcp_port is not None else None
+    runner = web.AppRunner(make_app(agent, token), access_log=None, handle_signals=False)
+    await runner.setup()
+    cfg.socket.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        cfg.socket.unlink()
+    await web.UnixSite(runner, str(cfg.socket)).start()
+    cfg.socket.chmod(cfg.socket_mode)
+    where = [str(cfg.socket)]
+    if cfg.tcp_port is not None:
+        await web.TCPSite(runner, cfg.tcp_host, cfg.tcp_port).start()
+        where.append(f"{cfg.tcp_host}:{cfg.tcp_port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    models = ", ".join(f"{n} v{r.manifest.version}"
+                       for n, r in agent.scheduler.models().items()) or "no model yet"
+    notifier.ready(f"serving {models} on {' and '.join(where)}")
+    log.info("agent.ready pid=%d listen=%s models=%s", os.getpid(), ",".join(where), models)
+    watchdog = asyncio.create_task(_watchdog(notifier)) if agent.config.systemd.watchdog \
+        else None
+    await stop.wait()
+    notifier.stopping("draining requests")
+    log.info("agent.stopping")
+    if watchdog:
+        watchdog.cancel()
+    await runner.cleanup()
+    agent.scheduler.stop()
+
+
+async def _watchdog(notifier: Notifier) -> None:
+    if not notifier.watchdog_usec:
+        return
+    interval = notifier.watchdog_usec / 2e6
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval)
+
+
+def run(config: AgentConfig) -> int:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(levelname)s %(name)s %(message)s")
+    lock = lock_state(config.paths.state_dir)
+    try:
+        notifier = Notifier()
+        notifier.status("verifying installed models")
+        agent = Agent(config)
+        agent.start()
+        asyncio.run(serve(agent, notifier))
+    finally:
+        lock.close()
+    return 0
