@@ -32,3 +32,22 @@ def onnx_run(example: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                   "--distill-tensorboard", "true", *FAST])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def releases(onnx_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Signed, packed releases of the converted digits model: TFLite for raspberry-pi-4 and
+    ONNX (dynamic batch) for x86_64-generic, plus one whose self-test cannot pass."""
+    from fixture_agent import make_keys, release
+
+    out = tmp_path_factory.mktemp("releases")
+    keys = make_keys(out / "keys")
+    pi4, x86 = "raspberry-pi-4", "x86_64-generic"
+    return {
+        "keys": keys,
+        "tflite1": release(onnx_run, out, keys, version=1, profile=pi4),
+        "tflite2": release(onnx_run, out, keys, version=2, profile=pi4),
+        "onnx1": release(onnx_run, out, keys, version=1, profile=x86),
+        "onnx2": release(onnx_run, out, keys, version=2, profile=x86),
+        "onnx3_bad": release(onnx_run, out, keys, version=3, profile=x86, break_selftest=True),
+    }

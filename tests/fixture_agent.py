@@ -1,0 +1,164 @@
+"""Real releases (converter-built, signed, packed) and a real agent subprocess for tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.bundle import file_entry, read_manifest
+from agent.client import UnixHTTPConnection, call, unix_call
+from agent.manifest import canonical_json
+from converter.cli import main as convert
+from fleet.keys import KeyDir, init_keys
+from fleet.release import pack_bundle, sign_bundle
+
+ONE_OF_ONE: Any = {"root": (1, 1), "release": (1, 1), "command": (1, 1)}
+
+
+def make_keys(where: Path) -> Path:
+    init_keys(where, fleet="acme", counts=ONE_OF_ONE)
+    return where
+
+
+def release(work: Path, out: Path, keys: Path, *, version: int, profile: str,
+            break_selftest: bool = False) -> Path:
+    """Re-bundle a converter work dir for `profile` at `version`, sign, pack; the archive."""
+    w = Path(shutil.copytree(work, out / f"work-{profile}-{version}"))
+    assert convert(["bundle", "--work", str(w), "--target-profile", profile,
+                    "--bundle-version", str(version)]) == 0
+    bundle = w / "bundle"
+    if break_selftest:
+        _break_selftest(bundle)
+    kd = KeyDir(keys)
+    sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
+    return pack_bundle(bundle, out / f"digits-{profile}-v{version}"
+                       f"{'-bad' if break_selftest else ''}.tar.zst")
+
+
+def _break_selftest(bundle: Path) -> None:
+    """Golden outputs that the model cannot reproduce, with the manifest re-hashed."""
+    path = bundle / "selftest.npz"
+    with np.load(path) as npz:
+        inputs, outputs = npz["inputs"], npz["outputs"]
+    np.savez(path, inputs=inputs, outputs=np.roll(outputs, 3, axis=1) + 5.0)
+    m = read_manifest(bundle)
+    m = m.model_copy(update={"files": {**m.files, "selftest.npz": file_entry(path)}})
+    (bundle / "manifest.json").write_bytes(canonical_json(m))
+
+
+def write_config(where: Path, keys: Path, *, profile: str, **sections: dict[str, Any]) -> Path:
+    cfg = {
+        "device": {"id": "dev-1", "fleet": "acme", "groups": ["lab"], "profile": profile},
+        "paths": {"state_dir": str(where / "state"), "root_file": str(keys / "root.json")},
+        "api": {"socket": str(where / "api.sock")},
+        "thermal": {"sensor": str(where / "temp"), "poll_s": 0.05},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    if not (where / "temp").exists():
+        (where / "temp").write_text("45000\n")
+    lines = []
+    for name, values in cfg.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    path = where / "agent.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return str(v)
+
+
+class AgentProcess:
+    """`edge-agent run` as a subprocess, with its stderr kept for assertions."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.dir = config.parent
+        self.socket = self.dir / "api.sock"
+        self.log_path = self.dir / "agent.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> AgentProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
+                                          str(self.config)], stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, env=self.env)
+        if wait:
+            self.wait_live()
+        return self
+
+    def wait_live(self, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.log}")
+            try:
+                if unix_call(self.socket, "GET", "/v2/health/live", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"agent not live after {timeout}s: {self.log}")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def call(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
+        return unix_call(self.socket, method, url, body)
+
+    def connection(self) -> UnixHTTPConnection:
+        return UnixHTTPConnection(self.socket, timeout=30)
+
+    def install(self, archive: Path) -> tuple[int, Any]:
+        return self.call("POST", "/v1/admin/install", {"path": str(archive)})
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def digits_input(n: int = 1, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 1, size=(n, 1, 8, 8)).astype(np.float32).ravel().tolist()
+
+
+def infer_body(name: str, n: int = 1, **params: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": [{"name": name, "shape": [n, 1, 8, 8], "datatype": "FP32",
+                                        "data": digits_input(n)}]}
+    if params:
+        body["parameters"] = params
+    return body
+
+
+__all__ = ["AgentProcess", "call", "infer_body", "make_keys", "release", "write_config"]
