@@ -81,7 +81,8 @@ def _check_shape(spec: TensorSpec, shape: Any) -> list[int]:
 
 def _tensor_from_json(spec: TensorSpec, shape: list[int], datatype: str, data: Any) -> F32:
     try:
-        arr = np.asarray(data, dtype=DATATYPES[datatype])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> inf, refused below
+            arr = np.asarray(data, dtype=DATATYPES[datatype])
     except (ValueError, TypeError, OverflowError) as exc:
         raise ApiError(400, f"input {spec.name}: data is not {datatype} numbers") from exc
     if arr.size != math.prod(shape):
@@ -223,7 +224,8 @@ def parse_predict(body: bytes, manifest: Manifest) -> tuple[F32, bool]:
     if not isinstance(data, list) or not data:
         raise ApiError(400, "instances/inputs must be a non-empty list")
     try:
-        arr = np.asarray(data, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = np.asarray(data, dtype=np.float32)
     except (ValueError, TypeError, OverflowError) as exc:
         raise ApiError(400, "instances must be nested lists of numbers of one shape") from exc
     if arr.size > MAX_ELEMENTS:

@@ -138,8 +138,13 @@ class ModelStore:
         return state
 
     def _append(self, entry: JournalEntry) -> None:
-        with self.journal_path.open("ab") as fh:
-            fh.write(entry.model_dump_json().encode() + b"\n")
+        with self.journal_path.open("a+b") as fh:
+            line = entry.model_dump_json().encode() + b"\n"
+            if fh.tell() > 0:  # a line torn by a power cut must not swallow this one
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = b"\n" + line
+            fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
 

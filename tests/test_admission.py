@@ -1,0 +1,114 @@
+"""The pure cores of the daemon: admission (with a fake clock and fake sensor values),
+thermal hysteresis, and the update state machine's table."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent._lifecycle import TERMINAL, TRANSITIONS, State, advance
+from agent.admission import (
+    Admit,
+    Budget,
+    Load,
+    Priority,
+    Reading,
+    Refusal,
+    Request,
+    Thermal,
+    ThermalLimits,
+    admit,
+    thermal_state,
+)
+from agent.testing import FakeClock, FakeSensors
+
+LIMITS = ThermalLimits(throttle_c=78.0, critical_c=84.0, hysteresis_c=5.0)
+BUDGET = Budget(memory_budget_bytes=100_000, min_available_bytes=10_000, queue_max=8,
+                max_batch=8)
+IDLE = Load(queue_depth=0, resident_bytes=50_000, arena_in_flight_bytes=0)
+
+
+def decide(clock: FakeClock, sensors: FakeSensors, *, priority: Priority = Priority.NORMAL,
+           load: Load = IDLE, thermal: Thermal = Thermal.NORMAL, arena: int = 1000,
+           deadline_in: float = 1.0) -> Admit | Refusal:
+    req = Request(priority=priority, deadline=clock() + deadline_in, arena_bytes=arena)
+    return admit(req, load=load, budget=BUDGET, reading=sensors.read(), thermal=thermal,
+                 now=clock())
+
+
+def test_an_idle_cool_device_admits_with_the_full_batch() -> None:
+    assert decide(FakeClock(), FakeSensors()) == Admit(8)
+
+
+def test_a_passed_deadline_is_refused() -> None:
+    clock = FakeClock()
+    req = Request(priority=Priority.NORMAL, deadline=clock() + 0.01, arena_bytes=0)
+    clock.jump(0.02)
+    r = admit(req, load=IDLE, budget=BUDGET, reading=FakeSensors().read(),
+              thermal=Thermal.NORMAL, now=clock())
+    assert isinstance(r, Refusal) and (r.reason, r.status) == ("deadline", 503)
+
+
+def test_a_full_queue_is_429_and_throttling_halves_it() -> None:
+    clock, sensors = FakeClock(), FakeSensors()
+    full = Load(queue_depth=8, resident_bytes=0, arena_in_flight_bytes=0)
+    r = decide(clock, sensors, load=full)
+    assert isinstance(r, Refusal) and (r.reason, r.status) == ("queue_full", 429)
+    half = Load(queue_depth=4, resident_bytes=0, arena_in_flight_bytes=0)
+    assert decide(clock, sensors, load=half) == Admit(8)
+    r = decide(clock, sensors, load=half, thermal=Thermal.THROTTLED)
+    assert isinstance(r, Refusal) and "halved" in r.detail
+    assert decide(clock, sensors, thermal=Thermal.THROTTLED) == Admit(4)
+
+
+def test_critical_serves_only_high_priority() -> None:
+    clock, sensors = FakeClock(), FakeSensors(temperature_c=90.0)
+    r = decide(clock, sensors, thermal=Thermal.CRITICAL)
+    assert isinstance(r, Refusal) and r.reason == "thermal" and "90.0" in r.detail
+    assert decide(clock, sensors, thermal=Thermal.CRITICAL, priority=Priority.HIGH) == Admit(4)
+
+
+def test_memory_budget_counts_resident_models_and_arenas_in_flight() -> None:
+    clock, sensors = FakeClock(), FakeSensors()
+    busy = Load(queue_depth=1, resident_bytes=90_000, arena_in_flight_bytes=9_000)
+    assert decide(clock, sensors, load=busy, arena=1000) == Admit(8)
+    r = decide(clock, sensors, load=busy, arena=1001)
+    assert isinstance(r, Refusal) and (r.reason, r.status) == ("memory", 503)
+
+
+def test_low_system_memory_refuses_before_the_kernel_would_kill() -> None:
+    r = decide(FakeClock(), FakeSensors(available_bytes=10_500), arena=1000)
+    assert isinstance(r, Refusal) and r.reason == "memory" and "available" in r.detail
+
+
+def test_thermal_rises_at_once_and_falls_only_past_the_hysteresis() -> None:
+    readings = [70, 78, 80, 84, 82, 79.5, 78.9, 76, 73.5, 72.9, None, 85]
+    states, s = [], Thermal.NORMAL
+    for t in readings:
+        s = thermal_state(s, t, LIMITS)
+        states.append(s.name[0])
+    #            70   78   80   84   82   79.5 78.9 76   73.5 72.9 None 85
+    assert states == ["N", "T", "T", "C", "C", "C", "T", "T", "T", "N", "N", "C"]
+
+
+def test_a_missing_sensor_reading_keeps_the_state() -> None:
+    assert thermal_state(Thermal.CRITICAL, None, LIMITS) == Thermal.CRITICAL
+
+
+def test_the_update_state_machine_is_a_table_with_one_path_to_commit() -> None:
+    s = None
+    for event in ("verified", "staged", "loaded", "self_tested", "activated", "committed"):
+        s = advance(s, event)
+    assert s == State.COMMITTED
+    assert advance(State.COMMITTED, "rolled_back") == State.ROLLED_BACK
+    assert advance(State.LOADED, "failed") == State.FAILED
+    assert advance(State.ACTIVE, "interrupted") == State.ROLLED_BACK
+    for terminal in TERMINAL - {State.COMMITTED}:
+        assert not [k for k in TRANSITIONS if k[0] == terminal]
+
+
+@pytest.mark.parametrize(("state", "event"), [(None, "staged"), (State.VERIFIED, "activated"),
+                                              (State.ACTIVE, "failed"),
+                                              (State.FAILED, "committed")])
+def test_transitions_not_in_the_table_are_refused(state: State | None, event: str) -> None:
+    with pytest.raises(ValueError, match="no transition"):
+        advance(state, event)

@@ -1,0 +1,96 @@
+"""The API's wire parsers on untrusted bytes: a request parses or raises `ApiError` with a
+4xx status, never anything else (hypothesis); and the binary tensor extension round-trips."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixture_trust import make_bundle
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.bundle import read_manifest
+from agent.manifest import Manifest, TensorSpec
+from agent.oip import ApiError, infer_response, parse_infer, parse_predict
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    m = read_manifest(make_bundle(tmp_path_factory.mktemp("m")))
+    return m.model_copy(update={
+        "inputs": [TensorSpec(name="x", dtype="float32", shape=[None, 4])],
+        "outputs": [TensorSpec(name="y", dtype="float32", shape=[None, 2])]})
+
+
+def test_json_and_binary_requests_give_the_same_tensor(manifest: Manifest) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    as_json = json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
+                                      "data": x.ravel().tolist()}]}).encode()
+    head = json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 32}}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+                      ).encode()
+    a = parse_infer(as_json, manifest, None)
+    b = parse_infer(head + x.tobytes(), manifest, len(head))
+    np.testing.assert_array_equal(a.x, b.x)
+    assert (a.binary_output, b.binary_output) == (False, True)
+    body, n = infer_response(manifest, x[:, :2], request_id="r1", binary=True)
+    assert n is not None
+    meta = json.loads(body[:n])
+    assert meta["id"] == "r1" and meta["outputs"][0]["parameters"]["binary_data_size"] == 16
+    np.testing.assert_array_equal(np.frombuffer(body[n:], "<f4").reshape(2, 2), x[:, :2])
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    (b"[1,2", 400, "JSON"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2]}]}',
+     400, "2 values"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1]}]}',
+     400, "does not match"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BYTES", "data": [1]}]}',
+     400, "datatype"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1,2,3,NaN]}]}',
+     400, "JSON"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1,2,3,1e39]}]}',
+     400, "finite"),
+    (b'{"inputs": [{"name": "x", "shape": [99999999, 4], "datatype": "FP32", "data": []}]}',
+     413, "too many"),
+])
+def test_bad_requests_name_the_problem(manifest: Manifest, body: bytes, status: int,
+                                       words: str) -> None:
+    with pytest.raises(ApiError, match=words) as err:
+        parse_infer(body, manifest, None)
+    assert err.value.status == status
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(
+        st.sampled_from(["inputs", "name", "shape", "datatype", "data", "parameters",
+                         "binary_data_size", "outputs", "id", "priority", "timeout_ms",
+                         "instances", "x"]), c, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(st.binary(max_size=200), _json.map(lambda v: json.dumps(v).encode())),
+       header=st.one_of(st.none(), st.integers(-5, 300)))
+def test_any_body_parses_or_is_a_4xx(manifest: Manifest, body: bytes,
+                                     header: int | None) -> None:
+    for parse in (lambda: parse_infer(body, manifest, header),
+                  lambda: parse_predict(body, manifest)):
+        try:
+            parse()
+        except ApiError as exc:
+            assert 400 <= exc.status < 500
+
+
+def test_tf_serving_rows_and_columns(manifest: Manifest, tmp_path: Path) -> None:
+    x, rows = parse_predict(b'{"instances": [[1,2,3,4],[5,6,7,8]]}', manifest)
+    assert rows and x.shape == (2, 4)
+    x, rows = parse_predict(b'{"inputs": {"x": [[1,2,3,4]]}}', manifest)
+    assert not rows and x.shape == (1, 4)
