@@ -11,7 +11,6 @@ from agent.admission import (
     Budget,
     Load,
     Priority,
-    Reading,
     Refusal,
     Request,
     Thermal,
