@@ -5,6 +5,7 @@
     edge-agent install BUNDLE [--config PATH] install through the running daemon, or
                                               directly when it is stopped
     edge-agent status [--config PATH]         what the running daemon serves
+    edge-agent unit [--config PATH]           the systemd unit, MemoryMax from the budgets
     edge-agent profiles                       list the firmware profiles this install knows
     edge-agent profile NAME                   validate and print one profile
     edge-agent selftest BUNDLE_DIR            check a bundle's files and run its self-test here
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from agent.errors import AgentError
 from agent.profiles import available_profiles, load_profile
 from agent.sealing import generate_device_key
 from agent.selftest import run_selftest
+from agent.unit import DEFAULT_EXEC, render_unit
 
 
 def _selftest(bundle: Path) -> int:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "check-config", "install", "status"):
+    for name in ("run", "check-config", "install", "status", "unit"):
         p = sub.add_parser(name)
         p.add_argument("--config", type=Path, default=DEFAULT_PATH)
         if name == "install":
@@ -111,6 +114,10 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return run(load_config(ns.config))
     elif ns.command == "install":
         return _install(load_config(ns.config), ns.bundle)
+    elif ns.command == "unit":
+        unit_cfg = load_config(ns.config) if ns.config.exists() else None
+        sys.stdout.write(render_unit(unit_cfg, config_path=ns.config,
+                                     exec_start=shutil.which("edge-agent") or DEFAULT_EXEC))
     elif ns.command == "status":
         status, body = unix_call(load_config(ns.config).api.socket, "GET", "/v1/admin/status")
         print(json.dumps(body, indent=2))

@@ -83,6 +83,10 @@ class ThermalSection(_Section):
 
 class SystemdSection(_Section):
     watchdog: bool = True
+    # Rendered into the unit by `edge-agent unit`; the daemon pings at half this interval.
+    watchdog_s: int = Field(default=30, ge=2, le=3600)
+    # None: the profile's model + arena budgets plus the runtimes' overhead.
+    memory_max_bytes: int | None = Field(default=None, ge=64 * 1024 * 1024)
 
 
 class AgentConfig(_Section):
