@@ -49,13 +49,19 @@ def _on_unix(request: web.Request) -> bool:
 
 
 @web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token on TCP; errors of every kind become protocol error bodies."""
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token on TCP (compared in constant time); the Unix socket relies on its mode."""
     if not _on_unix(request):
         token = request.app[TOKEN]
         sent = request.headers.get("Authorization", "")
         if token is None or not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
             return _error(401, "a bearer token is required on TCP")
+    return await handler(request)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Errors of every kind become protocol error bodies; the daemon goes on."""
     try:
         return await handler(request)
     except ApiError as exc:
@@ -65,16 +71,22 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(exc.status, str(exc), reason=exc.reason)
     except UnknownModel as exc:
         return _error(404, str(exc))
+    except AgentError as exc:  # e.g. an unloaded model that no longer verifies
+        return _error(503, str(exc), reason="unavailable")
     except web.HTTPException as exc:
         if exc.status >= 400:
             return _error(exc.status, exc.reason)
         raise
 
 
-def _model(request: web.Request, name: str | None = None) -> Any:
+async def _model(request: web.Request, name: str | None = None) -> Any:
     agent = request.app[AGENT]
     name = name or request.match_info["name"]
     entry = agent.scheduler.models().get(name)
+    if entry is None:  # installed but unloaded to make room: load it again
+        loop = asyncio.get_running_loop()
+        if await loop.run_in_executor(None, agent.ensure_loaded, name):
+            entry = agent.scheduler.models().get(name)
     if entry is None:
         raise UnknownModel(name)
     version = request.match_info.get("version")
@@ -99,11 +111,11 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 
 async def metadata(request: web.Request) -> web.Response:
-    return web.json_response(model_metadata(_model(request).manifest))
+    return web.json_response(model_metadata((await _model(request)).manifest))
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    _model(request)
+    await _model(request)
     return web.json_response({"ready": True})
 
 
@@ -116,7 +128,7 @@ async def _run(request: web.Request, name: str, x: Any, priority: str,
 
 
 async def infer(request: web.Request) -> web.Response:
-    entry = _model(request)
+    entry = await _model(request)
     header = request.headers.get("Inference-Header-Content-Length")
     try:
         header_length = int(header) if header is not None else None
@@ -136,7 +148,7 @@ async def predict(request: web.Request) -> web.Response:
     name, _, verb = request.match_info["name_verb"].partition(":")
     if verb != "predict":
         raise ApiError(404, "only :predict is supported")
-    entry = _model(request, name)
+    entry = await _model(request, name)
     x, rows = parse_predict(await request.read(), entry.manifest)
     y = await _run(request, entry.name, x, "normal", None)
     return web.Response(body=predict_response(y, rows), content_type="application/json")
@@ -202,7 +214,7 @@ async def admin_status(request: web.Request) -> web.Response:
 
 
 def make_app(agent: Agent, token: str | None) -> web.Application:
-    app = web.Application(middlewares=[guard],
+    app = web.Application(middlewares=[auth, errors],
                           client_max_size=agent.config.api.max_body_bytes)
     app[AGENT] = agent
     app[TOKEN] = token

@@ -85,6 +85,7 @@ class Agent:
             metrics=self.metrics, max_wait_s=sched.max_wait_ms / 1000,
             sensor_interval_s=thermal.poll_s)
         self._install_lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self.notes: list[str] = []
 
     # -- trust ---------------------------------------------------------------------------
@@ -150,6 +151,23 @@ class Agent:
             notes.append(f"{name} v{m.version} verified, self-tested and serving")
             break
         return notes
+
+    def ensure_loaded(self, name: str) -> bool:
+        """Load an installed model the scheduler unloaded (LRU) to make room; False when
+        `name` is not installed at all."""
+        with self._load_lock:
+            if name in self.scheduler.models():
+                return True
+            slot = self.store.slots(name).active
+            if slot is None:
+                return False
+            m = self.store.check_installed(name, slot, self.root)
+            d = self.store.bundle_dir(name, slot)
+            assert d is not None
+            model, size = self._open(d, m)
+            self.scheduler.load(self._resident(m, model, size))
+            self.metrics.inc("edge_agent_model_reloads_total", model=name)
+            return True
 
     # -- install -------------------------------------------------------------------------
     def install(self, source: Path, *, now: datetime | None = None) -> InstallResult:

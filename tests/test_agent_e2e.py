@@ -104,6 +104,7 @@ def test_onnx_over_tcp_needs_the_bearer_token_and_micro_batches(
     assert tcp({"Authorization": "Bearer wrong"})[0] == 401
     status, out = tcp({"Authorization": "Bearer s3cret-token-0123456789"})
     assert status == 200 and out["outputs"][0]["shape"] == [1, 10]
+    _standard_client(port, "s3cret-token-0123456789")
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     assert call(conn, "POST", "/v1/admin/install", {"path": "/x"},
                 {"Authorization": "Bearer s3cret-token-0123456789"})[0] == 404
@@ -120,6 +121,27 @@ def test_onnx_over_tcp_needs_the_bearer_token_and_micro_batches(
     metrics = agent.call("GET", "/metrics")[1]
     batches = float(metrics.split('edge_agent_batches_total{model="digits"} ')[1].split()[0])
     assert batches < 17  # 16 concurrent single requests shared batches
+
+
+def _standard_client(port: int, token: str) -> None:
+    """NVIDIA's Triton client, an Open Inference Protocol client, works unchanged."""
+    import tritonclient.http as triton
+
+    auth = {"Authorization": f"Bearer {token}"}
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+    assert client.is_server_live(headers=auth) and client.is_model_ready("digits",
+                                                                          headers=auth)
+    meta = client.get_model_metadata("digits", headers=auth)
+    assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    x = np.asarray(digits_input(2), dtype=np.float32).reshape(2, 1, 8, 8)
+    for binary in (True, False):
+        inp = triton.InferInput(IN_ONNX, [2, 1, 8, 8], "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = triton.InferRequestedOutput(meta["outputs"][0]["name"], binary_data=binary)
+        # A fresh dict each call: the client adds its binary header to the dict it is given.
+        result = client.infer("digits", [inp], outputs=[out], headers=dict(auth))
+        assert result.as_numpy(meta["outputs"][0]["name"]).shape == (2, 10)
+    client.close()
 
 
 def test_hot_swap_under_a_steady_request_stream_fails_no_request(

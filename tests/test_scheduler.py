@@ -1,0 +1,147 @@
+"""The scheduler as a component: a real ONNX Runtime session of the converted model, fake
+sensors, and a gate in front of the model so queueing is deterministic."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.admission import Budget, Priority, ThermalLimits
+from agent.bundle import read_manifest
+from agent.runtime import F32, LoadedModel, open_model
+from agent.scheduler import Refused, Resident, Scheduler, UnknownModel
+from agent.testing import FakeSensors
+
+LIMITS = ThermalLimits(throttle_c=78.0, critical_c=84.0, hysteresis_c=5.0)
+
+
+class Gated:
+    """The real model behind a gate the test opens, to hold the worker busy."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model, self.inputs, self.outputs = model, model.inputs, model.outputs
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def run(self, x: F32) -> F32:
+        self.entered.set()
+        self.gate.wait(10)
+        return self.model.run(x)
+
+
+@pytest.fixture
+def onnx(onnx_run: Path, tmp_path: Path) -> tuple[LoadedModel, object]:
+    m = read_manifest(onnx_run / "bundle")  # the raspberry-pi-4 bundle's manifest
+    m = m.model_copy(update={"runtime": "onnx"})
+    return open_model(onnx_run / "model_int8.onnx", "onnx"), m
+
+
+def sched(sensors: FakeSensors | None = None, **budget: int) -> Scheduler:
+    b = {"memory_budget_bytes": 10**9, "min_available_bytes": 0, "queue_max": 8,
+         "max_batch": 8} | budget
+    return Scheduler(budget=Budget(**b), thermal_limits=LIMITS,
+                     sensors=sensors or FakeSensors(), max_wait_s=0.05, sensor_interval_s=0)
+
+
+def x(n: int = 1) -> F32:
+    return np.random.default_rng(0).uniform(0, 1, (n, 1, 8, 8)).astype(np.float32)
+
+
+def test_concurrent_requests_share_a_micro_batch_and_get_their_own_rows(onnx) -> None:  # type: ignore[no-untyped-def]
+    model, m = onnx
+    s = sched()
+    s.load(Resident("digits", m, model, 1000, batchable=True))
+    inputs = [x(1) + i for i in range(4)]
+    futs: list[Future[F32]] = [s.submit("digits", xi) for xi in inputs]
+    outs = [f.result(5) for f in futs]
+    for xi, yi in zip(inputs, outs, strict=True):
+        np.testing.assert_allclose(yi, model.run(xi), atol=1e-5)
+    assert s.metrics.counter("edge_agent_batches_total", model="digits") < 4
+    s.stop()
+
+
+def test_queue_bound_and_deadline_in_the_queue(onnx) -> None:  # type: ignore[no-untyped-def]
+    model, m = onnx
+    gated = Gated(model)
+    s = sched(queue_max=2)
+    s.load(Resident("digits", m, gated, 1000, batchable=False))
+    first = s.submit("digits", x())
+    assert gated.entered.wait(5)
+    late = s.submit("digits", x(), timeout_s=0.01)
+    s.submit("digits", x())
+    with pytest.raises(Refused) as err:
+        s.submit("digits", x())
+    assert (err.value.reason, err.value.status) == ("queue_full", 429)
+    time.sleep(0.05)
+    gated.gate.set()
+    first.result(5)
+    with pytest.raises(Refused, match="deadline"):
+        late.result(5)
+    assert s.metrics.counter("edge_agent_refusals_total", reason="deadline") == 1
+    s.stop()
+
+
+def test_high_priority_jumps_the_queue(onnx) -> None:  # type: ignore[no-untyped-def]
+    model, m = onnx
+    gated = Gated(model)
+    s = sched()
+    s.load(Resident("digits", m, gated, 1000, batchable=False))
+    s.submit("digits", x())
+    assert gated.entered.wait(5)
+    order: list[str] = []
+    low = s.submit("digits", x(), priority=Priority.LOW)
+    high = s.submit("digits", x(), priority=Priority.HIGH)
+    low.add_done_callback(lambda _: order.append("low"))
+    high.add_done_callback(lambda _: order.append("high"))
+    gated.gate.set()
+    low.result(5), high.result(5)
+    assert order == ["high", "low"]
+    s.stop()
+
+
+def test_least_recently_used_model_is_unloaded_to_stay_in_budget(onnx) -> None:  # type: ignore[no-untyped-def]
+    model, m = onnx
+    s = sched(memory_budget_bytes=1500)
+    s.load(Resident("a", m, model, 1000, batchable=True))
+    s.load(Resident("b", m, model, 1000, batchable=True))
+    assert set(s.models()) == {"b"}
+    with pytest.raises(UnknownModel):
+        s.submit("a", x())
+    assert s.metrics.counter("edge_agent_model_unloads_total", model="a") == 1
+    s.stop()
+
+
+def test_thermal_critical_sheds_normal_priority(onnx) -> None:  # type: ignore[no-untyped-def]
+    model, m = onnx
+    sensors = FakeSensors(temperature_c=90.0)
+    s = sched(sensors)
+    s.load(Resident("digits", m, model, 1000, batchable=True))
+    with pytest.raises(Refused) as err:
+        s.submit("digits", x())
+    assert err.value.reason == "thermal"
+    s.submit("digits", x(), priority=Priority.HIGH).result(5)
+    sensors.temperature_c = 60.0
+    s.submit("digits", x()).result(5)
+    s.stop()
+
+
+def test_a_hot_swap_lets_the_running_batch_finish_on_the_old_model(onnx) -> None:  # type: ignore[no-untyped-def]
+    model, m = onnx
+    old = Gated(model)
+    s = sched()
+    s.load(Resident("digits", m, old, 1000, batchable=False))
+    running = s.submit("digits", x())
+    assert old.entered.wait(5)
+    s.load(Resident("digits", m.model_copy(update={"version": 2}), model, 1000,
+                    batchable=False))
+    queued = s.submit("digits", x())
+    old.gate.set()
+    np.testing.assert_allclose(running.result(5), model.run(x()), atol=1e-5)
+    queued.result(5)
+    assert s.models()["digits"].manifest.version == 2
+    s.stop()
