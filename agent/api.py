@@ -124,6 +124,8 @@ async def _run(request: web.Request, name: str, x: Any, priority: str,
     agent = request.app[AGENT]
     timeout = (timeout_ms or agent.config.scheduler.default_deadline_ms) / 1000
     fut = agent.scheduler.submit(name, x, priority=PRIORITY[priority], timeout_s=timeout)
+    if fut.done():  # ran inline: no need to go through the loop's thread-safe wake-up
+        return fut.result()
     return await asyncio.wrap_future(fut)
 
 

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +41,9 @@ from agent.store import ModelStore, Staged
 from agent.trust import Device
 
 log = logging.getLogger("edge_agent")
+# Below this model size a run takes microseconds; a multi-threaded runtime only adds the
+# cost of waking its pool (measured in bench/bench_agent.py).
+SMALL_MODEL_BYTES = 1 << 20
 
 
 class Busy(AgentError):
@@ -111,9 +115,16 @@ class Agent:
         """Load a model in a new session; returns it and the resident bytes it added."""
         rss = psutil.Process().memory_info().rss
         source = model_source(bundle_dir, manifest, device_key=self.device_key)
-        model = open_model(source, manifest.runtime, threads=self.profile.runtime.threads)
+        model = open_model(source, manifest.runtime, threads=self.threads_for(manifest))
         grown = psutil.Process().memory_info().rss - rss
         return model, max(grown, manifest.resources.model_bytes)
+
+    def threads_for(self, manifest: Manifest) -> int:
+        """The profile's threads, capped at the CPUs this process may use; one thread for
+        small models, whose runs are shorter than waking a thread pool (tens of µs)."""
+        if manifest.resources.model_bytes < SMALL_MODEL_BYTES:
+            return 1
+        return max(1, min(self.profile.runtime.threads, len(os.sched_getaffinity(0))))
 
     def _resident(self, manifest: Manifest, model: LoadedModel, size: int) -> Resident:
         batchable = manifest.inputs[0].shape[0] is None
