@@ -1,12 +1,13 @@
-"""The local API over aiohttp: Open Inference Protocol (KServe v2 REST, with the binary
-tensor extension), TensorFlow Serving's `:predict`, `/metrics`, and admin routes.
+"""The local API: Open Inference Protocol (KServe v2 REST, with the binary tensor
+extension), TensorFlow Serving's `:predict`, `/metrics`, and admin routes.
 
-One application serves a Unix socket (mode from config, the agent's group) and, when
-configured, a TCP port. On TCP every route needs `Authorization: Bearer <token>`, the token
-read from a file only the agent's group can read; the admin routes (install, rollback,
-status) exist only on the Unix socket. Errors use the protocol's body `{"error": "..."}`;
-refusals add `"reason"` (queue_full, deadline, memory, thermal) with HTTP 429 or 503.
-aiohttp's own limit refuses bodies above `max_body_bytes` with 413.
+Served by `agent._http` (asyncio + h11) on a Unix socket (mode from config, the agent's
+group) and, when configured, a TCP port. On TCP every route needs
+`Authorization: Bearer <token>` (compared in constant time), the token read from a file
+only the agent's group can read; the admin routes (install, rollback, status) exist only on
+the Unix socket. Errors use the protocol's body `{"error": "..."}`; refusals add
+`"reason"` (queue_full, deadline, memory, thermal) with HTTP 429 or 503. Bodies above
+`max_body_bytes` get 413 before they are read.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from agent import __version__
+from agent._http import Handler, HttpServer, Request, Response, Router, json_response
 from agent.admission import Priority
 from agent.daemon import Agent, Busy
 from agent.errors import AgentError, RejectedError
@@ -32,208 +31,176 @@ from agent.oip import (
     parse_predict,
     predict_response,
 )
-from agent.scheduler import Refused, UnknownModel
+from agent.scheduler import Refused, Resident, UnknownModel
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-AGENT: web.AppKey[Agent] = web.AppKey("agent", Agent)
-TOKEN: web.AppKey[str | None] = web.AppKey("token", str)
 PRIORITY = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.LOW}
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+def _error(status: int, message: str, **extra: Any) -> Response:
+    return json_response({"error": message, **extra}, status)
 
 
-def _on_unix(request: web.Request) -> bool:
-    return isinstance(request.transport and request.transport.get_extra_info("sockname"), str)
+class Api:
+    """The routes, bound to one agent."""
 
+    def __init__(self, agent: Agent, token: str | None) -> None:
+        self.agent = agent
+        self.token = token
+        self.router = Router()
+        for method, path, handler in (
+                ("GET", "/v2/health/live", self.live),
+                ("GET", "/v2/health/ready", self.ready),
+                ("GET", "/v2", self.server_metadata),
+                ("GET", "/v2/models/{name}", self.metadata),
+                ("GET", "/v2/models/{name}/versions/{version}", self.metadata),
+                ("GET", "/v2/models/{name}/ready", self.model_ready),
+                ("GET", "/v2/models/{name}/versions/{version}/ready", self.model_ready),
+                ("POST", "/v2/models/{name}/infer", self.infer),
+                ("POST", "/v2/models/{name}/versions/{version}/infer", self.infer),
+                ("POST", "/v1/models/{name}:predict", self.predict),
+                ("GET", "/metrics", self.metrics),
+                ("POST", "/v1/admin/install", self.admin_install),
+                ("POST", "/v1/admin/rollback", self.admin_rollback),
+                ("GET", "/v1/admin/status", self.admin_status)):
+            self.router.add(method, path, handler)
 
-@web.middleware
-async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token on TCP (compared in constant time); the Unix socket relies on its mode."""
-    if not _on_unix(request):
-        token = request.app[TOKEN]
-        sent = request.headers.get("Authorization", "")
-        if token is None or not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+    def server(self) -> HttpServer:
+        return HttpServer(self.router, max_body_bytes=self.agent.config.api.max_body_bytes,
+                          middleware=self.guard)
+
+    def _tcp_refusal(self, request: Request) -> Response | None:
+        sent = request.headers.get("authorization", "")
+        if self.token is None or not hmac.compare_digest(sent.encode(),
+                                                         f"Bearer {self.token}".encode()):
             return _error(401, "a bearer token is required on TCP")
-    return await handler(request)
+        if request.path.startswith("/v1/admin/"):
+            return _error(404, "admin routes are served on the Unix socket only")
+        return None
 
+    async def guard(self, request: Request, handler: Handler) -> Response:
+        """Bearer token on TCP; admin only on the socket; every error a protocol body."""
+        refusal = None if request.unix else self._tcp_refusal(request)
+        if refusal is not None:
+            return refusal
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.status, str(exc))
+        except Refused as exc:
+            return _error(exc.status, str(exc), reason=exc.reason)
+        except UnknownModel as exc:
+            return _error(404, str(exc))
+        except AgentError as exc:  # e.g. an unloaded model that no longer verifies
+            return _error(503, str(exc), reason="unavailable")
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Errors of every kind become protocol error bodies; the daemon goes on."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _error(exc.status, str(exc))
-    except Refused as exc:
-        request.app[AGENT].metrics.inc("edge_agent_http_refusals_total", reason=exc.reason)
-        return _error(exc.status, str(exc), reason=exc.reason)
-    except UnknownModel as exc:
-        return _error(404, str(exc))
-    except AgentError as exc:  # e.g. an unloaded model that no longer verifies
-        return _error(503, str(exc), reason="unavailable")
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return _error(exc.status, exc.reason)
-        raise
+    async def _model(self, request: Request) -> Resident:
+        name = request.params["name"]
+        entry = self.agent.scheduler.models().get(name)
+        if entry is None:  # installed but unloaded to make room: load it again
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(None, self.agent.ensure_loaded, name):
+                entry = self.agent.scheduler.models().get(name)
+        if entry is None:
+            raise UnknownModel(name)
+        version = request.params.get("version")
+        if version is not None and version != str(entry.manifest.version):
+            raise ApiError(404, f"model {name} serves version {entry.manifest.version}, not "
+                           f"{version}")
+        return entry
 
+    async def _run(self, name: str, x: Any, priority: str, timeout_ms: float | None) -> Any:
+        timeout = (timeout_ms or self.agent.config.scheduler.default_deadline_ms) / 1000
+        fut = self.agent.scheduler.submit(name, x, priority=PRIORITY[priority],
+                                          timeout_s=timeout)
+        if fut.done():  # ran inline: no need for the loop's thread-safe wake-up
+            return fut.result()
+        return await asyncio.wrap_future(fut)
 
-async def _model(request: web.Request, name: str | None = None) -> Any:
-    agent = request.app[AGENT]
-    name = name or request.match_info["name"]
-    entry = agent.scheduler.models().get(name)
-    if entry is None:  # installed but unloaded to make room: load it again
-        loop = asyncio.get_running_loop()
-        if await loop.run_in_executor(None, agent.ensure_loaded, name):
-            entry = agent.scheduler.models().get(name)
-    if entry is None:
-        raise UnknownModel(name)
-    version = request.match_info.get("version")
-    if version is not None and version != str(entry.manifest.version):
-        raise ApiError(404, f"model {name} serves version {entry.manifest.version}, not "
-                       f"{version}")
-    return entry
+    # -- Open Inference Protocol ----------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
 
+    async def ready(self, request: Request) -> Response:
+        models = self.agent.scheduler.models()
+        return json_response({"ready": bool(models)}, 200 if models else 503)
 
-async def live(request: web.Request) -> web.Response:
-    return web.json_response({"live": True})
-
-
-async def ready(request: web.Request) -> web.Response:
-    models = request.app[AGENT].scheduler.models()
-    return web.json_response({"ready": bool(models)}, status=200 if models else 503)
-
-
-async def server_metadata(request: web.Request) -> web.Response:
-    return web.json_response({"name": "edge-agent", "version": __version__,
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response({"name": "edge-agent", "version": __version__,
                               "extensions": ["binary_tensor_data", "model_repository"]})
 
+    async def metadata(self, request: Request) -> Response:
+        return json_response(model_metadata((await self._model(request)).manifest))
 
-async def metadata(request: web.Request) -> web.Response:
-    return web.json_response(model_metadata((await _model(request)).manifest))
+    async def model_ready(self, request: Request) -> Response:
+        await self._model(request)
+        return json_response({"ready": True})
 
+    async def infer(self, request: Request) -> Response:
+        entry = await self._model(request)
+        header = request.headers.get("inference-header-content-length")
+        try:
+            header_length = int(header) if header is not None else None
+        except ValueError as exc:
+            raise ApiError(400, "Inference-Header-Content-Length must be an integer") from exc
+        req = parse_infer(request.body, entry.manifest, header_length)
+        y = await self._run(entry.name, req.x, req.priority, req.timeout_ms)
+        body, head_len = infer_response(entry.manifest, y, request_id=req.id,
+                                        binary=req.binary_output)
+        if head_len is None:
+            return Response(200, body)
+        return Response(200, body, "application/octet-stream",
+                        {"inference-header-content-length": str(head_len)})
 
-async def model_ready(request: web.Request) -> web.Response:
-    await _model(request)
-    return web.json_response({"ready": True})
+    # -- TensorFlow Serving ---------------------------------------------------------------
+    async def predict(self, request: Request) -> Response:
+        entry = await self._model(request)
+        x, rows = parse_predict(request.body, entry.manifest)
+        y = await self._run(entry.name, x, "normal", None)
+        return Response(200, predict_response(y, rows))
 
+    async def metrics(self, request: Request) -> Response:
+        return Response(200, self.agent.metrics.render().encode(),
+                        "text/plain; version=0.0.4; charset=utf-8")
 
-async def _run(request: web.Request, name: str, x: Any, priority: str,
-               timeout_ms: float | None) -> Any:
-    agent = request.app[AGENT]
-    timeout = (timeout_ms or agent.config.scheduler.default_deadline_ms) / 1000
-    fut = agent.scheduler.submit(name, x, priority=PRIORITY[priority], timeout_s=timeout)
-    if fut.done():  # ran inline: no need to go through the loop's thread-safe wake-up
-        return fut.result()
-    return await asyncio.wrap_future(fut)
+    # -- admin (Unix socket only) ---------------------------------------------------------
+    @staticmethod
+    def _json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "body must be a JSON object") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "body must be a JSON object")
+        return body
 
-
-async def infer(request: web.Request) -> web.Response:
-    entry = await _model(request)
-    header = request.headers.get("Inference-Header-Content-Length")
-    try:
-        header_length = int(header) if header is not None else None
-    except ValueError as exc:
-        raise ApiError(400, "Inference-Header-Content-Length must be an integer") from exc
-    req = parse_infer(await request.read(), entry.manifest, header_length)
-    y = await _run(request, entry.name, req.x, req.priority, req.timeout_ms)
-    body, head_len = infer_response(entry.manifest, y, request_id=req.id,
-                                    binary=req.binary_output)
-    if head_len is None:
-        return web.Response(body=body, content_type="application/json")
-    return web.Response(body=body, content_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(head_len)})
-
-
-async def predict(request: web.Request) -> web.Response:
-    name, _, verb = request.match_info["name_verb"].partition(":")
-    if verb != "predict":
-        raise ApiError(404, "only :predict is supported")
-    entry = await _model(request, name)
-    x, rows = parse_predict(await request.read(), entry.manifest)
-    y = await _run(request, entry.name, x, "normal", None)
-    return web.Response(body=predict_response(y, rows), content_type="application/json")
-
-
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[AGENT].metrics.render(),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
-
-
-def _admin(handler: Handler) -> Handler:
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        if not _on_unix(request):
-            return _error(404, "admin routes are served on the Unix socket only")
-        return await handler(request)
-    return wrapped
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "body must be a JSON object") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "body must be a JSON object")
-    return body
-
-
-async def admin_install(request: web.Request) -> web.Response:
-    agent = request.app[AGENT]
-    path = (await _json_body(request)).get("path")
-    if not isinstance(path, str) or not Path(path).exists():
-        raise ApiError(400, "body needs 'path': an existing bundle archive or directory")
-    try:
-        result = await asyncio.get_running_loop().run_in_executor(None, agent.install,
-                                                                  Path(path))
-    except Busy as exc:
-        return _error(409, str(exc), reason="busy")
-    except RejectedError as exc:
-        return _error(422, str(exc), reason="rejected", check=exc.check)
-    except AgentError as exc:
-        return _error(422, str(exc), reason="failed")
-    return web.json_response({"model": result.model, "version": result.version,
+    async def admin_install(self, request: Request) -> Response:
+        path = self._json_body(request).get("path")
+        if not isinstance(path, str) or not Path(path).exists():
+            raise ApiError(400, "body needs 'path': an existing bundle archive or directory")
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, self.agent.install, Path(path))
+        except Busy as exc:
+            return _error(409, str(exc), reason="busy")
+        except RejectedError as exc:
+            return _error(422, str(exc), reason="rejected", check=exc.check)
+        except AgentError as exc:
+            return _error(422, str(exc), reason="failed")
+        return json_response({"model": result.model, "version": result.version,
                               "previous": result.previous, "selftest": result.selftest})
 
+    async def admin_rollback(self, request: Request) -> Response:
+        body = self._json_body(request)
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise ApiError(400, "body needs 'model'")
+        loop = asyncio.get_running_loop()
+        try:
+            note = await loop.run_in_executor(None, self.agent.roll_back, name,
+                                              str(body.get("reason", "local request")))
+        except AgentError as exc:
+            return _error(409, str(exc))
+        return json_response({"result": note})
 
-async def admin_rollback(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise ApiError(400, "body needs 'model'")
-    try:
-        note = await asyncio.get_running_loop().run_in_executor(
-            None, request.app[AGENT].roll_back, name, str(body.get("reason", "local request")))
-    except AgentError as exc:
-        return _error(409, str(exc))
-    return web.json_response({"result": note})
-
-
-async def admin_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT].status())
-
-
-def make_app(agent: Agent, token: str | None) -> web.Application:
-    app = web.Application(middlewares=[auth, errors],
-                          client_max_size=agent.config.api.max_body_bytes)
-    app[AGENT] = agent
-    app[TOKEN] = token
-    app.add_routes([
-        web.get("/v2/health/live", live),
-        web.get("/v2/health/ready", ready),
-        web.get("/v2", server_metadata),
-        web.get("/v2/models/{name}", metadata),
-        web.get("/v2/models/{name}/versions/{version}", metadata),
-        web.get("/v2/models/{name}/ready", model_ready),
-        web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
-        web.post("/v2/models/{name}/infer", infer),
-        web.post("/v2/models/{name}/versions/{version}/infer", infer),
-        web.post("/v1/models/{name_verb}", predict),
-        web.get("/metrics", metrics),
-        web.post("/v1/admin/install", _admin(admin_install)),
-        web.post("/v1/admin/rollback", _admin(admin_rollback)),
-        web.get("/v1/admin/status", _admin(admin_status)),
-    ])
-    return app
+    async def admin_status(self, request: Request) -> Response:
+        return json_response(self.agent.status())

@@ -25,7 +25,6 @@ import psutil
 
 from agent import __version__
 from agent.admission import Budget, ThermalLimits
-from agent.command import Addressee
 from agent.config import AgentConfig
 from agent.errors import AgentError, BundleError, RejectedError
 from agent.manifest import Manifest
@@ -104,11 +103,6 @@ class Agent:
     def device(self) -> Device:
         return Device(profile=self.config.device.profile, agent_version=__version__,
                       committed=self.store.committed())
-
-    @property
-    def addressee(self) -> Addressee:
-        d = self.config.device
-        return Addressee(fleet=d.fleet, device=d.id, groups=frozenset(d.groups))
 
     # -- loading -------------------------------------------------------------------------
     def _open(self, bundle_dir: Path, manifest: Manifest) -> tuple[LoadedModel, int]:

@@ -19,9 +19,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from aiohttp import web
-
-from agent.api import make_app
+from agent.api import Api
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.errors import AgentError
@@ -64,16 +62,15 @@ def read_token(path: Path) -> str:
 async def serve(agent: Agent, notifier: Notifier) -> None:
     cfg = agent.config.api
     token = read_token(cfg.token_file) if cfg.tcp_port is not None else None
-    runner = web.AppRunner(make_app(agent, token), access_log=None, handle_signals=False)
-    await runner.setup()
+    http = Api(agent, token).server()
     cfg.socket.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         cfg.socket.unlink()
-    await web.UnixSite(runner, str(cfg.socket)).start()
+    servers = [await http.start_unix(str(cfg.socket))]
     cfg.socket.chmod(cfg.socket_mode)
     where = [str(cfg.socket)]
     if cfg.tcp_port is not None:
-        await web.TCPSite(runner, cfg.tcp_host, cfg.tcp_port).start()
+        servers.append(await http.start_tcp(cfg.tcp_host, cfg.tcp_port))
         where.append(f"{cfg.tcp_host}:{cfg.tcp_port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -90,7 +87,9 @@ async def serve(agent: Agent, notifier: Notifier) -> None:
     log.info("agent.stopping")
     if watchdog:
         watchdog.cancel()
-    await runner.cleanup()
+    for server in servers:
+        server.close()
+    await http.drain(timeout_s=10)
     agent.scheduler.stop()
 
 

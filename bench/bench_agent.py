@@ -94,6 +94,14 @@ def bench_latency(agent: AgentProcess, model_path: Path, runtime: str, input_nam
                                    "parameters": {"binary_data_size": x.nbytes}}],
                        "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
     rows = [("bare " + runtime, *percentiles(bare))]
+    conn = agent.connection()
+    floor = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call(conn, "GET", "/v2/health/live")
+        floor.append(time.perf_counter() - t)
+    conn.close()
+    rows.append(("HTTP round trip floor (GET /v2/health/live)", *percentiles(floor)))
     for label, body, headers in (
             ("agent, unix socket, JSON", body_json, {"Content-Type": "application/json"}),
             ("agent, unix socket, binary tensors", head + x.tobytes(),
@@ -310,7 +318,7 @@ def main() -> None:
             model = run / ("model_int8.tflite" if runtime == "tflite" else "model_int8.onnx")
             rows = bench_latency(a, model, runtime, name, ns.requests)
             for label, p50, p99 in rows:
-                added = "" if label.startswith("bare") else f"{p50 - rows[0][1]:10.0f}"
+                added = "" if label.startswith(("bare", "HTTP")) else f"{p50 - rows[0][1]:10.0f}"
                 print(f"   {label + ' (' + runtime + ')':44} {p50:8.0f} {p99:8.0f} {added}")
 
         print("\n3. memory and idle CPU of the daemon (RSS MiB)")

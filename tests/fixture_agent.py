@@ -16,7 +16,6 @@ import numpy as np
 from agent.bundle import file_entry, read_manifest
 from agent.client import UnixHTTPConnection, call, unix_call
 from agent.manifest import canonical_json
-from converter.cli import main as convert
 from fleet.keys import KeyDir, init_keys
 from fleet.release import pack_bundle, sign_bundle
 
@@ -31,6 +30,7 @@ def make_keys(where: Path) -> Path:
 def release(work: Path, out: Path, keys: Path, *, version: int, profile: str,
             break_selftest: bool = False) -> Path:
     """Re-bundle a converter work dir for `profile` at `version`, sign, pack; the archive."""
+    from converter.cli import main as convert  # host toolchain only
     w = Path(shutil.copytree(work, out / f"work-{profile}-{version}"))
     assert convert(["bundle", "--work", str(w), "--target-profile", profile,
                     "--bundle-version", str(version)]) == 0

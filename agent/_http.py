@@ -1,0 +1,209 @@
+"""A small HTTP/1.1 server: asyncio streams for I/O, h11 for the protocol.
+
+Why not a framework: on the device every MiB counts and armv7 wheels are not a given.
+aiohttp alone added 20 MiB of RSS at import; h11 is pure Python, about 1 MiB, and it is the
+careful part (parsing, framing, keep-alive, protocol errors), leaving this module only
+routing and limits. Untrusted bytes meet h11, whose one designated error
+(`RemoteProtocolError`) becomes a 400 and a closed connection.
+
+Limits: header block `MAX_HEADER_BYTES`; body `max_body_bytes` (refused with 413 from its
+Content-Length before it is read, or as soon as a chunked body passes it); an idle
+keep-alive connection is closed after `idle_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+
+MAX_HEADER_BYTES = 16 * 1024
+READ_BYTES = 64 * 1024
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    unix: bool  # arrived on the Unix socket (not TCP)
+    params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(data, separators=(",", ":")).encode())
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Router:
+    """Routes by method and path pattern; `{name}` matches one path segment."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
+        self._routes.append((method, re.compile(f"^{regex}$"), handler))
+
+    def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
+        """The handler and path parameters, or 404 / 405."""
+        allowed = False
+        for m, regex, handler in self._routes:
+            found = regex.match(path)
+            if found:
+                if m == method:
+                    return handler, found.groupdict()
+                allowed = True
+        return 405 if allowed else 404
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class HttpServer:
+    def __init__(self, router: Router, *, max_body_bytes: int,
+                 middleware: Callable[[Request, Handler], Awaitable[Response]],
+                 idle_timeout_s: float = 60.0, server_name: str = "edge-agent") -> None:
+        self.router = router
+        self.max_body_bytes = max_body_bytes
+        self.middleware = middleware
+        self.idle_timeout_s = idle_timeout_s
+        self.server_header = server_name.encode()
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start_unix(self, path: str) -> asyncio.AbstractServer:
+        return await asyncio.start_unix_server(
+            lambda r, w: self._track(r, w, unix=True), path=path)
+
+    async def start_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
+        return await asyncio.start_server(lambda r, w: self._track(r, w, unix=False),
+                                          host=host, port=port)
+
+    async def _track(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     unix: bool) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer, unix)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for open connections to finish their current request, then close them."""
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=timeout_s)
+        for task in list(self._connections):
+            task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     unix: bool) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        while True:
+            try:
+                request = await self._read_request(conn, reader, unix)
+            except h11.RemoteProtocolError as exc:
+                await self._send_error(conn, writer, exc.error_status_hint, str(exc))
+                return
+            except _TooLarge:
+                await self._send_error(conn, writer, 413, f"body larger than "
+                                       f"{self.max_body_bytes} bytes")
+                return
+            if request is None:
+                return
+            response = await self._dispatch(request)
+            await self._send(conn, writer, response)
+            if conn.our_state is h11.MUST_CLOSE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                # asyncio.timeout, not wait_for: no extra task per read on the hot path.
+                async with asyncio.timeout(self.idle_timeout_s):
+                    data = await reader.read(READ_BYTES)
+            except (TimeoutError, ConnectionError):
+                return h11.ConnectionClosed()
+            conn.receive_data(data)
+
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                            unix: bool) -> Request | None:
+        event = await self._next(conn, reader)
+        if not isinstance(event, h11.Request):
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise _TooLarge
+        chunks, size = [], 0
+        while True:
+            part = await self._next(conn, reader)
+            if isinstance(part, h11.Data):
+                size += len(part.data)
+                if size > self.max_body_bytes:
+                    raise _TooLarge
+                chunks.append(bytes(part.data))
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:
+                return None
+        target = event.target.decode("latin-1")
+        return Request(event.method.decode("ascii"), target.split("?", 1)[0], headers,
+                       b"".join(chunks), unix)
+
+    async def _dispatch(self, request: Request) -> Response:
+        found = self.router.match(request.method, request.path)
+        if isinstance(found, int):
+            what = "no such route" if found == 404 else f"{request.method} not allowed here"
+            return json_response({"error": f"{what}: {request.path}"}, found)
+        handler, request.params = found
+        return await self.middleware(request, handler)
+
+    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter,
+                    response: Response) -> None:
+        headers = [(b"content-type", response.content_type.encode()),
+                   (b"content-length", str(len(response.body)).encode()),
+                   (b"server", self.server_header),
+                   *((k.encode(), v.encode()) for k, v in response.headers.items())]
+        data = conn.send(h11.Response(status_code=response.status, headers=headers))
+        data += conn.send(h11.Data(data=response.body)) + conn.send(h11.EndOfMessage())
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+
+    async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter,
+                          status: int, message: str) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = json.dumps({"error": message}).encode()
+        with contextlib.suppress(h11.LocalProtocolError):
+            await self._send(conn, writer, Response(status, body, headers={
+                "connection": "close"}))

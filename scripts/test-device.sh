@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The device environment stays lean: the agent installs and passes its own tests in virtual
+# environments with only its own dependencies (no torch, no converter tooling):
+#   .venv-device   the base install + ai-edge-litert (numpy 2)
+#   .venv-tflite   the base install + tflite-runtime 2.14 with numpy < 2 (Python 3.11 only)
+# Test tooling (pytest, hypothesis, Triton's client) is added; converter outputs the tests
+# need are built once with the full .venv into build/test-artifacts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+log() { printf '[test-device] %s\n' "$*" >&2; }
+PY=$(command -v python3.11 || true)
+[ -z "$PY" ] && { log "python3.11 not found (tflite-runtime 2.14 has wheels up to 3.11)"; exit 1; }
+TOOLS=(pytest hypothesis "tritonclient[http]")
+stamp=$(sha256sum pyproject.toml scripts/test-device.sh | sha256sum | cut -c1-16)
+
+make_venv() {  # name, pip args...
+  local name=$1; shift
+  if [ "$(cat "$name/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    log "creating $name: $*"
+    rm -rf "$name"
+    "$PY" -m venv "$name"
+    "$name/bin/pip" install -q "$@" "${TOOLS[@]}"
+    echo "$stamp" > "$name/.stamp"
+  fi
+  # Lean means lean: the host toolchain must not have come in through a dependency.
+  if "$name/bin/python" -c 'import torch' 2>/dev/null || \
+     "$name/bin/python" -c 'import litert_torch' 2>/dev/null; then
+    log "$name has torch or litert_torch installed: the agent's dependencies are not lean"
+    exit 1
+  fi
+}
+make_venv .venv-device -e ".[tflite]"
+make_venv .venv-tflite -e . "numpy<2" "tflite-runtime==2.14.0"
+.venv-tflite/bin/python -c 'import ai_edge_litert' 2>/dev/null && {
+  log ".venv-tflite must exercise tflite-runtime, yet ai-edge-litert is installed"; exit 1; }
+
+log "building converter outputs with the full environment"
+.venv/bin/python tests/artifacts.py build/test-artifacts >/dev/null
+
+DEVICE_TESTS=(tests/test_layering.py tests/test_profiles.py tests/test_manifest.py
+  tests/test_trust_attacks.py tests/test_trust_commands.py tests/test_trust_fuzz.py
+  tests/test_store.py tests/test_oip.py tests/test_admission.py tests/test_scheduler.py
+  tests/test_agent_e2e.py tests/test_systemd.py)
+for venv in .venv-device .venv-tflite; do
+  log "$venv: $("$venv/bin/python" -c 'import numpy, sys; print("Python", sys.version.split()[0], "numpy", numpy.__version__)')"
+  EDGE_TEST_ARTIFACTS=$PWD/build/test-artifacts "$venv/bin/python" -m pytest -q -m "not slow" \
+    -p no:cacheprovider "${DEVICE_TESTS[@]}"
+done
