@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The README's test command: set everything up, then lint, type-check and run the tests.
-# Extra arguments go to pytest (e.g. `scripts/test.sh -k profiles`, `-m slow`).
+# The README's test command: set everything up, then lint, type-check and run the tests,
+# then the agent's own tests again in the lean device environments (scripts/test-device.sh).
+# Extra arguments go to the main pytest run (e.g. `scripts/test.sh -k profiles`, `-m slow`);
+# EDGE_SKIP_DEVICE_ENVS=1 skips the device environments for a quick local run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -9,3 +11,7 @@ echo "== ruff"; "$V/ruff" check .
 echo "== mypy (strict)"; "$V/mypy"
 echo "== pytest"
 "$V/pytest" -m "not slow" "$@"
+if [ "${EDGE_SKIP_DEVICE_ENVS:-0}" != 1 ]; then
+  echo "== device environments: the agent with its own dependencies only"
+  scripts/test-device.sh
+fi

@@ -29,11 +29,13 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def onnx_run(example: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def onnx_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A full `edge-convert run` of the example for raspberry-pi-4 (ONNX teacher)."""
     if ARTIFACTS:
         return Path(ARTIFACTS) / "run"
     from converter.cli import main as convert
+
+    example: Path = request.getfixturevalue("example")
 
     out = tmp_path_factory.mktemp("run") / "pi4"
     rc = convert(["run", str(example / "recipe.toml"), "--out", str(out),
