@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -31,7 +32,7 @@ from agent.manifest import Manifest
 from agent.metrics import Metrics
 from agent.profiles import FirmwareProfile, load_profile
 from agent.root import Root, load_pinned_root
-from agent.runtime import LoadedModel, open_model
+from agent.runtime import LoadedModel, load_tflite_delegates, open_model
 from agent.scheduler import Resident, Scheduler
 from agent.sealing import load_device_key, model_source
 from agent.selftest import selftest_loaded
@@ -89,6 +90,7 @@ class Agent:
             sensor_interval_s=thermal.poll_s)
         self._install_lock = threading.Lock()
         self._load_lock = threading.Lock()
+        self._loaded_delegates: list[Any] | None = None
         self.notes: list[str] = []
 
     # -- trust ---------------------------------------------------------------------------
@@ -109,9 +111,26 @@ class Agent:
         """Load a model in a new session; returns it and the resident bytes it added."""
         rss = psutil.Process().memory_info().rss
         source = model_source(bundle_dir, manifest, device_key=self.device_key)
-        model = open_model(source, manifest.runtime, threads=self.threads_for(manifest))
+        model = open_model(source, manifest.runtime, threads=self.threads_for(manifest),
+                           providers=self.profile.runtime.onnx_providers,
+                           delegates=self._delegates(manifest))
         grown = psutil.Process().memory_info().rss - rss
         return model, max(grown, manifest.resources.model_bytes)
+
+    def _delegates(self, manifest: Manifest) -> list[Any] | None:
+        """The profile's TFLite delegates, loaded once; a missing one is a start note, or an
+        error when the accelerator has no CPU fallback."""
+        if manifest.runtime != "tflite" or not self.profile.runtime.tflite_delegates:
+            return None
+        if self._loaded_delegates is None:
+            acc = self.profile.accelerator
+            self._loaded_delegates, problems = load_tflite_delegates(
+                self.profile.runtime.tflite_delegates,
+                required=acc is not None and not acc.cpu_fallback)
+            self.notes += problems
+            for p in problems:
+                log.warning("runtime.delegate_missing %s", p)
+        return self._loaded_delegates
 
     def threads_for(self, manifest: Manifest) -> int:
         """The profile's threads, capped at the CPUs this process may use; one thread for
@@ -129,7 +148,7 @@ class Agent:
         notes = self.store.recover()
         for name in self.store.models():
             notes += self._start_model(name)
-        self.notes = notes
+        self.notes = notes + self.notes
         for line in notes:
             log.info("start: %s", line)
         return notes

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from agent.errors import AgentError
 from agent.manifest import QuantParams, TensorSpec
+from agent.profiles import TfliteDelegate
 
 F32 = npt.NDArray[np.float32]
 
@@ -89,17 +90,45 @@ def open_onnx(source: Path | bytes, *, threads: int = 1,
                      [_ort_spec(a) for a in sess.get_outputs()])
 
 
-def tflite_interpreter_class() -> Any:
-    """The TFLite Interpreter class from whichever runtime is installed."""
+def _tflite_module() -> Any:
     try:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415
+        import ai_edge_litert.interpreter as mod  # noqa: PLC0415
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # noqa: PLC0415
+            import tflite_runtime.interpreter as mod  # noqa: PLC0415
         except ImportError as exc:
             raise RuntimeLoadError("no TFLite runtime: install ai-edge-litert "
                                    "(pip install 'edge-agent[tflite]') or tflite-runtime") from exc
-    return Interpreter
+    return mod
+
+
+def tflite_interpreter_class() -> Any:
+    """The TFLite Interpreter class from whichever runtime is installed."""
+    return _tflite_module().Interpreter
+
+
+def load_tflite_delegates(specs: list[TfliteDelegate], *, required: bool
+                          ) -> tuple[list[Any], list[str]]:
+    """Load the profile's external delegates (NPU/TPU libraries on the device).
+
+    Returns:
+        the loaded delegates, and one line per delegate that could not be loaded (the
+        model then runs those operators on the CPU).
+
+    Raises:
+        RuntimeLoadError: a delegate is missing and `required` (the accelerator has no
+            CPU fallback, e.g. the Edge TPU).
+    """
+    loaded, problems = [], []
+    for spec in specs:
+        try:
+            loaded.append(_tflite_module().load_delegate(spec.library, dict(spec.options)))
+        except (ValueError, OSError, RuntimeError) as exc:
+            problem = f"delegate {spec.name} ({spec.library}) not loaded: {str(exc)[:160]}"
+            if required:
+                raise RuntimeLoadError(problem) from exc
+            problems.append(problem)
+    return loaded, problems
 
 
 def _tfl_spec(d: dict[str, Any]) -> TensorSpec:
@@ -152,7 +181,8 @@ def open_tflite(source: Path | bytes, *, threads: int = 1,
 
 
 def open_model(source: Path | bytes, runtime: Literal["onnx", "tflite"], *,
-               threads: int = 1) -> LoadedModel:
+               threads: int = 1, providers: list[str] | None = None,
+               delegates: list[Any] | None = None) -> LoadedModel:
     """Load a model, from its file or from bytes in memory (a sealed model), with the named
     runtime.
 
@@ -160,5 +190,5 @@ def open_model(source: Path | bytes, runtime: Literal["onnx", "tflite"], *,
         RuntimeLoadError: the runtime is missing or refuses the file.
     """
     if runtime == "onnx":
-        return open_onnx(source, threads=threads)
-    return open_tflite(source, threads=threads)
+        return open_onnx(source, threads=threads, providers=providers)
+    return open_tflite(source, threads=threads, delegates=delegates)

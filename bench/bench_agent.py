@@ -241,14 +241,31 @@ def idle_cpu(agent: AgentProcess, seconds: float) -> float:
     return 100 * ((after.user - before.user) + (after.system - before.system)) / seconds
 
 
+def _reset(agent: AgentProcess, v1: Path) -> None:
+    agent.stop()
+    shutil.rmtree(agent.dir / "state")
+    agent.start()
+    agent.install(v1)
+
+
 def power_loss(agent: AgentProcess, v1: Path, v2: Path, kills: int) -> dict[str, Any]:
+    """Kill at a moment drawn uniformly over the install's own duration (measured first),
+    so every step of the update gets hit."""
     rng = random.Random(1)
-    outcome = {"old": 0, "new": 0, "half_written": 0, "failed_restart": 0}
+    window = []
+    for _ in range(3):
+        t = time.perf_counter()
+        agent.install(v2)
+        window.append(time.perf_counter() - t)
+        _reset(agent, v1)
+    span = 1.1 * sorted(window)[1]
+    outcome: dict[str, Any] = {"install_s": round(span / 1.1, 3), "old": 0, "new": 0,
+                               "half_written": 0, "failed_restart": 0}
     t0 = time.perf_counter()
     for _ in range(kills):
         th = threading.Thread(target=lambda: _quiet(agent.install, v2))
         th.start()
-        time.sleep(rng.uniform(0, 0.6))
+        time.sleep(rng.uniform(0, span))
         agent.kill9()
         th.join()
         try:
@@ -268,10 +285,7 @@ def power_loss(agent: AgentProcess, v1: Path, v2: Path, kills: int) -> dict[str,
             outcome["half_written"] += 1
         outcome["old" if version == 1 else "new"] += 1
         if version == 2:
-            agent.stop()
-            shutil.rmtree(agent.dir / "state")
-            agent.start()
-            agent.install(v1)
+            _reset(agent, v1)
     outcome["seconds"] = round(time.perf_counter() - t0, 1)
     return outcome
 

@@ -327,3 +327,26 @@ def test_a_bad_config_fails_at_start_naming_the_field(tmp_path: Path,
                             str(cfg)], capture_output=True, text=True, check=False)
     assert check.returncode == 2 and "scheduler.queue_max" in check.stderr
     assert unix_call  # the module is importable without a daemon
+
+
+def test_edge_agent_install_works_directly_when_stopped_and_through_the_daemon(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    agent = agent_factory(X86, start=False)
+
+    def install(archive: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", "install", str(archive),
+                               "--config", str(agent.config)], capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    direct = install(releases["onnx1"])
+    assert direct.returncode == 0 and "directly (daemon stopped)" in direct.stdout, direct
+    agent.start()
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+    assert agent.socket.stat().st_mode & 0o777 == 0o660
+    live = install(releases["onnx2"])
+    assert live.returncode == 0 and json.loads(live.stdout)["version"] == 2, live
+    bad = install(releases["onnx3_bad"])
+    assert bad.returncode == 3 and "self-test" in bad.stdout
