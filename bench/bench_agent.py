@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixture_agent import AgentProcess, make_keys, release, write_config
 
-from agent.bundle import file_entry
+from agent.admission import Budget, ThermalLimits
+from agent.bundle import file_entry, read_manifest
 from agent.client import call
 from agent.manifest import (
     Histogram,
@@ -51,8 +52,11 @@ from agent.manifest import (
     TensorSpec,
     canonical_json,
 )
+from agent.oip import infer_response, parse_infer
 from agent.runtime import open_model
+from agent.scheduler import Resident, Scheduler
 from agent.store import ModelStore
+from agent.testing import FakeSensors
 from converter.cli import main as convert
 from converter.examples.digits import write_example
 from fleet.keys import KeyDir
@@ -117,6 +121,46 @@ def bench_latency(agent: AgentProcess, model_path: Path, runtime: str, input_nam
             assert status == 200
         conn.close()
         rows.append((label, *percentiles(times)))
+    return rows
+
+
+def layers(run: Path, n: int) -> list[tuple[str, float]]:
+    """What each layer of the request path costs in-process (no sockets): parsing and
+    validation, admission + scheduling (inline fast path and via the worker thread), the
+    runtime itself, and serialising the response."""
+    manifest = read_manifest(run / "bundle")
+    model = open_model(run / "model_int8.tflite", "tflite")
+    budget = Budget(memory_budget_bytes=10**9, min_available_bytes=0, queue_max=64,
+                    max_batch=8)
+    limits = ThermalLimits(throttle_c=80, critical_c=90, hysteresis_c=5)
+    inline = Scheduler(budget=budget, thermal_limits=limits, sensors=FakeSensors())
+    handoff = Scheduler(budget=budget, thermal_limits=limits, sensors=FakeSensors(),
+                        inline_max_s=0)
+    for s in (inline, handoff):
+        s.load(Resident("digits", manifest, model, 1, batchable=False))
+        s.submit("digits", np.zeros((1, 1, 8, 8), np.float32)).result()
+    body = json.dumps({"inputs": [{"name": manifest.inputs[0].name, "shape": [1, 1, 8, 8],
+                                   "datatype": "FP32", "data": [0.5] * 64}]}).encode()
+    req = parse_infer(body, manifest, None)
+    y = model.run(req.x)
+
+    def p50(fn: Any) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.percentile(np.asarray(times) * 1e6, 50))
+
+    rows = [("parse + validate the v2 JSON body", p50(lambda: parse_infer(body, manifest, None))),
+            ("runtime alone (TFLite, int8 quantize/dequantize)", p50(lambda: model.run(req.x))),
+            ("admission + inline run", p50(lambda: inline.submit("digits", req.x).result())),
+            ("admission + queue + worker thread hand-off + run",
+             p50(lambda: handoff.submit("digits", req.x).result())),
+            ("serialise the v2 JSON response",
+             p50(lambda: infer_response(manifest, y, request_id=None, binary=False)))]
+    inline.stop()
+    handoff.stop()
     return rows
 
 
@@ -301,6 +345,17 @@ def _cnn_body() -> dict[str, Any]:
                         "data": [0.5] * (3 * 64 * 64)}]}
 
 
+def kill_section(where: Path, keys: Path, v1: Path, v2: Path, kills: int) -> None:
+    d = where / "agent-kill"
+    d.mkdir()
+    a = AgentProcess(write_config(d, keys, profile="x86_64-generic")).start()
+    assert a.install(v1)[0] == 200
+    print(f"\n4. power loss: kill -9 at a random moment of an install of the "
+          f"{v2.stat().st_size / 1e6:.0f} MB CNN bundle, {kills} times")
+    print("   " + json.dumps(power_loss(a, v1, v2, kills)))
+    a.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -335,6 +390,10 @@ def main() -> None:
                 added = "" if label.startswith(("bare", "HTTP")) else f"{p50 - rows[0][1]:10.0f}"
                 print(f"   {label + ' (' + runtime + ')':44} {p50:8.0f} {p99:8.0f} {added}")
 
+        print("\n1b. the request path layer by layer, in-process (µs, p50)")
+        for label, us in layers(run, ns.requests):
+            print(f"   {label:56} {us:8.1f}")
+
         print("\n3. memory and idle CPU of the daemon (RSS MiB)")
         print(f"   {'runtime':8} {'idle, no model':>15} {'serving':>9} {'idle CPU %':>11}")
         for runtime, (a, idle_rss, cpu) in agents.items():
@@ -357,14 +416,7 @@ def main() -> None:
             a.stop()
 
         if ns.kills:
-            d = where / "agent-kill"
-            d.mkdir()
-            a = AgentProcess(write_config(d, keys, profile="x86_64-generic")).start()
-            assert a.install(cnn)[0] == 200
-            print(f"\n4. power loss: kill -9 at a random moment of an install of the "
-                  f"{cnn2.stat().st_size / 1e6:.0f} MB CNN bundle, {ns.kills} times")
-            print("   " + json.dumps(power_loss(a, cnn, cnn2, ns.kills)))
-            a.stop()
+            kill_section(where, keys, cnn, cnn2, ns.kills)
     print("\nall figures from one run; medians of stable runs vary by about 10 %")
 
 
