@@ -1,0 +1,123 @@
+"""The persistent outbox: telemetry and events wait here until the broker acknowledges them.
+
+SQLite (WAL, `synchronous=FULL`): a message enqueued survives an agent restart or a power
+cut; the MQTT link takes messages in order, publishes at QoS 1 and deletes each one only
+when its PUBACK arrives (`ack`). Each message stream ("telemetry", "event") has its own
+sequence number, persisted, so a dashboard can tell a gap from a duplicate.
+
+The outbox is bounded (`cap` messages). When full, the oldest telemetry goes first, then
+the oldest event; every drop is counted per stream, persisted, and handed to the link with
+`take_dropped()` so it can report the loss once it is connected again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+STREAMS = ("telemetry", "event", "result", "state")
+
+
+@dataclass(frozen=True)
+class Message:
+    id: int
+    stream: str
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Outbox:
+    def __init__(self, path: Path | str, *, cap: int = 10_000) -> None:
+        if cap < 1:
+            raise ValueError("cap must be at least 1")
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        for sql in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+                    "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+                    " stream TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,"
+                    " payload BLOB NOT NULL, retain INTEGER NOT NULL)",
+                    "CREATE TABLE IF NOT EXISTS counters (stream TEXT PRIMARY KEY,"
+                    " next_seq INTEGER NOT NULL DEFAULT 1, dropped INTEGER NOT NULL DEFAULT 0)"):
+            self._db.execute(sql)
+        self._in_flight: set[int] = set()
+
+    def enqueue(self, stream: str, topic: str, build: Callable[[int], bytes], *,
+                retain: bool = False) -> int:
+        """Add a message whose payload `build(seq)` makes from its sequence number; returns
+        the sequence number. Drops the oldest (telemetry first) when at the cap."""
+        if stream not in STREAMS:
+            raise ValueError(f"unknown stream {stream!r}")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR IGNORE INTO counters (stream) VALUES (?)",
+                                 (stream,))
+                seq = self._db.execute("SELECT next_seq FROM counters WHERE stream = ?",
+                                       (stream,)).fetchone()[0]
+                self._db.execute("UPDATE counters SET next_seq = next_seq + 1 WHERE "
+                                 "stream = ?", (stream,))
+                self._make_room()
+                self._db.execute("INSERT INTO outbox (stream, seq, topic, payload, retain) "
+                                 "VALUES (?, ?, ?, ?, ?)",
+                                 (stream, seq, topic, build(seq), int(retain)))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return int(seq)
+
+    def _make_room(self) -> None:
+        count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        while count >= self.cap:
+            row = self._db.execute(
+                "SELECT id, stream FROM outbox ORDER BY stream != 'telemetry', id LIMIT 1"
+            ).fetchone()
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (row[0],))
+            self._db.execute("UPDATE counters SET dropped = dropped + 1 WHERE stream = ?",
+                             (row[1],))
+            self._in_flight.discard(row[0])
+            count -= 1
+
+    def pending(self, limit: int = 100) -> list[Message]:
+        """The oldest messages not yet handed out, marked in flight."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, stream, seq, topic, payload, retain FROM outbox ORDER BY id "
+                "LIMIT ?", (limit + len(self._in_flight),)).fetchall()
+            out = [Message(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5])) for r in rows
+                   if r[0] not in self._in_flight][:limit]
+            self._in_flight.update(m.id for m in out)
+            return out
+
+    def ack(self, message_id: int) -> None:
+        """The broker acknowledged it: forget it."""
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
+            self._in_flight.discard(message_id)
+
+    def requeue_in_flight(self) -> None:
+        """After a disconnect: unacknowledged messages go out again (QoS 1 may duplicate;
+        sequence numbers let consumers drop duplicates)."""
+        with self._lock:
+            self._in_flight.clear()
+
+    def take_dropped(self) -> dict[str, int]:
+        """Drops per stream since the last call (then reset)."""
+        with self._lock:
+            rows = self._db.execute("SELECT stream, dropped FROM counters WHERE dropped > 0"
+                                    ).fetchall()
+            self._db.execute("UPDATE counters SET dropped = 0")
+            return {r[0]: int(r[1]) for r in rows}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
