@@ -6,6 +6,7 @@
                                               directly when it is stopped
     edge-agent status [--config PATH]         what the running daemon serves
     edge-agent unit [--config PATH]           the systemd unit, MemoryMax from the budgets
+    edge-agent schema [--out DIR]             JSON Schema of every MQTT topic's payload
     edge-agent profiles                       list the firmware profiles this install knows
     edge-agent profile NAME                   validate and print one profile
     edge-agent selftest BUNDLE_DIR            check a bundle's files and run its self-test here
@@ -42,6 +43,20 @@ def _selftest(bundle: Path) -> int:
     return 0 if res.passed else 1
 
 
+def _schema(out: Path | None) -> None:
+    from agent.wire import json_schemas  # noqa: PLC0415
+
+    schemas = json_schemas()
+    if out is None:
+        print(json.dumps(schemas, indent=2))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for topic, schema in schemas.items():
+        (out / f"{topic.replace('/', '.')}.schema.json").write_text(json.dumps(schema,
+                                                                             indent=2))
+    print(f"wrote {len(schemas)} schemas to {out}")
+
+
 def _install(config: AgentConfig, bundle: Path) -> int:
     from agent.service import StateLocked, lock_state  # noqa: PLC0415  # aiohttp only here
 
@@ -76,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "install":
             p.add_argument("bundle", type=Path)
     sub.add_parser("profiles")
+    sub.add_parser("schema").add_argument("--out", type=Path)
     sub.add_parser("profile").add_argument("name")
     sub.add_parser("selftest").add_argument("bundle", type=Path)
     dk = sub.add_parser("device-key")
@@ -114,6 +130,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return run(load_config(ns.config))
     elif ns.command == "install":
         return _install(load_config(ns.config), ns.bundle)
+    elif ns.command == "schema":
+        _schema(ns.out)
     elif ns.command == "unit":
         unit_cfg = load_config(ns.config) if ns.config.exists() else None
         sys.stdout.write(render_unit(unit_cfg, config_path=ns.config,

@@ -1,0 +1,139 @@
+"""The MQTT topic tree (v1) and the payload of every topic, as versioned pydantic models.
+
+    edge/v1/{fleet}/{device}/state        retained; birth and Last Will   StatePayload
+    edge/v1/{fleet}/{device}/telemetry    every interval                   Telemetry
+    edge/v1/{fleet}/{device}/event        anomalies, update progress       Event
+    edge/v1/{fleet}/{device}/cmd          signed commands to the device    agent.command
+    edge/v1/{fleet}/group/{group}/cmd     signed commands to a group       agent.command
+    edge/v1/{fleet}/{device}/cmd/result   command outcome                  CommandResult
+
+Every payload carries `schema` (the payload version); `json_schemas()` exports the JSON
+Schema of each topic for dashboard authors (`edge-agent schema`, docs/telemetry.md).
+Units are in field names (`_bytes`, `_ms`, `_c`, `_s`); times are UTC ISO 8601.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from agent.command import COMMAND_ADAPTER
+
+PREFIX = "edge/v1"
+Severity = Literal["info", "warning", "error", "critical"]
+
+
+def device_topic(fleet: str, device: str, kind: str) -> str:
+    """`kind`: state, telemetry, event, cmd or cmd/result."""
+    return f"{PREFIX}/{fleet}/{device}/{kind}"
+
+
+def group_cmd_topic(fleet: str, group: str) -> str:
+    return f"{PREFIX}/{fleet}/group/{group}/cmd"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class ModelState(_Wire):
+    version: int
+    runtime: Literal["onnx", "tflite"]
+    committed: int | None = None
+
+
+class StatePayload(_Wire):
+    """Retained on `state`: the birth message when connected, the Last Will when not."""
+
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    device: str
+    fleet: str
+    online: bool
+    agent_version: str
+    profile: str
+    groups: list[str] = Field(default_factory=list)
+    models: dict[str, ModelState] = Field(default_factory=dict)
+    at: AwareDatetime
+
+
+class ModelTelemetry(_Wire):
+    requests: int = Field(ge=0, description="requests answered in the interval")
+    errors: int = Field(ge=0)
+    refusals: dict[str, int] = Field(default_factory=dict, description="by reason")
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    throughput_per_s: float = Field(ge=0)
+
+
+class Memory(_Wire):
+    process_rss_bytes: int
+    system_available_bytes: int
+    system_total_bytes: int
+
+
+class Telemetry(_Wire):
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    seq: int = Field(ge=1, description="per device, +1 per message; gaps are losses")
+    device: str
+    at: AwareDatetime
+    interval_s: float
+    uptime_s: float
+    cpu_percent: float = Field(description="of one core, process")
+    memory: Memory
+    temperature_c: float | None
+    throttle: Literal["normal", "throttled", "critical"]
+    queue_depth: int
+    models: dict[str, ModelTelemetry] = Field(default_factory=dict)
+    dropped: dict[str, int] = Field(default_factory=dict,
+                                    description="messages the outbox cap dropped, by stream")
+
+
+class Event(_Wire):
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    seq: int = Field(ge=1)
+    device: str
+    at: AwareDatetime
+    kind: str = Field(description="e.g. anomaly, deploy.verified, deploy.rolled_back, "
+                                  "command.rejected")
+    severity: Severity
+    message: str
+    model: str | None = None
+    version: int | None = None
+    command_id: str | None = None
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandResult(_Wire):
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    device: str
+    command_id: str | None = Field(description="None when the command could not be parsed")
+    kind: str | None
+    ok: bool
+    result: str
+    check: str | None = Field(default=None, description="the failed check, if rejected")
+    at: AwareDatetime
+
+
+def dump(payload: BaseModel) -> bytes:
+    return payload.model_dump_json(by_alias=True).encode()
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every topic's payload, keyed by topic suffix."""
+    envelope = {"type": "object", "required": ["signed", "signatures"],
+                "properties": {"signed": COMMAND_ADAPTER.json_schema(),
+                               "signatures": {"type": "array", "items": {
+                                   "type": "object", "properties": {
+                                       "keyid": {"type": "string"},
+                                       "sig": {"type": "string"}}}}}}
+    return {
+        "state": StatePayload.model_json_schema(by_alias=True),
+        "telemetry": Telemetry.model_json_schema(by_alias=True),
+        "event": Event.model_json_schema(by_alias=True),
+        "cmd": envelope,
+        "cmd/result": CommandResult.model_json_schema(by_alias=True),
+    }
+
+
