@@ -1,0 +1,219 @@
+"""The MQTT link: paho-mqtt 2.x (MQTT 5) in one thread that owns the connection.
+
+* brokers: several `mqtt://host:port` / `mqtts://host:port` URLs, tried in turn (failover);
+  after a failure or disconnect the next attempt waits a capped, jittered exponential
+  backoff (`backoff_delay`, pure);
+* TLS and mutual TLS (CA, client certificate and key), optional username/password;
+* birth and Last Will: the retained `state` topic says online on connect, and the broker
+  publishes the Will (offline) if the agent vanishes;
+* subscriptions are made again on every connect;
+* the outbox (`agent.outbox`) is pumped while connected: QoS 1, a bounded number in
+  flight, each message deleted only when its PUBACK arrives; after a disconnect the
+  unacknowledged ones go out again.
+
+Incoming messages are handed to `on_message(topic, payload, properties)` on this thread;
+the daemon queues them for its own workers. paho's exceptions stay in this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.errors import ConfigError
+from agent.outbox import Outbox
+
+log = logging.getLogger("edge_agent.mqtt")
+MAX_IN_FLIGHT = 100
+
+
+@dataclass(frozen=True)
+class Broker:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> Broker:
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise ConfigError(f"broker URL {url!r} must be mqtt://host[:port] or mqtts://…")
+        return cls(u.hostname, u.port or (8883 if u.scheme == "mqtts" else 1883),
+                   u.scheme == "mqtts")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backoff:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.5  # up to this fraction is taken off at random
+
+
+def backoff_delay(attempt: int, b: Backoff, rng: random.Random) -> float:
+    """Delay before reconnect attempt `attempt` (0-based): capped exponential, jittered."""
+    base = min(b.max_s, b.initial_s * b.factor ** attempt)
+    return base * (1 - b.jitter * rng.random())
+
+
+MessageHandler = Callable[[str, bytes, Any], None]
+
+
+class MqttLink:
+    def __init__(self, *, brokers: list[str], client_id: str, state_topic: str,
+                 birth: Callable[[], bytes], will: bytes, subscriptions: list[str],
+                 on_message: MessageHandler, outbox: Outbox, tls: TlsFiles | None = None,
+                 username: str | None = None, password: str | None = None,
+                 keepalive_s: int = 30, backoff: Backoff = Backoff()) -> None:
+        self.brokers = [Broker.parse(u) for u in brokers]
+        if not self.brokers:
+            raise ConfigError("mqtt.brokers is empty")
+        self.client_id, self.state_topic = client_id, state_topic
+        self.birth, self.will, self.subscriptions = birth, will, subscriptions
+        self.on_message, self.outbox = on_message, outbox
+        self.tls, self.username, self.password = tls, username, password
+        self.keepalive_s, self.backoff = keepalive_s, backoff
+        self.connected = threading.Event()
+        self.connects = 0
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mids: dict[int, int] = {}  # paho mid -> outbox id
+        self._rng = random.Random()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _client(self, broker: Broker) -> paho.Client:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                        protocol=paho.MQTTv5)
+        if self.username:
+            c.username_pw_set(self.username, self.password)
+        if broker.tls:
+            t = self.tls or TlsFiles()
+            c.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None,
+                      certfile=str(t.cert_file) if t.cert_file else None,
+                      keyfile=str(t.key_file) if t.key_file else None,
+                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        c.will_set(self.state_topic, self.will, qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        return c
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            broker = self.brokers[attempt % len(self.brokers)]
+            client = self._client(broker)
+            before = self.connects
+            try:
+                client.connect(broker.host, broker.port, keepalive=self.keepalive_s)
+                self._serve(client)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self.last_error = f"{broker.host}:{broker.port}: {exc}"
+                log.warning("mqtt.connect_failed %s", self.last_error)
+            finally:
+                self._disconnected()
+                if self._stop.is_set():
+                    self._goodbye(client)
+            attempt = 0 if self.connects > before else attempt + 1
+            if not self._stop.is_set():
+                self._stop.wait(backoff_delay(attempt, self.backoff, self._rng))
+
+    def _serve(self, client: paho.Client) -> None:
+        while not self._stop.is_set():
+            rc = client.loop(timeout=0.05)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                return
+            if self.connected.is_set():
+                self._pump(client)
+
+    def _goodbye(self, client: paho.Client) -> None:
+        """A clean stop: say offline ourselves (the broker sends the Will only if we vanish)."""
+        try:
+            client.publish(self.state_topic, self.will, qos=1, retain=True)
+            client.loop(timeout=0.2)
+            client.disconnect()
+        except (OSError, ValueError):
+            pass
+
+    # -- paho callbacks (this thread) -----------------------------------------------------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"refused: {reason}"
+            log.warning("mqtt.refused %s", reason)
+            return
+        self.connects += 1
+        client.publish(self.state_topic, self.birth(), qos=1, retain=True)
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+        log.info("mqtt.connected connects=%d", self.connects)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._disconnected()
+
+    def _disconnected(self) -> None:
+        if self.connected.is_set():
+            log.info("mqtt.disconnected")
+        self.connected.clear()
+        self._mids.clear()
+        self.outbox.requeue_in_flight()
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        box_id = self._mids.pop(mid, None)
+        if box_id is not None and not reason.is_failure:
+            self.outbox.ack(box_id)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: Any) -> None:
+        self.on_message(msg.topic, bytes(msg.payload), msg.properties)
+
+    # -- outbox ---------------------------------------------------------------------------
+    def _pump(self, client: paho.Client) -> None:
+        room = MAX_IN_FLIGHT - len(self._mids)
+        if room <= 0:
+            return
+        for m in self.outbox.pending(room):
+            info = client.publish(m.topic, m.payload, qos=1, retain=m.retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                self.outbox.requeue_in_flight()
+                return
+            self._mids[info.mid] = m.id
+
+
+def wait_connected(link: MqttLink, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if link.connected.wait(0.05):
+            return True
+    return False
