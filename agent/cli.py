@@ -127,7 +127,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
     elif ns.command == "run":
         from agent.service import run  # noqa: PLC0415
 
-        return run(load_config(ns.config))
+        return run(load_config(ns.config), ns.config)
     elif ns.command == "install":
         return _install(load_config(ns.config), ns.bundle)
     elif ns.command == "schema":

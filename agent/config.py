@@ -89,6 +89,25 @@ class SystemdSection(_Section):
     memory_max_bytes: int | None = Field(default=None, ge=64 * 1024 * 1024)
 
 
+class MqttSection(_Section):
+    """The fleet link (absent: the agent serves locally only)."""
+
+    brokers: list[str] = Field(min_length=1)  # mqtt://host:port or mqtts://host:port
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None  # client certificate for mutual TLS
+    key_file: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    telemetry_interval_s: float = Field(default=10.0, gt=0)
+    outbox_cap: int = Field(default=10_000, ge=10)
+    # After a deploy activates, anomalies of the new model within this window roll it back.
+    health_window_s: float = Field(default=30.0, ge=0)
+    replay_window_s: float = Field(default=86_400.0, gt=0)
+    download_timeout_s: float = Field(default=30.0, gt=0)
+    download_min_rate_bytes_per_s: float = Field(default=16 * 1024, ge=0)
+
+
 class AgentConfig(_Section):
     device: DeviceSection
     paths: PathsSection = PathsSection()
@@ -96,6 +115,7 @@ class AgentConfig(_Section):
     scheduler: SchedulerSection = SchedulerSection()
     thermal: ThermalSection = ThermalSection()
     systemd: SystemdSection = SystemdSection()
+    mqtt: MqttSection | None = None
 
 
 def _env_value(text: str) -> Any:

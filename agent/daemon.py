@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +92,9 @@ class Agent:
         self._install_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._loaded_delegates: list[Any] | None = None
+        self._pending: dict[str, Staged] = {}
+        # Set by `edge-agent run`, so a reload command can re-read it.
+        self.config_path: Path | None = None
         self.notes: list[str] = []
 
     # -- trust ---------------------------------------------------------------------------
@@ -194,8 +198,15 @@ class Agent:
             return True
 
     # -- install -------------------------------------------------------------------------
-    def install(self, source: Path, *, now: datetime | None = None) -> InstallResult:
+    def install(self, source: Path, *, now: datetime | None = None, commit: bool = True,
+                on_step: Callable[[str, Manifest], None] | None = None) -> InstallResult:
         """Install a bundle archive or directory while serving.
+
+        Args:
+            commit: False leaves the update active but uncommitted (a health window
+                follows: `commit_pending` or `roll_back`; a restart rolls it back).
+            on_step: called with each lifecycle step reached ("verified", "self_tested",
+                "activated", "committed") and the manifest, for progress events.
 
         Raises:
             Busy: another install is running.
@@ -204,18 +215,21 @@ class Agent:
         """
         if not self._install_lock.acquire(blocking=False):
             raise Busy("another update is in progress; try again when it finishes")
+        step = on_step or (lambda _s, _m: None)
         try:
-            return self._install(source, now or datetime.now(UTC))
+            return self._install(source, now or datetime.now(UTC), commit, step)
         finally:
             self._install_lock.release()
 
-    def _install(self, source: Path, now: datetime) -> InstallResult:
+    def _install(self, source: Path, now: datetime, commit: bool,
+                 step: Callable[[str, Manifest], None]) -> InstallResult:
         try:
             staged = self.store.stage(source, self.root, device=self.device, now=now)
         except RejectedError as exc:
             self.metrics.inc("edge_agent_updates_total", result=f"rejected_{exc.check}")
             raise
         m = staged.manifest
+        step("verified", m)
         try:
             model, size = self._open(staged.path, m)
             self.store.record(staged, "loaded")
@@ -229,27 +243,49 @@ class Agent:
             self.store.fail(staged, str(exc))
             self.metrics.inc("edge_agent_updates_total", result="failed")
             raise
-        return self._activate(staged, model, size, result.top1_agreement)
-
-    def _activate(self, staged: Staged, model: LoadedModel, size: int,
-                  agreement: float) -> InstallResult:
-        m = staged.manifest
+        step("self_tested", m)
         slots = self.store.activate(staged)
         self.scheduler.load(self._resident(m, model, size))
+        step("activated", m)
+        if commit:
+            self._commit(staged)
+            step("committed", m)
+        else:
+            self._pending[m.name] = staged
+        return InstallResult(m.name, m.version, slots.previous,
+                             f"passed, top-1 agreement {result.top1_agreement:.0%}")
+
+    def _commit(self, staged: Staged) -> None:
         self.store.commit(staged)
         self.metrics.inc("edge_agent_updates_total", result="committed")
-        log.info("update.committed model=%s version=%d", m.name, m.version)
-        return InstallResult(m.name, m.version, slots.previous,
-                             f"passed, top-1 agreement {agreement:.0%}")
+        log.info("update.committed model=%s version=%d", staged.manifest.name,
+                 staged.manifest.version)
+
+    def commit_pending(self, name: str) -> int:
+        """Commit the update of `name` that a health window was watching; its version."""
+        with self._install_lock:
+            staged = self._pending.pop(name)
+            self._commit(staged)
+            return staged.manifest.version
 
     def roll_back(self, name: str, reason: str) -> str:
         """Serve the previous slot of `name` again (hot swap)."""
         with self._install_lock:
+            self._pending.pop(name, None)
             slots = self.store.roll_back(name, reason)
             notes = self._start_model(name) if slots.active else []
             if not slots.active:
                 self.scheduler.unload(name)
             return "; ".join(notes) or f"{name}: nothing left to serve"
+
+    def restart_runtime(self) -> str:
+        """Reload every active model in new runtime sessions (re-verified, self-tested)."""
+        with self._install_lock:
+            notes = []
+            for name in self.store.models():
+                self.scheduler.unload(name)
+                notes += self._start_model(name)
+            return "; ".join(notes) or "no model installed"
 
     def status(self) -> dict[str, object]:
         models = {}

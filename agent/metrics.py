@@ -81,6 +81,10 @@ class Metrics:
                 h = self.histograms[name][key] = Histogram()
             h.observe(value)
 
+    def gauge(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self.gauges[name].get(tuple(sorted(labels.items())), 0.0)
+
     def counter(self, name: str, **labels: str) -> float:
         with self._lock:
             return self.counters[name].get(tuple(sorted(labels.items())), 0.0)
@@ -104,3 +108,38 @@ class Metrics:
                     lines.append(f"{name}_sum{_labels(k)} {_num(h.sum)}")
                     lines.append(f"{name}_count{_labels(k)} {h.count}")
         return "\n".join(lines) + "\n"
+
+
+class Snapshot:
+    """A copy of the counters and histogram buckets at one moment; windows are differences
+    of two snapshots (what telemetry and the detectors look at)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        with metrics._lock:  # a friend class in the same module
+            self.counters = {n: dict(s) for n, s in metrics.counters.items()}
+            self.buckets = {n: {k: list(h.counts) for k, h in s.items()}
+                            for n, s in metrics.histograms.items()}
+
+    def counter(self, name: str, **labels: str) -> float:
+        return self.counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def counters_by(self, name: str, label: str) -> dict[str, float]:
+        return {dict(k).get(label, ""): v for k, v in self.counters.get(name, {}).items()}
+
+
+def window_counter(before: Snapshot, after: Snapshot, name: str, **labels: str) -> float:
+    return after.counter(name, **labels) - before.counter(name, **labels)
+
+
+def window_quantile(before: Snapshot, after: Snapshot, name: str, q: float,
+                    **labels: str) -> float | None:
+    """The q-quantile (upper bucket bound) of what was observed between two snapshots."""
+    key = tuple(sorted(labels.items()))
+    now = after.buckets.get(name, {}).get(key)
+    if now is None:
+        return None
+    then = before.buckets.get(name, {}).get(key, [0] * len(now))
+    h = Histogram()
+    h.counts = [a - b for a, b in zip(now, then, strict=True)]
+    h.count = sum(h.counts)
+    return h.quantile(q)

@@ -102,16 +102,25 @@ async def _watchdog(notifier: Notifier) -> None:
         await asyncio.sleep(interval)
 
 
-def run(config: AgentConfig) -> int:
+def run(config: AgentConfig, config_path: Path | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(name)s %(message)s")
     lock = lock_state(config.paths.state_dir)
+    fleet = None
     try:
         notifier = Notifier()
         notifier.status("verifying installed models")
         agent = Agent(config)
+        agent.config_path = config_path
         agent.start()
+        if config.mqtt is not None:
+            from agent.fleetlink import FleetLink  # noqa: PLC0415  # paho only when used
+
+            fleet = FleetLink(agent, config.mqtt)
+            fleet.start()
         asyncio.run(serve(agent, notifier))
     finally:
+        if fleet is not None:
+            fleet.stop()
         lock.close()
     return 0

@@ -60,7 +60,6 @@ class StatePayload(_Wire):
 class ModelTelemetry(_Wire):
     requests: int = Field(ge=0, description="requests answered in the interval")
     errors: int = Field(ge=0)
-    refusals: dict[str, int] = Field(default_factory=dict, description="by reason")
     latency_p50_ms: float | None = None
     latency_p95_ms: float | None = None
     latency_p99_ms: float | None = None
@@ -85,6 +84,8 @@ class Telemetry(_Wire):
     temperature_c: float | None
     throttle: Literal["normal", "throttled", "critical"]
     queue_depth: int
+    refusals: dict[str, int] = Field(default_factory=dict,
+                                     description="requests refused in the interval, by reason")
     models: dict[str, ModelTelemetry] = Field(default_factory=dict)
     dropped: dict[str, int] = Field(default_factory=dict,
                                     description="messages the outbox cap dropped, by stream")

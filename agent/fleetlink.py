@@ -1,0 +1,419 @@
+"""The agent's side of the fleet: commands in, state, telemetry, events and results out.
+
+Threads (all daemon threads, started by `start`):
+
+* `mqtt`: the connection (`agent.mqtt`); incoming commands go into a bounded queue (a
+  full queue refuses with an event, never grows);
+* `commands`: verifies each command (`agent.nonces.accept_command`: signature threshold,
+  addressee, expiry, replay) and carries it out; forged, expired, replayed or misaddressed
+  commands produce a `command.rejected` event and a result, and nothing else happens;
+* `telemetry`: every interval, a `Telemetry` message into the outbox, and the detectors
+  (`agent.detectors`) run on the interval's window; anomalies become events.
+
+A deploy: download (resume, cap, minimum rate; `agent.fetch`) -> check the manifest pin ->
+install without committing (verify, stage, load, self-test, activate) -> health window:
+anomalies of the new model (latency against the previous version's baseline, error
+rate) roll it back at once, otherwise it is committed. Every step is an event; the
+command gets one result. A deploy while another is running is refused ("busy"). A crash
+during the window leaves the update uncommitted, and the store rolls it back at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import fields, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psutil
+
+from agent import __version__
+from agent.archive import read_archive_head
+from agent.command import (
+    Addressee,
+    Command,
+    ConfigCommand,
+    DeployCommand,
+    ReplayPolicy,
+    RollbackCommand,
+)
+from agent.config import MqttSection, load_config
+from agent.daemon import Agent, Busy
+from agent.detectors import (
+    Anomaly,
+    LatencyDetector,
+    MemoryTrend,
+    Thresholds,
+    Window,
+    rate_anomalies,
+    temperature_anomaly,
+)
+from agent.errors import AgentError, BundleError, ConfigError, RejectedError
+from agent.fetch import DownloadError, FetchLimits, fetch
+from agent.manifest import Manifest
+from agent.metrics import Snapshot, window_counter, window_quantile
+from agent.mqtt import MqttLink, TlsFiles
+from agent.nonces import NonceStore, accept_command
+from agent.outbox import Outbox
+from agent.wire import (
+    CommandResult,
+    Event,
+    Memory,
+    ModelState,
+    ModelTelemetry,
+    Severity,
+    StatePayload,
+    Telemetry,
+    device_topic,
+    dump,
+    group_cmd_topic,
+)
+
+log = logging.getLogger("edge_agent.fleet")
+LATENCY = "edge_agent_request_duration_seconds"
+
+
+class FleetLink:
+    def __init__(self, agent: Agent, cfg: MqttSection) -> None:
+        self.agent, self.cfg = agent, cfg
+        d = agent.config.device
+        self.me = Addressee(fleet=d.fleet, device=d.id, groups=frozenset(d.groups))
+        state = agent.config.paths.state_dir
+        self.outbox = Outbox(state / "outbox.sqlite", cap=cfg.outbox_cap)
+        self.nonces = NonceStore(state / "nonces.sqlite")
+        self.downloads = state / "downloads"
+        self.downloads.mkdir(exist_ok=True)
+        self.thresholds = Thresholds()
+        self.interval_s = cfg.telemetry_interval_s
+        self.health_window_s = cfg.health_window_s
+        self._inbox: queue.Queue[bytes] = queue.Queue(maxsize=64)
+        self._stop = threading.Event()
+        self._deploying = threading.Lock()
+        self._latency: dict[str, LatencyDetector] = {}
+        self._memory = MemoryTrend(self.thresholds)
+        self._started = time.monotonic()
+        self._snap = Snapshot(agent.metrics)
+        password = cfg.password_file.read_text().strip() if cfg.password_file else None
+        self.link = MqttLink(
+            brokers=cfg.brokers, client_id=f"{d.fleet}-{d.id}",
+            state_topic=self.topic("state"), birth=lambda: dump(self.state(online=True)),
+            will=dump(self.state(online=False)),
+            subscriptions=[self.topic("cmd"), *(group_cmd_topic(d.fleet, g) for g in d.groups)],
+            on_message=self._received, outbox=self.outbox,
+            tls=TlsFiles(ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file),
+            username=cfg.username, password=password, keepalive_s=cfg.keepalive_s)
+
+    def topic(self, kind: str) -> str:
+        return device_topic(self.me.fleet, self.me.device, kind)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        for note in self.agent.notes:
+            self.event("agent.start", "warning" if "fall" in note or "interrupted" in note
+                       else "info", note)
+        self.link.start()
+        for target, name in ((self._commands, "commands"), (self._telemetry, "telemetry")):
+            threading.Thread(target=target, name=name, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.link.stop()
+
+    # -- outgoing -------------------------------------------------------------------------
+    def state(self, *, online: bool) -> StatePayload:
+        d = self.agent.config.device
+        models = {n: ModelState(version=r.manifest.version, runtime=r.manifest.runtime,
+                                committed=self.agent.store.slots(n).committed)
+                  for n, r in self.agent.scheduler.models().items()} if online else {}
+        return StatePayload(device=d.id, fleet=d.fleet, online=online,
+                            agent_version=__version__, profile=d.profile, groups=d.groups,
+                            models=models, at=datetime.now(UTC))
+
+    def event(self, kind: str, severity: Severity, message: str, *,
+              manifest: Manifest | None = None, command_id: str | None = None,
+              evidence: dict[str, Any] | None = None) -> None:
+        def build(seq: int) -> bytes:
+            return dump(Event(seq=seq, device=self.me.device, at=datetime.now(UTC),
+                              kind=kind, severity=severity, message=message,
+                              model=manifest.name if manifest else None,
+                              version=manifest.version if manifest else None,
+                              command_id=command_id, evidence=evidence or {}))
+        self.outbox.enqueue("event", self.topic("event"), build)
+        log.info("event %s %s", kind, message)
+
+    def result(self, cmd: Command | None, ok: bool, text: str, check: str | None = None
+               ) -> None:
+        payload = dump(CommandResult(device=self.me.device, command_id=cmd.id if cmd else None,
+                                     kind=cmd.kind if cmd else None, ok=ok, result=text,
+                                     check=check, at=datetime.now(UTC)))
+        self.outbox.enqueue("result", self.topic("cmd/result"), lambda _seq: payload)
+
+    def publish_state(self) -> None:
+        self.outbox.enqueue("state", self.topic("state"),
+                            lambda _s: dump(self.state(online=True)), retain=True)
+
+    # -- incoming -------------------------------------------------------------------------
+    def _received(self, topic: str, payload: bytes, properties: Any) -> None:
+        try:
+            self._inbox.put_nowait(payload)
+        except queue.Full:
+            self.event("command.dropped", "warning", "command queue full; command dropped",
+                       evidence={"topic": topic, "bytes": len(payload)})
+
+    def _commands(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self.handle(raw)
+            except Exception as exc:  # the command path must never die; say what happened
+                log.exception("command.crashed")
+                self.event("command.failed", "error", f"unexpected error: {exc!r}")
+
+    def handle(self, raw: bytes) -> None:
+        """Verify one command and carry it out."""
+        policy = ReplayPolicy(window=timedelta(seconds=self.cfg.replay_window_s))
+        try:
+            cmd = accept_command(self.agent.root, raw, me=self.me, now=datetime.now(UTC),
+                                 store=self.nonces, policy=policy)
+        except RejectedError as exc:
+            self.event("command.rejected", "warning", str(exc),
+                       evidence={"check": exc.check, **_jsonable(exc.details)})
+            self.result(None, False, str(exc), exc.check)
+            return
+        if isinstance(cmd, DeployCommand):
+            threading.Thread(target=self._deploy_guarded, args=(cmd,), name="deploy",
+                             daemon=True).start()
+        elif isinstance(cmd, RollbackCommand):
+            self._rollback(cmd)
+        elif isinstance(cmd, ConfigCommand):
+            self._config(cmd)
+        elif cmd.kind == "restart":
+            self.result(cmd, True, self.agent.restart_runtime())
+        else:  # reload
+            self.result(cmd, *self._reload())
+
+    # -- commands -------------------------------------------------------------------------
+    def _rollback(self, cmd: RollbackCommand) -> None:
+        try:
+            note = self.agent.roll_back(cmd.model, cmd.reason or f"command {cmd.id}")
+        except AgentError as exc:
+            self.result(cmd, False, str(exc), getattr(exc, "check", None))
+            return
+        self.event("deploy.rolled_back", "warning", f"{cmd.model}: rolled back on command "
+                   f"({cmd.reason or 'no reason given'})", command_id=cmd.id)
+        self.publish_state()
+        self.result(cmd, True, note)
+
+    def _config(self, cmd: ConfigCommand) -> None:
+        known = {f.name for f in fields(Thresholds)}
+        unknown = [k for k in cmd.settings if k not in known
+                   and k not in ("telemetry_interval_s", "health_window_s")]
+        if unknown:
+            self.result(cmd, False, f"unknown settings: {', '.join(sorted(unknown))}",
+                        "settings")
+            return
+        try:
+            updates = {k: float(v) for k, v in cmd.settings.items() if k in known}
+            self.thresholds = replace(self.thresholds, **updates)  # type: ignore[arg-type]
+            if "telemetry_interval_s" in cmd.settings:
+                self.interval_s = max(0.1, float(cmd.settings["telemetry_interval_s"]))
+            if "health_window_s" in cmd.settings:
+                self.health_window_s = max(0.0, float(cmd.settings["health_window_s"]))
+        except (TypeError, ValueError) as exc:
+            self.result(cmd, False, f"bad value: {exc}", "settings")
+            return
+        self.result(cmd, True, f"applied {', '.join(sorted(cmd.settings))}")
+
+    def _reload(self) -> tuple[bool, str]:
+        """Re-read the configuration file: what can change while running does; the rest is
+        reported as needing a restart. An invalid file changes nothing."""
+        path = self.agent.config_path
+        if path is None:
+            return False, "the agent was not started from a configuration file"
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            return False, f"configuration not reloaded: {exc}"
+        if new.mqtt is not None:
+            self.interval_s = new.mqtt.telemetry_interval_s
+            self.health_window_s = new.mqtt.health_window_s
+        changed = [name for name in type(new).model_fields
+                   if name != "mqtt" and getattr(new, name) != getattr(self.agent.config, name)]
+        return True, ("telemetry interval and health window applied"
+                      + (f"; {', '.join(changed)} changed and apply after a restart"
+                         if changed else ""))
+
+    def _deploy_guarded(self, cmd: DeployCommand) -> None:
+        if not self._deploying.acquire(blocking=False):
+            self.event("deploy.refused", "warning", "a deploy is already in progress",
+                       command_id=cmd.id)
+            self.result(cmd, False, "another deploy is in progress; send it again later",
+                        "busy")
+            return
+        try:
+            self._deploy(cmd)
+        finally:
+            self._deploying.release()
+
+    def _deploy(self, cmd: DeployCommand) -> None:
+        ev = {"model": cmd.model, "version": cmd.version}
+        self.event("deploy.downloading", "info", f"{cmd.model} v{cmd.version} from "
+                   f"{cmd.archive.urls[0]}", command_id=cmd.id, evidence=ev)
+        dest = self.downloads / f"{cmd.model}-v{cmd.version}-{cmd.archive.sha256[:8]}.tar"
+        try:
+            fetch(cmd.archive, dest, FetchLimits(
+                timeout_s=self.cfg.download_timeout_s,
+                min_rate_bytes_per_s=self.cfg.download_min_rate_bytes_per_s))
+            manifest_raw, _ = read_archive_head(dest)
+            if hashlib.sha256(manifest_raw).hexdigest() != cmd.manifest_sha256:
+                raise BundleError("the archive's manifest is not the one the command pins",
+                                  check="manifest_pin")
+            result = self.agent.install(dest, commit=False, on_step=lambda s, m: self.event(
+                f"deploy.{s}", "info", f"{m.name} v{m.version} {s.replace('_', '-')}",
+                manifest=m, command_id=cmd.id))
+        except DownloadError as exc:
+            self.event("deploy.failed", "error", f"download failed: {exc}", command_id=cmd.id,
+                       evidence=ev)
+            self.result(cmd, False, f"download failed: {exc}", "download")
+            return
+        except Busy as exc:
+            self.result(cmd, False, str(exc), "busy")
+            return
+        except RejectedError as exc:
+            self.event("deploy.rejected", "error", str(exc), command_id=cmd.id,
+                       evidence={"check": exc.check, **_jsonable(exc.details), **ev})
+            self.result(cmd, False, str(exc), exc.check)
+            return
+        except AgentError as exc:
+            self.event("deploy.failed", "error", str(exc), command_id=cmd.id, evidence=ev)
+            self.result(cmd, False, str(exc), "install")
+            return
+        finally:
+            dest.unlink(missing_ok=True)
+        self.publish_state()
+        self._watch(cmd, result.previous)
+
+    def _watch(self, cmd: DeployCommand, previous: str | None) -> None:
+        """The health window: roll back on the first anomaly of the new model."""
+        end = time.monotonic() + self.health_window_s
+        detector = self._latency.setdefault(cmd.model, LatencyDetector(self.thresholds))
+        before = Snapshot(self.agent.metrics)
+        while time.monotonic() < end and not self._stop.is_set():
+            time.sleep(min(self.interval_s, max(0.0, end - time.monotonic())))
+            after = Snapshot(self.agent.metrics)
+            window = self._window(cmd.model, before, after, self.interval_s)
+            before = after
+            found = rate_anomalies(window, self.thresholds)
+            if (a := detector.observe(window)) is not None:
+                found.append(a)
+            if found and previous is not None:
+                self._roll_back_deploy(cmd, found)
+                return
+        version = self.agent.commit_pending(cmd.model)
+        self.event("deploy.committed", "info", f"{cmd.model} v{version} committed after a "
+                   f"{self.health_window_s:g} s health window", command_id=cmd.id,
+                   evidence={"model": cmd.model, "version": version})
+        self.publish_state()
+        self.result(cmd, True, f"{cmd.model} v{version} committed")
+
+    def _roll_back_deploy(self, cmd: DeployCommand, found: list[Anomaly]) -> None:
+        why = "; ".join(f"{a.detector} {a.statistic} {a.value:.3g} > {a.threshold:g}"
+                        for a in found)
+        self.agent.roll_back(cmd.model, f"health window: {why}")
+        for a in found:
+            self.anomaly(a, command_id=cmd.id)
+        self.event("deploy.rolled_back", "error", f"{cmd.model} v{cmd.version} rolled back "
+                   f"in its health window: {why}", command_id=cmd.id,
+                   evidence={"model": cmd.model, "version": cmd.version})
+        self.publish_state()
+        self.result(cmd, False, f"rolled back: {why}", "health")
+
+    def anomaly(self, a: Anomaly, *, command_id: str | None = None) -> None:
+        self.event("anomaly", "warning", f"{a.detector}: {a.statistic} {a.value:.4g} above "
+                   f"{a.threshold:g} over {a.window_s:g} s", command_id=command_id,
+                   evidence={"detector": a.detector, "statistic": a.statistic,
+                             "value": a.value, "threshold": a.threshold,
+                             "window_s": a.window_s, "model": a.model, **a.evidence})
+
+    # -- telemetry ------------------------------------------------------------------------
+    def _window(self, model: str, before: Snapshot, after: Snapshot, seconds: float) -> Window:
+        p50 = window_quantile(before, after, LATENCY, 0.5, model=model)
+        return Window(model=model, seconds=seconds,
+                      requests=int(window_counter(before, after, "edge_agent_inferences_total",
+                                                  model=model)),
+                      errors=int(window_counter(before, after, "edge_agent_errors_total",
+                                                model=model)),
+                      latency_p50_s=p50)
+
+    def _telemetry(self) -> None:
+        proc = psutil.Process()
+        proc.cpu_percent(None)
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._tick(proc)
+            except Exception:  # telemetry must keep going; the log says what broke
+                log.exception("telemetry.failed")
+
+    def _tick(self, proc: psutil.Process) -> None:
+        before, after = self._snap, Snapshot(self.agent.metrics)
+        self._snap = after
+        models: dict[str, ModelTelemetry] = {}
+        for name in self.agent.scheduler.models():
+            w = self._window(name, before, after, self.interval_s)
+            q = {p: window_quantile(before, after, LATENCY, p, model=name)
+                 for p in (0.5, 0.95, 0.99)}
+            models[name] = ModelTelemetry(
+                requests=w.requests, errors=w.errors,
+                latency_p50_ms=_ms(q[0.5]), latency_p95_ms=_ms(q[0.95]),
+                latency_p99_ms=_ms(q[0.99]), throughput_per_s=w.requests / self.interval_s)
+            if not self._deploying.locked():
+                detector = self._latency.setdefault(name, LatencyDetector(self.thresholds))
+                for a in [*rate_anomalies(w, self.thresholds),
+                          *filter(None, [detector.observe(w)])]:
+                    self.anomaly(a)
+        was = before.counters_by("edge_agent_refusals_total", "reason")
+        refusals = {k: int(v - was.get(k, 0)) for k, v in
+                    after.counters_by("edge_agent_refusals_total", "reason").items()
+                    if v - was.get(k, 0) > 0}
+        s = self.agent.scheduler
+        rss = proc.memory_info().rss
+        vm = psutil.virtual_memory()
+        for a in filter(None, [self._memory.observe(time.monotonic(), rss),
+                               temperature_anomaly(s.reading.temperature_c,
+                                                   s.thermal_limits.throttle_c,
+                                                   self.interval_s)]):
+            self.anomaly(a)
+        dropped = self.outbox.take_dropped()
+        if dropped:
+            self.event("outbox.dropped", "warning", f"the outbox cap dropped {dropped}",
+                       evidence=dropped)
+
+        def build(seq: int) -> bytes:
+            return dump(Telemetry(
+                seq=seq, device=self.me.device, at=datetime.now(UTC),
+                interval_s=self.interval_s, uptime_s=time.monotonic() - self._started,
+                cpu_percent=proc.cpu_percent(None),
+                memory=Memory(process_rss_bytes=rss, system_available_bytes=vm.available,
+                              system_total_bytes=vm.total),
+                temperature_c=s.reading.temperature_c, throttle=s.thermal.name.lower(),
+                queue_depth=int(self.agent.metrics.gauge("edge_agent_queue_depth")),
+                refusals=refusals, models=models, dropped=dropped))
+        self.outbox.enqueue("telemetry", self.topic("telemetry"), build)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None or seconds == float("inf") else seconds * 1000
+
+
+def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(details, default=str))
+    return out
+

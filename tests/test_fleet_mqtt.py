@@ -1,0 +1,185 @@
+"""The agent joined to its fleet over a real mosquitto: signed deploys of converter-built
+bundles from a local HTTP artifact server with every step an event, rejections reaching
+events and results, telemetry with consecutive sequence numbers, birth and Last Will."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixture_agent import AgentProcess, infer_body, write_config
+from fixture_mqtt import Broker, Subscriber
+
+from fleet.commands import build_command, deploy_fields, sign_command
+from fleet.keys import KeyDir
+
+X86 = "x86_64-generic"
+BASE = "edge/v1/acme/dev-1"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def artifacts(releases: dict[str, Path]) -> Iterator[str]:
+    """An HTTP server for the release archives."""
+    root = releases["onnx1"].parent
+    handler = functools.partial(_Quiet, directory=str(root))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
+    sub = Subscriber(broker, [f"{BASE}/#"])
+    where = tmp_path / "agent"
+    where.mkdir()
+    cfg = write_config(where, releases["keys"], profile=X86,
+                       mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.3,
+                             "health_window_s": 1.0})
+    agent = AgentProcess(cfg).start()
+    assert agent.install(releases["onnx1"])[0] == 200
+    yield agent, sub
+    agent.stop()
+    sub.close()
+
+
+def command(releases: dict[str, Path], kind: str, **fields: Any) -> bytes:
+    kd = KeyDir(releases["keys"])
+    ttl = fields.pop("ttl", timedelta(minutes=5))
+    cmd = build_command(kind, fleet="acme", ttl=ttl, **{"device": "dev-1"} | fields)
+    return sign_command(cmd, kd.keys_of(kd.root(), "command", None))
+
+
+def deploy(releases: dict[str, Path], url: str, name: str, **kw: Any) -> bytes:
+    fields = deploy_fields(releases[name], [f"{url}/{releases[name].name}"])
+    return command(releases, "deploy", **(fields | kw))
+
+
+def results(sub: Subscriber) -> list[dict[str, Any]]:
+    return [json.loads(p) for p in sub.on("/cmd/result")]
+
+
+def events(sub: Subscriber) -> list[dict[str, Any]]:
+    return [json.loads(p) for p in sub.on("/event")]
+
+
+def test_a_signed_deploy_is_downloaded_verified_activated_and_committed(
+        fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
+    agent, sub = fleet
+    sub.wait_for(lambda: any(json.loads(p)["online"] for p in sub.on("/state")))
+    sub.publish(f"{BASE}/cmd", deploy(releases, artifacts, "onnx2"))
+    sub.wait_for(lambda: results(sub), timeout=30)
+    assert results(sub)[0]["ok"], results(sub)
+    kinds = [e["kind"] for e in events(sub)]
+    assert kinds.index("deploy.downloading") < kinds.index("deploy.verified") \
+        < kinds.index("deploy.self_tested") < kinds.index("deploy.activated") \
+        < kinds.index("deploy.committed")
+    out = agent.call("POST", "/v2/models/digits/infer", infer_body("input"))[1]
+    assert out["model_version"] == "2"
+    sub.wait_for(lambda: json.loads(sub.on("/state")[-1])["models"].get("digits", {})
+                 .get("version") == 2)
+    seqs = [e["seq"] for e in events(sub)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_rejected_commands_reach_an_event_and_a_result_and_nothing_else_happens(
+        fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
+    agent, sub = fleet
+    good = command(releases, "restart")
+    sub.publish(f"{BASE}/cmd", good)
+    sub.wait_for(lambda: len(results(sub)) == 1)
+    for raw in (good,  # replayed
+                command(releases, "restart", device="dev-2"),  # another device
+                command(releases, "restart", now=datetime.now(UTC) - timedelta(hours=2),
+                        ttl=timedelta(hours=1)),  # expired
+                b"{}", b"\xff\x00 not json",
+                deploy(releases, artifacts, "onnx1")):  # a rollback to v1 (committed v1)
+        sub.publish(f"{BASE}/cmd", raw)
+    sub.wait_for(lambda: len(results(sub)) == 7, timeout=30)
+    checks = [r["check"] for r in results(sub)[1:]]
+    assert checks == ["replay", "addressee", "expired", "format", "format",
+                      "equal_version"]  # v1 is what is committed
+    rejected = [e for e in events(sub) if e["kind"] in ("command.rejected", "deploy.rejected")]
+    assert len(rejected) == 6 and all(e["evidence"]["check"] for e in rejected)
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+
+
+def test_a_release_that_fails_its_self_test_or_its_pin_is_not_served(
+        fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
+    agent, sub = fleet
+    sub.publish(f"{BASE}/cmd", deploy(releases, artifacts, "onnx3_bad"))
+    sub.wait_for(lambda: len(results(sub)) == 1, timeout=30)
+    assert results(sub)[0]["check"] == "selftest" and "self-test" in results(sub)[0]["result"]
+    # the pinned archive is onnx2's, but the server hands out onnx1's bytes at that URL
+    fields = deploy_fields(releases["onnx2"], [f"{artifacts}/{releases['onnx1'].name}"])
+    sub.publish(f"{BASE}/cmd", command(releases, "deploy", **fields))
+    sub.wait_for(lambda: len(results(sub)) == 2, timeout=30)
+    assert results(sub)[1]["check"] in ("size", "sha256")
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+
+
+def test_telemetry_counts_requests_with_consecutive_sequence_numbers(fleet: Any) -> None:
+    agent, sub = fleet
+    for _ in range(20):
+        agent.call("POST", "/v2/models/digits/infer", infer_body("input"))
+    sub.wait_for(lambda: len(sub.on("/telemetry")) >= 6)
+    tel = [json.loads(p) for p in sub.on("/telemetry")]
+    seqs = [t["seq"] for t in tel]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert sum(t["models"].get("digits", {}).get("requests", 0) for t in tel) == 20
+    assert tel[-1]["memory"]["process_rss_bytes"] > 10_000_000
+    assert tel[-1]["throttle"] == "normal"
+
+
+def test_the_last_will_says_offline_when_the_agent_dies(fleet: Any) -> None:
+    agent, sub = fleet
+    sub.wait_for(lambda: any(json.loads(p)["online"] for p in sub.on("/state")))
+    agent.kill9()
+    sub.wait_for(lambda: not json.loads(sub.on("/state")[-1])["online"], timeout=60)
+    agent.start()
+    sub.wait_for(lambda: json.loads(sub.on("/state")[-1])["online"])
+
+
+def test_hostile_payloads_on_every_subscribed_topic_are_rejected_and_the_agent_lives(
+        fleet: Any, releases: dict[str, Path]) -> None:
+    import random
+
+    agent, sub = fleet
+    rng = random.Random(5)
+    good = json.loads(command(releases, "restart"))
+    hostile = [rng.randbytes(rng.randint(0, 300)) for _ in range(15)]
+    hostile += [b"[" * 50_000, b'{"signed": {"x": 1e400}, "signatures": []}',
+                json.dumps({"signed": good["signed"], "signatures": good["signatures"] * 70})
+                .encode(), b"A" * 70_000]
+    for key in ("kind", "target", "nonce", "expires"):
+        forged = json.loads(json.dumps(good))
+        forged["signed"][key] = "evil"
+        hostile.append(json.dumps(forged).encode())
+    for i, raw in enumerate(hostile):
+        sub.publish(f"{BASE}/cmd" if i % 2 else "edge/v1/acme/group/lab/cmd", raw)
+    sub.wait_for(lambda: len(results(sub)) == len(hostile), timeout=60)
+    assert not any(r["ok"] for r in results(sub))
+    assert {r["check"] for r in results(sub)} <= {"format", "threshold", "unsigned",
+                                                  "signatures"}
+    assert agent.call("GET", "/v2/health/live")[0] == 200
+    assert agent.proc is not None and agent.proc.poll() is None
