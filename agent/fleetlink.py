@@ -96,6 +96,7 @@ class FleetLink:
         self._deploying = threading.Lock()
         self._latency: dict[str, LatencyDetector] = {}
         self._memory = MemoryTrend(self.thresholds)
+        self._loaded: frozenset[tuple[str, int]] = frozenset()
         self._started = time.monotonic()
         self._snap = Snapshot(agent.metrics)
         password = cfg.password_file.read_text().strip() if cfg.password_file else None
@@ -384,6 +385,9 @@ class FleetLink:
                     after.counters_by("edge_agent_refusals_total", "reason").items()
                     if v - was.get(k, 0) > 0}
         s = self.agent.scheduler
+        loaded = frozenset((n, r.manifest.version) for n, r in s.models().items())
+        if loaded != self._loaded:  # a load or unload moves memory by design: new trend
+            self._loaded, self._memory = loaded, MemoryTrend(self.thresholds)
         rss = proc.memory_info().rss
         vm = psutil.virtual_memory()
         for a in filter(None, [self._memory.observe(time.monotonic(), rss),

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import FAST
-from fixture_agent import make_keys, release
+from fixture_agent import make_keys, release, slow_release
 
 from converter.cli import main as convert
 from converter.examples.digits import write_example
@@ -42,6 +42,7 @@ def build(out: Path) -> dict[str, str]:
         "onnx2": release(out / "run", rel, keys, version=2, profile=X86),
         "onnx3_bad": release(out / "run", rel, keys, version=3, profile=X86,
                              break_selftest=True),
+        "onnx4_slow": slow_release(rel, keys, version=4),
     }
     for work in rel.glob("work-*"):  # only the archives travel
         shutil.rmtree(work)

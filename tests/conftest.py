@@ -51,7 +51,7 @@ def releases(onnx_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     if ARTIFACTS:
         index = json.loads((Path(ARTIFACTS) / "releases.json").read_text())
         return {k: Path(ARTIFACTS) / v for k, v in index.items()}
-    from fixture_agent import make_keys, release
+    from fixture_agent import make_keys, release, slow_release
 
     out = tmp_path_factory.mktemp("releases")
     keys = make_keys(out / "keys")
@@ -63,4 +63,5 @@ def releases(onnx_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "onnx1": release(onnx_run, out, keys, version=1, profile=x86),
         "onnx2": release(onnx_run, out, keys, version=2, profile=x86),
         "onnx3_bad": release(onnx_run, out, keys, version=3, profile=x86, break_selftest=True),
+        "onnx4_slow": slow_release(out, keys, version=4),
     }

@@ -162,3 +162,68 @@ def infer_body(name: str, n: int = 1, **params: Any) -> dict[str, Any]:
 
 
 __all__ = ["AgentProcess", "call", "infer_body", "make_keys", "release", "write_config"]
+
+
+def slow_release(out: Path, keys: Path, *, version: int, profile: str = "x86_64-generic"
+                 ) -> Path:
+    """A signed release with the digits model's I/O names but a slow body (wide fully
+    connected layers, milliseconds per sample): a latency regression to inject."""
+    from datetime import UTC, datetime, timedelta
+
+    import onnx  # host toolchain only
+    from onnx import TensorProto, helper
+
+    from agent.manifest import (
+        Histogram,
+        InputReference,
+        Manifest,
+        OutputReference,
+        Preprocessing,
+        ReferenceStats,
+        ResourceEstimate,
+        SelfTest,
+        TensorSpec,
+    )
+    from agent.runtime import open_model
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Flatten", ["input"], ["f"])]
+    inits, prev, width = [], "f", 64
+    for i, w in enumerate((2048, 2048, 2048, 10)):
+        inits.append(onnx.numpy_helper.from_array(
+            (rng.normal(0, 1, (width, w)) / np.sqrt(width)).astype(np.float32), f"m{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"m{i}"], [f"h{i}"]))
+        prev, width = f"h{i}", w
+    nodes.append(helper.make_node("Identity", [prev], ["output"]))
+    graph = helper.make_graph(
+        nodes, "slow", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                      ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])], inits)
+    bundle = out / f"slow-{version}"
+    bundle.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              bundle / "model.onnx")
+    x = np.random.default_rng(1).uniform(0, 1, (8, 1, 8, 8)).astype(np.float32)
+    np.savez(bundle / "selftest.npz", inputs=x,
+             outputs=open_model(bundle / "model.onnx", "onnx").run(x))
+    now = datetime.now(UTC)
+    hist = Histogram(bin_edges=[0.0, 0.5, 1.0], fractions=[0.5, 0.5])
+    m = Manifest(
+        name="digits", version=version, created=now, expires=now + timedelta(days=30),
+        min_agent_version="0.1.0", profiles=[profile], runtime="onnx", model_file="model.onnx",
+        files={f: file_entry(bundle / f) for f in ("model.onnx", "selftest.npz")},
+        inputs=[TensorSpec(name="input", dtype="float32", shape=[None, 1, 8, 8])],
+        outputs=[TensorSpec(name="output", dtype="float32", shape=[None, 10])],
+        labels=[str(i) for i in range(10)], preprocessing=Preprocessing(layout="NCHW"),
+        reference=ReferenceStats(samples=8, input=InputReference(
+            histogram=hist, mean=0.5, std=0.29, feature_mean=[0.5], feature_std=[0.29]),
+            output=OutputReference(class_fractions=[0.1] * 10, confidence=hist)),
+        resources=ResourceEstimate(model_bytes=(bundle / "model.onnx").stat().st_size,
+                                   arena_bytes=1 << 20, peak_memory_bytes=1 << 26),
+        selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
+    (bundle / "manifest.json").write_bytes(canonical_json(m))
+    kd = KeyDir(keys)
+    sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
+    archive = pack_bundle(bundle, out / f"digits-slow-v{version}.tar.zst")
+    shutil.rmtree(bundle)
+    return archive

@@ -183,3 +183,40 @@ def test_hostile_payloads_on_every_subscribed_topic_are_rejected_and_the_agent_l
                                                   "signatures"}
     assert agent.call("GET", "/v2/health/live")[0] == 200
     assert agent.proc is not None and agent.proc.poll() is None
+
+
+def test_a_latency_regression_in_the_health_window_rolls_back_by_itself(
+        fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
+    import time
+
+    agent, sub = fleet
+    stop, statuses = threading.Event(), []
+
+    def traffic() -> None:
+        conn = agent.connection()
+        while not stop.is_set():
+            statuses.append(__import__("agent.client", fromlist=["call"]).call(
+                conn, "POST", "/v2/models/digits/infer", infer_body("input"))[0])
+            time.sleep(0.005)
+        conn.close()
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        time.sleep(3)  # baseline windows of v1's latency (telemetry every 0.3 s)
+        sub.publish(f"{BASE}/cmd", deploy(releases, artifacts, "onnx4_slow"))
+        sub.wait_for(lambda: results(sub), timeout=30)
+    finally:
+        stop.set()
+        t.join()
+    r = results(sub)[0]
+    assert (r["ok"], r["check"]) == (False, "health") and "latency" in r["result"]
+    kinds = [e["kind"] for e in events(sub)]
+    assert "deploy.activated" in kinds and "deploy.rolled_back" in kinds
+    assert "deploy.committed" not in kinds
+    anomaly = next(e for e in events(sub)
+                   if e["kind"] == "anomaly" and e["command_id"] == r["command_id"])
+    assert anomaly["evidence"]["detector"] == "latency"
+    assert anomaly["evidence"]["value"] > anomaly["evidence"]["threshold"]
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+    assert set(statuses) == {200}  # no request failed through deploy and rollback
