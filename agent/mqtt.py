@@ -136,6 +136,12 @@ class MqttLink:
             try:
                 client.connect(broker.host, broker.port, keepalive=self.keepalive_s)
                 self._serve(client)
+                if self.connects == before and not self._stop.is_set():
+                    # With TLS 1.3 a refused client certificate shows up only now.
+                    self.last_error = (f"{broker.host}:{broker.port}: closed before the "
+                                       "broker accepted the connection (client certificate "
+                                       "or credentials refused?)")
+                    log.warning("mqtt.connect_failed %s", self.last_error)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self.last_error = f"{broker.host}:{broker.port}: {exc}"
                 log.warning("mqtt.connect_failed %s", self.last_error)

@@ -24,19 +24,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_pki(where: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1, a client certificate for device dev-1
+    signed by that CA, and one signed by another CA (the wrong one)."""
+    where.mkdir(parents=True, exist_ok=True)
+    f = {n: where / n for n in ("ca.key", "ca.crt", "other.key", "other.crt", "server.key",
+                                "server.crt", "dev.key", "dev.crt", "rogue.key", "rogue.crt")}
+    for ca in ("ca", "other"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", f"/CN=test-{ca}", "-keyout", str(f[f"{ca}.key"]),
+                 "-out", str(f[f"{ca}.crt"]))
+    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, cn, ca in (("server", "127.0.0.1", "ca"), ("dev", "dev-1", "ca"),
+                         ("rogue", "dev-1", "other")):
+        csr = where / f"{name}.csr"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                 "-keyout", str(f[f"{name}.key"]), "-out", str(csr))
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(f[f"{ca}.crt"]),
+                 "-CAkey", str(f[f"{ca}.key"]), "-CAcreateserial", "-days", "2",
+                 "-out", str(f[f"{name}.crt"]),
+                 *(["-extfile", str(where / "san.ext")] if name == "server" else []))
+    return f
+
+
 class Broker:
-    def __init__(self, where: Path) -> None:
+    def __init__(self, where: Path, *, tls: dict[str, Path] | None = None) -> None:
         self.dir = where
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         where.mkdir(parents=True, exist_ok=True)
         self.conf = where / "mosquitto.conf"
-        self.conf.write_text(
+        acl = where / "acl"
+        # Anonymous clients (the plain listener: tests and dashboards) may do anything;
+        # a device on the TLS listener, named by its certificate, only its own subtree.
+        acl.write_text("topic readwrite #\n\nuser dev-1\ntopic readwrite edge/v1/acme/dev-1/#\n"
+                       "topic read edge/v1/acme/group/#\n")
+        lines = [
             # Started as root, mosquitto would drop to its own user, which cannot write
             # the database into a private test directory.
-            f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence true\npersistence_location {where}/\nautosave_interval 1\n"
-            "max_queued_messages 100000\n")
+            f"user {getpass.getuser()}",
+            f"persistence true\npersistence_location {where}/\nautosave_interval 1",
+            "max_queued_messages 100000", "per_listener_settings false",
+            *([f"acl_file {acl}"] if tls else []), "allow_anonymous true",
+            f"listener {self.port} 127.0.0.1"]
+        if tls:
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls['ca.crt']}",
+                      f"certfile {tls['server.crt']}", f"keyfile {tls['server.key']}",
+                      "require_certificate true", "use_identity_as_username true"]
+        self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

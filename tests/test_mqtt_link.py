@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fixture_mqtt import Broker, Subscriber, free_port
+from fixture_mqtt import Broker, Subscriber, free_port, make_pki
 
-from agent.mqtt import Backoff, MqttLink, backoff_delay, wait_connected
+from agent.mqtt import Backoff, MqttLink, TlsFiles, backoff_delay, wait_connected
 from agent.outbox import Outbox
 
 STATE = "edge/v1/acme/dev-1/state"
@@ -97,3 +97,47 @@ def test_failover_to_the_second_broker(broker: Broker, tmp_path: Path) -> None:
     assert wait_connected(lk, 10)
     assert "127.0.0.1" in lk.last_error  # the first one was tried and failed
     lk.stop()
+
+
+def test_mutual_tls_with_the_fleet_ca_connects_and_a_foreign_certificate_is_refused(
+        tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    b = Broker(tmp_path / "tls-broker", tls=pki).start()
+    try:
+        sub = Subscriber(b, [STATE])
+        for cert, key, ok in ((pki["dev.crt"], pki["dev.key"], True),
+                              (pki["rogue.crt"], pki["rogue.key"], False)):
+            lk = MqttLink(brokers=[f"mqtts://127.0.0.1:{b.tls_port}"], client_id="dev-1",
+                          state_topic=STATE, birth=lambda: b"online", will=b"offline",
+                          subscriptions=[], on_message=lambda *a: None,
+                          outbox=Outbox(tmp_path / f"{ok}.sqlite"),
+                          tls=TlsFiles(ca_file=pki["ca.crt"], cert_file=cert, key_file=key),
+                          backoff=Backoff(initial_s=0.1, max_s=0.3))
+            lk.start()
+            assert wait_connected(lk, 5) is ok, lk.last_error
+            if ok:
+                sub.wait_for(lambda: b"online" in sub.on("/state"))
+            else:
+                assert lk.last_error  # the handshake failed and says so
+            lk.stop()
+        sub.close()
+    finally:
+        b.stop()
+
+
+def test_a_plain_client_cannot_reach_the_tls_listener_without_a_certificate(
+        tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    b = Broker(tmp_path / "tls-broker", tls=pki).start()
+    try:
+        lk = MqttLink(brokers=[f"mqtts://127.0.0.1:{b.tls_port}"], client_id="dev-1",
+                      state_topic=STATE, birth=lambda: b"online", will=b"offline",
+                      subscriptions=[], on_message=lambda *a: None,
+                      outbox=Outbox(tmp_path / "o.sqlite"),
+                      tls=TlsFiles(ca_file=pki["ca.crt"]),
+                      backoff=Backoff(initial_s=0.1, max_s=0.3))
+        lk.start()
+        assert not wait_connected(lk, 3)
+        lk.stop()
+    finally:
+        b.stop()
