@@ -164,8 +164,8 @@ def infer_body(name: str, n: int = 1, **params: Any) -> dict[str, Any]:
 __all__ = ["AgentProcess", "call", "infer_body", "make_keys", "release", "write_config"]
 
 
-def slow_release(out: Path, keys: Path, *, version: int, profile: str = "x86_64-generic"
-                 ) -> Path:
+def slow_release(out: Path, keys: Path, *, version: int, profile: str = "x86_64-generic",
+                 widths: tuple[int, ...] = (2048, 2048, 2048)) -> Path:
     """A signed release with the digits model's I/O names but a slow body (wide fully
     connected layers, milliseconds per sample): a latency regression to inject."""
     from datetime import UTC, datetime, timedelta
@@ -189,7 +189,7 @@ def slow_release(out: Path, keys: Path, *, version: int, profile: str = "x86_64-
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Flatten", ["input"], ["f"])]
     inits, prev, width = [], "f", 64
-    for i, w in enumerate((2048, 2048, 2048, 10)):
+    for i, w in enumerate((*widths, 10)):
         inits.append(onnx.numpy_helper.from_array(
             (rng.normal(0, 1, (width, w)) / np.sqrt(width)).astype(np.float32), f"m{i}"))
         nodes.append(helper.make_node("MatMul", [prev, f"m{i}"], [f"h{i}"]))
