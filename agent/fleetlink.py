@@ -50,6 +50,7 @@ from agent.detectors import (
     MemoryTrend,
     Thresholds,
     Window,
+    drift_anomalies,
     rate_anomalies,
     temperature_anomaly,
 )
@@ -354,6 +355,19 @@ class FleetLink:
                                                 model=model)),
                       latency_p50_s=p50)
 
+    def _drift(self, name: str) -> None:
+        """Input and output drift of the sampled batches against the manifest's reference."""
+        resident = self.agent.scheduler.models().get(name)
+        sample = resident.take_drift() if resident is not None else None
+        if resident is None or sample is None or sample.samples == 0:
+            return
+        w = Window(model=name, seconds=self.interval_s, requests=sample.samples,
+                   input_counts=sample.input_counts.tolist(),
+                   class_counts=sample.class_counts.tolist(),
+                   mean_confidence=sample.confidence_sum / sample.samples)
+        for a in drift_anomalies(w, resident.manifest.reference, self.thresholds):
+            self.anomaly(a)
+
     def _telemetry(self) -> None:
         proc = psutil.Process()
         proc.cpu_percent(None)
@@ -380,6 +394,7 @@ class FleetLink:
                 for a in [*rate_anomalies(w, self.thresholds),
                           *filter(None, [detector.observe(w)])]:
                     self.anomaly(a)
+            self._drift(name)
         was = before.counters_by("edge_agent_refusals_total", "reason")
         refusals = {k: int(v - was.get(k, 0)) for k, v in
                     after.counters_by("edge_agent_refusals_total", "reason").items()

@@ -71,6 +71,34 @@ class UnknownModel(AgentError):
 
 
 @dataclass
+class DriftSample:
+    """What a sample of served batches looked like, on the manifest's reference bins
+    (input values; predicted classes; top-1 softmax confidence). Taken and reset by the
+    fleet link once per telemetry window, for the drift detectors."""
+
+    input_counts: npt.NDArray[np.float64]
+    class_counts: npt.NDArray[np.float64]
+    confidence_sum: float = 0.0
+    samples: int = 0
+
+    @classmethod
+    def empty(cls, manifest: Manifest) -> DriftSample:
+        return cls(np.zeros(len(manifest.reference.input.histogram.fractions)),
+                   np.zeros(len(manifest.reference.output.class_fractions)))
+
+    def add(self, manifest: Manifest, x: F32, y: F32) -> None:
+        edges = manifest.reference.input.histogram.bin_edges
+        clipped = np.clip(x.ravel(), edges[0], edges[-1])
+        self.input_counts += np.histogram(clipped, bins=edges)[0]
+        if y.ndim == 2 and y.shape[1] == len(self.class_counts):
+            self.class_counts += np.bincount(y.argmax(1), minlength=y.shape[1])
+            z = y - y.max(1, keepdims=True)
+            p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+            self.confidence_sum += float(p.max(1).sum())
+            self.samples += len(y)
+
+
+@dataclass
 class Resident:
     """A loaded model as the scheduler serves it."""
 
@@ -85,6 +113,14 @@ class Resident:
     # Moving average of one run's duration (None until measured) and the last batch size.
     run_s: float | None = None
     last_batch: int = 1
+    batches: int = 0
+    drift: DriftSample | None = None
+
+    def take_drift(self) -> DriftSample | None:
+        """The drift sample so far, and a fresh one in its place."""
+        with self.lock:
+            taken, self.drift = self.drift, DriftSample.empty(self.manifest)
+            return taken
 
 
 @dataclass(order=True)
@@ -110,7 +146,8 @@ class Scheduler:
     def __init__(self, *, budget: Budget, thermal_limits: ThermalLimits, sensors: Sensors,
                  metrics: Metrics | None = None, max_wait_s: float = 0.002,
                  clock: Callable[[], float] = time.monotonic,
-                 sensor_interval_s: float = 1.0, inline_max_s: float = 0.001) -> None:
+                 sensor_interval_s: float = 1.0, inline_max_s: float = 0.001,
+                 drift_every: int = 4) -> None:
         self.budget = budget
         self.thermal_limits = thermal_limits
         self.sensors = sensors
@@ -119,6 +156,8 @@ class Scheduler:
         self.clock = clock
         self.sensor_interval_s = sensor_interval_s
         self.inline_max_s = inline_max_s
+        # One batch in `drift_every` feeds the drift statistics (tens of µs each).
+        self.drift_every = max(1, drift_every)
         self.thermal = Thermal.NORMAL
         self.reading = sensors.read()
         self._read_at = clock()
@@ -283,12 +322,11 @@ class Scheduler:
             started = time.perf_counter()
             if locked:
                 y = entry.model.run(x)
+                self._sample(entry, x, y, started)
             else:
                 with entry.lock:
                     y = entry.model.run(x)
-            took = (time.perf_counter() - started) / len(x)
-            entry.run_s = took if entry.run_s is None else 0.9 * entry.run_s + 0.1 * took
-            entry.last_batch = len(x)
+                    self._sample(entry, x, y, started)
         except Exception as exc:  # a runtime failure fails these jobs, not the worker
             self.metrics.inc("edge_agent_errors_total", model=entry.name)
             for j in jobs:
@@ -303,6 +341,18 @@ class Scheduler:
             self.metrics.observe("edge_agent_request_duration_seconds", done - j.submitted,
                                  model=entry.name)
         self.metrics.inc("edge_agent_inferences_total", len(x), model=entry.name)
+
+    def _sample(self, entry: Resident, x: F32, y: F32, started: float) -> None:
+        """Bookkeeping after a run, under the model's lock: run time, batch size, and one
+        batch in `drift_every` into the drift statistics."""
+        took = (time.perf_counter() - started) / len(x)
+        entry.run_s = took if entry.run_s is None else 0.9 * entry.run_s + 0.1 * took
+        entry.last_batch = len(x)
+        entry.batches += 1
+        if entry.batches % self.drift_every == 0:
+            if entry.drift is None:
+                entry.drift = DriftSample.empty(entry.manifest)
+            entry.drift.add(entry.manifest, x, y)
 
     def stop(self) -> None:
         with self._cv:

@@ -220,3 +220,22 @@ def test_a_latency_regression_in_the_health_window_rolls_back_by_itself(
     assert anomaly["evidence"]["value"] > anomaly["evidence"]["threshold"]
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
     assert set(statuses) == {200}  # no request failed through deploy and rollback
+
+
+def test_inputs_unlike_the_calibration_data_raise_a_drift_anomaly(fleet: Any) -> None:
+    agent, sub = fleet
+    body = {"inputs": [{"name": "input", "shape": [4, 1, 8, 8], "datatype": "FP32",
+                        "data": [-50.0] * 256}]}  # far outside the reference histogram
+    conn = agent.connection()
+    from agent.client import call
+
+    for _ in range(200):
+        assert call(conn, "POST", "/v2/models/digits/infer", body)[0] == 200
+    conn.close()
+    sub.wait_for(lambda: any(e["kind"] == "anomaly"
+                             and e["evidence"]["detector"] == "input_drift"
+                             for e in events(sub)), timeout=15)
+    drift = next(e for e in events(sub) if e["kind"] == "anomaly"
+                 and e["evidence"]["detector"] == "input_drift")
+    assert drift["evidence"]["statistic"] == "psi"
+    assert drift["evidence"]["value"] > drift["evidence"]["threshold"]
