@@ -32,6 +32,9 @@ class Priority(IntEnum):
     LOW = 2
 
 
+PRIORITY = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.LOW}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ThermalLimits:
     throttle_c: float

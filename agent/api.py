@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import __version__
 from agent._http import Handler, HttpServer, Request, Response, Router, json_response
-from agent.admission import Priority
+from agent.admission import PRIORITY
 from agent.daemon import Agent, Busy
 from agent.errors import AgentError, RejectedError
 from agent.oip import (
@@ -32,8 +32,6 @@ from agent.oip import (
     predict_response,
 )
 from agent.scheduler import Refused, Resident, UnknownModel
-
-PRIORITY = {"high": Priority.HIGH, "normal": Priority.NORMAL, "low": Priority.LOW}
 
 
 def _error(status: int, message: str, **extra: Any) -> Response:

@@ -33,6 +33,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from agent.admission import PRIORITY
 from agent.archive import read_archive_head
 from agent.command import (
     Addressee,
@@ -60,7 +61,9 @@ from agent.manifest import Manifest
 from agent.metrics import Snapshot, window_counter, window_quantile
 from agent.mqtt import MqttLink, TlsFiles
 from agent.nonces import NonceStore, accept_command
+from agent.oip import ApiError, infer_response, parse_infer
 from agent.outbox import Outbox
+from agent.scheduler import Refused
 from agent.wire import (
     CommandResult,
     Event,
@@ -93,6 +96,7 @@ class FleetLink:
         self.interval_s = cfg.telemetry_interval_s
         self.health_window_s = cfg.health_window_s
         self._inbox: queue.Queue[bytes] = queue.Queue(maxsize=64)
+        self._requests: queue.Queue[tuple[bytes, Any]] = queue.Queue(maxsize=256)
         self._stop = threading.Event()
         self._deploying = threading.Lock()
         self._latency: dict[str, LatencyDetector] = {}
@@ -105,7 +109,8 @@ class FleetLink:
             brokers=cfg.brokers, client_id=f"{d.fleet}-{d.id}",
             state_topic=self.topic("state"), birth=lambda: dump(self.state(online=True)),
             will=dump(self.state(online=False)),
-            subscriptions=[self.topic("cmd"), *(group_cmd_topic(d.fleet, g) for g in d.groups)],
+            subscriptions=[self.topic("cmd"), self.topic("infer"),
+                           *(group_cmd_topic(d.fleet, g) for g in d.groups)],
             on_message=self._received, outbox=self.outbox,
             tls=TlsFiles(ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file),
             username=cfg.username, password=password, keepalive_s=cfg.keepalive_s)
@@ -119,7 +124,8 @@ class FleetLink:
             self.event("agent.start", "warning" if "fall" in note or "interrupted" in note
                        else "info", note)
         self.link.start()
-        for target, name in ((self._commands, "commands"), (self._telemetry, "telemetry")):
+        for target, name in ((self._commands, "commands"), (self._telemetry, "telemetry"),
+                             (self._inference, "infer")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self) -> None:
@@ -161,6 +167,13 @@ class FleetLink:
 
     # -- incoming -------------------------------------------------------------------------
     def _received(self, topic: str, payload: bytes, properties: Any) -> None:
+        if topic == self.topic("infer"):
+            try:
+                self._requests.put_nowait((payload, properties))
+            except queue.Full:
+                self._answer(properties, 429, {"error": "inference queue full",
+                                                "reason": "queue_full"})
+            return
         try:
             self._inbox.put_nowait(payload)
         except queue.Full:
@@ -201,6 +214,48 @@ class FleetLink:
             self.result(cmd, True, self.agent.restart_runtime())
         else:  # reload
             self.result(cmd, *self._reload())
+
+    # -- remote inference (MQTT 5 request/response) ---------------------------------------
+    def _inference(self) -> None:
+        while not self._stop.is_set():
+            try:
+                payload, props = self._requests.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            status, body = self.infer(payload)
+            self._answer(props, status, body)
+
+    def infer(self, payload: bytes) -> tuple[int, dict[str, Any]]:
+        """An infer request on `.../infer`: a KServe v2 body plus "model"; the same
+        scheduler and refusals as the local API. Returns (status, response body)."""
+        try:
+            head = json.loads(payload)
+            name = head.pop("model") if isinstance(head, dict) else None
+            resident = self.agent.scheduler.models().get(name) if isinstance(name, str) \
+                else None
+            if resident is None:
+                return 404, {"error": f"no model {name!r} here"}
+            req = parse_infer(json.dumps(head).encode(), resident.manifest, None)
+            fut = self.agent.scheduler.submit(resident.name, req.x,
+                                              priority=PRIORITY[req.priority],
+                                              timeout_s=(req.timeout_ms or 1000) / 1000)
+            y = fut.result(timeout=(req.timeout_ms or 1000) / 1000 + 5)
+        except (ValueError, RecursionError):
+            return 400, {"error": "payload is not a JSON infer request"}
+        except ApiError as exc:
+            return exc.status, {"error": str(exc)}
+        except Refused as exc:
+            return exc.status, {"error": str(exc), "reason": exc.reason}
+        body, _ = infer_response(resident.manifest, y, request_id=req.id, binary=False)
+        return 200, json.loads(body)
+
+    def _answer(self, props: Any, status: int, body: dict[str, Any]) -> None:
+        topic = getattr(props, "ResponseTopic", None)
+        if not topic:
+            return  # nobody asked for an answer
+        body = {"status": status, **body}
+        self.link.reply(topic, json.dumps(body).encode(),
+                        getattr(props, "CorrelationData", None))
 
     # -- commands -------------------------------------------------------------------------
     def _rollback(self, cmd: RollbackCommand) -> None:

@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.errors import ConfigError
 from agent.outbox import Outbox
@@ -97,6 +99,7 @@ class MqttLink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mids: dict[int, int] = {}  # paho mid -> outbox id
+        self._client_now: paho.Client | None = None
         self._rng = random.Random()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -132,6 +135,7 @@ class MqttLink:
         while not self._stop.is_set():
             broker = self.brokers[attempt % len(self.brokers)]
             client = self._client(broker)
+            self._client_now = client
             before = self.connects
             try:
                 client.connect(broker.host, broker.port, keepalive=self.keepalive_s)
@@ -203,6 +207,18 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: Any) -> None:
         self.on_message(msg.topic, bytes(msg.payload), msg.properties)
+
+    def reply(self, topic: str, payload: bytes, correlation: bytes | None) -> bool:
+        """Publish a reply (MQTT 5 request/response) outside the outbox: a reply nobody
+        waits for any more is not worth keeping. False when not connected."""
+        client = self._client_now
+        if client is None or not self.connected.is_set():
+            return False
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho
+        if correlation is not None:
+            props.CorrelationData = correlation
+        info = client.publish(topic, payload, qos=1, properties=props)
+        return bool(info.rc == paho.MQTT_ERR_SUCCESS)
 
     # -- outbox ---------------------------------------------------------------------------
     def _pump(self, client: paho.Client) -> None:

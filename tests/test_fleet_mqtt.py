@@ -239,3 +239,48 @@ def test_inputs_unlike_the_calibration_data_raise_a_drift_anomaly(fleet: Any) ->
                  and e["evidence"]["detector"] == "input_drift")
     assert drift["evidence"]["statistic"] == "psi"
     assert drift["evidence"]["value"] > drift["evidence"]["threshold"]
+
+
+def test_remote_inference_over_mqtt5_request_response(fleet: Any, broker: Broker) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    agent, _ = fleet
+    replies = Subscriber(broker, ["test/replies"], client_id="asker")
+    for i, payload in enumerate((
+            json.dumps({"model": "digits", **infer_body("input", 2)}).encode(),
+            json.dumps({"model": "nope", **infer_body("input")}).encode(),
+            b"not json")):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = "test/replies"
+        props.CorrelationData = f"req-{i}".encode()
+        replies.c.publish(f"{BASE}/infer", payload, qos=1, properties=props).wait_for_publish(5)
+    replies.wait_for(lambda: len(replies.messages) == 3)
+    by_id = {m[2].CorrelationData.decode(): json.loads(m[1]) for m in replies.messages}
+    assert by_id["req-0"]["status"] == 200
+    assert by_id["req-0"]["outputs"][0]["shape"] == [2, 10]
+    assert (by_id["req-1"]["status"], by_id["req-2"]["status"]) == (404, 400)
+    assert 'edge_agent_inferences_total{model="digits"} 2' in agent.call("GET", "/metrics")[1]
+    replies.close()
+
+
+def test_an_agent_restart_with_a_full_outbox_loses_nothing(
+        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
+    import time
+
+    where = tmp_path / "offline-agent"
+    where.mkdir()
+    cfg = write_config(where, releases["keys"], profile=X86,
+                       mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.2})
+    broker.stop()  # the agent starts while the broker is down
+    agent = AgentProcess(cfg).start()
+    time.sleep(2)
+    agent.stop()  # telemetry so far waits in the outbox on disk
+    broker.start()
+    sub = Subscriber(broker, [f"{BASE}/telemetry"], client_id="restart-sub")
+    agent.start()
+    sub.wait_for(lambda: len(sub.on("/telemetry")) >= 15)
+    agent.stop()
+    seqs = sorted({json.loads(p)["seq"] for p in sub.on("/telemetry")})
+    assert seqs[0] == 1 and seqs == list(range(1, seqs[-1] + 1))
+    sub.close()
