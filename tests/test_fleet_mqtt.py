@@ -284,3 +284,19 @@ def test_an_agent_restart_with_a_full_outbox_loses_nothing(
     seqs = sorted({json.loads(p)["seq"] for p in sub.on("/telemetry")})
     assert seqs[0] == 1 and seqs == list(range(1, seqs[-1] + 1))
     sub.close()
+
+
+def test_config_and_reload_commands(fleet: Any, releases: dict[str, Path]) -> None:
+    agent, sub = fleet
+    for raw in (command(releases, "config", settings={"latency_z": 6, "telemetry_interval_s": 1}),
+                command(releases, "config", settings={"no_such_setting": 1}),
+                command(releases, "reload"),
+                command(releases, "rollback", model="digits")):  # no previous version
+        sub.publish(f"{BASE}/cmd", raw)
+    sub.wait_for(lambda: len(results(sub)) == 4, timeout=20)
+    r = results(sub)
+    assert r[0]["ok"] and "latency_z" in r[0]["result"]
+    assert (r[1]["ok"], r[1]["check"]) == (False, "settings")
+    assert r[2]["ok"] and "telemetry interval" in r[2]["result"]
+    assert (r[3]["ok"], r[3]["check"]) == (False, "no_previous")
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
