@@ -8,6 +8,7 @@
     edge-fleet pack BUNDLE [--out A]            one .tar.zst (or .tar.gz) archive
     edge-fleet verify BUNDLE|ARCHIVE --root R   the device's own verification
     edge-fleet command KIND --key K ...         a signed deploy/rollback/restart/reload/config
+    edge-fleet serve-artifacts DIR [--port N]  HTTP with Range for bundle archives
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
 
 Passphrase-protected keys read the passphrase from the environment variable named by
@@ -17,6 +18,7 @@ Passphrase-protected keys read the passphrase from the environment variable name
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
 import sys
@@ -178,6 +180,16 @@ def cmd_pack(ns: argparse.Namespace) -> None:
     print(f"{out} ({out.stat().st_size} bytes)")
 
 
+def cmd_serve_artifacts(ns: argparse.Namespace) -> None:
+    from fleet.artifacts import make_server  # noqa: PLC0415
+
+    server = make_server(ns.dir, ns.host, ns.port)
+    print(f"serving {ns.dir} on http://{ns.host}:{server.server_address[1]}/ (Ctrl-C stops)",
+          flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+
+
 def cmd_bundle(ns: argparse.Namespace) -> None:
     for line in inspect_bundle(ns.dir):
         print(line)
@@ -191,6 +203,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_keys(sub)
     _add_release(sub)
     _add_command(sub)
+    sa = sub.add_parser("serve-artifacts", help="serve bundle archives over HTTP with Range")
+    sa.set_defaults(func=cmd_serve_artifacts)
+    sa.add_argument("dir", type=Path)
+    sa.add_argument("--host", default="127.0.0.1")
+    sa.add_argument("--port", type=int, default=8080)
     bundle = sub.add_parser("bundle").add_subparsers(dest="action", required=True)
     bi = bundle.add_parser("inspect")
     bi.set_defaults(func=cmd_bundle)

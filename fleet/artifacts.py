@@ -1,0 +1,94 @@
+"""`edge-fleet serve-artifacts DIR`: an HTTP server for bundle archives, for small fleets
+and tests. It answers GET and HEAD with single byte ranges (`Range: bytes=N-` and
+`bytes=N-M`), so devices resume interrupted downloads, and it serves only regular files
+directly inside DIR (no directory listing, no path outside it).
+
+Large fleets put the archives on any static host or object store instead (nginx, S3,
+GCS...): the agent needs nothing but HTTP(S) GET with Range, and every byte is verified
+on the device, so the host needs no trust.
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+CHUNK = 256 * 1024
+
+
+class ArtifactHandler(http.server.BaseHTTPRequestHandler):
+    root: Path
+    server_version = "edge-fleet-artifacts"
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        pass  # quiet by default: devices poll and resume
+
+    def _file(self) -> Path | None:
+        name = self.path.split("?", 1)[0].lstrip("/")
+        if not name or "/" in name or name.startswith("."):
+            return None
+        path = self.root / name
+        return path if path.is_file() and not path.is_symlink() else None
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, *, body: bool) -> None:
+        path = self._file()
+        if path is None:
+            self.send_error(404, "no such archive")
+            return
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        rng = self.headers.get("Range")
+        if rng is not None:
+            m = RANGE.match(rng.strip())
+            if not m or int(m.group(1)) >= size:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.end_headers()
+                return
+            start = int(m.group(1))
+            end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if body:
+            self._copy(path, start, end - start + 1)
+
+    def _copy(self, path: Path, start: int, length: int) -> None:
+        with path.open("rb") as fh:
+            fh.seek(start)
+            while length > 0 and (chunk := fh.read(min(CHUNK, length))):
+                try:
+                    self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the device will resume
+                length -= len(chunk)
+
+
+def make_server(root: Path, host: str = "127.0.0.1", port: int = 0
+                ) -> http.server.ThreadingHTTPServer:
+    handler = type("Handler", (ArtifactHandler,), {"root": root.resolve()})
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def serve_in_thread(root: Path, host: str = "127.0.0.1", port: int = 0
+                    ) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Start serving in a background thread; returns the server and its base URL."""
+    server = make_server(root, host, port)
+    threading.Thread(target=server.serve_forever, name="artifacts", daemon=True).start()
+    return server, f"http://{host}:{server.server_address[1]}"
