@@ -93,6 +93,8 @@ class Agent:
         self._load_lock = threading.Lock()
         self._loaded_delegates: list[Any] | None = None
         self._pending: dict[str, Staged] = {}
+        # Called after every change of what is served (the fleet link republishes state).
+        self.listeners: list[Callable[[], None]] = []
         # Set by `edge-agent run`, so a reload command can re-read it.
         self.config_path: Path | None = None
         self.notes: list[str] = []
@@ -247,6 +249,7 @@ class Agent:
         slots = self.store.activate(staged)
         self.scheduler.load(self._resident(m, model, size))
         step("activated", m)
+        self._changed()
         if commit:
             self._commit(staged)
             step("committed", m)
@@ -255,8 +258,13 @@ class Agent:
         return InstallResult(m.name, m.version, slots.previous,
                              f"passed, top-1 agreement {result.top1_agreement:.0%}")
 
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
+
     def _commit(self, staged: Staged) -> None:
         self.store.commit(staged)
+        self._changed()
         self.metrics.inc("edge_agent_updates_total", result="committed")
         log.info("update.committed model=%s version=%d", staged.manifest.name,
                  staged.manifest.version)
@@ -276,6 +284,7 @@ class Agent:
             notes = self._start_model(name) if slots.active else []
             if not slots.active:
                 self.scheduler.unload(name)
+            self._changed()
             return "; ".join(notes) or f"{name}: nothing left to serve"
 
     def restart_runtime(self) -> str:

@@ -123,6 +123,7 @@ class FleetLink:
         for note in self.agent.notes:
             self.event("agent.start", "warning" if "fall" in note or "interrupted" in note
                        else "info", note)
+        self.agent.listeners.append(self.publish_state)
         self.link.start()
         for target, name in ((self._commands, "commands"), (self._telemetry, "telemetry"),
                              (self._inference, "infer")):
@@ -266,7 +267,6 @@ class FleetLink:
             return
         self.event("deploy.rolled_back", "warning", f"{cmd.model}: rolled back on command "
                    f"({cmd.reason or 'no reason given'})", command_id=cmd.id)
-        self.publish_state()
         self.result(cmd, True, note)
 
     def _config(self, cmd: ConfigCommand) -> None:
@@ -355,7 +355,6 @@ class FleetLink:
             return
         finally:
             dest.unlink(missing_ok=True)
-        self.publish_state()
         self._watch(cmd, result.previous)
 
     def _watch(self, cmd: DeployCommand, previous: str | None) -> None:
@@ -378,7 +377,6 @@ class FleetLink:
         self.event("deploy.committed", "info", f"{cmd.model} v{version} committed after a "
                    f"{self.health_window_s:g} s health window", command_id=cmd.id,
                    evidence={"model": cmd.model, "version": version})
-        self.publish_state()
         self.result(cmd, True, f"{cmd.model} v{version} committed")
 
     def _roll_back_deploy(self, cmd: DeployCommand, found: list[Anomaly]) -> None:
@@ -390,7 +388,6 @@ class FleetLink:
         self.event("deploy.rolled_back", "error", f"{cmd.model} v{cmd.version} rolled back "
                    f"in its health window: {why}", command_id=cmd.id,
                    evidence={"model": cmd.model, "version": cmd.version})
-        self.publish_state()
         self.result(cmd, False, f"rolled back: {why}", "health")
 
     def anomaly(self, a: Anomaly, *, command_id: str | None = None) -> None:

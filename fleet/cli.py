@@ -9,6 +9,9 @@
     edge-fleet verify BUNDLE|ARCHIVE --root R   the device's own verification
     edge-fleet command KIND --key K ...         a signed deploy/rollback/restart/reload/config
     edge-fleet serve-artifacts DIR [--port N]  HTTP with Range for bundle archives
+    edge-fleet status --broker URL --fleet F    devices, versions, health, last anomaly
+    edge-fleet watch --broker URL --fleet F     the same table, live
+    edge-fleet recover --group G|--device D ... signed rollback/restart/reload, results
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
 
 Passphrase-protected keys read the passphrase from the environment variable named by
@@ -22,6 +25,7 @@ import contextlib
 import getpass
 import os
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -190,6 +194,59 @@ def cmd_serve_artifacts(ns: argparse.Namespace) -> None:
         server.serve_forever()
 
 
+def _watcher(ns: argparse.Namespace) -> Any:
+    from fleet.state import FleetDB, FleetWatcher  # noqa: PLC0415  # paho only here
+
+    db = FleetDB(ns.db)
+    return db, FleetWatcher(db, ns.broker, ns.fleet).start()
+
+
+def cmd_status(ns: argparse.Namespace) -> None:
+    from fleet.state import status_lines  # noqa: PLC0415
+
+    db, watcher = _watcher(ns)
+    time.sleep(ns.wait)
+    watcher.stop()
+    print("\n".join(status_lines(db.devices(group=ns.group))))
+
+
+def cmd_watch(ns: argparse.Namespace) -> None:
+    from fleet.state import status_lines  # noqa: PLC0415
+
+    db, watcher = _watcher(ns)
+    try:
+        while True:
+            time.sleep(ns.interval)
+            table = "\n".join(status_lines(db.devices(group=ns.group)))
+            print(f"\x1b[2J\x1b[H{datetime.now(UTC):%H:%M:%S} fleet {ns.fleet}\n{table}",
+                  flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
+
+
+def cmd_recover(ns: argparse.Namespace) -> None:
+    from fleet.recover import recover  # noqa: PLC0415
+
+    if ns.action == "rollback" and not ns.model:
+        raise FleetError("rollback needs --model")
+    keys = [load_key(k, _passphrase(ns)) for k in ns.key]
+    fleet = load_pinned_root(ns.root.read_bytes()).fleet
+    expected = [ns.device] if ns.device else []
+    if ns.group:
+        db, watcher = _watcher(argparse.Namespace(**{**vars(ns), "fleet": fleet}))
+        time.sleep(ns.wait)
+        watcher.stop()
+        expected = [r.device for r in db.devices(group=ns.group) if r.online]
+    summary = recover(ns.broker, fleet, keys, action=ns.action, expected=expected,
+                      device=ns.device, group=ns.group, model=ns.model, reason=ns.reason,
+                      timeout_s=ns.timeout)
+    print("\n".join(summary.lines()))
+    if summary.failed or summary.silent:
+        raise FleetError(f"{len(summary.failed)} failed, {len(summary.silent)} silent")
+
+
 def cmd_bundle(ns: argparse.Namespace) -> None:
     for line in inspect_bundle(ns.dir):
         print(line)
@@ -203,6 +260,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_keys(sub)
     _add_release(sub)
     _add_command(sub)
+    _add_watching(sub)
     sa = sub.add_parser("serve-artifacts", help="serve bundle archives over HTTP with Range")
     sa.set_defaults(func=cmd_serve_artifacts)
     sa.add_argument("dir", type=Path)
@@ -216,6 +274,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name
+
+
+def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    for name, func in (("status", cmd_status), ("watch", cmd_watch), ("recover", cmd_recover)):
+        p = sub.add_parser(name)
+        p.set_defaults(func=func)
+        p.add_argument("--broker", required=True, help="mqtt://host:port")
+        p.add_argument("--db", type=Path, default=Path("fleet.sqlite"))
+        p.add_argument("--wait", type=float, default=2.0,
+                       help="seconds to collect retained state first")
+        p.add_argument("--group")
+        if name == "watch":
+            p.add_argument("--interval", type=float, default=2.0)
+        if name != "recover":
+            p.add_argument("--fleet", required=True)
+            continue
+        p.add_argument("--device")
+        p.add_argument("--action", choices=["rollback", "restart", "reload"], required=True)
+        p.add_argument("--model")
+        p.add_argument("--reason", default="")
+        p.add_argument("--key", type=Path, action="append", required=True)
+        p.add_argument("--root", type=Path, required=True)
+        p.add_argument("--timeout", type=float, default=30.0)
 
 
 def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]

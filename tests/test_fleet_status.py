@@ -1,0 +1,90 @@
+"""Watching and recovering a fleet of real agents over a real mosquitto: the fleet state
+learned from retained `state`, telemetry and events; `edge-fleet status`; and
+`edge-fleet recover --group` rolling back every member with the results summarised."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixture_agent import AgentProcess, write_config
+from fixture_mqtt import Broker, Subscriber
+
+from fleet.state import FleetDB, FleetWatcher
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, releases: dict[str, Path]) -> Iterator[tuple[Broker, list[Any]]]:
+    broker = Broker(tmp_path / "mosquitto").start()
+    agents = []
+    for dev in ("dev-1", "dev-2"):
+        where = tmp_path / dev
+        where.mkdir()
+        cfg = write_config(where, releases["keys"], profile="x86_64-generic",
+                           device={"id": dev, "groups": ["lab"]},
+                           mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.3})
+        a = AgentProcess(cfg).start()
+        for r in ("onnx1", "onnx2"):
+            assert a.install(releases[r])[0] == 200
+        agents.append(a)
+    yield broker, agents
+    for a in agents:
+        a.stop()
+    broker.stop()
+
+
+def fleet_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fleet.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_fleet_state_follows_the_devices(fleet: Any, tmp_path: Path) -> None:
+    broker, agents = fleet
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    watcher = FleetWatcher(db, broker.url, "acme").start()
+    sub = Subscriber(broker, [], client_id="poker")
+    sub.publish("edge/v1/acme/dev-9/state", b'{"schema": 1, "device": "dev-9"}', retain=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = db.devices()
+        if len(rows) == 2 and all(r.telemetry_age_s is not None for r in rows):
+            break
+        time.sleep(0.1)
+    assert [(r.device, r.online, r.models["digits"]["version"], r.health) for r in rows] == [
+        ("dev-1", True, 2, "ok"), ("dev-2", True, 2, "ok")]
+    assert db.counter("invalid_state") == 1  # the malformed one was counted, not stored
+    agents[1].kill9()
+    deadline = time.monotonic() + 20
+    while db.devices()[1].online and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert db.devices()[1].health == "offline"
+    watcher.stop()
+    sub.close()
+
+
+def test_status_and_recover_a_group(fleet: Any, tmp_path: Path,
+                                    releases: dict[str, Path]) -> None:
+    broker, agents = fleet
+    status = fleet_cli("status", "--broker", broker.url, "--fleet", "acme", "--db",
+                       tmp_path / "s.sqlite")
+    assert status.returncode == 0, status.stderr
+    assert "dev-1" in status.stdout and "digits v2" in status.stdout
+    assert "2 device(s), 2 online" in status.stdout
+    keys = releases["keys"]
+    command_key = next((keys / "keys").glob("command-*.key"))
+    rec = fleet_cli("recover", "--broker", broker.url, "--group", "lab", "--action",
+                    "rollback", "--model", "digits", "--reason", "bad release", "--key",
+                    command_key, "--root", keys / "root.json", "--db", tmp_path / "r.sqlite")
+    assert rec.returncode == 0, rec.stdout + rec.stderr
+    assert "2 ok, 0 failed, 0 silent of 2" in rec.stdout
+    for a in agents:
+        assert a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+    again = fleet_cli("recover", "--broker", broker.url, "--device", "dev-1", "--action",
+                      "rollback", "--model", "digits", "--key", command_key, "--root",
+                      keys / "root.json", "--timeout", "10")
+    assert again.returncode == 2 and "no previous version" in again.stdout
