@@ -12,6 +12,8 @@
     edge-fleet status --broker URL --fleet F    devices, versions, health, last anomaly
     edge-fleet watch --broker URL --fleet F     the same table, live
     edge-fleet recover --group G|--device D ... signed rollback/restart/reload, results
+    edge-fleet rollout start --bundle A ...     waves to a group; halt and roll back on failure
+    edge-fleet rollout status|run|pause|resume|abort ID
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
 
 Passphrase-protected keys read the passphrase from the environment variable named by
@@ -247,6 +249,60 @@ def cmd_recover(ns: argparse.Namespace) -> None:
         raise FleetError(f"{len(summary.failed)} failed, {len(summary.silent)} silent")
 
 
+def cmd_rollout(ns: argparse.Namespace) -> None:
+    from fleet.policy import Criteria  # noqa: PLC0415
+    from fleet.rollout import Controller, Rollouts  # noqa: PLC0415
+    from fleet.state import FleetDB  # noqa: PLC0415
+
+    db = FleetDB(ns.db)
+    rollouts = Rollouts(db)
+    if ns.action == "status":
+        print("\n".join(rollouts.status_lines(ns.id)))
+        return
+    if ns.action in ("pause", "resume"):
+        rollouts.set(ns.id, status="paused" if ns.action == "pause" else "running")
+        print(f"rollout {ns.id}: {rollouts.get(ns.id)['status']}")
+        return
+    if not (ns.broker and ns.key and ns.root):
+        raise FleetError(f"rollout {ns.action} needs --broker, --key and --root")
+    fleet = load_pinned_root(ns.root.read_bytes()).fleet
+    controller = Controller(db, ns.broker, fleet,
+                            [load_key(k, _passphrase(ns)) for k in ns.key])
+    try:
+        rid = ns.id
+        if ns.action == "abort":
+            controller.abort(rid)
+        elif ns.action == "start":
+            rid = _start_rollout(ns, db, fleet, rollouts, Criteria(
+                max_failed_share=ns.max_failed_share,
+                min_committed_share=ns.min_committed_share))
+        if ns.action in ("start", "run"):
+            status = controller.run(rid, timeout_s=ns.timeout)
+            print(f"rollout {rid}: {status}")
+        print("\n".join(rollouts.status_lines(rid)))
+    finally:
+        controller.close()
+
+
+def _start_rollout(ns: argparse.Namespace, db: Any, fleet: str, rollouts: Any,
+                   criteria: Any) -> str:
+    from fleet.state import FleetWatcher  # noqa: PLC0415
+
+    if not (ns.bundle and ns.url_base and ns.group):
+        raise FleetError("rollout start needs --bundle, --url-base and --group")
+    watcher = FleetWatcher(db, ns.broker, fleet).start()
+    time.sleep(ns.wait)
+    watcher.stop()
+    devices = [r.device for r in db.devices(group=ns.group) if r.online]
+    rid: str = rollouts.create(
+        archive=ns.bundle, urls=[f"{ns.url_base.rstrip('/')}/{ns.bundle.name}"],
+        group=ns.group, devices=devices,
+        fractions=[float(f) / 100 for f in ns.waves.split(",")], criteria=criteria,
+        wave_timeout_s=ns.wave_timeout)
+    print(f"rollout {rid}: {len(devices)} device(s) in group {ns.group}", flush=True)
+    return rid
+
+
 def cmd_bundle(ns: argparse.Namespace) -> None:
     for line in inspect_bundle(ns.dir):
         print(line)
@@ -261,6 +317,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_release(sub)
     _add_command(sub)
     _add_watching(sub)
+    ro = sub.add_parser("rollout", help="staged rollouts")
+    ro.set_defaults(func=cmd_rollout)
+    ro.add_argument("action", choices=["start", "status", "run", "pause", "resume", "abort"])
+    ro.add_argument("id", nargs="?")
+    ro.add_argument("--db", type=Path, default=Path("fleet.sqlite"))
+    ro.add_argument("--broker")
+    ro.add_argument("--key", type=Path, action="append")
+    ro.add_argument("--root", type=Path)
+    ro.add_argument("--bundle", type=Path, help="the signed archive")
+    ro.add_argument("--url-base", help="where devices download it, e.g. http://host:8080")
+    ro.add_argument("--group")
+    ro.add_argument("--waves", default="1,10,50,100", help="cumulative percentages")
+    ro.add_argument("--wave-timeout", type=float, default=300.0,
+                    help="seconds before silent devices count as offline")
+    ro.add_argument("--max-failed-share", type=float, default=0.0)
+    ro.add_argument("--min-committed-share", type=float, default=0.9)
+    ro.add_argument("--wait", type=float, default=2.0)
+    ro.add_argument("--timeout", type=float, default=3600.0)
     sa = sub.add_parser("serve-artifacts", help="serve bundle archives over HTTP with Range")
     sa.set_defaults(func=cmd_serve_artifacts)
     sa.add_argument("dir", type=Path)

@@ -61,6 +61,11 @@ class FleetDB:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The one SQLite connection (other fleet tables live in the same file)."""
+        return self._db
+
     def bump(self, name: str) -> None:
         with self._lock:
             self._db.execute("INSERT INTO counters VALUES (?, 1) ON CONFLICT(name) DO UPDATE "

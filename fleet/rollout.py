@@ -1,0 +1,229 @@
+"""Staged rollouts: signed deploys to a group in waves, judged by `fleet.policy`, halted
+with signed rollbacks to every device touched when the criteria fail.
+
+All state lives in the fleet database (tables `rollouts`, `rollout_devices`), and every
+step reads it afresh: the controller can be killed at any point and started again, and it
+goes on from where the database says. Results arrive on `+/cmd/result` through a
+persistent MQTT session (fixed client id, session expiry), so results published while the
+controller was down are delivered when it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.mqtt import Broker
+from agent.wire import PREFIX, CommandResult, device_topic
+from fleet.commands import build_command, deploy_fields, sign_command
+from fleet.errors import FleetError
+from fleet.keys import SigningKey
+from fleet.policy import Criteria, Outcome, judge, wave_sizes
+from fleet.state import FleetDB
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS rollouts (
+  id TEXT PRIMARY KEY, model TEXT, version INTEGER, group_name TEXT, archive TEXT,
+  urls_json TEXT, sizes_json TEXT, criteria_json TEXT, status TEXT, wave INTEGER,
+  wave_started REAL, wave_timeout_s REAL, reason TEXT, created REAL);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+  rollout TEXT, device TEXT, wave INTEGER, command_id TEXT, outcome TEXT, sent_at REAL,
+  rollback_id TEXT, rollback_result TEXT, PRIMARY KEY (rollout, device));
+"""
+TERMINAL = ("completed", "halted", "aborted")
+
+
+class Rollouts:
+    """The rollout tables of a fleet database."""
+
+    def __init__(self, db: FleetDB) -> None:
+        self.db = db
+        self.sql: sqlite3.Connection = db.connection
+        self.sql.executescript(TABLES)
+
+    def create(self, *, archive: Path, urls: list[str], group: str, devices: list[str],
+               fractions: list[float], criteria: Criteria, wave_timeout_s: float) -> str:
+        fields = deploy_fields(archive, urls)
+        if not devices:
+            raise FleetError(f"group {group} has no known online device")
+        rid = uuid.uuid4().hex[:12]
+        sizes = wave_sizes(len(devices), fractions)
+        self.sql.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+            rid, fields["model"], fields["version"], group, str(archive), json.dumps(urls),
+            json.dumps(sizes), json.dumps(asdict(criteria)), "running", 0, None,
+            wave_timeout_s, "", time.time()))
+        order = sorted(devices)
+        for i, d in enumerate(order):
+            wave = next(w for w, n in enumerate(sizes) if i < n)
+            self.sql.execute("INSERT INTO rollout_devices VALUES (?,?,?,?,?,?,?,?)",
+                             (rid, d, wave, None, Outcome.PENDING.value, None, None, None))
+        return rid
+
+    def get(self, rid: str) -> dict[str, Any]:
+        cur = self.sql.execute("SELECT * FROM rollouts WHERE id = ?", (rid,))
+        row = cur.fetchone()
+        if row is None:
+            raise FleetError(f"no rollout {rid}")
+        return dict(zip([c[0] for c in cur.description], row, strict=True))
+
+    def devices(self, rid: str) -> list[dict[str, Any]]:
+        cur = self.sql.execute("SELECT * FROM rollout_devices WHERE rollout = ? ORDER BY "
+                               "wave, device", (rid,))
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def set(self, rid: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.sql.execute(f"UPDATE rollouts SET {cols} WHERE id = ?", (*fields.values(), rid))
+
+    def set_device(self, rid: str, device: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.sql.execute(f"UPDATE rollout_devices SET {cols} WHERE rollout = ? AND device = ?",
+                         (*fields.values(), rid, device))
+
+    def record_result(self, r: CommandResult) -> None:
+        """Match a command result to the rollout device it answers."""
+        if r.command_id is None:
+            return
+        row = self.sql.execute("SELECT rollout FROM rollout_devices WHERE device = ? AND "
+                               "command_id = ?", (r.device, r.command_id)).fetchone()
+        if row is not None:
+            outcome = (Outcome.COMMITTED if r.ok else Outcome.ROLLED_BACK
+                       if r.check == "health" else Outcome.FAILED)
+            self.set_device(row[0], r.device, outcome=outcome.value)
+            return
+        row = self.sql.execute("SELECT rollout FROM rollout_devices WHERE device = ? AND "
+                               "rollback_id = ?", (r.device, r.command_id)).fetchone()
+        if row is not None:
+            self.set_device(row[0], r.device,
+                            rollback_result=("ok: " if r.ok else "failed: ") + r.result)
+
+    def status_lines(self, rid: str) -> list[str]:
+        ro = self.get(rid)
+        sizes = json.loads(ro["sizes_json"])
+        out = [f"rollout {rid}: {ro['model']} v{ro['version']} to group {ro['group_name']}, "
+               f"{ro['status']}, wave {ro['wave'] + 1} of {len(sizes)}"
+               + (f" — {ro['reason']}" if ro["reason"] else "")]
+        out += [f"  wave {d['wave'] + 1}  {d['device']:14} {d['outcome']:12}"
+                + (f" rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"] else "")
+                for d in self.devices(rid)]
+        return out
+
+
+class Controller:
+    """Carries out rollouts: sends deploys, listens for results, judges waves."""
+
+    def __init__(self, db: FleetDB, broker_url: str, fleet: str, keys: Iterable[SigningKey],
+                 *, client_id: str = "edge-fleet-controller") -> None:
+        self.rollouts = Rollouts(db)
+        self.fleet, self.keys = fleet, list(keys)
+        b = Broker.parse(broker_url)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=paho.MQTTv5)
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
+            f"{PREFIX}/{fleet}/+/cmd/result", qos=1)
+        self.client.on_message = self._message
+        self._lock = threading.Lock()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 24 * 3600
+        self.client.connect(b.host, b.port, clean_start=False, properties=props)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def _message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            r = CommandResult.model_validate_json(msg.payload)
+        except ValueError:
+            return
+        with self._lock:
+            self.rollouts.record_result(r)
+
+    def _send(self, device: str, kind: str, **fields: Any) -> str:
+        cmd = build_command(kind, fleet=self.fleet, device=device, **fields)
+        self.client.publish(device_topic(self.fleet, device, "cmd"),
+                            sign_command(cmd, self.keys), qos=1).wait_for_publish(10)
+        return cmd.id
+
+    def step(self, rid: str) -> str:
+        """One pass over a rollout; returns its status."""
+        with self._lock:
+            ro = self.rollouts.get(rid)
+            if ro["status"] != "running":
+                return str(ro["status"])
+            devices = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
+            unsent = [d for d in devices if d["command_id"] is None
+                      or d["outcome"] == Outcome.OFFLINE.value]
+        fields = deploy_fields(Path(ro["archive"]), json.loads(ro["urls_json"]))
+        for d in unsent:  # outside the lock: publishing waits for the broker
+            cid = self._send(d["device"], "deploy", **fields)
+            with self._lock:
+                self.rollouts.set_device(rid, d["device"], command_id=cid,
+                                         outcome=Outcome.PENDING.value, sent_at=time.time())
+        with self._lock:
+            if ro["wave_started"] is None or unsent:
+                self.rollouts.set(rid, wave_started=ro["wave_started"] or time.time())
+                ro = self.rollouts.get(rid)
+            return self._judge(rid, ro)
+
+    def _judge(self, rid: str, ro: dict[str, Any]) -> str:
+        wave_devs = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
+        outcomes = {d["device"]: Outcome(d["outcome"]) for d in wave_devs}
+        late = time.time() - ro["wave_started"] > ro["wave_timeout_s"]
+        verdict = judge(outcomes, deadline_passed=late,
+                        criteria=Criteria(**json.loads(ro["criteria_json"])))
+        if verdict.action == "wait":
+            return "running"
+        if verdict.action == "halt":
+            self.rollouts.set(rid, status="halted", reason=verdict.reason)
+            self._roll_back_touched(rid)
+            return "halted"
+        for d in wave_devs:  # late devices: retried in the next wave
+            if d["outcome"] == Outcome.PENDING.value:
+                self.rollouts.set_device(rid, d["device"], outcome=Outcome.OFFLINE.value)
+        sizes = json.loads(ro["sizes_json"])
+        if ro["wave"] + 1 >= len(sizes):
+            self.rollouts.set(rid, status="completed", reason=verdict.reason)
+            return "completed"
+        self.rollouts.set(rid, wave=ro["wave"] + 1, wave_started=None, reason=verdict.reason)
+        return "running"
+
+    def _roll_back_touched(self, rid: str) -> None:
+        ro = self.rollouts.get(rid)
+        for d in self.rollouts.devices(rid):
+            # Failed deploys never activated and health-window rollbacks undid themselves;
+            # committed ones, and pending ones that may be in their window, go back.
+            touched = d["outcome"] in (Outcome.COMMITTED.value, Outcome.PENDING.value)
+            if d["command_id"] is not None and d["rollback_id"] is None and touched:
+                cid = self._send(d["device"], "rollback", model=ro["model"],
+                                 reason=f"rollout {rid} halted: {ro['reason']}")
+                self.rollouts.set_device(rid, d["device"], rollback_id=cid)
+
+    def abort(self, rid: str, reason: str = "aborted by the operator") -> None:
+        with self._lock:
+            self.rollouts.set(rid, status="aborted", reason=reason)
+            self._roll_back_touched(rid)
+
+    def run(self, rid: str, *, poll_s: float = 0.5, timeout_s: float = 3600) -> str:
+        end = time.monotonic() + timeout_s
+        status = "running"
+        while time.monotonic() < end:
+            status = self.step(rid)
+            if status in TERMINAL or status == "paused":
+                return status
+            time.sleep(poll_s)
+        return status
