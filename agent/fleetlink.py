@@ -278,8 +278,12 @@ class FleetLink:
                         "settings")
             return
         try:
-            updates = {k: float(v) for k, v in cmd.settings.items() if k in known}
-            self.thresholds = replace(self.thresholds, **updates)  # type: ignore[arg-type]
+            kinds = {f.name: type(getattr(self.thresholds, f.name)) for f in fields(Thresholds)}
+            updates = {k: kinds[k](v) for k, v in cmd.settings.items() if k in known}
+            self.thresholds = replace(self.thresholds, **updates)
+            for detector in self._latency.values():  # keep their baselines, new limits
+                detector.t = self.thresholds
+            self._memory.t = self.thresholds
             if "telemetry_interval_s" in cmd.settings:
                 self.interval_s = max(0.1, float(cmd.settings["telemetry_interval_s"]))
             if "health_window_s" in cmd.settings:
