@@ -54,6 +54,8 @@ class Thresholds:
     confidence_drop: float = 0.15
     memory_growth_bytes_per_hour: float = 64 * 1024 * 1024
     memory_min_readings: int = 10
+    # A slope over a short span extrapolates noise (a model load, a GC) to "per hour".
+    memory_min_span_s: float = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +163,8 @@ class MemoryTrend:
 
     def observe(self, now_s: float, rss_bytes: float) -> Anomaly | None:
         self.points.append((now_s, rss_bytes))
-        if len(self.points) < self.t.memory_min_readings:
+        if (len(self.points) < self.t.memory_min_readings
+                or self.points[-1][0] - self.points[0][0] < self.t.memory_min_span_s):
             return None
         n = len(self.points)
         mx = sum(p[0] for p in self.points) / n

@@ -14,6 +14,7 @@
     edge-fleet recover --group G|--device D ... signed rollback/restart/reload, results
     edge-fleet rollout start --bundle A ...     waves to a group; halt and roll back on failure
     edge-fleet rollout status|run|pause|resume|abort ID
+    edge-fleet dashboard --broker URL --fleet F a live web page of the fleet
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
 
 Passphrase-protected keys read the passphrase from the environment variable named by
@@ -303,6 +304,21 @@ def _start_rollout(ns: argparse.Namespace, db: Any, fleet: str, rollouts: Any,
     return rid
 
 
+def cmd_dashboard(ns: argparse.Namespace) -> None:
+    from fleet.dashboard import Dashboard, make_server  # noqa: PLC0415
+
+    db, watcher = _watcher(ns)
+    server = make_server(Dashboard(db, ns.fleet), ns.host, ns.port)
+    print(f"dashboard on http://{ns.host}:{server.server_address[1]}/ (Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watcher.stop()
+
+
 def cmd_bundle(ns: argparse.Namespace) -> None:
     for line in inspect_bundle(ns.dir):
         print(line)
@@ -351,7 +367,8 @@ Subparsers = argparse._SubParsersAction  # argparse exposes no public name
 
 
 def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
-    for name, func in (("status", cmd_status), ("watch", cmd_watch), ("recover", cmd_recover)):
+    for name, func in (("status", cmd_status), ("watch", cmd_watch), ("recover", cmd_recover),
+                       ("dashboard", cmd_dashboard)):
         p = sub.add_parser(name)
         p.set_defaults(func=func)
         p.add_argument("--broker", required=True, help="mqtt://host:port")
@@ -361,6 +378,9 @@ def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
         p.add_argument("--group")
         if name == "watch":
             p.add_argument("--interval", type=float, default=2.0)
+        if name == "dashboard":
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=8090)
         if name != "recover":
             p.add_argument("--fleet", required=True)
             continue

@@ -71,6 +71,9 @@ class Rollouts:
                              (rid, d, wave, None, Outcome.PENDING.value, None, None, None))
         return rid
 
+    def ids(self) -> list[str]:
+        return [r[0] for r in self.sql.execute("SELECT id FROM rollouts ORDER BY created")]
+
     def get(self, rid: str) -> dict[str, Any]:
         cur = self.sql.execute("SELECT * FROM rollouts WHERE id = ?", (rid,))
         row = cur.fetchone()

@@ -10,7 +10,7 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 
 # --- apt: what the tests and the agent need from the system -------------------------------
-APT_PKGS=(mosquitto mosquitto-clients systemd)
+APT_PKGS=(mosquitto mosquitto-clients systemd chromium)
 PY=""
 for cand in python3.11 python3.12 python3.13 python3; do
   if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
