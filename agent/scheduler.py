@@ -27,6 +27,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -114,13 +115,21 @@ class Resident:
     run_s: float | None = None
     last_batch: int = 1
     batches: int = 0
-    drift: DriftSample | None = None
+    # Sampled batches (references, no copies) waiting for the drift statistics, which are
+    # computed by whoever takes them (the telemetry thread), not on the request path.
+    drift_batches: deque[tuple[F32, F32]] = field(default_factory=lambda: deque(maxlen=32))
 
     def take_drift(self) -> DriftSample | None:
-        """The drift sample so far, and a fresh one in its place."""
+        """Drift statistics of the batches sampled since the last call (None: none)."""
         with self.lock:
-            taken, self.drift = self.drift, DriftSample.empty(self.manifest)
-            return taken
+            batches = list(self.drift_batches)
+            self.drift_batches.clear()
+        if not batches:
+            return None
+        sample = DriftSample.empty(self.manifest)
+        for x, y in batches:
+            sample.add(self.manifest, x, y)
+        return sample
 
 
 @dataclass(order=True)
@@ -156,7 +165,7 @@ class Scheduler:
         self.clock = clock
         self.sensor_interval_s = sensor_interval_s
         self.inline_max_s = inline_max_s
-        # One batch in `drift_every` feeds the drift statistics (tens of µs each).
+        # One batch in `drift_every` is kept (by reference) for the drift statistics.
         self.drift_every = max(1, drift_every)
         self.thermal = Thermal.NORMAL
         self.reading = sensors.read()
@@ -344,15 +353,13 @@ class Scheduler:
 
     def _sample(self, entry: Resident, x: F32, y: F32, started: float) -> None:
         """Bookkeeping after a run, under the model's lock: run time, batch size, and one
-        batch in `drift_every` into the drift statistics."""
+        batch in `drift_every` kept for the drift statistics."""
         took = (time.perf_counter() - started) / len(x)
         entry.run_s = took if entry.run_s is None else 0.9 * entry.run_s + 0.1 * took
         entry.last_batch = len(x)
         entry.batches += 1
         if entry.batches % self.drift_every == 0:
-            if entry.drift is None:
-                entry.drift = DriftSample.empty(entry.manifest)
-            entry.drift.add(entry.manifest, x, y)
+            entry.drift_batches.append((x, y))
 
     def stop(self) -> None:
         with self._cv:
