@@ -9,7 +9,6 @@ retry them; the partial file is deleted).
 
 from __future__ import annotations
 
-import hashlib
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent.bundle import file_entry
 from agent.command import ArchiveRef
 from agent.errors import AgentError, BundleError
 
@@ -55,21 +55,13 @@ def fetch(ref: ArchiveRef, dest: Path, limits: FetchLimits = FetchLimits()) -> P
             raise
     else:
         raise DownloadError("; ".join(problems))
-    digest = _sha256(part)
+    digest = file_entry(part).sha256
     if digest != ref.sha256:
         part.unlink()
         raise BundleError("downloaded archive does not match the sha256 the command pins",
                           check="sha256", declared=ref.sha256, got=digest)
     part.replace(dest)
     return dest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fetch_one(url: str, part: Path, size: int, limits: FetchLimits) -> None:

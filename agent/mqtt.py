@@ -21,7 +21,6 @@ import logging
 import random
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,8 +233,4 @@ class MqttLink:
 
 
 def wait_connected(link: MqttLink, timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if link.connected.wait(0.05):
-            return True
-    return False
+    return link.connected.wait(timeout_s)
