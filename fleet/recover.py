@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-
-from agent.mqtt import Broker
 from agent.wire import PREFIX, CommandResult, device_topic, group_cmd_topic
+from fleet._mqtt import connect
 from fleet.commands import build_command, sign_command
 from fleet.keys import SigningKey
 
@@ -67,16 +64,11 @@ def recover(broker_url: str, fleet: str, keys: Iterable[SigningKey], *, action: 
         if not summary.silent:
             done.set()
 
-    b = Broker.parse(broker_url)
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-fleet-recover-{cmd.id}",
-                         protocol=paho.MQTTv5)
-    client.on_message = on_message
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *a: subscribed.set()
-    client.connect(b.host, b.port)
+    client, subscribed = connect(broker_url, f"edge-fleet-recover-{cmd.id}",
+                                 topics=[f"{PREFIX}/{fleet}/+/cmd/result"],
+                                 on_message=on_message)
     client.loop_start()
     try:
-        client.subscribe(f"{PREFIX}/{fleet}/+/cmd/result", qos=1)
         subscribed.wait(10)
         topic = device_topic(fleet, device, "cmd") if device else group_cmd_topic(fleet, group
                                                                                    or "")

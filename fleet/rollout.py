@@ -20,13 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from agent.mqtt import Broker
 from agent.wire import PREFIX, CommandResult, device_topic
+from fleet._mqtt import connect
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
 from fleet.keys import SigningKey
@@ -132,16 +127,10 @@ class Controller:
                  *, client_id: str = "edge-fleet-controller") -> None:
         self.rollouts = Rollouts(db)
         self.fleet, self.keys = fleet, list(keys)
-        b = Broker.parse(broker_url)
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=paho.MQTTv5)
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
-            f"{PREFIX}/{fleet}/+/cmd/result", qos=1)
-        self.client.on_message = self._message
         self._lock = threading.Lock()
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 24 * 3600
-        self.client.connect(b.host, b.port, clean_start=False, properties=props)
+        self.client, _ = connect(broker_url, client_id,
+                                 topics=[f"{PREFIX}/{fleet}/+/cmd/result"],
+                                 on_message=self._message, session_expiry_s=24 * 3600)
         self.client.loop_start()
 
     def close(self) -> None:

@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from agent.mqtt import Broker
 from agent.wire import PREFIX, Event, StatePayload, Telemetry
+from fleet._mqtt import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -122,24 +120,17 @@ class FleetWatcher:
     def __init__(self, db: FleetDB, broker_url: str, fleet: str, *,
                  share_group: str = "edge-fleet", client_id: str | None = None) -> None:
         self.db, self.fleet = db, fleet
-        b = Broker.parse(broker_url)
-        self.client = paho.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or f"edge-fleet-{time.time_ns()}",
-                                  protocol=paho.MQTTv5)
         base = f"{PREFIX}/{fleet}"
-        topics = [(f"{base}/+/state", 1), (f"$share/{share_group}/{base}/+/telemetry", 1),
-                  (f"$share/{share_group}/{base}/+/event", 1)]
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(topics)
-        self.client.on_message = self._message
-        self.client.connect(b.host, b.port)
-        self.states_seen = threading.Event()
+        self.client, _ = connect(
+            broker_url, client_id or f"edge-fleet-{time.time_ns()}",
+            topics=[f"{base}/+/state", f"$share/{share_group}/{base}/+/telemetry",
+                    f"$share/{share_group}/{base}/+/event"], on_message=self._message)
 
     def _message(self, client: Any, userdata: Any, msg: Any) -> None:
         kind = msg.topic.rsplit("/", 1)[-1]
         try:
             if kind == "state":
                 self.db.put_state(StatePayload.model_validate_json(msg.payload))
-                self.states_seen.set()
             elif kind == "telemetry":
                 self.db.put_telemetry(Telemetry.model_validate_json(msg.payload), time.time())
             elif kind == "event":
