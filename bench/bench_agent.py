@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +34,11 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fixture_agent import AgentProcess, make_keys, release, write_config
+from fixture_agent import AgentProcess, make_keys, onnx_release, release, write_config
 
 from agent.admission import Budget, ThermalLimits
-from agent.bundle import file_entry, read_manifest
+from agent.bundle import read_manifest
 from agent.client import call
-from agent.manifest import (
-    Histogram,
-    InputReference,
-    Manifest,
-    OutputReference,
-    Preprocessing,
-    ReferenceStats,
-    ResourceEstimate,
-    SelfTest,
-    TensorSpec,
-    canonical_json,
-)
 from agent.oip import infer_response, parse_infer
 from agent.runtime import open_model
 from agent.scheduler import Resident, Scheduler
@@ -59,8 +46,6 @@ from agent.store import ModelStore
 from agent.testing import FakeSensors
 from converter.cli import main as convert
 from converter.examples.digits import write_example
-from fleet.keys import KeyDir
-from fleet.release import pack_bundle, sign_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -198,35 +183,9 @@ def synthetic_cnn(where: Path, keys: Path) -> tuple[Path, Path, Path]:
     bundle = where / "cnn-bundle"
     bundle.mkdir()
     onnx.save(model, bundle / "model.onnx")
-    return bundle, _bundle_for(bundle, keys, where, 1), _bundle_for(bundle, keys, where, 2)
-
-
-def _bundle_for(bundle: Path, keys: Path, where: Path, version: int) -> Path:
-    x = np.random.default_rng(1).uniform(0, 1, (4, 3, 64, 64)).astype(np.float32)
-    y = open_model(bundle / "model.onnx", "onnx").run(x)
-    np.savez(bundle / "selftest.npz", inputs=x, outputs=y)
-    now = datetime.now(UTC)
-    hist = Histogram(bin_edges=[0.0, 0.5, 1.0], fractions=[0.5, 0.5])
-    m = Manifest(
-        name="cnn", version=version, created=now, expires=now + timedelta(days=30),
-        min_agent_version="0.1.0", profiles=["x86_64-generic"], runtime="onnx",
-        model_file="model.onnx",
-        files={f: file_entry(bundle / f) for f in ("model.onnx", "selftest.npz")},
-        inputs=[TensorSpec(name="input", dtype="float32", shape=[None, 3, 64, 64])],
-        outputs=[TensorSpec(name="output", dtype="float32", shape=[None, 10])],
-        labels=[str(i) for i in range(10)], preprocessing=Preprocessing(layout="NCHW"),
-        reference=ReferenceStats(samples=4, input=InputReference(
-            histogram=hist, mean=0.5, std=0.29, feature_mean=[0.5], feature_std=[0.29]),
-            output=OutputReference(class_fractions=[0.1] * 10, confidence=hist)),
-        resources=ResourceEstimate(model_bytes=(bundle / "model.onnx").stat().st_size,
-                                   arena_bytes=4 * 3 * 64 * 64 * 32 * 2,
-                                   peak_memory_bytes=10_000_000),
-        selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
-    (bundle / "manifest.json").write_bytes(canonical_json(m))
-    kd = KeyDir(keys)
-    (bundle / "signatures.json").unlink(missing_ok=True)
-    sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
-    return pack_bundle(bundle, where / f"cnn-v{version}.tar.zst")
+    return bundle, *(onnx_release(bundle, keys, where / f"cnn-v{v}.tar.zst", name="cnn",
+                                  version=v, sample_shape=(3, 64, 64),
+                                  arena_bytes=4 * 3 * 64 * 64 * 32 * 2) for v in (1, 2))
 
 
 def bench_throughput(agent: AgentProcess, model_path: Path, seconds: float,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +67,13 @@ def releases(onnx_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "onnx3_bad": release(onnx_run, out, keys, version=3, profile=x86, break_selftest=True),
         "onnx4_slow": slow_release(out, keys, version=4),
     }
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Any]:
+    """A real mosquitto on a free loopback port, stopped after the test."""
+    from fixture_mqtt import Broker
+
+    b = Broker(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()

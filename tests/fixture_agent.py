@@ -148,6 +148,22 @@ class AgentProcess:
         return self.proc.returncode
 
 
+def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
+                installs: list[Path], **mqtt: Any) -> list[AgentProcess]:
+    """Agents of group "lab" on one broker, each with `installs` installed in order."""
+    agents = []
+    for dev in devices:
+        d = where / dev
+        d.mkdir()
+        cfg = write_config(d, keys, profile="x86_64-generic",
+                           device={"id": dev, "groups": ["lab"]},
+                           mqtt={"brokers": [broker_url], **mqtt})
+        agents.append(AgentProcess(cfg).start())
+        for archive in installs:
+            assert agents[-1].install(archive)[0] == 200
+    return agents
+
+
 def digits_input(n: int = 1, seed: int = 0) -> list[float]:
     rng = np.random.default_rng(seed)
     return rng.uniform(0, 1, size=(n, 1, 8, 8)).astype(np.float32).ravel().tolist()
@@ -164,27 +180,46 @@ def infer_body(name: str, n: int = 1, **params: Any) -> dict[str, Any]:
 __all__ = ["AgentProcess", "call", "infer_body", "make_keys", "release", "write_config"]
 
 
+def onnx_release(bundle: Path, keys: Path, archive: Path, *, name: str, version: int,
+                 sample_shape: tuple[int, ...], profile: str = "x86_64-generic",
+                 arena_bytes: int = 1 << 20) -> Path:
+    """Self-test, manifest, release signatures and archive for `bundle/model.onnx` (input
+    "input" [N, *sample_shape], output "output" [N, 10]); returns the archive."""
+    from datetime import UTC, datetime, timedelta
+
+    from fixture_trust import reference
+
+    from agent.manifest import Manifest, Preprocessing, ResourceEstimate, SelfTest, TensorSpec
+    from agent.runtime import open_model
+
+    x = np.random.default_rng(1).uniform(0, 1, (8, *sample_shape)).astype(np.float32)
+    np.savez(bundle / "selftest.npz", inputs=x,
+             outputs=open_model(bundle / "model.onnx", "onnx").run(x))
+    now = datetime.now(UTC)
+    m = Manifest(
+        name=name, version=version, created=now, expires=now + timedelta(days=30),
+        min_agent_version="0.1.0", profiles=[profile], runtime="onnx", model_file="model.onnx",
+        files={f: file_entry(bundle / f) for f in ("model.onnx", "selftest.npz")},
+        inputs=[TensorSpec(name="input", dtype="float32", shape=[None, *sample_shape])],
+        outputs=[TensorSpec(name="output", dtype="float32", shape=[None, 10])],
+        labels=[str(i) for i in range(10)], preprocessing=Preprocessing(layout="NCHW"),
+        reference=reference(classes=10, samples=len(x)),
+        resources=ResourceEstimate(model_bytes=(bundle / "model.onnx").stat().st_size,
+                                   arena_bytes=arena_bytes, peak_memory_bytes=1 << 26),
+        selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
+    (bundle / "manifest.json").write_bytes(canonical_json(m))
+    (bundle / "signatures.json").unlink(missing_ok=True)
+    kd = KeyDir(keys)
+    sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
+    return pack_bundle(bundle, archive)
+
+
 def slow_release(out: Path, keys: Path, *, version: int, profile: str = "x86_64-generic",
                  widths: tuple[int, ...] = (2048, 2048, 2048)) -> Path:
     """A signed release with the digits model's I/O names but a slow body (wide fully
     connected layers, milliseconds per sample): a latency regression to inject."""
-    from datetime import UTC, datetime, timedelta
-
     import onnx  # host toolchain only
     from onnx import TensorProto, helper
-
-    from agent.manifest import (
-        Histogram,
-        InputReference,
-        Manifest,
-        OutputReference,
-        Preprocessing,
-        ReferenceStats,
-        ResourceEstimate,
-        SelfTest,
-        TensorSpec,
-    )
-    from agent.runtime import open_model
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Flatten", ["input"], ["f"])]
@@ -203,27 +238,8 @@ def slow_release(out: Path, keys: Path, *, version: int, profile: str = "x86_64-
     bundle.mkdir()
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
               bundle / "model.onnx")
-    x = np.random.default_rng(1).uniform(0, 1, (8, 1, 8, 8)).astype(np.float32)
-    np.savez(bundle / "selftest.npz", inputs=x,
-             outputs=open_model(bundle / "model.onnx", "onnx").run(x))
-    now = datetime.now(UTC)
-    hist = Histogram(bin_edges=[0.0, 0.5, 1.0], fractions=[0.5, 0.5])
-    m = Manifest(
-        name="digits", version=version, created=now, expires=now + timedelta(days=30),
-        min_agent_version="0.1.0", profiles=[profile], runtime="onnx", model_file="model.onnx",
-        files={f: file_entry(bundle / f) for f in ("model.onnx", "selftest.npz")},
-        inputs=[TensorSpec(name="input", dtype="float32", shape=[None, 1, 8, 8])],
-        outputs=[TensorSpec(name="output", dtype="float32", shape=[None, 10])],
-        labels=[str(i) for i in range(10)], preprocessing=Preprocessing(layout="NCHW"),
-        reference=ReferenceStats(samples=8, input=InputReference(
-            histogram=hist, mean=0.5, std=0.29, feature_mean=[0.5], feature_std=[0.29]),
-            output=OutputReference(class_fractions=[0.1] * 10, confidence=hist)),
-        resources=ResourceEstimate(model_bytes=(bundle / "model.onnx").stat().st_size,
-                                   arena_bytes=1 << 20, peak_memory_bytes=1 << 26),
-        selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
-    (bundle / "manifest.json").write_bytes(canonical_json(m))
-    kd = KeyDir(keys)
-    sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
-    archive = pack_bundle(bundle, out / f"digits-slow-v{version}.tar.zst")
+    archive = onnx_release(bundle, keys, out / f"digits-slow-v{version}.tar.zst",
+                           name="digits", version=version, sample_shape=(1, 8, 8),
+                           profile=profile)
     shutil.rmtree(bundle)
     return archive

@@ -69,6 +69,15 @@ def root(**kw: Any) -> Root:
     return Root.model_validate(root_signed(**kw))
 
 
+def reference(classes: int, samples: int = 4) -> ReferenceStats:
+    """Plain reference statistics for test manifests (a two-bin input histogram and a
+    uniform class distribution)."""
+    hist = Histogram(bin_edges=[0.0, 0.5, 1.0], fractions=[0.5, 0.5])
+    return ReferenceStats(samples=samples, input=InputReference(
+        histogram=hist, mean=0.5, std=0.29, feature_mean=[0.5], feature_std=[0.29]),
+        output=OutputReference(class_fractions=[1 / classes] * classes, confidence=hist))
+
+
 def make_bundle(tmp_path: Path, *, version: int = 3, model: bytes = b"\x00model-bytes" * 100,
                 expires: datetime = NOW + timedelta(days=30), profiles: list[str] | None = None,
                 min_agent_version: str = "0.1.0", name: str = "bundle") -> Path:
@@ -78,7 +87,6 @@ def make_bundle(tmp_path: Path, *, version: int = 3, model: bytes = b"\x00model-
     files = {"model.tflite": model, "selftest.npz": b"golden"}
     for fname, data in files.items():
         (bundle / fname).write_bytes(data)
-    hist = Histogram(bin_edges=[0.0, 0.5, 1.0], fractions=[0.5, 0.5])
     m = Manifest(
         name="digits", version=version, created=expires - timedelta(days=60),
         expires=expires, min_agent_version=min_agent_version,
@@ -88,9 +96,7 @@ def make_bundle(tmp_path: Path, *, version: int = 3, model: bytes = b"\x00model-
         inputs=[TensorSpec(name="x", dtype="int8", shape=[1, 4])],
         outputs=[TensorSpec(name="y", dtype="int8", shape=[1, 2])], labels=["a", "b"],
         preprocessing=Preprocessing(layout="NC"),
-        reference=ReferenceStats(samples=4, input=InputReference(
-            histogram=hist, mean=0.5, std=0.1, feature_mean=[0.5], feature_std=[0.1]),
-            output=OutputReference(class_fractions=[0.5, 0.5], confidence=hist)),
+        reference=reference(classes=2),
         resources=ResourceEstimate(model_bytes=1, arena_bytes=1, peak_memory_bytes=2),
         selftest=SelfTest(atol=0.1, min_top1_agreement=0.9),
     )

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from fixture_agent import AgentProcess, write_config
+from fixture_agent import AgentProcess, start_group
 from fixture_mqtt import Broker
 
 from fleet.artifacts import serve_in_thread
@@ -35,19 +35,12 @@ def browse(url: str, *extra: str) -> str:
 
 
 def test_the_dashboard_shows_devices_and_rollout_progress(
-        tmp_path: Path, releases: dict[str, Path]) -> None:
-    broker = Broker(tmp_path / "mosquitto").start()
+        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
     agents: list[AgentProcess] = []
     try:
-        for dev in ("dev-1", "dev-2"):
-            where = tmp_path / dev
-            where.mkdir()
-            cfg = write_config(where, releases["keys"], profile="x86_64-generic",
-                               device={"id": dev, "groups": ["lab"]},
-                               mqtt={"brokers": [broker.url], "health_window_s": 0.5,
-                                     "telemetry_interval_s": 0.25})
-            agents.append(AgentProcess(cfg).start())
-            assert agents[-1].install(releases["onnx1"])[0] == 200
+        agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2"],
+                             [releases["onnx1"]], health_window_s=0.5,
+                             telemetry_interval_s=0.25)
         db = FleetDB(tmp_path / "fleet.sqlite")
         watcher = FleetWatcher(db, broker.url, "acme").start()
         server = make_server(Dashboard(db, "acme"))
@@ -92,4 +85,3 @@ def test_the_dashboard_shows_devices_and_rollout_progress(
     finally:
         for a in agents:
             a.stop()
-        broker.stop()

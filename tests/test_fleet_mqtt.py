@@ -24,12 +24,6 @@ X86 = "x86_64-generic"
 BASE = "edge/v1/acme/dev-1"
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
-
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:

@@ -12,30 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixture_agent import AgentProcess, write_config
+from fixture_agent import start_group
 from fixture_mqtt import Broker, Subscriber
 
 from fleet.state import FleetDB, FleetWatcher
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, releases: dict[str, Path]) -> Iterator[tuple[Broker, list[Any]]]:
-    broker = Broker(tmp_path / "mosquitto").start()
-    agents = []
-    for dev in ("dev-1", "dev-2"):
-        where = tmp_path / dev
-        where.mkdir()
-        cfg = write_config(where, releases["keys"], profile="x86_64-generic",
-                           device={"id": dev, "groups": ["lab"]},
-                           mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.3})
-        a = AgentProcess(cfg).start()
-        for r in ("onnx1", "onnx2"):
-            assert a.install(releases[r])[0] == 200
-        agents.append(a)
+def fleet(tmp_path: Path, broker: Broker, releases: dict[str, Path]
+          ) -> Iterator[tuple[Broker, list[Any]]]:
+    agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2"],
+                         [releases["onnx1"], releases["onnx2"]], telemetry_interval_s=0.3)
     yield broker, agents
     for a in agents:
         a.stop()
-    broker.stop()
 
 
 def fleet_cli(*args: object) -> subprocess.CompletedProcess[str]:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from fixture_mqtt import Broker, Subscriber, free_port, make_pki
 
 from agent.mqtt import Backoff, MqttLink, TlsFiles, backoff_delay, wait_connected
@@ -19,19 +17,14 @@ from agent.outbox import Outbox
 STATE = "edge/v1/acme/dev-1/state"
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
 
-
-def link(urls: list[str], outbox: Outbox, received: list[tuple[str, bytes]]) -> MqttLink:
+def link(urls: list[str], outbox: Outbox, received: list[tuple[str, bytes]],
+         tls: TlsFiles | None = None) -> MqttLink:
     return MqttLink(brokers=urls, client_id="dev-1", state_topic=STATE,
                     birth=lambda: b'{"online":true}', will=b'{"online":false}',
                     subscriptions=["edge/v1/acme/dev-1/cmd"],
                     on_message=lambda t, p, props: received.append((t, p)), outbox=outbox,
-                    backoff=Backoff(initial_s=0.1, max_s=0.5))
+                    backoff=Backoff(initial_s=0.1, max_s=0.5), tls=tls)
 
 
 def test_backoff_is_capped_jittered_and_grows() -> None:
@@ -107,16 +100,12 @@ def test_mutual_tls_with_the_fleet_ca_connects_and_a_foreign_certificate_is_refu
         sub = Subscriber(b, [STATE])
         for cert, key, ok in ((pki["dev.crt"], pki["dev.key"], True),
                               (pki["rogue.crt"], pki["rogue.key"], False)):
-            lk = MqttLink(brokers=[f"mqtts://127.0.0.1:{b.tls_port}"], client_id="dev-1",
-                          state_topic=STATE, birth=lambda: b"online", will=b"offline",
-                          subscriptions=[], on_message=lambda *a: None,
-                          outbox=Outbox(tmp_path / f"{ok}.sqlite"),
-                          tls=TlsFiles(ca_file=pki["ca.crt"], cert_file=cert, key_file=key),
-                          backoff=Backoff(initial_s=0.1, max_s=0.3))
+            lk = link([f"mqtts://127.0.0.1:{b.tls_port}"], Outbox(tmp_path / f"{ok}.sqlite"),
+                      [], TlsFiles(ca_file=pki["ca.crt"], cert_file=cert, key_file=key))
             lk.start()
             assert wait_connected(lk, 5) is ok, lk.last_error
             if ok:
-                sub.wait_for(lambda: b"online" in sub.on("/state"))
+                sub.wait_for(lambda: b'{"online":true}' in sub.on("/state"))
             else:
                 assert lk.last_error  # the handshake failed and says so
             lk.stop()
@@ -130,12 +119,8 @@ def test_a_plain_client_cannot_reach_the_tls_listener_without_a_certificate(
     pki = make_pki(tmp_path / "pki")
     b = Broker(tmp_path / "tls-broker", tls=pki).start()
     try:
-        lk = MqttLink(brokers=[f"mqtts://127.0.0.1:{b.tls_port}"], client_id="dev-1",
-                      state_topic=STATE, birth=lambda: b"online", will=b"offline",
-                      subscriptions=[], on_message=lambda *a: None,
-                      outbox=Outbox(tmp_path / "o.sqlite"),
-                      tls=TlsFiles(ca_file=pki["ca.crt"]),
-                      backoff=Backoff(initial_s=0.1, max_s=0.3))
+        lk = link([f"mqtts://127.0.0.1:{b.tls_port}"], Outbox(tmp_path / "o.sqlite"), [],
+                  TlsFiles(ca_file=pki["ca.crt"]))
         lk.start()
         assert not wait_connected(lk, 3)
         lk.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixture_agent import AgentProcess, write_config
+from fixture_agent import AgentProcess, start_group
 from fixture_mqtt import Broker
 
 from fleet.artifacts import serve_in_thread as serve
@@ -44,25 +44,14 @@ def test_verdicts() -> None:
 
 
 @pytest.fixture
-def group(tmp_path: Path, releases: dict[str, Path]) -> Iterator[Any]:
-    broker = Broker(tmp_path / "mosquitto").start()
-    agents = []
-    for dev in ("dev-1", "dev-2", "dev-3"):
-        where = tmp_path / dev
-        where.mkdir()
-        cfg = write_config(where, releases["keys"], profile="x86_64-generic",
-                           device={"id": dev, "groups": ["lab"]},
-                           mqtt={"brokers": [broker.url], "health_window_s": 0.5,
-                                 "telemetry_interval_s": 0.25})
-        a = AgentProcess(cfg).start()
-        assert a.install(releases["onnx1"])[0] == 200
-        agents.append(a)
+def group(tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
+    agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2", "dev-3"],
+                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.25)
     server, url = serve(releases["onnx1"].parent)
     yield broker, agents, url
     server.shutdown()
     for a in agents:
         a.stop()
-    broker.stop()
 
 
 def controller(db: FleetDB, broker: Broker, releases: dict[str, Path]) -> Controller:
