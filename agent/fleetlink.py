@@ -37,7 +37,6 @@ from agent.admission import PRIORITY
 from agent.archive import read_archive_head
 from agent.command import (
     Addressee,
-    Command,
     ConfigCommand,
     DeployCommand,
     ReplayPolicy,
@@ -57,23 +56,19 @@ from agent.detectors import (
 )
 from agent.errors import AgentError, BundleError, ConfigError, RejectedError
 from agent.fetch import DownloadError, FetchLimits, fetch
-from agent.manifest import Manifest
 from agent.metrics import Snapshot, window_counter, window_quantile
 from agent.mqtt import MqttLink, TlsFiles
 from agent.nonces import NonceStore, accept_command
 from agent.oip import ApiError, infer_response, parse_infer
 from agent.outbox import Outbox
+from agent.reporting import Reporter, jsonable
 from agent.scheduler import Refused
 from agent.wire import (
-    CommandResult,
-    Event,
     Memory,
     ModelState,
     ModelTelemetry,
-    Severity,
     StatePayload,
     Telemetry,
-    device_topic,
     dump,
     group_cmd_topic,
 )
@@ -82,14 +77,20 @@ log = logging.getLogger("edge_agent.fleet")
 LATENCY = "edge_agent_request_duration_seconds"
 
 
-class FleetLink:
-    def __init__(self, agent: Agent, cfg: MqttSection) -> None:
+class FleetLink(Reporter):
+    def __init__(self, agent: Agent, cfg: MqttSection, *, in_memory: bool = False,
+                 poll_s: float = 0.05) -> None:
+        """`in_memory` keeps the outbox and the seen nonces in memory instead of the state
+        directory (the simulator: hundreds of devices in one process must not hold six
+        files each, and nothing of theirs has to survive a restart). `poll_s`: see
+        `MqttLink`."""
         self.agent, self.cfg = agent, cfg
         d = agent.config.device
-        self.me = Addressee(fleet=d.fleet, device=d.id, groups=frozenset(d.groups))
         state = agent.config.paths.state_dir
-        self.outbox = Outbox(state / "outbox.sqlite", cap=cfg.outbox_cap)
-        self.nonces = NonceStore(state / "nonces.sqlite")
+        super().__init__(Addressee(fleet=d.fleet, device=d.id, groups=frozenset(d.groups)),
+                         Outbox(":memory:" if in_memory else state / "outbox.sqlite",
+                                cap=cfg.outbox_cap))
+        self.nonces = NonceStore(":memory:" if in_memory else state / "nonces.sqlite")
         self.downloads = state / "downloads"
         self.downloads.mkdir(exist_ok=True)
         self.thresholds = Thresholds()
@@ -113,10 +114,8 @@ class FleetLink:
                            *(group_cmd_topic(d.fleet, g) for g in d.groups)],
             on_message=self._received, outbox=self.outbox,
             tls=TlsFiles(ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file),
-            username=cfg.username, password=password, keepalive_s=cfg.keepalive_s)
-
-    def topic(self, kind: str) -> str:
-        return device_topic(self.me.fleet, self.me.device, kind)
+            username=cfg.username, password=password, keepalive_s=cfg.keepalive_s,
+            poll_s=poll_s)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -142,25 +141,6 @@ class FleetLink:
         return StatePayload(device=d.id, fleet=d.fleet, online=online,
                             agent_version=__version__, profile=d.profile, groups=d.groups,
                             models=models, at=datetime.now(UTC))
-
-    def event(self, kind: str, severity: Severity, message: str, *,
-              manifest: Manifest | None = None, command_id: str | None = None,
-              evidence: dict[str, Any] | None = None) -> None:
-        def build(seq: int) -> bytes:
-            return dump(Event(seq=seq, device=self.me.device, at=datetime.now(UTC),
-                              kind=kind, severity=severity, message=message,
-                              model=manifest.name if manifest else None,
-                              version=manifest.version if manifest else None,
-                              command_id=command_id, evidence=evidence or {}))
-        self.outbox.enqueue("event", self.topic("event"), build)
-        log.info("event %s %s", kind, message)
-
-    def result(self, cmd: Command | None, ok: bool, text: str, check: str | None = None
-               ) -> None:
-        payload = dump(CommandResult(device=self.me.device, command_id=cmd.id if cmd else None,
-                                     kind=cmd.kind if cmd else None, ok=ok, result=text,
-                                     check=check, at=datetime.now(UTC)))
-        self.outbox.enqueue("result", self.topic("cmd/result"), lambda _seq: payload)
 
     def publish_state(self) -> None:
         self.outbox.enqueue("state", self.topic("state"),
@@ -200,9 +180,7 @@ class FleetLink:
             cmd = accept_command(self.agent.root, raw, me=self.me, now=datetime.now(UTC),
                                  store=self.nonces, policy=policy)
         except RejectedError as exc:
-            self.event("command.rejected", "warning", str(exc),
-                       evidence={"check": exc.check, **_jsonable(exc.details)})
-            self.result(None, False, str(exc), exc.check)
+            self.rejected(exc)
             return
         if isinstance(cmd, DeployCommand):
             threading.Thread(target=self._deploy_guarded, args=(cmd,), name="deploy",
@@ -350,7 +328,7 @@ class FleetLink:
             return
         except RejectedError as exc:
             self.event("deploy.rejected", "error", str(exc), command_id=cmd.id,
-                       evidence={"check": exc.check, **_jsonable(exc.details), **ev})
+                       evidence={"check": exc.check, **jsonable(exc.details), **ev})
             self.result(cmd, False, str(exc), exc.check)
             return
         except AgentError as exc:
@@ -393,13 +371,6 @@ class FleetLink:
                    f"in its health window: {why}", command_id=cmd.id,
                    evidence={"model": cmd.model, "version": cmd.version})
         self.result(cmd, False, f"rolled back: {why}", "health")
-
-    def anomaly(self, a: Anomaly, *, command_id: str | None = None) -> None:
-        self.event("anomaly", "warning", f"{a.detector}: {a.statistic} {a.value:.4g} above "
-                   f"{a.threshold:g} over {a.window_s:g} s", command_id=command_id,
-                   evidence={"detector": a.detector, "statistic": a.statistic,
-                             "value": a.value, "threshold": a.threshold,
-                             "window_s": a.window_s, "model": a.model, **a.evidence})
 
     # -- telemetry ------------------------------------------------------------------------
     def _window(self, model: str, before: Snapshot, after: Snapshot, seconds: float) -> Window:
@@ -486,9 +457,4 @@ class FleetLink:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None or seconds == float("inf") else seconds * 1000
-
-
-def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(json.dumps(details, default=str))
-    return out
 

@@ -83,7 +83,8 @@ class MqttLink:
                  birth: Callable[[], bytes], will: bytes, subscriptions: list[str],
                  on_message: MessageHandler, outbox: Outbox, tls: TlsFiles | None = None,
                  username: str | None = None, password: str | None = None,
-                 keepalive_s: int = 30, backoff: Backoff = Backoff()) -> None:
+                 keepalive_s: int = 30, backoff: Backoff = Backoff(),
+                 poll_s: float = 0.05) -> None:
         self.brokers = [Broker.parse(u) for u in brokers]
         if not self.brokers:
             raise ConfigError("mqtt.brokers is empty")
@@ -92,6 +93,10 @@ class MqttLink:
         self.on_message, self.outbox = on_message, outbox
         self.tls, self.username, self.password = tls, username, password
         self.keepalive_s, self.backoff = keepalive_s, backoff
+        # How long the loop waits on the socket before pumping the outbox again: the
+        # delay of a message enqueued while the link is idle (the simulator, running a
+        # thousand links in one process, trades latency for wake-ups).
+        self.poll_s = poll_s
         self.connected = threading.Event()
         self.connects = 0
         self.last_error = ""
@@ -158,7 +163,7 @@ class MqttLink:
 
     def _serve(self, client: paho.Client) -> None:
         while not self._stop.is_set():
-            rc = client.loop(timeout=0.05)
+            rc = client.loop(timeout=self.poll_s)
             if rc != paho.MQTT_ERR_SUCCESS:
                 return
             if self.connected.is_set():

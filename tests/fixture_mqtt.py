@@ -69,7 +69,7 @@ class Broker:
             f"user {getpass.getuser()}",
             f"persistence true\npersistence_location {where}/\nautosave_interval 1",
             "max_queued_messages 100000", "per_listener_settings false",
-            *([f"acl_file {acl}"] if tls else []), "allow_anonymous true",
+            *([f"acl_file {acl}"] if tls else []), "allow_anonymous true", "log_dest stderr",
             f"listener {self.port} 127.0.0.1"]
         if tls:
             lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls['ca.crt']}",
@@ -84,7 +84,7 @@ class Broker:
 
     def start(self) -> Broker:
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))
         end = time.monotonic() + 10
         while time.monotonic() < end:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1",

@@ -1,0 +1,454 @@
+"""A simulated fleet: N devices that run the agent's own fleet link against a stand-in
+runtime, each with its own MQTT connection.
+
+What is real in every simulated device: `agent.fleetlink.FleetLink` (command verification
+with the fleet's root and nonce store, the deploy flow with download, manifest pin,
+health window and commit or rollback, telemetry, drift and latency detectors, events,
+results), `agent.mqtt.MqttLink` (birth, Last Will, QoS 1, the outbox), `agent.outbox`,
+and `agent.store.ModelStore` (every deploy is downloaded, verified against the signed
+manifest and unpacked, journaled and switched between slots exactly as on a device).
+
+What stands in: the runtime. Loading is free, the self-test passes unless the device
+carries the `selftest` fault, and serving is a synthetic load of `requests_per_s` per
+device whose latencies and drift statistics are recorded into the device's `Metrics` as
+the scheduler would, so the real detectors judge them.
+
+Faults (`--faulty P`): P % of the devices, spread evenly over the sorted names (the first
+device is always one of them), each with one kind, taken in turn: `selftest` (every new
+release fails its self-test), `latency` (a new release serves 4x slower: the health window
+rolls it back) and `drift` (a new release commits, then its inputs and outputs drift away
+from the manifest's reference: anomaly events). A fault shows only for releases deployed
+during the simulation, not for the model the devices start with.
+
+Threads: one MQTT thread per device (polling every `poll_s`); commands are verified on a
+shared pool, telemetry and synthetic load on one shared ticker thread, and each deploy in
+progress has its thread (mostly asleep in its health window).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+import multiprocessing
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from agent import __version__
+from agent.admission import Reading, Thermal, ThermalLimits
+from agent.config import AgentConfig, DeviceSection, MqttSection, PathsSection
+from agent.daemon import Agent, Busy, InstallResult
+from agent.errors import BundleError
+from agent.fleetlink import LATENCY, FleetLink
+from agent.manifest import Manifest
+from agent.metrics import Metrics
+from agent.root import Root, load_pinned_root
+from agent.scheduler import DriftSample
+from agent.store import ModelStore, Staged
+from agent.trust import Device
+
+log = logging.getLogger("edge_fleet.simulate")
+FAULTS = ("selftest", "latency", "drift")
+
+
+def fault_plan(names: list[str], percent: float) -> dict[str, str]:
+    """Which devices are faulty and how: `percent` of them, spread evenly over the sorted
+    names (the first is always faulty when percent > 0), kinds taken in turn."""
+    if percent <= 0:
+        return {}
+    order = sorted(names)
+    count = max(1, round(len(order) * percent / 100))
+    step = len(order) / count
+    return {order[int(i * step)]: FAULTS[i % len(FAULTS)] for i in range(count)}
+
+
+class Ticker:
+    """One thread running callbacks at their times (a heap), for all simulated devices."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cv = threading.Condition()
+        self._n = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="sim-ticker", daemon=True)
+        self._thread.start()
+
+    def call_at(self, when: float, fn: Callable[[], None]) -> None:
+        with self._cv:
+            self._n += 1
+            heapq.heappush(self._heap, (when, self._n, fn))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and (not self._heap
+                                          or self._heap[0][0] > time.monotonic()):
+                    self._cv.wait(None if not self._heap
+                                  else self._heap[0][0] - time.monotonic())
+                if self._stop:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # one device's bad tick must not stop the others
+                log.exception("sim.tick_failed")
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(5)
+
+
+@dataclass
+class StandInResident:
+    """A "loaded" model: its manifest and how the stand-in serves it."""
+
+    name: str
+    manifest: Manifest
+    slow: float = 1.0  # latency factor (the latency fault)
+    drifting: bool = False  # the drift fault
+    samples: int = 0
+
+    def take_drift(self) -> DriftSample | None:
+        ref = self.manifest.reference
+        n, self.samples = self.samples, 0
+        if n == 0:
+            return None
+        inputs = np.asarray(ref.input.histogram.fractions, dtype=np.float64)
+        classes = np.asarray(ref.output.class_fractions, dtype=np.float64)
+        edges, fr = ref.output.confidence.bin_edges, ref.output.confidence.fractions
+        confidence = sum((lo + hi) / 2 * f for lo, hi, f in zip(edges, edges[1:], fr,
+                                                                 strict=False))
+        if self.drifting:  # mass moves to the other end; one class; less confident
+            inputs, classes = inputs[::-1], np.eye(len(classes))[0]
+            confidence -= 0.3
+        return DriftSample(inputs * n, classes * n, max(confidence, 0.0) * n, n)
+
+
+@dataclass
+class StandInScheduler:
+    residents: dict[str, StandInResident] = field(default_factory=dict)
+    reading: Reading = field(default_factory=lambda: Reading(temperature_c=48.0,
+                                                            available_bytes=2 << 30))
+    thermal: Thermal = Thermal.NORMAL
+    thermal_limits: ThermalLimits = field(
+        default_factory=lambda: ThermalLimits(throttle_c=80.0, critical_c=90.0,
+                                              hysteresis_c=5.0))
+
+    def models(self) -> dict[str, StandInResident]:
+        return dict(self.residents)
+
+
+class StandInAgent:
+    """The part of `agent.daemon.Agent` the fleet link uses, with the real model store
+    and trust checks and a stand-in runtime."""
+
+    def __init__(self, config: AgentConfig, root: Root, fault: str | None,
+                 rng: random.Random) -> None:
+        self.config, self.root, self.fault = config, root, fault
+        self.store = ModelStore(config.paths.state_dir)
+        self.metrics = Metrics()
+        self.scheduler = StandInScheduler()
+        self.listeners: list[Callable[[], None]] = []
+        self.notes: list[str] = []
+        self.config_path: Path | None = None
+        self.base_latency_s = 0.004 * rng.uniform(0.8, 1.25)
+        self._lock = threading.Lock()
+        self._pending: dict[str, Staged] = {}
+        self._rng = rng
+        for name in self.store.models():
+            self._serve(name, faulty=False)
+
+    @property
+    def device(self) -> Device:
+        return Device(profile=self.config.device.profile, agent_version=__version__,
+                      committed=self.store.committed())
+
+    def _serve(self, name: str, *, faulty: bool) -> None:
+        d = self.store.active_dir(name)
+        if d is None:
+            self.scheduler.residents.pop(name, None)
+            return
+        m = self.store.check_installed(name, d.name, self.root)
+        self.scheduler.residents[name] = StandInResident(
+            name, m, slow=4.0 if faulty and self.fault == "latency" else 1.0,
+            drifting=faulty and self.fault == "drift")
+
+    def install(self, source: Path, *, commit: bool = True,
+                on_step: Callable[[str, Manifest], None] | None = None,
+                faults: bool = True) -> InstallResult:
+        if not self._lock.acquire(blocking=False):
+            raise Busy("another update is in progress; try again when it finishes")
+        step = on_step or (lambda _s, _m: None)
+        try:
+            staged = self.store.stage(source, self.root, device=self.device,
+                                      now=datetime.now(UTC))
+            m = staged.manifest
+            step("verified", m)
+            self.store.record(staged, "loaded")
+            if faults and self.fault == "selftest":
+                exc = BundleError(f"{m.name} v{m.version} failed its self-test: top-1 "
+                                  "agreement 12% (simulated fault)", check="selftest")
+                self.store.fail(staged, str(exc))
+                raise exc
+            self.store.record(staged, "self_tested")
+            step("self_tested", m)
+            slots = self.store.activate(staged)
+            self._serve(m.name, faulty=faults)
+            step("activated", m)
+            self._changed()
+            if commit:
+                self.store.commit(staged)
+                self._changed()
+            else:
+                self._pending[m.name] = staged
+            return InstallResult(m.name, m.version, slots.previous, "passed (stand-in)")
+        finally:
+            self._lock.release()
+
+    def commit_pending(self, name: str) -> int:
+        with self._lock:
+            staged = self._pending.pop(name)
+            self.store.commit(staged)
+        self._changed()
+        return staged.manifest.version
+
+    def roll_back(self, name: str, reason: str) -> str:
+        with self._lock:
+            self._pending.pop(name, None)
+            self.store.roll_back(name, reason)
+            self._serve(name, faulty=False)
+        self._changed()
+        r = self.scheduler.residents.get(name)
+        return f"{name} v{r.manifest.version} serving" if r else f"{name}: nothing left"
+
+    def restart_runtime(self) -> str:
+        return "stand-in runtime restarted"
+
+    def _changed(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    def serve(self, seconds: float, requests_per_s: float) -> None:
+        """The synthetic load of one interval, recorded as the scheduler records it."""
+        n = max(1, round(seconds * requests_per_s))
+        for name, r in self.scheduler.residents.items():
+            for _ in range(n):
+                s = self.base_latency_s * r.slow * self._rng.lognormvariate(0, 0.1)
+                self.metrics.observe(LATENCY, s, model=name)
+            self.metrics.inc("edge_agent_inferences_total", n, model=name)
+            r.samples += n
+
+
+class SimDevice(FleetLink):
+    """A simulated device: the agent's fleet link over a `StandInAgent`."""
+
+    def __init__(self, sim: Simulator, name: str, fault: str | None) -> None:
+        state = sim.state_dir / name
+        state.mkdir(parents=True, exist_ok=True)
+        config = AgentConfig(
+            device=DeviceSection(id=name, fleet=sim.fleet, groups=sim.groups,
+                                 profile=sim.profile),
+            paths=PathsSection(state_dir=state, root_file=sim.root_file),
+            mqtt=sim.mqtt)
+        self.standin = StandInAgent(config, sim.root, fault, random.Random(name))
+        super().__init__(cast(Agent, self.standin), sim.mqtt, in_memory=True,
+                         poll_s=sim.poll_s)
+        self.sim, self.fault = sim, fault
+
+    def start(self) -> None:
+        self.standin.listeners.append(self.publish_state)
+        self.link.start()
+        self.sim.ticker.call_at(time.monotonic() + self.sim.rng.uniform(0, self.interval_s),
+                                self._sim_tick)
+
+    def _received(self, topic: str, payload: bytes, properties: Any) -> None:
+        self.sim.pool.submit(self._handle_safely, payload)
+
+    def _handle_safely(self, raw: bytes) -> None:
+        try:
+            self.handle(raw)
+        except Exception as exc:  # as the daemon's command thread: say what happened
+            log.exception("sim.command_crashed")
+            self.event("command.failed", "error", f"unexpected error: {exc!r}")
+
+    def _sim_tick(self) -> None:
+        if self._stop.is_set():
+            return
+        self.standin.serve(self.interval_s, self.sim.requests_per_s)
+        self._tick(self.sim.process)
+        self.sim.ticker.call_at(time.monotonic() + self.interval_s, self._sim_tick)
+
+    @property
+    def versions(self) -> dict[str, int]:
+        return {n: r.manifest.version for n, r in self.standin.scheduler.residents.items()}
+
+
+class _Process:
+    """What telemetry reads of the process: plausible device figures, not the simulator's."""
+
+    def cpu_percent(self, _interval: Any = None) -> float:
+        return 12.0
+
+    def memory_info(self) -> Any:
+        return type("mem", (), {"rss": 96 << 20})()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimSettings:
+    """What every simulated device shares (picklable: it goes to worker processes)."""
+
+    broker: str
+    root_file: Path
+    fleet: str | None = None  # default: the root's fleet
+    groups: tuple[str, ...] = ("sim",)
+    profile: str = "raspberry-pi-4"
+    initial: Path | None = None  # a release every device has installed and committed
+    telemetry_interval_s: float = 2.0
+    health_window_s: float = 2.0
+    requests_per_s: float = 20.0
+    poll_s: float = 0.25
+
+
+class Simulator:
+    """The simulated devices of one process."""
+
+    def __init__(self, settings: SimSettings, names: list[str], faults: dict[str, str], *,
+                 state_dir: Path | None = None, workers: int = 8) -> None:
+        self.settings = settings
+        self.root_file = settings.root_file
+        self.root = load_pinned_root(settings.root_file.read_bytes())
+        self.fleet = settings.fleet or self.root.fleet
+        self.groups, self.profile = list(settings.groups), settings.profile
+        self.requests_per_s, self.poll_s = settings.requests_per_s, settings.poll_s
+        self.mqtt = MqttSection(brokers=[settings.broker],
+                                telemetry_interval_s=settings.telemetry_interval_s,
+                                health_window_s=settings.health_window_s, keepalive_s=60)
+        self._own_state = state_dir is None
+        shm = Path("/dev/shm")
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(
+            prefix="edge-sim-", dir=shm if shm.is_dir() else None))
+        self.rng = random.Random(0)
+        self.ticker = Ticker()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-cmd")
+        self.process = _Process()
+        self.faults = faults
+        self.devices = {n: SimDevice(self, n, faults.get(n)) for n in names}
+
+    def install_initial(self, archive: Path) -> None:
+        """Install a first release on every device (verified and committed, offline)."""
+        for d in self.devices.values():
+            if not d.standin.store.models():
+                d.standin.install(archive, commit=True, faults=False)
+
+    def start(self, *, connect_timeout_s: float = 60) -> int:
+        """Connect every device; returns how many are connected."""
+        for d in self.devices.values():
+            d.start()
+        end = time.monotonic() + connect_timeout_s
+        for d in self.devices.values():
+            d.link.connected.wait(max(0.0, end - time.monotonic()))
+        return sum(d.link.connected.is_set() for d in self.devices.values())
+
+    def stop(self) -> None:
+        for d in self.devices.values():
+            d._stop.set()
+        for d in self.devices.values():
+            d.link.stop()
+        self.ticker.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for d in self.devices.values():
+            d.outbox.close()
+            d.nonces.close()
+        if self._own_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def versions(self) -> dict[str, dict[str, int]]:
+        return {n: d.versions for n, d in self.devices.items()}
+
+
+def _worker(settings: SimSettings, names: list[str], faults: dict[str, str],
+            conn: Connection) -> None:
+    logging.basicConfig(level=logging.ERROR, format="%(processName)s %(message)s")
+    sim = Simulator(settings, names, faults)
+    try:
+        if settings.initial is not None:
+            sim.install_initial(settings.initial)
+        conn.send(sim.start())
+        while (msg := conn.recv()) != "stop":
+            if msg == "versions":
+                conn.send(sim.versions())
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        sim.stop()
+
+
+class SimulatedFleet:
+    """`count` simulated devices over worker processes of at most `per_process` devices
+    (paho waits with select(), which cannot watch descriptors above 1024, and one process
+    has one GIL)."""
+
+    def __init__(self, settings: SimSettings, count: int, *, faulty_percent: float = 0,
+                 prefix: str = "sim", per_process: int = 250) -> None:
+        self.settings = settings
+        self.names = [f"{prefix}-{i:04d}" for i in range(count)]
+        self.faults = fault_plan(self.names, faulty_percent)
+        n = max(1, -(-count // per_process))
+        self._chunks = [self.names[i::n] for i in range(n)]
+        self._workers: list[tuple[Any, Connection]] = []
+
+    def start(self, *, timeout_s: float = 180) -> int:
+        """Start the workers; returns how many devices connected."""
+        ctx = multiprocessing.get_context("spawn")
+        for i, names in enumerate(self._chunks):
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=_worker, name=f"sim-{i}", daemon=True, args=(
+                self.settings, names, {n: f for n, f in self.faults.items() if n in names},
+                theirs))
+            p.start()
+            self._workers.append((p, mine))
+        connected = 0
+        for p, conn in self._workers:
+            if not conn.poll(timeout_s):
+                raise TimeoutError(f"simulator worker {p.name} did not start")
+            connected += conn.recv()
+        return connected
+
+    def versions(self) -> dict[str, dict[str, int]]:
+        """Each device's serving versions (model -> version)."""
+        out: dict[str, dict[str, int]] = {}
+        for _, conn in self._workers:
+            conn.send("versions")
+            out.update(conn.recv())
+        return out
+
+    def stop(self) -> None:
+        for _, conn in self._workers:
+            with contextlib.suppress(OSError):
+                conn.send("stop")
+        for p, _ in self._workers:
+            p.join(15)
+            if p.is_alive():
+                p.kill()
+        self._workers = []
+
+    def __enter__(self) -> SimulatedFleet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
