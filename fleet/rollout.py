@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import statistics
 import threading
 import time
 import uuid
@@ -25,14 +26,15 @@ from fleet._mqtt import connect
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
 from fleet.keys import SigningKey
-from fleet.policy import Criteria, Outcome, judge, wave_sizes
-from fleet.state import FleetDB
+from fleet.policy import Criteria, Health, Outcome, judge, wave_sizes
+from fleet.state import FleetDB, FleetWatcher
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS rollouts (
   id TEXT PRIMARY KEY, model TEXT, version INTEGER, group_name TEXT, archive TEXT,
   urls_json TEXT, sizes_json TEXT, criteria_json TEXT, status TEXT, wave INTEGER,
-  wave_started REAL, wave_timeout_s REAL, reason TEXT, created REAL);
+  wave_started REAL, wave_timeout_s REAL, reason TEXT, created REAL,
+  health_window_s REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rollout_devices (
   rollout TEXT, device TEXT, wave INTEGER, command_id TEXT, outcome TEXT, sent_at REAL,
   rollback_id TEXT, rollback_result TEXT, PRIMARY KEY (rollout, device));
@@ -49,16 +51,17 @@ class Rollouts:
         self.sql.executescript(TABLES)
 
     def create(self, *, archive: Path, urls: list[str], group: str, devices: list[str],
-               fractions: list[float], criteria: Criteria, wave_timeout_s: float) -> str:
+               fractions: list[float], criteria: Criteria, wave_timeout_s: float,
+               health_window_s: float = 0.0) -> str:
         fields = deploy_fields(archive, urls)
         if not devices:
             raise FleetError(f"group {group} has no known online device")
         rid = uuid.uuid4().hex[:12]
         sizes = wave_sizes(len(devices), fractions)
-        self.sql.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+        self.sql.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
             rid, fields["model"], fields["version"], group, str(archive), json.dumps(urls),
             json.dumps(sizes), json.dumps(asdict(criteria)), "running", 0, None,
-            wave_timeout_s, "", time.time()))
+            wave_timeout_s, "", time.time(), health_window_s))
         order = sorted(devices)
         for i, d in enumerate(order):
             wave = next(w for w, n in enumerate(sizes) if i < n)
@@ -121,11 +124,16 @@ class Rollouts:
 
 
 class Controller:
-    """Carries out rollouts: sends deploys, listens for results, judges waves."""
+    """Carries out rollouts: sends deploys, listens for results, judges waves.
+
+    Telemetry and events reach the same database through a `FleetWatcher` on a shared
+    subscription: two controllers on one database split that load between them."""
 
     def __init__(self, db: FleetDB, broker_url: str, fleet: str, keys: Iterable[SigningKey],
                  *, client_id: str = "edge-fleet-controller") -> None:
+        self.db = db
         self.rollouts = Rollouts(db)
+        self.watcher = FleetWatcher(db, broker_url, fleet).start()
         self.fleet, self.keys = fleet, list(keys)
         self._lock = threading.Lock()
         self.client, _ = connect(broker_url, client_id,
@@ -134,6 +142,7 @@ class Controller:
         self.client.loop_start()
 
     def close(self) -> None:
+        self.watcher.stop()
         self.client.loop_stop()
         self.client.disconnect()
 
@@ -175,9 +184,11 @@ class Controller:
     def _judge(self, rid: str, ro: dict[str, Any]) -> str:
         wave_devs = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
         outcomes = {d["device"]: Outcome(d["outcome"]) for d in wave_devs}
-        late = time.time() - ro["wave_started"] > ro["wave_timeout_s"]
-        verdict = judge(outcomes, deadline_passed=late,
-                        criteria=Criteria(**json.loads(ro["criteria_json"])))
+        elapsed = time.time() - ro["wave_started"]
+        verdict = judge(outcomes, deadline_passed=elapsed > ro["wave_timeout_s"],
+                        criteria=Criteria(**json.loads(ro["criteria_json"])),
+                        health=self._health(rid, ro),
+                        window_over=elapsed >= ro["health_window_s"])
         if verdict.action == "wait":
             return "running"
         if verdict.action == "halt":
@@ -193,6 +204,29 @@ class Controller:
             return "completed"
         self.rollouts.set(rid, wave=ro["wave"] + 1, wave_started=None, reason=verdict.reason)
         return "running"
+
+    def _health(self, rid: str, ro: dict[str, Any]) -> Health:
+        """Updated devices (sent this release, not failed) against the baseline (devices
+        of the rollout not reached yet) since the wave started."""
+        devices = self.rollouts.devices(rid)
+        updated = [d["device"] for d in devices if d["command_id"] is not None
+                   and d["outcome"] in (Outcome.COMMITTED.value, Outcome.PENDING.value)]
+        baseline = [d["device"] for d in devices if d["command_id"] is None]
+        since = ro["wave_started"]
+        anomalies = self.db.anomalies_since(since)
+        latency = self.db.latency_p95_since(ro["model"], since)
+
+        def per_device(names: list[str]) -> float:
+            return sum(anomalies.get(n, 0) for n in names) / len(names) if names else 0.0
+
+        def median(names: list[str]) -> float | None:
+            values = [latency[n] for n in names if n in latency]
+            return statistics.median(values) if values else None
+
+        return Health(updated_anomalies=per_device(updated),
+                      baseline_anomalies=per_device(baseline),
+                      updated_latency_ms=median(updated),
+                      baseline_latency_ms=median(baseline) if baseline else None)
 
     def _roll_back_touched(self, rid: str) -> None:
         ro = self.rollouts.get(rid)

@@ -30,6 +30,9 @@ CREATE TABLE IF NOT EXISTS devices (
   state_at TEXT, telemetry_at REAL, telemetry_json TEXT,
   last_anomaly TEXT, last_anomaly_at TEXT, events INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS anomalies (
+  device TEXT NOT NULL, received REAL NOT NULL, model TEXT, detector TEXT, message TEXT);
+CREATE INDEX IF NOT EXISTS anomalies_received ON anomalies (received);
 """
 
 
@@ -57,6 +60,10 @@ class FleetDB:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Durable against a killed process (the controller resumes from here); a power cut
+        # may lose the last transactions, which the devices' retained state and results
+        # (persistent session) bring back.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     @property
@@ -92,13 +99,33 @@ class FleetDB:
             self._db.execute("UPDATE devices SET telemetry_at = ?, telemetry_json = ? "
                              "WHERE device = ?", (received, t.model_dump_json(), t.device))
 
-    def put_event(self, e: Event) -> None:
+    def put_event(self, e: Event, received: float) -> None:
         with self._lock:
             self._db.execute("UPDATE devices SET events = events + 1 WHERE device = ?",
                              (e.device,))
             if e.kind == "anomaly":
                 self._db.execute("UPDATE devices SET last_anomaly = ?, last_anomaly_at = ? "
                                  "WHERE device = ?", (e.message, e.at.isoformat(), e.device))
+                self._db.execute("INSERT INTO anomalies VALUES (?, ?, ?, ?, ?)",
+                                 (e.device, received, e.model or e.evidence.get("model"),
+                                  e.evidence.get("detector"), e.message))
+
+    def anomalies_since(self, since: float) -> dict[str, int]:
+        """Anomaly events per device received since `since` (epoch seconds)."""
+        rows = self._db.execute("SELECT device, COUNT(*) FROM anomalies WHERE received >= ? "
+                                "GROUP BY device", (since,)).fetchall()
+        return {d: int(n) for d, n in rows}
+
+    def latency_p95_since(self, model: str, since: float) -> dict[str, float]:
+        """Each device's p95 latency of `model` in its last telemetry, if received since
+        `since`."""
+        out = {}
+        for dev, raw in self._db.execute("SELECT device, telemetry_json FROM devices WHERE "
+                                         "telemetry_at >= ?", (since,)).fetchall():
+            m = json.loads(raw).get("models", {}).get(model) or {}
+            if m.get("latency_p95_ms") is not None:
+                out[dev] = float(m["latency_p95_ms"])
+        return out
 
     def devices(self, *, group: str | None = None, now: float | None = None
                 ) -> list[DeviceRow]:
@@ -134,7 +161,7 @@ class FleetWatcher:
             elif kind == "telemetry":
                 self.db.put_telemetry(Telemetry.model_validate_json(msg.payload), time.time())
             elif kind == "event":
-                self.db.put_event(Event.model_validate_json(msg.payload))
+                self.db.put_event(Event.model_validate_json(msg.payload), time.time())
         except ValidationError:
             self.db.bump(f"invalid_{kind}")
 

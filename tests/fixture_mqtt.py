@@ -83,8 +83,9 @@ class Broker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> Broker:
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=open(self.dir / "log", "wb"))
+        with (self.dir / "mosquitto.log").open("ab") as log:  # the broker keeps its own copy
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
+                                         stdout=subprocess.DEVNULL, stderr=log)
         end = time.monotonic() + 10
         while time.monotonic() < end:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1",

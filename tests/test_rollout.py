@@ -15,7 +15,7 @@ from fixture_mqtt import Broker
 
 from fleet.artifacts import serve_in_thread as serve
 from fleet.keys import KeyDir
-from fleet.policy import Criteria, Outcome, judge, wave_sizes
+from fleet.policy import Criteria, Health, Outcome, judge, wave_sizes
 from fleet.rollout import Controller, Rollouts
 from fleet.state import FleetDB
 
@@ -38,8 +38,12 @@ def test_verdicts() -> None:
     bad = judge({"a": Outcome.COMMITTED, "b": Outcome.ROLLED_BACK}, deadline_passed=False,
                 criteria=c)
     assert bad.action == "halt" and "b" in bad.reason
-    assert judge(ok, deadline_passed=False, criteria=c, updated_anomalies=3.0,
-                 baseline_anomalies=0.5).action == "halt"
+    assert judge(ok, deadline_passed=False, criteria=c,
+                 health=Health(updated_anomalies=3.0, baseline_anomalies=0.5)).action == "halt"
+    slow = judge(ok, deadline_passed=False, criteria=c,
+                 health=Health(updated_latency_ms=9.0, baseline_latency_ms=4.0))
+    assert slow.action == "halt" and "9.0 ms" in slow.reason
+    assert judge(ok, deadline_passed=False, criteria=c, window_over=False).action == "wait"
     assert judge({"a": Outcome.PENDING}, deadline_passed=True, criteria=c).action == "halt"
 
 
