@@ -100,6 +100,10 @@ class FleetLink(Reporter):
         self._requests: queue.Queue[tuple[bytes, Any]] = queue.Queue(maxsize=256)
         self._stop = threading.Event()
         self._deploying = threading.Lock()
+        # A rollback command for the model being deployed cancels that deploy: the deploy
+        # thread undoes its own work (nothing installed yet, or back to the previous slot).
+        self._cancel = threading.Event()
+        self._deploy_model: str | None = None
         self._latency: dict[str, LatencyDetector] = {}
         self._memory = MemoryTrend(self.thresholds)
         self._loaded: frozenset[tuple[str, int]] = frozenset()
@@ -238,6 +242,15 @@ class FleetLink(Reporter):
 
     # -- commands -------------------------------------------------------------------------
     def _rollback(self, cmd: RollbackCommand) -> None:
+        if self._deploying.locked() and self._deploy_model == cmd.model:
+            self._cancel.set()
+            if not self._deploying.acquire(timeout=self.cfg.download_timeout_s + 60):
+                self.result(cmd, False, "the deploy in progress did not stop", "busy")
+                return
+            self._deploying.release()
+            self.result(cmd, True, f"{cmd.model}: the deploy in progress was cancelled; the "
+                        "previous version serves")
+            return
         try:
             note = self.agent.roll_back(cmd.model, cmd.reason or f"command {cmd.id}")
         except AgentError as exc:
@@ -298,8 +311,11 @@ class FleetLink(Reporter):
                         "busy")
             return
         try:
+            self._deploy_model = cmd.model
+            self._cancel.clear()
             self._deploy(cmd)
         finally:
+            self._deploy_model = None
             self._deploying.release()
 
     def _deploy(self, cmd: DeployCommand) -> None:
@@ -315,6 +331,12 @@ class FleetLink(Reporter):
             if hashlib.sha256(manifest_raw).hexdigest() != cmd.manifest_sha256:
                 raise BundleError("the archive's manifest is not the one the command pins",
                                   check="manifest_pin")
+            if self._cancel.is_set():
+                self.event("deploy.cancelled", "warning", f"{cmd.model} v{cmd.version}: "
+                           "cancelled by a rollback command before installing",
+                           command_id=cmd.id, evidence=ev)
+                self.result(cmd, False, "cancelled by a rollback command", "cancelled")
+                return
             result = self.agent.install(dest, commit=False, on_step=lambda s, m: self.event(
                 f"deploy.{s}", "info", f"{m.name} v{m.version} {s.replace('_', '-')}",
                 manifest=m, command_id=cmd.id))
@@ -345,7 +367,8 @@ class FleetLink(Reporter):
         detector = self._latency.setdefault(cmd.model, LatencyDetector(self.thresholds))
         before = Snapshot(self.agent.metrics)
         while time.monotonic() < end and not self._stop.is_set():
-            time.sleep(min(self.interval_s, max(0.0, end - time.monotonic())))
+            if self._cancel.wait(min(self.interval_s, max(0.0, end - time.monotonic()))):
+                break
             after = Snapshot(self.agent.metrics)
             window = self._window(cmd.model, before, after, self.interval_s)
             before = after
@@ -355,6 +378,13 @@ class FleetLink(Reporter):
             if found and previous is not None:
                 self._roll_back_deploy(cmd, found)
                 return
+        if self._cancel.is_set():
+            self.agent.roll_back(cmd.model, "cancelled by a rollback command")
+            self.event("deploy.rolled_back", "warning", f"{cmd.model} v{cmd.version} rolled "
+                       "back in its health window: a rollback command cancelled it",
+                       command_id=cmd.id, evidence={"model": cmd.model, "version": cmd.version})
+            self.result(cmd, False, "cancelled by a rollback command", "cancelled")
+            return
         version = self.agent.commit_pending(cmd.model)
         self.event("deploy.committed", "info", f"{cmd.model} v{version} committed after a "
                    f"{self.health_window_s:g} s health window", command_id=cmd.id,

@@ -1,4 +1,4 @@
-"""`edge-fleet`: the operator's command (rollouts arrive with their issue).
+"""`edge-fleet`: the operator's command.
 
     edge-fleet keys init --dir D --fleet F      root, release and command keys + root.json v1
     edge-fleet keys rotate --dir D [...]        root.json v+1: revoke/add keys, thresholds
@@ -15,6 +15,7 @@
     edge-fleet rollout start --bundle A ...     waves to a group; halt and roll back on failure
     edge-fleet rollout status|run|pause|resume|abort ID
     edge-fleet dashboard --broker URL --fleet F a live web page of the fleet
+    edge-fleet simulate --devices N --faulty P  simulated devices on the agent's protocol code
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
 
 Passphrase-protected keys read the passphrase from the environment variable named by
@@ -276,7 +277,9 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
         elif ns.action == "start":
             rid = _start_rollout(ns, db, fleet, rollouts, Criteria(
                 max_failed_share=ns.max_failed_share,
-                min_committed_share=ns.min_committed_share))
+                min_committed_share=ns.min_committed_share,
+                max_anomaly_excess=ns.max_anomaly_excess,
+                max_latency_ratio=ns.max_latency_ratio))
         if ns.action in ("start", "run"):
             status = controller.run(rid, timeout_s=ns.timeout)
             print(f"rollout {rid}: {status}")
@@ -299,7 +302,7 @@ def _start_rollout(ns: argparse.Namespace, db: Any, fleet: str, rollouts: Any,
         archive=ns.bundle, urls=[f"{ns.url_base.rstrip('/')}/{ns.bundle.name}"],
         group=ns.group, devices=devices,
         fractions=[float(f) / 100 for f in ns.waves.split(",")], criteria=criteria,
-        wave_timeout_s=ns.wave_timeout)
+        wave_timeout_s=ns.wave_timeout, health_window_s=ns.health_window)
     print(f"rollout {rid}: {len(devices)} device(s) in group {ns.group}", flush=True)
     return rid
 
@@ -317,6 +320,35 @@ def cmd_dashboard(ns: argparse.Namespace) -> None:
         pass
     finally:
         watcher.stop()
+
+
+def cmd_simulate(ns: argparse.Namespace) -> None:
+    import signal  # noqa: PLC0415
+    from collections import Counter  # noqa: PLC0415
+
+    from fleet.simulate import SimSettings, SimulatedFleet  # noqa: PLC0415
+
+    def stop(_sig: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    settings = SimSettings(broker=ns.broker, root_file=ns.root, groups=tuple(ns.group or ["sim"]),
+                           profile=ns.profile, initial=ns.initial,
+                           telemetry_interval_s=ns.telemetry_interval,
+                           health_window_s=ns.health_window)
+    fleet = SimulatedFleet(settings, ns.devices, faulty_percent=ns.faulty, prefix=ns.prefix,
+                           fault_kinds=tuple(ns.fault_kinds.split(",")))
+    with fleet:
+        connected = fleet.start()
+        kinds = Counter(fleet.faults.values())
+        print(f"{connected} of {ns.devices} simulated device(s) connected, group(s) "
+              f"{', '.join(settings.groups)}; faulty: {len(fleet.faults)}"
+              + (f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})"
+                 if kinds else ""), flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(ns.duration if ns.duration > 0 else 10**9)
+        served = Counter(f"{m} v{v}" for d in fleet.versions().values() for m, v in d.items())
+        print("serving at exit: " + (", ".join(f"{k} on {n}" for k, n in sorted(
+            served.items())) or "nothing"), flush=True)
 
 
 def cmd_bundle(ns: argparse.Namespace) -> None:
@@ -347,10 +379,17 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("--waves", default="1,10,50,100", help="cumulative percentages")
     ro.add_argument("--wave-timeout", type=float, default=300.0,
                     help="seconds before silent devices count as offline")
+    ro.add_argument("--health-window", type=float, default=60.0,
+                    help="seconds each wave is watched before the next one")
     ro.add_argument("--max-failed-share", type=float, default=0.0)
     ro.add_argument("--min-committed-share", type=float, default=0.9)
+    ro.add_argument("--max-anomaly-excess", type=float, default=1.0,
+                    help="anomalies per updated device above the baseline's")
+    ro.add_argument("--max-latency-ratio", type=float, default=1.5,
+                    help="updated devices' median p95 latency over the baseline's")
     ro.add_argument("--wait", type=float, default=2.0)
     ro.add_argument("--timeout", type=float, default=3600.0)
+    _add_simulate(sub)
     sa = sub.add_parser("serve-artifacts", help="serve bundle archives over HTTP with Range")
     sa.set_defaults(func=cmd_serve_artifacts)
     sa.add_argument("dir", type=Path)
@@ -391,6 +430,24 @@ def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
         p.add_argument("--key", type=Path, action="append", required=True)
         p.add_argument("--root", type=Path, required=True)
         p.add_argument("--timeout", type=float, default=30.0)
+
+
+def _add_simulate(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    si = sub.add_parser("simulate", help="simulated devices speaking the agent's protocol")
+    si.set_defaults(func=cmd_simulate)
+    si.add_argument("--broker", required=True)
+    si.add_argument("--root", type=Path, required=True, help="the fleet's root.json")
+    si.add_argument("--devices", type=int, default=100)
+    si.add_argument("--faulty", type=float, default=0.0, metavar="PERCENT",
+                    help="devices that fail new releases (self-test, latency, drift)")
+    si.add_argument("--fault-kinds", default="selftest,latency,drift")
+    si.add_argument("--initial", type=Path, help="a signed archive every device starts with")
+    si.add_argument("--group", action="append", default=None)
+    si.add_argument("--profile", default="raspberry-pi-4")
+    si.add_argument("--prefix", default="sim")
+    si.add_argument("--telemetry-interval", type=float, default=2.0)
+    si.add_argument("--health-window", type=float, default=2.0)
+    si.add_argument("--duration", type=float, default=0.0, help="seconds (0: until stopped)")
 
 
 def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]

@@ -102,7 +102,7 @@ class Rollouts:
                                "command_id = ?", (r.device, r.command_id)).fetchone()
         if row is not None:
             outcome = (Outcome.COMMITTED if r.ok else Outcome.ROLLED_BACK
-                       if r.check == "health" else Outcome.FAILED)
+                       if r.check in ("health", "cancelled") else Outcome.FAILED)
             self.set_device(row[0], r.device, outcome=outcome.value)
             return
         row = self.sql.execute("SELECT rollout FROM rollout_devices WHERE device = ? AND "

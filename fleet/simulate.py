@@ -58,20 +58,24 @@ from agent.root import Root, load_pinned_root
 from agent.scheduler import DriftSample
 from agent.store import ModelStore, Staged
 from agent.trust import Device
+from fleet.errors import FleetError
 
 log = logging.getLogger("edge_fleet.simulate")
 FAULTS = ("selftest", "latency", "drift")
 
 
-def fault_plan(names: list[str], percent: float) -> dict[str, str]:
+def fault_plan(names: list[str], percent: float, kinds: tuple[str, ...] = FAULTS
+               ) -> dict[str, str]:
     """Which devices are faulty and how: `percent` of them, spread evenly over the sorted
-    names (the first is always faulty when percent > 0), kinds taken in turn."""
-    if percent <= 0:
+    names (the first is always faulty when percent > 0), `kinds` taken in turn."""
+    if unknown := set(kinds) - set(FAULTS):
+        raise FleetError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    if percent <= 0 or not kinds:
         return {}
     order = sorted(names)
     count = max(1, round(len(order) * percent / 100))
     step = len(order) / count
-    return {order[int(i * step)]: FAULTS[i % len(FAULTS)] for i in range(count)}
+    return {order[int(i * step)]: kinds[i % len(kinds)] for i in range(count)}
 
 
 class Ticker:
@@ -320,7 +324,7 @@ class SimSettings:
     initial: Path | None = None  # a release every device has installed and committed
     telemetry_interval_s: float = 2.0
     health_window_s: float = 2.0
-    requests_per_s: float = 20.0
+    requests_per_s: float = 40.0
     poll_s: float = 0.25
 
 
@@ -404,10 +408,11 @@ class SimulatedFleet:
     has one GIL)."""
 
     def __init__(self, settings: SimSettings, count: int, *, faulty_percent: float = 0,
-                 prefix: str = "sim", per_process: int = 250) -> None:
+                 fault_kinds: tuple[str, ...] = FAULTS, prefix: str = "sim",
+                 per_process: int = 250) -> None:
         self.settings = settings
         self.names = [f"{prefix}-{i:04d}" for i in range(count)]
-        self.faults = fault_plan(self.names, faulty_percent)
+        self.faults = fault_plan(self.names, faulty_percent, fault_kinds)
         n = max(1, -(-count // per_process))
         self._chunks = [self.names[i::n] for i in range(n)]
         self._workers: list[tuple[Any, Connection]] = []

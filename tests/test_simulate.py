@@ -1,0 +1,138 @@
+"""Rollouts over a mixed fleet: real agents (subprocesses) and simulated devices (the
+agent's own fleet link and model store over a stand-in runtime), all on a real mosquitto.
+Faults injected into simulated devices halt the rollout, and every device it touched
+serves the previous release again."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixture_agent import start_group
+from fixture_mqtt import Broker
+
+from fleet.artifacts import serve_in_thread as serve
+from fleet.errors import FleetError
+from fleet.keys import KeyDir
+from fleet.policy import Criteria
+from fleet.rollout import Controller, Rollouts
+from fleet.simulate import SimSettings, SimulatedFleet, fault_plan
+from fleet.state import FleetDB
+
+
+def test_faults_are_spread_and_the_first_device_is_one() -> None:
+    names = [f"d{i:03d}" for i in range(100)]
+    plan = fault_plan(names, 5)
+    assert len(plan) == 5 and "d000" in plan
+    assert sorted(plan.values()) == ["drift", "latency", "latency", "selftest", "selftest"]
+    assert fault_plan(names, 0) == {}
+    assert fault_plan(names[:3], 1) == {"d000": "selftest"}  # at least one device
+    with pytest.raises(FleetError, match="unknown fault kinds"):
+        fault_plan(names, 5, ("meltdown",))
+
+
+@pytest.fixture
+def world(broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
+    server, url = serve(releases["onnx1"].parent)
+    yield broker, url
+    server.shutdown()
+
+
+def sim_fleet(broker: Broker, releases: dict[str, Path], count: int, **kw: Any
+              ) -> SimulatedFleet:
+    settings = SimSettings(broker=broker.url, root_file=releases["keys"] / "root.json",
+                           groups=("lab",), profile="x86_64-generic",
+                           initial=releases["onnx1"], telemetry_interval_s=0.5,
+                           health_window_s=1.0, requests_per_s=40)
+    fleet = SimulatedFleet(settings, count, **kw)
+    assert fleet.start() == count
+    return fleet
+
+
+def rollout(db: FleetDB, broker: Broker, releases: dict[str, Path], url: str,
+            devices: list[str], fractions: list[float], health_window_s: float,
+            archive: str = "onnx2") -> tuple[Controller, str]:
+    kd = KeyDir(releases["keys"])
+    c = Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
+    a = releases[archive]
+    rid = Rollouts(db).create(archive=a, urls=[f"{url}/{a.name}"], group="lab",
+                              devices=devices, fractions=fractions, criteria=Criteria(),
+                              wave_timeout_s=60, health_window_s=health_window_s)
+    return c, rid
+
+
+def test_a_rollout_over_real_agents_and_simulated_devices_completes(
+        world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, url = world
+    agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2"],
+                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.5)
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    try:
+        with sim_fleet(broker, releases, 12) as sims:
+            c, rid = rollout(db, broker, releases, url, ["dev-1", "dev-2", *sims.names],
+                             [0.1, 0.5, 1.0], health_window_s=1.0)
+            try:
+                assert c.run(rid, poll_s=0.2, timeout_s=120) == "completed"
+            finally:
+                c.close()
+            assert all(v == {"digits": 2} for v in sims.versions().values())
+        for a in agents:
+            assert a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 2
+        outcomes = [d["outcome"] for d in Rollouts(db).devices(rid)]
+        assert outcomes == ["committed"] * 14
+    finally:
+        for a in agents:
+            a.stop()
+
+
+def test_injected_faults_halt_in_the_first_wave_and_every_touched_device_is_back(
+        world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, url = world
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    with sim_fleet(broker, releases, 40, faulty_percent=5) as sims:
+        assert sims.faults == {"sim-0000": "selftest", "sim-0020": "latency"}
+        c, rid = rollout(db, broker, releases, url, sims.names, [0.25, 1.0],
+                         health_window_s=1.0)
+        try:
+            assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
+            rollouts = Rollouts(db)
+            ro = rollouts.get(rid)
+            assert ro["wave"] == 0 and "sim-0000" in ro["reason"]
+            touched = [d for d in rollouts.devices(rid) if d["command_id"] is not None]
+            assert [d["device"] for d in touched] == sims.names[:10]
+            assert all(d["command_id"] is None for d in rollouts.devices(rid)[10:])
+            end = time.monotonic() + 30  # rollbacks are answered
+            while time.monotonic() < end and any(
+                    d["rollback_id"] and not d["rollback_result"]
+                    for d in rollouts.devices(rid)):
+                time.sleep(0.2)
+        finally:
+            c.close()
+        versions = sims.versions()
+    assert all(v == {"digits": 1} for v in versions.values()), versions
+    by_device = {d["device"]: d for d in Rollouts(db).devices(rid)}
+    assert by_device["sim-0000"]["outcome"] == "failed"  # never activated: nothing to undo
+    assert by_device["sim-0000"]["rollback_id"] is None
+    rolled = [d for d in by_device.values() if d["rollback_id"]]
+    assert rolled and all(d["rollback_result"].startswith("ok") for d in rolled)
+
+
+def test_drifting_updated_devices_halt_against_the_baseline(
+        world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, url = world
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    with sim_fleet(broker, releases, 10, faulty_percent=30, fault_kinds=("drift",)) as sims:
+        c, rid = rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
+                         health_window_s=8.0)
+        try:
+            assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
+        finally:
+            c.close()
+        ro = Rollouts(db).get(rid)
+        assert ro["wave"] == 0 and "anomalies per device" in ro["reason"], ro["reason"]
+        time.sleep(2)  # the rollbacks go out; the devices answer
+        versions = sims.versions()
+    assert all(v == {"digits": 1} for v in versions.values()), versions
