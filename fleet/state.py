@@ -147,6 +147,7 @@ class FleetWatcher:
     def __init__(self, db: FleetDB, broker_url: str, fleet: str, *,
                  share_group: str = "edge-fleet", client_id: str | None = None) -> None:
         self.db, self.fleet = db, fleet
+        self.ingested = 0  # valid messages stored
         base = f"{PREFIX}/{fleet}"
         self.client, _ = connect(
             broker_url, client_id or f"edge-fleet-{time.time_ns()}",
@@ -162,6 +163,7 @@ class FleetWatcher:
                 self.db.put_telemetry(Telemetry.model_validate_json(msg.payload), time.time())
             elif kind == "event":
                 self.db.put_event(Event.model_validate_json(msg.payload), time.time())
+            self.ingested += 1
         except ValidationError:
             self.db.bump(f"invalid_{kind}")
 

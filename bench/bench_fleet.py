@@ -1,0 +1,222 @@
+"""The fleet's figures at scale, against a real mosquitto on loopback, with simulated
+devices (`fleet.simulate`: the agent's fleet link and model store over a stand-in runtime,
+one MQTT connection each, in worker processes):
+
+1. rollout time: a release to all N devices in waves 1/10/50/100 %, with short health
+   windows (device and controller), from `rollout start` to `completed`;
+2. controller ingest: telemetry messages per second the controller's consumer (the
+   `FleetWatcher` on a shared subscription, writing the fleet database) takes in, fed by
+   publisher processes as fast as they go; and the same with two controllers sharing the
+   subscription;
+3. halts: with 5 % faulty devices (the first device of the first wave is one), for each
+   fault kind alone: the time from `rollout start` to the halt, against one health window,
+   and the share of touched devices that serve the previous release afterwards.
+
+    .venv/bin/python bench/bench_fleet.py [--devices 1000] [--messages 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import paho.mqtt.client as paho
+from fixture_agent import make_keys, slow_release
+from fixture_mqtt import Broker
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.wire import Memory, ModelTelemetry, Telemetry, dump
+from fleet.artifacts import serve_in_thread
+from fleet.keys import KeyDir
+from fleet.policy import Criteria
+from fleet.rollout import Controller, Rollouts
+from fleet.simulate import SimSettings, SimulatedFleet
+from fleet.state import FleetDB, FleetWatcher
+
+WAVES = [0.01, 0.1, 0.5, 1.0]
+
+
+def releases(where: Path) -> tuple[Path, Path, Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    keys = make_keys(where / "keys")
+    rel = where / "rel"
+    rel.mkdir()
+    v1, v2 = (slow_release(rel, keys, version=v, widths=(64,)) for v in (1, 2))
+    return keys, v1, v2
+
+
+def controller(db: FleetDB, broker: Broker, keys: Path) -> Controller:
+    kd = KeyDir(keys)
+    return Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None),
+                      client_id=f"bench-{time.time_ns()}")
+
+
+def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path,
+                sims: SimulatedFleet, window_s: float) -> tuple[str, float, str, str]:
+    db = FleetDB(where / f"fleet-{time.time_ns()}.sqlite")
+    c = controller(db, broker, keys)
+    rid = Rollouts(db).create(archive=archive, urls=[f"{url}/{archive.name}"], group="sim",
+                              devices=sims.names, fractions=WAVES, criteria=Criteria(),
+                              wave_timeout_s=60, health_window_s=window_s)
+    t0 = time.monotonic()
+    status = c.run(rid, poll_s=0.1, timeout_s=300)
+    took = time.monotonic() - t0
+    ro = Rollouts(db).get(rid)
+    c.close()
+    return status, took, ro["reason"], rid
+
+
+def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
+    keys, v1, v2 = releases(where)
+    server, url = serve_in_thread(v1.parent)
+    settings = SimSettings(broker=broker.url, root_file=keys / "root.json",
+                           profile="x86_64-generic", initial=v1, telemetry_interval_s=1.0,
+                           health_window_s=window_s)
+    t0 = time.monotonic()
+    with SimulatedFleet(settings, n) as sims:
+        connected = sims.start()
+        print(f"{connected} of {n} simulated devices up (v1 installed, connected) in "
+              f"{time.monotonic() - t0:.1f} s")
+        status, took, reason, _ = rollout_run(where, broker, keys, url, v2, sims, window_s)
+        served = sum(v == {"digits": 2} for v in sims.versions().values())
+    server.shutdown()
+    print(f"rollout to {n} devices, waves {'/'.join(f'{w:.0%}' for w in WAVES)}, health "
+          f"window {window_s:g} s per wave (device and controller): {status} in "
+          f"{took:.1f} s (target <= 60 s); {served} of {n} serve v2; {reason}")
+
+
+def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
+    keys, v1, v2 = releases(where)
+    server, url = serve_in_thread(v1.parent)
+    print(f"\nhalts, {n} devices, 5 % faulty, device health window {window_s:g} s, controller "
+          f"wave window {window_s:g} s, telemetry every 1 s:")
+    print(f"  {'fault':9} {'status':8} {'to halt':>9} {'windows':>8} {'touched':>8} "
+          f"{'back on v1':>11}  reason")
+    for kind in ("selftest", "latency", "drift"):
+        settings = SimSettings(broker=broker.url, root_file=keys / "root.json",
+                               profile="x86_64-generic", initial=v1,
+                               telemetry_interval_s=1.0, health_window_s=window_s)
+        with SimulatedFleet(settings, n, faulty_percent=5, fault_kinds=(kind,)) as sims:
+            sims.start()
+            time.sleep(7)  # the latency detectors warm up (5 windows)
+            db = FleetDB(where / f"halt-{kind}.sqlite")
+            c = controller(db, broker, keys)
+            rid = Rollouts(db).create(archive=v2, urls=[f"{url}/{v2.name}"], group="sim",
+                                      devices=sims.names, fractions=WAVES, criteria=Criteria(),
+                                      wave_timeout_s=60, health_window_s=window_s)
+            t0 = time.monotonic()
+            status = c.run(rid, poll_s=0.05, timeout_s=120)
+            took = time.monotonic() - t0
+            rollouts = Rollouts(db)
+            touched = [d["device"] for d in rollouts.devices(rid) if d["command_id"]]
+            end = time.monotonic() + 30
+            while time.monotonic() < end and any(
+                    d["rollback_id"] and not d["rollback_result"]
+                    for d in rollouts.devices(rid)):
+                time.sleep(0.2)
+            versions = sims.versions()
+            back = sum(versions[d] == {"digits": 1} for d in touched)
+            reason = rollouts.get(rid)["reason"]
+            c.close()
+        print(f"  {kind:9} {status:8} {took:8.2f}s {took / window_s:8.2f} {len(touched):8} "
+              f"{back / max(1, len(touched)):10.0%}  {reason[:70]}")
+    server.shutdown()
+
+
+def _publish(port: int, count: int, offset: int, ready: Any) -> None:
+    payloads = []
+    for i in range(200):
+        dev = f"pub-{offset + i:04d}"
+        payloads.append((f"edge/v1/acme/{dev}/telemetry", dump(Telemetry(
+            seq=1, device=dev, at=datetime.now(UTC), interval_s=1.0, uptime_s=10.0,
+            cpu_percent=12.0, memory=Memory(process_rss_bytes=1 << 26,
+                                            system_available_bytes=1 << 30,
+                                            system_total_bytes=1 << 32),
+            temperature_c=50.0, throttle="normal", queue_depth=0, refusals={},
+            models={"digits": ModelTelemetry(requests=40, errors=0, latency_p50_ms=4.0,
+                                             latency_p95_ms=6.0, latency_p99_ms=8.0,
+                                             throughput_per_s=40.0)}, dropped={}))))
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{offset}",
+                    protocol=paho.MQTTv5)
+    c.max_inflight_messages_set(1000)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    ready.wait()
+    for i in range(count):
+        topic, body = payloads[i % len(payloads)]
+        while c.publish(topic, body, qos=1).rc != 0:
+            time.sleep(0.001)
+    time.sleep(1)
+    c.loop_stop()
+    c.disconnect()
+
+
+def _consume(url: str, db_path: Path, count: Any, stop: Any) -> None:
+    """One controller's consumer in its own process (as two controllers would run)."""
+    watcher = FleetWatcher(FleetDB(db_path), url, "acme",
+                           client_id=f"ingest-{db_path.stem}").start()
+    while not stop.wait(0.01):
+        count.value = watcher.ingested
+    count.value = watcher.ingested
+    watcher.stop()
+
+
+def bench_ingest(where: Path, broker: Broker, messages: int, consumers: int) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    stop, ready = ctx.Event(), ctx.Event()
+    counts = [ctx.Value("q", 0) for _ in range(consumers)]
+    cons = [ctx.Process(target=_consume, args=(broker.url, where / f"ingest-{consumers}-{i}"
+                                               ".sqlite", counts[i], stop))
+            for i in range(consumers)]
+    pubs = [ctx.Process(target=_publish, args=(broker.port, messages // 2, k * 1000, ready))
+            for k in range(2)]
+    for p in (*cons, *pubs):
+        p.start()
+    time.sleep(4)  # everyone imports, connects and subscribes
+    ready.set()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300 and sum(c.value for c in counts) < messages:
+        time.sleep(0.01)
+    took = time.monotonic() - t0
+    got = sum(c.value for c in counts)
+    stop.set()
+    for p in (*cons, *pubs):
+        p.join(30)
+    split = "/".join(str(c.value) for c in counts)
+    print(f"  {consumers} consumer process(es): {got} of {messages} telemetry messages "
+          f"validated and written in {took:.2f} s = {got / took:,.0f} msg/s (split {split})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--window", type=float, default=3.0)
+    ap.add_argument("--only", choices=["rollout", "ingest", "halts"])
+    ns = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        where = Path(tmp)
+        broker = Broker(where / "mosq").start()
+        try:
+            if ns.only in (None, "rollout"):
+                bench_rollout(where / "r", broker, ns.devices, ns.window)
+            if ns.only in (None, "ingest"):
+                print("\ncontroller ingest (publishers: 2 processes, QoS 1):")
+                for consumers in (1, 2):
+                    bench_ingest(where, broker, ns.messages, consumers)
+            if ns.only in (None, "halts"):
+                bench_halts(where / "h", broker, ns.devices, ns.window)
+        finally:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()
