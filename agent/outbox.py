@@ -46,6 +46,10 @@ class Outbox:
                     " next_seq INTEGER NOT NULL DEFAULT 1, dropped INTEGER NOT NULL DEFAULT 0)"):
             self._db.execute(sql)
         self._in_flight: set[int] = set()
+        # Something may be waiting that was not handed out yet: set by enqueue and
+        # requeue, cleared when `pending` hands out everything, so an idle link's poll
+        # does not query the database (a thousand simulated links poll in one machine).
+        self._maybe_waiting = True
 
     def enqueue(self, stream: str, topic: str, build: Callable[[int], bytes], *,
                 retain: bool = False) -> int:
@@ -67,6 +71,7 @@ class Outbox:
                                  "VALUES (?, ?, ?, ?, ?)",
                                  (stream, seq, topic, build(seq), int(retain)))
                 self._db.execute("COMMIT")
+                self._maybe_waiting = True
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -87,12 +92,16 @@ class Outbox:
     def pending(self, limit: int = 100) -> list[Message]:
         """The oldest messages not yet handed out, marked in flight."""
         with self._lock:
+            if not self._maybe_waiting:
+                return []
             rows = self._db.execute(
                 "SELECT id, stream, seq, topic, payload, retain FROM outbox ORDER BY id "
                 "LIMIT ?", (limit + len(self._in_flight),)).fetchall()
             out = [Message(r[0], r[1], r[2], r[3], bytes(r[4]), bool(r[5])) for r in rows
                    if r[0] not in self._in_flight][:limit]
             self._in_flight.update(m.id for m in out)
+            if len(out) < limit:  # everything there was is handed out now
+                self._maybe_waiting = False
             return out
 
     def ack(self, message_id: int) -> None:
@@ -106,6 +115,7 @@ class Outbox:
         sequence numbers let consumers drop duplicates)."""
         with self._lock:
             self._in_flight.clear()
+            self._maybe_waiting = True
 
     def take_dropped(self) -> dict[str, int]:
         """Drops per stream since the last call (then reset)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +35,6 @@ from fixture_mqtt import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.wire import Memory, ModelTelemetry, Telemetry, dump
-from fleet.artifacts import serve_in_thread
 from fleet.keys import KeyDir
 from fleet.policy import Criteria
 from fleet.rollout import Controller, Rollouts
@@ -53,6 +53,16 @@ def releases(where: Path) -> tuple[Path, Path, Path]:
     return keys, v1, v2
 
 
+def artifact_server(root: Path) -> tuple[subprocess.Popen[str], str]:
+    """`edge-fleet serve-artifacts` in its own process, as an operator runs it (in the
+    bench's process it would compete with the controller for one GIL)."""
+    p = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve-artifacts", str(root),
+                          "--port", "0"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    url = p.stdout.readline().split(" on ")[1].split("/ ")[0]
+    return p, url
+
+
 def controller(db: FleetDB, broker: Broker, keys: Path) -> Controller:
     kd = KeyDir(keys)
     return Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None),
@@ -67,16 +77,27 @@ def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path
                               devices=sims.names, fractions=WAVES, criteria=Criteria(),
                               wave_timeout_s=60, health_window_s=window_s)
     t0 = time.monotonic()
-    status = c.run(rid, poll_s=0.1, timeout_s=300)
+    status, wave, marks = "running", 0, []
+    while status == "running" and time.monotonic() - t0 < 300:
+        status = c.step(rid)
+        now = Rollouts(db).get(rid)["wave"]
+        if now != wave or status != "running":
+            marks.append(f"{time.monotonic() - t0:.1f}")
+            wave = now
+        time.sleep(0.1)
     took = time.monotonic() - t0
+    print(f"    waves ended at {', '.join(marks)} s")
     ro = Rollouts(db).get(rid)
+    for line in Rollouts(db).status_lines(rid)[1:]:
+        if " committed " not in line and " pending " not in line:
+            print("   ", line)
     c.close()
     return status, took, ro["reason"], rid
 
 
 def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
     keys, v1, v2 = releases(where)
-    server, url = serve_in_thread(v1.parent)
+    server, url = artifact_server(v1.parent)
     settings = SimSettings(broker=broker.url, root_file=keys / "root.json",
                            profile="x86_64-generic", initial=v1, telemetry_interval_s=1.0,
                            health_window_s=window_s)
@@ -87,7 +108,7 @@ def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
               f"{time.monotonic() - t0:.1f} s")
         status, took, reason, _ = rollout_run(where, broker, keys, url, v2, sims, window_s)
         served = sum(v == {"digits": 2} for v in sims.versions().values())
-    server.shutdown()
+    server.terminate()
     print(f"rollout to {n} devices, waves {'/'.join(f'{w:.0%}' for w in WAVES)}, health "
           f"window {window_s:g} s per wave (device and controller): {status} in "
           f"{took:.1f} s (target <= 60 s); {served} of {n} serve v2; {reason}")
@@ -95,7 +116,7 @@ def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
 
 def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
     keys, v1, v2 = releases(where)
-    server, url = serve_in_thread(v1.parent)
+    server, url = artifact_server(v1.parent)
     print(f"\nhalts, {n} devices, 5 % faulty, device health window {window_s:g} s, controller "
           f"wave window {window_s:g} s, telemetry every 1 s:")
     print(f"  {'fault':9} {'status':8} {'to halt':>9} {'windows':>8} {'touched':>8} "
@@ -128,7 +149,7 @@ def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
             c.close()
         print(f"  {kind:9} {status:8} {took:8.2f}s {took / window_s:8.2f} {len(touched):8} "
               f"{back / max(1, len(touched)):10.0%}  {reason[:70]}")
-    server.shutdown()
+    server.terminate()
 
 
 def _publish(port: int, count: int, offset: int, ready: Any) -> None:

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
   health_window_s REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rollout_devices (
   rollout TEXT, device TEXT, wave INTEGER, command_id TEXT, outcome TEXT, sent_at REAL,
-  rollback_id TEXT, rollback_result TEXT, PRIMARY KEY (rollout, device));
+  rollback_id TEXT, rollback_result TEXT, detail TEXT, PRIMARY KEY (rollout, device));
 """
 TERMINAL = ("completed", "halted", "aborted")
 
@@ -65,8 +65,9 @@ class Rollouts:
         order = sorted(devices)
         for i, d in enumerate(order):
             wave = next(w for w, n in enumerate(sizes) if i < n)
-            self.sql.execute("INSERT INTO rollout_devices VALUES (?,?,?,?,?,?,?,?)",
-                             (rid, d, wave, None, Outcome.PENDING.value, None, None, None))
+            self.sql.execute("INSERT INTO rollout_devices VALUES (?,?,?,?,?,?,?,?,?)",
+                             (rid, d, wave, None, Outcome.PENDING.value, None, None, None,
+                              None))
         return rid
 
     def ids(self) -> list[str]:
@@ -103,7 +104,7 @@ class Rollouts:
         if row is not None:
             outcome = (Outcome.COMMITTED if r.ok else Outcome.ROLLED_BACK
                        if r.check in ("health", "cancelled") else Outcome.FAILED)
-            self.set_device(row[0], r.device, outcome=outcome.value)
+            self.set_device(row[0], r.device, outcome=outcome.value, detail=r.result[:300])
             return
         row = self.sql.execute("SELECT rollout FROM rollout_devices WHERE device = ? AND "
                                "rollback_id = ?", (r.device, r.command_id)).fetchone()
@@ -118,6 +119,7 @@ class Rollouts:
                f"{ro['status']}, wave {ro['wave'] + 1} of {len(sizes)}"
                + (f" — {ro['reason']}" if ro["reason"] else "")]
         out += [f"  wave {d['wave'] + 1}  {d['device']:14} {d['outcome']:12}"
+                + (f" {d['detail']}" if d["detail"] and d["outcome"] != "committed" else "")
                 + (f" rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"] else "")
                 for d in self.devices(rid)]
         return out
@@ -154,32 +156,47 @@ class Controller:
         with self._lock:
             self.rollouts.record_result(r)
 
-    def _send(self, device: str, kind: str, **fields: Any) -> str:
-        cmd = build_command(kind, fleet=self.fleet, device=device, **fields)
-        self.client.publish(device_topic(self.fleet, device, "cmd"),
-                            sign_command(cmd, self.keys), qos=1).wait_for_publish(10)
-        return cmd.id
+    def _send(self, rid: str, kind: str, devices: list[str], **fields: Any) -> None:
+        """Signed commands to `devices`: their ids are recorded first (a result can come
+        back before the broker's PUBACK), then all are published, then the PUBACKs are
+        awaited, outside the lock (the network thread takes it to record results)."""
+        cmds = [build_command(kind, fleet=self.fleet, device=d, **fields) for d in devices]
+        with self._lock:
+            for d, cmd in zip(devices, cmds, strict=True):
+                if kind == "deploy":
+                    self.rollouts.set_device(rid, d, command_id=cmd.id, sent_at=time.time(),
+                                             outcome=Outcome.PENDING.value)
+                else:
+                    self.rollouts.set_device(rid, d, rollback_id=cmd.id)
+        sent = [self.client.publish(device_topic(self.fleet, d, "cmd"),
+                                    sign_command(cmd, self.keys), qos=1)
+                for d, cmd in zip(devices, cmds, strict=True)]
+        for info in sent:
+            info.wait_for_publish(30)
 
     def step(self, rid: str) -> str:
         """One pass over a rollout; returns its status."""
         with self._lock:
             ro = self.rollouts.get(rid)
+            if ro["status"] in ("halted", "aborted"):
+                self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
+                return str(ro["status"])
             if ro["status"] != "running":
                 return str(ro["status"])
             devices = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
-            unsent = [d for d in devices if d["command_id"] is None
+            unsent = [d["device"] for d in devices if d["command_id"] is None
                       or d["outcome"] == Outcome.OFFLINE.value]
-        fields = deploy_fields(Path(ro["archive"]), json.loads(ro["urls_json"]))
-        for d in unsent:  # outside the lock: publishing waits for the broker
-            cid = self._send(d["device"], "deploy", **fields)
-            with self._lock:
-                self.rollouts.set_device(rid, d["device"], command_id=cid,
-                                         outcome=Outcome.PENDING.value, sent_at=time.time())
+        if unsent:
+            self._send(rid, "deploy", unsent,
+                       **deploy_fields(Path(ro["archive"]), json.loads(ro["urls_json"])))
         with self._lock:
             if ro["wave_started"] is None or unsent:
                 self.rollouts.set(rid, wave_started=ro["wave_started"] or time.time())
                 ro = self.rollouts.get(rid)
-            return self._judge(rid, ro)
+            status = self._judge(rid, ro)
+        if status == "halted":
+            self._roll_back_touched(rid)
+        return status
 
     def _judge(self, rid: str, ro: dict[str, Any]) -> str:
         wave_devs = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
@@ -193,7 +210,6 @@ class Controller:
             return "running"
         if verdict.action == "halt":
             self.rollouts.set(rid, status="halted", reason=verdict.reason)
-            self._roll_back_touched(rid)
             return "halted"
         for d in wave_devs:  # late devices: retried in the next wave
             if d["outcome"] == Outcome.PENDING.value:
@@ -220,8 +236,11 @@ class Controller:
             return sum(anomalies.get(n, 0) for n in names) / len(names) if names else 0.0
 
         def median(names: list[str]) -> float | None:
+            """The median p95 of a set, once enough of it reported (a few devices' p95
+            is noise, not a regression)."""
             values = [latency[n] for n in names if n in latency]
-            return statistics.median(values) if values else None
+            enough = len(values) >= min(len(names), max(3, len(names) // 2))
+            return statistics.median(values) if values and enough else None
 
         return Health(updated_anomalies=per_device(updated),
                       baseline_anomalies=per_device(baseline),
@@ -229,20 +248,23 @@ class Controller:
                       baseline_latency_ms=median(baseline) if baseline else None)
 
     def _roll_back_touched(self, rid: str) -> None:
-        ro = self.rollouts.get(rid)
-        for d in self.rollouts.devices(rid):
-            # Failed deploys never activated and health-window rollbacks undid themselves;
-            # committed ones, and pending ones that may be in their window, go back.
-            touched = d["outcome"] in (Outcome.COMMITTED.value, Outcome.PENDING.value)
-            if d["command_id"] is not None and d["rollback_id"] is None and touched:
-                cid = self._send(d["device"], "rollback", model=ro["model"],
-                                 reason=f"rollout {rid} halted: {ro['reason']}")
-                self.rollouts.set_device(rid, d["device"], rollback_id=cid)
+        """Signed rollbacks to every device this rollout may have changed and that has
+        not been sent one. Failed deploys never activated and health-window rollbacks
+        undid themselves; committed ones, and pending ones that may be in their window
+        (the agent cancels a deploy in progress), go back."""
+        with self._lock:
+            ro = self.rollouts.get(rid)
+            targets = [d["device"] for d in self.rollouts.devices(rid)
+                       if d["command_id"] is not None and d["rollback_id"] is None
+                       and d["outcome"] in (Outcome.COMMITTED.value, Outcome.PENDING.value)]
+        if targets:
+            self._send(rid, "rollback", targets, model=ro["model"],
+                       reason=f"rollout {rid} {ro['status']}: {ro['reason']}")
 
     def abort(self, rid: str, reason: str = "aborted by the operator") -> None:
         with self._lock:
             self.rollouts.set(rid, status="aborted", reason=reason)
-            self._roll_back_touched(rid)
+        self._roll_back_touched(rid)
 
     def run(self, rid: str, *, poll_s: float = 0.5, timeout_s: float = 3600) -> str:
         end = time.monotonic() + timeout_s
