@@ -278,7 +278,7 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
             rid = _start_rollout(ns, db, fleet, rollouts, Criteria(
                 max_failed_share=ns.max_failed_share,
                 min_committed_share=ns.min_committed_share,
-                max_anomaly_excess=ns.max_anomaly_excess,
+                max_anomalous_excess=ns.max_anomalous_excess,
                 max_latency_ratio=ns.max_latency_ratio))
         if ns.action in ("start", "run"):
             status = controller.run(rid, timeout_s=ns.timeout)
@@ -383,8 +383,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="seconds each wave is watched before the next one")
     ro.add_argument("--max-failed-share", type=float, default=0.0)
     ro.add_argument("--min-committed-share", type=float, default=0.9)
-    ro.add_argument("--max-anomaly-excess", type=float, default=1.0,
-                    help="anomalies per updated device above the baseline's")
+    ro.add_argument("--max-anomalous-excess", type=float, default=0.05,
+                    help="share of updated devices with anomalies above the baseline's")
     ro.add_argument("--max-latency-ratio", type=float, default=1.5,
                     help="updated devices' median p95 latency over the baseline's")
     ro.add_argument("--wait", type=float, default=2.0)

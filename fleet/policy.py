@@ -7,13 +7,13 @@ waits for results; the wave's verdict compares what happened with the criteria:
 * any device that rolled back or failed its deploy counts against `max_failed_share`;
 * devices that have not answered are `pending` until the wave deadline, then `offline`
   (retried in the next wave, not counted as failures);
-* the updated devices' anomaly rate during the wave must not exceed the rest of the group's
-  (the baseline: devices the rollout has not reached) by more than `max_anomaly_excess`
-  anomalies per device, and their median p95 latency must not exceed the baseline's by
-  more than `max_latency_ratio` (no baseline left in the last wave: anomalies are compared
-  with zero and latency is not compared);
-* when all online devices of the wave answered, nothing failed and the wave's health
-  window is over, the wave passes.
+* the share of updated devices that reported an anomaly during the wave must not exceed
+  the rest of the group's (the baseline: devices the rollout has not reached) by more than
+  `max_anomalous_excess`, and their median p95 latency must not exceed the baseline's by
+  more than `max_latency_ratio` (no baseline left in the last wave: the anomalous share is
+  compared with zero and latency is not compared);
+* when all online devices of the wave answered and nothing failed, the wave may advance;
+  the controller then watches the updated devices for the wave's health window first.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Outcome(StrEnum):
 class Criteria:
     max_failed_share: float = 0.0
     min_committed_share: float = 0.9
-    max_anomaly_excess: float = 1.0
+    max_anomalous_excess: float = 0.05
     max_latency_ratio: float = 1.5
 
 
@@ -43,8 +43,8 @@ class Criteria:
 class Health:
     """What the updated devices and the baseline did during the wave."""
 
-    updated_anomalies: float = 0.0  # per device
-    baseline_anomalies: float = 0.0
+    updated_anomalous: float = 0.0  # share of the devices with at least one anomaly
+    baseline_anomalous: float = 0.0
     updated_latency_ms: float | None = None  # median of the devices' p95
     baseline_latency_ms: float | None = None
 
@@ -68,14 +68,13 @@ def wave_sizes(total: int, fractions: list[float]) -> list[int]:
 
 
 def judge(outcomes: dict[str, Outcome], *, deadline_passed: bool, criteria: Criteria,
-          health: Health = Health(), window_over: bool = True) -> Verdict:
+          health: Health = Health()) -> Verdict:
     """The verdict on one wave.
 
     Args:
         outcomes: device -> what it reported for this wave's deploy.
         deadline_passed: pending devices now count as offline.
         health: anomalies and latency of updated devices and of the baseline.
-        window_over: the wave's health window has passed (advancing waits for it).
     """
     if (worse := _halt_now(outcomes, health, criteria)) is not None:
         return worse
@@ -89,8 +88,6 @@ def judge(outcomes: dict[str, Outcome], *, deadline_passed: bool, criteria: Crit
         return Verdict("halt", f"only {len(committed)} of {len(answered)} committed")
     if not answered:
         return Verdict("halt", "no device of this wave answered before the deadline")
-    if not window_over:
-        return Verdict("wait", "watching the wave's health window")
     return Verdict("advance", f"{len(committed)} committed, {n - len(answered)} offline")
 
 
@@ -103,9 +100,9 @@ def _halt_now(outcomes: dict[str, Outcome], h: Health, criteria: Criteria
         shown = ", ".join(sorted(bad)[:10]) + (", …" if len(bad) > 10 else "")
         return Verdict("halt", f"{len(bad)} of {len(outcomes)} device(s) failed or rolled "
                        f"back: {shown}")
-    if h.updated_anomalies - h.baseline_anomalies > criteria.max_anomaly_excess:
-        return Verdict("halt", f"updated devices show {h.updated_anomalies:.2f} anomalies per "
-                       f"device against {h.baseline_anomalies:.2f} for the rest of the group")
+    if h.updated_anomalous - h.baseline_anomalous > criteria.max_anomalous_excess:
+        return Verdict("halt", f"{h.updated_anomalous:.0%} of updated devices reported "
+                       f"anomalies against {h.baseline_anomalous:.0%} of the rest of the group")
     if (h.updated_latency_ms is not None and h.baseline_latency_ms
             and h.updated_latency_ms > criteria.max_latency_ratio * h.baseline_latency_ms):
         return Verdict("halt", f"updated devices' p95 latency {h.updated_latency_ms:.1f} ms "

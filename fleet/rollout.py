@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
   id TEXT PRIMARY KEY, model TEXT, version INTEGER, group_name TEXT, archive TEXT,
   urls_json TEXT, sizes_json TEXT, criteria_json TEXT, status TEXT, wave INTEGER,
   wave_started REAL, wave_timeout_s REAL, reason TEXT, created REAL,
-  health_window_s REAL NOT NULL DEFAULT 0);
+  health_window_s REAL NOT NULL DEFAULT 0, settled_at REAL);
 CREATE TABLE IF NOT EXISTS rollout_devices (
   rollout TEXT, device TEXT, wave INTEGER, command_id TEXT, outcome TEXT, sent_at REAL,
   rollback_id TEXT, rollback_result TEXT, detail TEXT, PRIMARY KEY (rollout, device));
@@ -58,10 +58,10 @@ class Rollouts:
             raise FleetError(f"group {group} has no known online device")
         rid = uuid.uuid4().hex[:12]
         sizes = wave_sizes(len(devices), fractions)
-        self.sql.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+        self.sql.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
             rid, fields["model"], fields["version"], group, str(archive), json.dumps(urls),
             json.dumps(sizes), json.dumps(asdict(criteria)), "running", 0, None,
-            wave_timeout_s, "", time.time(), health_window_s))
+            wave_timeout_s, "", time.time(), health_window_s, None))
         order = sorted(devices)
         for i, d in enumerate(order):
             wave = next(w for w, n in enumerate(sizes) if i < n)
@@ -201,13 +201,18 @@ class Controller:
     def _judge(self, rid: str, ro: dict[str, Any]) -> str:
         wave_devs = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
         outcomes = {d["device"]: Outcome(d["outcome"]) for d in wave_devs}
-        elapsed = time.time() - ro["wave_started"]
-        verdict = judge(outcomes, deadline_passed=elapsed > ro["wave_timeout_s"],
+        now = time.time()
+        verdict = judge(outcomes, deadline_passed=now - ro["wave_started"] > ro["wave_timeout_s"],
                         criteria=Criteria(**json.loads(ro["criteria_json"])),
-                        health=self._health(rid, ro),
-                        window_over=elapsed >= ro["health_window_s"])
+                        health=self._health(rid, ro))
         if verdict.action == "wait":
             return "running"
+        if verdict.action == "advance":  # every device answered: watch them for the window
+            if ro["settled_at"] is None:
+                self.rollouts.set(rid, settled_at=now)
+                ro["settled_at"] = now
+            if now - ro["settled_at"] < ro["health_window_s"]:
+                return "running"
         if verdict.action == "halt":
             self.rollouts.set(rid, status="halted", reason=verdict.reason)
             return "halted"
@@ -218,7 +223,8 @@ class Controller:
         if ro["wave"] + 1 >= len(sizes):
             self.rollouts.set(rid, status="completed", reason=verdict.reason)
             return "completed"
-        self.rollouts.set(rid, wave=ro["wave"] + 1, wave_started=None, reason=verdict.reason)
+        self.rollouts.set(rid, wave=ro["wave"] + 1, wave_started=None, settled_at=None,
+                          reason=verdict.reason)
         return "running"
 
     def _health(self, rid: str, ro: dict[str, Any]) -> Health:
@@ -232,8 +238,8 @@ class Controller:
         anomalies = self.db.anomalies_since(since)
         latency = self.db.latency_p95_since(ro["model"], since)
 
-        def per_device(names: list[str]) -> float:
-            return sum(anomalies.get(n, 0) for n in names) / len(names) if names else 0.0
+        def anomalous(names: list[str]) -> float:
+            return sum(n in anomalies for n in names) / len(names) if names else 0.0
 
         def median(names: list[str]) -> float | None:
             """The median p95 of a set, once enough of it reported (a few devices' p95
@@ -242,8 +248,8 @@ class Controller:
             enough = len(values) >= min(len(names), max(3, len(names) // 2))
             return statistics.median(values) if values and enough else None
 
-        return Health(updated_anomalies=per_device(updated),
-                      baseline_anomalies=per_device(baseline),
+        return Health(updated_anomalous=anomalous(updated),
+                      baseline_anomalous=anomalous(baseline),
                       updated_latency_ms=median(updated),
                       baseline_latency_ms=median(baseline) if baseline else None)
 

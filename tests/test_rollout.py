@@ -39,11 +39,13 @@ def test_verdicts() -> None:
                 criteria=c)
     assert bad.action == "halt" and "b" in bad.reason
     assert judge(ok, deadline_passed=False, criteria=c,
-                 health=Health(updated_anomalies=3.0, baseline_anomalies=0.5)).action == "halt"
+                 health=Health(updated_anomalous=0.5, baseline_anomalous=0.1)).action == "halt"
+    assert judge(ok, deadline_passed=False, criteria=c,
+                 health=Health(updated_anomalous=0.12, baseline_anomalous=0.1)
+                 ).action == "advance"
     slow = judge(ok, deadline_passed=False, criteria=c,
                  health=Health(updated_latency_ms=9.0, baseline_latency_ms=4.0))
     assert slow.action == "halt" and "9.0 ms" in slow.reason
-    assert judge(ok, deadline_passed=False, criteria=c, window_over=False).action == "wait"
     assert judge({"a": Outcome.PENDING}, deadline_passed=True, criteria=c).action == "halt"
 
 
@@ -122,7 +124,7 @@ def test_the_rollout_command_line(group: Any, releases: dict[str, Path], tmp_pat
 
     start = cli("start", "--bundle", releases["onnx2"], "--url-base", url, "--group", "lab",
                 "--broker", broker.url, "--key", key, "--root", keys / "root.json",
-                "--waves", "30,100")
+                "--waves", "30,100", "--health-window", "0.5")
     assert start.returncode == 0, start.stderr
     rid = re.search(r"rollout (\w+): 3 device\(s\)", start.stdout).group(1)  # type: ignore[union-attr]
     assert f"rollout {rid}: completed" in start.stdout
