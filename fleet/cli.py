@@ -259,7 +259,7 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
     db = FleetDB(ns.db)
     rollouts = Rollouts(db)
     if ns.action == "status":
-        print("\n".join(rollouts.status_lines(ns.id)))
+        print("\n".join(rollouts.status_lines(ns.id, every_device=ns.every_device)))
         return
     if ns.action in ("pause", "resume"):
         rollouts.set(ns.id, status="paused" if ns.action == "pause" else "running")
@@ -280,7 +280,7 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
                 min_committed_share=ns.min_committed_share,
                 max_anomalous_excess=ns.max_anomalous_excess,
                 max_latency_ratio=ns.max_latency_ratio))
-        if ns.action in ("start", "run"):
+        if ns.action in ("start", "run", "abort"):
             status = controller.run(rid, timeout_s=ns.timeout)
             print(f"rollout {rid}: {status}")
         print("\n".join(rollouts.status_lines(rid)))
@@ -370,6 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("action", choices=["start", "status", "run", "pause", "resume", "abort"])
     ro.add_argument("id", nargs="?")
     ro.add_argument("--db", type=Path, default=Path("fleet.sqlite"))
+    ro.add_argument("--every-device", action="store_true",
+                    help="status: one line per device even for large rollouts")
     ro.add_argument("--broker")
     ro.add_argument("--key", type=Path, action="append")
     ro.add_argument("--root", type=Path)

@@ -16,6 +16,7 @@ import statistics
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -112,17 +113,37 @@ class Rollouts:
             self.set_device(row[0], r.device,
                             rollback_result=("ok: " if r.ok else "failed: ") + r.result)
 
-    def status_lines(self, rid: str) -> list[str]:
+    def status_lines(self, rid: str, *, every_device: bool = False) -> list[str]:
+        """The rollout, then its devices: each one for small rollouts (or `every_device`),
+        otherwise a count per wave and outcome and only the devices that did not commit."""
         ro = self.get(rid)
         sizes = json.loads(ro["sizes_json"])
         out = [f"rollout {rid}: {ro['model']} v{ro['version']} to group {ro['group_name']}, "
                f"{ro['status']}, wave {ro['wave'] + 1} of {len(sizes)}"
                + (f" — {ro['reason']}" if ro["reason"] else "")]
-        out += [f"  wave {d['wave'] + 1}  {d['device']:14} {d['outcome']:12}"
-                + (f" {d['detail']}" if d["detail"] and d["outcome"] != "committed" else "")
-                + (f" rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"] else "")
-                for d in self.devices(rid)]
-        return out
+        devices = self.devices(rid)
+        every_device = every_device or len(devices) <= 20
+
+        def line(d: dict[str, Any]) -> str:
+            outcome = "not sent" if d["command_id"] is None else d["outcome"]
+            return (f"  wave {d['wave'] + 1}  {d['device']:14} {outcome:12}"
+                    + (f" {d['detail']}" if d["detail"] and d["outcome"] != "committed"
+                       else "")
+                    + (f" rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"]
+                       else ""))
+        if every_device:
+            return out + [line(d) for d in devices]
+        for w in range(len(sizes)):
+            mine = [d for d in devices if d["wave"] == w]
+            counts = Counter("not sent" if d["command_id"] is None else d["outcome"]
+                             for d in mine)
+            rolled = sum(1 for d in mine if d["rollback_id"])
+            out.append(f"  wave {w + 1}: {len(mine)} device(s): "
+                       + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                       + (f"; {rolled} sent a rollback" if rolled else ""))
+        return out + [line(d) for d in devices
+                      if d["outcome"] not in ("committed", "pending") or (d["rollback_result"]
+                      and not d["rollback_result"].startswith("ok"))]
 
 
 class Controller:
@@ -272,12 +293,21 @@ class Controller:
             self.rollouts.set(rid, status="aborted", reason=reason)
         self._roll_back_touched(rid)
 
-    def run(self, rid: str, *, poll_s: float = 0.5, timeout_s: float = 3600) -> str:
+    def run(self, rid: str, *, poll_s: float = 0.5, timeout_s: float = 3600,
+            rollback_wait_s: float = 30.0) -> str:
+        """Step until the rollout ends or pauses; after a halt or abort, wait up to
+        `rollback_wait_s` for the rollbacks' results, so the summary shows them."""
         end = time.monotonic() + timeout_s
         status = "running"
         while time.monotonic() < end:
             status = self.step(rid)
             if status in TERMINAL or status == "paused":
-                return status
+                break
             time.sleep(poll_s)
+        if status in ("halted", "aborted"):
+            until = time.monotonic() + rollback_wait_s
+            while time.monotonic() < until and any(
+                    d["rollback_id"] and not d["rollback_result"]
+                    for d in self.rollouts.devices(rid)):
+                time.sleep(poll_s)
         return status

@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# The README's main job: set everything up, write the digits example (data + a trained
-# teacher), then distill, quantize and package it for a firmware profile, and show the report.
-#   scripts/demo.sh [PROFILE]        (default raspberry-pi-4; `edge-convert profiles` lists them)
+# The README's main job, end to end on this machine: set everything up, write the digits
+# example (data + a trained teacher), distill, quantize and package it for a firmware
+# profile, sign it, then run a fleet (broker, artifact server, two real agents, a simulated
+# fleet), roll a release out in waves, infer, and watch a bad release halt and roll back.
+#   scripts/demo.sh [--short] [PROFILE]   (default raspberry-pi-4; `edge-convert profiles`)
+# --short: a quick conversion and a small fleet (the test suite runs it). EDGE_DEMO_OUT
+# moves the output (default build/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SHORT=()
+QUICK=()
+if [ "${1:-}" = "--short" ]; then
+  SHORT=(--short)
+  QUICK=(--distill-epochs 2 --evaluate-latency-runs 10 --data-calibration-samples 64)
+  shift
+fi
 scripts/bootstrap.sh
 PROFILE=${1:-raspberry-pi-4}
 V=.venv/bin
-OUT=build/demo
+OUT=${EDGE_DEMO_OUT:-build/demo}
 if [ ! -f "$OUT/example/recipe.toml" ]; then
   echo "== 1. writing the digits example: scikit-learn digits + a wide CNN teacher trained here"
   "$V/edge-convert" example digits --out "$OUT/example" --profile "$PROFILE"
 fi
 echo "== 2. edge-convert run: distill -> export ONNX -> int8 (ONNX QDQ + TFLite) -> evaluate -> bundle, for $PROFILE"
 "$V/edge-convert" run "$OUT/example/recipe.toml" --target-profile "$PROFILE" \
-  --out "$OUT/$PROFILE" --force --distill-progress false
+  --out "$OUT/$PROFILE" --force --distill-progress false "${QUICK[@]}"
 echo
 echo "== 3. the report ($OUT/$PROFILE/report.md; plot in report.png, figures in report.json)"
 cat "$OUT/$PROFILE/report.md"
@@ -40,3 +51,5 @@ trap 'rm -rf "$OUT/$PROFILE/tampered"' EXIT
 MODEL=$(ls "$OUT/$PROFILE/tampered" | grep '^model\.')
 printf '\x01' | dd of="$OUT/$PROFILE/tampered/$MODEL" bs=1 seek=100 conv=notrunc status=none
 "$V/edge-fleet" verify "$OUT/$PROFILE/tampered" --root "$KEYS/root.json" || echo "(refused, as it must be)"
+rm -rf "$OUT/$PROFILE/tampered"
+"$V/python" scripts/fleet_demo.py --out "$OUT" --profile "$PROFILE" "${SHORT[@]}"
