@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
   rollout TEXT, device TEXT, wave INTEGER, command_id TEXT, outcome TEXT, sent_at REAL,
   rollback_id TEXT, rollback_result TEXT, detail TEXT, PRIMARY KEY (rollout, device));
 """
+# Columns added after the first release of these tables: (table, column, declaration).
+ADDED = [("rollouts", "health_window_s", "REAL NOT NULL DEFAULT 0"),
+         ("rollouts", "settled_at", "REAL"), ("rollout_devices", "detail", "TEXT")]
 TERMINAL = ("completed", "halted", "aborted")
 
 
@@ -50,6 +53,10 @@ class Rollouts:
         self.db = db
         self.sql: sqlite3.Connection = db.connection
         self.sql.executescript(TABLES)
+        for table, column, decl in ADDED:  # databases made by an earlier version
+            have = {r[1] for r in self.sql.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.sql.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def create(self, *, archive: Path, urls: list[str], group: str, devices: list[str],
                fractions: list[float], criteria: Criteria, wave_timeout_s: float,
