@@ -69,13 +69,19 @@ def controller(db: FleetDB, broker: Broker, keys: Path) -> Controller:
                       client_id=f"bench-{time.time_ns()}")
 
 
-def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path,
-                sims: SimulatedFleet, window_s: float) -> tuple[str, float, str, str]:
-    db = FleetDB(where / f"fleet-{time.time_ns()}.sqlite")
+def new_rollout(db: FleetDB, broker: Broker, keys: Path, url: str, archive: Path,
+                sims: SimulatedFleet, window_s: float) -> tuple[Controller, str]:
     c = controller(db, broker, keys)
     rid = Rollouts(db).create(archive=archive, urls=[f"{url}/{archive.name}"], group="sim",
                               devices=sims.names, fractions=WAVES, criteria=Criteria(),
                               wave_timeout_s=60, health_window_s=window_s)
+    return c, rid
+
+
+def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path,
+                sims: SimulatedFleet, window_s: float) -> tuple[str, float, str, str]:
+    db = FleetDB(where / f"fleet-{time.time_ns()}.sqlite")
+    c, rid = new_rollout(db, broker, keys, url, archive, sims, window_s)
     t0 = time.monotonic()
     status, wave, marks = "running", 0, []
     while status == "running" and time.monotonic() - t0 < 300:
@@ -129,20 +135,16 @@ def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
             sims.start()
             time.sleep(7)  # the latency detectors warm up (5 windows)
             db = FleetDB(where / f"halt-{kind}.sqlite")
-            c = controller(db, broker, keys)
-            rid = Rollouts(db).create(archive=v2, urls=[f"{url}/{v2.name}"], group="sim",
-                                      devices=sims.names, fractions=WAVES, criteria=Criteria(),
-                                      wave_timeout_s=60, health_window_s=window_s)
+            c, rid = new_rollout(db, broker, keys, url, v2, sims, window_s)
             t0 = time.monotonic()
-            status = c.run(rid, poll_s=0.05, timeout_s=120)
+            status = "running"
+            while status == "running" and time.monotonic() - t0 < 120:
+                status = c.step(rid)
+                time.sleep(0.05)
             took = time.monotonic() - t0
+            c.run(rid, poll_s=0.2)  # halted: waits for the rollbacks' results
             rollouts = Rollouts(db)
             touched = [d["device"] for d in rollouts.devices(rid) if d["command_id"]]
-            end = time.monotonic() + 30
-            while time.monotonic() < end and any(
-                    d["rollback_id"] and not d["rollback_result"]
-                    for d in rollouts.devices(rid)):
-                time.sleep(0.2)
             versions = sims.versions()
             back = sum(versions[d] == {"digits": 1} for d in touched)
             reason = rollouts.get(rid)["reason"]

@@ -28,11 +28,12 @@ import nacl.utils
 
 from agent._durable import write_atomic
 from agent.archive import unpack_bundle
-from agent.bundle import check_files, file_entry, read_capped, verify_bundle_dir
+from agent.bundle import check_files, file_entry, read_capped, read_manifest, verify_bundle_dir
 from agent.errors import SignatureError
 from agent.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
+    SELFTEST_FILE,
     SIGNATURES_FILE,
     Manifest,
     Sealed,
@@ -219,3 +220,18 @@ def describe(v: Verified) -> str:
             f"threshold {v.root.roles['release'].threshold} (root v{v.root.version}), "
             f"{len(m.files)} file(s) match, expires {m.expires:%Y-%m-%d}"
             + (f", sealed to {len(m.sealed.recipients)} device(s)" if m.sealed else ""))
+
+
+def break_golden_outputs(bundle: Path) -> None:
+    """For drills and tests of the halt path: make an unsigned bundle whose model can no
+    longer reproduce its golden outputs (the self-test fails on every real device), with
+    the manifest re-hashed so that it verifies and signs like a good release."""
+    import numpy as np  # noqa: PLC0415  # only for this drill
+
+    path = bundle / SELFTEST_FILE
+    with np.load(path) as npz:
+        inputs, outputs = npz["inputs"], npz["outputs"]
+    np.savez(path, inputs=inputs, outputs=np.roll(outputs, 3, axis=1) + 5.0)
+    m = read_manifest(bundle)
+    m = m.model_copy(update={"files": {**m.files, SELFTEST_FILE: file_entry(path)}})
+    (bundle / MANIFEST_FILE).write_bytes(canonical_json(m))

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import file_entry, read_manifest
+from agent.bundle import read_manifest
 from agent.client import unix_call
-from agent.manifest import canonical_json
+from fleet.release import break_golden_outputs
 
 BIN = Path(sys.executable).parent
 
@@ -265,17 +265,6 @@ class Demo:
             predicted.append(int(np.argmax(body["outputs"][0]["data"])))
         print(f"   POST /v2/models/{m.name}/infer -> {m.name} v{body['model_version']} "
               f"predicted {predicted}; the labels are {y.tolist()}")
-
-
-def break_golden_outputs(bundle: Path) -> None:
-    """A release whose model cannot reproduce its golden outputs, signed like a good one."""
-    path = bundle / "selftest.npz"
-    with np.load(path) as npz:
-        inputs, outputs = npz["inputs"], npz["outputs"]
-    np.savez(path, inputs=inputs, outputs=np.roll(outputs, 3, axis=1) + 5.0)
-    m = read_manifest(bundle)
-    m = m.model_copy(update={"files": {**m.files, "selftest.npz": file_entry(path)}})
-    (bundle / "manifest.json").write_bytes(canonical_json(m))
 
 
 def main() -> None:

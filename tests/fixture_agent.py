@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import file_entry, read_manifest
+from agent.bundle import file_entry
 from agent.client import UnixHTTPConnection, call, unix_call
 from agent.manifest import canonical_json
 from fleet.keys import KeyDir, init_keys
-from fleet.release import pack_bundle, sign_bundle
+from fleet.release import break_golden_outputs, pack_bundle, sign_bundle
 
 ONE_OF_ONE: Any = {"root": (1, 1), "release": (1, 1), "command": (1, 1)}
 
@@ -36,22 +36,11 @@ def release(work: Path, out: Path, keys: Path, *, version: int, profile: str,
                     "--bundle-version", str(version)]) == 0
     bundle = w / "bundle"
     if break_selftest:
-        _break_selftest(bundle)
+        break_golden_outputs(bundle)
     kd = KeyDir(keys)
     sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
     return pack_bundle(bundle, out / f"digits-{profile}-v{version}"
                        f"{'-bad' if break_selftest else ''}.tar.zst")
-
-
-def _break_selftest(bundle: Path) -> None:
-    """Golden outputs that the model cannot reproduce, with the manifest re-hashed."""
-    path = bundle / "selftest.npz"
-    with np.load(path) as npz:
-        inputs, outputs = npz["inputs"], npz["outputs"]
-    np.savez(path, inputs=inputs, outputs=np.roll(outputs, 3, axis=1) + 5.0)
-    m = read_manifest(bundle)
-    m = m.model_copy(update={"files": {**m.files, "selftest.npz": file_entry(path)}})
-    (bundle / "manifest.json").write_bytes(canonical_json(m))
 
 
 def write_config(where: Path, keys: Path, *, profile: str, **sections: dict[str, Any]) -> Path:
