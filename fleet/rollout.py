@@ -206,11 +206,12 @@ class Controller:
         """One pass over a rollout; returns its status."""
         with self._lock:
             ro = self.rollouts.get(rid)
-            if ro["status"] in ("halted", "aborted"):
-                self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
-                return str(ro["status"])
-            if ro["status"] != "running":
-                return str(ro["status"])
+        if ro["status"] in ("halted", "aborted"):
+            self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
+            return str(ro["status"])
+        if ro["status"] != "running":
+            return str(ro["status"])
+        with self._lock:
             devices = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
             unsent = [d["device"] for d in devices if d["command_id"] is None
                       or d["outcome"] == Outcome.OFFLINE.value]
