@@ -188,8 +188,8 @@ def _consume(url: str, db_path: Path, count: Any, stop: Any) -> None:
     watcher = FleetWatcher(FleetDB(db_path), url, "acme",
                            client_id=f"ingest-{db_path.stem}").start()
     while not stop.wait(0.01):
-        count.value = watcher.ingested
-    count.value = watcher.ingested
+        count.value = watcher.ingested["telemetry"]
+    count.value = watcher.ingested["telemetry"]
     watcher.stop()
 
 

@@ -14,6 +14,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +148,7 @@ class FleetWatcher:
     def __init__(self, db: FleetDB, broker_url: str, fleet: str, *,
                  share_group: str = "edge-fleet", client_id: str | None = None) -> None:
         self.db, self.fleet = db, fleet
-        self.ingested = 0  # valid messages stored
+        self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
         base = f"{PREFIX}/{fleet}"
         self.client, _ = connect(
             broker_url, client_id or f"edge-fleet-{time.time_ns()}",
@@ -163,7 +164,7 @@ class FleetWatcher:
                 self.db.put_telemetry(Telemetry.model_validate_json(msg.payload), time.time())
             elif kind == "event":
                 self.db.put_event(Event.model_validate_json(msg.payload), time.time())
-            self.ingested += 1
+            self.ingested[kind] += 1
         except ValidationError:
             self.db.bump(f"invalid_{kind}")
 
