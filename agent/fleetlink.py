@@ -103,6 +103,7 @@ class FleetLink(Reporter):
         # A rollback command for the model being deployed cancels that deploy: the deploy
         # thread undoes its own work (nothing installed yet, or back to the previous slot).
         self._cancel = threading.Event()
+        self._deploy_committed = False  # the last deploy committed (a rollback must undo it)
         self._deploy_model: str | None = None
         self._latency: dict[str, LatencyDetector] = {}
         self._memory = MemoryTrend(self.thresholds)
@@ -248,9 +249,11 @@ class FleetLink(Reporter):
                 self.result(cmd, False, "the deploy in progress did not stop", "busy")
                 return
             self._deploying.release()
-            self.result(cmd, True, f"{cmd.model}: the deploy in progress was cancelled; the "
-                        "previous version serves")
-            return
+            if not self._deploy_committed:  # cancelled, failed or rolled back: undone
+                self.result(cmd, True, f"{cmd.model}: the deploy in progress was stopped; "
+                            "the previous version serves")
+                return
+            # It committed before it saw the cancel: a plain rollback of what now serves.
         try:
             note = self.agent.roll_back(cmd.model, cmd.reason or f"command {cmd.id}")
         except AgentError as exc:
@@ -313,6 +316,7 @@ class FleetLink(Reporter):
         try:
             self._deploy_model = cmd.model
             self._cancel.clear()
+            self._deploy_committed = False
             self._deploy(cmd)
         finally:
             self._deploy_model = None
@@ -386,6 +390,7 @@ class FleetLink(Reporter):
             self.result(cmd, False, "cancelled by a rollback command", "cancelled")
             return
         version = self.agent.commit_pending(cmd.model)
+        self._deploy_committed = True
         self.event("deploy.committed", "info", f"{cmd.model} v{version} committed after a "
                    f"{self.health_window_s:g} s health window", command_id=cmd.id,
                    evidence={"model": cmd.model, "version": version})
