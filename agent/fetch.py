@@ -39,8 +39,8 @@ def fetch(ref: ArchiveRef, dest: Path, limits: FetchLimits = FetchLimits()) -> P
 
     Raises:
         DownloadError: every URL failed in transport; the partial file is kept.
-        BundleError: longer than `size_bytes` (check "size") or wrong sha256 (check
-            "sha256"); the partial file is removed.
+        BundleError: longer than `size_bytes`, or a Content-Length other than it (check
+            "size"), or wrong sha256 (check "sha256"); the partial file is removed.
     """
     part = dest.with_name(dest.name + ".part")
     problems = []
@@ -85,6 +85,14 @@ def _fetch_one(url: str, part: Path, size: int, limits: FetchLimits) -> None:
         raise DownloadError(str(getattr(exc, "reason", exc))) from exc
     with resp:
         resumed = resp.status == 206
+        offered = resp.headers.get("Content-Length")
+        expected = size - have if resumed else size
+        if offered is not None and offered.isdigit() and int(offered) != expected:
+            # Not the pinned archive (shorter would otherwise look like a dropped
+            # connection, resumed forever): refuse now.
+            raise BundleError(f"the server offers {int(offered)} bytes where the command pins "
+                              f"{expected}", check="size", declared=size,
+                              offered=int(offered) + (have if resumed else 0))
         with part.open("ab" if resumed else "wb") as out:
             _stream(resp, out, (have if resumed else 0), size, limits)
     got = part.stat().st_size

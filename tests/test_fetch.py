@@ -35,8 +35,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.ranges.append(rng)
         start = int(rng.split("=")[1].rstrip("-")) if rng else 0
         body = DATA + (b"x" * 500_000 if mode == "endless" else b"")
+        body = body[:500_000] if mode == "short" else body
         self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(body) - start))
+        if mode != "endless":  # an endless server announces no length: it just keeps going
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         if mode == "cut" and not rng:
             self.wfile.write(body[:300_000])
@@ -85,6 +87,15 @@ def test_endless_data_stops_at_the_cap_and_is_never_retried(server: str,
         fetch(ref(f"{server}/e"), tmp_path / "e")
     assert err.value.check == "size"
     assert not (tmp_path / "e.part").exists()
+
+
+def test_another_file_of_another_length_is_refused_at_its_headers(server: str,
+                                                                 tmp_path: Path) -> None:
+    Handler.mode["/short"] = "short"  # e.g. an older release at the pinned URL
+    with pytest.raises(BundleError, match="offers 500000 bytes where the command pins") as err:
+        fetch(ref(f"{server}/short"), tmp_path / "s")
+    assert err.value.check == "size" and not (tmp_path / "s.part").exists()
+    assert Handler.ranges == [None]  # refused, not resumed as if the connection had dropped
 
 
 def test_slow_retrieval_is_abandoned(server: str, tmp_path: Path) -> None:
