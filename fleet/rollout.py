@@ -136,7 +136,7 @@ class Rollouts:
             return (f"  wave {d['wave'] + 1}  {d['device']:14} {outcome:12}"
                     + (f" {d['detail']}" if d["detail"] and d["outcome"] != "committed"
                        else "")
-                    + (f" rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"]
+                    + (f"; rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"]
                        else ""))
         if every_device:
             return out + [line(d) for d in devices]
