@@ -16,13 +16,16 @@ the scheduler would, so the real detectors judge them.
 Faults (`--faulty P`): P % of the devices, spread evenly over the sorted names (the first
 device is always one of them), each with one kind, taken in turn: `selftest` (every new
 release fails its self-test), `latency` (a new release serves 4x slower: the health window
-rolls it back) and `drift` (a new release commits, then its inputs and outputs drift away
-from the manifest's reference: anomaly events). A fault shows only for releases deployed
-during the simulation, not for the model the devices start with.
+rolls it back) and `drift` (its inputs and outputs drift away from the manifest's
+reference: anomaly events from the first telemetry interval on; the device's own window
+judges latency and errors, so it commits, and the rollout controller's comparison with
+the baseline is what catches it). A fault shows only for releases deployed during the
+simulation, not for the model the devices start with.
 
-Threads: one MQTT thread per device (polling every `poll_s`); commands are verified on a
-shared pool, telemetry and synthetic load on one shared ticker thread, and each deploy in
-progress has its thread (mostly asleep in its health window).
+Processes and threads: `SimulatedFleet` spreads the devices over worker processes (see
+there); in each, one MQTT thread per device (polling every `poll_s`), commands verified
+on a shared pool, telemetry and synthetic load on one shared ticker thread, and a thread
+per deploy in progress (mostly asleep in its health window).
 """
 
 from __future__ import annotations
