@@ -128,6 +128,12 @@ def rate_anomalies(w: Window, t: Thresholds) -> list[Anomaly]:
     return out
 
 
+def reference_confidence(ref: ReferenceStats) -> float:
+    """The mean top-1 confidence of the reference (bin midpoints of its histogram)."""
+    edges, fr = ref.output.confidence.bin_edges, ref.output.confidence.fractions
+    return sum((lo + hi) / 2 * f for lo, hi, f in zip(edges, edges[1:], fr, strict=False))
+
+
 def drift_anomalies(w: Window, ref: ReferenceStats, t: Thresholds) -> list[Anomaly]:
     out: list[Anomaly] = []
     if w.requests < t.min_requests:
@@ -143,9 +149,7 @@ def drift_anomalies(w: Window, ref: ReferenceStats, t: Thresholds) -> list[Anoma
             out.append(Anomaly("output_drift", "psi", value, t.output_psi, w.seconds,
                                w.model, {"samples": float(sum(w.class_counts))}))
     if w.mean_confidence is not None:
-        edges, fr = ref.output.confidence.bin_edges, ref.output.confidence.fractions
-        expected = sum((lo + hi) / 2 * f for lo, hi, f in zip(edges, edges[1:], fr,
-                                                                strict=False))
+        expected = reference_confidence(ref)
         drop = expected - w.mean_confidence
         if drop > t.confidence_drop:
             out.append(Anomaly("output_drift", "confidence_drop", drop, t.confidence_drop,

@@ -172,11 +172,16 @@ class FleetLink(Reporter):
                 raw = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            try:
-                self.handle(raw)
-            except Exception as exc:  # the command path must never die; say what happened
-                log.exception("command.crashed")
-                self.event("command.failed", "error", f"unexpected error: {exc!r}")
+            self.handle_safely(raw)
+
+    def handle_safely(self, raw: bytes) -> None:
+        """`handle`, where an unexpected error becomes a `command.failed` event: the
+        command path must never die."""
+        try:
+            self.handle(raw)
+        except Exception as exc:  # say what happened
+            log.exception("command.crashed")
+            self.event("command.failed", "error", f"unexpected error: {exc!r}")
 
     def handle(self, raw: bytes) -> None:
         """Verify one command and carry it out."""

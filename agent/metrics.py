@@ -144,7 +144,7 @@ def window_counter(before: Snapshot, after: Snapshot, name: str, **labels: str) 
 
 def window_quantile(before: Snapshot, after: Snapshot, name: str, q: float,
                     **labels: str) -> float | None:
-    """The q-quantile (upper bucket bound) of what was observed between two snapshots."""
+    """The q-quantile (`Histogram.quantile`) of what was observed between two snapshots."""
     key = tuple(sorted(labels.items()))
     now = after.buckets.get(name, {}).get(key)
     if now is None:

@@ -39,11 +39,23 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE TABLE IF NOT EXISTS rollout_devices (
   rollout TEXT, device TEXT, wave INTEGER, command_id TEXT, outcome TEXT, sent_at REAL,
   rollback_id TEXT, rollback_result TEXT, detail TEXT, PRIMARY KEY (rollout, device));
+CREATE INDEX IF NOT EXISTS rollout_devices_device ON rollout_devices (device);
 """
 # Columns added after the first release of these tables: (table, column, declaration).
 ADDED = [("rollouts", "health_window_s", "REAL NOT NULL DEFAULT 0"),
          ("rollouts", "settled_at", "REAL"), ("rollout_devices", "detail", "TEXT")]
 TERMINAL = ("completed", "halted", "aborted")
+
+
+def _may_serve_release(d: dict[str, Any]) -> bool:
+    """Sent the release and not known to have refused or undone it: committed, or still
+    pending (possibly serving it in its health window)."""
+    return d["command_id"] is not None and d["outcome"] in (Outcome.COMMITTED.value,
+                                                            Outcome.PENDING.value)
+
+
+def _shown_outcome(d: dict[str, Any]) -> str:
+    return "not sent" if d["command_id"] is None else str(d["outcome"])
 
 
 class Rollouts:
@@ -132,8 +144,7 @@ class Rollouts:
         every_device = every_device or len(devices) <= 20
 
         def line(d: dict[str, Any]) -> str:
-            outcome = "not sent" if d["command_id"] is None else d["outcome"]
-            return (f"  wave {d['wave'] + 1}  {d['device']:14} {outcome:12}"
+            return (f"  wave {d['wave'] + 1}  {d['device']:14} {_shown_outcome(d):12}"
                     + (f" {d['detail']}" if d["detail"] and d["outcome"] != "committed"
                        else "")
                     + (f"; rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"]
@@ -142,8 +153,7 @@ class Rollouts:
             return out + [line(d) for d in devices]
         for w in range(len(sizes)):
             mine = [d for d in devices if d["wave"] == w]
-            counts = Counter("not sent" if d["command_id"] is None else d["outcome"]
-                             for d in mine)
+            counts = Counter(_shown_outcome(d) for d in mine)
             rolled = sum(1 for d in mine if d["rollback_id"])
             out.append(f"  wave {w + 1}: {len(mine)} device(s): "
                        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
@@ -222,29 +232,29 @@ class Controller:
             if ro["wave_started"] is None or unsent:
                 self.rollouts.set(rid, wave_started=ro["wave_started"] or time.time())
                 ro = self.rollouts.get(rid)
-            status = self._judge(rid, ro)
+            status = self._judge(rid, ro, self.rollouts.devices(rid))
         if status == "halted":
             self._roll_back_touched(rid)
         return status
 
-    def _judge(self, rid: str, ro: dict[str, Any]) -> str:
-        wave_devs = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
+    def _judge(self, rid: str, ro: dict[str, Any], devices: list[dict[str, Any]]) -> str:
+        wave_devs = [d for d in devices if d["wave"] <= ro["wave"]]
         outcomes = {d["device"]: Outcome(d["outcome"]) for d in wave_devs}
         now = time.time()
         verdict = judge(outcomes, deadline_passed=now - ro["wave_started"] > ro["wave_timeout_s"],
                         criteria=Criteria(**json.loads(ro["criteria_json"])),
-                        health=self._health(rid, ro))
+                        health=self._health(ro, devices))
         if verdict.action == "wait":
             return "running"
-        if verdict.action == "advance":  # every device answered: watch them for the window
-            if ro["settled_at"] is None:
-                self.rollouts.set(rid, settled_at=now)
-                ro["settled_at"] = now
-            if now - ro["settled_at"] < ro["health_window_s"]:
-                return "running"
         if verdict.action == "halt":
             self.rollouts.set(rid, status="halted", reason=verdict.reason)
             return "halted"
+        # advance: every device answered; watch them for the wave's health window first
+        if ro["settled_at"] is None:
+            self.rollouts.set(rid, settled_at=now)
+            ro["settled_at"] = now
+        if now - ro["settled_at"] < ro["health_window_s"]:
+            return "running"
         for d in wave_devs:  # late devices: retried in the next wave
             if d["outcome"] == Outcome.PENDING.value:
                 self.rollouts.set_device(rid, d["device"], outcome=Outcome.OFFLINE.value)
@@ -256,12 +266,10 @@ class Controller:
                           reason=verdict.reason)
         return "running"
 
-    def _health(self, rid: str, ro: dict[str, Any]) -> Health:
+    def _health(self, ro: dict[str, Any], devices: list[dict[str, Any]]) -> Health:
         """Updated devices (sent this release, not failed) against the baseline (devices
         of the rollout not reached yet) since the wave started."""
-        devices = self.rollouts.devices(rid)
-        updated = [d["device"] for d in devices if d["command_id"] is not None
-                   and d["outcome"] in (Outcome.COMMITTED.value, Outcome.PENDING.value)]
+        updated = [d["device"] for d in devices if _may_serve_release(d)]
         baseline = [d["device"] for d in devices if d["command_id"] is None]
         since = ro["wave_started"]
         anomalies = self.db.anomalies_since(since)
@@ -290,8 +298,7 @@ class Controller:
         with self._lock:
             ro = self.rollouts.get(rid)
             targets = [d["device"] for d in self.rollouts.devices(rid)
-                       if d["command_id"] is not None and d["rollback_id"] is None
-                       and d["outcome"] in (Outcome.COMMITTED.value, Outcome.PENDING.value)]
+                       if _may_serve_release(d) and d["rollback_id"] is None]
         if targets:
             self._send(rid, "rollback", targets, model=ro["model"],
                        reason=f"rollout {rid} {ro['status']}: {ro['reason']}")

@@ -53,6 +53,7 @@ from agent import __version__
 from agent.admission import Reading, Thermal, ThermalLimits
 from agent.config import AgentConfig, DeviceSection, MqttSection, PathsSection
 from agent.daemon import Agent, Busy, InstallResult
+from agent.detectors import reference_confidence
 from agent.errors import BundleError
 from agent.fleetlink import LATENCY, FleetLink
 from agent.manifest import Manifest
@@ -137,9 +138,7 @@ class StandInResident:
             return None
         inputs = np.asarray(ref.input.histogram.fractions, dtype=np.float64)
         classes = np.asarray(ref.output.class_fractions, dtype=np.float64)
-        edges, fr = ref.output.confidence.bin_edges, ref.output.confidence.fractions
-        confidence = sum((lo + hi) / 2 * f for lo, hi, f in zip(edges, edges[1:], fr,
-                                                                 strict=False))
+        confidence = reference_confidence(ref)
         if self.drifting:  # mass moves to the other end; one class; less confident
             inputs, classes = inputs[::-1], np.eye(len(classes))[0]
             confidence -= 0.3
@@ -185,12 +184,15 @@ class StandInAgent:
         return Device(profile=self.config.device.profile, agent_version=__version__,
                       committed=self.store.committed())
 
-    def _serve(self, name: str, *, faulty: bool) -> None:
+    def _serve(self, name: str, *, faulty: bool, manifest: Manifest | None = None) -> None:
+        """Serve the active slot of `name`: `manifest` when it was just verified (an
+        install), else re-verified from the store (a start or a rollback), as the
+        daemon does."""
         d = self.store.active_dir(name)
         if d is None:
             self.scheduler.residents.pop(name, None)
             return
-        m = self.store.check_installed(name, d.name, self.root)
+        m = manifest or self.store.check_installed(name, d.name, self.root)
         self.scheduler.residents[name] = StandInResident(
             name, m, slow=4.0 if faulty and self.fault == "latency" else 1.0,
             drifting=faulty and self.fault == "drift")
@@ -215,7 +217,7 @@ class StandInAgent:
             self.store.record(staged, "self_tested")
             step("self_tested", m)
             slots = self.store.activate(staged)
-            self._serve(m.name, faulty=faults)
+            self._serve(m.name, faulty=faults, manifest=m)
             step("activated", m)
             self._changed()
             if commit:
@@ -275,7 +277,7 @@ class SimDevice(FleetLink):
         self.standin = StandInAgent(config, sim.root, fault, random.Random(name))
         super().__init__(cast(Agent, self.standin), sim.mqtt, in_memory=True,
                          poll_s=sim.poll_s)
-        self.sim, self.fault = sim, fault
+        self.sim = sim
 
     def start(self) -> None:
         self.standin.listeners.append(self.publish_state)
@@ -284,14 +286,7 @@ class SimDevice(FleetLink):
                                 self._sim_tick)
 
     def _received(self, topic: str, payload: bytes, properties: Any) -> None:
-        self.sim.pool.submit(self._handle_safely, payload)
-
-    def _handle_safely(self, raw: bytes) -> None:
-        try:
-            self.handle(raw)
-        except Exception as exc:  # as the daemon's command thread: say what happened
-            log.exception("sim.command_crashed")
-            self.event("command.failed", "error", f"unexpected error: {exc!r}")
+        self.sim.pool.submit(self.handle_safely, payload)
 
     def _sim_tick(self) -> None:
         if self._stop.is_set():
@@ -335,8 +330,7 @@ class Simulator:
     """The simulated devices of one process."""
 
     def __init__(self, settings: SimSettings, names: list[str], faults: dict[str, str], *,
-                 state_dir: Path | None = None, workers: int = 8) -> None:
-        self.settings = settings
+                 workers: int = 8) -> None:
         self.root_file = settings.root_file
         self.root = load_pinned_root(settings.root_file.read_bytes())
         self.fleet = settings.fleet or self.root.fleet
@@ -345,15 +339,13 @@ class Simulator:
         self.mqtt = MqttSection(brokers=[settings.broker],
                                 telemetry_interval_s=settings.telemetry_interval_s,
                                 health_window_s=settings.health_window_s, keepalive_s=60)
-        self._own_state = state_dir is None
-        shm = Path("/dev/shm")
-        self.state_dir = state_dir or Path(tempfile.mkdtemp(
-            prefix="edge-sim-", dir=shm if shm.is_dir() else None))
+        shm = Path("/dev/shm")  # stores on tmpfs: a thousand devices' fsyncs cost nothing
+        self.state_dir = Path(tempfile.mkdtemp(prefix="edge-sim-",
+                                               dir=shm if shm.is_dir() else None))
         self.rng = random.Random(0)
         self.ticker = Ticker()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-cmd")
         self.process = _Process()
-        self.faults = faults
         self.devices = {n: SimDevice(self, n, faults.get(n)) for n in names}
 
     def install_initial(self, archive: Path) -> None:
@@ -381,8 +373,7 @@ class Simulator:
         for d in self.devices.values():
             d.outbox.close()
             d.nonces.close()
-        if self._own_state:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def versions(self) -> dict[str, dict[str, int]]:
         return {n: d.versions for n, d in self.devices.items()}
