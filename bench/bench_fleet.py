@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from fixture_mqtt import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.wire import Memory, ModelTelemetry, Telemetry, dump
+from fleet.artifacts import serve_in_process
 from fleet.keys import KeyDir
 from fleet.policy import Criteria
 from fleet.rollout import Controller, Rollouts
@@ -51,16 +51,6 @@ def releases(where: Path) -> tuple[Path, Path, Path]:
     rel.mkdir()
     v1, v2 = (slow_release(rel, keys, version=v, widths=(64,)) for v in (1, 2))
     return keys, v1, v2
-
-
-def artifact_server(root: Path) -> tuple[subprocess.Popen[str], str]:
-    """`edge-fleet serve-artifacts` in its own process, as an operator runs it (in the
-    bench's process it would compete with the controller for one GIL)."""
-    p = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve-artifacts", str(root),
-                          "--port", "0"], stdout=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    url = p.stdout.readline().split(" on ")[1].split("/ ")[0]
-    return p, url
 
 
 def controller(db: FleetDB, broker: Broker, keys: Path) -> Controller:
@@ -103,7 +93,7 @@ def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path
 
 def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
     keys, v1, v2 = releases(where)
-    server, url = artifact_server(v1.parent)
+    server, url = serve_in_process(v1.parent)
     settings = SimSettings(broker=broker.url, root_file=keys / "root.json",
                            profile="x86_64-generic", initial=v1, telemetry_interval_s=2.0,
                            health_window_s=window_s)
@@ -123,7 +113,7 @@ def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
 
 def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
     keys, v1, v2 = releases(where)
-    server, url = artifact_server(v1.parent)
+    server, url = serve_in_process(v1.parent)
     print(f"\nhalts, {n} devices, 5 % faulty, device health window {window_s:g} s, controller "
           f"wave window {window_s:g} s, telemetry every 1 s:")
     print(f"  {'fault':9} {'status':8} {'to halt':>9} {'windows':>8} {'touched':>8} "

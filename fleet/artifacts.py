@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import http.server
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -92,3 +94,13 @@ def serve_in_thread(root: Path, host: str = "127.0.0.1", port: int = 0
     server = make_server(root, host, port)
     threading.Thread(target=server.serve_forever, name="artifacts", daemon=True).start()
     return server, f"http://{host}:{server.server_address[1]}"
+
+
+def serve_in_process(root: Path) -> tuple[subprocess.Popen[str], str]:
+    """`edge-fleet serve-artifacts ROOT --port 0` as its own process (as an operator runs
+    it, and off the caller's GIL); returns the process and its base URL, read from the
+    line the command prints first (`cmd_serve_artifacts`)."""
+    p = subprocess.Popen([sys.executable, "-m", "fleet.cli", "serve-artifacts", str(root),
+                          "--port", "0"], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    return p, p.stdout.readline().split(" on ")[1].split("/ ")[0]

@@ -31,6 +31,7 @@ import numpy as np
 
 from agent.bundle import read_manifest
 from agent.client import unix_call
+from fleet.artifacts import serve_in_process
 from fleet.release import break_golden_outputs
 
 BIN = Path(sys.executable).parent
@@ -106,12 +107,10 @@ class Demo:
         raise SystemExit("demo: mosquitto did not start (see build/demo/fleet/mosquitto.log)")
 
     def artifacts(self) -> str:
-        p = self.start([BIN / "edge-fleet", "serve-artifacts", self.work / "releases",
-                        "--port", "0"], stdout=subprocess.PIPE)
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        print(f"   {line.strip()}")
-        return line.split(" on ")[1].split("/ ")[0]
+        p, url = serve_in_process(self.work / "releases")
+        self.procs.append(p)
+        print(f"   edge-fleet serve-artifacts {self.work / 'releases'} on {url}/")
+        return url
 
     def agent(self, name: str, broker: str) -> Path:
         d = self.work / name
