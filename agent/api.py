@@ -1,7 +1,7 @@
 """The local API: Open Inference Protocol (KServe v2 REST, with the binary tensor
 extension), TensorFlow Serving's `:predict`, `/metrics`, and admin routes.
 
-Served by `agent._http` (asyncio + h11) on a Unix socket (mode from config, the agent's
+Served by `agent.serving.http` (asyncio + h11) on a Unix socket (mode from config, the agent's
 group) and, when configured, a TCP port. On TCP every route needs
 `Authorization: Bearer <token>` (compared in constant time), the token read from a file
 only the agent's group can read; the admin routes (install, rollback, status) exist only on
@@ -19,19 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent._http import Handler, HttpServer, Request, Response, Router, json_response
-from agent.admission import PRIORITY
-from agent.daemon import Agent, Busy
-from agent.errors import AgentError, RejectedError
-from agent.oip import (
-    ApiError,
+from agent.daemon import Agent
+from agent.errors import AgentError, ApiError, Busy, Refused, RejectedError, UnknownModel
+from agent.serving.admission import PRIORITY
+from agent.serving.http import Handler, HttpServer, Request, Response, Router, json_response
+from agent.serving.oip import (
     infer_response,
     model_metadata,
     parse_infer,
     parse_predict,
     predict_response,
 )
-from agent.scheduler import Refused, Resident, UnknownModel
+from agent.serving.scheduler import Resident
 
 
 def _error(status: int, message: str, **extra: Any) -> Response:

@@ -22,13 +22,13 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.bundle import check_files, read_manifest
 from agent.client import unix_call
 from agent.config import DEFAULT_PATH, AgentConfig, load_config
-from agent.errors import AgentError
+from agent.errors import AgentError, StateLocked
 from agent.profiles import available_profiles, load_profile
-from agent.sealing import generate_device_key
-from agent.selftest import run_selftest
+from agent.serving.selftest import run_selftest
+from agent.trust.bundle import check_files, read_manifest
+from agent.trust.sealing import generate_device_key
 from agent.unit import DEFAULT_EXEC, render_unit
 
 
@@ -44,7 +44,7 @@ def _selftest(bundle: Path) -> int:
 
 
 def _schema(out: Path | None) -> None:
-    from agent.wire import json_schemas  # noqa: PLC0415
+    from agent.link.wire import json_schemas  # noqa: PLC0415
 
     schemas = json_schemas()
     if out is None:
@@ -58,7 +58,7 @@ def _schema(out: Path | None) -> None:
 
 
 def _install(config: AgentConfig, bundle: Path) -> int:
-    from agent.service import StateLocked, lock_state  # noqa: PLC0415  # aiohttp only here
+    from agent.service import lock_state  # noqa: PLC0415  # aiohttp only here
 
     try:
         lock = lock_state(config.paths.state_dir)

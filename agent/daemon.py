@@ -26,29 +26,25 @@ from typing import Any
 import psutil
 
 from agent import __version__
-from agent.admission import Budget, ThermalLimits
 from agent.config import AgentConfig
-from agent.errors import AgentError, BundleError, RejectedError
-from agent.manifest import Manifest
-from agent.metrics import Metrics
+from agent.errors import AgentError, BundleError, Busy, RejectedError
 from agent.profiles import FirmwareProfile, load_profile
-from agent.root import Root, load_pinned_root
-from agent.runtime import LoadedModel, load_tflite_delegates, open_model
-from agent.scheduler import Resident, Scheduler
-from agent.sealing import load_device_key, model_source
-from agent.selftest import selftest_loaded
-from agent.sensors import Sensors, SystemSensors
-from agent.store import ModelStore, Staged
-from agent.trust import Device
+from agent.serving.admission import Budget, ThermalLimits
+from agent.serving.metrics import Metrics
+from agent.serving.runtime import LoadedModel, load_tflite_delegates, open_model
+from agent.serving.scheduler import Resident, Scheduler
+from agent.serving.selftest import selftest_loaded
+from agent.serving.sensors import Sensors, SystemSensors
+from agent.trust.manifest import Manifest
+from agent.trust.root import Root, load_pinned_root
+from agent.trust.sealing import load_device_key, model_source
+from agent.trust.verify import Device
+from agent.updates.store import ModelStore, Staged
 
 log = logging.getLogger("edge_agent")
 # Below this model size a run takes microseconds; a multi-threaded runtime only adds the
 # cost of waking its pool (measured in bench/bench_agent.py).
 SMALL_MODEL_BYTES = 1 << 20
-
-
-class Busy(AgentError):
-    """Another update is in progress; this one was refused, not queued."""
 
 
 @dataclass(frozen=True)

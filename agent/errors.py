@@ -1,13 +1,22 @@
-"""Errors of the agent package, split by what the caller does next.
+"""Every error the agent package raises on purpose, in one tree, split by what the caller
+does next.
 
     AgentError                    root of everything this package raises on purpose
     ├── ConfigError               bad configuration or profile: fail at start, fix the file
-    │   └── ProfileError          unknown or invalid firmware profile
-    └── RejectedError             untrusted input refused: never retry the same bytes
-        ├── BundleError           a bundle: manifest, files, version, expiry, compatibility
-        ├── SignatureError        signatures below a role's threshold (unsigned, wrong key...)
-        ├── RootError             a new root.json that does not chain from the trusted one
-        └── CommandError          a command: malformed, expired, replayed, misaddressed
+    │   ├── ProfileError          unknown or invalid firmware profile
+    │   └── StateLocked           another edge-agent process holds the state directory
+    ├── RejectedError             untrusted input refused: never retry the same bytes
+    │   ├── BundleError           a bundle: manifest, files, version, expiry, compatibility
+    │   ├── SignatureError        signatures below a role's threshold (unsigned, wrong key...)
+    │   ├── RootError             a new root.json that does not chain from the trusted one
+    │   └── CommandError          a command: malformed, expired, replayed, misaddressed
+    ├── DownloadError             transport failure (refused, timed out, too slow): retry later
+    ├── RuntimeLoadError          a model file its runtime cannot load: the update fails
+    ├── Busy                      another update is in progress: send it again later
+    ├── Refused                   the scheduler refused a request (budget, thermal, queue,
+    │                             deadline): back off; carries `reason` and an HTTP `status`
+    ├── UnknownModel              a request for a model that is not installed
+    └── ApiError                  a local API request refused, with its HTTP `status`
 
 Every `RejectedError` carries `check` (a short stable name of the check that failed, e.g.
 "sha256", "threshold", "replay") and `details` (the values involved), so callers report and
@@ -27,6 +36,10 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """A configuration problem; raised at start, with the file and field involved."""
+
+
+class StateLocked(ConfigError):
+    """Another edge-agent process holds the state directory."""
 
 
 class ProfileError(ConfigError):
@@ -78,3 +91,40 @@ class RootError(RejectedError):
 
 class CommandError(RejectedError):
     """A command that is malformed, expired, replayed or addressed to someone else."""
+
+
+class DownloadError(AgentError):
+    """A transport failure (refused, timed out, too slow, cut off): retry later."""
+
+
+class RuntimeLoadError(AgentError):
+    """A model file could not be loaded by its runtime."""
+
+
+class Busy(AgentError):
+    """Another update is in progress; this one was refused, not queued."""
+
+
+class Refused(AgentError):
+    """The scheduler refused a request: `reason` (stable), `status` (HTTP), message."""
+
+    def __init__(self, reason: str, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
+
+
+class UnknownModel(AgentError):
+    """A request named a model that is not installed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"model {name!r} is not installed")
+        self.name = name
+
+
+class ApiError(AgentError):
+    """A request the API refuses: HTTP `status` and a message for the error body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -22,14 +22,10 @@ from typing import IO
 from agent.api import Api
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from agent.errors import AgentError
+from agent.errors import AgentError, StateLocked
 from agent.sdnotify import Notifier
 
 log = logging.getLogger("edge_agent")
-
-
-class StateLocked(AgentError):
-    """Another edge-agent process holds the state directory."""
 
 
 def lock_state(state_dir: Path) -> IO[bytes]:
@@ -114,7 +110,7 @@ def run(config: AgentConfig, config_path: Path | None = None) -> int:
         agent.config_path = config_path
         agent.start()
         if config.mqtt is not None:
-            from agent.fleetlink import FleetLink  # noqa: PLC0415  # paho only when used
+            from agent.link.fleetlink import FleetLink  # noqa: PLC0415  # paho only when used
 
             fleet = FleetLink(agent, config.mqtt)
             fleet.start()

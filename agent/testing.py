@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.admission import Reading
+from agent.serving.admission import Reading
 
 
 class FakeClock:

@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixture_agent import AgentProcess, make_keys, onnx_release, release, write_config
 
-from agent.admission import Budget, ThermalLimits
-from agent.bundle import read_manifest
 from agent.client import call
-from agent.oip import infer_response, parse_infer
-from agent.runtime import open_model
-from agent.scheduler import Resident, Scheduler
-from agent.store import ModelStore
+from agent.serving.admission import Budget, ThermalLimits
+from agent.serving.oip import infer_response, parse_infer
+from agent.serving.runtime import open_model
+from agent.serving.scheduler import Resident, Scheduler
 from agent.testing import FakeSensors
+from agent.trust.bundle import read_manifest
+from agent.updates.store import ModelStore
 from converter.cli import main as convert
 from converter.examples.digits import write_example
 

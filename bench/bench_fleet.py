@@ -33,7 +33,7 @@ from fixture_agent import make_keys, slow_release
 from fixture_mqtt import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.wire import Memory, ModelTelemetry, Telemetry, dump
+from agent.link.wire import Memory, ModelTelemetry, Telemetry, dump
 from fleet.artifacts import serve_in_process
 from fleet.keys import KeyDir
 from fleet.policy import Criteria

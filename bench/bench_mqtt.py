@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixture_agent import AgentProcess, make_keys, slow_release, write_config
 from fixture_mqtt import Broker, Subscriber
 
-from agent.mqtt import Backoff, MqttLink, wait_connected
-from agent.outbox import Outbox
+from agent.link.mqtt import Backoff, MqttLink, wait_connected
+from agent.link.outbox import Outbox
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.keys import KeyDir
 

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixture_trust import DEVICE, FLEET, KEYS, NOW, make_bundle, root, sign_dir
 
-from agent.archive import unpack_bundle
-from agent.bundle import CHUNK_BYTES, verify_bundle_dir
-from agent.command import Addressee, verify_command
-from agent.signatures import Role, verify_threshold
+from agent.trust.archive import unpack_bundle
+from agent.trust.bundle import CHUNK_BYTES, verify_bundle_dir
+from agent.trust.command import Addressee, verify_command
+from agent.trust.signatures import Role, verify_threshold
 from fleet.commands import build_command, sign_command
 from fleet.release import pack_bundle
 
@@ -87,7 +87,8 @@ def memory_verify_only(bundle: Path) -> dict[str, float]:
     code = (
         "import json,re,sys,tracemalloc;from pathlib import Path;"
         f"sys.path.insert(0,{str(Path(__file__).resolve().parents[1] / 'tests')!r});"
-        "from fixture_trust import DEVICE,NOW,root;from agent.bundle import verify_bundle_dir;"
+        "from fixture_trust import DEVICE,NOW,root;"
+        "from agent.trust.bundle import verify_bundle_dir;"
         # VmHWM, not ru_maxrss: Linux carries the parent's maxrss into a forked child.
         "r=root();rss=lambda:int(re.search(r'VmHWM:\\s+(\\d+)',"
         "open('/proc/self/status').read()).group(1))/1024;"

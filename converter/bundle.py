@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent import __version__ as agent_version
-from agent.bundle import file_entry
-from agent.manifest import (
+from agent.serving.runtime import LoadedModel, open_onnx, open_tflite
+from agent.trust.bundle import file_entry
+from agent.trust.manifest import (
     MANIFEST_FILE,
     SELFTEST_FILE,
     Histogram,
@@ -32,7 +33,6 @@ from agent.manifest import (
     SelfTest,
     canonical_json,
 )
-from agent.runtime import LoadedModel, open_onnx, open_tflite
 from converter.errors import ConvertError
 
 if TYPE_CHECKING:

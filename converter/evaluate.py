@@ -1,7 +1,7 @@
 """Honest figures: accuracy, agreement, sizes, MACs, latency, memory, operators.
 
 Everything is measured on the held-out test split with the same runtime code the device uses
-(`agent.runtime`), after conversion, from the files that go into the bundle.
+(`agent.serving.runtime`), after conversion, from the files that go into the bundle.
 
 - MACs come from the float ONNX graph at batch 1 (Conv: output elements x Cin/groups x kH x
   kW; Gemm/MatMul: M x N x K).
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.runtime import LoadedModel
+from agent.serving.runtime import LoadedModel
 from converter.data import F32, I64
 
 

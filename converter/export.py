@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.runtime import open_onnx
+from agent.serving.runtime import open_onnx
 from converter.data import F32
 from converter.errors import ConvertError
 

@@ -25,7 +25,7 @@ import torch
 
 from agent.errors import ProfileError
 from agent.profiles import FirmwareProfile, load_profile
-from agent.runtime import open_onnx, open_tflite
+from agent.serving.runtime import open_onnx, open_tflite
 from converter import npu
 from converter import prune as pr
 from converter.data import Dataset, Split, calibration_indices, load_dataset, split

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from agent.runtime import open_onnx, open_tflite
+from agent.serving.runtime import open_onnx, open_tflite
 from converter.data import F32, I64
 from converter.errors import ConvertError
 

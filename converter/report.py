@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.runtime import LoadedModel, open_onnx, open_tflite
+from agent.serving.runtime import LoadedModel, open_onnx, open_tflite
 from converter import evaluate as ev
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import Broker
+from agent.link.mqtt import Broker
 
 
 def connect(broker_url: str, client_id: str, *, topics: list[str],

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.archive import read_archive_head
-from agent.bundle import check_files, read_manifest
 from agent.errors import AgentError, RejectedError
-from agent.manifest import SIGNATURES_FILE, parse_manifest
-from agent.root import ROLES, RoleName, load_pinned_root
-from agent.trust import Device
+from agent.trust.archive import read_archive_head
+from agent.trust.bundle import check_files, read_manifest
+from agent.trust.manifest import SIGNATURES_FILE, parse_manifest
+from agent.trust.root import ROLES, RoleName, load_pinned_root
+from agent.trust.verify import Device
 from fleet.commands import build_command, deploy_fields, parse_settings, sign_command
 from fleet.errors import FleetError
 from fleet.keys import KeyDir, init_keys, load_key, rotate_keys

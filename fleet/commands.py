@@ -1,4 +1,4 @@
-"""Building signed operator commands (the wire schema lives in `agent.command`).
+"""Building signed operator commands (the wire schema lives in `agent.trust.command`).
 
 Each command gets a fresh random id and nonce, `issued_at` now and `expires` a short time
 later, is validated against the same model the device parses, and is signed by command
@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.archive import read_archive_head
-from agent.command import COMMAND_ADAPTER, Command, SettingValue
-from agent.manifest import parse_manifest
-from agent.signatures import validation_message
+from agent.trust.archive import read_archive_head
+from agent.trust.command import COMMAND_ADAPTER, Command, SettingValue
+from agent.trust.manifest import parse_manifest
+from agent.trust.signatures import validation_message
 from fleet.errors import FleetError
 from fleet.keys import SigningKey, sign_envelope
 from fleet.release import sha256_file

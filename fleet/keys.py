@@ -27,10 +27,10 @@ import nacl.signing
 import nacl.utils
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent._durable import write_atomic
+from agent.durable import write_atomic
 from agent.errors import RejectedError
-from agent.root import ROLES, RoleKeys, RoleName, Root, load_pinned_root, update_root
-from agent.signatures import PublicKey, Signature, canonical
+from agent.trust.root import ROLES, RoleKeys, RoleName, Root, load_pinned_root, update_root
+from agent.trust.signatures import PublicKey, Signature, canonical
 from fleet.errors import FleetError
 
 KDF = nacl.pwhash.argon2id
@@ -238,7 +238,7 @@ def rotate_keys(path: Path, *, revoke: Iterable[str] = (),
                 passphrase: str | None = None) -> Root:
     """Write root.json version N+1: revoke keys (by name or key id), add new keys, change
     thresholds. Signed by every old and new root key available here; the result must pass
-    the same check devices apply (`agent.root.update_root`).
+    the same check devices apply (`agent.trust.root.update_root`).
 
     Raises:
         FleetError: not enough root keys at hand, or an impossible threshold.

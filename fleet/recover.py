@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from agent.wire import PREFIX, CommandResult, device_topic, group_cmd_topic
+from agent.link.wire import PREFIX, CommandResult, device_topic, group_cmd_topic
 from fleet._mqtt import connect
 from fleet.commands import build_command, sign_command
 from fleet.keys import SigningKey

@@ -26,11 +26,17 @@ import nacl.public
 import nacl.secret
 import nacl.utils
 
-from agent._durable import write_atomic
-from agent.archive import unpack_bundle
-from agent.bundle import check_files, file_entry, read_capped, read_manifest, verify_bundle_dir
+from agent.durable import write_atomic
 from agent.errors import SignatureError
-from agent.manifest import (
+from agent.trust.archive import unpack_bundle
+from agent.trust.bundle import (
+    check_files,
+    file_entry,
+    read_capped,
+    read_manifest,
+    verify_bundle_dir,
+)
+from agent.trust.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     SELFTEST_FILE,
@@ -40,8 +46,8 @@ from agent.manifest import (
     canonical_json,
     parse_manifest,
 )
-from agent.root import Root
-from agent.signatures import (
+from agent.trust.root import Root
+from agent.trust.signatures import (
     MAX_SIGNATURES_BYTES,
     Signature,
     SignatureFile,
@@ -49,7 +55,7 @@ from agent.signatures import (
     parse_signature_file,
     verify_threshold,
 )
-from agent.trust import Device, Verified
+from agent.trust.verify import Device, Verified
 from fleet.errors import FleetError
 from fleet.keys import SigningKey
 

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from agent.wire import PREFIX, CommandResult, device_topic
+from agent.link.wire import PREFIX, CommandResult, device_topic
 from fleet._mqtt import connect
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError

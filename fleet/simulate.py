@@ -1,11 +1,11 @@
 """A simulated fleet: N devices that run the agent's own fleet link against a stand-in
 runtime, each with its own MQTT connection.
 
-What is real in every simulated device: `agent.fleetlink.FleetLink` (command verification
+What is real in every simulated device: `agent.link.fleetlink.FleetLink` (command verification
 with the fleet's root and nonce store, the deploy flow with download, manifest pin,
 health window and commit or rollback, telemetry, drift and latency detectors, events,
-results), `agent.mqtt.MqttLink` (birth, Last Will, QoS 1, the outbox), `agent.outbox`,
-and `agent.store.ModelStore` (every deploy is downloaded, verified against the signed
+results), `agent.link.mqtt.MqttLink` (birth, Last Will, QoS 1, the outbox), `agent.link.outbox`,
+and `agent.updates.store.ModelStore` (every deploy is downloaded, verified against the signed
 manifest and unpacked, journaled and switched between slots exactly as on a device).
 
 What stands in: the runtime. Loading is free, the self-test passes unless the device
@@ -50,18 +50,18 @@ from typing import Any, cast
 import numpy as np
 
 from agent import __version__
-from agent.admission import Reading, Thermal, ThermalLimits
 from agent.config import AgentConfig, DeviceSection, MqttSection, PathsSection
-from agent.daemon import Agent, Busy, InstallResult
-from agent.detectors import reference_confidence
-from agent.errors import BundleError
-from agent.fleetlink import LATENCY, FleetLink
-from agent.manifest import Manifest
-from agent.metrics import Metrics
-from agent.root import Root, load_pinned_root
-from agent.scheduler import DriftSample
-from agent.store import ModelStore, Staged
-from agent.trust import Device
+from agent.daemon import Agent, InstallResult
+from agent.errors import BundleError, Busy
+from agent.link.detectors import reference_confidence
+from agent.link.fleetlink import LATENCY, FleetLink
+from agent.serving.admission import Reading, Thermal, ThermalLimits
+from agent.serving.metrics import Metrics
+from agent.serving.scheduler import DriftSample
+from agent.trust.manifest import Manifest
+from agent.trust.root import Root, load_pinned_root
+from agent.trust.verify import Device
+from agent.updates.store import ModelStore, Staged
 from fleet.errors import FleetError
 
 log = logging.getLogger("edge_fleet.simulate")

@@ -1,7 +1,7 @@
 """Fleet state in SQLite (one file): devices as their retained `state`, latest telemetry
 and events say, fed by `FleetWatcher` from the broker.
 
-Payloads are validated with the agent's own wire models (`agent.wire`); a payload that
+Payloads are validated with the agent's own wire models (`agent.link.wire`); a payload that
 does not validate is counted and skipped, never stored. `retained state` is subscribed
 normally (the broker does not deliver retained messages to shared subscriptions);
 telemetry and events use a shared subscription (`$share/{group}/...`) so several
@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.wire import PREFIX, Event, StatePayload, Telemetry
+from agent.link.wire import PREFIX, Event, StatePayload, Telemetry
 from fleet._mqtt import connect
 
 SCHEMA = """

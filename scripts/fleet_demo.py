@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import read_manifest
 from agent.client import unix_call
+from agent.trust.bundle import read_manifest
 from fleet.artifacts import serve_in_process
 from fleet.release import break_golden_outputs
 

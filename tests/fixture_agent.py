@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.bundle import file_entry
 from agent.client import UnixHTTPConnection, call, unix_call
-from agent.manifest import canonical_json
+from agent.trust.bundle import file_entry
+from agent.trust.manifest import canonical_json
 from fleet.keys import KeyDir, init_keys
 from fleet.release import break_golden_outputs, pack_bundle, sign_bundle
 
@@ -178,8 +178,8 @@ def onnx_release(bundle: Path, keys: Path, archive: Path, *, name: str, version:
 
     from fixture_trust import reference
 
-    from agent.manifest import Manifest, Preprocessing, ResourceEstimate, SelfTest, TensorSpec
-    from agent.runtime import open_model
+    from agent.serving.runtime import open_model
+    from agent.trust.manifest import Manifest, Preprocessing, ResourceEstimate, SelfTest, TensorSpec
 
     x = np.random.default_rng(1).uniform(0, 1, (8, *sample_shape)).astype(np.float32)
     np.savez(bundle / "selftest.npz", inputs=x,

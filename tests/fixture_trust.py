@@ -10,7 +10,7 @@ from typing import Any
 
 import nacl.signing
 
-from agent.manifest import (
+from agent.trust.manifest import (
     FileEntry,
     Histogram,
     InputReference,
@@ -23,9 +23,9 @@ from agent.manifest import (
     TensorSpec,
     canonical_json,
 )
-from agent.root import RoleKeys, Root
-from agent.signatures import SignatureFile, canonical
-from agent.trust import Device
+from agent.trust.root import RoleKeys, Root
+from agent.trust.signatures import SignatureFile, canonical
+from agent.trust.verify import Device
 from fleet.keys import SigningKey, sign_envelope
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent._lifecycle import TERMINAL, TRANSITIONS, State, advance
-from agent.admission import (
+from agent.serving.admission import (
     Admit,
     Budget,
     Load,
@@ -19,6 +18,7 @@ from agent.admission import (
     thermal_state,
 )
 from agent.testing import FakeClock, FakeSensors
+from agent.updates.lifecycle import TERMINAL, TRANSITIONS, State, advance
 
 LIMITS = ThermalLimits(throttle_c=78.0, critical_c=84.0, hysteresis_c=5.0)
 BUDGET = Budget(memory_budget_bytes=100_000, min_available_bytes=10_000, queue_max=8,

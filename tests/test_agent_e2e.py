@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from fixture_agent import AgentProcess, call, digits_input, infer_body, write_config
 
-from agent.bundle import read_manifest
 from agent.client import unix_call
 from agent.profiles import load_profile
-from agent.runtime import open_model
+from agent.serving.runtime import open_model
+from agent.trust.bundle import read_manifest
 
 X86, PI4 = "x86_64-generic", "raspberry-pi-4"
 IN_ONNX, IN_TFLITE = "input", "serving_default_args_0"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.command import ArchiveRef
-from agent.fetch import fetch
+from agent.trust.command import ArchiveRef
+from agent.updates.fetch import fetch
 from fleet.artifacts import serve_in_thread
 
 DATA = bytes(range(256)) * 2000

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from fixture_trust import make_bundle
 
-from agent.bundle import read_manifest
-from agent.detectors import (
+from agent.link.detectors import (
     LatencyDetector,
     MemoryTrend,
     Thresholds,
@@ -19,7 +18,8 @@ from agent.detectors import (
     rate_anomalies,
     temperature_anomaly,
 )
-from agent.manifest import ReferenceStats
+from agent.trust.bundle import read_manifest
+from agent.trust.manifest import ReferenceStats
 
 T = Thresholds()
 

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agent.command import ArchiveRef
-from agent.errors import BundleError
-from agent.fetch import DownloadError, FetchLimits, fetch
+from agent.errors import BundleError, DownloadError
+from agent.trust.command import ArchiveRef
+from agent.updates.fetch import FetchLimits, fetch
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.archive import unpack_bundle
-from agent.command import Addressee, DeployCommand, verify_command
 from agent.errors import BundleError
-from agent.root import load_pinned_root
-from agent.sealing import load_device_key, model_source
-from agent.selftest import run_selftest
-from agent.trust import Device
+from agent.serving.selftest import run_selftest
+from agent.trust.archive import unpack_bundle
+from agent.trust.command import Addressee, DeployCommand, verify_command
+from agent.trust.root import load_pinned_root
+from agent.trust.sealing import load_device_key, model_source
+from agent.trust.verify import Device
 
 PASS = "correct horse battery staple"
 

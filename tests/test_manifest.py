@@ -11,9 +11,9 @@ from fixture_trust import make_bundle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.bundle import check_files, read_manifest
 from agent.errors import BundleError
-from agent.manifest import canonical_json, parse_manifest
+from agent.trust.bundle import check_files, read_manifest
+from agent.trust.manifest import canonical_json, parse_manifest
 
 
 def test_canonical_json_is_sorted_compact_and_round_trips(tmp_path: Path) -> None:

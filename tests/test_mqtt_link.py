@@ -11,8 +11,8 @@ from pathlib import Path
 
 from fixture_mqtt import Broker, Subscriber, free_port, make_pki
 
-from agent.mqtt import Backoff, MqttLink, TlsFiles, backoff_delay, wait_connected
-from agent.outbox import Outbox
+from agent.link.mqtt import Backoff, MqttLink, TlsFiles, backoff_delay, wait_connected
+from agent.link.outbox import Outbox
 
 STATE = "edge/v1/acme/dev-1/state"
 

@@ -12,9 +12,10 @@ from fixture_trust import make_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.bundle import read_manifest
-from agent.manifest import Manifest, TensorSpec
-from agent.oip import ApiError, infer_response, parse_infer, parse_predict
+from agent.errors import ApiError
+from agent.serving.oip import infer_response, parse_infer, parse_predict
+from agent.trust.bundle import read_manifest
+from agent.trust.manifest import Manifest, TensorSpec
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox
+from agent.link.outbox import Outbox
 
 
 def body(seq: int) -> bytes:

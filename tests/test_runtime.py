@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.errors import RuntimeLoadError
 from agent.profiles import load_profile
-from agent.runtime import RuntimeLoadError, load_tflite_delegates, open_model
+from agent.serving.runtime import load_tflite_delegates, open_model
 
 
 def test_a_missing_delegate_is_named_and_the_model_runs_on_the_cpu(onnx_run: Path) -> None:

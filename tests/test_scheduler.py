@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.admission import Budget, Priority, ThermalLimits
-from agent.bundle import read_manifest
-from agent.runtime import F32, LoadedModel, open_model
-from agent.scheduler import Refused, Resident, Scheduler, UnknownModel
+from agent.errors import Refused, UnknownModel
+from agent.serving.admission import Budget, Priority, ThermalLimits
+from agent.serving.runtime import F32, LoadedModel, open_model
+from agent.serving.scheduler import Resident, Scheduler
 from agent.testing import FakeSensors
+from agent.trust.bundle import read_manifest
 
 LIMITS = ThermalLimits(throttle_c=78.0, critical_c=84.0, hysteresis_c=5.0)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from fixture_trust import DEVICE, NOW, root, signed_bundle
 
-from agent._lifecycle import State
 from agent.errors import BundleError
-from agent.store import ModelStore, Staged
-from agent.trust import Device
+from agent.trust.verify import Device
+from agent.updates.lifecycle import State
+from agent.updates.store import ModelStore, Staged
 
 FRESH = Device(profile=DEVICE.profile, agent_version="0.1.0")
 

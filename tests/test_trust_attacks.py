@@ -23,11 +23,11 @@ from fixture_trust import (
     signed_bundle,
 )
 
-from agent.bundle import verify_bundle_dir
 from agent.errors import BundleError, RejectedError, RootError, SignatureError
-from agent.manifest import FileEntry
-from agent.root import load_pinned_root, update_root, update_root_chain
-from agent.trust import Device, FileCheck
+from agent.trust.bundle import verify_bundle_dir
+from agent.trust.manifest import FileEntry
+from agent.trust.root import load_pinned_root, update_root, update_root_chain
+from agent.trust.verify import Device, FileCheck
 
 
 def verify(bundle: Path, **kw):  # type: ignore[no-untyped-def]

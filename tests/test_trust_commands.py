@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from fixture_trust import FLEET, KEYS, NOW, root
 
-from agent.command import Addressee, DeployCommand, ReplayPolicy, verify_command
 from agent.errors import CommandError, RejectedError, RootError, SignatureError
-from agent.nonces import NonceStore, accept_command
+from agent.trust.command import Addressee, DeployCommand, ReplayPolicy, verify_command
+from agent.trust.nonces import NonceStore, accept_command
 from fleet.commands import build_command, sign_command
 from fleet.keys import sign_envelope
 

@@ -14,11 +14,11 @@ from fixture_trust import DEVICE, FLEET, KEYS, NOW, root, root_bytes, signed_bun
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.command import Addressee, verify_command
 from agent.errors import RejectedError
-from agent.root import parse_root, update_root
-from agent.signatures import parse_signature_file
-from agent.trust import FileCheck, check_file_set, verify_manifest
+from agent.trust.command import Addressee, verify_command
+from agent.trust.root import parse_root, update_root
+from agent.trust.signatures import parse_signature_file
+from agent.trust.verify import FileCheck, check_file_set, verify_manifest
 from fleet.commands import build_command, sign_command
 from fleet.keys import sign_envelope
 

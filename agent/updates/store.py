@@ -7,7 +7,7 @@
 
 Every durable step is ordered so a power cut leaves a state `recover` can finish: a bundle
 directory appears only by rename after its files and directory were fsynced; slots change
-only by `os.replace` of a fsynced file; each transition is journaled (`agent._lifecycle`)
+only by `os.replace` of a fsynced file; each transition is journaled (`agent.updates.lifecycle`)
 before the next step starts. At start `recover` empties staging, rolls back every update
 the journal shows unfinished (restoring the previous slot if the new one was already
 active), and removes bundle directories no slot names.
@@ -25,15 +25,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent._durable import fsync_dir, write_atomic
-from agent._lifecycle import TERMINAL, State, advance
-from agent.archive import unpack_bundle
-from agent.bundle import check_files, read_capped, verify_bundle_dir
+from agent.durable import fsync_dir, write_atomic
 from agent.errors import BundleError
-from agent.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE, Manifest
-from agent.root import Root
-from agent.signatures import MAX_SIGNATURES_BYTES
-from agent.trust import Device, verify_installed
+from agent.trust.archive import unpack_bundle
+from agent.trust.bundle import check_files, read_capped, verify_bundle_dir
+from agent.trust.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE, Manifest
+from agent.trust.root import Root
+from agent.trust.signatures import MAX_SIGNATURES_BYTES
+from agent.trust.verify import Device, verify_installed
+from agent.updates.lifecycle import TERMINAL, State, advance
 
 
 class Slots(BaseModel):

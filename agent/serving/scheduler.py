@@ -1,6 +1,6 @@
 """The scheduler: resident models, bounded priority queues, micro-batching, admission.
 
-Every request goes through `agent.admission.admit` (pure) with the current load, budgets,
+Every request goes through `agent.serving.admission.admit` (pure) with the current load, budgets,
 sensor reading and time; a refusal is raised as `Refused` with its reason and HTTP status
 and counted. Admitted work waits in its model's bounded heap (priority, then deadline);
 one worker thread per resident model takes the most urgent job, gathers more jobs of the
@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from agent.admission import (
+from agent.errors import Refused, UnknownModel
+from agent.serving.admission import (
     Admit,
     Budget,
     Load,
@@ -47,28 +48,12 @@ from agent.admission import (
     limits_for,
     thermal_state,
 )
-from agent.errors import AgentError
-from agent.manifest import Manifest
-from agent.metrics import Metrics
-from agent.runtime import LoadedModel
-from agent.sensors import Sensors
+from agent.serving.metrics import Metrics
+from agent.serving.runtime import LoadedModel
+from agent.serving.sensors import Sensors
+from agent.trust.manifest import Manifest
 
 F32 = npt.NDArray[np.float32]
-
-
-class Refused(AgentError):
-    """The scheduler refused a request: `reason` (stable), `status` (HTTP), message."""
-
-    def __init__(self, reason: str, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.status = status
-
-
-class UnknownModel(AgentError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"model {name!r} is not installed")
-        self.name = name
 
 
 @dataclass

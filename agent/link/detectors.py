@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.manifest import ReferenceStats
+from agent.trust.manifest import ReferenceStats
 
 EPS = 1e-4
 

@@ -2,7 +2,7 @@
 
 SQLite with `synchronous=FULL`: a nonce recorded before a command is carried out survives a
 power cut, so a replay after reboot is still refused. Entries older than the replay window
-are pruned: `agent.command` refuses commands issued before the window anyway.
+are pruned: `agent.trust.command` refuses commands issued before the window anyway.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import sqlite3
 from datetime import datetime
 from pathlib import Path
 
-from agent.command import DEFAULT_REPLAY, Addressee, Command, ReplayPolicy, verify_command
 from agent.errors import CommandError
-from agent.root import Root
+from agent.trust.command import DEFAULT_REPLAY, Addressee, Command, ReplayPolicy, verify_command
+from agent.trust.root import Root
 
 
 class NonceStore:

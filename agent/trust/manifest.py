@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from agent.errors import BundleError
-from agent.signatures import canonical, strict_json, validation_message
+from agent.trust.signatures import canonical, strict_json, validation_message
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURES_FILE = "signatures.json"

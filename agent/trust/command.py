@@ -1,6 +1,6 @@
 """Operator commands: the signed wire schema and their verification.
 
-A command is an envelope (`agent.signatures`) whose `signed` part is one of the models
+A command is an envelope (`agent.trust.signatures`) whose `signed` part is one of the models
 below, told apart by `kind`. `verify_command` is pure: bytes, the trusted root, who this
 device is, the seen nonces and a reference time in; a `Command` or one rejection out. It
 checks, in order:
@@ -14,7 +14,7 @@ checks, in order:
    nor older than the replay window                                       - freeze, replay
 7. its nonce is not among those seen within the window                       - replay
 
-The caller (the daemon) persists seen nonces (`agent.nonces`) and records a command's
+The caller (the daemon) persists seen nonces (`agent.trust.nonces`) and records a command's
 nonce only after it verified, so a forged command cannot burn a real one's nonce.
 """
 
@@ -36,8 +36,8 @@ from pydantic import (
 )
 
 from agent.errors import CommandError
-from agent.root import Root, check_root_fresh
-from agent.signatures import parse_envelope, validation_message, verify_threshold
+from agent.trust.root import Root, check_root_fresh
+from agent.trust.signatures import parse_envelope, validation_message, verify_threshold
 
 MAX_COMMAND_BYTES = 64 * 1024
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]

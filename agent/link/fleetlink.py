@@ -2,15 +2,15 @@
 
 Threads (all daemon threads, started by `start`):
 
-* `mqtt`: the connection (`agent.mqtt`); incoming commands go into a bounded queue (a
+* `mqtt`: the connection (`agent.link.mqtt`); incoming commands go into a bounded queue (a
   full queue refuses with an event, never grows);
-* `commands`: verifies each command (`agent.nonces.accept_command`: signature threshold,
+* `commands`: verifies each command (`agent.trust.nonces.accept_command`: signature threshold,
   addressee, expiry, replay) and carries it out; forged, expired, replayed or misaddressed
   commands produce a `command.rejected` event and a result, and nothing else happens;
 * `telemetry`: every interval, a `Telemetry` message into the outbox, and the detectors
-  (`agent.detectors`) run on the interval's window; anomalies become events.
+  (`agent.link.detectors`) run on the interval's window; anomalies become events.
 
-A deploy: download (resume, cap, minimum rate; `agent.fetch`) -> check the manifest pin ->
+A deploy: download (resume, cap, minimum rate; `agent.updates.fetch`) -> check the manifest pin ->
 install without committing (verify, stage, load, self-test, activate) -> health window:
 anomalies of the new model (latency against the previous version's baseline, error
 rate) roll it back at once, otherwise it is committed. Every step is an event; the
@@ -33,18 +33,19 @@ from typing import Any
 import psutil
 
 from agent import __version__
-from agent.admission import PRIORITY
-from agent.archive import read_archive_head
-from agent.command import (
-    Addressee,
-    ConfigCommand,
-    DeployCommand,
-    ReplayPolicy,
-    RollbackCommand,
-)
 from agent.config import MqttSection, load_config
-from agent.daemon import Agent, Busy
-from agent.detectors import (
+from agent.daemon import Agent
+from agent.errors import (
+    AgentError,
+    ApiError,
+    BundleError,
+    Busy,
+    ConfigError,
+    DownloadError,
+    Refused,
+    RejectedError,
+)
+from agent.link.detectors import (
     Anomaly,
     LatencyDetector,
     MemoryTrend,
@@ -54,16 +55,10 @@ from agent.detectors import (
     rate_anomalies,
     temperature_anomaly,
 )
-from agent.errors import AgentError, BundleError, ConfigError, RejectedError
-from agent.fetch import DownloadError, FetchLimits, fetch
-from agent.metrics import Snapshot, window_counter, window_quantile
-from agent.mqtt import MqttLink, TlsFiles
-from agent.nonces import NonceStore, accept_command
-from agent.oip import ApiError, infer_response, parse_infer
-from agent.outbox import Outbox
-from agent.reporting import Reporter, jsonable
-from agent.scheduler import Refused
-from agent.wire import (
+from agent.link.mqtt import MqttLink, TlsFiles
+from agent.link.outbox import Outbox
+from agent.link.reporting import Reporter, jsonable
+from agent.link.wire import (
     Memory,
     ModelState,
     ModelTelemetry,
@@ -72,6 +67,19 @@ from agent.wire import (
     dump,
     group_cmd_topic,
 )
+from agent.serving.admission import PRIORITY
+from agent.serving.metrics import Snapshot, window_counter, window_quantile
+from agent.serving.oip import infer_response, parse_infer
+from agent.trust.archive import read_archive_head
+from agent.trust.command import (
+    Addressee,
+    ConfigCommand,
+    DeployCommand,
+    ReplayPolicy,
+    RollbackCommand,
+)
+from agent.trust.nonces import NonceStore, accept_command
+from agent.updates.fetch import FetchLimits, fetch
 
 log = logging.getLogger("edge_agent.fleet")
 LATENCY = "edge_agent_request_duration_seconds"

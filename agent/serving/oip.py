@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import AgentError
-from agent.manifest import Manifest, TensorSpec
+from agent.errors import ApiError
+from agent.trust.manifest import Manifest, TensorSpec
 
 F32 = npt.NDArray[np.float32]
 
@@ -28,14 +28,6 @@ DATATYPES: dict[str, Any] = {
     "UINT8": np.uint8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
 }
 MAX_ELEMENTS = 1 << 24
-
-
-class ApiError(AgentError):
-    """A request the API refuses: HTTP `status` and a message for the error body."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

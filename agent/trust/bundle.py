@@ -1,4 +1,4 @@
-"""A bundle directory on disk: the edge that feeds `agent.trust` its bytes.
+"""A bundle directory on disk: the edge that feeds `agent.trust.verify` its bytes.
 
 `verify_bundle_dir` is the one path both the device and `edge-fleet verify` take: read
 `manifest.json` and `signatures.json` (capped), verify them against the trusted root, check
@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from agent.errors import BundleError
-from agent.manifest import (
+from agent.trust.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     SIGNATURES_FILE,
@@ -24,9 +24,9 @@ from agent.manifest import (
     Manifest,
     parse_manifest,
 )
-from agent.root import Root
-from agent.signatures import MAX_SIGNATURES_BYTES
-from agent.trust import Device, FileCheck, Verified, check_file_set, verify_manifest
+from agent.trust.root import Root
+from agent.trust.signatures import MAX_SIGNATURES_BYTES
+from agent.trust.verify import Device, FileCheck, Verified, check_file_set, verify_manifest
 
 CHUNK_BYTES = 1 << 20
 

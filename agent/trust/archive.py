@@ -23,12 +23,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from agent._durable import fsync_dir
+from agent.durable import fsync_dir
 from agent.errors import BundleError
-from agent.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE
-from agent.root import Root
-from agent.signatures import MAX_SIGNATURES_BYTES
-from agent.trust import Device, FileCheck, Verified, check_file_set, verify_manifest
+from agent.trust.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE
+from agent.trust.root import Root
+from agent.trust.signatures import MAX_SIGNATURES_BYTES
+from agent.trust.verify import Device, FileCheck, Verified, check_file_set, verify_manifest
 
 CHUNK_BYTES = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"

@@ -16,15 +16,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import AgentError
-from agent.manifest import QuantParams, TensorSpec
+from agent.errors import RuntimeLoadError
 from agent.profiles import TfliteDelegate
+from agent.trust.manifest import QuantParams, TensorSpec
 
 F32 = npt.NDArray[np.float32]
-
-
-class RuntimeLoadError(AgentError):
-    """A model file could not be loaded by its runtime."""
 
 
 class LoadedModel(Protocol):

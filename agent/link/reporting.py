@@ -1,5 +1,5 @@
 """What a device says to the fleet: events, command results and anomalies, into the
-outbox with the wire models (`agent.wire`). Shared by the daemon's fleet link and the
+outbox with the wire models (`agent.link.wire`). Shared by the daemon's fleet link and the
 fleet simulator (`fleet.simulate`), so a simulated device speaks exactly like a real one."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.command import Addressee, Command
-from agent.detectors import Anomaly
-from agent.manifest import Manifest
-from agent.outbox import Outbox
-from agent.wire import CommandResult, Event, Severity, device_topic, dump
+from agent.link.detectors import Anomaly
+from agent.link.outbox import Outbox
+from agent.link.wire import CommandResult, Event, Severity, device_topic, dump
+from agent.trust.command import Addressee, Command
+from agent.trust.manifest import Manifest
 
 log = logging.getLogger("edge_agent.fleet")
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from agent.admission import Reading
+from agent.serving.admission import Reading
 
 
 class Sensors(Protocol):

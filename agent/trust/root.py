@@ -1,6 +1,6 @@
 """The fleet's root of trust: `root.json`, its keys and roles, and root rotation.
 
-`root.json` is an envelope (see `agent.signatures`) whose `signed` part lists Ed25519 keys
+`root.json` is an envelope (see `agent.trust.signatures`) whose `signed` part lists Ed25519 keys
 by id and three roles with thresholds: `root` (signs roots), `release` (signs bundles) and
 `command` (signs operator commands). The device pins one root at provisioning time.
 
@@ -20,7 +20,7 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import RootError
-from agent.signatures import (
+from agent.trust.signatures import (
     KeyId,
     PublicKey,
     Role,

@@ -16,15 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from agent.bundle import file_entry
-from agent.command import ArchiveRef
-from agent.errors import AgentError, BundleError
+from agent.errors import BundleError, DownloadError
+from agent.trust.bundle import file_entry
+from agent.trust.command import ArchiveRef
 
 CHUNK_BYTES = 256 * 1024
-
-
-class DownloadError(AgentError):
-    """A transport failure (refused, timed out, too slow, cut off): retry later."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,11 +1,11 @@
 """The bundle verifier: bytes and a reference time in, a verified manifest or one rejection.
 
 In the manner of python-tuf's `TrustedMetadataSet`, nothing here touches the network, the
-disk or the clock; `agent.bundle` and `agent.archive` feed it bytes. The checks run in this
-order, and each names the TUF/Uptane attack it stops:
+disk or the clock; `agent.trust.bundle` and `agent.trust.archive` feed it bytes. The
+checks run in this order, and each names the TUF/Uptane attack it stops:
 
 1. root chain: new roots walked from the pinned one, each signed by old and new root
-   thresholds, version N+1; the final root unexpired (`agent.root`)      - key compromise
+   thresholds, version N+1; the final root unexpired (`agent.trust.root`)      - key compromise
 2. `signatures.json`: a threshold of distinct `release` keys over the exact manifest
    bytes                                                 - arbitrary install, revoked keys
 3. the manifest parses and validates (only once its signature holds)
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent.errors import BundleError
-from agent.manifest import (
+from agent.trust.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     SIGNATURES_FILE,
@@ -35,8 +35,8 @@ from agent.manifest import (
     Manifest,
     parse_manifest,
 )
-from agent.root import Root, update_root_chain
-from agent.signatures import parse_signature_file, verify_threshold
+from agent.trust.root import Root, update_root_chain
+from agent.trust.signatures import parse_signature_file, verify_threshold
 
 
 @dataclass(frozen=True, kw_only=True)

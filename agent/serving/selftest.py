@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from agent.errors import BundleError
-from agent.manifest import Manifest
-from agent.runtime import LoadedModel, open_model
+from agent.serving.runtime import LoadedModel, open_model
+from agent.trust.manifest import Manifest
 
 
 @dataclass(frozen=True)

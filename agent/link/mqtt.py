@@ -7,7 +7,7 @@
 * birth and Last Will: the retained `state` topic says online on connect, and the broker
   publishes the Will (offline) if the agent vanishes;
 * subscriptions are made again on every connect;
-* the outbox (`agent.outbox`) is pumped while connected: QoS 1, a bounded number in
+* the outbox (`agent.link.outbox`) is pumped while connected: QoS 1, a bounded number in
   flight, each message deleted only when its PUBACK arrives; after a disconnect the
   unacknowledged ones go out again.
 
@@ -33,7 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import ConfigError
-from agent.outbox import Outbox
+from agent.link.outbox import Outbox
 
 log = logging.getLogger("edge_agent.mqtt")
 MAX_IN_FLIGHT = 100

@@ -16,9 +16,9 @@ import nacl.public
 import nacl.secret
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent._durable import write_atomic
+from agent.durable import write_atomic
 from agent.errors import BundleError, ConfigError
-from agent.manifest import Manifest
+from agent.trust.manifest import Manifest
 
 
 class DeviceKeyFile(BaseModel):

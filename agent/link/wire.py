@@ -3,8 +3,8 @@
     edge/v1/{fleet}/{device}/state        retained; birth and Last Will   StatePayload
     edge/v1/{fleet}/{device}/telemetry    every interval                   Telemetry
     edge/v1/{fleet}/{device}/event        anomalies, update progress       Event
-    edge/v1/{fleet}/{device}/cmd          signed commands to the device    agent.command
-    edge/v1/{fleet}/group/{group}/cmd     signed commands to a group       agent.command
+    edge/v1/{fleet}/{device}/cmd          signed commands to the device    agent.trust.command
+    edge/v1/{fleet}/group/{group}/cmd     signed commands to a group       agent.trust.command
     edge/v1/{fleet}/{device}/cmd/result   command outcome                  CommandResult
 
 Every payload carries `schema` (the payload version); `json_schemas()` exports the JSON
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from agent.command import COMMAND_ADAPTER
+from agent.trust.command import COMMAND_ADAPTER
 
 PREFIX = "edge/v1"
 Severity = Literal["info", "warning", "error", "critical"]
