@@ -108,6 +108,29 @@ class MqttSection(_Section):
     download_min_rate_bytes_per_s: float = Field(default=16 * 1024, ge=0)
 
 
+class Thresholds(_Section):
+    """`[detectors]`: when an anomaly detector fires (`agent.link.detectors`). A `config`
+    command changes them at run time and the change is kept in the state directory
+    (`agent.link.settings`), so it survives a restart."""
+
+    latency_z: float = Field(default=4.0, gt=0)
+    latency_warmup: int = Field(default=5, ge=0)
+    latency_alpha: float = Field(default=0.2, gt=0, le=1)
+    # A latency change smaller than this fraction of the baseline never fires, however
+    # steady the baseline was (a near-zero variance would make any jitter "anomalous").
+    latency_min_relative: float = Field(default=0.25, ge=0)
+    error_rate: float = Field(default=0.05, ge=0, le=1)
+    refusal_rate: float = Field(default=0.25, ge=0, le=1)
+    min_requests: int = Field(default=20, ge=1)
+    input_psi: float = Field(default=0.25, gt=0)
+    output_psi: float = Field(default=0.25, gt=0)
+    confidence_drop: float = Field(default=0.15, ge=0, le=1)
+    memory_growth_bytes_per_hour: float = Field(default=64 * 1024 * 1024, gt=0)
+    memory_min_readings: int = Field(default=10, ge=2)
+    # A slope over a short span extrapolates noise (a model load, a GC) to "per hour".
+    memory_min_span_s: float = Field(default=120.0, ge=0)
+
+
 class AgentConfig(_Section):
     device: DeviceSection
     paths: PathsSection = PathsSection()
@@ -116,6 +139,7 @@ class AgentConfig(_Section):
     thermal: ThermalSection = ThermalSection()
     systemd: SystemdSection = SystemdSection()
     mqtt: MqttSection | None = None
+    detectors: Thresholds = Thresholds()
 
 
 def _env_value(text: str) -> Any:

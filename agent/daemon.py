@@ -6,9 +6,10 @@
   (`ModelStore.recover`), then for each model re-verify the active bundle (signatures and
   every hash), load it and run its self-test; a damaged bundle or failed self-test falls
   back to the previous slot, and the journal says why;
-* install (local file or directory, one at a time): verify into staging -> rename into the
-  store -> load in a second session -> self-test -> switch slots -> hot swap in the
-  scheduler -> commit; every step journaled, any failure leaves the old model serving;
+* install (local file or directory, one at a time): the sequence of
+  `agent.updates.install.Installer` (verify into the store -> load in a second session ->
+  self-test -> switch slots -> hot swap in the scheduler -> commit), with this class as its
+  `ModelHost`; every step journaled, any failure leaves the old model serving;
 * serve: the scheduler and the local API (`agent.api`); systemd notifications.
 """
 
@@ -18,7 +19,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import psutil
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.errors import AgentError, BundleError, Busy, RejectedError
+from agent.errors import AgentError, BundleError
 from agent.profiles import FirmwareProfile, load_profile
 from agent.serving.admission import Budget, ThermalLimits
 from agent.serving.metrics import Metrics
@@ -39,20 +39,13 @@ from agent.trust.manifest import Manifest
 from agent.trust.root import Root, load_pinned_root
 from agent.trust.sealing import load_device_key, model_source
 from agent.trust.verify import Device
-from agent.updates.store import ModelStore, Staged
+from agent.updates.install import Installer, InstallResult, OnStep
+from agent.updates.store import ModelStore
 
 log = logging.getLogger("edge_agent")
 # Below this model size a run takes microseconds; a multi-threaded runtime only adds the
 # cost of waking its pool (measured in bench/bench_agent.py).
 SMALL_MODEL_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class InstallResult:
-    model: str
-    version: int
-    previous: str | None
-    selftest: str
 
 
 class Agent:
@@ -85,10 +78,11 @@ class Agent:
                 thermal.sensor or (Path(prof_thermal.sensor) if prof_thermal.sensor else None)),
             metrics=self.metrics, max_wait_s=sched.max_wait_ms / 1000,
             sensor_interval_s=thermal.poll_s)
-        self._install_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._loaded_delegates: list[Any] | None = None
-        self._pending: dict[str, Staged] = {}
+        self.installer: Installer[tuple[LoadedModel, int]] = Installer(
+            self.store, self, root=lambda: self.root, device=lambda: self.device,
+            metrics=self.metrics, changed=self._changed)
         # Called after every change of what is served (the fleet link republishes state).
         self.listeners: list[Callable[[], None]] = []
         # Set by `edge-agent run`, so a reload command can re-read it.
@@ -102,6 +96,11 @@ class Agent:
             return load_pinned_root(path.read_bytes())
         except OSError as exc:
             raise AgentError(f"cannot read the trusted root {path}: {exc.strerror}") from exc
+
+    @property
+    def serving(self) -> Scheduler:
+        """What serves requests (the fleet link's `ServingPort`)."""
+        return self.scheduler
 
     @property
     def device(self) -> Device:
@@ -162,18 +161,14 @@ class Agent:
                 m = self.store.check_installed(name, slot, self.root)
                 d = self.store.bundle_dir(name, slot)
                 assert d is not None
-                model, size = self._open(d, m)
-                result = selftest_loaded(d, m, model)
-                if not result.passed:
-                    raise BundleError(f"self-test failed: max |diff| {result.max_abs_diff:.4g}"
-                                      f", top-1 agreement {result.top1_agreement:.0%}",
-                                      check="selftest")
+                loaded = self.load(d, m)
+                self.self_test(d, m, loaded)
             except AgentError as exc:
                 why = f"{name} {slot}: not loaded at start ({exc}); falling back"
                 self.store.fall_back(name, why)
                 notes.append(why)
                 continue
-            self.scheduler.load(self._resident(m, model, size))
+            self.serve(m, loaded)
             notes.append(f"{name} v{m.version} verified, self-tested and serving")
             break
         return notes
@@ -195,97 +190,52 @@ class Agent:
             self.metrics.inc("edge_agent_model_reloads_total", model=name)
             return True
 
-    # -- install -------------------------------------------------------------------------
+    # -- install (agent.updates.install: the sequence; this class is its ModelHost) -----
     def install(self, source: Path, *, now: datetime | None = None, commit: bool = True,
-                on_step: Callable[[str, Manifest], None] | None = None) -> InstallResult:
-        """Install a bundle archive or directory while serving.
+                on_step: OnStep | None = None) -> InstallResult:
+        """Install a bundle archive or directory while serving (`Installer.install`)."""
+        return self.installer.install(source, now=now or datetime.now(UTC), commit=commit,
+                                      on_step=on_step)
 
-        Args:
-            commit: False leaves the update active but uncommitted (a health window
-                follows: `commit_pending` or `roll_back`; a restart rolls it back).
-            on_step: called with each lifecycle step reached ("verified", "self_tested",
-                "activated", "committed") and the manifest, for progress events.
+    def commit_pending(self, name: str) -> int:
+        """Commit the update of `name` that a health window was watching; its version."""
+        version = self.installer.commit_pending(name)
+        log.info("update.committed model=%s version=%d", name, version)
+        return version
 
-        Raises:
-            Busy: another install is running.
-            RejectedError: verification failed (nothing changed).
-            AgentError: load or self-test failed (the old model keeps serving).
-        """
-        if not self._install_lock.acquire(blocking=False):
-            raise Busy("another update is in progress; try again when it finishes")
-        step = on_step or (lambda _s, _m: None)
-        try:
-            return self._install(source, now or datetime.now(UTC), commit, step)
-        finally:
-            self._install_lock.release()
+    def roll_back(self, name: str, reason: str) -> str:
+        """Serve the previous slot of `name` again (hot swap)."""
+        return self.installer.roll_back(name, reason)
 
-    def _install(self, source: Path, now: datetime, commit: bool,
-                 step: Callable[[str, Manifest], None]) -> InstallResult:
-        try:
-            staged = self.store.stage(source, self.root, device=self.device, now=now)
-        except RejectedError as exc:
-            self.metrics.inc("edge_agent_updates_total", result=f"rejected_{exc.check}")
-            raise
-        m = staged.manifest
-        step("verified", m)
-        try:
-            model, size = self._open(staged.path, m)
-            self.store.record(staged, "loaded")
-            result = selftest_loaded(staged.path, m, model)
-            if not result.passed:
-                raise BundleError(f"{m.name} v{m.version} failed its self-test: max |diff| "
-                                  f"{result.max_abs_diff:.4g} (atol {m.selftest.atol}), top-1 "
-                                  f"agreement {result.top1_agreement:.0%}", check="selftest")
-            self.store.record(staged, "self_tested")
-        except AgentError as exc:
-            self.store.fail(staged, str(exc))
-            self.metrics.inc("edge_agent_updates_total", result="failed")
-            raise
-        step("self_tested", m)
-        slots = self.store.activate(staged)
-        self.scheduler.load(self._resident(m, model, size))
-        step("activated", m)
-        self._changed()
-        if commit:
-            self._commit(staged)
-            step("committed", m)
-        else:
-            self._pending[m.name] = staged
-        return InstallResult(m.name, m.version, slots.previous,
-                             f"passed, top-1 agreement {result.top1_agreement:.0%}")
+    def load(self, path: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
+        return self._open(path, manifest)
+
+    def self_test(self, path: Path, manifest: Manifest,
+                  loaded: tuple[LoadedModel, int]) -> str:
+        result = selftest_loaded(path, manifest, loaded[0])
+        if not result.passed:
+            raise BundleError(f"{manifest.name} v{manifest.version} failed its self-test: "
+                              f"max |diff| {result.max_abs_diff:.4g} (atol "
+                              f"{manifest.selftest.atol}), top-1 agreement "
+                              f"{result.top1_agreement:.0%}", check="selftest")
+        return f"passed, top-1 agreement {result.top1_agreement:.0%}"
+
+    def serve(self, manifest: Manifest, loaded: tuple[LoadedModel, int]) -> None:
+        self.scheduler.load(self._resident(manifest, *loaded))
+
+    def serve_active(self, name: str) -> str:
+        if self.store.slots(name).active is None:
+            self.scheduler.unload(name)
+            return f"{name}: nothing left to serve"
+        return "; ".join(self._start_model(name))
 
     def _changed(self) -> None:
         for listener in self.listeners:
             listener()
 
-    def _commit(self, staged: Staged) -> None:
-        self.store.commit(staged)
-        self._changed()
-        self.metrics.inc("edge_agent_updates_total", result="committed")
-        log.info("update.committed model=%s version=%d", staged.manifest.name,
-                 staged.manifest.version)
-
-    def commit_pending(self, name: str) -> int:
-        """Commit the update of `name` that a health window was watching; its version."""
-        with self._install_lock:
-            staged = self._pending.pop(name)
-            self._commit(staged)
-            return staged.manifest.version
-
-    def roll_back(self, name: str, reason: str) -> str:
-        """Serve the previous slot of `name` again (hot swap)."""
-        with self._install_lock:
-            self._pending.pop(name, None)
-            slots = self.store.roll_back(name, reason)
-            notes = self._start_model(name) if slots.active else []
-            if not slots.active:
-                self.scheduler.unload(name)
-            self._changed()
-            return "; ".join(notes) or f"{name}: nothing left to serve"
-
     def restart_runtime(self) -> str:
         """Reload every active model in new runtime sessions (re-verified, self-tested)."""
-        with self._install_lock:
+        with self.installer.serving_lock():
             notes = []
             for name in self.store.models():
                 self.scheduler.unload(name)

@@ -112,7 +112,7 @@ def run(config: AgentConfig, config_path: Path | None = None) -> int:
         if config.mqtt is not None:
             from agent.link.fleetlink import FleetLink  # noqa: PLC0415  # paho only when used
 
-            fleet = FleetLink(agent, config.mqtt)
+            fleet = FleetLink(agent, config.mqtt, scheduler=agent.scheduler)
             fleet.start()
         asyncio.run(serve(agent, notifier))
     finally:

@@ -45,23 +45,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from agent import __version__
 from agent.config import AgentConfig, DeviceSection, MqttSection, PathsSection
-from agent.daemon import Agent, InstallResult
-from agent.errors import BundleError, Busy
+from agent.errors import BundleError
 from agent.link.detectors import reference_confidence
-from agent.link.fleetlink import LATENCY, FleetLink
+from agent.link.fleetlink import FleetLink
+from agent.link.telemetry import LATENCY
 from agent.serving.admission import Reading, Thermal, ThermalLimits
 from agent.serving.metrics import Metrics
 from agent.serving.scheduler import DriftSample
 from agent.trust.manifest import Manifest
 from agent.trust.root import Root, load_pinned_root
 from agent.trust.verify import Device
-from agent.updates.store import ModelStore, Staged
+from agent.updates.install import Installer, InstallResult, OnStep
+from agent.updates.store import ModelStore
 from fleet.errors import FleetError
 
 log = logging.getLogger("edge_fleet.simulate")
@@ -160,8 +161,10 @@ class StandInScheduler:
 
 
 class StandInAgent:
-    """The part of `agent.daemon.Agent` the fleet link uses, with the real model store
-    and trust checks and a stand-in runtime."""
+    """An `AgentPort` with the real model store, trust checks and install sequence
+    (`agent.updates.install.Installer`), and a stand-in runtime: it is its own
+    `ModelHost`, where loading is free and the self-test fails only under the
+    `selftest` fault."""
 
     def __init__(self, config: AgentConfig, root: Root, fault: str | None,
                  rng: random.Random) -> None:
@@ -173,77 +176,61 @@ class StandInAgent:
         self.notes: list[str] = []
         self.config_path: Path | None = None
         self.base_latency_s = 0.004 * rng.uniform(0.8, 1.25)
-        self._lock = threading.Lock()
-        self._pending: dict[str, Staged] = {}
+        self.faults = True  # off while the initial release is installed
         self._rng = rng
+        self.installer: Installer[Manifest] = Installer(
+            self.store, self, root=lambda: self.root, device=lambda: self.device,
+            metrics=self.metrics, changed=self._changed)
         for name in self.store.models():
-            self._serve(name, faulty=False)
+            self.serve_active(name)
+
+    @property
+    def serving(self) -> StandInScheduler:
+        return self.scheduler
 
     @property
     def device(self) -> Device:
         return Device(profile=self.config.device.profile, agent_version=__version__,
                       committed=self.store.committed())
 
-    def _serve(self, name: str, *, faulty: bool, manifest: Manifest | None = None) -> None:
-        """Serve the active slot of `name`: `manifest` when it was just verified (an
-        install), else re-verified from the store (a start or a rollback), as the
-        daemon does."""
+    # -- ModelHost ------------------------------------------------------------------------
+    def load(self, path: Path, manifest: Manifest) -> Manifest:
+        return manifest
+
+    def self_test(self, path: Path, manifest: Manifest, loaded: Manifest) -> str:
+        if self.faults and self.fault == "selftest":
+            raise BundleError(f"{manifest.name} v{manifest.version} failed its self-test: "
+                              "top-1 agreement 12% (simulated fault)", check="selftest")
+        return "passed (stand-in)"
+
+    def serve(self, manifest: Manifest, loaded: Manifest) -> None:
+        faulty = self.faults
+        self.scheduler.residents[manifest.name] = StandInResident(
+            manifest.name, manifest, slow=4.0 if faulty and self.fault == "latency" else 1.0,
+            drifting=faulty and self.fault == "drift")
+
+    def serve_active(self, name: str) -> str:
+        """Serve the active slot of `name`, re-verified from the store (a start or a
+        rollback), as the daemon does; a fault shows only in releases deployed since."""
         d = self.store.active_dir(name)
         if d is None:
             self.scheduler.residents.pop(name, None)
-            return
-        m = manifest or self.store.check_installed(name, d.name, self.root)
-        self.scheduler.residents[name] = StandInResident(
-            name, m, slow=4.0 if faulty and self.fault == "latency" else 1.0,
-            drifting=faulty and self.fault == "drift")
+            return f"{name}: nothing left"
+        m = self.store.check_installed(name, d.name, self.root)
+        self.scheduler.residents[name] = StandInResident(name, m)
+        return f"{name} v{m.version} serving"
 
+    # -- AgentPort ------------------------------------------------------------------------
     def install(self, source: Path, *, commit: bool = True,
-                on_step: Callable[[str, Manifest], None] | None = None,
-                faults: bool = True) -> InstallResult:
-        if not self._lock.acquire(blocking=False):
-            raise Busy("another update is in progress; try again when it finishes")
-        step = on_step or (lambda _s, _m: None)
-        try:
-            staged = self.store.stage(source, self.root, device=self.device,
-                                      now=datetime.now(UTC))
-            m = staged.manifest
-            step("verified", m)
-            self.store.record(staged, "loaded")
-            if faults and self.fault == "selftest":
-                exc = BundleError(f"{m.name} v{m.version} failed its self-test: top-1 "
-                                  "agreement 12% (simulated fault)", check="selftest")
-                self.store.fail(staged, str(exc))
-                raise exc
-            self.store.record(staged, "self_tested")
-            step("self_tested", m)
-            slots = self.store.activate(staged)
-            self._serve(m.name, faulty=faults, manifest=m)
-            step("activated", m)
-            self._changed()
-            if commit:
-                self.store.commit(staged)
-                self._changed()
-            else:
-                self._pending[m.name] = staged
-            return InstallResult(m.name, m.version, slots.previous, "passed (stand-in)")
-        finally:
-            self._lock.release()
+                on_step: OnStep | None = None) -> InstallResult:
+        return self.installer.install(source, now=datetime.now(UTC), commit=commit,
+                                      on_step=on_step)
 
     def commit_pending(self, name: str) -> int:
-        with self._lock:
-            staged = self._pending.pop(name)
-            self.store.commit(staged)
-        self._changed()
-        return staged.manifest.version
+        return self.installer.commit_pending(name)
 
     def roll_back(self, name: str, reason: str) -> str:
-        with self._lock:
-            self._pending.pop(name, None)
-            self.store.roll_back(name, reason)
-            self._serve(name, faulty=False)
-        self._changed()
-        r = self.scheduler.residents.get(name)
-        return f"{name} v{r.manifest.version} serving" if r else f"{name}: nothing left"
+        return self.installer.roll_back(name, reason)
 
     def restart_runtime(self) -> str:
         return "stand-in runtime restarted"
@@ -252,7 +239,7 @@ class StandInAgent:
         for listener in self.listeners:
             listener()
 
-    def serve(self, seconds: float, requests_per_s: float) -> None:
+    def run_load(self, seconds: float, requests_per_s: float) -> None:
         """The synthetic load of one interval, recorded as the scheduler records it."""
         n = max(1, round(seconds * requests_per_s))
         for name, r in self.scheduler.residents.items():
@@ -275,15 +262,17 @@ class SimDevice(FleetLink):
             paths=PathsSection(state_dir=state, root_file=sim.root_file),
             mqtt=sim.mqtt)
         self.standin = StandInAgent(config, sim.root, fault, random.Random(name))
-        super().__init__(cast(Agent, self.standin), sim.mqtt, in_memory=True,
-                         poll_s=sim.poll_s)
+        super().__init__(self.standin, sim.mqtt, in_memory=True, poll_s=sim.poll_s)
         self.sim = sim
 
     def start(self) -> None:
-        self.standin.listeners.append(self.publish_state)
+        """The link without its own threads: commands on the simulator's pool, telemetry
+        and load on its ticker."""
+        self.announce()
         self.link.start()
-        self.sim.ticker.call_at(time.monotonic() + self.sim.rng.uniform(0, self.interval_s),
-                                self._sim_tick)
+        self.sim.ticker.call_at(
+            time.monotonic() + self.sim.rng.uniform(0, self.settings.interval_s),
+            self._sim_tick)
 
     def _received(self, topic: str, payload: bytes, properties: Any) -> None:
         self.sim.pool.submit(self.handle_safely, payload)
@@ -291,9 +280,9 @@ class SimDevice(FleetLink):
     def _sim_tick(self) -> None:
         if self._stop.is_set():
             return
-        self.standin.serve(self.interval_s, self.sim.requests_per_s)
-        self._tick(self.sim.process)
-        self.sim.ticker.call_at(time.monotonic() + self.interval_s, self._sim_tick)
+        self.standin.run_load(self.settings.interval_s, self.sim.requests_per_s)
+        self.telemetry.tick(self.sim.process)
+        self.sim.ticker.call_at(time.monotonic() + self.settings.interval_s, self._sim_tick)
 
     @property
     def versions(self) -> dict[str, int]:
@@ -352,7 +341,11 @@ class Simulator:
         """Install a first release on every device (verified and committed, offline)."""
         for d in self.devices.values():
             if not d.standin.store.models():
-                d.standin.install(archive, commit=True, faults=False)
+                d.standin.faults = False
+                try:
+                    d.standin.install(archive, commit=True)
+                finally:
+                    d.standin.faults = True
 
     def start(self, *, connect_timeout_s: float = 60) -> int:
         """Connect every device; returns how many are connected."""

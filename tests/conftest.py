@@ -48,25 +48,14 @@ def onnx_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture(scope="session")
 def releases(onnx_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Signed, packed releases of the converted digits model: TFLite for raspberry-pi-4 and
-    ONNX (dynamic batch) for x86_64-generic, plus one whose self-test cannot pass."""
+    """`fixture_agent.make_releases` of the converted digits model (or the prebuilt ones
+    of tests/artifacts.py in the device environments)."""
     if ARTIFACTS:
         index = json.loads((Path(ARTIFACTS) / "releases.json").read_text())
         return {k: Path(ARTIFACTS) / v for k, v in index.items()}
-    from fixture_agent import make_keys, release, slow_release
+    from fixture_agent import make_releases
 
-    out = tmp_path_factory.mktemp("releases")
-    keys = make_keys(out / "keys")
-    pi4, x86 = "raspberry-pi-4", "x86_64-generic"
-    return {
-        "keys": keys,
-        "tflite1": release(onnx_run, out, keys, version=1, profile=pi4),
-        "tflite2": release(onnx_run, out, keys, version=2, profile=pi4),
-        "onnx1": release(onnx_run, out, keys, version=1, profile=x86),
-        "onnx2": release(onnx_run, out, keys, version=2, profile=x86),
-        "onnx3_bad": release(onnx_run, out, keys, version=3, profile=x86, break_selftest=True),
-        "onnx4_slow": slow_release(out, keys, version=4),
-    }
+    return make_releases(onnx_run, tmp_path_factory.mktemp("releases"))
 
 
 @pytest.fixture

@@ -232,3 +232,25 @@ def slow_release(out: Path, keys: Path, *, version: int, profile: str = "x86_64-
                            profile=profile)
     shutil.rmtree(bundle)
     return archive
+
+
+def make_releases(run: Path, out: Path) -> dict[str, Path]:
+    """Signed, packed releases of a converted digits run: TFLite for raspberry-pi-4 and
+    ONNX (dynamic batch) for x86_64-generic; one whose self-test cannot pass; a second,
+    different v1 (its golden outputs broken: another manifest at the same version); a
+    slow v4."""
+    keys = make_keys(out / "keys")
+    pi4, x86 = "raspberry-pi-4", "x86_64-generic"
+    other = out / "other"
+    other.mkdir()
+    return {
+        "keys": keys,
+        "tflite1": release(run, out, keys, version=1, profile=pi4),
+        "tflite2": release(run, out, keys, version=2, profile=pi4),
+        "onnx1": release(run, out, keys, version=1, profile=x86),
+        "onnx1_other": release(run, other, keys, version=1, profile=x86,
+                               break_selftest=True),
+        "onnx2": release(run, out, keys, version=2, profile=x86),
+        "onnx3_bad": release(run, out, keys, version=3, profile=x86, break_selftest=True),
+        "onnx4_slow": slow_release(out, keys, version=4),
+    }

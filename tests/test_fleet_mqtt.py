@@ -65,7 +65,8 @@ def command(releases: dict[str, Path], kind: str, **fields: Any) -> bytes:
 
 
 def deploy(releases: dict[str, Path], url: str, name: str, **kw: Any) -> bytes:
-    fields = deploy_fields(releases[name], [f"{url}/{releases[name].name}"])
+    path = releases[name].relative_to(releases["onnx1"].parent)
+    fields = deploy_fields(releases[name], [f"{url}/{path}"])
     return command(releases, "deploy", **(fields | kw))
 
 
@@ -107,14 +108,28 @@ def test_rejected_commands_reach_an_event_and_a_result_and_nothing_else_happens(
                 command(releases, "restart", now=datetime.now(UTC) - timedelta(hours=2),
                         ttl=timedelta(hours=1)),  # expired
                 b"{}", b"\xff\x00 not json",
-                deploy(releases, artifacts, "onnx1")):  # a rollback to v1 (committed v1)
+                deploy(releases, artifacts, "onnx1_other")):  # another v1 (v1 committed)
         sub.publish(f"{BASE}/cmd", raw)
     sub.wait_for(lambda: len(results(sub)) == 7, timeout=30)
     checks = [r["check"] for r in results(sub)[1:]]
     assert checks == ["replay", "addressee", "expired", "format", "format",
                       "equal_version"]  # v1 is what is committed
+    assert not any(r["ok"] for r in results(sub)[1:])
     rejected = [e for e in events(sub) if e["kind"] in ("command.rejected", "deploy.rejected")]
     assert len(rejected) == 6 and all(e["evidence"]["check"] for e in rejected)
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+
+
+def test_a_deploy_of_the_release_already_committed_is_done_not_failed(
+        fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
+    """A retried deploy (the first result was lost, or the device was late) must not
+    count as a failure: a rollout would halt and roll healthy devices back."""
+    agent, sub = fleet
+    sub.publish(f"{BASE}/cmd", deploy(releases, artifacts, "onnx1"))  # committed at start
+    sub.wait_for(lambda: len(results(sub)) == 1, timeout=30)
+    r = results(sub)[0]
+    assert (r["ok"], r["check"]) == (True, "already")
+    assert not [e for e in events(sub) if e["kind"].startswith("deploy.")]  # no download
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
 
 

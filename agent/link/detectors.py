@@ -13,6 +13,8 @@ and the window, so an operator (or a rollout controller) can judge the evidence.
   class distribution, and the drop of mean top-1 confidence.
 * resources: least-squares slope of process memory over recent readings (growth per hour),
   and temperature against the throttle point.
+
+The thresholds are `agent.config.Thresholds`, the `[detectors]` section of agent.toml.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from agent.config import Thresholds
 from agent.trust.manifest import ReferenceStats
 
 EPS = 1e-4
@@ -36,26 +39,6 @@ class Anomaly:
     window_s: float
     model: str | None = None
     evidence: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Thresholds:
-    latency_z: float = 4.0
-    latency_warmup: int = 5
-    latency_alpha: float = 0.2
-    # A latency change smaller than this fraction of the baseline never fires, however
-    # steady the baseline was (a near-zero variance would make any jitter "anomalous").
-    latency_min_relative: float = 0.25
-    error_rate: float = 0.05
-    refusal_rate: float = 0.25
-    min_requests: int = 20
-    input_psi: float = 0.25
-    output_psi: float = 0.25
-    confidence_drop: float = 0.15
-    memory_growth_bytes_per_hour: float = 64 * 1024 * 1024
-    memory_min_readings: int = 10
-    # A slope over a short span extrapolates noise (a model load, a GC) to "per hour".
-    memory_min_span_s: float = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)

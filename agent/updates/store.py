@@ -15,6 +15,7 @@ active), and removes bundle directories no slot names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
@@ -102,6 +103,17 @@ class ModelStore:
 
     def active_dir(self, name: str) -> Path | None:
         return self.bundle_dir(name, self.slots(name).active)
+
+    def active_manifest_sha256(self, name: str) -> str | None:
+        """The sha256 of the active bundle's manifest (what a deploy command pins)."""
+        d = self.active_dir(name)
+        if d is None:
+            return None
+        try:
+            raw = read_capped(d / MANIFEST_FILE, MAX_MANIFEST_BYTES, check="manifest")
+        except (OSError, BundleError):
+            return None
+        return hashlib.sha256(raw).hexdigest()
 
     def committed(self) -> dict[str, int]:
         out = {}
