@@ -76,7 +76,7 @@ def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path
     status, wave, marks = "running", 0, []
     while status == "running" and time.monotonic() - t0 < 300:
         status = c.step(rid)
-        now = Rollouts(db).get(rid)["wave"]
+        now = Rollouts(db).get(rid).wave
         if now != wave or status != "running":
             marks.append(f"{time.monotonic() - t0:.1f}")
             wave = now
@@ -88,7 +88,7 @@ def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path
         if " committed " not in line and " pending " not in line:
             print("   ", line)
     c.close()
-    return status, took, ro["reason"], rid
+    return status, took, ro.reason, rid
 
 
 def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
@@ -135,10 +135,10 @@ def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
             took = time.monotonic() - t0
             c.run(rid, poll_s=0.2)  # halted: waits for the rollbacks' results
             rollouts = Rollouts(db)
-            touched = [d["device"] for d in rollouts.devices(rid) if d["command_id"]]
+            touched = [d.device for d in rollouts.devices(rid) if d.command_id]
             versions = sims.versions()
             back = sum(versions[d] == {"digits": 1} for d in touched)
-            reason = rollouts.get(rid)["reason"]
+            reason = rollouts.get(rid).reason
             c.close()
         print(f"  {kind:9} {status:8} {took:8.2f}s {took / window_s:8.2f} {len(touched):8} "
               f"{back / max(1, len(touched)):10.0%}  {reason[:70]}")

@@ -13,7 +13,7 @@ import hashlib
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -33,10 +33,8 @@ from agent.trust.manifest import (
     SelfTest,
     canonical_json,
 )
+from converter.context import INT8_ONNX, INT8_TFLITE, Context
 from converter.errors import ConvertError
-
-if TYPE_CHECKING:
-    from converter.pipeline import Context
 
 INPUT_BINS = 20
 CONFIDENCE_BINS = 10
@@ -45,8 +43,6 @@ MAX_FEATURE_STATS = 4096
 
 def _choose(ctx: Context) -> tuple[str, Path, Path]:
     """(runtime, file to ship, file to run here for golden outputs)."""
-    from converter.pipeline import INT8_ONNX, INT8_TFLITE  # noqa: PLC0415
-
     vela = ctx.results.get("compile", {}).get("model")
     for runtime in ctx.profile.runtime.preference:
         if runtime == "tflite" and (ctx.work / INT8_TFLITE).is_file():

@@ -83,7 +83,8 @@ def _say(msg: str) -> None:
 
 
 def _dispatch(ns: argparse.Namespace) -> int:
-    from converter import pipeline  # noqa: PLC0415
+    from converter import pipeline  # noqa: PLC0415  # torch: only for a conversion
+    from converter.context import open_context  # noqa: PLC0415
     from converter.recipe import load_recipe  # noqa: PLC0415
 
     if ns.command == "profiles":
@@ -105,7 +106,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
         out = pipeline.run(recipe, _say, force=ns.force)
         _say(f"done: {out}/report.md, bundle in {out}/bundle")
         return 0
-    ctx = pipeline.open_context(recipe, ns.work, _say)
+    ctx = open_context(recipe, ns.work, _say)
     pipeline.run_stage(ns.command, ctx)
     return 0
 

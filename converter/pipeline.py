@@ -8,97 +8,42 @@ succeeded: a failure leaves no partial output behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from agent.errors import ProfileError
-from agent.profiles import FirmwareProfile, load_profile
 from agent.serving.runtime import open_onnx, open_tflite
 from converter import npu
 from converter import prune as pr
-from converter.data import Dataset, Split, calibration_indices, load_dataset, split
+from converter.bundle import build_bundle
+from converter.context import (
+    FP32_ONNX,
+    INT8_ONNX,
+    INT8_TFLITE,
+    PRE_ONNX,
+    STUDENT_FILE,
+    TEACHER_LOGITS,
+    Context,
+    open_context,
+)
 from converter.distill import KDSettings, distill
 from converter.errors import AccuracyGateError, ConvertError, DataError, RecipeError
 from converter.export import export_onnx
 from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, quantize_tflite
 from converter.recipe import Recipe
+from converter.report import evaluate_all, write_report
 from converter.students import build_student, fold_batchnorm, param_count
 from converter.teacher import run_onnx_teacher, run_torch_teacher
 
 log = logging.getLogger("edge.convert")
-
-STUDENT_FILE = "student.pt"
-FP32_ONNX = "model_fp32.onnx"
-PRE_ONNX = "model_fp32.pre.onnx"
-INT8_ONNX = "model_int8.onnx"
-INT8_TFLITE = "model_int8.tflite"
-RESULTS = "results.json"
-TEACHER_LOGITS = "teacher_logits.npy"
-
-
-@dataclass
-class Context:
-    recipe: Recipe
-    profile: FirmwareProfile
-    work: Path
-    data: Dataset
-    split: Split
-    results: dict[str, Any] = field(default_factory=dict)
-    say: Callable[[str], None] = print
-
-    @property
-    def classes(self) -> int:
-        return int(self.teacher_logits.shape[1])
-
-    @cached_property
-    def teacher_logits(self) -> np.ndarray:
-        """Cached on first use, which comes after the teacher stage wrote the file."""
-        return np.asarray(np.load(self.work / TEACHER_LOGITS), dtype=np.float32)
-
-    def truth(self, idx: np.ndarray) -> np.ndarray:
-        """Labels where the data has them, else the teacher's predictions."""
-        if self.data.y is not None:
-            return np.asarray(self.data.y[idx])
-        return np.asarray(self.teacher_logits[idx].argmax(1))
-
-    def save(self) -> None:
-        tmp = self.work / (RESULTS + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=2, default=str))
-        os.replace(tmp, self.work / RESULTS)
-
-    def calib(self) -> np.ndarray:
-        r = self.recipe.data
-        return self.data.x[calibration_indices(self.split, r.calibration_samples, r.seed)]
-
-
-def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print) -> Context:
-    """Load profile and data, split them, and pick up earlier stages' results."""
-    try:
-        profile = load_profile(recipe.target.profile)
-    except ProfileError as exc:
-        raise RecipeError(str(exc)) from exc
-    data = load_dataset(recipe.data.source)
-    if data.y is not None and data.y.max() >= 10_000:
-        raise DataError(f"data {data.source}: labels go up to {data.y.max()}, not class ids")
-    r = recipe.data
-    sp = split(len(data.x), data.y, seed=r.seed, val_fraction=r.val_fraction,
-               test_fraction=r.test_fraction)
-    work.mkdir(parents=True, exist_ok=True)
-    results = json.loads((work / RESULTS).read_text()) if (work / RESULTS).is_file() else {}
-    return Context(recipe, profile, work, data, sp, results, say)
-
 
 def _need(ctx: Context, *files: str) -> None:
     for f in files:
@@ -290,8 +235,6 @@ def stage_compile(ctx: Context) -> None:
 
 
 def stage_evaluate(ctx: Context) -> None:
-    from converter.report import evaluate_all  # noqa: PLC0415
-
     ctx.results["evaluate"] = evaluate_all(ctx)
     ctx.say("evaluate: " + ", ".join(
         f"{m['name']} {m['accuracy']:.2%}" for m in ctx.results["evaluate"]["models"]
@@ -299,15 +242,11 @@ def stage_evaluate(ctx: Context) -> None:
 
 
 def stage_report(ctx: Context) -> None:
-    from converter.report import write_report  # noqa: PLC0415
-
     write_report(ctx)
     ctx.say("report: report.md, report.json, report.png")
 
 
 def stage_bundle(ctx: Context) -> None:
-    from converter.bundle import build_bundle  # noqa: PLC0415
-
     manifest = build_bundle(ctx)
     ctx.results["bundle"] = {"dir": "bundle", "runtime": manifest.runtime,
                              "model_file": manifest.model_file, "version": manifest.version}

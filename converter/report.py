@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from agent.serving.runtime import LoadedModel, open_onnx, open_tflite
 from converter import evaluate as ev
-
-if TYPE_CHECKING:
-    from converter.pipeline import Context
+from converter.context import FP32_ONNX, INT8_ONNX, INT8_TFLITE, Context
 
 
 def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: LoadedModel | None,
@@ -33,8 +31,6 @@ def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: Loaded
 
 
 def evaluate_all(ctx: Context) -> dict[str, Any]:
-    from converter.pipeline import FP32_ONNX, INT8_ONNX, INT8_TFLITE  # noqa: PLC0415
-
     threads = ctx.recipe.evaluate.threads
     test = ctx.split.test
     teacher_pred = ctx.teacher_logits[test].argmax(1)

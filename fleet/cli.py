@@ -30,6 +30,7 @@ import getpass
 import os
 import sys
 import time
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from agent.trust.verify import Device
 from fleet.commands import build_command, deploy_fields, parse_settings, sign_command
 from fleet.errors import FleetError
 from fleet.keys import KeyDir, init_keys, load_key, rotate_keys
+from fleet.policy import Criteria
 from fleet.release import (
     archive_name,
     describe,
@@ -252,7 +254,6 @@ def cmd_recover(ns: argparse.Namespace) -> None:
 
 
 def cmd_rollout(ns: argparse.Namespace) -> None:
-    from fleet.policy import Criteria  # noqa: PLC0415
     from fleet.rollout import Controller, Rollouts  # noqa: PLC0415
     from fleet.state import FleetDB  # noqa: PLC0415
 
@@ -262,8 +263,7 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
         print("\n".join(rollouts.status_lines(ns.id, every_device=ns.every_device)))
         return
     if ns.action in ("pause", "resume"):
-        rollouts.set(ns.id, status="paused" if ns.action == "pause" else "running")
-        print(f"rollout {ns.id}: {rollouts.get(ns.id)['status']}")
+        print(f"rollout {ns.id}: {rollouts.move(ns.id, ns.action).value}")
         return
     if not (ns.broker and ns.key and ns.root):
         raise FleetError(f"rollout {ns.action} needs --broker, --key and --root")
@@ -276,10 +276,7 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
             controller.abort(rid)
         elif ns.action == "start":
             rid = _start_rollout(ns, db, fleet, rollouts, Criteria(
-                max_failed_share=ns.max_failed_share,
-                min_committed_share=ns.min_committed_share,
-                max_anomalous_excess=ns.max_anomalous_excess,
-                max_latency_ratio=ns.max_latency_ratio))
+                **{f.name: getattr(ns, f.name) for f in fields(Criteria)}))
         if ns.action in ("start", "run", "abort"):
             status = controller.run(rid, timeout_s=ns.timeout)
             print(f"rollout {rid}: {status}")
@@ -383,12 +380,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="seconds before silent devices count as offline")
     ro.add_argument("--health-window", type=float, default=60.0,
                     help="seconds each wave is watched before the next one")
-    ro.add_argument("--max-failed-share", type=float, default=0.0)
-    ro.add_argument("--min-committed-share", type=float, default=0.9)
-    ro.add_argument("--max-anomalous-excess", type=float, default=0.05,
-                    help="share of updated devices with anomalies above the baseline's")
-    ro.add_argument("--max-latency-ratio", type=float, default=1.5,
-                    help="updated devices' median p95 latency over the baseline's")
+    criteria = Criteria()  # the defaults are Criteria's own
+    for name, text in (
+            ("max_failed_share", "share of a wave's devices that may fail or roll back"),
+            ("min_committed_share", "share of the answering devices that must commit"),
+            ("max_anomalous_excess",
+             "share of updated devices with anomalies above the baseline's"),
+            ("max_latency_ratio", "updated devices' median p95 latency over the baseline's")):
+        ro.add_argument(f"--{name.replace('_', '-')}", type=float,
+                        default=getattr(criteria, name), help=f"{text} (%(default)s)")
     ro.add_argument("--wait", type=float, default=2.0)
     ro.add_argument("--timeout", type=float, default=3600.0)
     _add_simulate(sub)

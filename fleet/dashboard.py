@@ -105,11 +105,11 @@ class Dashboard:
         out = []
         for rid in self.rollouts.ids():
             ro, devs = self.rollouts.get(rid), self.rollouts.devices(rid)
-            out.append({"id": rid, "model": ro["model"], "version": ro["version"],
-                        "group": ro["group_name"], "status": ro["status"],
-                        "wave": ro["wave"] + 1, "waves": len(json.loads(ro["sizes_json"])),
-                        "total": len(devs), "reason": ro["reason"],
-                        "committed": sum(d["outcome"] == "committed" for d in devs)})
+            out.append({"id": rid, "model": ro.model, "version": ro.version,
+                        "group": ro.group, "status": ro.status.value,
+                        "wave": ro.wave + 1, "waves": len(ro.sizes),
+                        "total": len(devs), "reason": ro.reason,
+                        "committed": sum(d.outcome == "committed" for d in devs)})
         return out
 
 

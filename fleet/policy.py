@@ -14,6 +14,16 @@ waits for results; the wave's verdict compares what happened with the criteria:
   compared with zero and latency is not compared);
 * when all online devices of the wave answered and nothing failed, the wave may advance;
   the controller then watches the updated devices for the wave's health window first.
+
+A rollout's own status moves only along `STATUS_TRANSITIONS` (one table; `fleet.rollout`
+writes status through `next_status` only):
+
+    running ──pause──▶ paused ──resume──▶ running
+    running | paused ──abort──▶ aborted      running ──halt──▶ halted
+    running ──complete──▶ completed          (halted, aborted, completed are final)
+
+A halted rollout is never resumed: its touched devices have been sent rollbacks; a new
+rollout (of a fixed release) is the way on.
 """
 
 from __future__ import annotations
@@ -21,6 +31,38 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+
+
+class Status(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"
+    ABORTED = "aborted"
+    COMPLETED = "completed"
+
+
+FINAL = frozenset({Status.HALTED, Status.ABORTED, Status.COMPLETED})
+STATUS_TRANSITIONS: dict[tuple[Status, str], Status] = {
+    (Status.RUNNING, "pause"): Status.PAUSED,
+    (Status.PAUSED, "resume"): Status.RUNNING,
+    (Status.RUNNING, "halt"): Status.HALTED,
+    (Status.RUNNING, "abort"): Status.ABORTED,
+    (Status.PAUSED, "abort"): Status.ABORTED,
+    (Status.RUNNING, "complete"): Status.COMPLETED,
+}
+
+
+def next_status(status: Status, action: str) -> Status:
+    """The status after `action`.
+
+    Raises:
+        ValueError: the table has no such step (e.g. resuming a halted rollout).
+    """
+    try:
+        return STATUS_TRANSITIONS[(status, action)]
+    except KeyError:
+        final = " (final)" if status in FINAL else ""
+        raise ValueError(f"a {status.value}{final} rollout cannot {action}") from None
 
 
 class Outcome(StrEnum):

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from fleet._mqtt import connect
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
 from fleet.keys import SigningKey
-from fleet.policy import Criteria, Health, Outcome, judge, wave_sizes
+from fleet.policy import Criteria, Health, Outcome, Status, judge, next_status, wave_sizes
 from fleet.state import FleetDB, FleetWatcher
 
 TABLES = """
@@ -44,18 +44,65 @@ CREATE INDEX IF NOT EXISTS rollout_devices_device ON rollout_devices (device);
 # Columns added after the first release of these tables: (table, column, declaration).
 ADDED = [("rollouts", "health_window_s", "REAL NOT NULL DEFAULT 0"),
          ("rollouts", "settled_at", "REAL"), ("rollout_devices", "detail", "TEXT")]
-TERMINAL = ("completed", "halted", "aborted")
 
 
-def _may_serve_release(d: dict[str, Any]) -> bool:
-    """Sent the release and not known to have refused or undone it: committed, or still
-    pending (possibly serving it in its health window)."""
-    return d["command_id"] is not None and d["outcome"] in (Outcome.COMMITTED.value,
-                                                            Outcome.PENDING.value)
+@dataclass(frozen=True, kw_only=True)
+class Rollout:
+    """One row of `rollouts`."""
+
+    id: str
+    model: str
+    version: int
+    group: str
+    archive: Path
+    urls: list[str]
+    sizes: list[int]  # cumulative devices per wave
+    criteria: Criteria
+    status: Status
+    wave: int  # 0-based
+    wave_started: float | None
+    wave_timeout_s: float
+    reason: str
+    created: float
+    health_window_s: float
+    settled_at: float | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Rollout:
+        return cls(id=row["id"], model=row["model"], version=row["version"],
+                   group=row["group_name"], archive=Path(row["archive"]),
+                   urls=json.loads(row["urls_json"]), sizes=json.loads(row["sizes_json"]),
+                   criteria=Criteria(**json.loads(row["criteria_json"])),
+                   status=Status(row["status"]), wave=row["wave"],
+                   wave_started=row["wave_started"], wave_timeout_s=row["wave_timeout_s"],
+                   reason=row["reason"], created=row["created"],
+                   health_window_s=row["health_window_s"], settled_at=row["settled_at"])
 
 
-def _shown_outcome(d: dict[str, Any]) -> str:
-    return "not sent" if d["command_id"] is None else str(d["outcome"])
+@dataclass(frozen=True, kw_only=True)
+class RolloutDevice:
+    """One row of `rollout_devices`: a device's part in a rollout."""
+
+    rollout: str
+    device: str
+    wave: int
+    command_id: str | None  # the deploy sent, None before
+    outcome: Outcome
+    sent_at: float | None
+    rollback_id: str | None  # the rollback sent, None before
+    rollback_result: str | None
+    detail: str | None
+
+    @property
+    def may_serve_release(self) -> bool:
+        """Sent the release and not known to have refused or undone it: committed, or
+        still pending (possibly serving it in its health window)."""
+        return self.command_id is not None and self.outcome in (Outcome.COMMITTED,
+                                                                Outcome.PENDING)
+
+    @property
+    def shown_outcome(self) -> str:
+        return "not sent" if self.command_id is None else self.outcome.value
 
 
 class Rollouts:
@@ -80,7 +127,7 @@ class Rollouts:
         sizes = wave_sizes(len(devices), fractions)
         self.sql.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
             rid, fields["model"], fields["version"], group, str(archive), json.dumps(urls),
-            json.dumps(sizes), json.dumps(asdict(criteria)), "running", 0, None,
+            json.dumps(sizes), json.dumps(asdict(criteria)), Status.RUNNING.value, 0, None,
             wave_timeout_s, "", time.time(), health_window_s, None))
         order = sorted(devices)
         for i, d in enumerate(order):
@@ -93,22 +140,52 @@ class Rollouts:
     def ids(self) -> list[str]:
         return [r[0] for r in self.sql.execute("SELECT id FROM rollouts ORDER BY created")]
 
-    def get(self, rid: str) -> dict[str, Any]:
+    def get(self, rid: str) -> Rollout:
         cur = self.sql.execute("SELECT * FROM rollouts WHERE id = ?", (rid,))
         row = cur.fetchone()
         if row is None:
             raise FleetError(f"no rollout {rid}")
-        return dict(zip([c[0] for c in cur.description], row, strict=True))
+        return Rollout.from_row(dict(zip([c[0] for c in cur.description], row, strict=True)))
 
-    def devices(self, rid: str) -> list[dict[str, Any]]:
+    def devices(self, rid: str) -> list[RolloutDevice]:
         cur = self.sql.execute("SELECT * FROM rollout_devices WHERE rollout = ? ORDER BY "
                                "wave, device", (rid,))
         cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        out = []
+        for r in cur.fetchall():
+            row = dict(zip(cols, r, strict=True))
+            out.append(RolloutDevice(**{**row, "outcome": Outcome(row["outcome"])}))
+        return out
 
     def set(self, rid: str, **fields: Any) -> None:
+        """Progress fields of a rollout; its status changes only through `move`."""
+        if "status" in fields:
+            raise TypeError("a rollout's status changes through Rollouts.move")
         cols = ", ".join(f"{k} = ?" for k in fields)
         self.sql.execute(f"UPDATE rollouts SET {cols} WHERE id = ?", (*fields.values(), rid))
+
+    def move(self, rid: str, action: str, reason: str | None = None) -> Status:
+        """Change a rollout's status along `fleet.policy.STATUS_TRANSITIONS`.
+
+        Raises:
+            FleetError: the table has no such step (e.g. resuming a halted rollout).
+        """
+        # Read and write in one transaction: two shells cannot both move it.
+        self.sql.execute("BEGIN IMMEDIATE")
+        try:
+            ro = self.get(rid)
+            try:
+                status = next_status(ro.status, action)
+            except ValueError as exc:
+                raise FleetError(f"rollout {rid}: {exc}"
+                                 + (f" ({ro.reason})" if ro.reason else "")) from exc
+            self.sql.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
+                             (status.value, ro.reason if reason is None else reason, rid))
+        except BaseException:
+            self.sql.execute("ROLLBACK")
+            raise
+        self.sql.execute("COMMIT")
+        return status
 
     def set_device(self, rid: str, device: str, **fields: Any) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
@@ -136,31 +213,31 @@ class Rollouts:
         """The rollout, then its devices: each one for small rollouts (or `every_device`),
         otherwise a count per wave and outcome and only the devices that did not commit."""
         ro = self.get(rid)
-        sizes = json.loads(ro["sizes_json"])
-        out = [f"rollout {rid}: {ro['model']} v{ro['version']} to group {ro['group_name']}, "
-               f"{ro['status']}, wave {ro['wave'] + 1} of {len(sizes)}"
-               + (f" — {ro['reason']}" if ro["reason"] else "")]
+        sizes = ro.sizes
+        out = [f"rollout {rid}: {ro.model} v{ro.version} to group {ro.group}, "
+               f"{ro.status}, wave {ro.wave + 1} of {len(sizes)}"
+               + (f" — {ro.reason}" if ro.reason else "")]
         devices = self.devices(rid)
         every_device = every_device or len(devices) <= 20
 
-        def line(d: dict[str, Any]) -> str:
-            return (f"  wave {d['wave'] + 1}  {d['device']:14} {_shown_outcome(d):12}"
-                    + (f" {d['detail']}" if d["detail"] and d["outcome"] != "committed"
+        def line(d: RolloutDevice) -> str:
+            return (f"  wave {d.wave + 1}  {d.device:14} {d.shown_outcome:12}"
+                    + (f" {d.detail}" if d.detail and d.outcome != "committed"
                        else "")
-                    + (f"; rollback {d['rollback_result'] or 'sent'}" if d["rollback_id"]
+                    + (f"; rollback {d.rollback_result or 'sent'}" if d.rollback_id
                        else ""))
         if every_device:
             return out + [line(d) for d in devices]
         for w in range(len(sizes)):
-            mine = [d for d in devices if d["wave"] == w]
-            counts = Counter(_shown_outcome(d) for d in mine)
-            rolled = sum(1 for d in mine if d["rollback_id"])
+            mine = [d for d in devices if d.wave == w]
+            counts = Counter(d.shown_outcome for d in mine)
+            rolled = sum(1 for d in mine if d.rollback_id)
             out.append(f"  wave {w + 1}: {len(mine)} device(s): "
                        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                        + (f"; {rolled} sent a rollback" if rolled else ""))
         return out + [line(d) for d in devices
-                      if d["outcome"] not in ("committed", "pending") or (d["rollback_result"]
-                      and not d["rollback_result"].startswith("ok"))]
+                      if d.outcome not in ("committed", "pending") or (d.rollback_result
+                      and not d.rollback_result.startswith("ok"))]
 
 
 class Controller:
@@ -212,68 +289,65 @@ class Controller:
         for info in sent:
             info.wait_for_publish(30)
 
-    def step(self, rid: str) -> str:
+    def step(self, rid: str) -> Status:
         """One pass over a rollout; returns its status."""
         with self._lock:
             ro = self.rollouts.get(rid)
-        if ro["status"] in ("halted", "aborted"):
+        if ro.status in (Status.HALTED, Status.ABORTED):
             self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
-            return str(ro["status"])
-        if ro["status"] != "running":
-            return str(ro["status"])
+            return ro.status
+        if ro.status is not Status.RUNNING:
+            return ro.status
         with self._lock:
-            devices = [d for d in self.rollouts.devices(rid) if d["wave"] <= ro["wave"]]
-            unsent = [d["device"] for d in devices if d["command_id"] is None
-                      or d["outcome"] == Outcome.OFFLINE.value]
+            devices = [d for d in self.rollouts.devices(rid) if d.wave <= ro.wave]
+            unsent = [d.device for d in devices if d.command_id is None
+                      or d.outcome is Outcome.OFFLINE]
         if unsent:
-            self._send(rid, "deploy", unsent,
-                       **deploy_fields(Path(ro["archive"]), json.loads(ro["urls_json"])))
+            self._send(rid, "deploy", unsent, **deploy_fields(ro.archive, ro.urls))
         with self._lock:
-            if ro["wave_started"] is None or unsent:
-                self.rollouts.set(rid, wave_started=ro["wave_started"] or time.time())
+            if ro.wave_started is None or unsent:
+                self.rollouts.set(rid, wave_started=ro.wave_started or time.time())
                 ro = self.rollouts.get(rid)
             status = self._judge(rid, ro, self.rollouts.devices(rid))
-        if status == "halted":
+        if status is Status.HALTED:
             self._roll_back_touched(rid)
         return status
 
-    def _judge(self, rid: str, ro: dict[str, Any], devices: list[dict[str, Any]]) -> str:
-        wave_devs = [d for d in devices if d["wave"] <= ro["wave"]]
-        outcomes = {d["device"]: Outcome(d["outcome"]) for d in wave_devs}
+    def _judge(self, rid: str, ro: Rollout, devices: list[RolloutDevice]) -> Status:
+        wave_devs = [d for d in devices if d.wave <= ro.wave]
+        outcomes = {d.device: d.outcome for d in wave_devs}
         now = time.time()
-        verdict = judge(outcomes, deadline_passed=now - ro["wave_started"] > ro["wave_timeout_s"],
-                        criteria=Criteria(**json.loads(ro["criteria_json"])),
-                        health=self._health(ro, devices))
+        assert ro.wave_started is not None  # step sets it before judging
+        verdict = judge(outcomes, deadline_passed=now - ro.wave_started > ro.wave_timeout_s,
+                        criteria=ro.criteria,
+                        health=self._health(ro, devices, ro.wave_started))
         if verdict.action == "wait":
-            return "running"
+            return Status.RUNNING
         if verdict.action == "halt":
-            self.rollouts.set(rid, status="halted", reason=verdict.reason)
-            return "halted"
+            return self.rollouts.move(rid, "halt", verdict.reason)
         # advance: every device answered; watch them for the wave's health window first
-        if ro["settled_at"] is None:
+        if ro.settled_at is None:
             self.rollouts.set(rid, settled_at=now)
-            ro["settled_at"] = now
-        if now - ro["settled_at"] < ro["health_window_s"]:
-            return "running"
+            ro = replace(ro, settled_at=now)
+        assert ro.settled_at is not None
+        if now - ro.settled_at < ro.health_window_s:
+            return Status.RUNNING
         for d in wave_devs:  # late devices: retried in the next wave
-            if d["outcome"] == Outcome.PENDING.value:
-                self.rollouts.set_device(rid, d["device"], outcome=Outcome.OFFLINE.value)
-        sizes = json.loads(ro["sizes_json"])
-        if ro["wave"] + 1 >= len(sizes):
-            self.rollouts.set(rid, status="completed", reason=verdict.reason)
-            return "completed"
-        self.rollouts.set(rid, wave=ro["wave"] + 1, wave_started=None, settled_at=None,
+            if d.outcome is Outcome.PENDING:
+                self.rollouts.set_device(rid, d.device, outcome=Outcome.OFFLINE.value)
+        if ro.wave + 1 >= len(ro.sizes):
+            return self.rollouts.move(rid, "complete", verdict.reason)
+        self.rollouts.set(rid, wave=ro.wave + 1, wave_started=None, settled_at=None,
                           reason=verdict.reason)
-        return "running"
+        return Status.RUNNING
 
-    def _health(self, ro: dict[str, Any], devices: list[dict[str, Any]]) -> Health:
+    def _health(self, ro: Rollout, devices: list[RolloutDevice], since: float) -> Health:
         """Updated devices (sent this release, not failed) against the baseline (devices
         of the rollout not reached yet) since the wave started."""
-        updated = [d["device"] for d in devices if _may_serve_release(d)]
-        baseline = [d["device"] for d in devices if d["command_id"] is None]
-        since = ro["wave_started"]
+        updated = [d.device for d in devices if d.may_serve_release]
+        baseline = [d.device for d in devices if d.command_id is None]
         anomalies = self.db.anomalies_since(since)
-        latency = self.db.latency_p95_since(ro["model"], since)
+        latency = self.db.latency_p95_since(ro.model, since)
 
         def anomalous(names: list[str]) -> float:
             return sum(n in anomalies for n in names) / len(names) if names else 0.0
@@ -297,32 +371,37 @@ class Controller:
         (the agent cancels a deploy in progress), go back."""
         with self._lock:
             ro = self.rollouts.get(rid)
-            targets = [d["device"] for d in self.rollouts.devices(rid)
-                       if _may_serve_release(d) and d["rollback_id"] is None]
+            targets = [d.device for d in self.rollouts.devices(rid)
+                       if d.may_serve_release and d.rollback_id is None]
         if targets:
-            self._send(rid, "rollback", targets, model=ro["model"],
-                       reason=f"rollout {rid} {ro['status']}: {ro['reason']}")
+            self._send(rid, "rollback", targets, model=ro.model,
+                       reason=f"rollout {rid} {ro.status}: {ro.reason}")
 
     def abort(self, rid: str, reason: str = "aborted by the operator") -> None:
+        """Abort a running or paused rollout and roll back every device it touched.
+
+        Raises:
+            FleetError: the rollout already ended.
+        """
         with self._lock:
-            self.rollouts.set(rid, status="aborted", reason=reason)
+            self.rollouts.move(rid, "abort", reason)
         self._roll_back_touched(rid)
 
     def run(self, rid: str, *, poll_s: float = 0.5, timeout_s: float = 3600,
-            rollback_wait_s: float = 30.0) -> str:
+            rollback_wait_s: float = 30.0) -> Status:
         """Step until the rollout ends or pauses; after a halt or abort, wait up to
         `rollback_wait_s` for the rollbacks' results, so the summary shows them."""
         end = time.monotonic() + timeout_s
-        status = "running"
+        status = Status.RUNNING
         while time.monotonic() < end:
             status = self.step(rid)
-            if status in TERMINAL or status == "paused":
+            if status is not Status.RUNNING:
                 break
             time.sleep(poll_s)
-        if status in ("halted", "aborted"):
+        if status in (Status.HALTED, Status.ABORTED):
             until = time.monotonic() + rollback_wait_s
             while time.monotonic() < until and any(
-                    d["rollback_id"] and not d["rollback_result"]
+                    d.rollback_id and not d.rollback_result
                     for d in self.rollouts.devices(rid)):
                 time.sleep(poll_s)
         return status

@@ -111,3 +111,4 @@ def test_the_update_state_machine_is_a_table_with_one_path_to_commit() -> None:
 def test_transitions_not_in_the_table_are_refused(state: State | None, event: str) -> None:
     with pytest.raises(ValueError, match="no transition"):
         advance(state, event)
+

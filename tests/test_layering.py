@@ -1,4 +1,6 @@
-"""agent/ stays light: no torch, no onnx tooling, nothing from converter/ or fleet/."""
+"""The layout holds: agent/ stays light, its subpackages import only downwards, nothing
+imports another package's private modules, and no module imports itself back through
+others (imports inside functions included: they hide cycles, they do not break them)."""
 
 from __future__ import annotations
 
@@ -8,37 +10,125 @@ import subprocess
 import sys
 from pathlib import Path
 
-AGENT = Path(__file__).resolve().parent.parent / "agent"
+REPO = Path(__file__).resolve().parent.parent
+AGENT = REPO / "agent"
+PACKAGES = ("agent", "converter", "fleet")
 FORBIDDEN = ("torch", "torchao", "onnx", "onnxscript", "litert_torch", "tensorflow",
              "converter", "fleet", "sklearn", "matplotlib")
+# What each part of agent/ may import from agent/ (besides itself). The foundation
+# (errors, durable, config, profiles, testing) is open to all; the process-level modules
+# (daemon, api, service, cli, client, unit, sdnotify) to none of the subpackages.
+FOUNDATION = {"agent", "agent.errors", "agent.durable", "agent.config", "agent.profiles",
+              "agent.testing"}
+LAYERS = {
+    "agent.trust": set(),
+    "agent.serving": {"agent.trust"},
+    "agent.updates": {"agent.trust", "agent.serving"},
+    "agent.link": {"agent.trust", "agent.serving", "agent.updates"},
+}
 
 
-def _top(name: str) -> str:
-    return name.split(".", maxsplit=1)[0]
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every absolute module name `path` imports, at any depth of the file."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            # `from converter import npu` imports the module converter.npu
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    return {m: {i for i in imports(p) if i in files and i != m} for m, p in files.items()}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in `g` as a path, or None (iterative DFS, white/grey/black)."""
+    colour = dict.fromkeys(g, 0)
+    for start in sorted(g):
+        if colour[start]:
+            continue
+        stack = [(start, iter(sorted(g[start])))]
+        path = [start]
+        colour[start] = 1
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                colour[node] = 2
+                stack.pop()
+                path.pop()
+            elif colour[child] == 1:
+                return [*path[path.index(child):], child]
+            elif colour[child] == 0:
+                colour[child] = 1
+                path.append(child)
+                stack.append((child, iter(sorted(g[child]))))
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_module_imports_itself_back() -> None:
+    g = graph()
+    assert len(g) > 60
+    assert find_cycle(g) is None
+
+
+def _part(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_agent_subpackages_import_only_downwards() -> None:
+    offenders = []
+    for module, deps in graph().items():
+        part = _part(module)
+        if part not in LAYERS:
+            continue
+        allowed = FOUNDATION | LAYERS[part] | {part}
+        offenders += [f"{module} -> {d}" for d in deps
+                      if d.startswith("agent") and d not in FOUNDATION
+                      and _part(d) not in allowed]
+    assert offenders == []
+
+
+def test_no_package_imports_another_packages_private_modules() -> None:
+    offenders = []
+    for module, deps in graph().items():
+        for d in deps:
+            private = [i for i, p in enumerate(d.split(".")) if p.startswith("_")]
+            if private and not module.startswith(".".join(d.split(".")[:private[0]])):
+                offenders.append(f"{module} -> {d}")
+    assert offenders == []
 
 
 def test_agent_sources_import_nothing_forbidden() -> None:
-    offenders = []
-    for path in AGENT.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-            offenders += [f"{path.name}: {n}" for n in names if _top(n) in FORBIDDEN]
+    offenders = [f"{p.relative_to(REPO)}: {n}" for p in AGENT.rglob("*.py")
+                 for n in imports(p) if n.split(".")[0] in FORBIDDEN]
     assert offenders == []
 
 
 def test_importing_every_agent_module_loads_no_forbidden_package() -> None:
-    modules = sorted(f"agent.{p.stem}" for p in AGENT.glob("*.py") if p.stem != "__init__")
+    modules = sorted(module_name(p) for p in AGENT.rglob("*.py"))
     code = (
         "import importlib, json, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
         "print(json.dumps(sorted({k.split('.')[0] for k in sys.modules})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+                         check=True, cwd=REPO)
     loaded = set(json.loads(out.stdout))
-    assert len(modules) >= 5
+    assert len(modules) >= 40
     assert loaded.isdisjoint(FORBIDDEN), loaded & set(FORBIDDEN)

@@ -102,9 +102,9 @@ def test_a_failing_first_wave_halts_and_nothing_else_changes(
     assert c.run(rid, timeout_s=90) == "halted"
     c.close()
     ro = rollouts.get(rid)
-    assert "dev-1" in ro["reason"] and ro["wave"] == 0
-    assert [d["outcome"] for d in rollouts.devices(rid)] == ["failed", "pending", "pending"]
-    assert [d["command_id"] is None for d in rollouts.devices(rid)] == [False, True, True]
+    assert "dev-1" in ro.reason and ro.wave == 0
+    assert [d.outcome for d in rollouts.devices(rid)] == ["failed", "pending", "pending"]
+    assert [d.command_id is None for d in rollouts.devices(rid)] == [False, True, True]
     assert versions(agents) == [1, 1, 1]
 
 

@@ -81,7 +81,7 @@ def test_a_rollout_over_real_agents_and_simulated_devices_completes(
             assert all(v == {"digits": 2} for v in sims.versions().values())
         for a in agents:
             assert a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 2
-        outcomes = [d["outcome"] for d in Rollouts(db).devices(rid)]
+        outcomes = [d.outcome for d in Rollouts(db).devices(rid)]
         assert outcomes == ["committed"] * 14
     finally:
         for a in agents:
@@ -100,23 +100,23 @@ def test_injected_faults_halt_in_the_first_wave_and_every_touched_device_is_back
             assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
             rollouts = Rollouts(db)
             ro = rollouts.get(rid)
-            assert ro["wave"] == 0 and "sim-0000" in ro["reason"]
-            touched = [d for d in rollouts.devices(rid) if d["command_id"] is not None]
-            assert [d["device"] for d in touched] == sims.names[:10]
-            assert all(d["command_id"] is None for d in rollouts.devices(rid)[10:])
+            assert ro.wave == 0 and "sim-0000" in ro.reason
+            touched = [d for d in rollouts.devices(rid) if d.command_id is not None]
+            assert [d.device for d in touched] == sims.names[:10]
+            assert all(d.command_id is None for d in rollouts.devices(rid)[10:])
             # Run again, as `rollout run ID` after a restart: a halted rollout stays halted
             # and its rollbacks' results are awaited (this once deadlocked on its lock).
             assert c.run(rid, poll_s=0.2, timeout_s=30) == "halted"
-            assert all(d["rollback_result"] for d in rollouts.devices(rid) if d["rollback_id"])
+            assert all(d.rollback_result for d in rollouts.devices(rid) if d.rollback_id)
         finally:
             c.close()
         versions = sims.versions()
     assert all(v == {"digits": 1} for v in versions.values()), versions
-    by_device = {d["device"]: d for d in Rollouts(db).devices(rid)}
-    assert by_device["sim-0000"]["outcome"] == "failed"  # never activated: nothing to undo
-    assert by_device["sim-0000"]["rollback_id"] is None
-    rolled = [d for d in by_device.values() if d["rollback_id"]]
-    assert rolled and all(d["rollback_result"].startswith("ok") for d in rolled)
+    by_device = {d.device: d for d in Rollouts(db).devices(rid)}
+    assert by_device["sim-0000"].outcome == "failed"  # never activated: nothing to undo
+    assert by_device["sim-0000"].rollback_id is None
+    rolled = [d for d in by_device.values() if d.rollback_id]
+    assert rolled and all(d.rollback_result.startswith("ok") for d in rolled)
 
 
 def test_drifting_updated_devices_halt_against_the_baseline(
@@ -131,8 +131,8 @@ def test_drifting_updated_devices_halt_against_the_baseline(
         finally:
             c.close()
         ro = Rollouts(db).get(rid)
-        assert ro["wave"] == 0, ro["reason"]
-        assert "of updated devices reported anomalies" in ro["reason"], ro["reason"]
+        assert ro.wave == 0, ro.reason
+        assert "of updated devices reported anomalies" in ro.reason, ro.reason
         time.sleep(2)  # the rollbacks go out; the devices answer
         versions = sims.versions()
     assert all(v == {"digits": 1} for v in versions.values()), versions

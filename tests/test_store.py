@@ -130,3 +130,14 @@ def test_check_installed_refuses_a_bundle_the_current_root_no_longer_trusts(
                           "command": (["command-1"], 1)})
     with pytest.raises(Exception, match="unknown or revoked"):
         store.check_installed("digits", s1.path.name, rotated)
+
+
+def test_every_journal_write_of_the_store_goes_through_the_table(tmp_path: Path) -> None:
+    """A rollback of an update that never activated (its last state FAILED) is a step the
+    table lacks: the store must refuse it, not write ROLLED_BACK over it."""
+    store = ModelStore(tmp_path / "state")
+    staged = stage(store, tmp_path, 1)
+    store.fail(staged, "self-test failed")
+    with pytest.raises(ValueError, match="no transition from failed"):
+        store._journal_rolled_back("digits", staged.path.name, "rollback of a failed one")
+    assert [e.state for e in store.journal()][-1] == State.FAILED

@@ -225,15 +225,23 @@ class ModelStore:
         if s.previous is None:
             raise BundleError(f"{name} has no previous version to roll back to",
                               check="no_previous")
-        undone = s.active
         self._write_slots(name, Slots(active=s.previous, previous=None, committed=s.committed))
-        last = next((e for e in reversed(self.journal())
-                     if e.model == name and e.dir == undone), None)
-        if last is not None and last.state in (State.ACTIVE, State.COMMITTED):
-            self._append(last.model_copy(update={"state": State.ROLLED_BACK,
-                                                 "at": self.clock(), "reason": reason}))
+        self._journal_rolled_back(name, s.active, reason)
         self._collect(name)
         return self.slots(name)
+
+    def _journal_rolled_back(self, name: str, undone: str | None, reason: str) -> None:
+        """Journal that the update which installed slot `undone` was rolled back, through
+        the lifecycle table (only ACTIVE and COMMITTED updates can be). A slot whose
+        history the journal lost (a torn line) gets an entry of its own, as committed."""
+        last = next((e for e in reversed(self.journal())
+                     if e.model == name and e.dir == undone), None)
+        if last is None:
+            last = JournalEntry(update=uuid.uuid4().hex, model=name,
+                                version=int((undone or "0").split("-")[0]), dir=undone or "",
+                                state=State.COMMITTED, at=self.clock())
+        self._append(last.model_copy(update={"state": advance(last.state, "rolled_back"),
+                                             "at": self.clock(), "reason": reason}))
 
     def _collect(self, name: str) -> None:
         """Remove bundle directories of `name` that no slot refers to."""
@@ -288,10 +296,7 @@ class ModelStore:
         """The active slot is unusable at start: use previous (or nothing) and say why."""
         s = self.slots(name)
         self._write_slots(name, Slots(active=s.previous, previous=None, committed=s.committed))
-        self._append(JournalEntry(update=uuid.uuid4().hex, model=name,
-                                  version=int((s.active or "0").split("-")[0]),
-                                  dir=s.active or "", state=State.ROLLED_BACK,
-                                  at=self.clock(), reason=reason))
+        self._journal_rolled_back(name, s.active, reason)
         self._collect(name)
         return self.slots(name)
 

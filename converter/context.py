@@ -1,0 +1,85 @@
+"""The work directory of one conversion: the artifact names every stage agrees on, and the
+`Context` the stages share (recipe, profile, data and its split, results so far).
+
+Its own module so that the stages (`converter.pipeline`), the report
+(`converter.report`) and the bundle (`converter.bundle`) depend on it, and not on one
+another: no import cycle among them (tests/test_layering.py checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ProfileError
+from agent.profiles import FirmwareProfile, load_profile
+from converter.data import Dataset, Split, calibration_indices, load_dataset, split
+from converter.errors import DataError, RecipeError
+from converter.recipe import Recipe
+
+STUDENT_FILE = "student.pt"
+FP32_ONNX = "model_fp32.onnx"
+PRE_ONNX = "model_fp32.pre.onnx"
+INT8_ONNX = "model_int8.onnx"
+INT8_TFLITE = "model_int8.tflite"
+RESULTS = "results.json"
+TEACHER_LOGITS = "teacher_logits.npy"
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    profile: FirmwareProfile
+    work: Path
+    data: Dataset
+    split: Split
+    results: dict[str, Any] = field(default_factory=dict)
+    say: Callable[[str], None] = print
+
+    @property
+    def classes(self) -> int:
+        return int(self.teacher_logits.shape[1])
+
+    @cached_property
+    def teacher_logits(self) -> np.ndarray:
+        """Cached on first use, which comes after the teacher stage wrote the file."""
+        return np.asarray(np.load(self.work / TEACHER_LOGITS), dtype=np.float32)
+
+    def truth(self, idx: np.ndarray) -> np.ndarray:
+        """Labels where the data has them, else the teacher's predictions."""
+        if self.data.y is not None:
+            return np.asarray(self.data.y[idx])
+        return np.asarray(self.teacher_logits[idx].argmax(1))
+
+    def save(self) -> None:
+        tmp = self.work / (RESULTS + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=2, default=str))
+        os.replace(tmp, self.work / RESULTS)
+
+    def calib(self) -> np.ndarray:
+        r = self.recipe.data
+        return self.data.x[calibration_indices(self.split, r.calibration_samples, r.seed)]
+
+
+def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print) -> Context:
+    """Load profile and data, split them, and pick up earlier stages' results."""
+    try:
+        profile = load_profile(recipe.target.profile)
+    except ProfileError as exc:
+        raise RecipeError(str(exc)) from exc
+    data = load_dataset(recipe.data.source)
+    if data.y is not None and data.y.max() >= 10_000:
+        raise DataError(f"data {data.source}: labels go up to {data.y.max()}, not class ids")
+    r = recipe.data
+    sp = split(len(data.x), data.y, seed=r.seed, val_fraction=r.val_fraction,
+               test_fraction=r.test_fraction)
+    work.mkdir(parents=True, exist_ok=True)
+    results = json.loads((work / RESULTS).read_text()) if (work / RESULTS).is_file() else {}
+    return Context(recipe, profile, work, data, sp, results, say)
