@@ -23,6 +23,8 @@ FAST = [
 @pytest.fixture(scope="session")
 def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits.npz, teacher.pt, teacher.onnx and recipe.toml, with a quickly trained teacher."""
+    if ARTIFACTS:
+        return Path(ARTIFACTS) / "example"
     from converter.examples.digits import write_example
 
     out = tmp_path_factory.mktemp("example")

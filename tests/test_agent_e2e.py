@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import shutil
 import socket
 import threading
@@ -18,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 from fixture_agent import AgentProcess, call, digits_input, infer_body, write_config
+from polling import wait_until
 
-from agent.client import unix_call
 from agent.profiles import load_profile
 from agent.serving.runtime import open_model
 from agent.trust.bundle import read_manifest
@@ -226,9 +227,17 @@ def test_thermal_throttle_sheds_low_priority_at_critical_with_hysteresis(
     prof = load_profile(X86).thermal
     temp = agent.dir / "temp"
 
+    def sensed() -> float | None:
+        """The temperature the scheduler last read (it reads at most every poll_s, when a
+        request arrives: a high-priority one is served even at critical)."""
+        agent.call("POST", "/v2/models/digits/infer", infer_body(IN_ONNX, priority="high"))
+        m = re.search(r"^edge_agent_temperature_celsius (\S+)$",
+                      agent.call("GET", "/metrics")[1], re.M)
+        return float(m.group(1)) if m else None
+
     def at(celsius: float, priority: str = "normal") -> tuple[int, Any]:
         temp.write_text(f"{int(celsius * 1000)}\n")
-        time.sleep(0.15)  # poll_s 0.05 in the test config
+        wait_until(lambda: sensed() == int(celsius * 1000) / 1000, what=f"{celsius} °C read")
         return agent.call("POST", "/v2/models/digits/infer",
                           infer_body(IN_ONNX, priority=priority))
 
@@ -285,14 +294,16 @@ def test_sd_notify_ready_watchdog_status_and_stopping(
         messages.append(sock.recv(4096).decode())
     first = "\n".join(messages)
     assert "READY=1" in first and "STATUS=serving no model yet on" in first
-    agent.stop()
+    assert f"MAINPID={agent.proc.pid}" in first
+    assert agent.stop() == 0  # SIGTERM: a clean stop
     rest = []
-    try:
-        while not any("STOPPING=1" in m for m in rest):
+    sock.settimeout(0)  # what it said before it exited is queued on the socket already
+    with contextlib.suppress(BlockingIOError):
+        while True:
             rest.append(sock.recv(4096).decode())
-    finally:
-        sock.close()
-    assert any("STOPPING=1" in m for m in rest)
+    sock.close()
+    stopping = [m for m in rest if "STOPPING=1" in m]
+    assert len(stopping) == 1 and "STATUS=" in stopping[0], rest
 
 
 def test_a_damaged_active_bundle_falls_back_to_previous_at_start(
@@ -326,7 +337,6 @@ def test_a_bad_config_fails_at_start_naming_the_field(tmp_path: Path,
     check = subprocess.run([sys.executable, "-m", "agent.cli", "check-config", "--config",
                             str(cfg)], capture_output=True, text=True, check=False)
     assert check.returncode == 2 and "scheduler.queue_max" in check.stderr
-    assert unix_call  # the module is importable without a daemon
 
 
 def test_edge_agent_install_works_directly_when_stopped_and_through_the_daemon(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import http.server
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from agent.trust.command import ArchiveRef
 from agent.updates.fetch import fetch
-from fleet.artifacts import serve_in_thread
+from fleet.artifacts import ArtifactHandler, serve_in_thread
 
 DATA = bytes(range(256)) * 2000
 
@@ -22,6 +24,9 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     root = tmp_path / "artifacts"
     root.mkdir()
     (root / "a.tar.zst").write_bytes(DATA)
+    (root / ".hidden").write_text("a dot file: not for devices")
+    (root / "sub").mkdir()
+    (root / "sub" / "a").write_text("below the directory: not served")
     (tmp_path / "secret").write_text("not for devices")
     (root / "link").symlink_to(tmp_path / "secret")
     server, url = serve_in_thread(root)
@@ -50,16 +55,32 @@ def test_ranges(served: tuple[str, Path]) -> None:
     assert get(url, "/a.tar.zst", {"Range": f"bytes={len(DATA)}-"})[0] == 416
 
 
-@pytest.mark.parametrize("path", ["/../secret", "/link", "/", "/.hidden", "/sub/a"])
+@pytest.mark.parametrize("path", ["/../secret", "/link", "/", "/.hidden", "/sub/a", "/sub"])
 def test_nothing_outside_the_directory(served: tuple[str, Path], path: str) -> None:
-    assert get(served[0], path)[0] == 404
+    url, root = served
+    assert (root / "a.tar.zst").is_file() and get(url, "/a.tar.zst")[0] == 200
+    assert get(url, path)[0] == 404
 
 
 def test_the_agent_resumes_a_partial_download(served: tuple[str, Path],
                                               tmp_path: Path) -> None:
-    url, _ = served
+    _, root = served
+    asked: list[str | None] = []
+
+    class Recording(ArtifactHandler):  # the real handler; it only notes what was asked
+        def do_GET(self) -> None:
+            asked.append(self.headers.get("Range"))
+            super().do_GET()
+
+    Recording.root = root.resolve()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recording)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     dest = tmp_path / "got.tar.zst"
     (tmp_path / "got.tar.zst.part").write_bytes(DATA[:123_456])
-    ref = ArchiveRef(urls=[f"{url}/a.tar.zst"], size_bytes=len(DATA),
-                     sha256=hashlib.sha256(DATA).hexdigest())
-    assert fetch(ref, dest).read_bytes() == DATA
+    ref = ArchiveRef(urls=[f"http://127.0.0.1:{server.server_address[1]}/a.tar.zst"],
+                     size_bytes=len(DATA), sha256=hashlib.sha256(DATA).hexdigest())
+    try:
+        assert fetch(ref, dest).read_bytes() == DATA
+    finally:
+        server.shutdown()
+    assert asked == ["bytes=123456-"]  # only the missing bytes: the partial file was kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fixture_trust import make_bundle
 
@@ -18,6 +19,8 @@ from agent.link.detectors import (
     rate_anomalies,
     temperature_anomaly,
 )
+from agent.serving.runtime import open_model
+from agent.serving.scheduler import DriftSample
 from agent.trust.bundle import read_manifest
 from agent.trust.manifest import ReferenceStats
 
@@ -91,6 +94,28 @@ def test_temperature_at_the_throttle_point() -> None:
     assert a is not None and (a.value, a.threshold) == (79.0, 78.0)
 
 
-def test_reference_histograms_come_from_the_manifest(tmp_path: Path) -> None:
-    ref = read_manifest(make_bundle(tmp_path)).reference
-    assert len(ref.input.histogram.fractions) == len(ref.input.histogram.bin_edges) - 1
+def test_the_converters_reference_matches_what_the_agent_samples(
+        onnx_run: Path, example: Path) -> None:
+    """The converter's reference statistics (on its calibration data) and the agent's own
+    sampling of served batches (`DriftSample`, on the manifest's bins) agree on the data
+    set the model was converted from: quiet. The same model on shifted inputs: drift."""
+    bundle = onnx_run / "bundle"
+    m = read_manifest(bundle)
+    x = np.load(example / "digits.npz")["x"].astype(np.float32)
+    model = open_model(bundle / m.model_file, m.runtime)
+    ref = m.reference
+    assert len(ref.output.class_fractions) == 10
+
+    def window(x: np.ndarray) -> Window:
+        sample = DriftSample.empty(m)
+        sample.add(m, x, model.run(x))
+        assert sample.samples >= T.min_requests
+        return w(requests=sample.samples, input_counts=sample.input_counts.tolist(),
+                 class_counts=sample.class_counts.tolist(),
+                 mean_confidence=sample.confidence_sum / sample.samples)
+
+    assert drift_anomalies(window(x), ref, T) == []
+    lo, hi = ref.input.histogram.bin_edges[0], ref.input.histogram.bin_edges[-1]
+    shifted = np.clip(x + 0.5 * (hi - lo), lo, hi).astype(np.float32)
+    found = drift_anomalies(window(shifted), ref, T)
+    assert "input_drift" in {a.detector for a in found}, found

@@ -83,10 +83,11 @@ def test_a_cut_download_resumes_with_range(server: str, tmp_path: Path) -> None:
 def test_endless_data_stops_at_the_cap_and_is_never_retried(server: str,
                                                             tmp_path: Path) -> None:
     Handler.mode["/e"] = "endless"
-    with pytest.raises(BundleError) as err:
-        fetch(ref(f"{server}/e"), tmp_path / "e")
+    with pytest.raises(BundleError) as err:  # a second URL is there to be (not) tried
+        fetch(ref(f"{server}/e", f"{server}/e-mirror"), tmp_path / "e")
     assert err.value.check == "size"
     assert not (tmp_path / "e.part").exists()
+    assert Handler.ranges == [None]  # one request: not resumed, not tried elsewhere
 
 
 def test_another_file_of_another_length_is_refused_at_its_headers(server: str,

@@ -30,8 +30,13 @@ def link(urls: list[str], outbox: Outbox, received: list[tuple[str, bytes]],
 def test_backoff_is_capped_jittered_and_grows() -> None:
     b, rng = Backoff(initial_s=1, max_s=30, factor=2, jitter=0.5), random.Random(0)
     delays = [backoff_delay(i, b, rng) for i in range(10)]
+    # within the jitter band below a capped exponential: grows, then stays in [15, 30]
     assert all(0.5 * min(30, 2 ** i) <= d <= min(30, 2 ** i) for i, d in enumerate(delays))
-    assert max(delays) <= 30
+    assert delays[0] <= 1 and min(delays[5:]) >= 15
+    # jittered: devices that lost the broker together do not come back together; the
+    # same attempt spreads over most of its 4 s band (8 s base, jitter 0.5)
+    same = [backoff_delay(3, b, rng) for _ in range(50)]
+    assert max(same) - min(same) > 3 and len(set(same)) == 50
 
 
 def test_birth_subscriptions_and_the_outbox_in_order(broker: Broker, tmp_path: Path) -> None:

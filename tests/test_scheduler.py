@@ -4,7 +4,6 @@ sensors, and a gate in front of the model so queueing is deterministic."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from agent.errors import Refused, UnknownModel
 from agent.serving.admission import Budget, Priority, ThermalLimits
 from agent.serving.runtime import F32, LoadedModel, open_model
 from agent.serving.scheduler import Resident, Scheduler
-from agent.testing import FakeSensors
+from agent.testing import FakeClock, FakeSensors
 from agent.trust.bundle import read_manifest
 
 LIMITS = ThermalLimits(throttle_c=78.0, critical_c=84.0, hysteresis_c=5.0)
@@ -42,11 +41,25 @@ def onnx(onnx_run: Path, tmp_path: Path) -> tuple[LoadedModel, object]:
     return open_model(onnx_run / "model_int8.onnx", "onnx"), m
 
 
-def sched(sensors: FakeSensors | None = None, **budget: int) -> Scheduler:
+def sched(sensors: FakeSensors | None = None, clock: FakeClock | None = None,
+          **budget: int) -> Scheduler:
     b = {"memory_budget_bytes": 10**9, "min_available_bytes": 0, "queue_max": 8,
          "max_batch": 8} | budget
     return Scheduler(budget=Budget(**b), thermal_limits=LIMITS,
-                     sensors=sensors or FakeSensors(), max_wait_s=0.05, sensor_interval_s=0)
+                     sensors=sensors or FakeSensors(), max_wait_s=0.05, sensor_interval_s=0,
+                     clock=clock or FakeClock())
+
+
+class Offset:
+    """The real model with `delta` added to its outputs: another model, told apart by
+    its outputs."""
+
+    def __init__(self, model: LoadedModel, delta: float) -> None:
+        self.model, self.delta = model, delta
+        self.inputs, self.outputs = model.inputs, model.outputs
+
+    def run(self, x: F32) -> F32:
+        return self.model.run(x) + np.float32(self.delta)
 
 
 def x(n: int = 1) -> F32:
@@ -68,8 +81,8 @@ def test_concurrent_requests_share_a_micro_batch_and_get_their_own_rows(onnx) ->
 
 def test_queue_bound_and_deadline_in_the_queue(onnx) -> None:  # type: ignore[no-untyped-def]
     model, m = onnx
-    gated = Gated(model)
-    s = sched(queue_max=2)
+    gated, clock = Gated(model), FakeClock()
+    s = sched(queue_max=2, clock=clock)
     s.load(Resident("digits", m, gated, 1000, batchable=False))
     first = s.submit("digits", x())
     assert gated.entered.wait(5)
@@ -78,7 +91,7 @@ def test_queue_bound_and_deadline_in_the_queue(onnx) -> None:  # type: ignore[no
     with pytest.raises(Refused) as err:
         s.submit("digits", x())
     assert (err.value.reason, err.value.status) == ("queue_full", 429)
-    time.sleep(0.05)
+    clock.jump(0.05)  # past the late request's deadline while it waits in the queue
     gated.gate.set()
     first.result(5)
     with pytest.raises(Refused, match="deadline"):
@@ -107,13 +120,20 @@ def test_high_priority_jumps_the_queue(onnx) -> None:  # type: ignore[no-untyped
 
 def test_least_recently_used_model_is_unloaded_to_stay_in_budget(onnx) -> None:  # type: ignore[no-untyped-def]
     model, m = onnx
-    s = sched(memory_budget_bytes=1500)
-    s.load(Resident("a", m, model, 1000, batchable=True))
-    s.load(Resident("b", m, model, 1000, batchable=True))
-    assert set(s.models()) == {"b"}
+    clock, size = FakeClock(), 2000
+    # room for two resident models and one request's arena, not for three models
+    s = sched(memory_budget_bytes=2 * size + m.resources.arena_bytes, clock=clock)
+    s.load(Resident("a", m, model, size, batchable=True))
+    clock.jump(1)
+    s.load(Resident("b", m, model, size, batchable=True))
+    clock.jump(1)
+    s.submit("a", x()).result(5)  # a, loaded first, is now the most recently used
+    clock.jump(1)
+    s.load(Resident("c", m, model, size, batchable=True))
+    assert set(s.models()) == {"a", "c"}  # b went: least recently used, not first loaded
     with pytest.raises(UnknownModel):
-        s.submit("a", x())
-    assert s.metrics.counter("edge_agent_model_unloads_total", model="a") == 1
+        s.submit("b", x())
+    assert s.metrics.counter("edge_agent_model_unloads_total", model="b") == 1
     s.stop()
 
 
@@ -133,16 +153,16 @@ def test_thermal_critical_sheds_normal_priority(onnx) -> None:  # type: ignore[n
 
 def test_a_hot_swap_lets_the_running_batch_finish_on_the_old_model(onnx) -> None:  # type: ignore[no-untyped-def]
     model, m = onnx
-    old = Gated(model)
+    old, new = Gated(model), Offset(model, 100.0)  # the new version's outputs are +100
     s = sched()
     s.load(Resident("digits", m, old, 1000, batchable=False))
     running = s.submit("digits", x())
     assert old.entered.wait(5)
-    s.load(Resident("digits", m.model_copy(update={"version": 2}), model, 1000,
+    s.load(Resident("digits", m.model_copy(update={"version": 2}), new, 1000,
                     batchable=False))
     queued = s.submit("digits", x())
     old.gate.set()
-    np.testing.assert_allclose(running.result(5), model.run(x()), atol=1e-5)
-    queued.result(5)
+    np.testing.assert_allclose(running.result(5), model.run(x()), atol=1e-5)  # old model
+    np.testing.assert_allclose(queued.result(5), model.run(x()) + 100, atol=1e-4)  # new
     assert s.models()["digits"].manifest.version == 2
     s.stop()
