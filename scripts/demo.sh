@@ -50,6 +50,11 @@ cp -r "$OUT/$PROFILE/bundle" "$OUT/$PROFILE/tampered"
 trap 'rm -rf "$OUT/$PROFILE/tampered"' EXIT
 MODEL=$(ls "$OUT/$PROFILE/tampered" | grep '^model\.')
 printf '\x01' | dd of="$OUT/$PROFILE/tampered/$MODEL" bs=1 seek=100 conv=notrunc status=none
-"$V/edge-fleet" verify "$OUT/$PROFILE/tampered" --root "$KEYS/root.json" || echo "(refused, as it must be)"
+# Exit 3 is a rejection; anything else (a crash, a usage error) is not the refusal we show.
+rc=0; "$V/edge-fleet" verify "$OUT/$PROFILE/tampered" --root "$KEYS/root.json" || rc=$?
+if [ "$rc" -ne 3 ]; then
+  echo "demo: the tampered copy gave exit $rc, not a rejection (3)" >&2; exit 1
+fi
+echo "(refused, as it must be)"
 rm -rf "$OUT/$PROFILE/tampered"
 "$V/python" scripts/fleet_demo.py --out "$OUT" --profile "$PROFILE" "${SHORT[@]}"

@@ -164,14 +164,16 @@ def test_hot_swap_under_a_steady_request_stream_fails_no_request(
     workers = [threading.Thread(target=stream) for _ in range(3)]
     for w in workers:
         w.start()
-    time.sleep(0.3)
+    wait_until(lambda: len(statuses) >= 30, what="requests flowing before the swap")
     body = installed(agent, releases["onnx2"])
-    time.sleep(0.3)
+    swapped = len(statuses)
+    wait_until(lambda: "2" in versions and len(statuses) >= swapped + 30,
+               what="requests served by v2 after the swap")
     stop.set()
     for w in workers:
         w.join()
     assert body["version"] == 2 and body["previous"] is not None
-    assert len(statuses) > 50
+    assert versions == {"1", "2"}
     assert set(statuses) == {200}, f"{statuses.count(200)} of {len(statuses)} succeeded"
     assert versions == {"1", "2"}
 

@@ -8,11 +8,11 @@ import re
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from fixture_agent import AgentProcess, start_group
 from fixture_mqtt import Broker
+from polling import wait_until
 
 from fleet.artifacts import serve_in_thread
 from fleet.dashboard import Dashboard, make_server
@@ -46,9 +46,7 @@ def test_the_dashboard_shows_devices_and_rollout_progress(
         server = make_server(Dashboard(db, "acme"))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        deadline = time.monotonic() + 20
-        while len(db.devices()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: len(db.devices()) == 2, timeout_s=20, what="both devices seen")
         before = browse(url, "--dump-dom")
         assert re.search(r'<tr data-device="dev-1"', before)
         assert "digits v1" in before and "<p>none</p>" in before
@@ -67,7 +65,8 @@ def test_the_dashboard_shows_devices_and_rollout_progress(
         assert f'data-id="{rid}"' in during
         assert c.run(rid, timeout_s=60) == "completed"
         c.close()
-        time.sleep(1.5)  # let the retained state of both devices reach the database
+        wait_until(lambda: all(r.models.get("digits", {}).get("version") == 2  # state
+                               for r in db.devices()), what="both devices' state at v2")
         after = browse(url, "--dump-dom")
         assert 'data-progress="2/2"' in after and "digits v2" in after
         host, port = server.server_address[:2]

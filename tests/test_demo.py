@@ -29,6 +29,7 @@ def test_the_demo_in_short_mode(example: Path, tmp_path: Path) -> None:
     log = p.stdout + p.stderr
     (tmp_path / "demo.log").write_text(log)
     assert p.returncode == 0, log[-4000:]
+    assert re.search(r"edge-fleet: rejected \(sha256\): .*model", log), log[-4000:]
     assert "(refused, as it must be)" in log
     assert "2 of 2 simulated" not in log
     assert re.search(r"12 of 12 simulated device\(s\) connected", log)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from fixture_agent import AgentProcess, infer_body, write_config
 from fixture_mqtt import Broker, Subscriber
+from polling import wait_until
 
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.keys import KeyDir
@@ -212,7 +214,12 @@ def test_a_latency_regression_in_the_health_window_rolls_back_by_itself(
     t = threading.Thread(target=traffic)
     t.start()
     try:
-        time.sleep(3)  # baseline windows of v1's latency (telemetry every 0.3 s)
+        # baseline windows of v1's latency: telemetry (every 0.3 s) with traffic in it,
+        # past the detector's warm-up
+        def busy_windows() -> int:
+            return sum(json.loads(p)["models"].get("digits", {}).get("requests", 0) > 0
+                       for p in sub.on("/telemetry"))
+        sub.wait_for(lambda: busy_windows() >= 8, timeout=20)
         sub.publish(f"{BASE}/cmd", deploy(releases, artifacts, "onnx4_slow"))
         sub.wait_for(lambda: results(sub), timeout=30)
     finally:
@@ -275,7 +282,6 @@ def test_remote_inference_over_mqtt5_request_response(fleet: Any, broker: Broker
 
 def test_an_agent_restart_with_a_full_outbox_loses_nothing(
         tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
-    import time
 
     where = tmp_path / "offline-agent"
     where.mkdir()
@@ -283,7 +289,12 @@ def test_an_agent_restart_with_a_full_outbox_loses_nothing(
                        mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.2})
     broker.stop()  # the agent starts while the broker is down
     agent = AgentProcess(cfg).start()
-    time.sleep(2)
+
+    def kept() -> int:
+        with sqlite3.connect(where / "state" / "outbox.sqlite") as db:
+            return int(db.execute("SELECT COUNT(*) FROM outbox WHERE stream = 'telemetry'"
+                                  ).fetchone()[0])
+    wait_until(lambda: kept() >= 5, what="telemetry kept in the outbox while offline")
     agent.stop()  # telemetry so far waits in the outbox on disk
     broker.start()
     sub = Subscriber(broker, [f"{BASE}/telemetry"], client_id="restart-sub")
@@ -309,3 +320,25 @@ def test_config_and_reload_commands(fleet: Any, releases: dict[str, Path]) -> No
     assert r[2]["ok"] and "telemetry interval" in r[2]["result"]
     assert (r[3]["ok"], r[3]["check"]) == (False, "no_previous")
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+
+    def interval_after(n: int) -> float:
+        """The interval of the first telemetry message after the n-th seen so far."""
+        sub.wait_for(lambda: len(sub.on("/telemetry")) > n + 1, timeout=20)
+        return float(json.loads(sub.on("/telemetry")[n + 1])["interval_s"])
+
+    # applied (the fixture's interval was 0.3 s), and still so after a restart and the
+    # reload above: the command's settings are kept in the state directory
+    assert interval_after(len(sub.on("/telemetry"))) == 1.0
+    stored = json.loads((agent.dir / "state" / "settings.json").read_text())
+    assert stored == {"latency_z": 6, "telemetry_interval_s": 1}
+    agent.stop()
+    seen = len(sub.on("/telemetry"))
+    agent.start()
+    assert interval_after(seen) == 1.0
+    bad = command(releases, "config", settings={"latency_z": "high", "min_requests": 0})
+    sub.publish(f"{BASE}/cmd", bad)
+    sub.wait_for(lambda: len(results(sub)) == 5, timeout=20)
+    refused = results(sub)[4]
+    assert (refused["ok"], refused["check"]) == (False, "settings")
+    assert "latency_z" in refused["result"] and "min_requests" in refused["result"]
+    assert json.loads((agent.dir / "state" / "settings.json").read_text()) == stored

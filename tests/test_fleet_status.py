@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 from fixture_agent import start_group
 from fixture_mqtt import Broker, Subscriber
+from polling import wait_until
 
 from fleet.state import FleetDB, FleetWatcher
 
@@ -39,19 +39,13 @@ def test_the_fleet_state_follows_the_devices(fleet: Any, tmp_path: Path) -> None
     watcher = FleetWatcher(db, broker.url, "acme").start()
     sub = Subscriber(broker, [], client_id="poker")
     sub.publish("edge/v1/acme/dev-9/state", b'{"schema": 1, "device": "dev-9"}', retain=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        rows = db.devices()
-        if len(rows) == 2 and all(r.telemetry_age_s is not None for r in rows):
-            break
-        time.sleep(0.1)
+    rows = wait_until(lambda: (r := db.devices()) and len(r) == 2 and all(
+        d.telemetry_age_s is not None for d in r) and r, what="both devices with telemetry")
     assert [(r.device, r.online, r.models["digits"]["version"], r.health) for r in rows] == [
         ("dev-1", True, 2, "ok"), ("dev-2", True, 2, "ok")]
     assert db.counter("invalid_state") == 1  # the malformed one was counted, not stored
     agents[1].kill9()
-    deadline = time.monotonic() + 20
-    while db.devices()[1].online and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: not db.devices()[1].online, what="dev-2's Last Will")
     assert db.devices()[1].health == "offline"
     watcher.stop()
     sub.close()

@@ -4,18 +4,34 @@ its database; plus the pure wave and verdict policy."""
 
 from __future__ import annotations
 
-import time
+import json
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixture_agent import AgentProcess, start_group
-from fixture_mqtt import Broker
+from fixture_mqtt import Broker, Subscriber
+from polling import wait_until
 
 from fleet.artifacts import serve_in_thread as serve
+from fleet.errors import FleetError
 from fleet.keys import KeyDir
-from fleet.policy import Criteria, Health, Outcome, judge, wave_sizes
+from fleet.policy import (
+    FINAL,
+    STATUS_TRANSITIONS,
+    Criteria,
+    Health,
+    Outcome,
+    Status,
+    judge,
+    next_status,
+    wave_sizes,
+)
 from fleet.rollout import Controller, Rollouts
 from fleet.state import FleetDB
 
@@ -49,6 +65,44 @@ def test_verdicts() -> None:
     assert judge({"a": Outcome.PENDING}, deadline_passed=True, criteria=c).action == "halt"
 
 
+def test_a_rollouts_status_table_has_one_way_back_to_running_and_final_ends() -> None:
+    assert next_status(Status.RUNNING, "pause") is Status.PAUSED
+    assert next_status(Status.PAUSED, "resume") is Status.RUNNING
+    assert [k for k in STATUS_TRANSITIONS if k[1] == "resume"] == [(Status.PAUSED, "resume")]
+    assert not [k for k in STATUS_TRANSITIONS if k[0] in FINAL]
+    for final in FINAL:
+        with pytest.raises(ValueError, match="final"):
+            next_status(final, "resume")
+
+
+def test_pause_resume_and_a_halted_rollout_that_cannot_be_resumed(
+        releases: dict[str, Path], tmp_path: Path) -> None:
+    """Through the command line, as an operator types it; no broker is needed to pause."""
+    db_path = tmp_path / "fleet.sqlite"
+    rollouts = Rollouts(FleetDB(db_path))
+    rid = rollouts.create(archive=releases["onnx2"], urls=["http://127.0.0.1:9/a"],
+                          group="lab", devices=["dev-1", "dev-2"], fractions=[1.0],
+                          criteria=Criteria(), wave_timeout_s=60)
+
+    def cli(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "fleet.cli", "rollout", action, rid,
+                               "--db", str(db_path)], capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    assert f"rollout {rid}: paused" in cli("pause").stdout
+    assert rollouts.get(rid).status is Status.PAUSED
+    assert cli("pause").returncode != 0  # paused already: not a step of the table
+    assert f"rollout {rid}: running" in cli("resume").stdout
+    rollouts.move(rid, "halt", "2 of 2 device(s) failed")
+    refused = cli("resume")
+    assert refused.returncode != 0 and "halted (final) rollout cannot resume" in refused.stderr
+    assert rollouts.get(rid).status is Status.HALTED  # a halt is never undone by resume
+    with pytest.raises(FleetError, match="cannot complete"):
+        rollouts.move(rid, "complete")
+    with pytest.raises(TypeError):
+        rollouts.set(rid, status="running")  # status is written by move only
+
+
 @pytest.fixture
 def group(tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
     agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2", "dev-3"],
@@ -69,23 +123,55 @@ def versions(agents: list[AgentProcess]) -> list[int]:
     return [a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] for a in agents]
 
 
-def test_a_rollout_in_waves_completes_and_survives_a_controller_restart(
+def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
         group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """`edge-fleet rollout run` is killed (SIGKILL) while the first wave's device is in
+    its health window; the device commits while no controller runs; a new controller
+    takes the result from the persistent session and finishes the rollout."""
     broker, agents, url = group
     db = FleetDB(tmp_path / "fleet.sqlite")
     archive = releases["onnx2"]
-    rid = Rollouts(db).create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
-                              devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
-                              criteria=Criteria(), wave_timeout_s=60)
-    first = controller(db, broker, releases)
-    assert first.step(rid) == "running"  # wave 1 sent
-    first.close()  # the controller dies; results arrive while it is gone
-    time.sleep(2)
+    rollouts = Rollouts(db)
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
+                          criteria=Criteria(), wave_timeout_s=60)
+    keys = releases["keys"]
+    run = subprocess.Popen([sys.executable, "-m", "fleet.cli", "rollout", "run", rid,
+                            "--db", str(tmp_path / "fleet.sqlite"), "--broker", broker.url,
+                            "--key", str(next((keys / "keys").glob("command-*.key"))),
+                            "--root", str(keys / "root.json")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def slot(agent: AgentProcess) -> tuple[int, int | None]:
+        d = agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]
+        return d["version"], d["committed"]
+
+    try:
+        wait_until(lambda: slot(agents[0]) == (2, 1), timeout_s=60, every_s=0.01,
+                   what="dev-1 serving v2 in its health window")
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait(10)
+    first = rollouts.devices(rid)[0]
+    # An observer of its own sees dev-1's result go by while no controller runs.
+    observer = Subscriber(broker, ["edge/v1/acme/+/cmd/result"], client_id="observer")
+    try:
+        observer.wait_for(lambda: any(json.loads(r)["command_id"] == first.command_id
+                                      for r in observer.on("/cmd/result")), timeout=30)
+    finally:
+        observer.close()
+    assert slot(agents[0]) == (2, 2)
+    assert (first.device, first.outcome) == ("dev-1", Outcome.PENDING)  # nobody recorded it
+    assert [d.command_id is None for d in rollouts.devices(rid)] == [False, True, True]
     second = controller(db, broker, releases)
     assert second.run(rid, timeout_s=90) == "completed"
     second.close()
     assert versions(agents) == [2, 2, 2]
-    lines = Rollouts(db).status_lines(rid)
+    assert [d.outcome for d in rollouts.devices(rid)] == [Outcome.COMMITTED] * 3
+    # dev-1's result is the one it sent while no controller ran (the persistent session
+    # kept it), not the answer to a second deploy after the wave timed out
+    assert rollouts.devices(rid)[0].command_id == first.command_id
+    lines = rollouts.status_lines(rid)
     assert "completed" in lines[0] and sum("committed" in ln for ln in lines[1:]) == 3
 
 
@@ -109,10 +195,6 @@ def test_a_failing_first_wave_halts_and_nothing_else_changes(
 
 
 def test_the_rollout_command_line(group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
-    import re
-    import subprocess
-    import sys
-
     broker, agents, url = group
     keys = releases["keys"]
     key = next((keys / "keys").glob("command-*.key"))

@@ -5,7 +5,6 @@ serves the previous release again."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 from fixture_agent import start_group
 from fixture_mqtt import Broker
+from polling import wait_until
 
 from fleet.artifacts import serve_in_thread as serve
 from fleet.errors import FleetError
@@ -133,6 +133,9 @@ def test_drifting_updated_devices_halt_against_the_baseline(
         ro = Rollouts(db).get(rid)
         assert ro.wave == 0, ro.reason
         assert "of updated devices reported anomalies" in ro.reason, ro.reason
-        time.sleep(2)  # the rollbacks go out; the devices answer
-        versions = sims.versions()
-    assert all(v == {"digits": 1} for v in versions.values()), versions
+        # the rollbacks go out; the devices answer
+        def all_on_v1() -> bool:
+            versions = sims.versions()
+            return len(versions) == 10 and all(v == {"digits": 1} for v in versions.values())
+
+        wait_until(all_on_v1, timeout_s=30, what="every simulated device back on v1")
