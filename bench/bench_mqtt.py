@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,23 +69,28 @@ def deploy_latency(where: Path, n: int) -> list[tuple[float, float, int]]:
         raw = sign_command(build_command("deploy", fleet="acme", device="dev-1", **fields),
                            kd.keys_of(kd.root(), "command", None))
         seen = len(sub.on("/cmd/result"))
-        t0 = time.perf_counter()
+        # Times from the device's own timestamps (`at`, same host clock), not from when
+        # this loop noticed them: an event and the result can arrive in one poll.
+        t0 = datetime.now(UTC)
         sub.publish(f"{BASE}/cmd", raw)
-        activated = None
         while len(sub.on("/cmd/result")) == seen:
-            if activated is None and any(json.loads(e)["kind"] == "deploy.activated"
-                                         and json.loads(e)["version"] == fields["version"]
-                                         for e in sub.on("/event")):
-                activated = time.perf_counter() - t0
             time.sleep(0.002)
-        done = time.perf_counter() - t0
-        assert json.loads(sub.on("/cmd/result")[-1])["ok"]
-        out.append((activated or done, done, archive.stat().st_size))
+        result = json.loads(sub.on("/cmd/result")[-1])
+        assert result["ok"], result
+        event = next(json.loads(e) for e in sub.on("/event")
+                     if json.loads(e)["kind"] == "deploy.activated"
+                     and json.loads(e)["version"] == fields["version"])
+        out.append((_since(event["at"], t0), _since(result["at"], t0),
+                    archive.stat().st_size))
     agent.stop()
     sub.close()
     broker.stop()
     srv.shutdown()
     return out
+
+
+def _since(at: str, t0: datetime) -> float:
+    return (datetime.fromisoformat(at) - t0).total_seconds()
 
 
 def telemetry(seq: int) -> bytes:

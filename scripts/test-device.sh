@@ -46,6 +46,6 @@ DEVICE_TESTS=(tests/test_layering.py tests/test_profiles.py tests/test_manifest.
 # (the operator's fleet tools are tested in the full environment only)
 for venv in .venv-device .venv-tflite; do
   log "$venv: $("$venv/bin/python" -c 'import numpy, sys; print("Python", sys.version.split()[0], "numpy", numpy.__version__)')"
-  EDGE_TEST_ARTIFACTS=$PWD/build/test-artifacts "$venv/bin/python" -m pytest -q -m "not slow" \
+  EDGE_TEST_ARTIFACTS=$PWD/build/test-artifacts "$venv/bin/python" -m pytest -q \
     -p no:cacheprovider "${DEVICE_TESTS[@]}"
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: set everything up, then lint, type-check and run the tests,
 # then the agent's own tests again in the lean device environments (scripts/test-device.sh).
-# Extra arguments go to the main pytest run (e.g. `scripts/test.sh -k profiles`, `-m slow`);
+# Extra arguments go to the main pytest run (e.g. `scripts/test.sh -k profiles`);
 # EDGE_SKIP_DEVICE_ENVS=1 skips the device environments for a quick local run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ V=.venv/bin
 echo "== ruff"; "$V/ruff" check .
 echo "== mypy (strict)"; "$V/mypy"
 echo "== pytest"
-"$V/pytest" -m "not slow" "$@"
+"$V/pytest" "$@"
 if [ "${EDGE_SKIP_DEVICE_ENVS:-0}" != 1 ]; then
   echo "== device environments: the agent with its own dependencies only"
   scripts/test-device.sh

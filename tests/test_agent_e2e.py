@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import shutil
@@ -362,3 +363,58 @@ def test_edge_agent_install_works_directly_when_stopped_and_through_the_daemon(
     assert live.returncode == 0 and json.loads(live.stdout)["version"] == 2, live
     bad = install(releases["onnx3_bad"])
     assert bad.returncode == 3 and "self-test" in bad.stdout
+
+
+def test_admin_install_of_what_is_not_a_bundle_and_rollback_through_the_admin_api(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """A FIFO (it would block the install lock) is refused by name and the daemon goes
+    on; `/v1/admin/rollback` serves the previous version, and a second one has nothing to
+    go back to (409). (One install at a time: tests/test_install.py.)"""
+    agent = agent_factory(X86)
+    installed(agent, releases["onnx1"])
+    fifo = agent.dir / "incoming.tar.zst"
+    os.mkfifo(fifo)
+    status, body = agent.install(fifo)
+    assert (status, body.get("check")) == (422, "source") and "neither" in body["error"], body
+    installed(agent, releases["onnx2"])
+    status, body = agent.call("POST", "/v1/admin/rollback", {"model": "digits",
+                                                            "reason": "operator"})
+    assert status == 200 and "digits v1" in body["result"], body
+    st = agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]
+    assert (st["version"], st["previous"], st["committed"]) == (1, None, 2)
+    assert agent.call("POST", "/v2/models/digits/infer",
+                      infer_body(IN_ONNX))[1]["model_version"] == "1"
+    status, body = agent.call("POST", "/v1/admin/rollback", {"model": "digits"})
+    assert status == 409 and "no previous" in body["error"], body
+    assert agent.call("POST", "/v1/admin/rollback", {})[0] == 400
+
+
+def test_edge_agent_status_unit_and_schema_commands(agent_factory: Any,
+                                                    releases: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    agent = agent_factory(X86)
+    installed(agent, releases["onnx1"])
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                              text=True, timeout=60, check=False)
+
+    status = cli("status", "--config", str(agent.config))
+    assert status.returncode == 0, status.stderr
+    body = json.loads(status.stdout)
+    assert (body["device"], body["models"]["digits"]["version"]) == ("dev-1", 1)
+    unit = cli("unit", "--config", str(agent.config))
+    assert unit.returncode == 0 and f"--config {agent.config}" in unit.stdout
+    assert "Type=notify" in unit.stdout and "MemoryMax=" in unit.stdout
+    out = tmp_path / "schemas"
+    assert cli("schema", "--out", str(out)).returncode == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "telemetry.schema.json" in names and "event.schema.json" in names, names
+    telemetry = json.loads((out / "telemetry.schema.json").read_text())
+    assert "interval_s" in telemetry["properties"]
+    agent.stop()
+    gone = cli("status", "--config", str(agent.config))
+    assert gone.returncode == 2 and "cannot reach the agent" in gone.stderr

@@ -342,3 +342,82 @@ def test_config_and_reload_commands(fleet: Any, releases: dict[str, Path]) -> No
     assert (refused["ok"], refused["check"]) == (False, "settings")
     assert "latency_z" in refused["result"] and "min_requests" in refused["result"]
     assert json.loads((agent.dir / "state" / "settings.json").read_text()) == stored
+
+
+class _Held(http.server.BaseHTTPRequestHandler):
+    """Serves an archive's first 64 KiB, then holds the rest until `gate` is set."""
+
+    archive: Path
+    gate: threading.Event
+    asked: threading.Event
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # the stdlib's name
+        data = self.archive.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:65536])
+        self.wfile.flush()
+        self.asked.set()
+        self.gate.wait(20)
+        self.wfile.write(data[65536:])
+
+
+def test_a_second_deploy_while_one_runs_is_refused_as_busy(
+        fleet: Any, releases: dict[str, Path]) -> None:
+    agent, sub = fleet
+    archive = releases["onnx2"]
+    handler = type("H", (_Held,), {"archive": archive, "gate": threading.Event(),
+                                   "asked": threading.Event()})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/{archive.name}"
+    try:
+        first = command(releases, "deploy", **deploy_fields(archive, [url]))
+        sub.publish(f"{BASE}/cmd", first)
+        assert handler.asked.wait(20)  # the first deploy is downloading, held
+        sub.publish(f"{BASE}/cmd", command(releases, "deploy",
+                                           **deploy_fields(releases["onnx3_bad"], [url])))
+        sub.wait_for(lambda: len(results(sub)) == 1, timeout=20)
+        busy = results(sub)[0]
+        assert (busy["ok"], busy["check"]) == (False, "busy"), busy
+        assert "deploy.refused" in [e["kind"] for e in events(sub)]
+        handler.gate.set()
+        sub.wait_for(lambda: len(results(sub)) == 2, timeout=30)
+    finally:
+        handler.gate.set()
+        srv.shutdown()
+    done = results(sub)[1]
+    assert done["ok"] and done["command_id"] == json.loads(first)["signed"]["id"], done
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 2
+
+
+def test_what_the_outbox_cap_drops_is_counted_and_reported(
+        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
+    where = tmp_path / "capped"
+    where.mkdir()
+    cfg = write_config(where, releases["keys"], profile=X86,
+                       mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.05,
+                             "outbox_cap": 10})
+    broker.stop()  # offline: telemetry piles up against the cap of 10
+    agent = AgentProcess(cfg).start()
+    try:
+        def dropped() -> int:
+            with sqlite3.connect(where / "state" / "outbox.sqlite") as db:
+                return int(db.execute("SELECT COALESCE(SUM(dropped), 0) FROM counters"
+                                      ).fetchone()[0])
+        wait_until(lambda: dropped() >= 5, what="the cap dropping telemetry")
+        broker.start()
+        sub = Subscriber(broker, [f"{BASE}/event"], client_id="cap-sub")
+        sub.wait_for(lambda: any(json.loads(p)["kind"] == "outbox.dropped"
+                                 for p in sub.on("/event")), timeout=30)
+        event = next(json.loads(p) for p in sub.on("/event")
+                     if json.loads(p)["kind"] == "outbox.dropped")
+        assert event["evidence"]["telemetry"] >= 5, event
+        sub.close()
+    finally:
+        agent.stop()

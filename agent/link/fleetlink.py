@@ -78,8 +78,10 @@ class FleetLink:
         self._stop = threading.Event()
         downloads = state / "downloads"
         downloads.mkdir(exist_ok=True)
-        self.telemetry = TelemetryLoop(agent, self.report, lambda: self.settings,
-                                       deploying=lambda: self.deployer.busy())  # noqa: PLW0108  # made below
+        self.telemetry = TelemetryLoop(
+            agent, self.report, lambda: self.settings,
+            deploying=lambda: self.deployer.busy(),  # noqa: PLW0108  # made below
+            online=lambda: self.link.connected.is_set())  # noqa: PLW0108  # made below
         self.deployer = Deployer(agent, self.report, self.telemetry, lambda: self.settings,
                                  downloads=downloads, stop=self._stop)
         password = cfg.password_file.read_text().strip() if cfg.password_file else None

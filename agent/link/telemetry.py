@@ -57,10 +57,15 @@ class TelemetryLoop:
     """The detectors' state across windows, and the periodic message."""
 
     def __init__(self, agent: AgentPort, reporter: Reporter,
-                 settings: Callable[[], LinkSettings],
-                 deploying: Callable[[], bool]) -> None:
+                 settings: Callable[[], LinkSettings], *, deploying: Callable[[], bool],
+                 online: Callable[[], bool]) -> None:
+        """Args:
+            deploying: a deploy is in its flow (its window judges the model itself).
+            online: the broker connection is up; what the outbox cap dropped is taken and
+                reported only then, as one total, not an event per interval offline.
+        """
         self.agent, self.report = agent, reporter
-        self._settings, self._deploying = settings, deploying
+        self._settings, self._deploying, self._online = settings, deploying, online
         self._latency: dict[str, LatencyDetector] = {}
         self._memory = MemoryTrend(settings().thresholds)
         self._loaded: frozenset[tuple[str, int]] = frozenset()
@@ -142,7 +147,7 @@ class TelemetryLoop:
                                                    settings.interval_s)]):
             self.report.anomaly(a)
         outbox = self.report.outbox
-        dropped = outbox.take_dropped()
+        dropped = outbox.take_dropped() if self._online() else {}
         if dropped:
             self.report.event("outbox.dropped", "warning",
                               f"the outbox cap dropped {dropped}", evidence=dropped)

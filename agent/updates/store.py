@@ -167,6 +167,9 @@ class ModelStore:
         Raises:
             RejectedError: the bundle fails verification (nothing is left behind).
         """
+        if not (source.is_dir() or source.is_file()):  # a FIFO or device would block or lie
+            raise BundleError(f"{source} is neither a bundle directory nor an archive file",
+                              check="source")
         device = Device(profile=device.profile, agent_version=device.agent_version,
                         committed=self.committed())
         tmp = self.base / "staging" / uuid.uuid4().hex
