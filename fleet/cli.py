@@ -435,6 +435,8 @@ def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
 
 
 def _add_simulate(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    from fleet.simulate import DEFAULT_FAULTS, FAULTS  # noqa: PLC0415  # numpy: not for every command
+
     si = sub.add_parser("simulate", help="simulated devices speaking the agent's protocol")
     si.set_defaults(func=cmd_simulate)
     si.add_argument("--broker", required=True)
@@ -442,7 +444,8 @@ def _add_simulate(sub: Subparsers) -> None:  # type: ignore[type-arg]
     si.add_argument("--devices", type=int, default=100)
     si.add_argument("--faulty", type=float, default=0.0, metavar="PERCENT",
                     help="devices that fail new releases (self-test, latency, drift)")
-    si.add_argument("--fault-kinds", default="selftest,latency,drift")
+    si.add_argument("--fault-kinds", default=",".join(DEFAULT_FAULTS),
+                    help=f"taken in turn; known: {', '.join(FAULTS)} (%(default)s)")
     si.add_argument("--initial", type=Path, help="a signed archive every device starts with")
     si.add_argument("--group", action="append", default=None)
     si.add_argument("--profile", default="raspberry-pi-4")

@@ -19,8 +19,10 @@ release fails its self-test), `latency` (a new release serves 4x slower: the hea
 rolls it back) and `drift` (its inputs and outputs drift away from the manifest's
 reference: anomaly events from the first telemetry interval on; the device's own window
 judges latency and errors, so it commits, and the rollout controller's comparison with
-the baseline is what catches it). A fault shows only for releases deployed during the
-simulation, not for the model the devices start with.
+the baseline is what catches it); on request (`--fault-kinds`), also `errors` (a new
+release fails 30 % of its requests: the health window's error rate rolls it back). A
+fault shows only for releases deployed during the simulation, not for the model the
+devices start with.
 
 Processes and threads: `SimulatedFleet` spreads the devices over worker processes (see
 there); in each, one MQTT thread per device (polling every `poll_s`), commands verified
@@ -66,10 +68,11 @@ from agent.updates.store import ModelStore
 from fleet.errors import FleetError
 
 log = logging.getLogger("edge_fleet.simulate")
-FAULTS = ("selftest", "latency", "drift")
+DEFAULT_FAULTS = ("selftest", "latency", "drift")
+FAULTS = (*DEFAULT_FAULTS, "errors")
 
 
-def fault_plan(names: list[str], percent: float, kinds: tuple[str, ...] = FAULTS
+def fault_plan(names: list[str], percent: float, kinds: tuple[str, ...] = DEFAULT_FAULTS
                ) -> dict[str, str]:
     """Which devices are faulty and how: `percent` of them, spread evenly over the sorted
     names (the first is always faulty when percent > 0), `kinds` taken in turn."""
@@ -130,6 +133,7 @@ class StandInResident:
     manifest: Manifest
     slow: float = 1.0  # latency factor (the latency fault)
     drifting: bool = False  # the drift fault
+    failing: float = 0.0  # share of requests that fail (the errors fault)
     samples: int = 0
 
     def take_drift(self) -> DriftSample | None:
@@ -207,7 +211,8 @@ class StandInAgent:
         faulty = self.faults
         self.scheduler.residents[manifest.name] = StandInResident(
             manifest.name, manifest, slow=4.0 if faulty and self.fault == "latency" else 1.0,
-            drifting=faulty and self.fault == "drift")
+            drifting=faulty and self.fault == "drift",
+            failing=0.3 if faulty and self.fault == "errors" else 0.0)
 
     def serve_active(self, name: str) -> str:
         """Serve the active slot of `name`, re-verified from the store (a start or a
@@ -247,6 +252,8 @@ class StandInAgent:
                 s = self.base_latency_s * r.slow * self._rng.lognormvariate(0, 0.1)
                 self.metrics.observe(LATENCY, s, model=name)
             self.metrics.inc("edge_agent_inferences_total", n, model=name)
+            if r.failing:
+                self.metrics.inc("edge_agent_errors_total", round(n * r.failing), model=name)
             r.samples += n
 
 
@@ -395,7 +402,7 @@ class SimulatedFleet:
     has one GIL)."""
 
     def __init__(self, settings: SimSettings, count: int, *, faulty_percent: float = 0,
-                 fault_kinds: tuple[str, ...] = FAULTS, prefix: str = "sim",
+                 fault_kinds: tuple[str, ...] = DEFAULT_FAULTS, prefix: str = "sim",
                  per_process: int = 250) -> None:
         self.settings = settings
         self.names = [f"{prefix}-{i:04d}" for i in range(count)]

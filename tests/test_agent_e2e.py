@@ -309,6 +309,32 @@ def test_sd_notify_ready_watchdog_status_and_stopping(
     assert len(stopping) == 1 and "STATUS=" in stopping[0], rest
 
 
+def test_ready_comes_only_after_the_installed_model_was_verified_and_loaded(
+        agent_factory: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    agent = agent_factory(X86)
+    installed(agent, releases["onnx1"])
+    agent.stop()
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    agent.env = {**agent.env, "NOTIFY_SOCKET": path}
+    agent.start(wait=False)
+    try:
+        said = []
+        while not any("READY=1" in m for m in said):
+            said.append(sock.recv(4096).decode())
+        # at READY, and not a moment later, the model is verified, loaded and ready
+        assert agent.call("GET", "/v2/models/digits/ready")[0] == 200
+    finally:
+        sock.close()
+    assert "STATUS=verifying installed models" in said[0], said
+    ready = next(m for m in said if "READY=1" in m)
+    assert "digits v1" in ready, ready
+    notes = agent.call("GET", "/v1/admin/status")[1]["start_notes"]
+    assert any("digits v1 verified, self-tested and serving" in n for n in notes), notes
+
+
 def test_a_damaged_active_bundle_falls_back_to_previous_at_start(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     agent = agent_factory(X86)

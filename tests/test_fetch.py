@@ -25,6 +25,7 @@ DATA = bytes(range(256)) * 4096  # 1 MiB
 class Handler(http.server.BaseHTTPRequestHandler):
     mode: ClassVar[dict[str, str]] = {}
     ranges: ClassVar[list[str | None]] = []
+    stalled: ClassVar[threading.Event] = threading.Event()
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -45,6 +46,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(2)
             return
+        if mode == "stall":  # headers, a first part, then silence until the client leaves
+            with contextlib.suppress(OSError):
+                self.wfile.write(body[start:start + 1000])
+                self.wfile.flush()
+                self.stalled.wait(10)
+            return
         if mode == "slow":
             with contextlib.suppress(OSError):  # the client gives up: that is the point
                 for i in range(start, len(body), 1000):
@@ -58,7 +65,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def server() -> Iterator[str]:
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.daemon_threads = True
-    Handler.mode, Handler.ranges = {}, []
+    Handler.mode, Handler.ranges, Handler.stalled = {}, [], threading.Event()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
     srv.shutdown()
@@ -119,3 +126,17 @@ def test_failover_to_the_next_url_and_file_urls(server: str, tmp_path: Path) -> 
     assert fetch(ref(f"file://{src}"), tmp_path / "f").read_bytes() == DATA
     with pytest.raises(DownloadError, match=r"127\.0\.0\.1:9"):
         fetch(ref("http://127.0.0.1:9/nothing"), tmp_path / "n")
+
+
+def test_a_stalled_download_times_out_and_keeps_what_it_got(server: str,
+                                                            tmp_path: Path) -> None:
+    Handler.mode["/t"] = "stall"
+    limits = FetchLimits(timeout_s=0.5, grace_s=60)  # the rate check is out of the way
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="timed out"):
+            fetch(ref(f"{server}/t"), tmp_path / "t", limits)
+    finally:
+        Handler.stalled.set()
+    assert time.monotonic() - t0 < 5
+    assert (tmp_path / "t.part").stat().st_size == 1000  # kept: the next attempt resumes

@@ -213,3 +213,35 @@ def test_the_rollout_command_line(group: Any, releases: dict[str, Path], tmp_pat
     status = cli("status", rid)
     assert status.stdout.count(" committed ") == 3 and "completed" in status.stdout
     assert versions(agents) == [2, 2, 2]
+
+
+def test_abort_rolls_back_what_the_rollout_touched_and_cannot_be_resumed(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, agents, url = group
+    db_path = tmp_path / "fleet.sqlite"
+    rollouts = Rollouts(FleetDB(db_path))
+    archive = releases["onnx2"]
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
+                          criteria=Criteria(), wave_timeout_s=60, health_window_s=60)
+    c = controller(FleetDB(db_path), broker, releases)
+    try:
+        assert c.step(rid) == "running"  # wave 1 (dev-1) sent; the wave's window is long
+        wait_until(lambda: versions(agents) == [2, 1, 1], timeout_s=30,
+                   what="dev-1 on v2")
+    finally:
+        c.close()
+    keys = releases["keys"]
+    abort = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "rollout", "abort", rid, "--db", str(db_path),
+         "--broker", broker.url, "--key", str(next((keys / "keys").glob("command-*.key"))),
+         "--root", str(keys / "root.json")], capture_output=True, text=True, timeout=120,
+        check=False)
+    assert abort.returncode == 0, abort.stderr
+    assert f"rollout {rid}: aborted" in abort.stdout
+    assert versions(agents) == [1, 1, 1]
+    dev1 = rollouts.devices(rid)[0]
+    assert dev1.rollback_result is not None and dev1.rollback_result.startswith("ok")
+    assert [d.command_id is None for d in rollouts.devices(rid)] == [False, True, True]
+    with pytest.raises(FleetError, match="aborted"):
+        rollouts.move(rid, "resume")

@@ -5,13 +5,14 @@ serves the previous release again."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixture_agent import start_group
-from fixture_mqtt import Broker
+from fixture_mqtt import Broker, Subscriber
 from polling import wait_until
 
 from fleet.artifacts import serve_in_thread as serve
@@ -41,12 +42,12 @@ def world(broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
     server.shutdown()
 
 
-def sim_fleet(broker: Broker, releases: dict[str, Path], count: int, **kw: Any
-              ) -> SimulatedFleet:
+def sim_fleet(broker: Broker, releases: dict[str, Path], count: int, *,
+              health_window_s: float = 1.0, **kw: Any) -> SimulatedFleet:
     settings = SimSettings(broker=broker.url, root_file=releases["keys"] / "root.json",
                            groups=("lab",), profile="x86_64-generic",
                            initial=releases["onnx1"], telemetry_interval_s=0.5,
-                           health_window_s=1.0, requests_per_s=40)
+                           health_window_s=health_window_s, requests_per_s=40)
     fleet = SimulatedFleet(settings, count, **kw)
     assert fleet.start() == count
     return fleet
@@ -54,13 +55,15 @@ def sim_fleet(broker: Broker, releases: dict[str, Path], count: int, **kw: Any
 
 def rollout(db: FleetDB, broker: Broker, releases: dict[str, Path], url: str,
             devices: list[str], fractions: list[float], health_window_s: float,
-            archive: str = "onnx2") -> tuple[Controller, str]:
+            archive: str = "onnx2", criteria: Criteria | None = None,
+            wave_timeout_s: float = 60) -> tuple[Controller, str]:
     kd = KeyDir(releases["keys"])
     c = Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
     a = releases[archive]
     rid = Rollouts(db).create(archive=a, urls=[f"{url}/{a.name}"], group="lab",
-                              devices=devices, fractions=fractions, criteria=Criteria(),
-                              wave_timeout_s=60, health_window_s=health_window_s)
+                              devices=devices, fractions=fractions,
+                              criteria=criteria or Criteria(),
+                              wave_timeout_s=wave_timeout_s, health_window_s=health_window_s)
     return c, rid
 
 
@@ -139,3 +142,61 @@ def test_drifting_updated_devices_halt_against_the_baseline(
             return len(versions) == 10 and all(v == {"digits": 1} for v in versions.values())
 
         wait_until(all_on_v1, timeout_s=30, what="every simulated device back on v1")
+
+
+def test_an_error_rate_in_the_health_window_rolls_the_device_back_by_itself(
+        world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, url = world
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    with sim_fleet(broker, releases, 4, health_window_s=2.0, faulty_percent=25,
+                   fault_kinds=("errors",)) as sims:
+        c, rid = rollout(db, broker, releases, url, sims.names, [0.25, 1.0],
+                         health_window_s=1.0)
+        try:
+            assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
+        finally:
+            c.close()
+        first = Rollouts(db).devices(rid)[0]
+        assert (first.device, first.outcome) == ("sim-0000", "rolled_back")
+        assert first.detail is not None and "error_rate" in first.detail, first.detail
+        assert sims.versions()["sim-0000"] == {"digits": 1}
+
+
+def test_updated_devices_slower_than_the_baseline_halt_the_rollout(
+        world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """No device window here (health_window 0: they commit at once) and the anomaly share
+    is not a criterion: only the controller's p95 comparison with the baseline halts."""
+    broker, url = world
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    with sim_fleet(broker, releases, 8, health_window_s=0.0, faulty_percent=100,
+                   fault_kinds=("latency",)) as sims:
+        c, rid = rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
+                         health_window_s=5.0, criteria=Criteria(max_anomalous_excess=1.0))
+        try:
+            assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
+        finally:
+            c.close()
+        ro = Rollouts(db).get(rid)
+        assert ro.wave == 0 and "p95 latency" in ro.reason, ro.reason
+        assert [d.outcome for d in Rollouts(db).devices(rid)[:4]] == ["committed"] * 4
+
+
+def test_a_device_that_does_not_answer_is_offline_and_retried_in_the_next_wave(
+        world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, url = world
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    ghost = "aaa-ghost"  # in the group's list, first in wave 1, never connected
+    sent = Subscriber(broker, [f"edge/v1/acme/{ghost}/cmd"], client_id="ghost-watch")
+    with sim_fleet(broker, releases, 3) as sims:
+        c, rid = rollout(db, broker, releases, url, [ghost, *sims.names], [0.5, 1.0],
+                         health_window_s=0.5, wave_timeout_s=3)
+        try:
+            assert c.run(rid, poll_s=0.2, timeout_s=60) == "completed"
+        finally:
+            c.close()
+    rows = {d.device: d for d in Rollouts(db).devices(rid)}
+    assert rows[ghost].outcome == "offline" and rows[ghost].wave == 0
+    assert all(rows[n].outcome == "committed" for n in sims.names)
+    ids = {json.loads(p)["signed"]["id"] for p in sent.on("/cmd")}
+    assert len(ids) == 2 and rows[ghost].command_id in ids  # wave 1, then again in wave 2
+    sent.close()
