@@ -58,7 +58,7 @@ def _schema(out: Path | None) -> None:
 
 
 def _install(config: AgentConfig, bundle: Path) -> int:
-    from agent.service import lock_state  # noqa: PLC0415  # aiohttp only here
+    from agent.service import lock_state  # noqa: PLC0415  # the daemon (runtimes) only here
 
     try:
         lock = lock_state(config.paths.state_dir)

@@ -1,4 +1,4 @@
-"""Assemble the bundle directory the device installs (DESIGN.md, Bundle).
+"""Assemble the bundle directory the device installs (docs/architecture.md, Bundle).
 
 The model for the profile's first runtime preference goes in (the Vela-compiled file for
 Ethos-U targets), with `selftest.npz` (golden inputs and the outputs this model gave for

@@ -8,7 +8,7 @@ detection, a resource estimate and the compatibility fields (`profiles`,
 `min_agent_version`, `expires`, `version`).
 
 Signatures cover `canonical_json(manifest)`: sorted keys, no insignificant white space,
-UTF-8 (DESIGN.md, Bundle).
+UTF-8 (docs/architecture.md, Bundle).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class SelfTest(_Wire):
 
 
 class Sealed(_Wire):
-    """At-rest protection of the model file (DESIGN.md, Trust): the file holds NaCl
+    """At-rest protection of the model file (docs/architecture.md, Trust): the file holds NaCl
     SecretBox ciphertext (XSalsa20-Poly1305) under a fresh key, and that key is sealed to
     each recipient device's X25519 key (SealedBox). Hashes in `files` cover the ciphertext,
     so a bundle verifies without any key; only listed devices can decrypt, into memory."""

@@ -1,6 +1,6 @@
 """Ed25519 signatures, key ids and the threshold check every signed object goes through.
 
-Pure: bytes in, a verdict out. Two shapes of signed object exist (DESIGN.md, Trust):
+Pure: bytes in, a verdict out. Two shapes of signed object exist (docs/architecture.md, Trust):
 
 * the bundle manifest, signed as a file: `signatures.json` holds detached signatures over
   the manifest's exact bytes (which the signer insists are canonical JSON);

@@ -7,7 +7,7 @@
     any unfinished state --interrupted--> ROLLED_BACK (found in the journal at start)
 
 `advance` is pure; the store journals each transition before acting on it, so a restart
-can tell how far an update got (DESIGN.md, On the device).
+can tell how far an update got (docs/architecture.md, Lifecycles).
 """
 
 from __future__ import annotations
