@@ -285,7 +285,7 @@ class SimDevice(FleetLink):
         self.sim.pool.submit(self.handle_safely, payload)
 
     def _sim_tick(self) -> None:
-        if self._stop.is_set():
+        if self.stopping:
             return
         self.standin.run_load(self.settings.interval_s, self.sim.requests_per_s)
         self.telemetry.tick(self.sim.process)
@@ -364,11 +364,9 @@ class Simulator:
         return sum(d.link.connected.is_set() for d in self.devices.values())
 
     def stop(self) -> None:
+        self.ticker.stop()  # no more ticks, then each device's link (FleetLink.stop)
         for d in self.devices.values():
-            d._stop.set()
-        for d in self.devices.values():
-            d.link.stop()
-        self.ticker.stop()
+            d.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         for d in self.devices.values():
             d.outbox.close()

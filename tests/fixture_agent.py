@@ -171,9 +171,11 @@ __all__ = ["AgentProcess", "call", "infer_body", "make_keys", "release", "write_
 
 def onnx_release(bundle: Path, keys: Path, archive: Path, *, name: str, version: int,
                  sample_shape: tuple[int, ...], profile: str = "x86_64-generic",
-                 arena_bytes: int = 1 << 20) -> Path:
+                 arena_bytes: int = 1 << 20, output_name: str = "output",
+                 model_bytes: int | None = None) -> Path:
     """Self-test, manifest, release signatures and archive for `bundle/model.onnx` (input
-    "input" [N, *sample_shape], output "output" [N, 10]); returns the archive."""
+    "input" [N, *sample_shape], output `output_name` [N, 10]); returns the archive.
+    `model_bytes`: the resident size the manifest declares (default: the file's)."""
     from datetime import UTC, datetime, timedelta
 
     from fixture_trust import reference
@@ -190,10 +192,11 @@ def onnx_release(bundle: Path, keys: Path, archive: Path, *, name: str, version:
         min_agent_version="0.1.0", profiles=[profile], runtime="onnx", model_file="model.onnx",
         files={f: file_entry(bundle / f) for f in ("model.onnx", "selftest.npz")},
         inputs=[TensorSpec(name="input", dtype="float32", shape=[None, *sample_shape])],
-        outputs=[TensorSpec(name="output", dtype="float32", shape=[None, 10])],
+        outputs=[TensorSpec(name=output_name, dtype="float32", shape=[None, 10])],
         labels=[str(i) for i in range(10)], preprocessing=Preprocessing(layout="NCHW"),
         reference=reference(classes=10, samples=len(x)),
-        resources=ResourceEstimate(model_bytes=(bundle / "model.onnx").stat().st_size,
+        resources=ResourceEstimate(model_bytes=model_bytes
+                                   or (bundle / "model.onnx").stat().st_size,
                                    arena_bytes=arena_bytes, peak_memory_bytes=1 << 26),
         selftest=SelfTest(atol=1e-4, min_top1_agreement=1.0))
     (bundle / "manifest.json").write_bytes(canonical_json(m))
@@ -253,4 +256,19 @@ def make_releases(run: Path, out: Path) -> dict[str, Path]:
         "onnx2": release(run, out, keys, version=2, profile=x86),
         "onnx3_bad": release(run, out, keys, version=3, profile=x86, break_selftest=True),
         "onnx4_slow": slow_release(out, keys, version=4),
+        "model_b": other_model(run, out, keys, "digits-b"),
+        "model_c": other_model(run, out, keys, "digits-c"),
     }
+
+
+def other_model(run: Path, out: Path, keys: Path, name: str) -> Path:
+    """Another model, `name` v1 (the converted ONNX under another name), declaring 40 MiB
+    resident: two of them overflow a 64 MiB budget, deterministically."""
+    bundle = out / name
+    bundle.mkdir()
+    shutil.copyfile(run / "model_int8.onnx", bundle / "model.onnx")
+    archive = onnx_release(bundle, keys, out / f"{name}-v1.tar.zst", name=name,
+                           version=1, sample_shape=(1, 8, 8), output_name="logits",
+                           model_bytes=40 << 20)
+    shutil.rmtree(bundle)
+    return archive

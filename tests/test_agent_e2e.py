@@ -444,3 +444,37 @@ def test_edge_agent_status_unit_and_schema_commands(agent_factory: Any,
     agent.stop()
     gone = cli("status", "--config", str(agent.config))
     assert gone.returncode == 2 and "cannot reach the agent" in gone.stderr
+
+
+def test_models_share_the_memory_budget_and_an_evicted_one_reloads_on_demand(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """Two models of 40 MiB each: under a 64 MiB budget loading the second unloads the
+    first (least recently used), and a request for the first loads it again; under
+    128 MiB both stay resident."""
+    def infer(agent: AgentProcess, name: str) -> tuple[int, Any]:
+        return agent.call("POST", f"/v2/models/{name}/infer", infer_body(IN_ONNX))
+
+    def resident(agent: AgentProcess) -> set[str]:
+        return set(agent.call("GET", "/v1/admin/status")[1]["models"])
+
+    def counter(agent: AgentProcess, name: str, model: str) -> float:
+        m = re.search(rf'^{name}{{model="{model}"}} (\S+)$', agent.call("GET", "/metrics")[1],
+                      re.M)
+        return float(m.group(1)) if m else 0.0
+
+    tight = agent_factory(X86, scheduler={"memory_budget_bytes": 64 << 20})
+    installed(tight, releases["model_b"])
+    installed(tight, releases["model_c"])
+    assert resident(tight) == {"digits-c"}
+    assert counter(tight, "edge_agent_model_unloads_total", "digits-b") == 1
+    status, body = infer(tight, "digits-b")  # installed, not resident: loaded again
+    assert status == 200 and body["model_name"] == "digits-b", body
+    assert resident(tight) == {"digits-b"}
+    assert counter(tight, "edge_agent_model_reloads_total", "digits-b") == 1
+    assert infer(tight, "nope")[0] == 404  # not installed at all
+    roomy = agent_factory(X86, scheduler={"memory_budget_bytes": 128 << 20})
+    installed(roomy, releases["model_b"])
+    installed(roomy, releases["model_c"])
+    assert resident(roomy) == {"digits-b", "digits-c"}
+    assert infer(roomy, "digits-b")[0] == 200 and infer(roomy, "digits-c")[0] == 200
+    assert counter(roomy, "edge_agent_model_unloads_total", "digits-b") == 0

@@ -131,3 +131,22 @@ def test_a_plain_client_cannot_reach_the_tls_listener_without_a_certificate(
         lk.stop()
     finally:
         b.stop()
+
+
+def test_a_broker_whose_certificate_another_ca_signed_is_refused(tmp_path: Path) -> None:
+    """The device trusts only its fleet's CA: a broker presenting a certificate from any
+    other CA (a man in the middle, a misconfigured broker) gets no connection, even with
+    the device's valid client certificate."""
+    pki = make_pki(tmp_path / "pki")
+    b = Broker(tmp_path / "tls-broker", tls=pki).start()  # its certificate: signed by "ca"
+    try:
+        lk = link([f"mqtts://127.0.0.1:{b.tls_port}"], Outbox(tmp_path / "o.sqlite"), [],
+                  TlsFiles(ca_file=pki["other.crt"], cert_file=pki["dev.crt"],
+                           key_file=pki["dev.key"]))
+        lk.start()
+        assert not wait_connected(lk, 3)
+        assert "CERTIFICATE_VERIFY_FAILED" in lk.last_error or "certificate" in \
+            lk.last_error.lower(), lk.last_error
+        lk.stop()
+    finally:
+        b.stop()

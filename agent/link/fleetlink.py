@@ -126,6 +126,10 @@ class FleetLink:
         self._stop.set()
         self.link.stop()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     # -- outgoing -------------------------------------------------------------------------
     def state(self, *, online: bool) -> StatePayload:
         d = self.agent.config.device
