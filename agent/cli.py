@@ -44,7 +44,7 @@ def _selftest(bundle: Path) -> int:
 
 
 def _schema(out: Path | None) -> None:
-    from agent.link.wire import json_schemas  # noqa: PLC0415
+    from agent.link.wire import json_schemas  # noqa: PLC0415  # when used
 
     schemas = json_schemas()
     if out is None:
@@ -68,7 +68,7 @@ def _install(config: AgentConfig, bundle: Path) -> int:
         print(json.dumps(body, indent=2))
         return 0 if status == 200 else 3
     try:  # stopped: install directly, the daemon loads it at its next start
-        from agent.daemon import Agent  # noqa: PLC0415
+        from agent.daemon import Agent  # noqa: PLC0415  # each command loads only what it needs
 
         agent = Agent(config)
         agent.store.recover()
@@ -125,7 +125,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
         load_profile(cfg.device.profile)
         print(f"{ns.config}: valid (device {cfg.device.id}, profile {cfg.device.profile})")
     elif ns.command == "run":
-        from agent.service import run  # noqa: PLC0415
+        from agent.service import run  # noqa: PLC0415  # each command loads only what it needs
 
         return run(load_config(ns.config), ns.config)
     elif ns.command == "install":

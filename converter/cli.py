@@ -27,7 +27,7 @@ EXIT_ERROR = 2
 
 
 def _add_recipe_options(p: argparse.ArgumentParser) -> None:
-    from converter.recipe import option_names  # noqa: PLC0415
+    from converter.recipe import option_names  # noqa: PLC0415  # when used
 
     p.add_argument("recipe", nargs="?", type=Path, help="recipe TOML (optional)")
     group = p.add_argument_group("recipe options (override the recipe file)")
@@ -37,7 +37,7 @@ def _add_recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(ns: argparse.Namespace) -> dict[tuple[str | None, str], Any]:
-    from converter.recipe import parse_value  # noqa: PLC0415
+    from converter.recipe import parse_value  # noqa: PLC0415  # when used
 
     out: dict[tuple[str | None, str], Any] = {}
     for key, raw in vars(ns).items():
@@ -54,7 +54,7 @@ def _overrides(ns: argparse.Namespace) -> dict[tuple[str | None, str], Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from converter.pipeline import STAGES  # noqa: PLC0415
+    from converter.pipeline import STAGES  # noqa: PLC0415  # each command loads only what it needs
 
     parser = argparse.ArgumentParser(prog="edge-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,17 +84,17 @@ def _say(msg: str) -> None:
 
 def _dispatch(ns: argparse.Namespace) -> int:
     from converter import pipeline  # noqa: PLC0415  # torch: only for a conversion
-    from converter.context import open_context  # noqa: PLC0415
-    from converter.recipe import load_recipe  # noqa: PLC0415
+    from converter.context import open_context  # noqa: PLC0415  # when used
+    from converter.recipe import load_recipe  # noqa: PLC0415  # when used
 
     if ns.command == "profiles":
-        from agent.profiles import available_profiles, load_profile  # noqa: PLC0415
+        from agent.profiles import available_profiles, load_profile  # noqa: PLC0415  # when used
 
         for name in available_profiles():
             print(f"{name:22} {load_profile(name).description}")
         return 0
     if ns.command == "example":
-        from converter.examples.digits import write_example  # noqa: PLC0415
+        from converter.examples.digits import write_example  # noqa: PLC0415  # when used
 
         acc = write_example(ns.out, profile=ns.profile, epochs=ns.epochs,
                             teacher_kind=ns.teacher)

@@ -107,7 +107,7 @@ def validate(arrays: dict[str, np.ndarray], source: str) -> Dataset:
 def split(n: int, y: I64 | None, *, seed: int, val_fraction: float,
           test_fraction: float) -> Split:
     """Deterministic train/val/test split, stratified by label when labels exist."""
-    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415  # optional: when used
 
     idx = np.arange(n)
     strat = y if y is not None and np.bincount(y).min() >= 3 else None

@@ -146,7 +146,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
 def _bar(s: KDSettings) -> Any:
     if not s.progress:
         return None
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     return tqdm(total=s.epochs, desc=s.tag, unit="epoch", file=sys.stderr, leave=False)
 
@@ -154,7 +154,7 @@ def _bar(s: KDSettings) -> Any:
 def _writer(s: KDSettings) -> Any:
     if s.tensorboard_dir is None:
         return None
-    from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+    from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  # optional: when used
 
     return SummaryWriter(log_dir=str(s.tensorboard_dir / s.tag))
 

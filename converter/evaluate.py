@@ -53,8 +53,8 @@ def sizes(path: Path) -> dict[str, int]:
 
 
 def _shapes_at_batch1(path: Path) -> tuple[Any, dict[str, list[int]]]:
-    import onnx  # noqa: PLC0415
-    from onnx import shape_inference  # noqa: PLC0415
+    import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
+    from onnx import shape_inference  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     model = onnx.load(str(path))
     for inp in model.graph.input:

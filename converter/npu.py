@@ -28,8 +28,8 @@ ALWAYS_OK = {"QUANTIZE", "DEQUANTIZE"}
 
 def tflite_ops(path: Path) -> list[str]:
     """Operator names of the first subgraph, in execution order."""
-    from ethosu.vela.tflite.BuiltinOperator import BuiltinOperator  # noqa: PLC0415
-    from ethosu.vela.tflite.Model import Model  # noqa: PLC0415
+    from ethosu.vela.tflite.BuiltinOperator import BuiltinOperator  # noqa: PLC0415  # optional: when used
+    from ethosu.vela.tflite.Model import Model  # noqa: PLC0415  # optional: when used
 
     names = {v: k for k, v in vars(BuiltinOperator).items() if not k.startswith("_")}
     model = Model.GetRootAsModel(path.read_bytes(), 0)

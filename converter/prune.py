@@ -57,7 +57,7 @@ def finalize_unstructured(model: nn.Module) -> None:
 
 def apply_structured(model: nn.Module, sparsity: float, example: torch.Tensor) -> nn.Module:
     """Remove the `sparsity` share of channels by L1 norm, physically."""
-    import torch_pruning as tp  # noqa: PLC0415
+    import torch_pruning as tp  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     layers = _weighted(model)
     if len(layers) < 2:

@@ -53,14 +53,14 @@ class GateResult:
 
 def preprocess_onnx(src: Path, dst: Path) -> None:
     """onnxruntime's recommended pre-processing before static quantization."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415  # optional: when used
 
     with contextlib.redirect_stdout(io.StringIO()):
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
 
 
 def quantizable_nodes(path: Path) -> list[str]:
-    import onnx  # noqa: PLC0415
+    import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     graph = onnx.load(str(path)).graph
     return [n.name for n in graph.node if n.op_type in QUANTIZABLE_ONNX_OPS]
@@ -68,7 +68,7 @@ def quantizable_nodes(path: Path) -> list[str]:
 
 def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> None:
     """Static int8 QDQ quantization of a pre-processed float model."""
-    from onnxruntime.quantization import (  # noqa: PLC0415
+    from onnxruntime.quantization import (  # noqa: PLC0415  # optional: when used
         CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
@@ -185,10 +185,10 @@ class TfliteResult:
 
 def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: bool) -> TfliteResult:
     """Full-int8 TFLite through litert-torch's PT2E quantizer (batch fixed at 1)."""
-    import litert_torch  # noqa: PLC0415
-    from litert_torch.quantize import pt2e_quantizer as pq  # noqa: PLC0415
-    from litert_torch.quantize.quant_config import QuantConfig  # noqa: PLC0415
-    from torchao.quantization.pt2e import quantize_pt2e  # noqa: PLC0415
+    import litert_torch  # noqa: PLC0415  # heavy or optional: loaded only when used
+    from litert_torch.quantize import pt2e_quantizer as pq  # noqa: PLC0415  # optional: when used
+    from litert_torch.quantize.quant_config import QuantConfig  # noqa: PLC0415  # optional: when used
+    from torchao.quantization.pt2e import quantize_pt2e  # noqa: PLC0415  # optional: when used
 
     model.eval()
     args = (torch.from_numpy(calib[:1]),)

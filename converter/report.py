@@ -219,10 +219,10 @@ def _target_lines(rep: dict[str, Any]) -> list[str]:
 
 
 def _plot(ctx: Context, rep: dict[str, Any], path: Path) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     rows = [m for m in rep["evaluate"]["models"] if m.get("accuracy") is not None]

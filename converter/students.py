@@ -130,7 +130,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _fold_sequence(seq: nn.Sequential) -> nn.Sequential:
-    from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: PLC0415
+    from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: PLC0415  # optional: when used
 
     layers = [fold_batchnorm(m) for m in seq]
     out: list[nn.Module] = []

@@ -60,8 +60,8 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int) -> TeacherOutputs:
     Raises:
         TeacherError: missing or corrupt file, or inputs that do not fit the model.
     """
-    import onnx  # noqa: PLC0415
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
+    import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     if not path.is_file():
         raise TeacherError(f"teacher file {path} does not exist")
@@ -98,7 +98,7 @@ def run_torch_teacher(factory: str, weights: Path, x: F32, batch_size: int) -> T
         TeacherError: factory not importable, weights missing/corrupt or not matching, or
             inputs that do not fit the model.
     """
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     make = import_factory(factory, "teacher factory")
     if not weights.is_file():

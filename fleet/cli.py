@@ -191,7 +191,7 @@ def cmd_pack(ns: argparse.Namespace) -> None:
 
 
 def cmd_serve_artifacts(ns: argparse.Namespace) -> None:
-    from fleet.artifacts import make_server  # noqa: PLC0415
+    from fleet.artifacts import make_server  # noqa: PLC0415  # when used
 
     server = make_server(ns.dir, ns.host, ns.port)
     print(f"serving {ns.dir} on http://{ns.host}:{server.server_address[1]}/ (Ctrl-C stops)",
@@ -208,7 +208,7 @@ def _watcher(ns: argparse.Namespace) -> Any:
 
 
 def cmd_status(ns: argparse.Namespace) -> None:
-    from fleet.state import status_lines  # noqa: PLC0415
+    from fleet.state import status_lines  # noqa: PLC0415  # each command loads only what it needs
 
     db, watcher = _watcher(ns)
     time.sleep(ns.wait)
@@ -217,7 +217,7 @@ def cmd_status(ns: argparse.Namespace) -> None:
 
 
 def cmd_watch(ns: argparse.Namespace) -> None:
-    from fleet.state import status_lines  # noqa: PLC0415
+    from fleet.state import status_lines  # noqa: PLC0415  # each command loads only what it needs
 
     db, watcher = _watcher(ns)
     try:
@@ -233,7 +233,7 @@ def cmd_watch(ns: argparse.Namespace) -> None:
 
 
 def cmd_recover(ns: argparse.Namespace) -> None:
-    from fleet.recover import recover  # noqa: PLC0415
+    from fleet.recover import recover  # noqa: PLC0415  # each command loads only what it needs
 
     if ns.action == "rollback" and not ns.model:
         raise FleetError("rollback needs --model")
@@ -254,8 +254,8 @@ def cmd_recover(ns: argparse.Namespace) -> None:
 
 
 def cmd_rollout(ns: argparse.Namespace) -> None:
-    from fleet.rollout import Controller, Rollouts  # noqa: PLC0415
-    from fleet.state import FleetDB  # noqa: PLC0415
+    from fleet.rollout import Controller, Rollouts  # noqa: PLC0415  # when used
+    from fleet.state import FleetDB  # noqa: PLC0415  # each command loads only what it needs
 
     db = FleetDB(ns.db)
     rollouts = Rollouts(db)
@@ -287,7 +287,7 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
 
 def _start_rollout(ns: argparse.Namespace, db: Any, fleet: str, rollouts: Any,
                    criteria: Any) -> str:
-    from fleet.state import FleetWatcher  # noqa: PLC0415
+    from fleet.state import FleetWatcher  # noqa: PLC0415  # each command loads only what it needs
 
     if not (ns.bundle and ns.url_base and ns.group):
         raise FleetError("rollout start needs --bundle, --url-base and --group")
@@ -305,7 +305,7 @@ def _start_rollout(ns: argparse.Namespace, db: Any, fleet: str, rollouts: Any,
 
 
 def cmd_dashboard(ns: argparse.Namespace) -> None:
-    from fleet.dashboard import Dashboard, make_server  # noqa: PLC0415
+    from fleet.dashboard import Dashboard, make_server  # noqa: PLC0415  # when used
 
     db, watcher = _watcher(ns)
     server = make_server(Dashboard(db, ns.fleet), ns.host, ns.port)
@@ -320,15 +320,16 @@ def cmd_dashboard(ns: argparse.Namespace) -> None:
 
 
 def cmd_simulate(ns: argparse.Namespace) -> None:
-    import signal  # noqa: PLC0415
-    from collections import Counter  # noqa: PLC0415
+    import signal  # noqa: PLC0415  # each command loads only what it needs
+    from collections import Counter  # noqa: PLC0415  # each command loads only what it needs
 
-    from fleet.simulate import SimSettings, SimulatedFleet  # noqa: PLC0415
+    from fleet.simulate import SimSettings, SimulatedFleet  # noqa: PLC0415  # when used
 
     def stop(_sig: int, _frame: Any) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
-    settings = SimSettings(broker=ns.broker, root_file=ns.root, groups=tuple(ns.group or ["sim"]),
+    settings = SimSettings(broker=ns.broker, root_file=ns.root,
+                           groups=tuple(ns.group) if ns.group else SimSettings.groups,
                            profile=ns.profile, initial=ns.initial,
                            telemetry_interval_s=ns.telemetry_interval,
                            health_window_s=ns.health_window)
@@ -435,7 +436,9 @@ def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
 
 
 def _add_simulate(sub: Subparsers) -> None:  # type: ignore[type-arg]
-    from fleet.simulate import DEFAULT_FAULTS, FAULTS  # noqa: PLC0415  # numpy: not for every command
+    from fleet.simulate import DEFAULT_FAULTS, FAULTS, SimSettings  # noqa: PLC0415  # numpy
+
+    sim: dict[str, Any] = {f.name: f.default for f in fields(SimSettings)}  # its defaults
 
     si = sub.add_parser("simulate", help="simulated devices speaking the agent's protocol")
     si.set_defaults(func=cmd_simulate)
@@ -447,11 +450,12 @@ def _add_simulate(sub: Subparsers) -> None:  # type: ignore[type-arg]
     si.add_argument("--fault-kinds", default=",".join(DEFAULT_FAULTS),
                     help=f"taken in turn; known: {', '.join(FAULTS)} (%(default)s)")
     si.add_argument("--initial", type=Path, help="a signed archive every device starts with")
-    si.add_argument("--group", action="append", default=None)
-    si.add_argument("--profile", default="raspberry-pi-4")
+    si.add_argument("--group", action="append", default=None,
+                    help=f"repeatable (default: {', '.join(sim['groups'])})")
+    si.add_argument("--profile", default=sim["profile"])
     si.add_argument("--prefix", default="sim")
-    si.add_argument("--telemetry-interval", type=float, default=2.0)
-    si.add_argument("--health-window", type=float, default=2.0)
+    si.add_argument("--telemetry-interval", type=float, default=sim["telemetry_interval_s"])
+    si.add_argument("--health-window", type=float, default=sim["health_window_s"])
     si.add_argument("--duration", type=float, default=0.0, help="seconds (0: until stopped)")
 
 

@@ -132,3 +132,28 @@ def test_importing_every_agent_module_loads_no_forbidden_package() -> None:
     loaded = set(json.loads(out.stdout))
     assert len(modules) >= 40
     assert loaded.isdisjoint(FORBIDDEN), loaded & set(FORBIDDEN)
+
+
+def test_every_public_exception_lives_in_its_packages_errors_module() -> None:
+    """Each package's whole error tree is in its errors.py (drawn in its docstring); a
+    private control-flow exception (`_Name`) may stay where it is raised and caught."""
+    offenders = []
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            if path.name == "errors.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and any(
+                        (isinstance(b, ast.Name) and (b.id.endswith(("Error", "Exception"))
+                                                      or b.id in ("Busy", "Refused")))
+                        for b in node.bases):
+                    offenders.append(f"{path.relative_to(REPO)}: {node.name}")
+    assert offenders == []
+
+
+def test_the_error_trees_are_drawn_in_full() -> None:
+    for pkg in PACKAGES:
+        module = (REPO / pkg / "errors.py").read_text()
+        doc = ast.get_docstring(ast.parse(module)) or ""
+        classes = [n.name for n in ast.walk(ast.parse(module)) if isinstance(n, ast.ClassDef)]
+        assert classes and all(c in doc for c in classes), (pkg, classes)

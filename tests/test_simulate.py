@@ -67,6 +67,15 @@ def rollout(db: FleetDB, broker: Broker, releases: dict[str, Path], url: str,
     return c, rid
 
 
+def run_rollout(*args: Any, timeout_s: float, **kw: Any) -> tuple[str, str]:
+    """`rollout(...)` run by a controller to its end; (final status, rollout id)."""
+    c, rid = rollout(*args, **kw)
+    try:
+        return c.run(rid, poll_s=0.2, timeout_s=timeout_s), rid
+    finally:
+        c.close()
+
+
 def test_a_rollout_over_real_agents_and_simulated_devices_completes(
         world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     broker, url = world
@@ -75,12 +84,10 @@ def test_a_rollout_over_real_agents_and_simulated_devices_completes(
     db = FleetDB(tmp_path / "fleet.sqlite")
     try:
         with sim_fleet(broker, releases, 12) as sims:
-            c, rid = rollout(db, broker, releases, url, ["dev-1", "dev-2", *sims.names],
-                             [0.1, 0.5, 1.0], health_window_s=1.0)
-            try:
-                assert c.run(rid, poll_s=0.2, timeout_s=120) == "completed"
-            finally:
-                c.close()
+            status, rid = run_rollout(db, broker, releases, url,
+                                      ["dev-1", "dev-2", *sims.names], [0.1, 0.5, 1.0],
+                                      health_window_s=1.0, timeout_s=120)
+            assert status == "completed"
             assert all(v == {"digits": 2} for v in sims.versions().values())
         for a in agents:
             assert a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 2
@@ -127,12 +134,9 @@ def test_drifting_updated_devices_halt_against_the_baseline(
     broker, url = world
     db = FleetDB(tmp_path / "fleet.sqlite")
     with sim_fleet(broker, releases, 10, faulty_percent=30, fault_kinds=("drift",)) as sims:
-        c, rid = rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
-                         health_window_s=5.0)
-        try:
-            assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
-        finally:
-            c.close()
+        status, rid = run_rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
+                                  health_window_s=5.0, timeout_s=60)
+        assert status == "halted"
         ro = Rollouts(db).get(rid)
         assert ro.wave == 0, ro.reason
         assert "of updated devices reported anomalies" in ro.reason, ro.reason
@@ -150,12 +154,9 @@ def test_an_error_rate_in_the_health_window_rolls_the_device_back_by_itself(
     db = FleetDB(tmp_path / "fleet.sqlite")
     with sim_fleet(broker, releases, 4, health_window_s=2.0, faulty_percent=25,
                    fault_kinds=("errors",)) as sims:
-        c, rid = rollout(db, broker, releases, url, sims.names, [0.25, 1.0],
-                         health_window_s=1.0)
-        try:
-            assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
-        finally:
-            c.close()
+        status, rid = run_rollout(db, broker, releases, url, sims.names, [0.25, 1.0],
+                                  health_window_s=1.0, timeout_s=60)
+        assert status == "halted"
         first = Rollouts(db).devices(rid)[0]
         assert (first.device, first.outcome) == ("sim-0000", "rolled_back")
         assert first.detail is not None and "error_rate" in first.detail, first.detail
@@ -170,12 +171,10 @@ def test_updated_devices_slower_than_the_baseline_halt_the_rollout(
     db = FleetDB(tmp_path / "fleet.sqlite")
     with sim_fleet(broker, releases, 8, health_window_s=0.0, faulty_percent=100,
                    fault_kinds=("latency",)) as sims:
-        c, rid = rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
-                         health_window_s=5.0, criteria=Criteria(max_anomalous_excess=1.0))
-        try:
-            assert c.run(rid, poll_s=0.2, timeout_s=60) == "halted"
-        finally:
-            c.close()
+        status, rid = run_rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
+                                  health_window_s=5.0, timeout_s=60,
+                                  criteria=Criteria(max_anomalous_excess=1.0))
+        assert status == "halted"
         ro = Rollouts(db).get(rid)
         assert ro.wave == 0 and "p95 latency" in ro.reason, ro.reason
         assert [d.outcome for d in Rollouts(db).devices(rid)[:4]] == ["committed"] * 4
@@ -188,12 +187,10 @@ def test_a_device_that_does_not_answer_is_offline_and_retried_in_the_next_wave(
     ghost = "aaa-ghost"  # in the group's list, first in wave 1, never connected
     sent = Subscriber(broker, [f"edge/v1/acme/{ghost}/cmd"], client_id="ghost-watch")
     with sim_fleet(broker, releases, 3) as sims:
-        c, rid = rollout(db, broker, releases, url, [ghost, *sims.names], [0.5, 1.0],
-                         health_window_s=0.5, wave_timeout_s=3)
-        try:
-            assert c.run(rid, poll_s=0.2, timeout_s=60) == "completed"
-        finally:
-            c.close()
+        status, rid = run_rollout(db, broker, releases, url, [ghost, *sims.names],
+                                  [0.5, 1.0], health_window_s=0.5, wave_timeout_s=3,
+                                  timeout_s=60)
+        assert status == "completed"
     rows = {d.device: d for d in Rollouts(db).devices(rid)}
     assert rows[ghost].outcome == "offline" and rows[ghost].wave == 0
     assert all(rows[n].outcome == "committed" for n in sims.names)

@@ -25,14 +25,14 @@ from typing import Any
 
 from agent import __version__
 from agent.config import MqttSection, load_config
-from agent.errors import AgentError, ConfigError, RejectedError
+from agent.errors import AgentError, CommandError, ConfigError, RejectedError
 from agent.link.deploying import Deployer
 from agent.link.mqtt import MqttLink, TlsFiles
 from agent.link.outbox import Outbox
 from agent.link.port import AgentPort
 from agent.link.remote import RemoteInference
 from agent.link.reporting import Reporter
-from agent.link.settings import LinkSettings, SettingsError, SettingsStore, initial_settings
+from agent.link.settings import LinkSettings, SettingsStore, initial_settings
 from agent.link.telemetry import TelemetryLoop
 from agent.link.wire import ModelState, StatePayload, dump, group_cmd_topic
 from agent.serving.scheduler import Scheduler
@@ -218,8 +218,8 @@ class FleetLink:
     def _config(self, cmd: ConfigCommand) -> None:
         try:
             new = self.settings.changed(cmd.settings)
-        except SettingsError as exc:
-            self.report.result(cmd, False, str(exc), "settings")
+        except CommandError as exc:
+            self.report.result(cmd, False, str(exc), exc.check)
             return
         self._settings_store.add(cmd.settings)
         self._apply(new)

@@ -21,14 +21,11 @@ from pydantic import ValidationError
 
 from agent.config import MqttSection, Thresholds, problems
 from agent.durable import write_atomic
+from agent.errors import CommandError
 
 #: The `[mqtt]` fields a `config` command may change; every `Thresholds` field may change.
 LINK_FIELDS = ("telemetry_interval_s", "health_window_s")
 MAX_SETTINGS_BYTES = 64 * 1024
-
-
-class SettingsError(ValueError):
-    """A `config` command's settings that cannot apply; the message names each problem."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +45,13 @@ class LinkSettings:
         """These settings with `changes` applied.
 
         Raises:
-            SettingsError: an unknown setting or a value the models refuse.
+            CommandError: check "settings": an unknown setting or a value the models
+                refuse; the message names each.
         """
         known = set(LINK_FIELDS) | set(Thresholds.model_fields)
         if unknown := sorted(set(changes) - known):
-            raise SettingsError(f"unknown settings: {', '.join(unknown)}")
+            raise CommandError(f"unknown settings: {', '.join(unknown)}", check="settings",
+                               unknown=unknown)
         link = {k: v for k, v in changes.items() if k in LINK_FIELDS}
         thresholds = {k: v for k, v in changes.items() if k not in LINK_FIELDS}
         try:
@@ -60,7 +59,8 @@ class LinkSettings:
                 MqttSection.model_validate({**self.mqtt.model_dump(), **link}),
                 Thresholds.model_validate({**self.thresholds.model_dump(), **thresholds}))
         except ValidationError as exc:
-            raise SettingsError("bad value: " + "; ".join(problems(exc))) from exc
+            raise CommandError("bad value: " + "; ".join(problems(exc)),
+                               check="settings") from exc
 
 
 class SettingsStore:
@@ -100,6 +100,6 @@ def initial_settings(mqtt: MqttSection, thresholds: Thresholds, store: SettingsS
     notes = [problem] if problem else []
     try:
         return base.changed(changes), notes
-    except SettingsError as exc:
+    except CommandError as exc:
         notes.append(f"{store.path}: stored settings ignored ({exc})")
         return base, notes

@@ -69,7 +69,7 @@ def _label(source: Path | bytes) -> str:
 
 def open_onnx(source: Path | bytes, *, threads: int = 1,
               providers: list[str] | None = None) -> OnnxModel:
-    import onnxruntime as ort  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -88,10 +88,10 @@ def open_onnx(source: Path | bytes, *, threads: int = 1,
 
 def _tflite_module() -> Any:
     try:
-        import ai_edge_litert.interpreter as mod  # noqa: PLC0415
+        import ai_edge_litert.interpreter as mod  # noqa: PLC0415  # optional: when used
     except ImportError:
         try:
-            import tflite_runtime.interpreter as mod  # noqa: PLC0415
+            import tflite_runtime.interpreter as mod  # noqa: PLC0415  # optional: when used
         except ImportError as exc:
             raise RuntimeLoadError("no TFLite runtime: install ai-edge-litert "
                                    "(pip install 'edge-agent[tflite]') or tflite-runtime") from exc

@@ -63,7 +63,7 @@ def decompressed(fh: IO[bytes], path: Path) -> IO[bytes]:
         return gz
     if magic == ZSTD_MAGIC:
         try:
-            import zstandard  # noqa: PLC0415
+            import zstandard  # noqa: PLC0415  # heavy or optional: loaded only when used
         except ImportError as exc:
             raise BundleError(f"{path.name} is zstd-compressed and the zstandard module is "
                               "not installed", check="archive") from exc
