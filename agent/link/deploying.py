@@ -206,12 +206,10 @@ class Deployer:
         end = time.monotonic() + settings.health_window_s
         detector = self.telemetry.latency_detector(cmd.model)
         before = Snapshot(self.agent.metrics)
-        while True:
-            remaining = end - time.monotonic()
-            with self._cv:
+        while (remaining := end - time.monotonic()) > 0:
+            with self._cv:  # a cancel wakes this at once
                 self._cv.wait_for(lambda: self._flow.phase is not Phase.WATCHING
-                                  or self._stop.is_set(),
-                                  max(0.0, min(settings.interval_s, remaining)))
+                                  or self._stop.is_set(), min(settings.interval_s, remaining))
                 phase = self._flow.phase
             if phase is Phase.ROLLED_BACK:
                 self._cancelled_in_window(cmd)
@@ -230,8 +228,6 @@ class Deployer:
                 else:
                     self._cancelled_in_window(cmd)
                 return
-            if remaining <= 0:
-                break
         if not self._unless_cancelled(Step.WINDOW_OVER):
             self._cancelled_in_window(cmd)  # the cancel came first
             return
