@@ -199,9 +199,7 @@ class Agent:
 
     def commit_pending(self, name: str) -> int:
         """Commit the update of `name` that a health window was watching; its version."""
-        version = self.installer.commit_pending(name)
-        log.info("update.committed model=%s version=%d", name, version)
-        return version
+        return self.installer.commit_pending(name)
 
     def roll_back(self, name: str, reason: str) -> str:
         """Serve the previous slot of `name` again (hot swap)."""

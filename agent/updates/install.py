@@ -12,6 +12,7 @@ at a time: a second one is refused with `Busy`, never queued.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from agent.trust.root import Root
 from agent.trust.verify import Device
 from agent.updates.store import ModelStore, Staged
 
+log = logging.getLogger("edge_agent")
 H = TypeVar("H")
 
 #: Called with each lifecycle step reached ("verified", "self_tested", "activated",
@@ -136,6 +138,8 @@ class Installer(Generic[H]):
         self.store.commit(staged)
         self._changed()
         self.metrics.inc("edge_agent_updates_total", result="committed")
+        log.info("update.committed model=%s version=%d", staged.manifest.name,
+                 staged.manifest.version)
 
     def commit_pending(self, name: str) -> int:
         """Commit the update of `name` that a health window was watching; its version.
