@@ -108,8 +108,9 @@ class Agent:
                       committed=self.store.committed())
 
     # -- loading -------------------------------------------------------------------------
-    def _open(self, bundle_dir: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
-        """Load a model in a new session; returns it and the resident bytes it added."""
+    def load(self, bundle_dir: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
+        """Load a model in a new session (`ModelHost`); returns it and the resident bytes
+        it added."""
         rss = psutil.Process().memory_info().rss
         source = model_source(bundle_dir, manifest, device_key=self.device_key)
         model = open_model(source, manifest.runtime, threads=self.threads_for(manifest),
@@ -185,8 +186,7 @@ class Agent:
             m = self.store.check_installed(name, slot, self.root)
             d = self.store.bundle_dir(name, slot)
             assert d is not None
-            model, size = self._open(d, m)
-            self.scheduler.load(self._resident(m, model, size))
+            self.serve(m, self.load(d, m))
             self.metrics.inc("edge_agent_model_reloads_total", model=name)
             return True
 
@@ -204,9 +204,6 @@ class Agent:
     def roll_back(self, name: str, reason: str) -> str:
         """Serve the previous slot of `name` again (hot swap)."""
         return self.installer.roll_back(name, reason)
-
-    def load(self, path: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
-        return self._open(path, manifest)
 
     def self_test(self, path: Path, manifest: Manifest,
                   loaded: tuple[LoadedModel, int]) -> str:

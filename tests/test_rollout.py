@@ -85,9 +85,7 @@ def test_pause_resume_and_a_halted_rollout_that_cannot_be_resumed(
                           criteria=Criteria(), wave_timeout_s=60)
 
     def cli(action: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fleet.cli", "rollout", action, rid,
-                               "--db", str(db_path)], capture_output=True, text=True,
-                              timeout=60, check=False)
+        return rollout_cli(db_path, action, rid)
 
     assert f"rollout {rid}: paused" in cli("pause").stdout
     assert rollouts.get(rid).status is Status.PAUSED
@@ -119,6 +117,23 @@ def controller(db: FleetDB, broker: Broker, releases: dict[str, Path]) -> Contro
     return Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
 
 
+def signing(broker: Broker, releases: dict[str, Path]) -> list[object]:
+    """The options a rollout command that sends commands needs."""
+    keys = releases["keys"]
+    return ["--broker", broker.url, "--key", next((keys / "keys").glob("command-*.key")),
+            "--root", keys / "root.json"]
+
+
+def rollout_argv(db: Path, *args: object) -> list[str]:
+    return [sys.executable, "-m", "fleet.cli", "rollout", *map(str, args), "--db", str(db)]
+
+
+def rollout_cli(db: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    """`edge-fleet rollout ARGS --db DB`, as an operator types it."""
+    return subprocess.run(rollout_argv(db, *args), capture_output=True, text=True,
+                          timeout=180, check=False)
+
+
 def versions(agents: list[AgentProcess]) -> list[int]:
     return [a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] for a in agents]
 
@@ -135,11 +150,8 @@ def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
     rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
                           devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
                           criteria=Criteria(), wave_timeout_s=60)
-    keys = releases["keys"]
-    run = subprocess.Popen([sys.executable, "-m", "fleet.cli", "rollout", "run", rid,
-                            "--db", str(tmp_path / "fleet.sqlite"), "--broker", broker.url,
-                            "--key", str(next((keys / "keys").glob("command-*.key"))),
-                            "--root", str(keys / "root.json")],
+    run = subprocess.Popen(rollout_argv(tmp_path / "fleet.sqlite", "run", rid,
+                                        *signing(broker, releases)),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def slot(agent: AgentProcess) -> tuple[int, int | None]:
@@ -196,17 +208,12 @@ def test_a_failing_first_wave_halts_and_nothing_else_changes(
 
 def test_the_rollout_command_line(group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     broker, agents, url = group
-    keys = releases["keys"]
-    key = next((keys / "keys").glob("command-*.key"))
 
     def cli(*args: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "fleet.cli", "rollout", *map(str, args),
-                               "--db", tmp_path / "fleet.sqlite"], capture_output=True,
-                              text=True, timeout=180, check=False)
+        return rollout_cli(tmp_path / "fleet.sqlite", *args)
 
     start = cli("start", "--bundle", releases["onnx2"], "--url-base", url, "--group", "lab",
-                "--broker", broker.url, "--key", key, "--root", keys / "root.json",
-                "--waves", "30,100", "--health-window", "0.5")
+                *signing(broker, releases), "--waves", "30,100", "--health-window", "0.5")
     assert start.returncode == 0, start.stderr
     rid = re.search(r"rollout (\w+): 3 device\(s\)", start.stdout).group(1)  # type: ignore[union-attr]
     assert f"rollout {rid}: completed" in start.stdout
@@ -231,12 +238,7 @@ def test_abort_rolls_back_what_the_rollout_touched_and_cannot_be_resumed(
                    what="dev-1 on v2")
     finally:
         c.close()
-    keys = releases["keys"]
-    abort = subprocess.run(
-        [sys.executable, "-m", "fleet.cli", "rollout", "abort", rid, "--db", str(db_path),
-         "--broker", broker.url, "--key", str(next((keys / "keys").glob("command-*.key"))),
-         "--root", str(keys / "root.json")], capture_output=True, text=True, timeout=120,
-        check=False)
+    abort = rollout_cli(db_path, "abort", rid, *signing(broker, releases))
     assert abort.returncode == 0, abort.stderr
     assert f"rollout {rid}: aborted" in abort.stdout
     assert versions(agents) == [1, 1, 1]
