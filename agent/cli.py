@@ -10,7 +10,8 @@
     edge-agent profiles                       list the firmware profiles this install knows
     edge-agent profile NAME                   validate and print one profile
     edge-agent selftest BUNDLE_DIR            check a bundle's files and run its self-test here
-    edge-agent device-key ID --out DIR        make this device's X25519 pair for sealed models
+    edge-agent device-key ID --out DIR        make this device's keys: Ed25519 to sign its
+                                              reports, X25519 for sealed models
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from agent.errors import AgentError, StateLocked
 from agent.profiles import available_profiles, load_profile
 from agent.serving.selftest import run_selftest
 from agent.trust.bundle import check_files, read_manifest
-from agent.trust.sealing import generate_device_key
+from agent.trust.identity import generate_device_key
 from agent.unit import DEFAULT_EXEC, render_unit
 
 
@@ -116,8 +117,9 @@ def _dispatch(ns: argparse.Namespace) -> int:
         print(json.dumps(load_profile(ns.name).model_dump(), indent=2))
     elif ns.command == "device-key":
         key, pub = generate_device_key(ns.device, ns.out)
-        print(f"private key {key} (keep on this device), public key {pub} (give to the "
-              "operator for `edge-fleet seal`)")
+        print(f"private keys {key} (keep on this device: set paths.device_key), public "
+              f"keys {pub} (give to the operator: `edge-fleet devices add {ns.device} --key "
+              f"{pub.name}`, and `edge-fleet seal`)")
     elif ns.command == "selftest":
         return _selftest(ns.bundle)
     elif ns.command == "check-config":

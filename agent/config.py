@@ -141,6 +141,13 @@ class AgentConfig(_Section):
     mqtt: MqttSection | None = None
     detectors: Thresholds = Thresholds()
 
+    @model_validator(mode="after")
+    def _reports_are_signed(self) -> AgentConfig:
+        if self.mqtt is not None and self.paths.device_key is None:
+            raise ValueError("mqtt needs paths.device_key: the device signs what it reports "
+                             "(make it with `edge-agent device-key`)")
+        return self
+
 
 def _env_value(text: str) -> Any:
     try:

@@ -27,7 +27,7 @@ import psutil
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.errors import AgentError, BundleError
+from agent.errors import AgentError, BundleError, ConfigError
 from agent.profiles import FirmwareProfile, load_profile
 from agent.serving.admission import Budget, ThermalLimits
 from agent.serving.metrics import Metrics
@@ -35,9 +35,10 @@ from agent.serving.runtime import LoadedModel, load_tflite_delegates, open_model
 from agent.serving.scheduler import Resident, Scheduler
 from agent.serving.selftest import selftest_loaded
 from agent.serving.sensors import Sensors, SystemSensors
+from agent.trust.identity import ReportSigner, load_device_key, load_report_signer
 from agent.trust.manifest import Manifest
 from agent.trust.root import Root, load_pinned_root
-from agent.trust.sealing import load_device_key, model_source
+from agent.trust.sealing import model_source
 from agent.trust.verify import Device
 from agent.updates.install import Installer, InstallResult, OnStep
 from agent.updates.store import ModelStore
@@ -61,6 +62,11 @@ class Agent:
         self.store = ModelStore(state)
         self.device_key = (load_device_key(config.paths.device_key)
                            if config.paths.device_key else None)
+        self._signer = (load_report_signer(config.paths.device_key)
+                        if config.paths.device_key and config.mqtt else None)
+        if self._signer is not None and self._signer.device != config.device.id:
+            raise ConfigError(f"device key {config.paths.device_key} is device "
+                              f"{self._signer.device}'s, not {config.device.id}'s")
         sched, thermal = config.scheduler, config.thermal
         prof_thermal = self.profile.thermal
         self.scheduler = Scheduler(
@@ -96,6 +102,12 @@ class Agent:
             return load_pinned_root(path.read_bytes())
         except OSError as exc:
             raise AgentError(f"cannot read the trusted root {path}: {exc.strerror}") from exc
+
+    @property
+    def report_signer(self) -> ReportSigner:
+        if self._signer is None:
+            raise ConfigError("no device key configured (paths.device_key)")
+        return self._signer
 
     @property
     def serving(self) -> Scheduler:

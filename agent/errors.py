@@ -9,7 +9,8 @@ does next.
     │   ├── BundleError           a bundle: manifest, files, version, expiry, compatibility
     │   ├── SignatureError        signatures below a role's threshold (unsigned, wrong key...)
     │   ├── RootError             a new root.json that does not chain from the trusted one
-    │   └── CommandError          a command: malformed, expired, replayed, misaddressed
+    │   ├── CommandError          a command: malformed, expired, replayed, misaddressed
+    │   └── ReportError           a device's report: malformed, or not signed by its key
     ├── DownloadError             transport failure (refused, timed out, too slow): retry later
     ├── RuntimeLoadError          a model file its runtime cannot load: the update fails
     ├── Busy                      another update is in progress: send it again later
@@ -91,6 +92,11 @@ class RootError(RejectedError):
 
 class CommandError(RejectedError):
     """A command that is malformed, expired, replayed or addressed to someone else."""
+
+
+class ReportError(RejectedError):
+    """A device report (state, telemetry, event, result) that is malformed, claims another
+    device, or is not signed by the key registered for its device."""
 
 
 class DownloadError(AgentError):

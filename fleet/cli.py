@@ -3,6 +3,9 @@
     edge-fleet keys init --dir D --fleet F      root, release and command keys + root.json v1
     edge-fleet keys rotate --dir D [...]        root.json v+1: revoke/add keys, thresholds
     edge-fleet keys show --dir D                the current root: roles, keys, thresholds
+    edge-fleet devices add ID --key DEVICE.pub  register a device's report key
+    edge-fleet devices import PATH...           register many (.pub files or directories)
+    edge-fleet devices list                     registered and unknown devices
     edge-fleet seal BUNDLE --device-pub P ...   encrypt the model to devices (before signing)
     edge-fleet sign BUNDLE --key K [--key K]    append release signatures
     edge-fleet pack BUNDLE [--out A]            one .tar.zst (or .tar.gz) archive
@@ -126,6 +129,39 @@ def cmd_keys(ns: argparse.Namespace) -> None:
               + ", ".join(f"{names.get(k, '?')} ({k[:10]})" for k in r.keyids))
 
 
+def _device_pubs(paths: list[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        out += sorted(p.glob("*.pub")) if p.is_dir() else [p]
+    return out
+
+
+def cmd_devices(ns: argparse.Namespace) -> None:
+    from agent.trust.identity import read_device_public  # noqa: PLC0415  # when used
+    from fleet.state import FleetDB  # noqa: PLC0415  # each command loads only what it needs
+
+    db = FleetDB(ns.db)
+    if ns.action == "list":
+        for device, key in db.registered().items():
+            print(f"{device:24} registered  report key {key.keyid[:16]}")
+        for device, n in db.unknown():
+            print(f"{device:24} UNKNOWN     {n} message(s) ignored: no registered key")
+        return
+    files = [ns.key] if ns.action == "add" else _device_pubs(ns.paths)
+    if not files:
+        raise FleetError("no .pub files found")
+    changed = 0
+    for f in files:
+        pub = read_device_public(f.read_bytes(), what=str(f))
+        if ns.action == "add" and pub.device != ns.id:
+            raise FleetError(f"{f} is device {pub.device}'s key, not {ns.id}'s")
+        if pub.report_key is None:
+            raise FleetError(f"{f} has no report key (made by an older edge-agent): make a "
+                             "new one with `edge-agent device-key` on the device")
+        changed += db.register(pub.device, pub.report_key)
+    print(f"{len(files)} device key(s) registered in {ns.db} ({changed} new or changed)")
+
+
 def cmd_sign(ns: argparse.Namespace) -> None:
     root = load_pinned_root(ns.root.read_bytes()) if ns.root else None
     res = sign_bundle(ns.bundle, [load_key(k, _passphrase(ns)) for k in ns.key], root)
@@ -213,7 +249,8 @@ def cmd_status(ns: argparse.Namespace) -> None:
     db, watcher = _watcher(ns)
     time.sleep(ns.wait)
     watcher.stop()
-    print("\n".join(status_lines(db.devices(group=ns.group))))
+    print("\n".join(status_lines(db.devices(group=ns.group), unknown=db.unknown(),
+                                  ignored=db.ignored())))
 
 
 def cmd_watch(ns: argparse.Namespace) -> None:
@@ -223,7 +260,8 @@ def cmd_watch(ns: argparse.Namespace) -> None:
     try:
         while True:
             time.sleep(ns.interval)
-            table = "\n".join(status_lines(db.devices(group=ns.group)))
+            table = "\n".join(status_lines(db.devices(group=ns.group), unknown=db.unknown(),
+                                            ignored=db.ignored()))
             print(f"\x1b[2J\x1b[H{datetime.now(UTC):%H:%M:%S} fleet {ns.fleet}\n{table}",
                   flush=True)
     except KeyboardInterrupt:
@@ -245,7 +283,10 @@ def cmd_recover(ns: argparse.Namespace) -> None:
         time.sleep(ns.wait)
         watcher.stop()
         expected = [r.device for r in db.devices(group=ns.group) if r.online]
-    summary = recover(ns.broker, fleet, keys, action=ns.action, expected=expected,
+    from fleet.state import FleetDB  # noqa: PLC0415  # each command loads only what it needs
+
+    summary = recover(ns.broker, fleet, keys, FleetDB(ns.db), action=ns.action,
+                      expected=expected,
                       device=ns.device, group=ns.group, model=ns.model, reason=ns.reason,
                       timeout_s=ns.timeout)
     print("\n".join(summary.lines()))
@@ -332,14 +373,15 @@ def cmd_simulate(ns: argparse.Namespace) -> None:
                            groups=tuple(ns.group) if ns.group else SimSettings.groups,
                            profile=ns.profile, initial=ns.initial,
                            telemetry_interval_s=ns.telemetry_interval,
-                           health_window_s=ns.health_window)
+                           health_window_s=ns.health_window, keys_dir=ns.keys_dir)
     fleet = SimulatedFleet(settings, ns.devices, faulty_percent=ns.faulty, prefix=ns.prefix,
                            fault_kinds=tuple(ns.fault_kinds.split(",")))
     with fleet:
         connected = fleet.start()
         kinds = Counter(fleet.faults.values())
         print(f"{connected} of {ns.devices} simulated device(s) connected, group(s) "
-              f"{', '.join(settings.groups)}; faulty: {len(fleet.faults)}"
+              f"{', '.join(settings.groups)}; device keys in {fleet.keys_dir}; "
+              f"faulty: {len(fleet.faults)}"
               + (f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})"
                  if kinds else ""), flush=True)
         with contextlib.suppress(KeyboardInterrupt):
@@ -360,6 +402,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--passphrase-env", default="EDGE_FLEET_PASSPHRASE", metavar="VAR")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_keys(sub)
+    _add_devices(sub)
     _add_release(sub)
     _add_command(sub)
     _add_watching(sub)
@@ -457,6 +500,9 @@ def _add_simulate(sub: Subparsers) -> None:  # type: ignore[type-arg]
     si.add_argument("--telemetry-interval", type=float, default=sim["telemetry_interval_s"])
     si.add_argument("--health-window", type=float, default=sim["health_window_s"])
     si.add_argument("--duration", type=float, default=0.0, help="seconds (0: until stopped)")
+    si.add_argument("--keys-dir", type=Path, help="each device's key files, made when "
+                    "missing; register them with `edge-fleet devices import DIR` (default: "
+                    "a temporary directory)")
 
 
 def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]
@@ -477,6 +523,21 @@ def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]
     for p in (init, rot, show):
         p.add_argument("--dir", type=Path, required=True)
         p.add_argument("--expires-days", type=int, default=365)
+
+
+def _add_devices(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    dev = sub.add_parser("devices", help="register devices' report keys")
+    dev.set_defaults(func=cmd_devices)
+    da = dev.add_subparsers(dest="action", required=True)
+    add = da.add_parser("add", help="register one device's DEVICE.pub")
+    add.add_argument("id")
+    add.add_argument("--key", type=Path, required=True, help="DEVICE.pub (edge-agent "
+                     "device-key)")
+    imp = da.add_parser("import", help="register many: .pub files or directories of them")
+    imp.add_argument("paths", type=Path, nargs="+")
+    ls = da.add_parser("list")
+    for p in (add, imp, ls):
+        p.add_argument("--db", type=Path, default=Path("fleet.sqlite"))
 
 
 def _add_release(sub: Subparsers) -> None:  # type: ignore[type-arg]

@@ -1,5 +1,6 @@
 """`edge-fleet recover`: a signed rollback, restart or reload to a device or a group, with
-every device's result collected and summarised.
+every device's result collected and summarised. A result counts only when its device
+signed it with its registered key (`fleet.ingest`).
 
 The expected devices of a group are the members the fleet state knows (from their
 retained `state`); a device that does not answer within the timeout is listed as such,
@@ -18,6 +19,7 @@ from typing import Any
 from agent.link.wire import PREFIX, CommandResult, device_topic, group_cmd_topic
 from fleet._mqtt import connect
 from fleet.commands import build_command, sign_command
+from fleet.ingest import KeySource, ReportGate
 from fleet.keys import SigningKey
 
 
@@ -41,7 +43,8 @@ class Summary:
         return out
 
 
-def recover(broker_url: str, fleet: str, keys: Iterable[SigningKey], *, action: str,
+def recover(broker_url: str, fleet: str, keys: Iterable[SigningKey], registry: KeySource, *,
+            action: str,
             expected: list[str], device: str | None = None, group: str | None = None,
             model: str | None = None, reason: str = "", timeout_s: float = 30.0) -> Summary:
     fields: dict[str, Any] = {}
@@ -52,12 +55,13 @@ def recover(broker_url: str, fleet: str, keys: Iterable[SigningKey], *, action: 
     raw = sign_command(cmd, keys)
     summary = Summary(cmd.id, expected)
     done = threading.Event()
+    gate = ReportGate(registry, fleet)
 
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
-        try:
-            r = CommandResult.model_validate_json(msg.payload)
-        except ValueError:
+        report = gate.open(msg.topic, bytes(msg.payload))  # only what a device signed
+        if report is None or not isinstance(report.payload, CommandResult):
             return
+        r = report.payload
         if r.command_id != cmd.id:
             return
         (summary.ok if r.ok else summary.failed)[r.device] = r.result

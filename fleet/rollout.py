@@ -11,6 +11,7 @@ controller was down are delivered when it returns.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import statistics
 import threading
@@ -26,6 +27,7 @@ from agent.link.wire import PREFIX, CommandResult, device_topic
 from fleet._mqtt import connect
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
+from fleet.ingest import ReportGate
 from fleet.keys import SigningKey
 from fleet.policy import Criteria, Health, Outcome, Status, judge, next_status, wave_sizes
 from fleet.state import FleetDB, FleetWatcher
@@ -41,6 +43,7 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
   rollback_id TEXT, rollback_result TEXT, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS rollout_devices_device ON rollout_devices (device);
 """
+log = logging.getLogger("edge_fleet.rollout")
 # Columns added after the first release of these tables: (table, column, declaration).
 ADDED = [("rollouts", "health_window_s", "REAL NOT NULL DEFAULT 0"),
          ("rollouts", "settled_at", "REAL"), ("rollout_devices", "detail", "TEXT")]
@@ -252,6 +255,7 @@ class Controller:
         self.rollouts = Rollouts(db)
         self.watcher = FleetWatcher(db, broker_url, fleet).start()
         self.fleet, self.keys = fleet, list(keys)
+        self.gate = ReportGate(db, fleet)
         self._lock = threading.Lock()
         self.client, _ = connect(broker_url, client_id,
                                  topics=[f"{PREFIX}/{fleet}/+/cmd/result"],
@@ -264,12 +268,17 @@ class Controller:
         self.client.disconnect()
 
     def _message(self, client: Any, userdata: Any, msg: Any) -> None:
+        """A command result: believed only when its device signed it (`fleet.ingest`);
+        an error while recording one is counted and logged, never fatal."""
         try:
-            r = CommandResult.model_validate_json(msg.payload)
-        except ValueError:
-            return
-        with self._lock:
-            self.rollouts.record_result(r)
+            report = self.gate.open(msg.topic, bytes(msg.payload))
+            if report is None or not isinstance(report.payload, CommandResult):
+                return
+            with self._lock:
+                self.rollouts.record_result(report.payload)
+        except Exception:  # one bad message must never stop the results
+            self.db.bump("ingest_errors")
+            log.exception("rollout.result_crashed topic=%.200s", msg.topic)
 
     def _send(self, rid: str, kind: str, devices: list[str], **fields: Any) -> None:
         """Signed commands to `devices`: their ids are recorded first (a result can come

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -60,8 +60,10 @@ from agent.link.telemetry import LATENCY
 from agent.serving.admission import Reading, Thermal, ThermalLimits
 from agent.serving.metrics import Metrics
 from agent.serving.scheduler import DriftSample
+from agent.trust.identity import generate_device_key, load_report_signer, read_device_public
 from agent.trust.manifest import Manifest
 from agent.trust.root import Root, load_pinned_root
+from agent.trust.signatures import PublicKey
 from agent.trust.verify import Device
 from agent.updates.install import Installer, InstallResult, OnStep
 from agent.updates.store import ModelStore
@@ -69,6 +71,7 @@ from fleet.errors import FleetError
 
 log = logging.getLogger("edge_fleet.simulate")
 DEFAULT_FAULTS = ("selftest", "latency", "drift")
+_SHM = Path("/dev/shm")
 FAULTS = (*DEFAULT_FAULTS, "errors")
 
 
@@ -173,6 +176,8 @@ class StandInAgent:
     def __init__(self, config: AgentConfig, root: Root, fault: str | None,
                  rng: random.Random) -> None:
         self.config, self.root, self.fault = config, root, fault
+        assert config.paths.device_key is not None  # the simulator makes one per device
+        self.report_signer = load_report_signer(config.paths.device_key)
         self.store = ModelStore(config.paths.state_dir)
         self.metrics = Metrics()
         self.scheduler = StandInScheduler()
@@ -266,7 +271,8 @@ class SimDevice(FleetLink):
         config = AgentConfig(
             device=DeviceSection(id=name, fleet=sim.fleet, groups=sim.groups,
                                  profile=sim.profile),
-            paths=PathsSection(state_dir=state, root_file=sim.root_file),
+            paths=PathsSection(state_dir=state, root_file=sim.root_file,
+                               device_key=sim.keys_dir / f"{name}.key"),
             mqtt=sim.mqtt)
         self.standin = StandInAgent(config, sim.root, fault, random.Random(name))
         super().__init__(self.standin, sim.mqtt, in_memory=True, poll_s=sim.poll_s)
@@ -281,8 +287,8 @@ class SimDevice(FleetLink):
             time.monotonic() + self.sim.rng.uniform(0, self.settings.interval_s),
             self._sim_tick)
 
-    def _received(self, topic: str, payload: bytes, properties: Any) -> None:
-        self.sim.pool.submit(self.handle_safely, payload)
+    def enqueue(self, raw: bytes) -> None:
+        self.sim.pool.submit(self.handle_safely, raw)
 
     def _sim_tick(self) -> None:
         if self.stopping:
@@ -320,6 +326,9 @@ class SimSettings:
     health_window_s: float = 2.0
     requests_per_s: float = 40.0
     poll_s: float = 0.25
+    # Each device's key file (`edge-agent device-key`): DEVICE.key and DEVICE.pub. Made
+    # when missing; register the .pub files with `edge-fleet devices import DIR`.
+    keys_dir: Path | None = None
 
 
 class Simulator:
@@ -328,6 +337,8 @@ class Simulator:
     def __init__(self, settings: SimSettings, names: list[str], faults: dict[str, str], *,
                  workers: int = 8) -> None:
         self.root_file = settings.root_file
+        assert settings.keys_dir is not None  # SimulatedFleet makes the keys first
+        self.keys_dir = settings.keys_dir
         self.root = load_pinned_root(settings.root_file.read_bytes())
         self.fleet = settings.fleet or self.root.fleet
         self.groups, self.profile = list(settings.groups), settings.profile
@@ -335,9 +346,9 @@ class Simulator:
         self.mqtt = MqttSection(brokers=[settings.broker],
                                 telemetry_interval_s=settings.telemetry_interval_s,
                                 health_window_s=settings.health_window_s, keepalive_s=60)
-        shm = Path("/dev/shm")  # stores on tmpfs: a thousand devices' fsyncs cost nothing
+        # Stores on tmpfs: a thousand devices' fsyncs cost nothing.
         self.state_dir = Path(tempfile.mkdtemp(prefix="edge-sim-",
-                                               dir=shm if shm.is_dir() else None))
+                                               dir=_SHM if _SHM.is_dir() else None))
         self.rng = random.Random(0)
         self.ticker = Ticker()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-cmd")
@@ -402,8 +413,16 @@ class SimulatedFleet:
     def __init__(self, settings: SimSettings, count: int, *, faulty_percent: float = 0,
                  fault_kinds: tuple[str, ...] = DEFAULT_FAULTS, prefix: str = "sim",
                  per_process: int = 250) -> None:
+        self._own_keys = settings.keys_dir is None
+        if settings.keys_dir is None:
+            settings = replace(settings, keys_dir=Path(tempfile.mkdtemp(
+                prefix="edge-sim-keys-", dir=_SHM if _SHM.is_dir() else None)))
         self.settings = settings
         self.names = [f"{prefix}-{i:04d}" for i in range(count)]
+        self.keys_dir: Path = settings.keys_dir  # type: ignore[assignment]  # set above
+        for name in self.names:
+            if not (self.keys_dir / f"{name}.key").exists():
+                generate_device_key(name, self.keys_dir)
         self.faults = fault_plan(self.names, faulty_percent, fault_kinds)
         n = max(1, -(-count // per_process))
         self._chunks = [self.names[i::n] for i in range(n)]
@@ -426,6 +445,16 @@ class SimulatedFleet:
             connected += conn.recv()
         return connected
 
+    def inventory(self) -> dict[str, PublicKey]:
+        """Each device's report key, to register in the fleet database."""
+        out = {}
+        for name in self.names:
+            pub = read_device_public((self.keys_dir / f"{name}.pub").read_bytes(),
+                                     what=f"{name}.pub")
+            assert pub.report_key is not None  # made by generate_device_key
+            out[name] = pub.report_key
+        return out
+
     def versions(self) -> dict[str, dict[str, int]]:
         """Each device's serving versions (model -> version)."""
         out: dict[str, dict[str, int]] = {}
@@ -443,6 +472,8 @@ class SimulatedFleet:
             if p.is_alive():
                 p.kill()
         self._workers = []
+        if self._own_keys:
+            shutil.rmtree(self.keys_dir, ignore_errors=True)
 
     def __enter__(self) -> SimulatedFleet:
         return self

@@ -1,28 +1,36 @@
-"""Fleet state in SQLite (one file): devices as their retained `state`, latest telemetry
-and events say, fed by `FleetWatcher` from the broker.
+"""Fleet state in SQLite (one file): the registered device keys, and devices as their
+retained `state`, latest telemetry and events say, fed by `FleetWatcher` from the broker.
 
-Payloads are validated with the agent's own wire models (`agent.link.wire`); a payload that
-does not validate is counted and skipped, never stored. `retained state` is subscribed
-normally (the broker does not deliver retained messages to shared subscriptions);
-telemetry and events use a shared subscription (`$share/{group}/...`) so several
-controllers can split the load.
+Only a device's own reports are stored: `fleet.ingest.ReportGate` checks each message's
+topic, signature (the device's registered key) and payload (the agent's own wire models,
+`agent.link.wire`); anything else is counted under its reason and skipped. A device that
+publishes without a registered key is listed as unknown, never stored as a device. An
+exception while storing one message is caught, counted and logged: the watcher lives on.
+
+`retained state` is subscribed normally (the broker does not deliver retained messages to
+shared subscriptions); telemetry and events use a shared subscription (`$share/{group}/...`)
+so several controllers can split the load.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from agent.link.wire import PREFIX, Event, StatePayload, Telemetry
+from agent.trust.signatures import PublicKey
 from fleet._mqtt import connect
+from fleet.ingest import ReportGate
+
+log = logging.getLogger("edge_fleet.state")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -34,7 +42,14 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS anomalies (
   device TEXT NOT NULL, received REAL NOT NULL, model TEXT, detector TEXT, message TEXT);
 CREATE INDEX IF NOT EXISTS anomalies_received ON anomalies (received);
+CREATE TABLE IF NOT EXISTS device_keys (
+  device TEXT PRIMARY KEY, public TEXT NOT NULL, added REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS unknown_devices (
+  device TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+  messages INTEGER NOT NULL);
 """
+#: Unknown devices listed at most (their ids come from whoever publishes).
+MAX_UNKNOWN = 1000
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,49 @@ class FleetDB:
         row = self._db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
         return int(row[0]) if row else 0
 
+    # -- the device registry ------------------------------------------------------------
+    def register(self, device: str, key: PublicKey) -> bool:
+        """Register (or replace) a device's report key; True when it was new or changed."""
+        with self._lock:
+            old = self._db.execute("SELECT public FROM device_keys WHERE device = ?",
+                                   (device,)).fetchone()
+            self._db.execute("INSERT INTO device_keys VALUES (?, ?, ?) ON CONFLICT(device) "
+                             "DO UPDATE SET public = excluded.public, added = excluded.added",
+                             (device, key.public, time.time()))
+            self._db.execute("DELETE FROM unknown_devices WHERE device = ?", (device,))
+        return old is None or old[0] != key.public
+
+    def registered_key(self, device: str) -> PublicKey | None:
+        row = self._db.execute("SELECT public FROM device_keys WHERE device = ?",
+                               (device,)).fetchone()
+        return None if row is None else PublicKey(public=row[0])
+
+    def registered(self) -> dict[str, PublicKey]:
+        return {d: PublicKey(public=p) for d, p in self._db.execute(
+            "SELECT device, public FROM device_keys ORDER BY device")}
+
+    def note_unknown(self, device: str) -> None:
+        now = time.time()
+        with self._lock:
+            cur = self._db.execute("UPDATE unknown_devices SET last_seen = ?, messages = "
+                                   "messages + 1 WHERE device = ?", (now, device))
+            if cur.rowcount == 0 and self._db.execute(
+                    "SELECT COUNT(*) FROM unknown_devices").fetchone()[0] < MAX_UNKNOWN:
+                self._db.execute("INSERT INTO unknown_devices VALUES (?, ?, ?, 1)",
+                                 (device, now, now))
+
+    def unknown(self) -> list[tuple[str, int]]:
+        """Devices that published without a registered key, with their message counts."""
+        return [(d, int(n)) for d, n in self._db.execute(
+            "SELECT device, messages FROM unknown_devices ORDER BY device")]
+
+    def ignored(self) -> dict[str, int]:
+        """Messages the ingest gate ignored, by reason."""
+        return {n.removeprefix("ignored_"): int(v) for n, v in self._db.execute(
+            "SELECT name, value FROM counters WHERE name LIKE 'ignored\\_%' ESCAPE '\\' "
+            "ORDER BY name")}
+
+    # -- what devices report ---------------------------------------------------------------
     def put_state(self, s: StatePayload) -> None:
         models = {n: m.model_dump() for n, m in s.models.items()}
         with self._lock:
@@ -108,8 +166,8 @@ class FleetDB:
                 self._db.execute("UPDATE devices SET last_anomaly = ?, last_anomaly_at = ? "
                                  "WHERE device = ?", (e.message, e.at.isoformat(), e.device))
                 self._db.execute("INSERT INTO anomalies VALUES (?, ?, ?, ?, ?)",
-                                 (e.device, received, e.model or e.evidence.get("model"),
-                                  e.evidence.get("detector"), e.message))
+                                 (e.device, received, e.model or _text(e.evidence, "model"),
+                                  _text(e.evidence, "detector"), e.message))
 
     def anomalies_since(self, since: float) -> dict[str, int]:
         """Anomaly events per device received since `since` (epoch seconds)."""
@@ -142,6 +200,12 @@ class FleetDB:
         return out
 
 
+def _text(evidence: dict[str, Any], key: str) -> str | None:
+    """A short string from free-form evidence, or None (it may hold anything)."""
+    value = evidence.get(key)
+    return value[:128] if isinstance(value, str) else None
+
+
 class FleetWatcher:
     """Subscribes to a fleet's topics and keeps a `FleetDB` up to date."""
 
@@ -149,6 +213,8 @@ class FleetWatcher:
                  share_group: str = "edge-fleet", client_id: str | None = None) -> None:
         self.db, self.fleet = db, fleet
         self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
+        self.errors = 0  # messages whose handling raised (logged, counted, survived)
+        self.gate = ReportGate(db, fleet)
         base = f"{PREFIX}/{fleet}"
         self.client, _ = connect(
             broker_url, client_id or f"edge-fleet-{time.time_ns()}",
@@ -156,17 +222,22 @@ class FleetWatcher:
                     f"$share/{share_group}/{base}/+/event"], on_message=self._message)
 
     def _message(self, client: Any, userdata: Any, msg: Any) -> None:
-        kind = msg.topic.rsplit("/", 1)[-1]
         try:
-            if kind == "state":
-                self.db.put_state(StatePayload.model_validate_json(msg.payload))
-            elif kind == "telemetry":
-                self.db.put_telemetry(Telemetry.model_validate_json(msg.payload), time.time())
-            elif kind == "event":
-                self.db.put_event(Event.model_validate_json(msg.payload), time.time())
-            self.ingested[kind] += 1
-        except ValidationError:
-            self.db.bump(f"invalid_{kind}")
+            report = self.gate.open(msg.topic, bytes(msg.payload))
+            if report is None:
+                return
+            p = report.payload
+            if isinstance(p, StatePayload):
+                self.db.put_state(p)
+            elif isinstance(p, Telemetry):
+                self.db.put_telemetry(p, time.time())
+            elif isinstance(p, Event):
+                self.db.put_event(p, time.time())
+            self.ingested[report.kind] += 1
+        except Exception:  # one bad message must never stop ingest
+            self.errors += 1
+            self.db.bump("ingest_errors")
+            log.exception("ingest.crashed topic=%.200s", msg.topic)
 
     def start(self) -> FleetWatcher:
         self.client.loop_start()
@@ -177,8 +248,10 @@ class FleetWatcher:
         self.client.disconnect()
 
 
-def status_lines(rows: list[DeviceRow]) -> list[str]:
-    """The `edge-fleet status` table."""
+def status_lines(rows: list[DeviceRow], *, unknown: Sequence[tuple[str, int]] = (),
+                 ignored: Mapping[str, int] | None = None) -> list[str]:
+    """The `edge-fleet status` table: devices, then devices that published without a
+    registered key (never counted), then what the ingest gate ignored."""
     head = f"{'device':16} {'online':7} {'profile':18} {'models':22} {'health':12} last anomaly"
     out = [head, "-" * len(head)]
     for r in rows:
@@ -187,7 +260,13 @@ def status_lines(rows: list[DeviceRow]) -> list[str]:
                            for n, m in r.models.items()) or "-"
         out.append(f"{r.device:16} {'yes' if r.online else 'no':7} {r.profile or '-':18} "
                    f"{models:22} {r.health:12} {r.last_anomaly or '-'}")
+    for dev, n in unknown:
+        out.append(f"{dev:16} {'?':7} {'-':18} {'-':22} {'unknown':12} no registered key; "
+                   f"{n} message(s) ignored")
     out.append(f"{len(rows)} device(s), {sum(r.online for r in rows)} online; "
-               "* = not committed yet (health window)")
+               "* = not committed yet (health window)"
+               + (f"; {len(unknown)} unknown" if unknown else ""))
+    if ignored:
+        out.append("ignored messages: " + ", ".join(f"{n} {k}" for k, n in ignored.items()))
     return out
 

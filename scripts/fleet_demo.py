@@ -71,6 +71,7 @@ class Demo:
         self.root = self.keys / "root.json"
         self.command_key = self.keys / "keys" / "command-1.key"
         self.procs: list[subprocess.Popen[str]] = []
+        self.db = self.work / "fleet.sqlite"
         self.sims = 12 if short else 40
         self.window = 1.0 if short else 3.0
 
@@ -115,6 +116,10 @@ class Demo:
     def agent(self, name: str, broker: str) -> Path:
         d = self.work / name
         d.mkdir()
+        # Provisioning: the device makes its keys, the operator registers the public half.
+        run(BIN / "edge-agent", "device-key", name, "--out", d)
+        run(BIN / "edge-fleet", "devices", "add", name, "--key", d / f"{name}.pub", "--db",
+            self.db)
         cfg = d / "agent.toml"
         cfg.write_text(textwrap.dedent(f"""\
             [device]
@@ -125,6 +130,7 @@ class Demo:
             [paths]
             state_dir = "{d / 'state'}"
             root_file = "{self.root}"
+            device_key = "{d / (name + '.key')}"
             [api]
             socket = "{d / 'api.sock'}"
             [mqtt]
@@ -164,7 +170,7 @@ class Demo:
         return dest
 
     def rollout(self, archive: Path, broker: str, url: str) -> str:
-        return run(BIN / "edge-fleet", "rollout", "start", "--db", self.work / "fleet.sqlite",
+        return run(BIN / "edge-fleet", "rollout", "start", "--db", self.db,
                    "--bundle", archive, "--url-base", url, "--group", "demo",
                    "--broker", broker, "--key", self.command_key, "--root", self.root,
                    "--waves", "20,50,100", "--health-window", self.window,
@@ -172,7 +178,7 @@ class Demo:
 
     def status(self, broker: str) -> None:
         out = subprocess.run([BIN / "edge-fleet", "status", "--broker", broker, "--fleet",
-                              "demo", "--db", self.work / "status.sqlite", "--wait", "2"],
+                              "demo", "--db", self.db, "--wait", "2"],
                              capture_output=True, text=True, check=True).stdout.splitlines()
         shown = out[:2] + [ln for ln in out[2:-1] if not ln.startswith("sim-")][:4]
         sims = [ln for ln in out[2:-1] if ln.startswith("sim-")]
@@ -215,12 +221,15 @@ class Demo:
             "devices that use the agent's own protocol code (command verification, "
             "download, signed-bundle checks, the update state machine, health window, "
             "telemetry) with a stand-in for the model runtime, one MQTT connection each.")
+        sim_keys = self.work / "sim-keys"
         sim = self.start([BIN / "edge-fleet", "simulate", "--broker", broker, "--root",
                           self.root, "--devices", self.sims, "--initial", v1, "--group",
                           "demo", "--profile", self.profile, "--telemetry-interval", 1,
-                          "--health-window", self.window], stdout=subprocess.PIPE)
+                          "--health-window", self.window, "--keys-dir", sim_keys],
+                         stdout=subprocess.PIPE)
         assert sim.stdout is not None
         print(f"   {sim.stdout.readline().strip()}")
+        run(BIN / "edge-fleet", "devices", "import", sim_keys, "--db", self.db)
 
         say("11. fleet status", "`edge-fleet status` reads what every device says about "
             "itself (retained state and telemetry).")

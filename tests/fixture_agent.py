@@ -15,6 +15,7 @@ import numpy as np
 
 from agent.client import UnixHTTPConnection, call, unix_call
 from agent.trust.bundle import file_entry
+from agent.trust.identity import generate_device_key
 from agent.trust.manifest import canonical_json
 from fleet.keys import KeyDir, init_keys
 from fleet.release import break_golden_outputs, pack_bundle, sign_bundle
@@ -52,6 +53,11 @@ def write_config(where: Path, keys: Path, *, profile: str, **sections: dict[str,
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    if "mqtt" in cfg and "device_key" not in cfg["paths"]:  # reports are signed
+        device = cfg["device"]["id"]
+        if not (where / f"{device}.key").exists():
+            generate_device_key(device, where)
+        cfg["paths"]["device_key"] = str(where / f"{device}.key")
     if not (where / "temp").exists():
         (where / "temp").write_text("45000\n")
     lines = []
@@ -139,7 +145,10 @@ class AgentProcess:
 
 def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
                 installs: list[Path], **mqtt: Any) -> list[AgentProcess]:
-    """Agents of group "lab" on one broker, each with `installs` installed in order."""
+    """Agents of group "lab" on one broker, each with `installs` installed in order; their
+    report keys are registered in the fleet database `where/fleet.sqlite`."""
+    from fleet.state import FleetDB
+
     agents = []
     for dev in devices:
         d = where / dev
@@ -147,10 +156,26 @@ def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
         cfg = write_config(d, keys, profile="x86_64-generic",
                            device={"id": dev, "groups": ["lab"]},
                            mqtt={"brokers": [broker_url], **mqtt})
+        register(FleetDB(where / "fleet.sqlite"), d)
         agents.append(AgentProcess(cfg).start())
         for archive in installs:
             assert agents[-1].install(archive)[0] == 200
     return agents
+
+
+def register(db: Any, *dirs: Path) -> int:
+    """Register every device key (`DEVICE.pub`) in `dirs` with a fleet database, as
+    `edge-fleet devices import` does; returns how many."""
+    from agent.trust.identity import read_device_public
+
+    n = 0
+    for d in dirs:
+        for pub in sorted(d.glob("*.pub")):
+            key = read_device_public(pub.read_bytes(), what=str(pub)).report_key
+            assert key is not None
+            db.register(pub.stem, key)
+            n += 1
+    return n
 
 
 def digits_input(n: int = 1, seed: int = 0) -> list[float]:

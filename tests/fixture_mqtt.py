@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import socket
 import subprocess
 import threading
@@ -49,6 +50,11 @@ def make_pki(where: Path) -> dict[str, Path]:
                  "-out", str(f[f"{name}.crt"]),
                  *(["-extfile", str(where / "san.ext")] if name == "server" else []))
     return f
+
+
+def report(payload: bytes) -> Any:
+    """The payload of a device's signed report (the envelope's `signed` part)."""
+    return json.loads(payload)["signed"]
 
 
 class Broker:

@@ -23,8 +23,9 @@ from agent.errors import BundleError
 from agent.serving.selftest import run_selftest
 from agent.trust.archive import unpack_bundle
 from agent.trust.command import Addressee, DeployCommand, verify_command
+from agent.trust.identity import load_device_key
 from agent.trust.root import load_pinned_root
-from agent.trust.sealing import load_device_key, model_source
+from agent.trust.sealing import model_source
 from agent.trust.verify import Device
 
 PASS = "correct horse battery staple"

@@ -43,7 +43,9 @@ def test_the_fleet_state_follows_the_devices(fleet: Any, tmp_path: Path) -> None
         d.telemetry_age_s is not None for d in r) and r, what="both devices with telemetry")
     assert [(r.device, r.online, r.models["digits"]["version"], r.health) for r in rows] == [
         ("dev-1", True, 2, "ok"), ("dev-2", True, 2, "ok")]
-    assert db.counter("invalid_state") == 1  # the malformed one was counted, not stored
+    # An unsigned state from a device nobody registered: counted, listed as unknown, never
+    # stored as a device.
+    assert db.counter("ignored_unregistered") >= 1 and db.unknown() == [("dev-9", 1)]
     agents[1].kill9()
     wait_until(lambda: not db.devices()[1].online, what="dev-2's Last Will")
     assert db.devices()[1].health == "offline"
@@ -54,6 +56,9 @@ def test_the_fleet_state_follows_the_devices(fleet: Any, tmp_path: Path) -> None
 def test_status_and_recover_a_group(fleet: Any, tmp_path: Path,
                                     releases: dict[str, Path]) -> None:
     broker, agents = fleet
+    imported = fleet_cli("devices", "import", tmp_path / "dev-1", tmp_path / "dev-2", "--db",
+                         tmp_path / "s.sqlite")
+    assert "2 device key(s) registered" in imported.stdout, imported.stderr
     status = fleet_cli("status", "--broker", broker.url, "--fleet", "acme", "--db",
                        tmp_path / "s.sqlite")
     assert status.returncode == 0, status.stderr
@@ -63,12 +68,12 @@ def test_status_and_recover_a_group(fleet: Any, tmp_path: Path,
     command_key = next((keys / "keys").glob("command-*.key"))
     rec = fleet_cli("recover", "--broker", broker.url, "--group", "lab", "--action",
                     "rollback", "--model", "digits", "--reason", "bad release", "--key",
-                    command_key, "--root", keys / "root.json", "--db", tmp_path / "r.sqlite")
+                    command_key, "--root", keys / "root.json", "--db", tmp_path / "s.sqlite")
     assert rec.returncode == 0, rec.stdout + rec.stderr
     assert "2 ok, 0 failed, 0 silent of 2" in rec.stdout
     for a in agents:
         assert a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
     again = fleet_cli("recover", "--broker", broker.url, "--device", "dev-1", "--action",
                       "rollback", "--model", "digits", "--key", command_key, "--root",
-                      keys / "root.json", "--timeout", "10")
+                      keys / "root.json", "--timeout", "10", "--db", tmp_path / "s.sqlite")
     assert again.returncode == 2 and "no previous version" in again.stdout

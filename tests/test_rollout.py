@@ -4,7 +4,6 @@ its database; plus the pure wave and verdict policy."""
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 from fixture_agent import AgentProcess, start_group
-from fixture_mqtt import Broker, Subscriber
+from fixture_mqtt import Broker, Subscriber, report
 from polling import wait_until
 
 from fleet.artifacts import serve_in_thread as serve
@@ -168,7 +167,7 @@ def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
     # An observer of its own sees dev-1's result go by while no controller runs.
     observer = Subscriber(broker, ["edge/v1/acme/+/cmd/result"], client_id="observer")
     try:
-        observer.wait_for(lambda: any(json.loads(r)["command_id"] == first.command_id
+        observer.wait_for(lambda: any(report(r)["command_id"] == first.command_id
                                       for r in observer.on("/cmd/result")), timeout=30)
     finally:
         observer.close()

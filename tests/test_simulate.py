@@ -42,13 +42,15 @@ def world(broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
     server.shutdown()
 
 
-def sim_fleet(broker: Broker, releases: dict[str, Path], count: int, *,
+def sim_fleet(broker: Broker, releases: dict[str, Path], db: FleetDB, count: int, *,
               health_window_s: float = 1.0, **kw: Any) -> SimulatedFleet:
     settings = SimSettings(broker=broker.url, root_file=releases["keys"] / "root.json",
                            groups=("lab",), profile="x86_64-generic",
                            initial=releases["onnx1"], telemetry_interval_s=0.5,
                            health_window_s=health_window_s, requests_per_s=40)
     fleet = SimulatedFleet(settings, count, **kw)
+    for name, key in fleet.inventory().items():
+        db.register(name, key)
     assert fleet.start() == count
     return fleet
 
@@ -83,7 +85,7 @@ def test_a_rollout_over_real_agents_and_simulated_devices_completes(
                          [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.5)
     db = FleetDB(tmp_path / "fleet.sqlite")
     try:
-        with sim_fleet(broker, releases, 12) as sims:
+        with sim_fleet(broker, releases, db, 12) as sims:
             status, rid = run_rollout(db, broker, releases, url,
                                       ["dev-1", "dev-2", *sims.names], [0.1, 0.5, 1.0],
                                       health_window_s=1.0, timeout_s=120)
@@ -102,7 +104,7 @@ def test_injected_faults_halt_in_the_first_wave_and_every_touched_device_is_back
         world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     broker, url = world
     db = FleetDB(tmp_path / "fleet.sqlite")
-    with sim_fleet(broker, releases, 40, faulty_percent=5) as sims:
+    with sim_fleet(broker, releases, db, 40, faulty_percent=5) as sims:
         assert sims.faults == {"sim-0000": "selftest", "sim-0020": "latency"}
         c, rid = rollout(db, broker, releases, url, sims.names, [0.25, 1.0],
                          health_window_s=1.0)
@@ -133,7 +135,7 @@ def test_drifting_updated_devices_halt_against_the_baseline(
         world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     broker, url = world
     db = FleetDB(tmp_path / "fleet.sqlite")
-    with sim_fleet(broker, releases, 10, faulty_percent=30, fault_kinds=("drift",)) as sims:
+    with sim_fleet(broker, releases, db, 10, faulty_percent=30, fault_kinds=("drift",)) as sims:
         status, rid = run_rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
                                   health_window_s=5.0, timeout_s=60)
         assert status == "halted"
@@ -152,7 +154,7 @@ def test_an_error_rate_in_the_health_window_rolls_the_device_back_by_itself(
         world: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     broker, url = world
     db = FleetDB(tmp_path / "fleet.sqlite")
-    with sim_fleet(broker, releases, 4, health_window_s=2.0, faulty_percent=25,
+    with sim_fleet(broker, releases, db, 4, health_window_s=2.0, faulty_percent=25,
                    fault_kinds=("errors",)) as sims:
         status, rid = run_rollout(db, broker, releases, url, sims.names, [0.25, 1.0],
                                   health_window_s=1.0, timeout_s=60)
@@ -169,7 +171,7 @@ def test_updated_devices_slower_than_the_baseline_halt_the_rollout(
     is not a criterion: only the controller's p95 comparison with the baseline halts."""
     broker, url = world
     db = FleetDB(tmp_path / "fleet.sqlite")
-    with sim_fleet(broker, releases, 8, health_window_s=0.0, faulty_percent=100,
+    with sim_fleet(broker, releases, db, 8, health_window_s=0.0, faulty_percent=100,
                    fault_kinds=("latency",)) as sims:
         status, rid = run_rollout(db, broker, releases, url, sims.names, [0.5, 1.0],
                                   health_window_s=5.0, timeout_s=60,
@@ -186,7 +188,7 @@ def test_a_device_that_does_not_answer_is_offline_and_retried_in_the_next_wave(
     db = FleetDB(tmp_path / "fleet.sqlite")
     ghost = "aaa-ghost"  # in the group's list, first in wave 1, never connected
     sent = Subscriber(broker, [f"edge/v1/acme/{ghost}/cmd"], client_id="ghost-watch")
-    with sim_fleet(broker, releases, 3) as sims:
+    with sim_fleet(broker, releases, db, 3) as sims:
         status, rid = run_rollout(db, broker, releases, url, [ghost, *sims.names],
                                   [0.5, 1.0], health_window_s=0.5, wave_timeout_s=3,
                                   timeout_s=60)

@@ -2,11 +2,15 @@
 
 Threads (all daemon threads, started by `start`):
 
-* `mqtt`: the connection (`agent.link.mqtt`); incoming commands go into a bounded queue (a
-  full queue refuses with an event, never grows);
-* `commands`: verifies each command (`agent.trust.nonces.accept_command`: signature
-  threshold, addressee, expiry, replay) and dispatches it; forged, expired, replayed or
-  misaddressed commands produce a `command.rejected` event and a result, and nothing else;
+* `mqtt`: the connection (`agent.link.mqtt`). Each incoming command is screened here,
+  cheapest check first (size, JSON, the fleet's signature threshold, then expiry,
+  addressee and replay against the nonces seen and queued): only commands that would be
+  carried out enter the bounded queue, so junk can never crowd out a real command. A
+  refusal is counted by check (telemetry `commands_dropped`), with a rate-limited
+  `command.rejected` event; a signed command refused (expired, replayed, misaddressed)
+  also gets a result, junk does not;
+* `commands`: verifies each queued command again and records its nonce
+  (`agent.trust.nonces.accept_command`), then carries it out;
 * `telemetry`: `agent.link.telemetry.TelemetryLoop`, every interval;
 * `deploy`: one per deploy command (`agent.link.deploying.Deployer`);
 * `infer`: remote inference (`agent.link.remote`), when a scheduler is given.
@@ -20,6 +24,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
+from collections.abc import Container
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,7 +40,7 @@ from agent.link.remote import RemoteInference
 from agent.link.reporting import Reporter
 from agent.link.settings import LinkSettings, SettingsStore, initial_settings
 from agent.link.telemetry import TelemetryLoop
-from agent.link.wire import ModelState, StatePayload, dump, group_cmd_topic
+from agent.link.wire import ModelState, StatePayload, group_cmd_topic, infer_reply_prefix
 from agent.serving.scheduler import Scheduler
 from agent.trust.command import (
     Addressee,
@@ -42,12 +48,26 @@ from agent.trust.command import (
     DeployCommand,
     ReplayPolicy,
     RollbackCommand,
+    check_signed,
+    verify_command,
 )
 from agent.trust.nonces import NonceStore, accept_command
 
 log = logging.getLogger("edge_agent.fleet")
 #: Commands waiting for the command thread; past this, dropped with an event.
 INBOX_MAX = 64
+#: Nonces of queued commands remembered by the screen (besides the nonce store).
+RECENT_NONCES = 4096
+
+
+class _Seen:
+    """`nonce in seen`: queued lately, or recorded in the nonce store."""
+
+    def __init__(self, *where: Container[str]) -> None:
+        self.where = where
+
+    def __contains__(self, nonce: object) -> bool:
+        return any(nonce in w for w in self.where)
 
 
 class FleetLink:
@@ -68,35 +88,41 @@ class FleetLink:
         self.report = Reporter(Addressee(fleet=d.fleet, device=d.id,
                                          groups=frozenset(d.groups)),
                                Outbox(":memory:" if in_memory else state / "outbox.sqlite",
-                                      cap=cfg.outbox_cap))
+                                      cap=cfg.outbox_cap), agent.report_signer)
         self.outbox = self.report.outbox
         self.nonces = NonceStore(":memory:" if in_memory else state / "nonces.sqlite")
         self._settings_store = SettingsStore(None if in_memory else state / "settings.json")
         self.settings, self._settings_notes = initial_settings(
             cfg, agent.config.detectors, self._settings_store)
         self._inbox: queue.Queue[bytes] = queue.Queue(maxsize=INBOX_MAX)
+        # Nonces of commands queued lately: a replay flood stops at the screen.
+        self._queued: OrderedDict[str, None] = OrderedDict()
+        self._policy = ReplayPolicy(window=timedelta(seconds=cfg.replay_window_s))
         self._stop = threading.Event()
         downloads = state / "downloads"
         downloads.mkdir(exist_ok=True)
         self.telemetry = TelemetryLoop(
             agent, self.report, lambda: self.settings,
             deploying=lambda: self.deployer.busy(),  # noqa: PLW0108  # made below
-            online=lambda: self.link.connected.is_set())  # noqa: PLW0108  # made below
+            online=lambda: self.link.connected.is_set(),  # noqa: PLW0108  # made below
+            refresh_state=lambda: self.publish_state())  # noqa: PLW0108  # bound later
         self.deployer = Deployer(agent, self.report, self.telemetry, lambda: self.settings,
                                  downloads=downloads, stop=self._stop)
         password = cfg.password_file.read_text().strip() if cfg.password_file else None
         topic = self.report.topic
         self.link = MqttLink(
             brokers=cfg.brokers, client_id=f"{d.fleet}-{d.id}",
-            state_topic=topic("state"), birth=lambda: dump(self.state(online=True)),
-            will=dump(self.state(online=False)),
+            state_topic=topic("state"), birth=lambda: self.report.seal(self.state(online=True)),
+            will=self.report.seal(self.state(online=False)),
             subscriptions=[topic("cmd"), *([topic("infer")] if scheduler else []),
                            *(group_cmd_topic(d.fleet, g) for g in d.groups)],
             on_message=self._received, outbox=self.outbox,
             tls=TlsFiles(ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file),
             username=cfg.username, password=password, keepalive_s=cfg.keepalive_s,
             poll_s=poll_s)
-        self.remote = RemoteInference(scheduler, self.link.reply) if scheduler else None
+        self.remote = (RemoteInference(scheduler, self.link.reply,
+                                       reply_prefix=infer_reply_prefix(d.fleet))
+                       if scheduler else None)
 
     @property
     def me(self) -> Addressee:
@@ -142,19 +168,48 @@ class FleetLink:
 
     def publish_state(self) -> None:
         self.outbox.enqueue("state", self.report.topic("state"),
-                            lambda _s: dump(self.state(online=True)), retain=True)
+                            lambda _s: self.report.seal(self.state(online=True)),
+                            retain=True)
 
     # -- incoming -------------------------------------------------------------------------
     def _received(self, topic: str, payload: bytes, properties: Any) -> None:
         if self.remote is not None and topic == self.report.topic("infer"):
             self.remote.received(payload, properties)
             return
+        if self.screen(payload):
+            self.enqueue(payload)
+
+    def screen(self, raw: bytes) -> bool:
+        """Whether a command would be carried out; a refusal is reported here (see the
+        module docstring). Never raises: this runs on the MQTT thread."""
+        root = self.agent.root
         try:
-            self._inbox.put_nowait(payload)
-        except queue.Full:
+            check_signed(root, raw)
+        except RejectedError as exc:
+            self.report.rejected(exc, signed=False)
+            return False
+        try:
+            cmd = verify_command(root, raw, me=self.me, now=datetime.now(UTC),
+                                 seen=_Seen(self._queued, self.nonces), policy=self._policy)
+        except RejectedError as exc:
+            self.report.rejected(exc, signed=True)
+            return False
+        except Exception:  # never let one message kill the connection's thread
+            log.exception("command.screen_failed")
+            return False
+        self._queued[cmd.nonce] = None
+        while len(self._queued) > RECENT_NONCES:
+            self._queued.popitem(last=False)
+        return True
+
+    def enqueue(self, raw: bytes) -> None:
+        """Queue a screened command for the command thread."""
+        try:
+            self._inbox.put_nowait(raw)
+        except queue.Full:  # only commands the fleet signed get here
             self.report.event("command.dropped", "warning",
-                              "command queue full; command dropped",
-                              evidence={"topic": topic, "bytes": len(payload)})
+                              f"command queue full ({INBOX_MAX}); command dropped",
+                              evidence={"bytes": len(raw)})
 
     def _commands(self) -> None:
         while not self._stop.is_set():
@@ -175,12 +230,11 @@ class FleetLink:
 
     def handle(self, raw: bytes) -> None:
         """Verify one command and carry it out."""
-        policy = ReplayPolicy(window=timedelta(seconds=self.cfg.replay_window_s))
         try:
             cmd = accept_command(self.agent.root, raw, me=self.me, now=datetime.now(UTC),
-                                 store=self.nonces, policy=policy)
+                                 store=self.nonces, policy=self._policy)
         except RejectedError as exc:
-            self.report.rejected(exc)
+            self.report.rejected(exc, signed=True)
             return
         if isinstance(cmd, DeployCommand):
             self.deployer.start(cmd)

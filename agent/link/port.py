@@ -17,6 +17,7 @@ from agent.config import AgentConfig
 from agent.serving.admission import Reading, Thermal, ThermalLimits
 from agent.serving.metrics import Metrics
 from agent.serving.scheduler import DriftSample
+from agent.trust.identity import ReportSigner
 from agent.trust.manifest import Manifest
 from agent.trust.root import Root
 from agent.updates.install import InstallResult, OnStep
@@ -63,6 +64,11 @@ class AgentPort(Protocol):
 
     @property
     def root(self) -> Root: ...
+
+    @property
+    def report_signer(self) -> ReportSigner:
+        """Signs everything the device reports (`agent.trust.identity`)."""
+        ...
 
     @property
     def store(self) -> ModelStore: ...

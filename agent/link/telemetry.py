@@ -28,11 +28,13 @@ from agent.link.detectors import (
 from agent.link.port import AgentPort
 from agent.link.reporting import Reporter
 from agent.link.settings import LinkSettings
-from agent.link.wire import Memory, ModelTelemetry, Telemetry, dump
+from agent.link.wire import Memory, ModelTelemetry, Telemetry
 from agent.serving.metrics import Snapshot, window_counter, window_quantile
 
 log = logging.getLogger("edge_agent.fleet")
 LATENCY = "edge_agent_request_duration_seconds"
+#: The retained state is published again every this many telemetry intervals.
+STATE_REFRESH_TICKS = 10
 
 
 class ProcessStats(Protocol):
@@ -58,12 +60,16 @@ class TelemetryLoop:
 
     def __init__(self, agent: AgentPort, reporter: Reporter,
                  settings: Callable[[], LinkSettings], *, deploying: Callable[[], bool],
-                 online: Callable[[], bool]) -> None:
+                 online: Callable[[], bool],
+                 refresh_state: Callable[[], None] = lambda: None) -> None:
         """Args:
             deploying: a deploy is in its flow (its window judges the model itself).
             online: the broker connection is up; what the outbox cap dropped is taken and
                 reported only then, as one total, not an event per interval offline.
+            refresh_state: publish the retained state again (a retained message anyone
+                overwrote on a broker without the shipped ACL heals within minutes).
         """
+        self._refresh_state, self._ticks = refresh_state, 0
         self.agent, self.report = agent, reporter
         self._settings, self._deploying, self._online = settings, deploying, online
         self._latency: dict[str, LatencyDetector] = {}
@@ -126,7 +132,11 @@ class TelemetryLoop:
         return models
 
     def tick(self, proc: ProcessStats) -> None:
-        """One interval: detectors, then the telemetry message into the outbox."""
+        """One interval: detectors, then the telemetry message into the outbox; every
+        `STATE_REFRESH_TICKS` intervals the retained state again."""
+        self._ticks += 1
+        if self._ticks % STATE_REFRESH_TICKS == 0:
+            self._refresh_state()
         settings = self._settings()
         before, after = self._snap, Snapshot(self.agent.metrics)
         self._snap = after
@@ -152,9 +162,10 @@ class TelemetryLoop:
             self.report.event("outbox.dropped", "warning",
                               f"the outbox cap dropped {dropped}", evidence=dropped)
         me = self.report.me
+        commands_dropped = self.report.take_commands_dropped()
 
         def build(seq: int) -> bytes:
-            return dump(Telemetry(
+            return self.report.seal(Telemetry(
                 seq=seq, device=me.device, at=datetime.now(UTC),
                 interval_s=settings.interval_s, uptime_s=time.monotonic() - self._started,
                 cpu_percent=proc.cpu_percent(None),
@@ -162,7 +173,8 @@ class TelemetryLoop:
                               system_total_bytes=vm.total),
                 temperature_c=s.reading.temperature_c, throttle=s.thermal.name.lower(),
                 queue_depth=int(self.agent.metrics.gauge("edge_agent_queue_depth")),
-                refusals=refusals, models=models, dropped=dropped))
+                refusals=refusals, models=models, dropped=dropped,
+                commands_dropped=commands_dropped))
         outbox.enqueue("telemetry", self.report.topic("telemetry"), build)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from agent.trust.command import COMMAND_ADAPTER
+from agent.trust.command import COMMAND_ADAPTER, Name
 
 PREFIX = "edge/v1"
 Severity = Literal["info", "warning", "error", "critical"]
@@ -31,6 +31,11 @@ def device_topic(fleet: str, device: str, kind: str) -> str:
 
 def group_cmd_topic(fleet: str, group: str) -> str:
     return f"{PREFIX}/{fleet}/group/{group}/cmd"
+
+
+def infer_reply_prefix(fleet: str) -> str:
+    """Remote inference replies go under this prefix only (`agent.link.remote`)."""
+    return f"{PREFIX}/{fleet}/infer-replies/"
 
 
 class _Wire(BaseModel):
@@ -47,13 +52,13 @@ class StatePayload(_Wire):
     """Retained on `state`: the birth message when connected, the Last Will when not."""
 
     schema_version: Literal[1] = Field(default=1, alias="schema")
-    device: str
-    fleet: str
+    device: Name
+    fleet: Name
     online: bool
-    agent_version: str
-    profile: str
-    groups: list[str] = Field(default_factory=list)
-    models: dict[str, ModelState] = Field(default_factory=dict)
+    agent_version: str = Field(max_length=64)
+    profile: str = Field(max_length=128)
+    groups: list[Name] = Field(default_factory=list, max_length=64)
+    models: dict[Name, ModelState] = Field(default_factory=dict, max_length=256)
     at: AwareDatetime
 
 
@@ -75,7 +80,7 @@ class Memory(_Wire):
 class Telemetry(_Wire):
     schema_version: Literal[1] = Field(default=1, alias="schema")
     seq: int = Field(ge=1, description="per device, +1 per message; gaps are losses")
-    device: str
+    device: Name
     at: AwareDatetime
     interval_s: float
     uptime_s: float
@@ -86,21 +91,25 @@ class Telemetry(_Wire):
     queue_depth: int
     refusals: dict[str, int] = Field(default_factory=dict,
                                      description="requests refused in the interval, by reason")
-    models: dict[str, ModelTelemetry] = Field(default_factory=dict)
+    models: dict[Name, ModelTelemetry] = Field(default_factory=dict, max_length=256)
     dropped: dict[str, int] = Field(default_factory=dict,
                                     description="messages the outbox cap dropped, by stream")
+    commands_dropped: dict[str, int] = Field(
+        default_factory=dict, description="messages on the cmd topics refused in the "
+                                          "interval, by check (format, unsigned, threshold, "
+                                          "replay, expired...)")
 
 
 class Event(_Wire):
     schema_version: Literal[1] = Field(default=1, alias="schema")
     seq: int = Field(ge=1)
-    device: str
+    device: Name
     at: AwareDatetime
-    kind: str = Field(description="e.g. anomaly, deploy.verified, deploy.rolled_back, "
-                                  "command.rejected")
+    kind: str = Field(max_length=64, description="e.g. anomaly, deploy.verified, "
+                                                 "deploy.rolled_back, command.rejected")
     severity: Severity
-    message: str
-    model: str | None = None
+    message: str = Field(max_length=4096)
+    model: Name | None = None
     version: int | None = None
     command_id: str | None = None
     evidence: dict[str, Any] = Field(default_factory=dict)
@@ -108,12 +117,14 @@ class Event(_Wire):
 
 class CommandResult(_Wire):
     schema_version: Literal[1] = Field(default=1, alias="schema")
-    device: str
-    command_id: str | None = Field(description="None when the command could not be parsed")
-    kind: str | None
+    device: Name
+    command_id: str | None = Field(pattern=r"^[0-9a-f]{32}$",
+                                   description="None when the command could not be parsed")
+    kind: str | None = Field(max_length=32)
     ok: bool
-    result: str
-    check: str | None = Field(default=None, description="the failed check, if rejected")
+    result: str = Field(max_length=4096)
+    check: str | None = Field(default=None, max_length=64,
+                              description="the failed check, if rejected")
     at: AwareDatetime
 
 

@@ -184,6 +184,20 @@ def verify_command(root: Root, raw: bytes, *, me: Addressee, now: datetime,
     return cmd
 
 
+def check_signed(root: Root, raw: bytes) -> None:
+    """Steps 2-3 alone: the bytes are a command envelope signed by a threshold of the
+    root's command keys. What tells junk (anyone can publish it) from the fleet's own
+    commands, before anything is queued or answered.
+
+    Raises:
+        CommandError (check "format"), SignatureError.
+    """
+    env, signed = parse_envelope(raw, what="command", max_bytes=MAX_COMMAND_BYTES,
+                                 error=CommandError)
+    verify_threshold(signed, env.signatures, role=root.role("command"), keys=root.keys,
+                     what="command")
+
+
 def _check_addressee(cmd: Command, me: Addressee) -> None:
     t = cmd.target
     if cmd.fleet != me.fleet:

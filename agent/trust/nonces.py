@@ -8,6 +8,7 @@ are pruned: `agent.trust.command` refuses commands issued before the window anyw
 from __future__ import annotations
 
 import sqlite3
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +21,8 @@ class NonceStore:
     """Seen nonces with the time each command was issued. Supports `nonce in store`."""
 
     def __init__(self, path: Path | str) -> None:
+        # Asked from the MQTT thread (screening) while the command thread records.
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -27,7 +30,9 @@ class NonceStore:
                          "(nonce TEXT PRIMARY KEY, issued_at REAL NOT NULL)")
 
     def __contains__(self, nonce: object) -> bool:
-        row = self._db.execute("SELECT 1 FROM nonces WHERE nonce = ?", (nonce,)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM nonces WHERE nonce = ?",
+                                   (nonce,)).fetchone()
         return row is not None
 
     def __len__(self) -> int:
@@ -35,13 +40,16 @@ class NonceStore:
 
     def record(self, nonce: str, issued_at: datetime) -> bool:
         """Remember a nonce; False when it was already there (a racing replay)."""
-        cur = self._db.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)",
-                               (nonce, issued_at.timestamp()))
+        with self._lock:
+            cur = self._db.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)",
+                                   (nonce, issued_at.timestamp()))
         return cur.rowcount == 1
 
     def prune(self, before: datetime) -> int:
         """Forget nonces of commands issued before `before`; returns how many."""
-        cur = self._db.execute("DELETE FROM nonces WHERE issued_at < ?", (before.timestamp(),))
+        with self._lock:
+            cur = self._db.execute("DELETE FROM nonces WHERE issued_at < ?",
+                                   (before.timestamp(),))
         return cur.rowcount
 
     def close(self) -> None:

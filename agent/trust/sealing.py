@@ -1,6 +1,6 @@
 """Opening a sealed model file on the device, into memory only.
 
-A device holds an X25519 private key (`device.key`, JSON, mode 0600). The manifest's
+A device holds an X25519 private key (in its key file, `agent.trust.identity`). The manifest's
 `sealed.recipients` maps device ids to the release's file key sealed to each device; the
 device unseals its copy and decrypts the model file (already hash-checked as ciphertext)
 into bytes that go straight to the runtime. Nothing decrypted touches the disk.
@@ -8,38 +8,14 @@ into bytes that go straight to the runtime. Nothing decrypted touches the disk.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nacl.exceptions
 import nacl.public
 import nacl.secret
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.durable import write_atomic
-from agent.errors import BundleError, ConfigError
+from agent.errors import BundleError
 from agent.trust.manifest import Manifest
-
-
-class DeviceKeyFile(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    keytype: str = Field(pattern="^x25519$")
-    device: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    private: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-def load_device_key(path: Path) -> tuple[str, nacl.public.PrivateKey]:
-    """(device id, private key) from a device key file.
-
-    Raises:
-        ConfigError: unreadable or invalid key file.
-    """
-    try:
-        f = DeviceKeyFile.model_validate(json.loads(path.read_bytes()))
-    except (OSError, ValueError, ValidationError) as exc:
-        raise ConfigError(f"device key {path} unreadable or invalid: {str(exc)[:200]}") from exc
-    return f.device, nacl.public.PrivateKey(bytes.fromhex(f.private))
 
 
 def open_sealed(manifest: Manifest, ciphertext: bytes, *, device: str,
@@ -80,21 +56,3 @@ def model_source(bundle_dir: Path, manifest: Manifest, *,
         raise BundleError(f"{manifest.name} v{manifest.version} is sealed and this device "
                           "has no device key configured", check="sealed")
     return open_sealed(manifest, path.read_bytes(), device=device_key[0], key=device_key[1])
-
-
-def generate_device_key(device: str, out_dir: Path) -> tuple[Path, Path]:
-    """Create this device's X25519 key pair: `DEVICE.key` (0600, stays on the device) and
-    `DEVICE.pub` (give it to the operator for `edge-fleet seal`).
-
-    Raises:
-        ConfigError: the key file exists already (never overwrite a device key).
-    """
-    key_path, pub_path = out_dir / f"{device}.key", out_dir / f"{device}.pub"
-    if key_path.exists():
-        raise ConfigError(f"{key_path} exists; refusing to overwrite a device key")
-    key = nacl.public.PrivateKey.generate()
-    write_atomic(key_path, json.dumps({"keytype": "x25519", "device": device,
-                                       "private": bytes(key).hex()}).encode(), mode=0o600)
-    write_atomic(pub_path, json.dumps({"keytype": "x25519", "device": device,
-                                       "public": bytes(key.public_key).hex()}).encode())
-    return key_path, pub_path

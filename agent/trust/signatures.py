@@ -153,9 +153,12 @@ def parse_envelope(raw: bytes, *, what: str, max_bytes: int,
     data = strict_json(raw, what=what, max_bytes=max_bytes, error=error, check="format")
     try:
         env = Envelope.model_validate(data)
+        return env, canonical(env.signed)
     except ValidationError as exc:
         raise error(validation_message(what, exc), check="format") from exc
-    return env, canonical(env.signed)
+    except UnicodeEncodeError as exc:  # "\ud800": a lone surrogate has no UTF-8 form
+        raise error(f"{what} holds a lone UTF-16 surrogate ({exc.reason})",
+                    check="format") from exc
 
 
 @lru_cache(maxsize=256)

@@ -1,0 +1,302 @@
+"""The fleet's trust boundary under attack, against a real broker, real agents and the real
+ingest path: the controller believes only what a registered device signed about itself.
+
+Each test names the attack it shows failing."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from fixture_agent import AgentProcess, start_group
+from fixture_mqtt import Broker, Subscriber
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polling import wait_until
+
+from agent.link.wire import CommandResult, Event, StatePayload
+from agent.trust.identity import ReportSigner, load_report_signer
+from agent.trust.signatures import canonical
+from fleet.artifacts import serve_in_thread as serve
+from fleet.keys import KeyDir
+from fleet.policy import Criteria
+from fleet.rollout import Controller, Rollouts
+from fleet.simulate import SimSettings, SimulatedFleet
+from fleet.state import FleetDB, FleetWatcher
+
+DEVICES = ["dev-1", "dev-2", "dev-3"]
+
+
+@pytest.fixture
+def group(tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
+    agents = start_group(tmp_path, releases["keys"], broker.url, DEVICES,
+                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.25)
+    server, url = serve(releases["onnx1"].parent)
+    yield agents, url
+    server.shutdown()
+    for a in agents:
+        a.stop()
+
+
+def controller(db: FleetDB, broker: Broker, releases: dict[str, Path]) -> Controller:
+    kd = KeyDir(releases["keys"])
+    return Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
+
+
+class Rogue:
+    """A client with no fleet key: it reads every command id off the cmd topics and
+    answers for devices, as an attacker on the broker would."""
+
+    def __init__(self, broker: Broker, forge: Any) -> None:
+        self.forge, self.sent = forge, 0
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rogue",
+                             protocol=paho.MQTTv5)
+        self.c.on_message = self._cmd
+        self.c.on_connect = lambda c, u, f, r, p: c.subscribe("edge/v1/acme/+/cmd", qos=1)
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.loop_start()
+
+    def _cmd(self, c: Any, u: Any, msg: Any) -> None:
+        cid = json.loads(msg.payload)["signed"]["id"]
+        for topic, payload in self.forge(cid):
+            c.publish(topic, payload, qos=1)
+            self.sent += 1
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def result(device: str, cid: str, ok: bool, check: str | None = None) -> CommandResult:
+    return CommandResult(device=device, command_id=cid, kind="deploy", ok=ok, result="forged",
+                         check=check, at=datetime.now(UTC))
+
+
+def anomaly(device: str, seq: int = 1, **evidence: Any) -> Event:
+    return Event(seq=seq, device=device, at=datetime.now(UTC), kind="anomaly",
+                 severity="warning", message="latency: z_score 40 above 4",
+                 evidence={"detector": "latency", "model": "digits", **evidence})
+
+
+def plain(payload: Any) -> bytes:
+    return payload.model_dump_json(by_alias=True).encode()
+
+
+def test_a_keyless_client_cannot_complete_a_release_every_device_refused(
+        group: Any, broker: Broker, releases: dict[str, Path], tmp_path: Path) -> None:
+    agents, url = group
+    stranger = ReportSigner.generate("dev-1")  # a key, but not the registered one
+
+    def forge(cid: str) -> list[tuple[str, bytes]]:
+        out = []
+        for dev in [*DEVICES, "dev-9"]:  # dev-9 does not exist
+            topic = f"edge/v1/acme/{dev}/cmd/result"
+            out += [(topic, plain(result(dev, cid, True))),
+                    (topic, stranger.seal(result(dev, cid, True)))]
+        return out
+    rogue = Rogue(broker, forge)
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    archive = releases["onnx3_bad"]  # every real device refuses it (self-test)
+    rollouts = Rollouts(db)
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=DEVICES, fractions=[1.0], criteria=Criteria(),
+                          wave_timeout_s=60)
+    c = controller(db, broker, releases)
+    try:
+        assert c.run(rid, timeout_s=90) == "halted"
+    finally:
+        c.close()
+        rogue.close()
+    assert rogue.sent >= 8
+    assert [d.outcome.value for d in rollouts.devices(rid)] == ["failed"] * 3
+    ignored = db.ignored()
+    assert ignored.get("format", 0) >= 3 and ignored.get("threshold", 0) >= 3, ignored
+    assert [a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"]
+            for a in agents] == [1, 1, 1]
+
+
+def test_a_keyless_client_cannot_halt_a_good_release(
+        group: Any, broker: Broker, releases: dict[str, Path], tmp_path: Path) -> None:
+    _agents, url = group
+    seq = iter(range(1, 10_000))
+
+    def forge(cid: str) -> list[tuple[str, bytes]]:
+        dev = "dev-1"
+        return [(f"edge/v1/acme/{dev}/cmd/result", plain(result(dev, cid, False, "selftest"))),
+                *((f"edge/v1/acme/{dev}/event", plain(anomaly(dev, next(seq))))
+                  for _ in range(5))]
+    rogue = Rogue(broker, forge)
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    archive = releases["onnx2"]
+    rollouts = Rollouts(db)
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=DEVICES, fractions=[0.3, 1.0], criteria=Criteria(),
+                          wave_timeout_s=60, health_window_s=1.0)
+    c = controller(db, broker, releases)
+    try:
+        assert c.run(rid, timeout_s=90) == "completed", rollouts.get(rid).reason
+    finally:
+        c.close()
+        rogue.close()
+    assert [d.outcome.value for d in rollouts.devices(rid)] == ["committed"] * 3
+    assert not db.anomalies_since(0)
+    assert db.ignored().get("format", 0) >= 6
+
+
+def test_one_devices_key_cannot_report_for_another_and_a_fake_state_hides_no_device(
+        group: Any, broker: Broker, tmp_path: Path) -> None:
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    watcher = FleetWatcher(db, broker.url, "acme").start()
+    try:
+        wait_until(lambda: len([r for r in db.devices() if r.online]) == 3,
+                   what="three devices online")
+        dev1 = load_report_signer(tmp_path / "dev-1" / "dev-1.key")  # dev-1's own key
+        fake_state = StatePayload(device="dev-2", fleet="acme", online=False,
+                                  agent_version="0", profile="x", at=datetime.now(UTC))
+        pub = Subscriber(broker, [], client_id="dev-1-gone-rogue")
+        pub.publish("edge/v1/acme/dev-2/state", dev1.seal(fake_state), retain=True)
+        pub.publish("edge/v1/acme/dev-2/event", dev1.seal(anomaly("dev-2")))
+        pub.publish("edge/v1/acme/dev-1/event", dev1.seal(anomaly("dev-2")))
+        pub.publish("edge/v1/acme/dev-1/state", dev1.seal(fake_state), retain=True)
+        wait_until(lambda: sum(db.ignored().values()) >= 4, what="four reports ignored")
+        pub.close()
+        ignored = db.ignored()
+        assert ignored.get("threshold") == 2 and ignored.get("device") == 2, ignored
+        assert [(r.device, r.online) for r in db.devices()] == [
+            ("dev-1", True), ("dev-2", True), ("dev-3", True)]
+        assert not db.anomalies_since(0)
+    finally:
+        watcher.stop()
+    # A watcher started later gets the same retained messages and the same answer.
+    late = FleetDB(tmp_path / "late.sqlite")
+    for dev in DEVICES:
+        key = db.registered_key(dev)
+        assert key is not None
+        late.register(dev, key)
+    w2 = FleetWatcher(late, broker.url, "acme").start()
+    try:
+        wait_until(lambda: len([r for r in late.devices() if r.online]) == 3,
+                   what="three devices online for a late watcher")
+    finally:
+        w2.stop()
+
+
+# -- poison payloads -----------------------------------------------------------------------
+JSON = st.recursive(st.none() | st.booleans() | st.integers()
+                    | st.floats(allow_nan=False, allow_infinity=False)
+                    | st.text(max_size=50), lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+FIELDS = ("device", "seq", "kind", "evidence", "model", "message", "models", "fleet",
+          "online", "groups", "command_id", "at", "severity")
+
+
+def hostile_payloads(signer: ReportSigner) -> st.SearchStrategy[tuple[str, bytes]]:
+    """Arbitrary bytes, and payloads the registered device key signed that are shaped like
+    its reports with hostile values (wrong types in evidence, huge strings, bad ids, lone
+    surrogates as JSON escapes)."""
+    kinds = st.sampled_from(["state", "telemetry", "event", "cmd/result"])
+    base = anomaly("dev-1").model_dump(mode="json", by_alias=True)
+
+    def signed(kind: str, changes: dict[str, Any], surrogate: bool) -> tuple[str, bytes]:
+        body = {**base, **changes}
+        raw = canonical(body)
+        sig = signer.key.sign(raw).signature.hex()
+        env = {"signed": body, "signatures": [{"keyid": signer.public.keyid, "sig": sig}]}
+        text = canonical(env)
+        if surrogate:
+            text = text.replace(b'"latency:', b'"\\ud800latency:')
+        return f"edge/v1/acme/dev-1/{kind}", text
+    return st.one_of(
+        st.tuples(kinds.map(lambda k: f"edge/v1/acme/dev-1/{k}"), st.binary(max_size=300)),
+        st.builds(signed, kinds, st.dictionaries(st.sampled_from(FIELDS), JSON
+                                                 | st.text(min_size=5000, max_size=6000)
+                                                 | st.just({"model": [1]}), max_size=4),
+                  st.booleans()))
+
+
+def test_poison_payloads_do_not_stop_ingest_and_a_real_anomaly_still_halts(
+        broker: Broker, releases: dict[str, Path], tmp_path: Path) -> None:
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    dev1 = ReportSigner.generate("dev-1")
+    db.register("dev-1", dev1.public)
+    server, url = serve(releases["onnx1"].parent)
+    sims = SimulatedFleet(SimSettings(
+        broker=broker.url, root_file=releases["keys"] / "root.json", groups=("lab",),
+        profile="x86_64-generic", initial=releases["onnx1"], telemetry_interval_s=0.5,
+        health_window_s=1.0), 10, faulty_percent=30, fault_kinds=("drift",))
+    for name, key in sims.inventory().items():
+        db.register(name, key)
+    c = controller(db, broker, releases)
+    fed = threading.Event()
+
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(hostile_payloads(dev1))
+    def feed(message: tuple[str, bytes]) -> None:
+        topic, payload = message
+        # paho's callback on the controller's own watcher: the live ingest path.
+        c.watcher._message(None, None, SimpleNamespace(topic=topic, payload=payload))
+        fed.set()
+
+    known = [  # the cases found by hand: each once killed the watcher thread
+        {"evidence": {"model": [1]}}, {"evidence": {"detector": {"a": 1}}},
+        {"model": None, "evidence": {"model": {"x": [1, 2]}, "detector": 5}}]
+    try:
+        for changes in known:
+            raw = dev1.seal(anomaly("dev-1").model_copy(update=changes))
+            c.watcher._message(None, None, SimpleNamespace(
+                topic="edge/v1/acme/dev-1/event", payload=raw))
+        feed()
+        assert fed.is_set()
+        junk = Subscriber(broker, [], client_id="junk")  # and the same over the broker
+        for i, raw in enumerate([b"\x00" * 10, b'{"signed": {"evidence": {"model": [1]}}}',
+                                 b"[" * 5000, json.dumps({"device": "x" * 5000}).encode()]):
+            junk.publish(f"edge/v1/acme/sim-000{i}/event", raw, retain=i % 2 == 0)
+            junk.publish("edge/v1/acme/../state", raw, retain=True)
+        junk.close()
+        assert c.watcher.client.is_connected()
+        # A real anomaly from a registered device is still recorded ...
+        pub = Subscriber(broker, [], client_id="dev-1-real")
+        pub.publish("edge/v1/acme/dev-1/event", dev1.seal(anomaly("dev-1", 99)))
+        pub.close()
+        wait_until(lambda: "dev-1" in db.anomalies_since(0), what="the real anomaly")
+        # ... and drifting devices still halt a rollout.
+        assert sims.start() == 10
+        archive = releases["onnx2"]
+        rid = Rollouts(db).create(archive=archive, urls=[f"{url}/{archive.name}"],
+                                  group="lab", devices=sims.names, fractions=[0.5, 1.0],
+                                  criteria=Criteria(), wave_timeout_s=60,
+                                  health_window_s=5.0)
+        assert c.run(rid, poll_s=0.2, timeout_s=120) == "halted"
+        assert "of updated devices reported anomalies" in Rollouts(db).get(rid).reason
+    finally:
+        c.close()
+        sims.stop()
+        server.shutdown()
+    assert db.counter("ingest_errors") == 0  # every poison was refused before storing
+
+
+def test_an_unregistered_agent_is_unknown_and_never_counts(
+        broker: Broker, releases: dict[str, Path], tmp_path: Path) -> None:
+    from fixture_agent import write_config
+
+    where = tmp_path / "newcomer"
+    where.mkdir()
+    agent = AgentProcess(write_config(where, releases["keys"], profile="x86_64-generic",
+                                      device={"id": "dev-7"},
+                                      mqtt={"brokers": [broker.url]})).start()
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    watcher = FleetWatcher(db, broker.url, "acme").start()
+    try:
+        wait_until(db.unknown, what="dev-7 listed as unknown")
+        assert db.devices() == [] and db.unknown()[0][0] == "dev-7"
+    finally:
+        watcher.stop()
+        agent.stop()
