@@ -106,6 +106,8 @@ class MqttSection(_Section):
     replay_window_s: float = Field(default=86_400.0, gt=0)
     download_timeout_s: float = Field(default=30.0, gt=0)
     download_min_rate_bytes_per_s: float = Field(default=16 * 1024, ge=0)
+    # A `trust.root_expiring` event (daily) once the trusted root expires within this.
+    root_expiry_warning_s: float = Field(default=30 * 86_400.0, ge=0)
 
 
 class Thresholds(_Section):

@@ -27,6 +27,7 @@ import psutil
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.durable import write_atomic
 from agent.errors import AgentError, BundleError, ConfigError
 from agent.profiles import FirmwareProfile, load_profile
 from agent.serving.admission import Budget, ThermalLimits
@@ -97,11 +98,25 @@ class Agent:
 
     # -- trust ---------------------------------------------------------------------------
     def _load_root(self) -> Root:
-        path = self.root_path if self.root_path.exists() else self.config.paths.root_file
-        try:
-            return load_pinned_root(path.read_bytes())
-        except OSError as exc:
-            raise AgentError(f"cannot read the trusted root {path}: {exc.strerror}") from exc
+        """The newest of the provisioned root and the one accepted since (state dir)."""
+        roots = []
+        for path in (self.config.paths.root_file, self.root_path):
+            if path == self.root_path and not path.exists():
+                continue
+            try:
+                roots.append(load_pinned_root(path.read_bytes()))
+            except OSError as exc:
+                raise AgentError(f"cannot read the trusted root {path}: {exc.strerror}"
+                                 ) from exc
+        return max(roots, key=lambda r: r.version)
+
+    def adopt_root(self, raw: bytes, root: Root) -> list[str]:
+        """Persist and use a root that chains from the trusted one (`AgentPort`)."""
+        write_atomic(self.root_path, raw)
+        self.root = root
+        log.info("trust.root_adopted version=%d expires=%s", root.version,
+                 root.expires.isoformat())
+        return self.installer.recheck(root)
 
     @property
     def report_signer(self) -> ReportSigner:
@@ -258,5 +273,6 @@ class Agent:
                             "previous": s.previous, "committed": s.committed}
         return {"device": self.config.device.id, "profile": self.profile.name,
                 "agent_version": __version__, "root_version": self.root.version,
+                "root_expires": self.root.expires.isoformat(),
                 "thermal": self.scheduler.thermal.name.lower(), "models": models,
                 "start_notes": self.notes}

@@ -1,4 +1,7 @@
-"""The fleet's figures at scale, against a real mosquitto on loopback, with simulated
+"""The fleet's figures at scale, against a real mosquitto on loopback configured as the
+project ships it (`edge-fleet broker-config`: mutual TLS, a certificate per device, the
+per-device ACL), every report signed by its device and verified by the controller, with
+simulated
 devices (`fleet.simulate`: the agent's fleet link and model store over a stand-in runtime,
 one MQTT connection each, in worker processes):
 
@@ -18,6 +21,7 @@ one MQTT connection each, in worker processes):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing
 import sys
 import tempfile
@@ -28,12 +32,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import paho.mqtt.client as paho
+import nacl.signing
 from fixture_agent import make_keys, slow_release
-from fixture_mqtt import Broker
-from paho.mqtt.enums import CallbackAPIVersion
+from fixture_mqtt import SecureBroker
 
-from agent.link.wire import Memory, ModelTelemetry, Telemetry, dump
+from agent.link.wire import Memory, ModelTelemetry, Telemetry
+from agent.trust.identity import ReportSigner
+from fleet._mqtt import connect
 from fleet.artifacts import serve_in_process
 from fleet.keys import KeyDir
 from fleet.policy import Criteria
@@ -53,22 +58,47 @@ def releases(where: Path) -> tuple[Path, Path, Path]:
     return keys, v1, v2
 
 
-def controller(db: FleetDB, broker: Broker, keys: Path) -> Controller:
+def controller(db: FleetDB, broker: SecureBroker, keys: Path) -> Controller:
     kd = KeyDir(keys)
-    return Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None),
+    return Controller(db, broker.auth("fleet-controller"), "acme",
+                      kd.keys_of(kd.root(), "command", None),
                       client_id=f"bench-{time.time_ns()}")
 
 
-def new_rollout(db: FleetDB, broker: Broker, keys: Path, url: str, archive: Path,
+def sim_settings(broker: SecureBroker, keys: Path, **kw: Any) -> SimSettings:
+    return SimSettings(broker=broker.url, root_file=keys / "root.json",
+                       profile="x86_64-generic", ca_file=broker.pki / "ca.crt",
+                       certs_dir=broker.pki, keys_dir=broker.dir / "device-keys", **kw)
+
+
+def certify(broker: SecureBroker, n: int) -> None:
+    """A certificate for each simulated device (kept across the runs of this bench)."""
+    t0 = time.monotonic()
+    made = 0
+    for i in range(n):
+        if not (broker.pki / f"sim-{i:04d}.crt").exists():
+            broker.issue(f"sim-{i:04d}")
+            made += 1
+    if made:
+        print(f"({made} device certificates made in {time.monotonic() - t0:.1f} s)")
+
+
+def registered(db: FleetDB, sims: SimulatedFleet) -> FleetDB:
+    for name, key in sims.inventory().items():
+        db.register(name, key)
+    return db
+
+
+def new_rollout(db: FleetDB, broker: SecureBroker, keys: Path, url: str, archive: Path,
                 sims: SimulatedFleet, window_s: float) -> tuple[Controller, str]:
-    c = controller(db, broker, keys)
+    c = controller(registered(db, sims), broker, keys)
     rid = Rollouts(db).create(archive=archive, urls=[f"{url}/{archive.name}"], group="sim",
                               devices=sims.names, fractions=WAVES, criteria=Criteria(),
                               wave_timeout_s=60, health_window_s=window_s)
     return c, rid
 
 
-def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path,
+def rollout_run(where: Path, broker: SecureBroker, keys: Path, url: str, archive: Path,
                 sims: SimulatedFleet, window_s: float) -> tuple[str, float, str, str]:
     db = FleetDB(where / f"fleet-{time.time_ns()}.sqlite")
     c, rid = new_rollout(db, broker, keys, url, archive, sims, window_s)
@@ -91,12 +121,12 @@ def rollout_run(where: Path, broker: Broker, keys: Path, url: str, archive: Path
     return status, took, ro.reason, rid
 
 
-def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
+def bench_rollout(where: Path, broker: SecureBroker, n: int, window_s: float) -> None:
     keys, v1, v2 = releases(where)
     server, url = serve_in_process(v1.parent)
-    settings = SimSettings(broker=broker.url, root_file=keys / "root.json",
-                           profile="x86_64-generic", initial=v1, telemetry_interval_s=2.0,
-                           health_window_s=window_s)
+    certify(broker, n)
+    settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=2.0,
+                            health_window_s=window_s)
     t0 = time.monotonic()
     with SimulatedFleet(settings, n) as sims:
         connected = sims.start()
@@ -111,7 +141,7 @@ def bench_rollout(where: Path, broker: Broker, n: int, window_s: float) -> None:
           f"{took:.1f} s (target <= 60 s); {served} of {n} serve v2; {reason}")
 
 
-def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
+def bench_halts(where: Path, broker: SecureBroker, n: int, window_s: float) -> None:
     keys, v1, v2 = releases(where)
     server, url = serve_in_process(v1.parent)
     print(f"\nhalts, {n} devices, 5 % faulty, device health window {window_s:g} s, controller "
@@ -119,9 +149,9 @@ def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
     print(f"  {'fault':9} {'status':8} {'to halt':>9} {'windows':>8} {'touched':>8} "
           f"{'back on v1':>11}  reason")
     for kind in ("selftest", "latency", "drift"):
-        settings = SimSettings(broker=broker.url, root_file=keys / "root.json",
-                               profile="x86_64-generic", initial=v1,
-                               telemetry_interval_s=1.0, health_window_s=window_s)
+        certify(broker, n)
+        settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=1.0,
+                                health_window_s=window_s)
         with SimulatedFleet(settings, n, faulty_percent=5, fault_kinds=(kind,)) as sims:
             sims.start()
             time.sleep(7)  # the latency detectors warm up (5 windows)
@@ -145,11 +175,17 @@ def bench_halts(where: Path, broker: Broker, n: int, window_s: float) -> None:
     server.terminate()
 
 
-def _publish(port: int, count: int, offset: int, ready: Any) -> None:
+def _signer(dev: str) -> ReportSigner:
+    """The same key for `dev` in every process (the bench registers it)."""
+    seed = hashlib.sha256(f"bench-{dev}".encode()).digest()
+    return ReportSigner(dev, nacl.signing.SigningKey(seed))
+
+
+def _publish(auth: Any, count: int, offset: int, ready: Any) -> None:
     payloads = []
     for i in range(200):
         dev = f"pub-{offset + i:04d}"
-        payloads.append((f"edge/v1/acme/{dev}/telemetry", dump(Telemetry(
+        payloads.append((f"edge/v1/acme/{dev}/telemetry", _signer(dev).seal(Telemetry(
             seq=1, device=dev, at=datetime.now(UTC), interval_s=1.0, uptime_s=10.0,
             cpu_percent=12.0, memory=Memory(process_rss_bytes=1 << 26,
                                             system_available_bytes=1 << 30,
@@ -158,11 +194,8 @@ def _publish(port: int, count: int, offset: int, ready: Any) -> None:
             models={"digits": ModelTelemetry(requests=40, errors=0, latency_p50_ms=4.0,
                                              latency_p95_ms=6.0, latency_p99_ms=8.0,
                                              throughput_per_s=40.0)}, dropped={}))))
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{offset}",
-                    protocol=paho.MQTTv5)
+    c, _ = connect(auth, f"pub-{offset}", topics=[], on_message=lambda *a: None)
     c.max_inflight_messages_set(1000)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
     ready.wait()
     for i in range(count):
         topic, body = payloads[i % len(payloads)]
@@ -173,9 +206,14 @@ def _publish(port: int, count: int, offset: int, ready: Any) -> None:
     c.disconnect()
 
 
-def _consume(url: str, db_path: Path, count: Any, stop: Any) -> None:
+def _consume(auth: Any, db_path: Path, count: Any, stop: Any) -> None:
     """One controller's consumer in its own process (as two controllers would run)."""
-    watcher = FleetWatcher(FleetDB(db_path), url, "acme",
+    db = FleetDB(db_path)
+    for k in (0, 1000):
+        for i in range(200):
+            dev = f"pub-{k + i:04d}"
+            db.register(dev, _signer(dev).public)
+    watcher = FleetWatcher(db, auth, "acme",
                            client_id=f"ingest-{db_path.stem}").start()
     while not stop.wait(0.01):
         count.value = watcher.ingested["telemetry"]
@@ -183,14 +221,15 @@ def _consume(url: str, db_path: Path, count: Any, stop: Any) -> None:
     watcher.stop()
 
 
-def bench_ingest(where: Path, broker: Broker, messages: int, consumers: int) -> None:
+def bench_ingest(where: Path, broker: SecureBroker, messages: int, consumers: int) -> None:
     ctx = multiprocessing.get_context("spawn")
     stop, ready = ctx.Event(), ctx.Event()
     counts = [ctx.Value("q", 0) for _ in range(consumers)]
-    cons = [ctx.Process(target=_consume, args=(broker.url, where / f"ingest-{consumers}-{i}"
+    auth = broker.auth("fleet-controller")
+    cons = [ctx.Process(target=_consume, args=(auth, where / f"ingest-{consumers}-{i}"
                                                ".sqlite", counts[i], stop))
             for i in range(consumers)]
-    pubs = [ctx.Process(target=_publish, args=(broker.port, messages // 2, k * 1000, ready))
+    pubs = [ctx.Process(target=_publish, args=(auth, messages // 2, k * 1000, ready))
             for k in range(2)]
     for p in (*cons, *pubs):
         p.start()
@@ -208,7 +247,8 @@ def bench_ingest(where: Path, broker: Broker, messages: int, consumers: int) -> 
     # End to end: two publisher processes -> mosquitto -> the consumers (validate, write to
     # SQLite), all on this machine's two cores; the figure bounds the consumers from below.
     print(f"  end to end with {consumers} consumer process(es): {got} of {messages} "
-          f"telemetry messages published, brokered, validated and written in {took:.2f} s "
+          f"signed telemetry messages published, brokered over TLS, verified (topic, key, "
+          f"signature, schema) and written in {took:.2f} s "
           f"= {got / took:,.0f} msg/s (split {split})")
 
 
@@ -221,7 +261,7 @@ def main() -> None:
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
-        broker = Broker(where / "mosq").start()
+        broker = SecureBroker(where / "mosq").start()
         try:
             if ns.only in (None, "rollout"):
                 bench_rollout(where / "r", broker, ns.devices, ns.window)

@@ -1,7 +1,8 @@
 """`edge-fleet serve-artifacts DIR`: an HTTP server for bundle archives, for small fleets
 and tests. It answers GET and HEAD with single byte ranges (`Range: bytes=N-` and
 `bytes=N-M`), so devices resume interrupted downloads, and it serves only regular files
-directly inside DIR (no directory listing, no path outside it).
+directly inside DIR, and the root chain `roots/N.root.json` (`edge-fleet root publish
+--artifacts DIR`); no directory listing, no path outside it.
 
 Large fleets put the archives on any static host or object store instead (nginx, S3,
 GCS...): the agent needs nothing but HTTP(S) GET with Range, and every byte is verified
@@ -20,6 +21,7 @@ from typing import Any
 
 RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 CHUNK = 256 * 1024
+ROOT_FILE = re.compile(r"^roots/[0-9]{1,9}\.root\.json$")
 
 
 class ArtifactHandler(http.server.BaseHTTPRequestHandler):
@@ -31,7 +33,8 @@ class ArtifactHandler(http.server.BaseHTTPRequestHandler):
 
     def _file(self) -> Path | None:
         name = self.path.split("?", 1)[0].lstrip("/")
-        if not name or "/" in name or name.startswith("."):
+        if len(name) > 255 or not (ROOT_FILE.match(name) or (
+                name and "/" not in name and not name.startswith("."))):
             return None
         path = self.root / name
         return path if path.is_file() and not path.is_symlink() else None
@@ -52,7 +55,8 @@ class ArtifactHandler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         if rng is not None:
             m = RANGE.match(rng.strip())
-            if not m or int(m.group(1)) >= size:
+            if (not m or int(m.group(1)) >= size
+                    or (m.group(2) and int(m.group(2)) < int(m.group(1)))):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.end_headers()

@@ -2,7 +2,12 @@
 
     edge-fleet keys init --dir D --fleet F      root, release and command keys + root.json v1
     edge-fleet keys rotate --dir D [...]        root.json v+1: revoke/add keys, thresholds
+    edge-fleet keys renew --dir D               root.json v+1, same keys, later expiry
     edge-fleet keys show --dir D                the current root: roles, keys, thresholds
+    edge-fleet root publish --dir D ...         announce the root to devices (retained)
+    edge-fleet heartbeat --key K ...            the signed, retained freshness heartbeat
+    edge-fleet pki init|issue --dir D ...       CA and certificates for mutual TLS
+    edge-fleet broker-config --fleet F ...      mosquitto.conf + per-device ACL
     edge-fleet devices add ID --key DEVICE.pub  register a device's report key
     edge-fleet devices import PATH...           register many (.pub files or directories)
     edge-fleet devices list                     registered and unknown devices
@@ -113,13 +118,15 @@ def cmd_keys(ns: argparse.Namespace) -> None:
         root = init_keys(ns.dir, fleet=ns.fleet, counts=counts, expires_days=ns.expires_days,
                          passphrase=_passphrase(ns, new=True))
         print(f"created keys in {ns.dir / 'keys'} and {ns.dir / 'root.json'} v{root.version}")
-    elif ns.action == "rotate":
+    elif ns.action in ("rotate", "renew"):
         old = KeyDir(ns.dir).root()
-        root = rotate_keys(ns.dir, revoke=ns.revoke, add=_role_numbers(ns.add),
-                           thresholds=_role_numbers(ns.threshold),
+        rotating = ns.action == "rotate"
+        root = rotate_keys(ns.dir, revoke=ns.revoke if rotating else [],
+                           add=_role_numbers(ns.add) if rotating else {},
+                           thresholds=_role_numbers(ns.threshold) if rotating else {},
                            expires_days=ns.expires_days, passphrase=_passphrase(ns, new=True))
-        print(f"root.json v{old.version} -> v{root.version}; devices accept it via "
-              f"{ns.dir / 'roots'}")
+        print(f"root.json v{old.version} -> v{root.version}; announce it to devices: "
+              f"edge-fleet root publish --dir {ns.dir} --artifacts DIR --url-base URL")
     root = KeyDir(ns.dir).root()
     names = {f.keyid: f.name for _, f in KeyDir(ns.dir).key_files()}
     print(f"fleet {root.fleet}, root v{root.version}, expires {root.expires:%Y-%m-%d}")
@@ -240,7 +247,7 @@ def _watcher(ns: argparse.Namespace) -> Any:
     from fleet.state import FleetDB, FleetWatcher  # noqa: PLC0415  # paho only here
 
     db = FleetDB(ns.db)
-    return db, FleetWatcher(db, ns.broker, ns.fleet).start()
+    return db, FleetWatcher(db, _auth(ns), ns.fleet).start()
 
 
 def cmd_status(ns: argparse.Namespace) -> None:
@@ -285,7 +292,7 @@ def cmd_recover(ns: argparse.Namespace) -> None:
         expected = [r.device for r in db.devices(group=ns.group) if r.online]
     from fleet.state import FleetDB  # noqa: PLC0415  # each command loads only what it needs
 
-    summary = recover(ns.broker, fleet, keys, FleetDB(ns.db), action=ns.action,
+    summary = recover(_auth(ns), fleet, keys, FleetDB(ns.db), action=ns.action,
                       expected=expected,
                       device=ns.device, group=ns.group, model=ns.model, reason=ns.reason,
                       timeout_s=ns.timeout)
@@ -306,10 +313,10 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
     if ns.action in ("pause", "resume"):
         print(f"rollout {ns.id}: {rollouts.move(ns.id, ns.action).value}")
         return
-    if not (ns.broker and ns.key and ns.root):
+    if not (ns.key and ns.root):
         raise FleetError(f"rollout {ns.action} needs --broker, --key and --root")
     fleet = load_pinned_root(ns.root.read_bytes()).fleet
-    controller = Controller(db, ns.broker, fleet,
+    controller = Controller(db, _auth(ns), fleet,
                             [load_key(k, _passphrase(ns)) for k in ns.key])
     try:
         rid = ns.id
@@ -332,7 +339,7 @@ def _start_rollout(ns: argparse.Namespace, db: Any, fleet: str, rollouts: Any,
 
     if not (ns.bundle and ns.url_base and ns.group):
         raise FleetError("rollout start needs --bundle, --url-base and --group")
-    watcher = FleetWatcher(db, ns.broker, fleet).start()
+    watcher = FleetWatcher(db, _auth(ns), fleet).start()
     time.sleep(ns.wait)
     watcher.stop()
     devices = [r.device for r in db.devices(group=ns.group) if r.online]
@@ -373,7 +380,8 @@ def cmd_simulate(ns: argparse.Namespace) -> None:
                            groups=tuple(ns.group) if ns.group else SimSettings.groups,
                            profile=ns.profile, initial=ns.initial,
                            telemetry_interval_s=ns.telemetry_interval,
-                           health_window_s=ns.health_window, keys_dir=ns.keys_dir)
+                           health_window_s=ns.health_window, keys_dir=ns.keys_dir,
+                           ca_file=ns.ca_file, certs_dir=ns.certs_dir)
     fleet = SimulatedFleet(settings, ns.devices, faulty_percent=ns.faulty, prefix=ns.prefix,
                            fault_kinds=tuple(ns.fault_kinds.split(",")))
     with fleet:
@@ -402,6 +410,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--passphrase-env", default="EDGE_FLEET_PASSPHRASE", metavar="VAR")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_keys(sub)
+    _add_trust(sub)
     _add_devices(sub)
     _add_release(sub)
     _add_command(sub)
@@ -413,7 +422,7 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("--db", type=Path, default=Path("fleet.sqlite"))
     ro.add_argument("--every-device", action="store_true",
                     help="status: one line per device even for large rollouts")
-    ro.add_argument("--broker")
+    _add_broker(ro, required=False)
     ro.add_argument("--key", type=Path, action="append")
     ro.add_argument("--root", type=Path)
     ro.add_argument("--bundle", type=Path, help="the signed archive")
@@ -456,7 +465,7 @@ def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
                        ("dashboard", cmd_dashboard)):
         p = sub.add_parser(name)
         p.set_defaults(func=func)
-        p.add_argument("--broker", required=True, help="mqtt://host:port")
+        _add_broker(p)
         p.add_argument("--db", type=Path, default=Path("fleet.sqlite"))
         p.add_argument("--wait", type=float, default=2.0,
                        help="seconds to collect retained state first")
@@ -500,9 +509,132 @@ def _add_simulate(sub: Subparsers) -> None:  # type: ignore[type-arg]
     si.add_argument("--telemetry-interval", type=float, default=sim["telemetry_interval_s"])
     si.add_argument("--health-window", type=float, default=sim["health_window_s"])
     si.add_argument("--duration", type=float, default=0.0, help="seconds (0: until stopped)")
+    si.add_argument("--ca-file", type=Path, help="the broker's CA (mqtts://)")
+    si.add_argument("--certs-dir", type=Path, help="each device's NAME.crt and NAME.key "
+                    "(edge-fleet pki issue) for a broker with mutual TLS")
     si.add_argument("--keys-dir", type=Path, help="each device's key files, made when "
                     "missing; register them with `edge-fleet devices import DIR` (default: "
                     "a temporary directory)")
+
+
+def _add_broker(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The connection options every command that speaks MQTT takes; each falls back to
+    its environment variable (`fleet._mqtt.ENV`); the password is read only from
+    EDGE_FLEET_MQTT_PASSWORD."""
+    g = p.add_argument_group("broker connection (flags, or the EDGE_FLEET_* environment)")
+    g.add_argument("--broker", help="mqtts://host:port (TLS) or mqtt://host:port; "
+                   "EDGE_FLEET_BROKER" + ("" if required else "; needed to send commands"))
+    g.add_argument("--ca-file", type=Path, help="CA certificate of the broker "
+                   "(EDGE_FLEET_CA_FILE; default: the system's)")
+    g.add_argument("--cert-file", type=Path, help="client certificate (EDGE_FLEET_CERT_FILE)")
+    g.add_argument("--key-file", type=Path, help="its private key (EDGE_FLEET_KEY_FILE)")
+    g.add_argument("--username", help="EDGE_FLEET_USERNAME; the password comes from "
+                   "EDGE_FLEET_MQTT_PASSWORD")
+
+
+def _auth(ns: argparse.Namespace) -> Any:
+    from fleet._mqtt import BrokerAuth  # noqa: PLC0415  # paho only here
+
+    return BrokerAuth.from_options(broker=ns.broker, ca_file=ns.ca_file,
+                                   cert_file=ns.cert_file, key_file=ns.key_file,
+                                   username=ns.username)
+
+
+def cmd_root(ns: argparse.Namespace) -> None:
+    from fleet.publish import copy_roots, publish_root  # noqa: PLC0415  # paho only here
+
+    kd = KeyDir(ns.dir)
+    if ns.artifacts:
+        n = copy_roots(kd, ns.artifacts)
+        print(f"{n} root(s) copied to {ns.artifacts / 'roots'}")
+    version = publish_root(_auth(ns), kd, ns.url_base)
+    print(f"root v{version} announced on edge/v1/{kd.root().fleet}/root (retained); devices "
+          f"fetch missing versions from {', '.join(ns.url_base) or 'nowhere (no --url-base)'}")
+
+
+def cmd_heartbeat(ns: argparse.Namespace) -> None:
+    from fleet.publish import heartbeat, publish_retained  # noqa: PLC0415  # paho only here
+
+    keys = [load_key(k, _passphrase(ns)) for k in ns.key]
+    fleet = load_pinned_root(ns.root.read_bytes()).fleet
+    auth = _auth(ns)
+    while True:
+        publish_retained(auth, f"edge/v1/{fleet}/heartbeat",
+                         heartbeat(fleet, keys, ttl=timedelta(seconds=ns.ttl)))
+        print(f"{datetime.now(UTC):%H:%M:%S} heartbeat for fleet {fleet}, valid {ns.ttl:g} s",
+              flush=True)
+        if ns.every <= 0:
+            return
+        time.sleep(ns.every)
+
+
+def cmd_pki(ns: argparse.Namespace) -> None:
+    from fleet import pki  # noqa: PLC0415  # each command loads only what it needs
+
+    if ns.action == "init":
+        made = pki.init_ca(ns.dir, server_hosts=ns.server_host, days=ns.days)
+        print(f"CA {made['ca']}, broker certificate {made['server_crt']} for "
+              f"{', '.join(ns.server_host)}")
+        return
+    for name in ns.names:
+        crt, key = pki.issue(ns.dir, name, days=ns.days)
+        print(f"{name}: {crt} {key}")
+
+
+def cmd_broker_config(ns: argparse.Namespace) -> None:
+    from fleet.broker import BrokerConfig, render  # noqa: PLC0415  # when used
+
+    conf, acl = render(BrokerConfig(fleet=ns.fleet, pki=ns.pki.resolve(), port=ns.port,
+                                    bind=ns.bind, data_dir=ns.data_dir,
+                                    log_dest=ns.log_dest, user=ns.user), ns.out)
+    print(f"{conf} and {acl}: mutual TLS on {ns.bind}:{ns.port}, per-device ACL for fleet "
+          f"{ns.fleet}; start with: mosquitto -c {conf}")
+
+
+def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("pki", help="a CA and certificates for the broker's mutual TLS")
+    p.set_defaults(func=cmd_pki)
+    pa = p.add_subparsers(dest="action", required=True)
+    pi = pa.add_parser("init", help="the CA and the broker's server certificate")
+    pi.add_argument("--server-host", action="append", required=True,
+                    help="the broker's DNS name or IP address (repeatable)")
+    ps = pa.add_parser("issue", help="client certificates: CN = device id, "
+                       "fleet-controller or fleet-monitor")
+    ps.add_argument("names", nargs="+")
+    for q in (pi, ps):
+        q.add_argument("--dir", type=Path, required=True)
+        q.add_argument("--days", type=int, default=825)
+    bc = sub.add_parser("broker-config", help="mosquitto.conf and ACL for the fleet")
+    bc.set_defaults(func=cmd_broker_config)
+    bc.add_argument("--fleet", required=True)
+    bc.add_argument("--pki", type=Path, required=True, help="made by `edge-fleet pki init`")
+    bc.add_argument("--out", type=Path, required=True)
+    bc.add_argument("--port", type=int, default=8883)
+    bc.add_argument("--bind", default="0.0.0.0")  # devices connect from afar
+    bc.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"))
+    bc.add_argument("--log-dest", default="syslog")
+    bc.add_argument("--user", help="the user mosquitto drops to when started as root")
+
+    root = sub.add_parser("root", help="announce the current root to every device")
+    root.set_defaults(func=cmd_root)
+    ra = root.add_subparsers(dest="action", required=True)
+    pub = ra.add_parser("publish", help="retained on edge/v1/{fleet}/root")
+    pub.add_argument("--dir", type=Path, required=True, help="the key directory")
+    pub.add_argument("--url-base", action="append", default=[],
+                     help="an artifact server that serves roots/N.root.json (repeatable)")
+    pub.add_argument("--artifacts", type=Path,
+                     help="copy roots/ into this directory served by serve-artifacts")
+    _add_broker(pub)
+    hb = sub.add_parser("heartbeat", help="the fleet's signed, retained heartbeat")
+    hb.set_defaults(func=cmd_heartbeat)
+    hb.add_argument("--key", type=Path, action="append", required=True,
+                    help="command key(s), up to the command threshold")
+    hb.add_argument("--root", type=Path, required=True)
+    hb.add_argument("--ttl", type=float, default=600.0,
+                    help="seconds each heartbeat stays valid (%(default)s)")
+    hb.add_argument("--every", type=float, default=0.0,
+                    help="send again every this many seconds (0: once)")
+    _add_broker(hb)
 
 
 def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]
@@ -519,8 +651,10 @@ def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]
     rot.add_argument("--revoke", action="append", default=[], metavar="NAME|KEYID")
     rot.add_argument("--add", action="append", default=[], metavar="ROLE=N")
     rot.add_argument("--threshold", action="append", default=[], metavar="ROLE=N")
+    renew = ka.add_parser("renew", help="the same keys in root.json v+1 with a later "
+                          "expiry (before or after it expired)")
     show = ka.add_parser("show")
-    for p in (init, rot, show):
+    for p in (init, rot, renew, show):
         p.add_argument("--dir", type=Path, required=True)
         p.add_argument("--expires-days", type=int, default=365)
 

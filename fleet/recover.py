@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from agent.link.wire import PREFIX, CommandResult, device_topic, group_cmd_topic
-from fleet._mqtt import connect
+from fleet._mqtt import BrokerAuth, connect
 from fleet.commands import build_command, sign_command
 from fleet.ingest import KeySource, ReportGate
 from fleet.keys import SigningKey
@@ -43,8 +43,8 @@ class Summary:
         return out
 
 
-def recover(broker_url: str, fleet: str, keys: Iterable[SigningKey], registry: KeySource, *,
-            action: str,
+def recover(broker_url: BrokerAuth | str, fleet: str, keys: Iterable[SigningKey],
+            registry: KeySource, *, action: str,
             expected: list[str], device: str | None = None, group: str | None = None,
             model: str | None = None, reason: str = "", timeout_s: float = 30.0) -> Summary:
     fields: dict[str, Any] = {}
@@ -71,7 +71,6 @@ def recover(broker_url: str, fleet: str, keys: Iterable[SigningKey], registry: K
     client, subscribed = connect(broker_url, f"edge-fleet-recover-{cmd.id}",
                                  topics=[f"{PREFIX}/{fleet}/+/cmd/result"],
                                  on_message=on_message)
-    client.loop_start()
     try:
         subscribed.wait(10)
         topic = device_topic(fleet, device, "cmd") if device else group_cmd_topic(fleet, group

@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agent.link.wire import PREFIX, CommandResult, device_topic
-from fleet._mqtt import connect
+from agent.link.wire import PREFIX, CommandResult, device_topic, fleet_topic
+from fleet._mqtt import BrokerAuth, connect
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
 from fleet.ingest import ReportGate
 from fleet.keys import SigningKey
 from fleet.policy import Criteria, Health, Outcome, Status, judge, next_status, wave_sizes
+from fleet.publish import HEARTBEAT_EVERY_S, heartbeat
 from fleet.state import FleetDB, FleetWatcher
 
 TABLES = """
@@ -249,7 +250,8 @@ class Controller:
     Telemetry and events reach the same database through a `FleetWatcher` on a shared
     subscription: two controllers on one database split that load between them."""
 
-    def __init__(self, db: FleetDB, broker_url: str, fleet: str, keys: Iterable[SigningKey],
+    def __init__(self, db: FleetDB, broker_url: BrokerAuth | str, fleet: str,
+                 keys: Iterable[SigningKey],
                  *, client_id: str = "edge-fleet-controller") -> None:
         self.db = db
         self.rollouts = Rollouts(db)
@@ -260,7 +262,6 @@ class Controller:
         self.client, _ = connect(broker_url, client_id,
                                  topics=[f"{PREFIX}/{fleet}/+/cmd/result"],
                                  on_message=self._message, session_expiry_s=24 * 3600)
-        self.client.loop_start()
 
     def close(self) -> None:
         self.watcher.stop()
@@ -402,7 +403,12 @@ class Controller:
         `rollback_wait_s` for the rollbacks' results, so the summary shows them."""
         end = time.monotonic() + timeout_s
         status = Status.RUNNING
+        beat = 0.0
         while time.monotonic() < end:
+            if time.monotonic() - beat >= HEARTBEAT_EVERY_S:  # freshness for every device
+                beat = time.monotonic()
+                self.client.publish(fleet_topic(self.fleet, "heartbeat"),
+                                    heartbeat(self.fleet, self.keys), qos=1, retain=True)
             status = self.step(rid)
             if status is not Status.RUNNING:
                 break

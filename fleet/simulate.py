@@ -231,6 +231,10 @@ class StandInAgent:
         return f"{name} v{m.version} serving"
 
     # -- AgentPort ------------------------------------------------------------------------
+    def adopt_root(self, raw: bytes, root: Root) -> list[str]:
+        self.root = root  # in memory: a simulated device keeps nothing across runs
+        return self.installer.recheck(root)
+
     def install(self, source: Path, *, commit: bool = True,
                 on_step: OnStep | None = None) -> InstallResult:
         return self.installer.install(source, now=datetime.now(UTC), commit=commit,
@@ -275,7 +279,11 @@ class SimDevice(FleetLink):
                                device_key=sim.keys_dir / f"{name}.key"),
             mqtt=sim.mqtt)
         self.standin = StandInAgent(config, sim.root, fault, random.Random(name))
-        super().__init__(self.standin, sim.mqtt, in_memory=True, poll_s=sim.poll_s)
+        mqtt = sim.mqtt
+        if sim.certs_dir is not None:
+            mqtt = mqtt.model_copy(update={"cert_file": sim.certs_dir / f"{name}.crt",
+                                           "key_file": sim.certs_dir / f"{name}.key"})
+        super().__init__(self.standin, mqtt, in_memory=True, poll_s=sim.poll_s)
         self.sim = sim
 
     def start(self) -> None:
@@ -329,6 +337,10 @@ class SimSettings:
     # Each device's key file (`edge-agent device-key`): DEVICE.key and DEVICE.pub. Made
     # when missing; register the .pub files with `edge-fleet devices import DIR`.
     keys_dir: Path | None = None
+    # A broker with mutual TLS: its CA, and each device's certificate `{certs_dir}/{name}.crt`
+    # and key `.key` (CN = the device id, `edge-fleet pki issue`).
+    ca_file: Path | None = None
+    certs_dir: Path | None = None
 
 
 class Simulator:
@@ -343,7 +355,8 @@ class Simulator:
         self.fleet = settings.fleet or self.root.fleet
         self.groups, self.profile = list(settings.groups), settings.profile
         self.requests_per_s, self.poll_s = settings.requests_per_s, settings.poll_s
-        self.mqtt = MqttSection(brokers=[settings.broker],
+        self.certs_dir = settings.certs_dir
+        self.mqtt = MqttSection(brokers=[settings.broker], ca_file=settings.ca_file,
                                 telemetry_interval_s=settings.telemetry_interval_s,
                                 health_window_s=settings.health_window_s, keepalive_s=60)
         # Stores on tmpfs: a thousand devices' fsyncs cost nothing.

@@ -27,7 +27,7 @@ from typing import Any
 
 from agent.link.wire import PREFIX, Event, StatePayload, Telemetry
 from agent.trust.signatures import PublicKey
-from fleet._mqtt import connect
+from fleet._mqtt import BrokerAuth, connect
 from fleet.ingest import ReportGate
 
 log = logging.getLogger("edge_fleet.state")
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS devices (
   device TEXT PRIMARY KEY, fleet TEXT NOT NULL, online INTEGER NOT NULL, profile TEXT,
   agent_version TEXT, groups_json TEXT NOT NULL, models_json TEXT NOT NULL,
   state_at TEXT, telemetry_at REAL, telemetry_json TEXT,
-  last_anomaly TEXT, last_anomaly_at TEXT, events INTEGER NOT NULL DEFAULT 0);
+  last_anomaly TEXT, last_anomaly_at TEXT, events INTEGER NOT NULL DEFAULT 0,
+  trust_json TEXT);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS anomalies (
   device TEXT NOT NULL, received REAL NOT NULL, model TEXT, detector TEXT, message TEXT);
@@ -61,6 +62,7 @@ class DeviceRow:
     models: dict[str, Any]
     telemetry_age_s: float | None
     last_anomaly: str | None
+    trust: dict[str, Any] | None = None
 
     @property
     def health(self) -> str:
@@ -68,7 +70,16 @@ class DeviceRow:
             return "offline"
         if self.telemetry_age_s is None:
             return "no telemetry"
+        if self.trust and self.trust.get("stale"):
+            return "frozen"  # its fleet heartbeat expired: messages are withheld
         return "stale" if self.telemetry_age_s > 60 else "ok"
+
+    @property
+    def root(self) -> str:
+        """The root it trusts: "v2 to 2027-11-30"."""
+        if not self.trust:
+            return "-"
+        return f"v{self.trust['root_version']} to {self.trust['root_expires'][:10]}"
 
 
 class FleetDB:
@@ -81,6 +92,8 @@ class FleetDB:
         # (persistent session) bring back.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        if "trust_json" not in {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}:
+            self._db.execute("ALTER TABLE devices ADD COLUMN trust_json TEXT")  # older files
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -144,14 +157,17 @@ class FleetDB:
         with self._lock:
             self._db.execute(
                 "INSERT INTO devices (device, fleet, online, profile, agent_version, "
-                "groups_json, models_json, state_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "groups_json, models_json, state_at, trust_json) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(device) DO UPDATE SET online = excluded.online, "
                 "profile = excluded.profile, agent_version = excluded.agent_version, "
                 "groups_json = excluded.groups_json, state_at = excluded.state_at, "
                 "models_json = CASE WHEN excluded.online THEN excluded.models_json "
-                "ELSE devices.models_json END",
+                "ELSE devices.models_json END, trust_json = COALESCE(excluded.trust_json, "
+                "devices.trust_json)",
                 (s.device, s.fleet, int(s.online), s.profile, s.agent_version,
-                 json.dumps(s.groups), json.dumps(models), s.at.isoformat()))
+                 json.dumps(s.groups), json.dumps(models), s.at.isoformat(),
+                 s.trust.model_dump_json() if s.trust else None))
 
     def put_telemetry(self, t: Telemetry, received: float) -> None:
         with self._lock:
@@ -190,13 +206,15 @@ class FleetDB:
                 ) -> list[DeviceRow]:
         now = time.time() if now is None else now
         rows = self._db.execute("SELECT device, online, profile, groups_json, models_json, "
-                                "telemetry_at, last_anomaly FROM devices ORDER BY device")
+                                "telemetry_at, last_anomaly, trust_json FROM devices "
+                                "ORDER BY device")
         out = []
-        for dev, online, profile, groups, models, t_at, anomaly in rows.fetchall():
+        for dev, online, profile, groups, models, t_at, anomaly, trust in rows.fetchall():
             g = json.loads(groups)
             if group is None or group in g:
                 out.append(DeviceRow(dev, bool(online), profile, g, json.loads(models),
-                                     None if t_at is None else now - t_at, anomaly))
+                                     None if t_at is None else now - t_at, anomaly,
+                                     json.loads(trust) if trust else None))
         return out
 
 
@@ -209,7 +227,7 @@ def _text(evidence: dict[str, Any], key: str) -> str | None:
 class FleetWatcher:
     """Subscribes to a fleet's topics and keeps a `FleetDB` up to date."""
 
-    def __init__(self, db: FleetDB, broker_url: str, fleet: str, *,
+    def __init__(self, db: FleetDB, broker_url: BrokerAuth | str, fleet: str, *,
                  share_group: str = "edge-fleet", client_id: str | None = None) -> None:
         self.db, self.fleet = db, fleet
         self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
@@ -240,7 +258,7 @@ class FleetWatcher:
             log.exception("ingest.crashed topic=%.200s", msg.topic)
 
     def start(self) -> FleetWatcher:
-        self.client.loop_start()
+        """(The client runs from construction; kept so call sites read as they act.)"""
         return self
 
     def stop(self) -> None:
@@ -252,16 +270,18 @@ def status_lines(rows: list[DeviceRow], *, unknown: Sequence[tuple[str, int]] = 
                  ignored: Mapping[str, int] | None = None) -> list[str]:
     """The `edge-fleet status` table: devices, then devices that published without a
     registered key (never counted), then what the ingest gate ignored."""
-    head = f"{'device':16} {'online':7} {'profile':18} {'models':22} {'health':12} last anomaly"
+    head = (f"{'device':16} {'online':7} {'profile':18} {'models':22} {'root':17} "
+            f"{'health':12} last anomaly")
     out = [head, "-" * len(head)]
     for r in rows:
         models = ", ".join(f"{n} v{m['version']}" + ("*" if m.get("committed") != m["version"]
                                                       else "")
                            for n, m in r.models.items()) or "-"
         out.append(f"{r.device:16} {'yes' if r.online else 'no':7} {r.profile or '-':18} "
-                   f"{models:22} {r.health:12} {r.last_anomaly or '-'}")
+                   f"{models:22} {r.root:17} {r.health:12} {r.last_anomaly or '-'}")
     for dev, n in unknown:
-        out.append(f"{dev:16} {'?':7} {'-':18} {'-':22} {'unknown':12} no registered key; "
+        out.append(f"{dev:16} {'?':7} {'-':18} {'-':22} {'-':17} {'unknown':12} "
+                   "no registered key; "
                    f"{n} message(s) ignored")
     out.append(f"{len(rows)} device(s), {sum(r.online for r in rows)} online; "
                "* = not committed yet (health window)"

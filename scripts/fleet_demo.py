@@ -3,7 +3,9 @@
 It starts everything it needs on this machine, says what happens at each step, and stops
 everything it started, also when interrupted:
 
-  a broker (mosquitto on a free loopback port), an artifact server (`edge-fleet
+  a broker (mosquitto on a free loopback port, with the configuration the project ships:
+  mutual TLS, certificates it makes for every device and tool, a per-device ACL, nothing
+  anonymous), an artifact server (`edge-fleet
   serve-artifacts`), two real agents (`edge-agent run`, TFLite on the CPU), a simulated
   fleet (`edge-fleet simulate`), then: release v2 rolled out in waves, inference on a real
   agent, fleet status, and a bad v3 that halts in its first wave and is rolled back.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
+import os
 import shutil
 import signal
 import socket
@@ -72,6 +76,12 @@ class Demo:
         self.command_key = self.keys / "keys" / "command-1.key"
         self.procs: list[subprocess.Popen[str]] = []
         self.db = self.work / "fleet.sqlite"
+        self.pki = self.work / "pki"
+        # Every edge-fleet command below finds the broker's CA and the controller's
+        # certificate here (flags override them; `status` uses the read-only monitor's).
+        os.environ["EDGE_FLEET_CA_FILE"] = str(self.pki / "ca.crt")
+        os.environ["EDGE_FLEET_CERT_FILE"] = str(self.pki / "fleet-controller.crt")
+        os.environ["EDGE_FLEET_KEY_FILE"] = str(self.pki / "fleet-controller.key")
         self.sims = 12 if short else 40
         self.window = 1.0 if short else 3.0
 
@@ -93,17 +103,27 @@ class Demo:
         self.procs.clear()
 
     def broker(self) -> str:
+        """The fleet's PKI and the shipped broker configuration, then mosquitto."""
         port = free_port()
-        conf = self.work / "mosquitto.conf"
-        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
-                        "max_queued_messages 100000\n")
+        run(BIN / "edge-fleet", "pki", "init", "--dir", self.pki, "--server-host",
+            "127.0.0.1")
+        names = ["fleet-controller", "fleet-monitor", "agent-1", "agent-2",
+                 *(f"sim-{i:04d}" for i in range(self.sims))]
+        subprocess.run([BIN / "edge-fleet", "pki", "issue", "--dir", self.pki, *names],
+                       check=True, capture_output=True)
+        print(f"   certificates for {', '.join(names[:4])} and {self.sims} simulated devices")
+        user = ["--user", getpass.getuser()] if os.geteuid() == 0 else []
+        run(BIN / "edge-fleet", "broker-config", "--fleet", "demo", "--pki", self.pki,
+            "--out", self.work / "broker", "--port", port, "--bind", "127.0.0.1",
+            "--data-dir", self.work / "broker", "--log-dest", "stderr", *user)
+        conf = self.work / "broker" / "mosquitto.conf"
         with (self.work / "mosquitto.log").open("w") as log:
             self.start(["mosquitto", "-c", conf], stdout=log, stderr=log)
         end = time.monotonic() + 10
         while time.monotonic() < end:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
                                                                          0.2):
-                return f"mqtt://127.0.0.1:{port}"
+                return f"mqtts://127.0.0.1:{port}"
             time.sleep(0.05)
         raise SystemExit("demo: mosquitto did not start (see build/demo/fleet/mosquitto.log)")
 
@@ -135,6 +155,9 @@ class Demo:
             socket = "{d / 'api.sock'}"
             [mqtt]
             brokers = ["{broker}"]
+            ca_file = "{self.pki / 'ca.crt'}"
+            cert_file = "{self.pki / (name + '.crt')}"
+            key_file = "{self.pki / (name + '.key')}"
             telemetry_interval_s = 1.0
             health_window_s = {self.window}
             """))
@@ -178,7 +201,9 @@ class Demo:
 
     def status(self, broker: str) -> None:
         out = subprocess.run([BIN / "edge-fleet", "status", "--broker", broker, "--fleet",
-                              "demo", "--db", self.db, "--wait", "2"],
+                              "demo", "--db", self.db, "--wait", "2",
+                              "--cert-file", self.pki / "fleet-monitor.crt",
+                              "--key-file", self.pki / "fleet-monitor.key"],
                              capture_output=True, text=True, check=True).stdout.splitlines()
         shown = out[:2] + [ln for ln in out[2:-1] if not ln.startswith("sim-")][:4]
         sims = [ln for ln in out[2:-1] if ln.startswith("sim-")]
@@ -195,7 +220,10 @@ class Demo:
     # -- the story ------------------------------------------------------------------------
     def main(self) -> None:
         say("7. a broker", "MQTT carries commands to devices and their state, telemetry and "
-            "events back. The demo starts mosquitto on a free loopback port.")
+            "events back. The demo makes a CA and a certificate for every device and tool, "
+            "renders the broker configuration the project ships (mutual TLS, nothing "
+            "anonymous, an ACL that confines each device to its own topics) and starts "
+            "mosquitto with it on a free loopback port.")
         broker = self.broker()
         print(f"   mosquitto on {broker}")
 
@@ -204,11 +232,14 @@ class Demo:
             "(resumable) from `edge-fleet serve-artifacts`.")
         v1, v2 = self.release(1), self.release(2)
         url = self.artifacts()
+        run(BIN / "edge-fleet", "root", "publish", "--dir", self.keys, "--artifacts",
+            self.work / "releases", "--url-base", url, "--broker", broker)
 
         say("9. two real agents", "Each `edge-agent run` is the device daemon: it verifies a "
             "bundle's signatures and hashes, loads it with the TFLite runtime, checks it "
             "against its golden outputs (self-test), serves it, and talks to the fleet "
-            "over MQTT. Both get v1.")
+            "over MQTT with its own certificate, signing everything it reports with its "
+            "device key (registered with `edge-fleet devices add`). Both get v1.")
         agents = [self.agent(f"agent-{i}", broker) for i in (1, 2)]
         for cfg in agents:
             p = subprocess.run([BIN / "edge-agent", "install", v1, "--config", cfg],
@@ -225,7 +256,8 @@ class Demo:
         sim = self.start([BIN / "edge-fleet", "simulate", "--broker", broker, "--root",
                           self.root, "--devices", self.sims, "--initial", v1, "--group",
                           "demo", "--profile", self.profile, "--telemetry-interval", 1,
-                          "--health-window", self.window, "--keys-dir", sim_keys],
+                          "--health-window", self.window, "--keys-dir", sim_keys,
+                          "--ca-file", self.pki / "ca.crt", "--certs-dir", self.pki],
                          stdout=subprocess.PIPE)
         assert sim.stdout is not None
         print(f"   {sim.stdout.readline().strip()}")

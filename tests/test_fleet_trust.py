@@ -300,3 +300,156 @@ def test_an_unregistered_agent_is_unknown_and_never_counts(
     finally:
         watcher.stop()
         agent.stop()
+
+
+# -- the shipped broker configuration ------------------------------------------------------
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[Any]:
+    from fixture_mqtt import SecureBroker
+
+    b = SecureBroker(tmp_path / "secure")
+    for name in ("dev-1", "dev-2"):
+        b.issue(name)
+    b.start()
+    yield b
+    b.stop()
+
+
+class Client:
+    """A connected client of the secured broker, collecting what it receives."""
+
+    def __init__(self, auth: Any, name: str, topics: list[str]) -> None:
+        from fleet._mqtt import connect
+
+        self.got: list[tuple[str, bytes]] = []
+        self.c, subscribed = connect(auth, f"{name}-{id(self)}", topics=topics,
+                                     on_message=lambda c, u, m: self.got.append(
+                                         (m.topic, bytes(m.payload))))
+        if topics:
+            assert subscribed.wait(5)
+
+    def send(self, topic: str, payload: bytes) -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def topics(self) -> list[str]:
+        return [t for t, _ in self.got]
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def test_the_shipped_broker_config_confines_each_device_to_its_own_topics(secure: Any) -> None:
+    from fleet.errors import FleetError
+
+    monitor = Client(secure.auth("fleet-monitor"), "monitor", ["edge/v1/acme/#"])
+    dev1 = Client(secure.auth("dev-1"), "dev-1", ["edge/v1/acme/dev-1/cmd",
+                                                  "edge/v1/acme/dev-2/cmd"])
+    controller_ = Client(secure.auth("fleet-controller"), "controller", [])
+    try:
+        # dev-1 may not speak for dev-2, nor publish commands; what it may do arrives after.
+        for topic in ("edge/v1/acme/dev-2/state", "edge/v1/acme/dev-2/event",
+                      "edge/v1/acme/dev-1/cmd", "edge/v1/acme/heartbeat",
+                      "edge/v1/acme/dev-1/event"):
+            dev1.send(topic, b"x")
+        wait_until(lambda: "edge/v1/acme/dev-1/event" in monitor.topics(),
+                   what="dev-1's own event")
+        assert monitor.topics() == ["edge/v1/acme/dev-1/event"]
+        # The monitor may not command anyone; the controller may.
+        monitor.send("edge/v1/acme/dev-1/cmd", b"from-monitor")
+        controller_.send("edge/v1/acme/dev-2/cmd", b"for-dev-2")
+        controller_.send("edge/v1/acme/dev-1/cmd", b"for-dev-1")
+        wait_until(lambda: dev1.got, what="dev-1's command")
+        assert dev1.got == [("edge/v1/acme/dev-1/cmd", b"for-dev-1")]
+    finally:
+        for c in (monitor, dev1, controller_):
+            c.close()
+    # Nothing anonymous, nothing in plain text, no certificate of another CA.
+    from fleet._mqtt import BrokerAuth, connect
+
+    other = foreign_pki(secure)
+    for auth in (BrokerAuth(url=secure.url, ca_file=secure.pki / "ca.crt"),  # anonymous
+                 BrokerAuth(url=f"mqtt://127.0.0.1:{secure.port}"),  # plain text
+                 BrokerAuth(url=secure.url, ca_file=secure.pki / "ca.crt",  # another CA's
+                            cert_file=other / "dev-1.crt", key_file=other / "dev-1.key")):
+        with pytest.raises(FleetError, match="cannot connect"):
+            connect(auth, "anon", topics=[], on_message=lambda *a: None, timeout_s=5)
+
+
+def foreign_pki(secure: Any) -> Path:
+    """A certificate for dev-1 from a CA the broker does not know."""
+    from fleet import pki
+
+    other = secure.dir / "other-pki"
+    pki.init_ca(other, server_hosts=["127.0.0.1"], days=2)
+    pki.issue(other, "dev-1", days=2)
+    return other
+
+
+def fleet_cli(*args: object, env: dict[str, str] | None = None) -> Any:
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fleet.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, **(env or {})})
+
+
+def test_fleet_tools_fail_with_one_line_when_they_cannot_connect(secure: Any,
+                                                                 tmp_path: Path) -> None:
+    db = tmp_path / "fleet.sqlite"
+    ca = secure.pki / "ca.crt"
+    cases = [
+        ["--broker", secure.url, "--ca-file", ca],  # no client certificate
+        ["--broker", f"mqtt://127.0.0.1:{secure.port}"],  # plain text to the TLS port
+        ["--broker", f"mqtt://127.0.0.1:{secure.port}", "--ca-file", ca],  # TLS file, no TLS
+        ["--broker", secure.url, "--ca-file", ca, "--cert-file",
+         secure.pki / "fleet-monitor.crt"],  # a certificate without its key
+    ]
+    for extra in cases:
+        p = fleet_cli("status", "--fleet", "acme", "--db", db, "--wait", "0.5", *extra)
+        assert p.returncode == 2, (extra, p.stdout, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and "0 device" not in p.stdout, (
+            extra, p.stderr)
+    # The same from the environment, with the monitor's certificate: it works.
+    ok = fleet_cli("status", "--fleet", "acme", "--db", db, "--wait", "0.5", env={
+        "EDGE_FLEET_BROKER": secure.url, "EDGE_FLEET_CA_FILE": str(ca),
+        "EDGE_FLEET_CERT_FILE": str(secure.pki / "fleet-monitor.crt"),
+        "EDGE_FLEET_KEY_FILE": str(secure.pki / "fleet-monitor.key")})
+    assert ok.returncode == 0, ok.stderr
+    assert "0 device(s)" in ok.stdout
+
+
+def test_an_agent_with_its_certificate_reports_through_the_secured_broker(
+        secure: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    from fixture_agent import register, write_config
+
+    where = tmp_path / "dev-1"
+    where.mkdir()
+    agent = AgentProcess(write_config(where, releases["keys"], profile="x86_64-generic",
+                                      mqtt={**secure.agent_mqtt("dev-1"),
+                                            "telemetry_interval_s": 0.2})).start()
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    register(db, where)
+    watcher = FleetWatcher(db, secure.auth("fleet-monitor"), "acme").start()
+    try:
+        rows = wait_until(lambda: [r for r in db.devices() if r.online
+                                   and r.telemetry_age_s is not None],
+                          what="dev-1 online with telemetry")
+        assert rows[0].device == "dev-1" and rows[0].root.startswith("v1 to ")
+    finally:
+        watcher.stop()
+        agent.stop()
+
+
+def test_the_example_broker_config_in_deploy_is_what_broker_config_renders(
+        tmp_path: Path) -> None:
+    from fleet.broker import BrokerConfig, render
+
+    conf, acl = render(BrokerConfig(fleet="acme", pki=Path("/etc/mosquitto/edge-fleet"),
+                                    user="mosquitto"), tmp_path)
+    shipped = Path(__file__).parent.parent / "deploy" / "mosquitto"
+    assert (shipped / "acl").read_text() == acl.read_text()
+    assert (shipped / "mosquitto.conf").read_text() == conf.read_text().replace(
+        f"acl_file {acl}", "acl_file /etc/mosquitto/edge-fleet/acl")

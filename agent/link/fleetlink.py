@@ -11,7 +11,9 @@ Threads (all daemon threads, started by `start`):
   also gets a result, junk does not;
 * `commands`: verifies each queued command again and records its nonce
   (`agent.trust.nonces.accept_command`), then carries it out;
-* `telemetry`: `agent.link.telemetry.TelemetryLoop`, every interval;
+* `telemetry`: `agent.link.telemetry.TelemetryLoop`, every interval (and the trust
+  feed's checks: root expiry, heartbeat freshness);
+* `trust`: new roots and heartbeats from the fleet (`agent.link.trustfeed`);
 * `deploy`: one per deploy command (`agent.link.deploying.Deployer`);
 * `infer`: remote inference (`agent.link.remote`), when a scheduler is given.
 
@@ -40,7 +42,14 @@ from agent.link.remote import RemoteInference
 from agent.link.reporting import Reporter
 from agent.link.settings import LinkSettings, SettingsStore, initial_settings
 from agent.link.telemetry import TelemetryLoop
-from agent.link.wire import ModelState, StatePayload, group_cmd_topic, infer_reply_prefix
+from agent.link.trustfeed import TrustFeed
+from agent.link.wire import (
+    ModelState,
+    StatePayload,
+    fleet_topic,
+    group_cmd_topic,
+    infer_reply_prefix,
+)
 from agent.serving.scheduler import Scheduler
 from agent.trust.command import (
     Addressee,
@@ -56,6 +65,8 @@ from agent.trust.nonces import NonceStore, accept_command
 log = logging.getLogger("edge_agent.fleet")
 #: Commands waiting for the command thread; past this, dropped with an event.
 INBOX_MAX = 64
+#: The retained state is published again every this many telemetry intervals.
+STATE_REFRESH_TICKS = 10
 #: Nonces of queued commands remembered by the screen (besides the nonce store).
 RECENT_NONCES = 4096
 
@@ -105,9 +116,13 @@ class FleetLink:
             agent, self.report, lambda: self.settings,
             deploying=lambda: self.deployer.busy(),  # noqa: PLW0108  # made below
             online=lambda: self.link.connected.is_set(),  # noqa: PLW0108  # made below
-            refresh_state=lambda: self.publish_state())  # noqa: PLW0108  # bound later
+            on_tick=self._tick)
         self.deployer = Deployer(agent, self.report, self.telemetry, lambda: self.settings,
                                  downloads=downloads, stop=self._stop)
+        self.trust = TrustFeed(agent, self.report,
+                               heartbeat_file=None if in_memory else state / "heartbeat.json",
+                               expiry_warning=timedelta(seconds=cfg.root_expiry_warning_s),
+                               changed=lambda: self.publish_state())  # noqa: PLW0108  # later
         password = cfg.password_file.read_text().strip() if cfg.password_file else None
         topic = self.report.topic
         self.link = MqttLink(
@@ -115,6 +130,7 @@ class FleetLink:
             state_topic=topic("state"), birth=lambda: self.report.seal(self.state(online=True)),
             will=self.report.seal(self.state(online=False)),
             subscriptions=[topic("cmd"), *([topic("infer")] if scheduler else []),
+                           fleet_topic(d.fleet, "root"), fleet_topic(d.fleet, "heartbeat"),
                            *(group_cmd_topic(d.fleet, g) for g in d.groups)],
             on_message=self._received, outbox=self.outbox,
             tls=TlsFiles(ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file),
@@ -133,7 +149,8 @@ class FleetLink:
         self.announce()
         self.link.start()
         threads = [(self._commands, "commands"), (lambda: self.telemetry.run(self._stop),
-                                                  "telemetry")]
+                                                  "telemetry"),
+                   (lambda: self.trust.run(self._stop), "trust")]
         if (remote := self.remote) is not None:
             threads.append((lambda: remote.run(self._stop), "infer"))
         for target, name in threads:
@@ -164,7 +181,16 @@ class FleetLink:
                   for n, r in self.agent.serving.models().items()} if online else {}
         return StatePayload(device=d.id, fleet=d.fleet, online=online,
                             agent_version=__version__, profile=d.profile, groups=d.groups,
-                            models=models, at=datetime.now(UTC))
+                            models=models, trust=self.trust.state if online else None,
+                            at=datetime.now(UTC))
+
+    def _tick(self, ticks: int) -> None:
+        """Every telemetry interval: the trust checks; every `STATE_REFRESH_TICKS`, the
+        retained state again (one that someone overwrote on a broker without the shipped
+        ACL heals within minutes)."""
+        self.trust.tick(datetime.now(UTC))
+        if ticks % STATE_REFRESH_TICKS == 0:
+            self.publish_state()
 
     def publish_state(self) -> None:
         self.outbox.enqueue("state", self.report.topic("state"),
@@ -175,6 +201,10 @@ class FleetLink:
     def _received(self, topic: str, payload: bytes, properties: Any) -> None:
         if self.remote is not None and topic == self.report.topic("infer"):
             self.remote.received(payload, properties)
+            return
+        fleet = self.me.fleet
+        if topic in (fleet_topic(fleet, "root"), fleet_topic(fleet, "heartbeat")):
+            self.trust.received(topic.rsplit("/", 1)[-1], payload)
             return
         if self.screen(payload):
             self.enqueue(payload)

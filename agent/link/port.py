@@ -85,6 +85,12 @@ class AgentPort(Protocol):
     @property
     def listeners(self) -> list[Callable[[], None]]: ...
 
+    def adopt_root(self, raw: bytes, root: Root) -> list[str]:
+        """Trust `root` (already verified to chain from the current one) from now on:
+        persisted where it survives a restart, and every installed bundle checked again
+        under it; returns what fell back (bundles signed only by revoked keys)."""
+        ...
+
     def install(self, source: Path, *, commit: bool = True,
                 on_step: OnStep | None = None) -> InstallResult: ...
 

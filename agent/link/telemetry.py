@@ -33,8 +33,6 @@ from agent.serving.metrics import Snapshot, window_counter, window_quantile
 
 log = logging.getLogger("edge_agent.fleet")
 LATENCY = "edge_agent_request_duration_seconds"
-#: The retained state is published again every this many telemetry intervals.
-STATE_REFRESH_TICKS = 10
 
 
 class ProcessStats(Protocol):
@@ -61,15 +59,14 @@ class TelemetryLoop:
     def __init__(self, agent: AgentPort, reporter: Reporter,
                  settings: Callable[[], LinkSettings], *, deploying: Callable[[], bool],
                  online: Callable[[], bool],
-                 refresh_state: Callable[[], None] = lambda: None) -> None:
+                 on_tick: Callable[[int], None] = lambda _n: None) -> None:
         """Args:
             deploying: a deploy is in its flow (its window judges the model itself).
             online: the broker connection is up; what the outbox cap dropped is taken and
                 reported only then, as one total, not an event per interval offline.
-            refresh_state: publish the retained state again (a retained message anyone
-                overwrote on a broker without the shipped ACL heals within minutes).
+            on_tick: called first in every tick with the number of ticks so far.
         """
-        self._refresh_state, self._ticks = refresh_state, 0
+        self._on_tick, self._ticks = on_tick, 0
         self.agent, self.report = agent, reporter
         self._settings, self._deploying, self._online = settings, deploying, online
         self._latency: dict[str, LatencyDetector] = {}
@@ -132,11 +129,10 @@ class TelemetryLoop:
         return models
 
     def tick(self, proc: ProcessStats) -> None:
-        """One interval: detectors, then the telemetry message into the outbox; every
-        `STATE_REFRESH_TICKS` intervals the retained state again."""
+        """One interval: the link's own checks (`on_tick`), detectors, then the telemetry
+        message into the outbox."""
         self._ticks += 1
-        if self._ticks % STATE_REFRESH_TICKS == 0:
-            self._refresh_state()
+        self._on_tick(self._ticks)
         settings = self._settings()
         before, after = self._snap, Snapshot(self.agent.metrics)
         self._snap = after

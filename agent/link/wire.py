@@ -6,6 +6,12 @@
     edge/v1/{fleet}/{device}/cmd          signed commands to the device    agent.trust.command
     edge/v1/{fleet}/group/{group}/cmd     signed commands to a group       agent.trust.command
     edge/v1/{fleet}/{device}/cmd/result   command outcome                  CommandResult
+    edge/v1/{fleet}/root                  retained; the newest root         RootAnnouncement
+    edge/v1/{fleet}/heartbeat             retained; signed freshness        agent.trust.heartbeat
+    edge/v1/{fleet}/infer-replies/{client}/...   remote inference replies
+
+Everything a device publishes is an envelope signed by its report key
+(`agent.trust.identity`): `{"signed": <payload>, "signatures": [...]}`.
 
 Every payload carries `schema` (the payload version); `json_schemas()` exports the JSON
 Schema of each topic for dashboard authors (`edge-agent schema`, docs/telemetry.md).
@@ -14,7 +20,7 @@ Units are in field names (`_bytes`, `_ms`, `_c`, `_s`); times are UTC ISO 8601.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -33,6 +39,11 @@ def group_cmd_topic(fleet: str, group: str) -> str:
     return f"{PREFIX}/{fleet}/group/{group}/cmd"
 
 
+def fleet_topic(fleet: str, kind: str) -> str:
+    """`kind`: root or heartbeat (fleet-wide, retained, from the operator)."""
+    return f"{PREFIX}/{fleet}/{kind}"
+
+
 def infer_reply_prefix(fleet: str) -> str:
     """Remote inference replies go under this prefix only (`agent.link.remote`)."""
     return f"{PREFIX}/{fleet}/infer-replies/"
@@ -48,6 +59,29 @@ class ModelState(_Wire):
     committed: int | None = None
 
 
+class TrustState(_Wire):
+    """What the device trusts and how fresh it is."""
+
+    root_version: int
+    root_expires: AwareDatetime
+    heartbeat_counter: int | None = None
+    heartbeat_expires: AwareDatetime | None = None
+    stale: bool = Field(default=False, description="the newest valid heartbeat expired: "
+                                                    "the fleet's messages are withheld")
+
+
+class RootAnnouncement(_Wire):
+    """Retained on `edge/v1/{fleet}/root` by `edge-fleet root publish`: the newest root
+    (its own signatures make it trustworthy, not this message) and where the roots before
+    it can be fetched (`{url}{N}.root.json`) by a device that missed some."""
+
+    schema_version: Literal[1] = Field(default=1, alias="schema")
+    version: int = Field(ge=1)
+    root: dict[str, Any]
+    chain: list[Annotated[str, Field(pattern=r"^https?://\S+/$", max_length=1024)]] = Field(
+        default_factory=list, max_length=8)
+
+
 class StatePayload(_Wire):
     """Retained on `state`: the birth message when connected, the Last Will when not."""
 
@@ -59,6 +93,7 @@ class StatePayload(_Wire):
     profile: str = Field(max_length=128)
     groups: list[Name] = Field(default_factory=list, max_length=64)
     models: dict[Name, ModelState] = Field(default_factory=dict, max_length=256)
+    trust: TrustState | None = None
     at: AwareDatetime
 
 

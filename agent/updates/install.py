@@ -165,6 +165,30 @@ class Installer(Generic[H]):
         self._changed()
         return note
 
+    def recheck(self, root: Root) -> list[str]:
+        """After the trusted root changed: verify every active bundle again under `root`;
+        one it no longer accepts (e.g. signed only by keys it revoked) falls back to the
+        previous slot, which then serves. Returns what fell back."""
+        notes: list[str] = []
+        with self._lock:
+            for name in self.store.models():
+                fell = False
+                while (slot := self.store.slots(name).active) is not None:
+                    try:
+                        self.store.check_installed(name, slot, root)
+                        break
+                    except RejectedError as exc:
+                        why = (f"{name} {slot}: not valid under root v{root.version} "
+                               f"({exc.check}: {str(exc)[:200]}); falling back")
+                        self.store.fall_back(name, why)
+                        notes.append(why)
+                        fell = True
+                if fell:
+                    notes.append(self.host.serve_active(name))
+        if notes:
+            self._changed()
+        return notes
+
     def serving_lock(self) -> threading.Lock:
         """Held while the served models change (install, rollback); a runtime restart
         takes it too."""
