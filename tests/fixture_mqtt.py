@@ -25,31 +25,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
 def make_pki(where: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1, a client certificate for device dev-1
-    signed by that CA, and one signed by another CA (the wrong one)."""
-    where.mkdir(parents=True, exist_ok=True)
-    f = {n: where / n for n in ("ca.key", "ca.crt", "other.key", "other.crt", "server.key",
-                                "server.crt", "dev.key", "dev.crt", "rogue.key", "rogue.crt")}
-    for ca in ("ca", "other"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                 "-subj", f"/CN=test-{ca}", "-keyout", str(f[f"{ca}.key"]),
-                 "-out", str(f[f"{ca}.crt"]))
-    (where / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, cn, ca in (("server", "127.0.0.1", "ca"), ("dev", "dev-1", "ca"),
-                         ("rogue", "dev-1", "other")):
-        csr = where / f"{name}.csr"
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                 "-keyout", str(f[f"{name}.key"]), "-out", str(csr))
-        _openssl("x509", "-req", "-in", str(csr), "-CA", str(f[f"{ca}.crt"]),
-                 "-CAkey", str(f[f"{ca}.key"]), "-CAcreateserial", "-days", "2",
-                 "-out", str(f[f"{name}.crt"]),
-                 *(["-extfile", str(where / "san.ext")] if name == "server" else []))
-    return f
+    """A CA with a server certificate for 127.0.0.1 and a client certificate for device
+    dev-1 (`fleet.pki`), and another CA with its own dev-1 certificate (the wrong one)."""
+    from fleet import pki
+
+    pki.init_ca(where / "ca", server_hosts=["127.0.0.1"], days=2)
+    pki.issue(where / "ca", "dev-1", days=2)
+    pki.init_ca(where / "other", server_hosts=["127.0.0.1"], days=2)
+    pki.issue(where / "other", "dev-1", days=2)
+    return {"ca.crt": where / "ca" / "ca.crt", "other.crt": where / "other" / "ca.crt",
+            "server.crt": where / "ca" / "server.crt",
+            "server.key": where / "ca" / "server.key",
+            "dev.crt": where / "ca" / "dev-1.crt", "dev.key": where / "ca" / "dev-1.key",
+            "rogue.crt": where / "other" / "dev-1.crt",
+            "rogue.key": where / "other" / "dev-1.key"}
 
 
 def report(payload: bytes) -> Any:
