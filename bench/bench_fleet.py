@@ -194,8 +194,8 @@ def _publish(auth: Any, count: int, offset: int, ready: Any) -> None:
             models={"digits": ModelTelemetry(requests=40, errors=0, latency_p50_ms=4.0,
                                              latency_p95_ms=6.0, latency_p99_ms=8.0,
                                              throughput_per_s=40.0)}, dropped={}))))
-    c, _ = connect(auth, f"pub-{offset}", topics=[], on_message=lambda *a: None)
-    c.max_inflight_messages_set(1000)
+    c, _ = connect(auth, f"pub-{offset}", topics=[], on_message=lambda *a: None,
+                   max_inflight=1000)
     ready.wait()
     for i in range(count):
         topic, body = payloads[i % len(payloads)]

@@ -82,8 +82,8 @@ class BrokerAuth:
 
 def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
             on_message: Callable[[Any, Any, Any], None],
-            session_expiry_s: int | None = None, timeout_s: float = 10.0
-            ) -> tuple[paho.Client, threading.Event]:
+            session_expiry_s: int | None = None, timeout_s: float = 10.0,
+            max_inflight: int = 20) -> tuple[paho.Client, threading.Event]:
     """A client whose network loop runs and whom the broker accepted; it subscribes to
     `topics` at QoS 1 on each connect. Also returns an event set once the broker
     acknowledged the subscriptions.
@@ -91,6 +91,8 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
     Args:
         session_expiry_s: keep the session (and messages queued for it) this long while
             disconnected, so a restarted tool receives what arrived meanwhile.
+        max_inflight: QoS 1 messages published and not yet acknowledged (paho's 20 by
+            default; a bulk publisher wants more).
 
     Raises:
         FleetError: the broker cannot be reached, the TLS handshake fails, or it refuses
@@ -132,6 +134,7 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
     client.on_disconnect = on_disconnect
     client.on_subscribe = lambda *a: subscribed.set()
     client.on_message = on_message
+    client.max_inflight_messages_set(max_inflight)
     props = None
     if session_expiry_s is not None:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
