@@ -298,6 +298,9 @@ class SimDevice(FleetLink):
     def enqueue(self, raw: bytes) -> None:
         self.sim.pool.submit(self.handle_safely, raw)
 
+    def trust_message(self, kind: str, payload: bytes) -> None:
+        self.sim.pool.submit(self.trust.handle, kind, payload)
+
     def _sim_tick(self) -> None:
         if self.stopping:
             return

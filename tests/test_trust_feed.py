@@ -184,3 +184,26 @@ def test_a_withheld_heartbeat_makes_the_device_stale_and_a_fresh_one_clears_it(
     finally:
         sub.close()
         agent.stop()
+
+
+def test_simulated_devices_follow_a_renewed_root(tmp_path: Path, broker: Broker,
+                                                 releases: dict[str, Path]) -> None:
+    from fleet.simulate import SimSettings, SimulatedFleet
+
+    kd = KeyDir(Path(shutil.copytree(releases["keys"], tmp_path / "keys")))
+    pinned = Path(shutil.copyfile(kd.root_file, tmp_path / "root-v1.json"))
+    sub = Subscriber(broker, ["edge/v1/acme/+/state"])
+    with SimulatedFleet(SimSettings(broker=broker.url, root_file=pinned, groups=("lab",),
+                                    profile=X86, telemetry_interval_s=0.5), 3) as sims:
+        assert sims.start() == 3
+        rotate_keys(kd.path, expires_days=400)  # `keys renew`
+        publish_root(broker.url, kd, [])
+
+        def on_v2() -> set[str]:
+            latest = {}
+            for p in sub.on("/state"):
+                s = report(p)
+                latest[s["device"]] = (s.get("trust") or {}).get("root_version")
+            return {d for d, v in latest.items() if v == 2}
+        wait_until(lambda: on_v2() == set(sims.names), what="every simulated device on v2")
+    sub.close()

@@ -204,7 +204,7 @@ class FleetLink:
             return
         fleet = self.me.fleet
         if topic in (fleet_topic(fleet, "root"), fleet_topic(fleet, "heartbeat")):
-            self.trust.received(topic.rsplit("/", 1)[-1], payload)
+            self.trust_message(topic.rsplit("/", 1)[-1], payload)
             return
         if self.screen(payload):
             self.enqueue(payload)
@@ -231,6 +231,10 @@ class FleetLink:
         while len(self._queued) > RECENT_NONCES:
             self._queued.popitem(last=False)
         return True
+
+    def trust_message(self, kind: str, payload: bytes) -> None:
+        """A root announcement or heartbeat, for the trust thread."""
+        self.trust.received(kind, payload)
 
     def enqueue(self, raw: bytes) -> None:
         """Queue a screened command for the command thread."""

@@ -60,6 +60,7 @@ class TrustFeed:
         self._hb_counter, self._hb_expires = self._load_heartbeat()
         self.stale = False
         self._warned: tuple[int, datetime] | None = None
+        self._tick_lock = threading.Lock()  # from the telemetry and the trust threads
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -92,13 +93,17 @@ class TrustFeed:
                 self._cv.wait_for(lambda: bool(self._latest) or stop.is_set(), timeout=0.5)
                 work, self._latest = self._latest, {}
             for kind, payload in work.items():
-                try:
-                    if kind == "root":
-                        self.root_announced(payload)
-                    else:
-                        self.heartbeat(payload, datetime.now(UTC))
-                except Exception:  # one message must never stop the feed
-                    log.exception("trust.%s_failed", kind)
+                self.handle(kind, payload)
+
+    def handle(self, kind: str, payload: bytes) -> None:
+        """One message ("root" or "heartbeat"); never raises."""
+        try:
+            if kind == "root":
+                self.root_announced(payload)
+            else:
+                self.heartbeat(payload, datetime.now(UTC))
+        except Exception:  # one message must never stop the feed
+            log.exception("trust.%s_failed", kind)
 
     # -- roots ----------------------------------------------------------------------------
     def root_announced(self, payload: bytes) -> Root | None:
@@ -187,6 +192,10 @@ class TrustFeed:
 
     # -- every interval -------------------------------------------------------------------
     def tick(self, now: datetime) -> None:
+        with self._tick_lock:
+            self._tick(now)
+
+    def _tick(self, now: datetime) -> None:
         root = self.agent.root
         left = root.expires - now
         if left <= self.expiry_warning and (
