@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -79,6 +79,9 @@ class ThermalSection(_Section):
     throttle_c: float | None = None
     critical_c: float | None = None
     hysteresis_c: float | None = Field(default=None, ge=0)
+    # While the sensor gives no reading (missing, unreadable, garbage): serve as if
+    # normal, throttled or critical. The state then shows as "unknown".
+    on_unknown: Literal["normal", "throttled", "critical"] = "normal"
 
 
 class SystemdSection(_Section):

@@ -30,7 +30,7 @@ from agent.config import AgentConfig
 from agent.durable import write_atomic
 from agent.errors import AgentError, BundleError, ConfigError
 from agent.profiles import FirmwareProfile, load_profile
-from agent.serving.admission import Budget, ThermalLimits
+from agent.serving.admission import Budget, Thermal, ThermalLimits
 from agent.serving.metrics import Metrics
 from agent.serving.runtime import LoadedModel, load_tflite_delegates, open_model
 from agent.serving.scheduler import Resident, Scheduler
@@ -70,6 +70,8 @@ class Agent:
                               f"{self._signer.device}'s, not {config.device.id}'s")
         sched, thermal = config.scheduler, config.thermal
         prof_thermal = self.profile.thermal
+        self._sensor_path = thermal.sensor or (Path(prof_thermal.sensor)
+                                               if prof_thermal.sensor else None)
         self.scheduler = Scheduler(
             budget=Budget(
                 memory_budget_bytes=sched.memory_budget_bytes
@@ -81,10 +83,10 @@ class Agent:
                 critical_c=thermal.critical_c or prof_thermal.critical_c,
                 hysteresis_c=thermal.hysteresis_c if thermal.hysteresis_c is not None
                 else prof_thermal.hysteresis_c),
-            sensors=sensors or SystemSensors(
-                thermal.sensor or (Path(prof_thermal.sensor) if prof_thermal.sensor else None)),
+            sensors=sensors or SystemSensors(self._sensor_path),
             metrics=self.metrics, max_wait_s=sched.max_wait_ms / 1000,
-            sensor_interval_s=thermal.poll_s)
+            sensor_interval_s=thermal.poll_s,
+            on_unknown=Thermal[thermal.on_unknown.upper()])
         self._load_lock = threading.Lock()
         self._loaded_delegates: list[Any] | None = None
         self.installer: Installer[tuple[LoadedModel, int]] = Installer(
@@ -175,6 +177,10 @@ class Agent:
     def start(self) -> list[str]:
         """Recover the store and load every active model; returns what happened."""
         notes = self.store.recover()
+        if self.scheduler.reading.temperature_c is None:
+            notes.append(f"no thermal sensor reading ({self._sensor_path or 'psutil'}): "
+                         f"thermal state unknown, served as {self.config.thermal.on_unknown} "
+                         "(thermal.on_unknown)")
         for name in self.store.models():
             notes += self._start_model(name)
         self.notes = notes + self.notes
@@ -274,5 +280,6 @@ class Agent:
         return {"device": self.config.device.id, "profile": self.profile.name,
                 "agent_version": __version__, "root_version": self.root.version,
                 "root_expires": self.root.expires.isoformat(),
-                "thermal": self.scheduler.thermal.name.lower(), "models": models,
+                "thermal": self.scheduler.thermal_name,
+                "temperature_c": self.scheduler.reading.temperature_c, "models": models,
                 "start_notes": self.notes}

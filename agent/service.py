@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import IO
 
@@ -103,12 +104,16 @@ def run(config: AgentConfig, config_path: Path | None = None) -> int:
                         format="%(levelname)s %(name)s %(message)s")
     lock = lock_state(config.paths.state_dir)
     fleet = None
+    sensing = threading.Event()
     try:
         notifier = Notifier()
         notifier.status("verifying installed models")
         agent = Agent(config)
         agent.config_path = config_path
         agent.start()
+        # The sensors are read at rest too: an idle device knows its temperature.
+        threading.Thread(target=agent.scheduler.poll_sensors, args=(sensing,),
+                         name="sensors", daemon=True).start()
         if config.mqtt is not None:
             from agent.link.fleetlink import FleetLink  # noqa: PLC0415  # paho only when used
 
@@ -116,6 +121,7 @@ def run(config: AgentConfig, config_path: Path | None = None) -> int:
             fleet.start()
         asyncio.run(serve(agent, notifier))
     finally:
+        sensing.set()
         if fleet is not None:
             fleet.stop()
         lock.close()

@@ -41,6 +41,9 @@ TimeoutStartSec=180s
 TimeoutStopSec=30s
 # The daemon pings from its event loop every WatchdogSec/2; a wedged loop gets restarted.
 WatchdogSec={watchdog}
+# No core dumps: the watchdog kills with SIGABRT, and a core would hold decrypted models
+# and the device's keys.
+LimitCORE=0
 # Memory: the profile's model + arena budgets plus the runtime's own overhead. Above it the
 # kernel kills the agent inside its cgroup only; the scheduler refuses work well before.
 MemoryMax={memory_max}

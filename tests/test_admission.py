@@ -89,8 +89,16 @@ def test_thermal_rises_at_once_and_falls_only_past_the_hysteresis() -> None:
     assert states == ["N", "T", "T", "C", "C", "C", "T", "T", "T", "N", "N", "C"]
 
 
-def test_a_missing_sensor_reading_keeps_the_state() -> None:
-    assert thermal_state(Thermal.CRITICAL, None, LIMITS) == Thermal.CRITICAL
+def test_a_missing_sensor_reading_is_the_configured_policy_not_the_last_state() -> None:
+    # A sensor that stops answering at 90 °C must not leave the device critical for ever.
+    assert thermal_state(Thermal.CRITICAL, None, LIMITS) == Thermal.NORMAL
+    assert thermal_state(Thermal.NORMAL, None, LIMITS,
+                         unknown=Thermal.CRITICAL) == Thermal.CRITICAL
+
+
+def test_critical_without_a_temperature_is_a_refusal_not_a_type_error() -> None:
+    r = decide(FakeClock(), FakeSensors(temperature_c=None), thermal=Thermal.CRITICAL)
+    assert isinstance(r, Refusal) and r.reason == "thermal" and "unknown" in r.detail
 
 
 def test_the_update_state_machine_is_a_table_with_one_path_to_commit() -> None:

@@ -255,6 +255,31 @@ def test_thermal_throttle_sheds_low_priority_at_critical_with_hysteresis(
     assert 'edge_agent_refusals_total{reason="thermal"} 2' in metrics
 
 
+def test_an_idle_device_knows_its_temperature_and_a_dead_sensor_is_unknown(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """Sensors are polled at rest (no request is sent here); a sensor that gives no reading
+    is the state "unknown", served by the configured policy, never a TypeError."""
+    agent = agent_factory(X86, start=False, thermal={"poll_s": 0.05, "on_unknown": "critical"})
+    temp = agent.dir / "temp"
+    temp.write_text("not a number\n")
+    agent.start()
+    installed(agent, releases["onnx1"])
+    status = agent.call("GET", "/v1/admin/status")[1]
+    assert status["thermal"] == "unknown" and status["temperature_c"] is None
+    assert any("no thermal sensor reading" in n for n in status["start_notes"])
+    code, body = agent.call("POST", "/v2/models/digits/infer", infer_body(IN_ONNX))
+    assert (code, body["reason"]) == (503, "thermal") and "unknown" in body["error"], body
+    assert agent.call("POST", "/v2/models/digits/infer",
+                      infer_body(IN_ONNX, priority="high"))[0] == 200
+    temp.write_text("91000\n")  # hot, and nobody asks
+    wait_until(lambda: agent.call("GET", "/v1/admin/status")[1]["temperature_c"] == 91.0,
+               what="91 °C read at rest")
+    assert agent.call("GET", "/v1/admin/status")[1]["thermal"] == "critical"
+    metrics = agent.call("GET", "/metrics")[1]
+    assert re.search(r"^edge_agent_temperature_celsius 91(\.0)?$", metrics, re.M), metrics
+    assert "thermal.state" in agent.log
+
+
 def test_kill_9_during_install_restarts_into_a_verified_model(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     rng = random.Random(7)

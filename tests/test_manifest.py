@@ -55,6 +55,15 @@ def test_manifest_refuses_paths_that_leave_the_bundle(tmp_path: Path, path: str)
         parse_manifest(json.dumps(data).encode())
 
 
+def test_manifest_refuses_a_name_that_is_both_file_and_directory(tmp_path: Path) -> None:
+    """A signed manifest listing `x` and `x/y` once made unpacking raise FileExistsError
+    (and the MQTT deploy send no result)."""
+    data = json.loads((make_bundle(tmp_path) / "manifest.json").read_bytes())
+    data["files"]["x"] = data["files"]["x/y"] = data["files"]["selftest.npz"]
+    with pytest.raises(BundleError, match="both as a file and as a directory"):
+        parse_manifest(json.dumps(data).encode())
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_parse_or_raise_bundle_error(raw: bytes) -> None:

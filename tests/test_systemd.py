@@ -46,6 +46,11 @@ def test_the_units_exposure_is_at_most_2(tmp_path: Path) -> None:
     assert float(m.group(1)) <= 2.0, p.stdout
 
 
+def test_the_unit_forbids_core_dumps() -> None:
+    """The watchdog kills with SIGABRT: a core would hold decrypted models and keys."""
+    assert "\nLimitCORE=0\n" in render_unit()
+
+
 def test_memory_max_follows_the_profile_budgets() -> None:
     cfg = load_config(SYSTEMD / "agent.toml")
     unit = render_unit(cfg)

@@ -83,10 +83,11 @@ class Refusal:
 
 
 def thermal_state(previous: Thermal, temperature_c: float | None,
-                  limits: ThermalLimits) -> Thermal:
-    """The thermal state after a reading, with hysteresis on the way down."""
+                  limits: ThermalLimits, *, unknown: Thermal = Thermal.NORMAL) -> Thermal:
+    """The thermal state after a reading, with hysteresis on the way down; `unknown` (the
+    configured policy) when there is no reading."""
     if temperature_c is None:
-        return previous
+        return unknown
     t = temperature_c
     rising = (Thermal.CRITICAL if t >= limits.critical_c
               else Thermal.THROTTLED if t >= limits.throttle_c else Thermal.NORMAL)
@@ -112,8 +113,11 @@ def admit(req: Request, *, load: Load, budget: Budget, reading: Reading, thermal
         return Refusal("deadline", 503, f"deadline passed {1000 * (now - req.deadline):.1f} "
                        "ms before admission")
     if thermal == Thermal.CRITICAL and req.priority != Priority.HIGH:
-        return Refusal("thermal", 503, f"device at {reading.temperature_c:.1f} °C is above "
-                       "its critical point; only high-priority requests are served")
+        where = ("at an unknown temperature (no sensor reading; thermal.on_unknown)"
+                 if reading.temperature_c is None
+                 else f"at {reading.temperature_c:.1f} °C, above its critical point")
+        return Refusal("thermal", 503, f"device {where}; only high-priority requests are "
+                       "served")
     queue_max, max_batch = limits_for(thermal, budget)
     if load.queue_depth >= queue_max:
         return Refusal("queue_full", 429, f"queue holds {load.queue_depth} of {queue_max}"

@@ -71,6 +71,8 @@ def open_onnx(source: Path | bytes, *, threads: int = 1,
               providers: list[str] | None = None) -> OnnxModel:
     import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
 
+    if hasattr(ort, "disable_telemetry_events"):  # no usage telemetry from the device
+        ort.disable_telemetry_events()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -54,6 +55,8 @@ from agent.serving.sensors import Sensors
 from agent.trust.manifest import Manifest
 
 F32 = npt.NDArray[np.float32]
+
+log = logging.getLogger("edge_agent.serving")
 
 
 @dataclass
@@ -141,7 +144,7 @@ class Scheduler:
                  metrics: Metrics | None = None, max_wait_s: float = 0.002,
                  clock: Callable[[], float] = time.monotonic,
                  sensor_interval_s: float = 1.0, inline_max_s: float = 0.001,
-                 drift_every: int = 4) -> None:
+                 drift_every: int = 4, on_unknown: Thermal = Thermal.NORMAL) -> None:
         self.budget = budget
         self.thermal_limits = thermal_limits
         self.sensors = sensors
@@ -152,10 +155,13 @@ class Scheduler:
         self.inline_max_s = inline_max_s
         # One batch in `drift_every` is kept (by reference) for the drift statistics.
         self.drift_every = max(1, drift_every)
+        self.on_unknown = on_unknown
         self.thermal = Thermal.NORMAL
+        self._known = True  # the sensor gave a reading last time
+        self._cv = threading.Condition()
         self.reading = sensors.read()
         self._read_at = clock()
-        self._cv = threading.Condition()
+        self._apply_reading()
         self._models: dict[str, Resident] = {}
         self._queues: dict[str, _Queue] = {}
         self._arena_in_flight = 0
@@ -206,16 +212,45 @@ class Scheduler:
             self.metrics.set("edge_agent_model_version", m.manifest.version, model=m.name)
 
     # -- requests ------------------------------------------------------------------------
+    @property
+    def thermal_name(self) -> str:
+        """normal, throttled, critical, or unknown (no sensor reading)."""
+        return ("unknown" if self.reading.temperature_c is None
+                else self.thermal.name.lower())
+
     def _sense(self, now: float) -> None:
         if now - self._read_at >= self.sensor_interval_s:
             self.reading = self.sensors.read()
             self._read_at = now
-            self.thermal = thermal_state(self.thermal, self.reading.temperature_c,
-                                         self.thermal_limits)
-            if self.reading.temperature_c is not None:
-                self.metrics.set("edge_agent_temperature_celsius", self.reading.temperature_c)
-            self.metrics.set("edge_agent_throttle_state", int(self.thermal))
-            self.metrics.set("edge_agent_available_memory_bytes", self.reading.available_bytes)
+            self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        before, was_known = self.thermal, self._known
+        t = self.reading.temperature_c
+        self.thermal = thermal_state(self.thermal, t, self.thermal_limits,
+                                     unknown=self.on_unknown)
+        self._known = t is not None
+        if t is not None:
+            self.metrics.set("edge_agent_temperature_celsius", t)
+        self.metrics.set("edge_agent_throttle_state", int(self.thermal))
+        self.metrics.set("edge_agent_thermal_sensor_ok", int(t is not None))
+        self.metrics.set("edge_agent_available_memory_bytes", self.reading.available_bytes)
+        if self.thermal != before or self._known != was_known:
+            log.warning("thermal.state %s -> %s (%s)", before.name.lower(), self.thermal_name,
+                        "no sensor reading" if t is None else f"{t:.1f} °C")
+
+    def poll_sensors(self, stop: threading.Event) -> None:
+        """Read the sensors every `sensor_interval_s` until `stop`, so an idle device knows
+        its temperature (the daemon runs this on a thread of its own)."""
+        while not stop.wait(self.sensor_interval_s):
+            try:
+                reading = self.sensors.read()
+            except Exception:  # a broken sensor must not end the polling
+                log.exception("thermal.read_failed")
+                continue
+            with self._cv:
+                self.reading, self._read_at = reading, self.clock()
+                self._apply_reading()
 
     def submit(self, name: str, x: F32, *, priority: Priority = Priority.NORMAL,
                timeout_s: float = 1.0) -> Future[F32]:

@@ -13,6 +13,7 @@ UTF-8 (docs/architecture.md, Bundle).
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -172,6 +173,10 @@ class Manifest(_Wire):
                 raise ValueError(f"files must list {needed!r}")
         if MANIFEST_FILE in self.files or SIGNATURES_FILE in self.files:
             raise ValueError("files must not list manifest.json or signatures.json")
+        # "x" and "x/y" cannot both be files (one would have to be a directory).
+        dirs = {str(p) for name in self.files for p in PurePosixPath(name).parents}
+        if clash := sorted(dirs & set(self.files)):
+            raise ValueError(f"files lists {clash[0]!r} both as a file and as a directory")
         if self.expires <= self.created:
             raise ValueError("expires must be after created")
         return self
