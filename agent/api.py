@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from agent.serving.oip import (
     predict_response,
 )
 from agent.serving.scheduler import Resident
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _error(status: int, message: str, **extra: Any) -> Response:
@@ -62,14 +65,25 @@ class Api:
             self.router.add(method, path, handler)
 
     def server(self) -> HttpServer:
-        return HttpServer(self.router, max_body_bytes=self.agent.config.api.max_body_bytes,
-                          middleware=self.guard)
+        api = self.agent.config.api
+        return HttpServer(self.router, max_body_bytes=api.max_body_bytes,
+                          middleware=self.guard, authorize=self.authorize,
+                          max_connections=api.max_connections,
+                          head_timeout_s=api.head_timeout_s,
+                          body_timeout_s=api.body_timeout_s,
+                          idle_timeout_s=api.idle_timeout_s)
 
-    def _tcp_refusal(self, request: Request) -> Response | None:
-        sent = request.headers.get("authorization", "")
+    def authorize(self, headers: dict[str, str], unix: bool) -> str | None:
+        """On TCP, the bearer token, checked on the request head before anything else."""
+        if unix:
+            return None
+        sent = headers.get("authorization", "")
         if self.token is None or not hmac.compare_digest(sent.encode(),
                                                          f"Bearer {self.token}".encode()):
-            return _error(401, "a bearer token is required on TCP")
+            return "a bearer token is required on TCP"
+        return None
+
+    def _tcp_refusal(self, request: Request) -> Response | None:
         if request.path.startswith("/v1/admin/"):
             return _error(404, "admin routes are served on the Unix socket only")
         return None
@@ -92,6 +106,8 @@ class Api:
 
     async def _model(self, request: Request) -> Resident:
         name = request.params["name"]
+        if not MODEL_NAME.match(name):  # never a file name nor a label from raw input
+            raise UnknownModel(name[:64] + ("…" if len(name) > 64 else ""))
         entry = self.agent.scheduler.models().get(name)
         if entry is None:  # installed but unloaded to make room: load it again
             loop = asyncio.get_running_loop()

@@ -51,6 +51,12 @@ class ApiSection(_Section):
     tcp_port: int | None = Field(default=None, ge=1, le=65535)
     token_file: Path = Path("/etc/edge-agent/api.token")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Connections open at once (Unix socket and TCP together); one more gets 503. Kept
+    # under the process's descriptor limit, which the agent raises to the unit's at start.
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+    head_timeout_s: float = Field(default=10.0, gt=0)  # from the head's first byte
+    body_timeout_s: float = Field(default=30.0, gt=0)  # from the end of the head
+    idle_timeout_s: float = Field(default=60.0, gt=0)  # a keep-alive connection, waiting
 
     @model_validator(mode="after")
     def _tcp_needs_token(self) -> ApiSection:

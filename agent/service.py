@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -27,6 +28,8 @@ from agent.errors import AgentError, StateLocked
 from agent.sdnotify import Notifier
 
 log = logging.getLogger("edge_agent")
+#: Descriptors kept for everything but API connections.
+FD_RESERVE = 128
 
 
 def lock_state(state_dir: Path) -> IO[bytes]:
@@ -99,9 +102,23 @@ async def _watchdog(notifier: Notifier) -> None:
         await asyncio.sleep(interval)
 
 
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft descriptor limit to the hard one (what the unit allows), and say
+    so if the connection cap would not fit under it with room for models, stores and the
+    broker connection."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if max_connections + FD_RESERVE > soft:
+        log.warning("api.max_connections=%d leaves less than %d of %d descriptors for the "
+                    "rest; lower it or raise LimitNOFILE", max_connections, FD_RESERVE, soft)
+
+
 def run(config: AgentConfig, config_path: Path | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(name)s %(message)s")
+    raise_fd_limit(config.api.max_connections)
     lock = lock_state(config.paths.state_dir)
     fleet = None
     sensing = threading.Event()

@@ -6,9 +6,18 @@ careful part (parsing, framing, keep-alive, protocol errors), leaving this modul
 routing and limits. Untrusted bytes meet h11, whose one designated error
 (`RemoteProtocolError`) becomes a 400 and a closed connection.
 
-Limits: header block `MAX_HEADER_BYTES`; body `max_body_bytes` (refused with 413 from its
-Content-Length before it is read, or as soon as a chunked body passes it); an idle
-keep-alive connection is closed after `idle_timeout_s`.
+Limits, each answered with a status and a closed connection, never a silent drop:
+
+* connections: at most `max_connections` at once; one more gets 503 at once;
+* the request head: `MAX_HEADER_BYTES` (target and header lines; 431 past it), complete
+  within `head_timeout_s` of its first byte (408: a slowloris trickle is cut off);
+* `authorize(headers, unix)` runs on the head alone, before routing and before any body
+  byte is read (401);
+* Content-Length together with Transfer-Encoding is refused (400: request smuggling);
+* the body: `max_body_bytes` (413 from its Content-Length before it is read, or as soon as
+  a chunked body passes it), complete within `body_timeout_s` (408);
+* an idle keep-alive connection is closed after `idle_timeout_s`;
+* a handler that raises gets 500 (400 for input nested too deep), and the connection lives.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +35,9 @@ import h11
 
 MAX_HEADER_BYTES = 16 * 1024
 READ_BYTES = 64 * 1024
+log = logging.getLogger("edge_agent.http")
+#: Authorize a request from its head: None to go on, else the 401 message.
+Authorize = Callable[[dict[str, str], bool], str | None]
 
 
 @dataclass
@@ -78,14 +91,27 @@ class _TooLarge(Exception):
     pass
 
 
+class _Refuse(Exception):  # a refusal, answered with its status
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class HttpServer:
     def __init__(self, router: Router, *, max_body_bytes: int,
                  middleware: Callable[[Request, Handler], Awaitable[Response]],
-                 idle_timeout_s: float = 60.0, server_name: str = "edge-agent") -> None:
+                 authorize: Authorize = lambda headers, unix: None,
+                 max_connections: int = 64, head_timeout_s: float = 10.0,
+                 body_timeout_s: float = 30.0, idle_timeout_s: float = 60.0,
+                 server_name: str = "edge-agent") -> None:
         self.router = router
         self.max_body_bytes = max_body_bytes
         self.middleware = middleware
+        self.authorize = authorize
+        self.max_connections = max_connections
+        self.head_timeout_s, self.body_timeout_s = head_timeout_s, body_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.refused_connections = 0
         self.server_header = server_name.encode()
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -101,6 +127,11 @@ class HttpServer:
                      unix: bool) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self.max_connections:
+            self.refused_connections += 1
+            await _raw_error(writer, 503, f"too many connections ({self.max_connections})")
+            writer.close()
+            return
         self._connections.add(task)
         try:
             await self._serve(reader, writer, unix)
@@ -130,6 +161,9 @@ class HttpServer:
                 await self._send_error(conn, writer, 413, f"body larger than "
                                        f"{self.max_body_bytes} bytes")
                 return
+            except _Refuse as exc:
+                await self._send_error(conn, writer, exc.status, str(exc))
+                return
             if request is None:
                 return
             response = await self._dispatch(request)
@@ -141,17 +175,34 @@ class HttpServer:
             except h11.LocalProtocolError:
                 return
 
-    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader,
+                    deadline: float | None = None, what: str = "") -> Any:
+        """The next h11 event. Without a deadline, waiting for the first byte of a request
+        is bounded by the idle timeout, and the rest of its head by the head timeout from
+        that first byte; with one, everything by it (408 once it passes)."""
+        loop = asyncio.get_running_loop()
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if deadline is None:
+                limit = self.idle_timeout_s
+            else:
+                limit = deadline - loop.time()
+                if limit <= 0:
+                    raise _Refuse(408, f"{what} not received in time")
             try:
                 # asyncio.timeout, not wait_for: no extra task per read on the hot path.
-                async with asyncio.timeout(self.idle_timeout_s):
+                async with asyncio.timeout(limit):
                     data = await reader.read(READ_BYTES)
-            except (TimeoutError, ConnectionError):
+            except TimeoutError:
+                if deadline is not None:
+                    raise _Refuse(408, f"{what} not received in time") from None
                 return h11.ConnectionClosed()
+            except ConnectionError:
+                return h11.ConnectionClosed()
+            if deadline is None and data:  # the head has begun: it gets head_timeout_s
+                deadline, what = loop.time() + self.head_timeout_s, "request head"
             conn.receive_data(data)
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
@@ -159,13 +210,23 @@ class HttpServer:
         event = await self._next(conn, reader)
         if not isinstance(event, h11.Request):
             return None
+        head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if head_bytes > MAX_HEADER_BYTES:
+            raise _Refuse(431, f"request head of {head_bytes} bytes (at most "
+                          f"{MAX_HEADER_BYTES})")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+        if "content-length" in headers and "transfer-encoding" in headers:
+            raise _Refuse(400, "Content-Length and Transfer-Encoding together")
+        refusal = self.authorize(headers, unix)  # before routing and before the body
+        if refusal is not None:
+            raise _Refuse(401, refusal)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise _TooLarge
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         chunks, size = [], 0
         while True:
-            part = await self._next(conn, reader)
+            part = await self._next(conn, reader, deadline, "request body")
             if isinstance(part, h11.Data):
                 size += len(part.data)
                 if size > self.max_body_bytes:
@@ -185,7 +246,13 @@ class HttpServer:
             what = "no such route" if found == 404 else f"{request.method} not allowed here"
             return json_response({"error": f"{what}: {request.path}"}, found)
         handler, request.params = found
-        return await self.middleware(request, handler)
+        try:
+            return await self.middleware(request, handler)
+        except RecursionError:
+            return json_response({"error": "request nested too deep"}, 400)
+        except Exception as exc:  # a bug must cost one request, not the connection
+            log.exception("http.handler_failed %s %.200s", request.method, request.path)
+            return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 
     async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter,
                     response: Response) -> None:
@@ -204,6 +271,22 @@ class HttpServer:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = json.dumps({"error": message}).encode()
-        with contextlib.suppress(h11.LocalProtocolError):
+        try:
             await self._send(conn, writer, Response(status, body, headers={
                 "connection": "close"}))
+        except h11.LocalProtocolError:  # no complete request head yet: h11 will not answer
+            await _raw_error(writer, status, message)
+
+
+async def _raw_error(writer: asyncio.StreamWriter, status: int, message: str) -> None:
+    """An error response written by hand, for when there is no request to answer."""
+    body = json.dumps({"error": message}).encode()
+    writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\ncontent-type: "
+                 f"application/json\r\nconnection: close\r\ncontent-length: {len(body)}"
+                 "\r\n\r\n".encode() + body)
+    with contextlib.suppress(Exception):
+        await writer.drain()
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too "
+            "Large", 503: "Service Unavailable"}

@@ -1,0 +1,137 @@
+"""The local API's limits against a live daemon: a connection cap, head and body deadlines
+(slowloris), the head size, the token before the body on TCP, no request smuggling, and
+an answer for every malformed request. Raw sockets, as an attacker would use them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixture_agent import AgentProcess, infer_body, write_config
+from fixture_mqtt import free_port
+from polling import wait_until
+
+X86 = "x86_64-generic"
+
+
+@pytest.fixture
+def agent(tmp_path: Path, releases: dict[str, Path]) -> Iterator[Any]:
+    token = tmp_path / "api.token"
+    token.write_text("s3cret-s3cret-s3cret\n")
+    port = free_port()
+    a = AgentProcess(write_config(tmp_path, releases["keys"], profile=X86, api={
+        "max_connections": 6, "head_timeout_s": 1.0, "body_timeout_s": 1.0,
+        "tcp_port": port, "token_file": str(token)})).start()
+    a.port = port  # type: ignore[attr-defined]
+    assert a.install(releases["onnx1"])[0] == 200
+    yield a
+    a.stop()
+
+
+def unix(a: AgentProcess) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(a.socket))
+    return s
+
+
+def answer(s: socket.socket) -> tuple[int, bytes]:
+    """The status and body of the response on `s` (read to the connection's close)."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+        if b"\r\n\r\n" in data:
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n")
+                               if ln.lower().startswith(b"content-length:")), b"0"))
+            if len(body) >= length:
+                return int(head.split()[1]), body[:length]
+    raise AssertionError(f"connection closed without a response: {data[:200]!r}")
+
+
+def test_slowloris_connections_are_cut_off_and_others_are_served(agent: Any) -> None:
+    slow = []
+    for _ in range(4):  # a header line now and then, never the end of the head
+        s = unix(agent)
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n")
+        slow.append(s)
+    t0 = time.monotonic()
+    for s in slow:
+        s.sendall(b"x-slow: 1\r\n")
+    assert agent.call("GET", "/v2/health/live")[0] == 200  # served meanwhile
+    for s in slow:
+        status, body = answer(s)
+        assert status == 408 and b"head" in body
+    assert time.monotonic() - t0 < 5  # cut at head_timeout_s (1 s), not kept for ever
+
+
+def test_a_connection_past_the_cap_gets_503_and_the_held_ones_still_work(agent: Any) -> None:
+    held = [unix(agent) for _ in range(6)]
+    extra = unix(agent)
+    status, body = answer(extra)
+    assert status == 503 and b"too many connections" in body
+    held[0].sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert answer(held[0])[0] == 200
+    for s in held:
+        s.close()
+    wait_until(lambda: agent.call("GET", "/v2/health/live")[0] == 200,
+               what="the cap freed again")
+
+
+def test_content_length_with_transfer_encoding_is_refused(agent: Any) -> None:
+    s = unix(agent)
+    s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n"
+              b"transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/admin/status HTTP/1.1\r\n"
+              b"host: x\r\n\r\n")
+    status, body = answer(s)
+    assert status == 400 and b"Transfer-Encoding" in body
+
+
+def test_a_head_over_the_limit_is_431(agent: Any) -> None:
+    s = unix(agent)
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20_000
+              + b"\r\n\r\n")
+    assert answer(s)[0] == 431
+
+
+def test_on_tcp_the_token_is_checked_before_the_body_and_the_route(agent: Any) -> None:
+    for request in (
+            # a 10 MB body announced and never sent: refused from the head alone
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: "
+            b"10000000\r\n\r\n",
+            b"GET /no/such/route HTTP/1.1\r\nhost: x\r\n\r\n",  # 401, not 404
+            b"DELETE /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n"):  # 401, not 405
+        s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+        s.sendall(request)
+        assert answer(s)[0] == 401, request
+    s = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n"
+              b"authorization: Bearer s3cret-s3cret-s3cret\r\n\r\n")
+    assert answer(s)[0] == 200
+
+
+def test_a_body_that_never_arrives_is_408(agent: Any) -> None:
+    s = unix(agent)
+    s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n"
+              b"\r\n{")
+    assert answer(s)[0] == 408
+
+
+def test_long_names_and_deep_bodies_get_an_answer(agent: Any) -> None:
+    status, _ = agent.call("POST", f"/v2/models/{'m' * 3000}/infer", infer_body("input"))
+    assert status == 404
+    deep = "[" * 100_000 + "]" * 100_000
+    for path in ("/v2/models/digits/infer", "/v1/admin/rollback", "/v1/admin/install"):
+        s = unix(agent)
+        body = deep.encode()
+        s.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        status, reply = answer(s)
+        assert 400 <= status < 500, (path, status, reply)
+        assert json.loads(reply)["error"]
+    assert agent.call("GET", "/v2/health/live")[0] == 200
