@@ -74,6 +74,12 @@ def test_memory_budget_counts_resident_models_and_arenas_in_flight() -> None:
     assert isinstance(r, Refusal) and (r.reason, r.status) == ("memory", 503)
 
 
+def test_a_request_that_can_never_fit_is_413_not_503() -> None:
+    busy = Load(queue_depth=0, resident_bytes=90_000, arena_in_flight_bytes=0)
+    r = decide(FakeClock(), FakeSensors(), load=busy, arena=10_001)
+    assert isinstance(r, Refusal) and (r.reason, r.status) == ("too_large", 413)
+
+
 def test_low_system_memory_refuses_before_the_kernel_would_kill() -> None:
     r = decide(FakeClock(), FakeSensors(available_bytes=10_500), arena=1000)
     assert isinstance(r, Refusal) and r.reason == "memory" and "available" in r.detail

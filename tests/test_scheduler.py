@@ -13,7 +13,7 @@ import pytest
 from agent.errors import Refused, UnknownModel
 from agent.serving.admission import Budget, Priority, ThermalLimits
 from agent.serving.runtime import F32, LoadedModel, open_model
-from agent.serving.scheduler import Resident, Scheduler
+from agent.serving.scheduler import Resident, Scheduler, request_bytes
 from agent.testing import FakeClock, FakeSensors
 from agent.trust.bundle import read_manifest
 
@@ -121,8 +121,8 @@ def test_high_priority_jumps_the_queue(onnx) -> None:  # type: ignore[no-untyped
 def test_least_recently_used_model_is_unloaded_to_stay_in_budget(onnx) -> None:  # type: ignore[no-untyped-def]
     model, m = onnx
     clock, size = FakeClock(), 2000
-    # room for two resident models and one request's arena, not for three models
-    s = sched(memory_budget_bytes=2 * size + m.resources.arena_bytes, clock=clock)
+    # room for two resident models and one request (input, outputs, arena), not three models
+    s = sched(memory_budget_bytes=2 * size + request_bytes(m, x()), clock=clock)
     s.load(Resident("a", m, model, size, batchable=True))
     clock.jump(1)
     s.load(Resident("b", m, model, size, batchable=True))
@@ -134,6 +134,22 @@ def test_least_recently_used_model_is_unloaded_to_stay_in_budget(onnx) -> None: 
     with pytest.raises(UnknownModel):
         s.submit("b", x())
     assert s.metrics.counter("edge_agent_model_unloads_total", model="b") == 1
+    s.stop()
+
+
+def test_a_request_is_charged_its_real_bytes_not_a_fixed_arena(onnx) -> None:  # type: ignore[no-untyped-def]
+    """A batch of 10,000 samples holds 2.6 MB of input and 400 KB of outputs: charged
+    as such, it cannot pass a budget a fixed arena would have let it through."""
+    model, m = onnx
+    one = request_bytes(m, x())
+    big = request_bytes(m, x(10_000))
+    assert big - one == 9_999 * (64 + 10) * 4  # rows of input (1x8x8) and output (10)
+    s = sched(memory_budget_bytes=1000 + 100 * one)
+    s.load(Resident("digits", m, model, 1000, batchable=True))
+    with pytest.raises(Refused) as err:
+        s.submit("digits", x(10_000))
+    assert (err.value.reason, err.value.status) == ("too_large", 413)
+    assert s.submit("digits", x(8)).result(5).shape == (8, 10)
     s.stop()
 
 

@@ -67,7 +67,7 @@ class Reading:
 class Request:
     priority: Priority
     deadline: float  # monotonic seconds
-    arena_bytes: int
+    arena_bytes: int  # all it holds: input, outputs and the model's arena
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Admit:
 
 @dataclass(frozen=True)
 class Refusal:
-    reason: str  # stable: queue_full, deadline, memory, thermal
+    reason: str  # stable: queue_full, deadline, memory, thermal, too_large
     status: int  # HTTP: 429 for "try later, you are too many", 503 for "cannot now"
     detail: str
 
@@ -122,6 +122,15 @@ def admit(req: Request, *, load: Load, budget: Budget, reading: Reading, thermal
     if load.queue_depth >= queue_max:
         return Refusal("queue_full", 429, f"queue holds {load.queue_depth} of {queue_max}"
                        + (" (halved while throttled)" if thermal else ""))
+    return _memory(req, load, budget, reading) or Admit(max_batch)
+
+
+def _memory(req: Request, load: Load, budget: Budget, reading: Reading) -> Refusal | None:
+    if load.resident_bytes + req.arena_bytes > budget.memory_budget_bytes:
+        return Refusal("too_large", 413, f"the request needs {req.arena_bytes} bytes (input, "
+                       f"outputs and arena); with {load.resident_bytes} bytes of resident "
+                       f"models it can never fit the budget of {budget.memory_budget_bytes}; "
+                       "send fewer samples at a time")
     needed = load.resident_bytes + load.arena_in_flight_bytes + req.arena_bytes
     if needed > budget.memory_budget_bytes:
         return Refusal("memory", 503, f"{needed} bytes needed, budget "
@@ -129,4 +138,4 @@ def admit(req: Request, *, load: Load, budget: Budget, reading: Reading, thermal
     if reading.available_bytes - req.arena_bytes < budget.min_available_bytes:
         return Refusal("memory", 503, f"system has {reading.available_bytes} bytes "
                        f"available, keeping {budget.min_available_bytes} free")
-    return Admit(max_batch)
+    return None

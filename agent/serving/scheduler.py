@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -135,6 +136,15 @@ class _Queue:
     def __init__(self) -> None:
         self.heap: list[_Job] = []
         self.worker: threading.Thread | None = None
+
+
+def request_bytes(manifest: Manifest, x: F32) -> int:
+    """What one request holds while it waits and runs: its input as queued, its outputs
+    (float32, `len(x)` rows of every output's static shape) and the model's arena."""
+    rows = int(x.shape[0]) if x.ndim else 1
+    out = sum(rows * math.prod(d for d in t.shape[1:] if d is not None) * 4
+              for t in manifest.outputs)
+    return int(x.nbytes) + out + manifest.resources.arena_bytes
 
 
 class Scheduler:
@@ -267,7 +277,7 @@ class Scheduler:
             if entry is None:
                 raise UnknownModel(name)
             q = self._queues[name]
-            arena = entry.manifest.resources.arena_bytes
+            arena = request_bytes(entry.manifest, x)
             req = Request(priority=priority, deadline=now + timeout_s, arena_bytes=arena)
             load = Load(queue_depth=sum(len(qq.heap) for qq in self._queues.values()),
                         resident_bytes=sum(m.resident_bytes for m in self._models.values()),
