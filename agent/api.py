@@ -4,8 +4,10 @@ extension), TensorFlow Serving's `:predict`, `/metrics`, and admin routes.
 Served by `agent.serving.http` (asyncio + h11) on a Unix socket (mode from config, the agent's
 group) and, when configured, a TCP port. On TCP every route needs
 `Authorization: Bearer <token>` (compared in constant time), the token read from a file
-only the agent's group can read; the admin routes (install, rollback, status) exist only on
-the Unix socket. Errors use the protocol's body `{"error": "..."}`; refusals add
+only the agent's user can read. Two roles: the inference socket (mode `socket_mode`, the
+agent's group) and TCP serve inference, health and metrics; the admin routes (install,
+rollback, status) answer only on the admin socket (`admin_socket`, mode 0600 by default:
+the agent's user, and root). Errors use the protocol's body `{"error": "..."}`; refusals add
 `"reason"` (queue_full, deadline, memory, thermal) with HTTP 429 or 503. Bodies above
 `max_body_bytes` get 413 before they are read.
 """
@@ -83,16 +85,12 @@ class Api:
             return "a bearer token is required on TCP"
         return None
 
-    def _tcp_refusal(self, request: Request) -> Response | None:
-        if request.path.startswith("/v1/admin/"):
-            return _error(404, "admin routes are served on the Unix socket only")
-        return None
-
     async def guard(self, request: Request, handler: Handler) -> Response:
-        """Bearer token on TCP; admin only on the socket; every error a protocol body."""
-        refusal = None if request.unix else self._tcp_refusal(request)
-        if refusal is not None:
-            return refusal
+        """Admin routes on the admin socket only (inference clients, on the inference socket
+        or TCP, get inference, health and metrics); every error a protocol body."""
+        if request.path.startswith("/v1/admin/") and not request.admin:
+            return _error(403 if request.unix else 404, "admin routes are served on the "
+                          f"admin socket ({self.agent.config.api.admin_socket}) only")
         try:
             return await handler(request)
         except ApiError as exc:

@@ -64,7 +64,7 @@ def _install(config: AgentConfig, bundle: Path) -> int:
     try:
         lock = lock_state(config.paths.state_dir)
     except StateLocked:  # the daemon runs: install through it, while it keeps serving
-        status, body = unix_call(config.api.socket, "POST", "/v1/admin/install",
+        status, body = unix_call(config.api.admin_socket, "POST", "/v1/admin/install",
                                  {"path": str(bundle.resolve())})
         print(json.dumps(body, indent=2))
         return 0 if status == 200 else 3
@@ -139,7 +139,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
         sys.stdout.write(render_unit(unit_cfg, config_path=ns.config,
                                      exec_start=shutil.which("edge-agent") or DEFAULT_EXEC))
     elif ns.command == "status":
-        status, body = unix_call(load_config(ns.config).api.socket, "GET", "/v1/admin/status")
+        status, body = unix_call(load_config(ns.config).api.admin_socket, "GET",
+                                 "/v1/admin/status")
         print(json.dumps(body, indent=2))
         return 0 if status == 200 else 2
     return 0

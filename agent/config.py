@@ -46,6 +46,9 @@ class PathsSection(_Section):
 class ApiSection(_Section):
     socket: Path = Path("/run/edge-agent/api.sock")
     socket_mode: int = Field(default=0o660, ge=0, le=0o777)
+    # Install, rollback and status: a role of its own (the agent's user, and root).
+    admin_socket: Path = Path("/run/edge-agent/admin.sock")
+    admin_socket_mode: int = Field(default=0o600, ge=0, le=0o777)
     # TCP stays off unless a port is set; it always requires the bearer token.
     tcp_host: str = "127.0.0.1"
     tcp_port: int | None = Field(default=None, ge=1, le=65535)

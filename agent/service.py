@@ -68,7 +68,17 @@ async def serve(agent: Agent, notifier: Notifier) -> None:
         cfg.socket.unlink()
     servers = [await http.start_unix(str(cfg.socket))]
     cfg.socket.chmod(cfg.socket_mode)
-    where = [str(cfg.socket)]
+    cfg.admin_socket.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        cfg.admin_socket.unlink()
+    # Made with the mode already set: never a moment when others could connect.
+    old = os.umask(0o777 & ~cfg.admin_socket_mode)
+    try:
+        servers.append(await http.start_unix(str(cfg.admin_socket), admin=True))
+    finally:
+        os.umask(old)
+    cfg.admin_socket.chmod(cfg.admin_socket_mode)
+    where = [str(cfg.socket), f"{cfg.admin_socket} (admin)"]
     if cfg.tcp_port is not None:
         servers.append(await http.start_tcp(cfg.tcp_host, cfg.tcp_port))
         where.append(f"{cfg.tcp_host}:{cfg.tcp_port}")

@@ -48,7 +48,7 @@ def write_config(where: Path, keys: Path, *, profile: str, **sections: dict[str,
     cfg = {
         "device": {"id": "dev-1", "fleet": "acme", "groups": ["lab"], "profile": profile},
         "paths": {"state_dir": str(where / "state"), "root_file": str(keys / "root.json")},
-        "api": {"socket": str(where / "api.sock")},
+        "api": {"socket": str(where / "api.sock"), "admin_socket": str(where / "admin.sock")},
         "thermal": {"sensor": str(where / "temp"), "poll_s": 0.05},
     }
     for name, values in sections.items():
@@ -86,6 +86,7 @@ class AgentProcess:
         self.config = config
         self.dir = config.parent
         self.socket = self.dir / "api.sock"
+        self.admin_socket = self.dir / "admin.sock"
         self.log_path = self.dir / "agent.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -118,7 +119,9 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")
 
     def call(self, method: str, url: str, body: Any = None) -> tuple[int, Any]:
-        return unix_call(self.socket, method, url, body)
+        """A request on the inference socket, or the admin socket for `/v1/admin/`."""
+        sock = self.admin_socket if url.startswith("/v1/admin/") else self.socket
+        return unix_call(sock, method, url, body)
 
     def connection(self) -> UnixHTTPConnection:
         return UnixHTTPConnection(self.socket, timeout=30)

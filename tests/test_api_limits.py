@@ -33,10 +33,10 @@ def agent(tmp_path: Path, releases: dict[str, Path]) -> Iterator[Any]:
     a.stop()
 
 
-def unix(a: AgentProcess) -> socket.socket:
+def unix(a: AgentProcess, *, admin: bool = False) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
-    s.connect(str(a.socket))
+    s.connect(str(a.admin_socket if admin else a.socket))
     return s
 
 
@@ -127,7 +127,7 @@ def test_long_names_and_deep_bodies_get_an_answer(agent: Any) -> None:
     assert status == 404
     deep = "[" * 100_000 + "]" * 100_000
     for path in ("/v2/models/digits/infer", "/v1/admin/rollback", "/v1/admin/install"):
-        s = unix(agent)
+        s = unix(agent, admin=path.startswith("/v1/admin/"))
         body = deep.encode()
         s.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                   f"content-length: {len(body)}\r\n\r\n".encode() + body)
@@ -135,3 +135,17 @@ def test_long_names_and_deep_bodies_get_an_answer(agent: Any) -> None:
         assert 400 <= status < 500, (path, status, reply)
         assert json.loads(reply)["error"]
     assert agent.call("GET", "/v2/health/live")[0] == 200
+
+
+def test_admin_routes_answer_on_the_admin_socket_only(agent: Any) -> None:
+    """Two roles: inference clients (the socket's group) cannot install or roll back."""
+    import stat
+
+    for method, path in (("GET", "/v1/admin/status"), ("POST", "/v1/admin/rollback")):
+        s = unix(agent)
+        s.sendall(f"{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{{}}"
+                  .encode())
+        status, body = answer(s)
+        assert status == 403 and b"admin socket" in body, (path, status)
+    assert agent.call("GET", "/v1/admin/status")[0] == 200  # the fixture uses the admin one
+    assert stat.S_IMODE(agent.admin_socket.stat().st_mode) == 0o600

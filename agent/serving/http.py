@@ -46,8 +46,9 @@ class Request:
     path: str
     headers: dict[str, str]  # names lower-cased
     body: bytes
-    unix: bool  # arrived on the Unix socket (not TCP)
+    unix: bool  # arrived on a Unix socket (not TCP)
     params: dict[str, str] = field(default_factory=dict)
+    admin: bool = False  # arrived on the admin socket
 
 
 @dataclass
@@ -115,16 +116,16 @@ class HttpServer:
         self.server_header = server_name.encode()
         self._connections: set[asyncio.Task[None]] = set()
 
-    async def start_unix(self, path: str) -> asyncio.AbstractServer:
+    async def start_unix(self, path: str, *, admin: bool = False) -> asyncio.AbstractServer:
         return await asyncio.start_unix_server(
-            lambda r, w: self._track(r, w, unix=True), path=path)
+            lambda r, w: self._track(r, w, unix=True, admin=admin), path=path)
 
     async def start_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
         return await asyncio.start_server(lambda r, w: self._track(r, w, unix=False),
                                           host=host, port=port)
 
     async def _track(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                     unix: bool) -> None:
+                     unix: bool, admin: bool = False) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._connections) >= self.max_connections:
@@ -134,7 +135,7 @@ class HttpServer:
             return
         self._connections.add(task)
         try:
-            await self._serve(reader, writer, unix)
+            await self._serve(reader, writer, unix, admin)
         finally:
             self._connections.discard(task)
             writer.close()
@@ -149,7 +150,7 @@ class HttpServer:
             task.cancel()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     unix: bool) -> None:
+                     unix: bool, admin: bool = False) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         while True:
             try:
@@ -166,6 +167,7 @@ class HttpServer:
                 return
             if request is None:
                 return
+            request.admin = admin
             response = await self._dispatch(request)
             await self._send(conn, writer, response)
             if conn.our_state is h11.MUST_CLOSE:
