@@ -153,6 +153,7 @@ class Demo:
             device_key = "{d / (name + '.key')}"
             [api]
             socket = "{d / 'api.sock'}"
+            admin_socket = "{d / 'admin.sock'}"
             [mqtt]
             brokers = ["{broker}"]
             ca_file = "{self.pki / 'ca.crt'}"
