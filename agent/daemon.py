@@ -27,7 +27,7 @@ import psutil
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.durable import write_atomic
+from agent.durable import check_private, write_atomic
 from agent.errors import AgentError, BundleError, ConfigError
 from agent.profiles import FirmwareProfile, load_profile
 from agent.serving.admission import Budget, Thermal, ThermalLimits
@@ -61,6 +61,12 @@ class Agent:
         self.root_path = state / "root.json"
         self.root: Root = self._load_root()
         self.store = ModelStore(state)
+        if config.paths.device_key is not None:
+            try:
+                check_private(config.paths.device_key, "the device key")
+            except OSError as exc:
+                raise ConfigError(f"cannot read the device key {config.paths.device_key}: "
+                                  f"{exc.strerror}") from exc
         self.device_key = (load_device_key(config.paths.device_key)
                            if config.paths.device_key else None)
         self._signer = (load_report_signer(config.paths.device_key)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agent.errors import ConfigError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -15,6 +17,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_private(path: Path, what: str) -> None:
+    """A secret file must be readable by its owner only (as ssh insists for its keys).
+
+    Raises:
+        ConfigError: group or others may read or write it.
+    """
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{what} {path} has mode {mode:o}: others could read it; "
+                          f"chmod 600 {path} (owned by the agent's user)")
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:

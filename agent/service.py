@@ -24,6 +24,7 @@ from typing import IO
 from agent.api import Api
 from agent.config import AgentConfig
 from agent.daemon import Agent
+from agent.durable import check_private
 from agent.errors import AgentError, StateLocked
 from agent.sdnotify import Notifier
 
@@ -50,6 +51,7 @@ def lock_state(state_dir: Path) -> IO[bytes]:
 
 def read_token(path: Path) -> str:
     try:
+        check_private(path, "the API token file")
         token = path.read_text().strip()
     except OSError as exc:
         raise AgentError(f"TCP is configured but the token file {path} is unreadable: "

@@ -83,10 +83,31 @@ def test_tflite_bundle_served_over_kserve_v2_and_tf_serving(
     assert "edge_agent_request_duration_seconds_bucket" in metrics
 
 
+def test_a_device_key_readable_by_others_is_refused_at_start(
+        agent_factory: Any, tmp_path: Path) -> None:
+    from agent.trust.identity import generate_device_key
+
+    key, _ = generate_device_key("dev-1", tmp_path / "keys")
+    key.chmod(0o640)
+    agent = agent_factory(X86, start=False, paths={"device_key": str(key)})
+    with pytest.raises(AssertionError, match=r"device key .* mode 640.*chmod 600"):
+        agent.start()
+    key.chmod(0o600)
+    agent.start()
+
+
 def test_onnx_over_tcp_needs_the_bearer_token_and_serves_a_standard_client(
         agent_factory: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret-token-0123456789\n")
+    token.chmod(0o644)  # readable by others: the agent refuses it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    refused = agent_factory(X86, start=False, api={"tcp_port": port, "token_file": str(token)})
+    with pytest.raises(AssertionError, match="chmod 600"):
+        refused.start()
+    token.chmod(0o600)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -23,6 +23,7 @@ X86 = "x86_64-generic"
 def agent(tmp_path: Path, releases: dict[str, Path]) -> Iterator[Any]:
     token = tmp_path / "api.token"
     token.write_text("s3cret-s3cret-s3cret\n")
+    token.chmod(0o600)
     port = free_port()
     a = AgentProcess(write_config(tmp_path, releases["keys"], profile=X86, api={
         "max_connections": 6, "head_timeout_s": 1.0, "body_timeout_s": 1.0,
