@@ -34,8 +34,9 @@ from agent.serving.oip import (
     predict_response,
 )
 from agent.serving.scheduler import Resident
+from agent.trust.signatures import NAME_PATTERN
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MODEL_NAME = re.compile(NAME_PATTERN)
 
 
 def _error(status: int, message: str, **extra: Any) -> Response:

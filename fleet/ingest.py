@@ -30,13 +30,13 @@ from pydantic import BaseModel, ValidationError
 from agent.errors import ReportError
 from agent.link.wire import PREFIX, CommandResult, Event, StatePayload, Telemetry
 from agent.trust.identity import open_report
-from agent.trust.signatures import PublicKey
+from agent.trust.signatures import NAME_PATTERN, PublicKey
 
 log = logging.getLogger("edge_fleet.ingest")
 Kind = Literal["state", "telemetry", "event", "cmd/result"]
 MODELS: dict[str, type[BaseModel]] = {"state": StatePayload, "telemetry": Telemetry,
                                       "event": Event, "cmd/result": CommandResult}
-DEVICE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEVICE_ID = re.compile(NAME_PATTERN)
 #: A device not registered when asked is asked again after this long.
 MISS_TTL_S = 5.0
 

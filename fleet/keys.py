@@ -25,12 +25,12 @@ import nacl.pwhash
 import nacl.secret
 import nacl.signing
 import nacl.utils
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.durable import write_atomic
 from agent.errors import RejectedError
 from agent.trust.root import ROLES, RoleKeys, RoleName, Root, load_pinned_root, update_root
-from agent.trust.signatures import PublicKey, Signature, canonical
+from agent.trust.signatures import Name, PublicKey, Signature, canonical
 from fleet.errors import FleetError
 
 KDF = nacl.pwhash.argon2id
@@ -50,7 +50,7 @@ class KeyFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     keytype: str = "ed25519"
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: Name
     role: RoleName
     keyid: str
     public: str

@@ -18,11 +18,12 @@ import re
 import subprocess
 from pathlib import Path
 
+from agent.trust.signatures import NAME_PATTERN
 from fleet.errors import FleetError
 
 #: Names the ACL gives fleet-wide rights; no device may be called so.
 CONTROLLER, MONITOR = "fleet-controller", "fleet-monitor"
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME = re.compile(NAME_PATTERN)
 
 
 def _openssl(*args: str) -> None:

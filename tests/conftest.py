@@ -61,6 +61,23 @@ def releases(onnx_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 @pytest.fixture
+def group(tmp_path: Path, broker: Any, releases: dict[str, Path]) -> Iterator[Any]:
+    """Three real agents of group "lab" (dev-1..3) serving v1 on `broker`, and an artifact
+    server for the releases: (broker, agents, url)."""
+    from fixture_agent import start_group
+
+    from fleet.artifacts import serve_in_thread
+
+    agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2", "dev-3"],
+                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.25)
+    server, url = serve_in_thread(releases["onnx1"].parent)
+    yield broker, agents, url
+    server.shutdown()
+    for a in agents:
+        a.stop()
+
+
+@pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Any]:
     """A real mosquitto on a free loopback port, stopped after the test."""
     from fixture_mqtt import Broker

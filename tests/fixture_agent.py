@@ -166,6 +166,16 @@ def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
     return agents
 
 
+def command_controller(db: Any, broker: Any, keys: Path, **kw: Any) -> Any:
+    """A rollout controller for fleet "acme" with the command keys of the key dir `keys`;
+    `broker` a URL or `BrokerAuth`."""
+    from fleet.keys import KeyDir
+    from fleet.rollout import Controller
+
+    kd = KeyDir(keys)
+    return Controller(db, broker, "acme", kd.keys_of(kd.root(), "command", None), **kw)
+
+
 def register(db: Any, *dirs: Path) -> int:
     """Register every device key (`DEVICE.pub`) in `dirs` with a fleet database, as
     `edge-fleet devices import` does; returns how many."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from fixture_agent import AgentProcess, start_group
+from fixture_agent import AgentProcess, command_controller
 from fixture_mqtt import Broker, Subscriber
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +25,6 @@ from agent.link.wire import CommandResult, Event, StatePayload
 from agent.trust.identity import ReportSigner, load_report_signer
 from agent.trust.signatures import canonical
 from fleet.artifacts import serve_in_thread as serve
-from fleet.keys import KeyDir
 from fleet.policy import Criteria
 from fleet.rollout import Controller, Rollouts
 from fleet.simulate import SimSettings, SimulatedFleet
@@ -34,20 +33,8 @@ from fleet.state import FleetDB, FleetWatcher
 DEVICES = ["dev-1", "dev-2", "dev-3"]
 
 
-@pytest.fixture
-def group(tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
-    agents = start_group(tmp_path, releases["keys"], broker.url, DEVICES,
-                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.25)
-    server, url = serve(releases["onnx1"].parent)
-    yield agents, url
-    server.shutdown()
-    for a in agents:
-        a.stop()
-
-
 def controller(db: FleetDB, broker: Broker, releases: dict[str, Path]) -> Controller:
-    kd = KeyDir(releases["keys"])
-    return Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
+    return command_controller(db, broker.url, releases["keys"])
 
 
 class Rogue:
@@ -91,7 +78,7 @@ def plain(payload: Any) -> bytes:
 
 def test_a_keyless_client_cannot_complete_a_release_every_device_refused(
         group: Any, broker: Broker, releases: dict[str, Path], tmp_path: Path) -> None:
-    agents, url = group
+    _broker, agents, url = group
     stranger = ReportSigner.generate("dev-1")  # a key, but not the registered one
 
     def forge(cid: str) -> list[tuple[str, bytes]]:
@@ -124,7 +111,7 @@ def test_a_keyless_client_cannot_complete_a_release_every_device_refused(
 
 def test_a_keyless_client_cannot_halt_a_good_release(
         group: Any, broker: Broker, releases: dict[str, Path], tmp_path: Path) -> None:
-    _agents, url = group
+    _broker, _agents, url = group
     seq = iter(range(1, 10_000))
 
     def forge(cid: str) -> list[tuple[str, bytes]]:

@@ -8,18 +8,15 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fixture_agent import AgentProcess, start_group
+from fixture_agent import AgentProcess, command_controller
 from fixture_mqtt import Broker, Subscriber, report
 from polling import wait_until
 
-from fleet.artifacts import serve_in_thread as serve
 from fleet.errors import FleetError
-from fleet.keys import KeyDir
 from fleet.policy import (
     FINAL,
     STATUS_TRANSITIONS,
@@ -100,20 +97,8 @@ def test_pause_resume_and_a_halted_rollout_that_cannot_be_resumed(
         rollouts.set(rid, status="running")  # status is written by move only
 
 
-@pytest.fixture
-def group(tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> Iterator[Any]:
-    agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2", "dev-3"],
-                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.25)
-    server, url = serve(releases["onnx1"].parent)
-    yield broker, agents, url
-    server.shutdown()
-    for a in agents:
-        a.stop()
-
-
 def controller(db: FleetDB, broker: Broker, releases: dict[str, Path]) -> Controller:
-    kd = KeyDir(releases["keys"])
-    return Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
+    return command_controller(db, broker.url, releases["keys"])
 
 
 def signing(broker: Broker, releases: dict[str, Path]) -> list[object]:

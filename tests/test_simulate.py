@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixture_agent import start_group
+from fixture_agent import command_controller, start_group
 from fixture_mqtt import Broker, Subscriber
 from polling import wait_until
 
 from fleet.artifacts import serve_in_thread as serve
 from fleet.errors import FleetError
-from fleet.keys import KeyDir
 from fleet.policy import Criteria
 from fleet.rollout import Controller, Rollouts
 from fleet.simulate import SimSettings, SimulatedFleet, fault_plan
@@ -59,8 +58,7 @@ def rollout(db: FleetDB, broker: Broker, releases: dict[str, Path], url: str,
             devices: list[str], fractions: list[float], health_window_s: float,
             archive: str = "onnx2", criteria: Criteria | None = None,
             wave_timeout_s: float = 60) -> tuple[Controller, str]:
-    kd = KeyDir(releases["keys"])
-    c = Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
+    c = command_controller(db, broker.url, releases["keys"])
     a = releases[archive]
     rid = Rollouts(db).create(archive=a, urls=[f"{url}/{a.name}"], group="lab",
                               devices=devices, fractions=fractions,

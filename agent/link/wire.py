@@ -24,7 +24,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from agent.trust.command import COMMAND_ADAPTER, Name
+from agent.trust.command import COMMAND_ADAPTER
+from agent.trust.signatures import Name
 
 PREFIX = "edge/v1"
 Severity = Literal["info", "warning", "error", "critical"]

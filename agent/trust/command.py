@@ -37,10 +37,14 @@ from pydantic import (
 
 from agent.errors import CommandError
 from agent.trust.root import Root, check_root_fresh
-from agent.trust.signatures import parse_envelope, validation_message, verify_threshold
+from agent.trust.signatures import (
+    Name,
+    parse_envelope,
+    validation_message,
+    verify_threshold,
+)
 
 MAX_COMMAND_BYTES = 64 * 1024
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Url = Annotated[str, Field(pattern=r"^(https?|file)://\S+$", max_length=2048)]
 SettingValue = str | int | float | bool

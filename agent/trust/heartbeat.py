@@ -18,7 +18,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from agent.errors import CommandError
 from agent.trust.root import Root
-from agent.trust.signatures import parse_envelope, validation_message, verify_threshold
+from agent.trust.signatures import Name, parse_envelope, validation_message, verify_threshold
 
 MAX_HEARTBEAT_BYTES = 16 * 1024
 
@@ -28,7 +28,7 @@ class Heartbeat(BaseModel):
 
     schema_version: Literal[1] = Field(default=1, alias="schema")
     type: Literal["heartbeat"] = "heartbeat"
-    fleet: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    fleet: Name
     counter: int = Field(ge=1)
     issued_at: AwareDatetime
     expires: AwareDatetime

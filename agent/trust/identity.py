@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agent.durable import write_atomic
 from agent.errors import ConfigError, ReportError, SignatureError
 from agent.trust.signatures import (
+    Hex64,
+    Name,
     PublicKey,
     Role,
     canonical,
@@ -36,7 +39,6 @@ from agent.trust.signatures import (
     verify_threshold,
 )
 
-ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 #: A report larger than this is refused before it is parsed.
 MAX_REPORT_BYTES = 128 * 1024
 
@@ -45,10 +47,10 @@ class DeviceKeyFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     keytype: str = Field(pattern="^x25519$")
-    device: str = Field(pattern=ID_PATTERN)
-    private: str = Field(pattern=r"^[0-9a-f]{64}$")
+    device: Name
+    private: Hex64
     # Absent in key files made before devices signed their reports.
-    report_seed: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    report_seed: Hex64 | None = None
 
 
 class DevicePublicFile(BaseModel):
@@ -57,9 +59,9 @@ class DevicePublicFile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     keytype: str = Field(pattern="^x25519$")
-    device: str = Field(pattern=ID_PATTERN)
-    public: str = Field(pattern=r"^[0-9a-f]{64}$")
-    report_public: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    device: Name
+    public: Hex64
+    report_public: Hex64 | None = None
 
     @property
     def report_key(self) -> PublicKey | None:
@@ -110,14 +112,9 @@ class ReportSigner:
         return _keyid_of(bytes(self.key.verify_key).hex())
 
 
-_KEYIDS: dict[str, str] = {}
-
-
+@lru_cache(maxsize=4096)
 def _keyid_of(public_hex: str) -> str:
-    kid = _KEYIDS.get(public_hex)
-    if kid is None:
-        kid = _KEYIDS[public_hex] = key_id(PublicKey(public=public_hex))
-    return kid
+    return key_id(PublicKey(public=public_hex))
 
 
 def load_report_signer(path: Path) -> ReportSigner:

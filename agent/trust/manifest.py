@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from agent.errors import BundleError
-from agent.trust.signatures import canonical, strict_json, validation_message
+from agent.trust.signatures import Name, canonical, strict_json, validation_message
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURES_FILE = "signatures.json"
@@ -141,7 +141,7 @@ class Sealed(_Wire):
 
     scheme: Literal["nacl-secretbox+sealedbox"] = "nacl-secretbox+sealedbox"
     # device id -> sealed 32-byte key (48 bytes of SealedBox overhead): 80 bytes, hex.
-    recipients: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")],
+    recipients: dict[Name,
                      Annotated[str, Field(pattern=r"^[0-9a-f]{160}$")]] = Field(min_length=1)
 
 

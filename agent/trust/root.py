@@ -22,6 +22,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from agent.errors import RootError
 from agent.trust.signatures import (
     KeyId,
+    Name,
     PublicKey,
     Role,
     Signature,
@@ -57,7 +58,7 @@ class Root(BaseModel):
 
     schema_version: Literal[1] = Field(default=1, alias="schema")
     type: Literal["root"] = "root"
-    fleet: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    fleet: Name
     version: int = Field(ge=1)
     expires: AwareDatetime
     keys: dict[KeyId, PublicKey]

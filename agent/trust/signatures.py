@@ -31,7 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import RejectedError, SignatureError
 
-KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+#: Names on the wire: device ids, fleets, groups, models, key names.
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+KeyId = Hex64
 # Lower-case only: "A" and "a" decode to the same byte, and two spellings of one signature
 # would let a flipped byte pass unnoticed.
 SigHex = Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]
