@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import ConfigError
-from agent.link.mqtt import Broker
+from agent.link.mqtt import Broker, TlsFiles, authenticate
 from fleet.errors import FleetError
 
 #: The environment variable names of each connection option (flags win).
@@ -103,19 +103,15 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
         b = Broker.parse(auth.url)
     except ConfigError as exc:
         raise FleetError(str(exc)) from exc
-    where = f"{auth.url}"
+    where = auth.url
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv5)
-    if auth.username:
-        client.username_pw_set(auth.username, auth.password)
-    if b.tls:
-        try:
-            client.tls_set(ca_certs=str(auth.ca_file) if auth.ca_file else None,
-                           certfile=str(auth.cert_file) if auth.cert_file else None,
-                           keyfile=str(auth.key_file) if auth.key_file else None,
-                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            raise FleetError(f"{where}: TLS files unusable: {exc}") from exc
+    try:
+        authenticate(client, b, TlsFiles(ca_file=auth.ca_file, cert_file=auth.cert_file,
+                                         key_file=auth.key_file),
+                     auth.username, auth.password)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise FleetError(f"{where}: TLS files unusable: {exc}") from exc
     subscribed, answered = threading.Event(), threading.Event()
     outcome: list[str] = []
 

@@ -75,6 +75,24 @@ def backoff_delay(attempt: int, b: Backoff, rng: random.Random) -> float:
     return base * (1 - b.jitter * rng.random())
 
 
+def authenticate(client: paho.Client, broker: Broker, tls: TlsFiles | None,
+                 username: str | None, password: str | None) -> None:
+    """Credentials and, for an `mqtts://` broker, TLS verifying the broker's certificate
+    (with the client certificate when given); shared with the fleet tools.
+
+    Raises:
+        OSError, ssl.SSLError, ValueError: the TLS files cannot be used.
+    """
+    if username:
+        client.username_pw_set(username, password)
+    if broker.tls:
+        t = tls or TlsFiles()
+        client.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None,
+                       certfile=str(t.cert_file) if t.cert_file else None,
+                       keyfile=str(t.key_file) if t.key_file else None,
+                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+
+
 MessageHandler = Callable[[str, bytes, Any], None]
 
 
@@ -119,14 +137,7 @@ class MqttLink:
     def _client(self, broker: Broker) -> paho.Client:
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                         protocol=paho.MQTTv5)
-        if self.username:
-            c.username_pw_set(self.username, self.password)
-        if broker.tls:
-            t = self.tls or TlsFiles()
-            c.tls_set(ca_certs=str(t.ca_file) if t.ca_file else None,
-                      certfile=str(t.cert_file) if t.cert_file else None,
-                      keyfile=str(t.key_file) if t.key_file else None,
-                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        authenticate(c, broker, self.tls, self.username, self.password)
         c.will_set(self.state_topic, self.will, qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
