@@ -154,7 +154,8 @@ class Api:
             header_length = int(header) if header is not None else None
         except ValueError as exc:
             raise ApiError(400, "Inference-Header-Content-Length must be an integer") from exc
-        req = parse_infer(request.body, entry.manifest, header_length)
+        req = parse_infer(request.body, entry.manifest, header_length,
+                          lambda shape: self.agent.scheduler.precheck(entry.name, shape))
         y = await self._run(entry.name, req.x, req.priority, req.timeout_ms)
         body, head_len = infer_response(entry.manifest, y, request_id=req.id,
                                         binary=req.binary_output)

@@ -27,7 +27,8 @@ def agent(tmp_path: Path, releases: dict[str, Path]) -> Iterator[Any]:
     port = free_port()
     a = AgentProcess(write_config(tmp_path, releases["keys"], profile=X86, api={
         "max_connections": 6, "head_timeout_s": 1.0, "body_timeout_s": 1.0,
-        "tcp_port": port, "token_file": str(token)})).start()
+        "tcp_port": port, "token_file": str(token)},
+        scheduler={"memory_budget_bytes": 48 << 20})).start()
     a.port = port  # type: ignore[attr-defined]
     assert a.install(releases["onnx1"])[0] == 200
     yield a
@@ -136,6 +137,20 @@ def test_long_names_and_deep_bodies_get_an_answer(agent: Any) -> None:
         assert 400 <= status < 500, (path, status, reply)
         assert json.loads(reply)["error"]
     assert agent.call("GET", "/v2/health/live")[0] == 200
+
+
+def test_a_declared_shape_past_the_budget_is_refused_before_its_data_is_decoded(
+        agent: Any) -> None:
+    """250,000 samples would decode to 64 MB of float32 against a 48 MiB budget: 413 from
+    the declared shape alone. The data is junk, so a decoder that ran first would say 400."""
+    body = {"inputs": [{"name": "input", "shape": [250_000, 1, 8, 8], "datatype": "UINT8",
+                        "data": "junk"}]}
+    status, reply = agent.call("POST", "/v2/models/digits/infer", body)
+    assert (status, reply["reason"]) == (413, "too_large"), reply
+    ok = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "UINT8",
+                      "data": "junk"}]}
+    assert agent.call("POST", "/v2/models/digits/infer", ok)[0] == 400  # then decoded
+    assert agent.call("POST", "/v2/models/digits/infer", infer_body("input"))[0] == 200
 
 
 def test_admin_routes_answer_on_the_admin_socket_only(agent: Any) -> None:

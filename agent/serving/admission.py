@@ -122,10 +122,12 @@ def admit(req: Request, *, load: Load, budget: Budget, reading: Reading, thermal
     if load.queue_depth >= queue_max:
         return Refusal("queue_full", 429, f"queue holds {load.queue_depth} of {queue_max}"
                        + (" (halved while throttled)" if thermal else ""))
-    return _memory(req, load, budget, reading) or Admit(max_batch)
+    return memory_verdict(req, load, budget, reading) or Admit(max_batch)
 
 
-def _memory(req: Request, load: Load, budget: Budget, reading: Reading) -> Refusal | None:
+def memory_verdict(req: Request, load: Load, budget: Budget,
+                   reading: Reading) -> Refusal | None:
+    """The memory part of `admit`: None when the request's bytes fit."""
     if load.resident_bytes + req.arena_bytes > budget.memory_budget_bytes:
         return Refusal("too_large", 413, f"the request needs {req.arena_bytes} bytes (input, "
                        f"outputs and arena); with {load.resident_bytes} bytes of resident "

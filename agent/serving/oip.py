@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +86,10 @@ def _tensor_from_json(spec: TensorSpec, shape: list[int], datatype: str, data: A
     return out
 
 
-def parse_infer(body: bytes, manifest: Manifest, header_length: int | None) -> InferRequest:
+def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
+                reserve: Callable[[list[int]], None] | None = None) -> InferRequest:
     """Parse a v2 infer request (JSON, or JSON + binary tensors after `header_length`).
+    `reserve` sees the declared shape before any tensor is decoded and may refuse it.
 
     Raises:
         ApiError: 400 malformed, wrong name/shape/datatype; 413 too many elements.
@@ -113,6 +116,8 @@ def parse_infer(body: bytes, manifest: Manifest, header_length: int | None) -> I
     params = inp.get("parameters") or {}
     if not isinstance(params, dict):
         raise ApiError(400, "parameters must be an object")
+    if reserve is not None:
+        reserve(shape)
     if "binary_data_size" in params:
         x = _tensor_from_binary(spec, shape, datatype, params["binary_data_size"], binary)
     elif "data" in inp:

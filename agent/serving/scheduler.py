@@ -48,6 +48,7 @@ from agent.serving.admission import (
     ThermalLimits,
     admit,
     limits_for,
+    memory_verdict,
     thermal_state,
 )
 from agent.serving.metrics import Metrics
@@ -141,10 +142,15 @@ class _Queue:
 def request_bytes(manifest: Manifest, x: F32) -> int:
     """What one request holds while it waits and runs: its input as queued, its outputs
     (float32, `len(x)` rows of every output's static shape) and the model's arena."""
-    rows = int(x.shape[0]) if x.ndim else 1
+    return planned_bytes(manifest, list(x.shape) if x.ndim else [1])
+
+
+def planned_bytes(manifest: Manifest, shape: list[int]) -> int:
+    """`request_bytes` of a float32 input of `shape`, known before it is decoded."""
+    rows = shape[0] if shape else 1
     out = sum(rows * math.prod(d for d in t.shape[1:] if d is not None) * 4
               for t in manifest.outputs)
-    return int(x.nbytes) + out + manifest.resources.arena_bytes
+    return math.prod(shape) * 4 + out + manifest.resources.arena_bytes
 
 
 class Scheduler:
@@ -262,6 +268,31 @@ class Scheduler:
                 self.reading, self._read_at = reading, self.clock()
                 self._apply_reading()
 
+    def precheck(self, name: str, shape: list[int]) -> None:
+        """Refuse, before the input is decoded, a request whose declared shape can never fit
+        the memory budget or does not fit now (the decoded float32 batch would be the
+        allocation admission exists to prevent). `submit` decides again on the real array.
+
+        Raises:
+            UnknownModel: no such model resident.
+            Refused: `too_large` (413) or `memory` (503).
+        """
+        with self._cv:
+            entry = self._models.get(name)
+            if entry is None:
+                raise UnknownModel(name)
+            req = Request(priority=Priority.NORMAL, deadline=math.inf,
+                          arena_bytes=planned_bytes(entry.manifest, shape))
+            verdict = memory_verdict(req, self._load(), self.budget, self.reading)
+        if verdict is not None:
+            self.metrics.inc("edge_agent_refusals_total", reason=verdict.reason)
+            raise Refused(verdict.reason, verdict.status, verdict.detail)
+
+    def _load(self) -> Load:
+        return Load(queue_depth=sum(len(qq.heap) for qq in self._queues.values()),
+                    resident_bytes=sum(m.resident_bytes for m in self._models.values()),
+                    arena_in_flight_bytes=self._arena_in_flight)
+
     def submit(self, name: str, x: F32, *, priority: Priority = Priority.NORMAL,
                timeout_s: float = 1.0) -> Future[F32]:
         """Queue a batch of inputs for `name`; the future gets its outputs.
@@ -279,9 +310,7 @@ class Scheduler:
             q = self._queues[name]
             arena = request_bytes(entry.manifest, x)
             req = Request(priority=priority, deadline=now + timeout_s, arena_bytes=arena)
-            load = Load(queue_depth=sum(len(qq.heap) for qq in self._queues.values()),
-                        resident_bytes=sum(m.resident_bytes for m in self._models.values()),
-                        arena_in_flight_bytes=self._arena_in_flight)
+            load = self._load()
             verdict = admit(req, load=load, budget=self.budget, reading=self.reading,
                             thermal=self.thermal, now=now)
             if not isinstance(verdict, Admit):
