@@ -9,14 +9,17 @@ agent's group) and TCP serve inference, health and metrics; the admin routes (in
 rollback, status) answer only on the admin socket (`admin_socket`, mode 0600 by default:
 the agent's user, and root). Errors use the protocol's body `{"error": "..."}`; refusals add
 `"reason"` (queue_full, deadline, memory, thermal) with HTTP 429 or 503. Bodies above
-`max_body_bytes` get 413 before they are read.
+`max_body_bytes` get 413 before they are read. An install uploads the archive itself
+(`max_upload_bytes`, streamed to staging): the daemon never opens a path a client names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,15 @@ from agent import __version__
 from agent.daemon import Agent
 from agent.errors import AgentError, ApiError, Busy, Refused, RejectedError, UnknownModel
 from agent.serving.admission import PRIORITY
-from agent.serving.http import Handler, HttpServer, Request, Response, Router, json_response
+from agent.serving.http import (
+    BodyStream,
+    Handler,
+    HttpServer,
+    Request,
+    Response,
+    Router,
+    json_response,
+)
 from agent.serving.oip import (
     infer_response,
     model_metadata,
@@ -34,9 +45,38 @@ from agent.serving.oip import (
     predict_response,
 )
 from agent.serving.scheduler import Resident
+from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
 from agent.trust.signatures import NAME_PATTERN
 
 MODEL_NAME = re.compile(NAME_PATTERN)
+
+
+UPLOAD_TYPES = frozenset({"application/octet-stream", "application/gzip", "application/zstd",
+                          "application/x-tar"})
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")  # the header; stored lower-case as Hex64
+
+
+async def _receive(stream: BodyStream, target: Path) -> str:
+    """Write an uploaded archive to `target` (0600) as it arrives; its sha256.
+
+    Raises:
+        ApiError: empty, or its first bytes are neither gzip nor zstd (415).
+        HttpError: from the stream (413 past the cap, 408 stalled, 400 cut short).
+    """
+    digest, head = hashlib.sha256(), b""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        async for chunk in stream:
+            if len(head) < 4:
+                head += chunk[:4]
+                if len(head) >= 4 and not head.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
+                    raise ApiError(415, "the body is neither a gzip nor a zstd archive "
+                                   f"(starts {head[:4].hex()})")
+            digest.update(chunk)
+            out.write(chunk)  # page cache: the install verifies and fsyncs what it keeps
+    if len(head) < 4:
+        raise ApiError(400, f"the body holds {stream.size} bytes, not a bundle archive")
+    return digest.hexdigest()
 
 
 def _error(status: int, message: str, **extra: Any) -> Response:
@@ -62,10 +102,11 @@ class Api:
                 ("POST", "/v2/models/{name}/versions/{version}/infer", self.infer),
                 ("POST", "/v1/models/{name}:predict", self.predict),
                 ("GET", "/metrics", self.metrics),
-                ("POST", "/v1/admin/install", self.admin_install),
                 ("POST", "/v1/admin/rollback", self.admin_rollback),
                 ("GET", "/v1/admin/status", self.admin_status)):
             self.router.add(method, path, handler)
+        self.router.add("POST", "/v1/admin/install", self.admin_install,
+                        stream_max_bytes=agent.config.api.max_upload_bytes)
 
     def server(self) -> HttpServer:
         api = self.agent.config.api
@@ -187,18 +228,36 @@ class Api:
         return body
 
     async def admin_install(self, request: Request) -> Response:
-        path = self._json_body(request).get("path")
-        if not isinstance(path, str) or not Path(path).exists():
-            raise ApiError(400, "body needs 'path': an existing bundle archive or directory")
-        loop = asyncio.get_running_loop()
+        """The bundle archive is the body: streamed into staging as it arrives (capped at
+        `api.max_upload_bytes`; its magic checked on the first bytes, its sha256 against
+        `X-Bundle-Sha256` when sent), then verified and installed off the event loop."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in UPLOAD_TYPES:
+            raise ApiError(415, "send the bundle archive itself as the body (Content-Type "
+                           "application/octet-stream); the daemon does not open paths "
+                           "clients name")
+        declared = request.headers.get("x-bundle-sha256")
+        if declared is not None and not HEX64.fullmatch(declared):
+            raise ApiError(400, "X-Bundle-Sha256 must be 64 hex digits")
+        assert request.stream is not None  # a streamed route
+        target = self.agent.store.upload_path()
         try:
-            result = await loop.run_in_executor(None, self.agent.install, Path(path))
+            digest = await _receive(request.stream, target)
+            if declared is not None and digest != declared.lower():
+                return _error(422, "the upload does not match X-Bundle-Sha256 (damaged in "
+                              "transit)", reason="rejected", check="sha256")
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, self.agent.install, target)
+        except ApiError:
+            raise
         except Busy as exc:
             return _error(409, str(exc), reason="busy")
         except RejectedError as exc:
             return _error(422, str(exc), reason="rejected", check=exc.check)
         except AgentError as exc:
             return _error(422, str(exc), reason="failed")
+        finally:
+            target.unlink(missing_ok=True)
         return json_response({"model": result.model, "version": result.version,
                               "previous": result.previous, "selftest": result.selftest})
 

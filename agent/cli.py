@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.client import unix_call
+from agent.client import unix_call, upload
 from agent.config import DEFAULT_PATH, AgentConfig, load_config
 from agent.errors import AgentError, StateLocked
 from agent.profiles import available_profiles, load_profile
@@ -63,9 +63,13 @@ def _install(config: AgentConfig, bundle: Path) -> int:
 
     try:
         lock = lock_state(config.paths.state_dir)
-    except StateLocked:  # the daemon runs: install through it, while it keeps serving
-        status, body = unix_call(config.api.admin_socket, "POST", "/v1/admin/install",
-                                 {"path": str(bundle.resolve())})
+    except StateLocked:  # the daemon runs: upload the archive to it, it keeps serving
+        if not bundle.is_file():
+            print(f"{bundle}: the running daemon takes a bundle archive (.tar.zst or .tar.gz,"
+                  " as edge-fleet pack writes); a directory installs only while it is "
+                  "stopped", file=sys.stderr)
+            return 2
+        status, body = upload(config.api.admin_socket, bundle)
         print(json.dumps(body, indent=2))
         return 0 if status == 200 else 3
     try:  # stopped: install directly, the daemon loads it at its next start

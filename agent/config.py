@@ -54,6 +54,9 @@ class ApiSection(_Section):
     tcp_port: int | None = Field(default=None, ge=1, le=65535)
     token_file: Path = Path("/etc/edge-agent/api.token")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # A bundle archive uploaded to the admin socket (`edge-agent install`), streamed to
+    # staging as it arrives, never held in memory.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     # Connections open at once (Unix socket and TCP together); one more gets 503. Kept
     # under the process's descriptor limit, which the agent raises to the unit's at start.
     max_connections: int = Field(default=64, ge=1, le=10_000)

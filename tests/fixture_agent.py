@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.client import UnixHTTPConnection, call, unix_call
+from agent.client import UnixHTTPConnection, call, unix_call, upload
 from agent.trust.bundle import file_entry
 from agent.trust.identity import generate_device_key
 from agent.trust.manifest import canonical_json
@@ -127,7 +127,7 @@ class AgentProcess:
         return UnixHTTPConnection(self.socket, timeout=30)
 
     def install(self, archive: Path) -> tuple[int, Any]:
-        return self.call("POST", "/v1/admin/install", {"path": str(archive)})
+        return upload(self.admin_socket, archive)
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import re
 import shutil
@@ -440,15 +439,13 @@ def test_edge_agent_install_works_directly_when_stopped_and_through_the_daemon(
 
 def test_admin_install_of_what_is_not_a_bundle_and_rollback_through_the_admin_api(
         agent_factory: Any, releases: dict[str, Path]) -> None:
-    """A FIFO (it would block the install lock) is refused by name and the daemon goes
-    on; `/v1/admin/rollback` serves the previous version, and a second one has nothing to
-    go back to (409). (One install at a time: tests/test_install.py.)"""
+    """A path is no longer taken from clients (415, whatever it names); `/v1/admin/rollback`
+    serves the previous version, and a second one has nothing to go back to (409). (One
+    install at a time: tests/test_install.py; uploads: tests/test_api_limits.py.)"""
     agent = agent_factory(X86)
     installed(agent, releases["onnx1"])
-    fifo = agent.dir / "incoming.tar.zst"
-    os.mkfifo(fifo)
-    status, body = agent.install(fifo)
-    assert (status, body.get("check")) == (422, "source") and "neither" in body["error"], body
+    status, body = agent.call("POST", "/v1/admin/install", {"path": str(releases["onnx2"])})
+    assert status == 415 and "paths" in body["error"], body
     installed(agent, releases["onnx2"])
     status, body = agent.call("POST", "/v1/admin/rollback", {"model": "digits",
                                                             "reason": "operator"})

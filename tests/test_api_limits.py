@@ -153,6 +153,41 @@ def test_a_declared_shape_past_the_budget_is_refused_before_its_data_is_decoded(
     assert agent.call("POST", "/v2/models/digits/infer", infer_body("input"))[0] == 200
 
 
+def _upload_head(size: int, **headers: str) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (f"POST /v1/admin/install HTTP/1.1\r\nhost: x\r\ncontent-type: "
+            f"application/octet-stream\r\ncontent-length: {size}\r\n{extra}\r\n").encode()
+
+
+def test_install_takes_the_archive_bytes_and_checks_them_as_they_arrive(
+        agent: Any, releases: dict[str, Path]) -> None:
+    """The CLI's upload installs (the daemon opens no client path); a body that is not an
+    archive is refused on its first bytes, a wrong sha256 after the last, an upload cut
+    short or stalled leaves nothing in staging, and what is served does not change."""
+    staging = agent.dir / "state" / "store" / "staging"
+    s = unix(agent, admin=True)  # not an archive: refused at the magic, before the rest
+    s.sendall(_upload_head(10_000_000) + b"<html>" + b"x" * 65536)
+    status, reply = answer(s)
+    assert status == 415 and "neither a gzip nor a zstd" in json.loads(reply)["error"]
+    data = releases["onnx2"].read_bytes()
+    s = unix(agent, admin=True)
+    s.sendall(_upload_head(len(data), **{"x-bundle-sha256": "0" * 64}) + data)
+    status, reply = answer(s)
+    assert (status, json.loads(reply)["check"]) == (422, "sha256")
+    s = unix(agent, admin=True)  # half the archive, then the client goes away
+    s.sendall(_upload_head(len(data)) + data[: len(data) // 2])
+    s.shutdown(socket.SHUT_WR)
+    assert answer(s)[0] == 400
+    s = unix(agent, admin=True)  # half the archive, then nothing: the body deadline
+    s.sendall(_upload_head(len(data)) + data[: len(data) // 2])
+    assert answer(s)[0] == 408
+    wait_until(lambda: not any(staging.iterdir()), what="staging emptied")
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
+    status, reply = agent.install(releases["onnx2"])  # the CLI's streamed upload
+    assert (status, reply["version"]) == (200, 2), reply
+    assert not any(staging.iterdir())
+
+
 def test_admin_routes_answer_on_the_admin_socket_only(agent: Any) -> None:
     """Two roles: inference clients (the socket's group) cannot install or roll back."""
     import stat

@@ -15,7 +15,9 @@ Limits, each answered with a status and a closed connection, never a silent drop
   byte is read (401);
 * Content-Length together with Transfer-Encoding is refused (400: request smuggling);
 * the body: `max_body_bytes` (413 from its Content-Length before it is read, or as soon as
-  a chunked body passes it), complete within `body_timeout_s` (408);
+  a chunked body passes it), complete within `body_timeout_s` (408); a streamed route
+  (an upload) has its own cap and hands its body to the handler chunk by chunk, each
+  chunk within `body_timeout_s` of the last;
 * an idle keep-alive connection is closed after `idle_timeout_s`;
 * a handler that raises gets 500 (400 for input nested too deep), and the connection lives.
 """
@@ -27,7 +29,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +51,42 @@ class Request:
     unix: bool  # arrived on a Unix socket (not TCP)
     params: dict[str, str] = field(default_factory=dict)
     admin: bool = False  # arrived on the admin socket
+    # A streamed route's body, not read yet (`body` is then empty); None elsewhere.
+    stream: BodyStream | None = None
+
+
+class BodyStream:
+    """The body of a request to a streamed route, read chunk by chunk as the handler
+    iterates: at most `cap` bytes, each chunk within `timeout_s` of the previous one.
+    Past the cap: 413; a stall: 408; a connection closed early or a malformed chunk: 400
+    (raised from the iteration as `HttpError`, answered by the server)."""
+
+    def __init__(self, server: HttpServer, conn: h11.Connection,
+                 reader: asyncio.StreamReader, cap: int) -> None:
+        self._server, self._conn, self._reader, self.cap = server, conn, reader, cap
+        self.size, self.done = 0, False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while not self.done:
+            deadline = loop.time() + self._server.body_timeout_s
+            try:
+                part = await self._server._next(self._conn, self._reader, deadline,
+                                                "request body")
+            except h11.RemoteProtocolError as exc:
+                raise HttpError(400, f"malformed body: {exc}") from exc
+            if isinstance(part, h11.Data):
+                self.size += len(part.data)
+                if self.size > self.cap:
+                    raise HttpError(413, f"body larger than {self.cap} bytes")
+                yield bytes(part.data)
+            elif isinstance(part, h11.EndOfMessage):
+                self.done = True
+            else:
+                raise HttpError(400, f"connection closed after {self.size} body bytes")
 
 
 @dataclass
@@ -71,10 +109,19 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._streamed: dict[tuple[str, str], int] = {}
 
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
+    def add(self, method: str, pattern: str, handler: Handler, *,
+            stream_max_bytes: int | None = None) -> None:
+        """`stream_max_bytes`: the handler reads the body itself from `Request.stream`,
+        up to that many bytes (a literal path only), instead of receiving it whole."""
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
         self._routes.append((method, re.compile(f"^{regex}$"), handler))
+        if stream_max_bytes is not None:
+            self._streamed[(method, pattern)] = stream_max_bytes
+
+    def streamed(self, method: str, path: str) -> int | None:
+        return self._streamed.get((method, path))
 
     def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
         """The handler and path parameters, or 404 / 405."""
@@ -92,10 +139,15 @@ class _TooLarge(Exception):
     pass
 
 
-class _Refuse(Exception):  # a refusal, answered with its status
+class HttpError(Exception):
+    """A refusal answered with its status (and the connection closed when raised before
+    the request was read whole)."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
 
 
 class HttpServer:
@@ -162,15 +214,18 @@ class HttpServer:
                 await self._send_error(conn, writer, 413, f"body larger than "
                                        f"{self.max_body_bytes} bytes")
                 return
-            except _Refuse as exc:
+            except HttpError as exc:
                 await self._send_error(conn, writer, exc.status, str(exc))
                 return
             if request is None:
                 return
             request.admin = admin
             response = await self._dispatch(request)
+            unread = request.stream is not None and not request.stream.done
+            if unread:  # answered before its body was read: no second request follows
+                response.headers["connection"] = "close"
             await self._send(conn, writer, response)
-            if conn.our_state is h11.MUST_CLOSE:
+            if unread or conn.our_state is h11.MUST_CLOSE:
                 return
             try:
                 conn.start_next_cycle()
@@ -192,14 +247,14 @@ class HttpServer:
             else:
                 limit = deadline - loop.time()
                 if limit <= 0:
-                    raise _Refuse(408, f"{what} not received in time")
+                    raise HttpError(408, f"{what} not received in time")
             try:
                 # asyncio.timeout, not wait_for: no extra task per read on the hot path.
                 async with asyncio.timeout(limit):
                     data = await reader.read(READ_BYTES)
             except TimeoutError:
                 if deadline is not None:
-                    raise _Refuse(408, f"{what} not received in time") from None
+                    raise HttpError(408, f"{what} not received in time") from None
                 return h11.ConnectionClosed()
             except ConnectionError:
                 return h11.ConnectionClosed()
@@ -214,15 +269,24 @@ class HttpServer:
             return None
         head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
         if head_bytes > MAX_HEADER_BYTES:
-            raise _Refuse(431, f"request head of {head_bytes} bytes (at most "
+            raise HttpError(431, f"request head of {head_bytes} bytes (at most "
                           f"{MAX_HEADER_BYTES})")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         if "content-length" in headers and "transfer-encoding" in headers:
-            raise _Refuse(400, "Content-Length and Transfer-Encoding together")
+            raise HttpError(400, "Content-Length and Transfer-Encoding together")
         refusal = self.authorize(headers, unix)  # before routing and before the body
         if refusal is not None:
-            raise _Refuse(401, refusal)
+            raise HttpError(401, refusal)
         length = headers.get("content-length")
+        method, target = event.method.decode("ascii"), event.target.decode("latin-1")
+        path = target.split("?", 1)[0]
+        cap = self.router.streamed(method, path)
+        if cap is not None:
+            if length is not None and length.isdigit() and int(length) > cap:
+                raise HttpError(413, f"body larger than {cap} bytes")
+            request = Request(method, path, headers, b"", unix)
+            request.stream = BodyStream(self, conn, reader, cap)
+            return request
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise _TooLarge
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
@@ -238,9 +302,7 @@ class HttpServer:
                 break
             else:
                 return None
-        target = event.target.decode("latin-1")
-        return Request(event.method.decode("ascii"), target.split("?", 1)[0], headers,
-                       b"".join(chunks), unix)
+        return Request(method, path, headers, b"".join(chunks), unix)
 
     async def _dispatch(self, request: Request) -> Response:
         found = self.router.match(request.method, request.path)
@@ -250,6 +312,8 @@ class HttpServer:
         handler, request.params = found
         try:
             return await self.middleware(request, handler)
+        except HttpError as exc:  # from a streamed body
+            return json_response({"error": str(exc)}, exc.status)
         except RecursionError:
             return json_response({"error": "request nested too deep"}, 400)
         except Exception as exc:  # a bug must cost one request, not the connection

@@ -254,12 +254,20 @@ class ModelStore:
             if d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
 
+    def upload_path(self) -> Path:
+        """A fresh file name in staging for an archive the API receives (removed after its
+        install, or by `recover` at the next start)."""
+        return self.base / "staging" / f"upload-{uuid.uuid4().hex}.bundle"
+
     # -- start ---------------------------------------------------------------------------
     def recover(self) -> list[str]:
         """Finish what a crash interrupted; returns one line per action taken."""
         notes = []
         for tmp in (self.base / "staging").iterdir():
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # an upload the API was receiving
+                tmp.unlink(missing_ok=True)
             notes.append(f"removed unfinished staging {tmp.name}")
         last: dict[str, JournalEntry] = {}
         for e in self.journal():
