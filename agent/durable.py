@@ -1,6 +1,12 @@
 """Durable writes: temp file in the same directory, fsync, `os.replace`, fsync the directory.
 
 After a power cut the path holds either the old bytes or the new ones, never a mix.
+
+Every fsync of the agent goes through `fsync` here, and both SQLite stores (outbox, nonces)
+take their `synchronous` level from `sqlite_synchronous()`. `_UNSAFE_NO_SYNC` turns all of
+them off at once. No config, option or environment variable reaches it: only the power-cut
+harness sets it (tests/powercut_agent.py), to show that its cuts find what a missing
+fsync breaks.
 """
 
 from __future__ import annotations
@@ -10,11 +16,24 @@ from pathlib import Path
 
 from agent.errors import ConfigError
 
+_UNSAFE_NO_SYNC = False
+
+
+def fsync(fd: int) -> None:
+    """`os.fsync`, the one the agent calls."""
+    if not _UNSAFE_NO_SYNC:
+        os.fsync(fd)
+
+
+def sqlite_synchronous() -> str:
+    """The `PRAGMA synchronous` level for the agent's SQLite stores."""
+    return "OFF" if _UNSAFE_NO_SYNC else "FULL"
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
@@ -31,6 +50,15 @@ def check_private(path: Path, what: str) -> None:
                           f"chmod 600 {path} (owned by the agent's user)")
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist) with `data`, on disk before this returns; for a file
+    in a directory that is itself renamed into place afterwards."""
+    with path.open("xb") as fh:
+        fh.write(data)
+        fh.flush()
+        fsync(fh.fileno())
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace `path` with `data` atomically; the file has `mode` from its first byte
     (0o600 for secrets)."""
@@ -39,6 +67,6 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
-        os.fsync(fh.fileno())
+        fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)

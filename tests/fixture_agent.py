@@ -82,8 +82,10 @@ def _toml(v: Any) -> str:
 class AgentProcess:
     """`edge-agent run` as a subprocess, with its stderr kept for assertions."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
         self.config = config
+        self.command = command or [sys.executable, "-m", "agent.cli"]
         self.dir = config.parent
         self.socket = self.dir / "api.sock"
         self.admin_socket = self.dir / "admin.sock"
@@ -93,7 +95,7 @@ class AgentProcess:
 
     def start(self, wait: bool = True) -> AgentProcess:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config",
+            self.proc = subprocess.Popen([*self.command, "run", "--config",
                                           str(self.config)], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, env=self.env)
         if wait:

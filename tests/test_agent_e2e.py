@@ -1,6 +1,6 @@
 """The agent as a real subprocess serving converter-built, signed bundles over its Unix
 socket and TCP, with a real HTTP client: installs, hot swap under load, refusals, thermal
-shedding, power loss during install, systemd notifications, bad input."""
+shedding, crashes (kill -9) during install, systemd notifications, bad input."""
 
 from __future__ import annotations
 
@@ -301,34 +301,53 @@ def test_an_idle_device_knows_its_temperature_and_a_dead_sensor_is_unknown(
     assert "thermal.state" in agent.log
 
 
-def test_kill_9_during_install_restarts_into_a_verified_model(
+def test_a_crash_kill_9_during_install_restarts_into_a_verified_model(
         agent_factory: Any, releases: dict[str, Path]) -> None:
+    """A crash (kill -9: the page cache survives it, so this is not a power cut; those are
+    tests/test_powercut.py). Kill moments are drawn over the install's own measured
+    duration, and the test checks that most landed before the install answered."""
     rng = random.Random(7)
     agent = agent_factory(X86)
     installed(agent, releases["onnx1"])
-    for _ in range(4):
-        t = threading.Thread(target=lambda: _quiet_install(agent, releases["onnx2"]))
+    t = time.perf_counter()
+    installed(agent, releases["onnx2"])
+    window = time.perf_counter() - t
+
+    def reset() -> None:
+        shutil.rmtree(agent.dir / "state")
+        agent.stop()
+        agent.start()
+        installed(agent, releases["onnx1"])
+
+    reset()
+    inside = 0
+    for _ in range(6):
+        answers: list[int] = []
+        t = threading.Thread(target=_quiet_install, args=(agent, releases["onnx2"], answers))
+        start = time.perf_counter()
         t.start()
-        time.sleep(rng.uniform(0.0, 0.4))
+        time.sleep(max(0.0, rng.uniform(0.0, window) - (time.perf_counter() - start)))
         agent.kill9()
         t.join()
+        inside += not answers
         agent.start()
         st = agent.call("GET", "/v1/admin/status")[1]
         version = st["models"]["digits"]["version"]
-        assert version in (1, 2)
+        assert version == 2 if answers == [200] else version in (1, 2)
         out = agent.call("POST", "/v2/models/digits/infer", infer_body(IN_ONNX))[1]
         assert out["model_version"] == str(version)
         assert not list((agent.dir / "state/store/staging").iterdir())
-        if version == 2:  # installed before the kill: go back to 1 for the next round
-            shutil.rmtree(agent.dir / "state")
-            agent.stop()
-            agent.start()
-            installed(agent, releases["onnx1"])
+        if version == 2:  # go back to 1 for the next round
+            reset()
+    assert inside >= 3, f"only {inside} of 6 kills landed inside the install"
 
 
-def _quiet_install(agent: AgentProcess, archive: Path) -> None:
+def _quiet_install(agent: AgentProcess, archive: Path, answers: list[int] | None = None
+                   ) -> None:
     with contextlib.suppress(OSError):  # the agent died mid-request: that is the point
-        agent.install(archive)
+        status = agent.install(archive)[0]
+        if answers is not None:
+            answers.append(status)
 
 
 def test_sd_notify_ready_watchdog_status_and_stopping(

@@ -141,3 +141,22 @@ def test_every_journal_write_of_the_store_goes_through_the_table(tmp_path: Path)
     with pytest.raises(ValueError, match="no transition from failed"):
         store._journal_rolled_back("digits", staged.path.name, "rollback of a failed one")
     assert [e.state for e in store.journal()][-1] == State.FAILED
+
+
+def test_a_cut_between_the_commit_journal_line_and_the_floor_is_finished_at_start(
+        tmp_path: Path) -> None:
+    """The power-cut harness found the old order (floor first, then the journal line): a cut
+    between them left floor v2 for an update rolled back as unfinished, and v2 could
+    never be installed again. Journal first; `recover` writes the floor it lacks."""
+    store = ModelStore(tmp_path / "state")
+    install(store, tmp_path, 1)
+    s2 = stage(store, tmp_path, 2)
+    store.record(s2, "loaded")
+    store.record(s2, "self_tested")
+    store.activate(s2)
+    store.record(s2, "committed")  # ... and the power went before the floor was written
+    assert store.slots("digits").committed == 1
+    notes = ModelStore(tmp_path / "state").recover()
+    assert "digits: committed floor raised to v2" in notes
+    slots = store.slots("digits")
+    assert (slots.active, slots.committed) == (s2.path.name, 2)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.durable import sqlite_synchronous
+
 STREAMS = ("telemetry", "event", "result", "state")
 
 
@@ -38,7 +40,7 @@ class Outbox:
         self.cap = cap
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        for sql in ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+        for sql in ("PRAGMA journal_mode=WAL", f"PRAGMA synchronous={sqlite_synchronous()}",
                     "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
                     " stream TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,"
                     " payload BLOB NOT NULL, retain INTEGER NOT NULL)",

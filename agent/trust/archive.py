@@ -16,7 +16,6 @@ On any rejection the directory is removed; the caller never sees a half-checked 
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import zlib
 from collections.abc import Iterable, Iterator
@@ -25,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from agent.durable import fsync_dir
+from agent.durable import fsync, fsync_dir, write_synced
 from agent.errors import BundleError
 from agent.trust.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE
 from agent.trust.root import Root
@@ -96,7 +95,7 @@ def _write_member(member: Member, check: FileCheck, target: Path) -> None:
             out.write(chunk)
         check.finish()
         out.flush()
-        os.fsync(out.fileno())
+        fsync(out.fileno())
 
 
 def unpack_bundle(archive: Path, dest: Path, root: Root, *, device: Device, now: datetime,
@@ -151,8 +150,8 @@ def _unpack(tar: TarReader, dest: Path, root: Root, **verify: Any) -> Verified:
         member = next(tar, None)
     check_file_set(verified.manifest, seen)
     for raw, name in ((manifest_raw, MANIFEST_FILE), (signatures_raw, SIGNATURES_FILE)):
-        if raw is not None:
-            (dest / name).write_bytes(raw)
+        if raw is not None:  # fsynced like the members: a power cut found them empty
+            write_synced(dest / name, raw)
     fsync_dir(dest)
     return verified
 

@@ -12,6 +12,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
+from agent.durable import sqlite_synchronous
 from agent.errors import CommandError
 from agent.trust.command import DEFAULT_REPLAY, Addressee, Command, ReplayPolicy, verify_command
 from agent.trust.root import Root
@@ -25,7 +26,7 @@ class NonceStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA synchronous={sqlite_synchronous()}")
         self._db.execute("CREATE TABLE IF NOT EXISTS nonces "
                          "(nonce TEXT PRIMARY KEY, issued_at REAL NOT NULL)")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent.durable import fsync_dir, write_atomic
+from agent.durable import fsync, fsync_dir, write_atomic
 from agent.errors import BundleError
 from agent.trust.archive import unpack_bundle
 from agent.trust.bundle import check_files, read_capped, verify_bundle_dir
@@ -158,7 +158,7 @@ class ModelStore:
                     line = b"\n" + line
             fh.write(line)
             fh.flush()
-            os.fsync(fh.fileno())
+            fsync(fh.fileno())
 
     # -- install -------------------------------------------------------------------------
     def stage(self, source: Path, root: Root, *, device: Device, now: datetime) -> Staged:
@@ -206,12 +206,20 @@ class ModelStore:
         return new
 
     def commit(self, staged: Staged) -> None:
-        """Commit the active update: its version becomes the floor for rollback checks."""
-        s = self.slots(staged.manifest.name)
-        self._write_slots(staged.manifest.name, s.model_copy(
-            update={"committed": max(staged.manifest.version, s.committed or 0)}))
+        """Commit the active update: its version becomes the floor for rollback checks.
+        Journaled first: a power cut between the two leaves a committed update whose floor
+        `recover` raises (the other order left a floor for a version that was then rolled
+        back as unfinished, and the device refused to install it again)."""
         self.record(staged, "committed")
+        self._raise_floor(staged.manifest.name, staged.manifest.version)
         self._collect(staged.manifest.name)
+
+    def _raise_floor(self, name: str, version: int) -> bool:
+        s = self.slots(name)
+        if (s.committed or 0) >= version:
+            return False
+        self._write_slots(name, s.model_copy(update={"committed": version}))
+        return True
 
     def fail(self, staged: Staged, reason: str) -> None:
         """An update that failed before activation: journal it, drop its files."""
@@ -284,6 +292,9 @@ class ModelStore:
                 "reason": f"interrupted at {e.state.value}; restarted before commit"}))
             notes.append(f"{e.model} v{e.version}: interrupted at {e.state.value}, "
                          "rolled back")
+        for e in last.values():  # a commit journaled, its floor not yet written
+            if e.state == State.COMMITTED and self._raise_floor(e.model, e.version):
+                notes.append(f"{e.model}: committed floor raised to v{e.version}")
         for name in {p.name for p in (self.base / "bundles").iterdir()}:
             self._collect(name)
         return notes
@@ -319,7 +330,7 @@ def _fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*"), reverse=True):
         if p.is_file():
             with p.open("rb") as fh:
-                os.fsync(fh.fileno())
+                fsync(fh.fileno())
         else:
             fsync_dir(p)
     fsync_dir(path)
