@@ -16,11 +16,13 @@ the agent's user, and root). Errors use the protocol's body `{"error": "..."}`; 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,11 @@ from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
 from agent.trust.signatures import NAME_PATTERN
 
 MODEL_NAME = re.compile(NAME_PATTERN)
+
+
+@functools.cache
+def _openapi_document() -> bytes:
+    return (resources.files("agent.serving") / "openapi.json").read_bytes()
 
 
 UPLOAD_TYPES = frozenset({"application/octet-stream", "application/gzip", "application/zstd",
@@ -102,6 +109,7 @@ class Api:
                 ("POST", "/v2/models/{name}/versions/{version}/infer", self.infer),
                 ("POST", "/v1/models/{name}:predict", self.predict),
                 ("GET", "/metrics", self.metrics),
+                ("GET", "/openapi.json", self.openapi),
                 ("POST", "/v1/admin/rollback", self.admin_rollback),
                 ("GET", "/v1/admin/status", self.admin_status)):
             self.router.add(method, path, handler)
@@ -211,6 +219,10 @@ class Api:
         x, rows = parse_predict(request.body, entry.manifest)
         y = await self._run(entry.name, x, "normal", None)
         return Response(200, predict_response(y, rows))
+
+    async def openapi(self, request: Request) -> Response:
+        """This API described in OpenAPI 3 (docs/openapi.json, shipped in the package)."""
+        return Response(200, _openapi_document())
 
     async def metrics(self, request: Request) -> Response:
         return Response(200, self.agent.metrics.render().encode(),

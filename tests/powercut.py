@@ -131,6 +131,7 @@ class InstallCuts:
     def __init__(self, where: Path, keys: Path, v1: Path, v2: Path, *,
                  no_sync: bool = False) -> None:
         self.where, self.keys, self.v1, self.v2 = where, keys, v1, v2
+        where.mkdir(parents=True, exist_ok=True)
         self.command = [*CHILD, *(["--no-sync"] if no_sync else []), "agent"]
         self.base = where / "base.img"
         self.mnt = where / "mnt"
