@@ -22,9 +22,10 @@ import hmac
 import json
 import os
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent import __version__
 from agent.daemon import Agent
@@ -51,6 +52,18 @@ from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
 from agent.trust.signatures import NAME_PATTERN
 
 MODEL_NAME = re.compile(NAME_PATTERN)
+
+
+#: Above this many bytes, parsing a request or encoding a response runs in a worker thread:
+#: decoding 16 MB of JSON on the event loop stalled every other client for seconds.
+OFF_LOOP_BYTES = 64 * 1024
+T = TypeVar("T")
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size <= OFF_LOOP_BYTES:  # the common small request: no thread hand-off
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 @functools.cache
@@ -203,22 +216,34 @@ class Api:
             header_length = int(header) if header is not None else None
         except ValueError as exc:
             raise ApiError(400, "Inference-Header-Content-Length must be an integer") from exc
-        req = parse_infer(request.body, entry.manifest, header_length,
-                          lambda shape: self.agent.scheduler.precheck(entry.name, shape))
+        self._json_cap(request.body if header_length is None else
+                       request.body[:max(0, header_length)])
+        req = await _off_loop(len(request.body), parse_infer, request.body, entry.manifest,
+                              header_length,
+                              lambda shape: self.agent.scheduler.precheck(entry.name, shape))
         y = await self._run(entry.name, req.x, req.priority, req.timeout_ms)
-        body, head_len = infer_response(entry.manifest, y, request_id=req.id,
-                                        binary=req.binary_output)
+        body, head_len = await _off_loop(
+            y.nbytes, functools.partial(infer_response, request_id=req.id,
+                                        binary=req.binary_output), entry.manifest, y)
         if head_len is None:
             return Response(200, body)
         return Response(200, body, "application/octet-stream",
                         {"inference-header-content-length": str(head_len)})
 
+    def _json_cap(self, text: bytes) -> None:
+        cap = self.agent.config.api.max_json_bytes
+        if len(text) > cap:
+            raise ApiError(413, f"{len(text)} bytes of JSON (at most {cap}); send large "
+                           "tensors in the binary tensor extension")
+
     # -- TensorFlow Serving ---------------------------------------------------------------
     async def predict(self, request: Request) -> Response:
         entry = await self._model(request)
-        x, rows = parse_predict(request.body, entry.manifest)
+        self._json_cap(request.body)
+        x, rows = await _off_loop(len(request.body), parse_predict, request.body,
+                                  entry.manifest)
         y = await self._run(entry.name, x, "normal", None)
-        return Response(200, predict_response(y, rows))
+        return Response(200, await _off_loop(y.nbytes, predict_response, y, rows))
 
     async def openapi(self, request: Request) -> Response:
         """This API described in OpenAPI 3 (docs/openapi.json, shipped in the package)."""

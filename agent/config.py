@@ -54,6 +54,10 @@ class ApiSection(_Section):
     tcp_port: int | None = Field(default=None, ge=1, le=65535)
     token_file: Path = Path("/etc/edge-agent/api.token")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # JSON a request may carry (the whole body, or the head before binary tensors): one
+    # `json.loads` holds the GIL and so stalls every client, 77 ms for 6 MB. Larger
+    # tensors travel in the binary tensor extension.
+    max_json_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     # A bundle archive uploaded to the admin socket (`edge-agent install`), streamed to
     # staging as it arrives, never held in memory.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)

@@ -16,6 +16,8 @@ from fixture_agent import AgentProcess, infer_body, write_config
 from fixture_mqtt import free_port
 from polling import wait_until
 
+from agent.client import call
+
 X86 = "x86_64-generic"
 
 
@@ -151,6 +153,26 @@ def test_a_declared_shape_past_the_budget_is_refused_before_its_data_is_decoded(
                       "data": "junk"}]}
     assert agent.call("POST", "/v2/models/digits/infer", ok)[0] == 400  # then decoded
     assert agent.call("POST", "/v2/models/digits/infer", infer_body("input"))[0] == 200
+
+
+def test_json_past_max_json_bytes_is_413_and_the_binary_extension_carries_it(
+        agent: Any) -> None:
+    """One json.loads holds the GIL (77 ms for 6 MB): JSON is capped at api.max_json_bytes
+    (4 MiB), the binary tensor extension carries the same batch."""
+    rows = 10_000
+    body = {"inputs": [{"name": "input", "shape": [rows, 1, 8, 8], "datatype": "FP32",
+                        "data": [0.123456789] * (rows * 64)}]}
+    status, reply = agent.call("POST", "/v2/models/digits/infer", body)
+    assert status == 413 and "binary tensor extension" in reply["error"], reply
+    raw = bytes(rows * 64 * 4)
+    head = json.dumps({"inputs": [{"name": "input", "shape": [rows, 1, 8, 8],
+                                   "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    conn = agent.connection()
+    status, _, out = call(conn, "POST", "/v2/models/digits/infer", head + raw, {
+        "Inference-Header-Content-Length": str(len(head))})
+    conn.close()
+    assert status == 200 and json.loads(out)["outputs"][0]["shape"] == [rows, 10]
 
 
 def _upload_head(size: int, **headers: str) -> bytes:

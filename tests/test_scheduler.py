@@ -138,12 +138,18 @@ def test_least_recently_used_model_is_unloaded_to_stay_in_budget(onnx) -> None: 
 
 
 def test_a_request_is_charged_its_real_bytes_not_a_fixed_arena(onnx) -> None:  # type: ignore[no-untyped-def]
-    """A batch of 10,000 samples holds 2.6 MB of input and 400 KB of outputs: charged
-    as such, it cannot pass a budget a fixed arena would have let it through."""
+    """A batch of 10,000 samples holds 2.6 MB of input, 400 KB of outputs and, onnxruntime
+    running the batch at once, 10,000 samples' activations: charged as such, it cannot
+    pass a budget a fixed arena would have let it through. TFLite at batch 1 runs row by
+    row: one sample's arena."""
     model, m = onnx
+    assert m.runtime == "onnx" and m.resources.arena_bytes > 0
+    tfl = m.model_copy(update={"runtime": "tflite"})
+    assert request_bytes(tfl, x(10_000)) - request_bytes(tfl, x()) == 9_999 * (64 + 10) * 4
     one = request_bytes(m, x())
     big = request_bytes(m, x(10_000))
-    assert big - one == 9_999 * (64 + 10) * 4  # rows of input (1x8x8) and output (10)
+    # rows of input (1x8x8), output (10) and arena
+    assert big - one == 9_999 * ((64 + 10) * 4 + m.resources.arena_bytes)
     s = sched(memory_budget_bytes=1000 + 100 * one)
     s.load(Resident("digits", m, model, 1000, batchable=True))
     with pytest.raises(Refused) as err:

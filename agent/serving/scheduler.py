@@ -141,7 +141,9 @@ class _Queue:
 
 def request_bytes(manifest: Manifest, x: F32) -> int:
     """What one request holds while it waits and runs: its input as queued, its outputs
-    (float32, `len(x)` rows of every output's static shape) and the model's arena."""
+    (float32, `len(x)` rows of every output's static shape) and the model's arena, which
+    the manifest gives for one sample. onnxruntime runs the whole batch at once, so its
+    activations grow with the rows; TFLite with a batch fixed at 1 runs row by row."""
     return planned_bytes(manifest, list(x.shape) if x.ndim else [1])
 
 
@@ -150,7 +152,9 @@ def planned_bytes(manifest: Manifest, shape: list[int]) -> int:
     rows = shape[0] if shape else 1
     out = sum(rows * math.prod(d for d in t.shape[1:] if d is not None) * 4
               for t in manifest.outputs)
-    return math.prod(shape) * 4 + out + manifest.resources.arena_bytes
+    row_by_row = manifest.runtime == "tflite" and manifest.inputs[0].shape[:1] == [1]
+    batched = 1 if row_by_row else rows
+    return math.prod(shape) * 4 + out + batched * manifest.resources.arena_bytes
 
 
 class Scheduler:

@@ -1,0 +1,280 @@
+"""The daemon under the attack suite of issue 13, in one run, with two observers running the
+whole time: a liveness probe (`GET /v2/health/live` every 10 ms on a kept-alive
+connection; its slowest answer bounds the longest event-loop stall a client can see) and
+an RSS sampler (every 20 ms; the peak against the unit's MemoryMax for this config).
+
+1. a well-behaved client alone: JSON inference on a kept-alive connection, p50/p99;
+2. the same client while 50 slowloris connections trickle a header line every second
+   (each is cut at `head_timeout_s` and comes back);
+3. the attacks, one after the other: tar header bombs uploaded to the admin socket, four
+   250k-sample UINT8 requests at once, two 20,000-sample JSON requests (within the budget:
+   decoded and answered), 1,100 idle connections, 8 unauthenticated TCP
+   clients with 16 MB bodies, a 64 KiB head, Content-Length with Transfer-Encoding, a
+   body nested 100,000 deep, a 3,000-character model name; each with the answers it got.
+
+    .venv/bin/python bench/bench_attacks.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_agent import converted
+from fixture_agent import AgentProcess, make_keys, release, write_config
+from fixture_mqtt import free_port
+from test_archive_limits import BOMBS
+
+from agent.client import UnixHTTPConnection, call, upload
+from agent.config import load_config
+from agent.unit import memory_max_bytes
+
+TOKEN = "bench-token-0123456789abcdef"
+BODY = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                    "data": np.random.default_rng(0).uniform(0, 1, 64).tolist()}]}
+
+
+class Observers:
+    """The probe and the RSS sampler, until `stop`."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        self.agent, self.done = agent, threading.Event()
+        self.stall_s, self.peak_rss, self.probe_errors = 0.0, 0, 0
+        assert agent.proc is not None
+        self.proc = psutil.Process(agent.proc.pid)
+        self.threads = [threading.Thread(target=self._probe), threading.Thread(target=self._rss)]
+        for t in self.threads:
+            t.start()
+
+    def _probe(self) -> None:
+        conn = UnixHTTPConnection(self.agent.socket, timeout=60)
+        while not self.done.wait(0.01):
+            t = time.perf_counter()
+            try:
+                call(conn, "GET", "/v2/health/live")
+            except OSError:
+                self.probe_errors += 1
+                conn = UnixHTTPConnection(self.agent.socket, timeout=60)
+                continue
+            self.stall_s = max(self.stall_s, time.perf_counter() - t)
+        conn.close()
+
+    def _rss(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+
+    def stop(self) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join()
+
+
+def client_p50(agent: AgentProcess, n: int) -> tuple[float, float]:
+    conn = agent.connection()
+    body = json.dumps(BODY).encode()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        status, _, _ = call(conn, "POST", "/v2/models/digits/infer", body,
+                            {"Content-Type": "application/json"})
+        samples.append(time.perf_counter() - t)
+        assert status == 200
+    conn.close()
+    samples.sort()
+    return 1e6 * statistics.median(samples), 1e6 * samples[int(0.99 * len(samples))]
+
+
+def slowloris(agent: AgentProcess, n: int, stop: threading.Event) -> list[threading.Thread]:
+    def one() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(agent.socket))
+                s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\n")
+                i = 0
+                while not stop.wait(1.0):
+                    s.sendall(f"x-slow-{i}: 1\r\n".encode())  # cut off at head_timeout_s
+                    i += 1
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def raw(path: Path, data: bytes, timeout: float = 30.0) -> str:
+    """Send `data` on a fresh Unix connection; the status line's code, or what happened."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        try:
+            s.sendall(data)
+        except OSError as exc:
+            return type(exc).__name__
+        head = s.recv(4096)
+    return head.split(b" ", 2)[1].decode() if head else "closed without an answer"
+
+
+def payload_attacks(agent: AgentProcess, where: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    bombs: Counter[str] = Counter()
+    for name, build in BOMBS.items():
+        path = where / f"{name}.tar.gz"
+        path.write_bytes(gzip.compress(build() + bytes(1024), compresslevel=9))
+        status, body = upload(agent.admin_socket, path)
+        bombs[f"{status} {body.get('check') if isinstance(body, dict) else ''}"] += 1
+    out["tar header bombs (admin upload)"] = dict(bombs)
+
+    big = np.zeros((250_000, 1, 8, 8), np.uint8).tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": [250_000, 1, 8, 8],
+                                   "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": len(big)}}]}).encode()
+    answers: list[int] = []
+
+    def huge() -> None:
+        conn = agent.connection()
+        answers.append(call(conn, "POST", "/v2/models/digits/infer", head + big, {
+            "Inference-Header-Content-Length": str(len(head)),
+            "Content-Type": "application/octet-stream"})[0])
+        conn.close()
+    _together(huge, 4)
+    out["4 x 250k-sample UINT8 requests"] = dict(Counter(answers))
+
+    rows = 20_000  # within the budget: decoded and answered, off the event loop
+    body = json.dumps({"inputs": [{"name": "input", "shape": [rows, 1, 8, 8],
+                                   "datatype": "FP32", "data": [0.5] * (rows * 64)}]})
+    answers = []
+
+    def large_json() -> None:
+        conn = agent.connection()
+        answers.append(call(conn, "POST", "/v2/models/digits/infer", body.encode(),
+                            {"Content-Type": "application/json"})[0])
+        conn.close()
+    _together(large_json, 2)
+    out[f"2 x {rows:,}-sample JSON requests ({len(body) / 1e6:.0f} MB)"] = dict(
+        Counter(answers))
+
+    return out
+
+
+def connection_attacks(agent: AgentProcess, port: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    held: list[socket.socket] = []
+    seen: Counter[str] = Counter()
+    for _ in range(1100):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        try:
+            s.connect(str(agent.socket))
+        except OSError as exc:  # the listen backlog, not the daemon, said no
+            seen[type(exc).__name__] += 1
+            s.close()
+            continue
+        held.append(s)
+    for s in held[-100:]:  # past the cap: a 503 at once, then closed
+        s.settimeout(2)
+        try:
+            first = s.recv(64)
+            seen[first.split(b" ")[1].decode() if first else "closed"] += 1
+        except TimeoutError:
+            seen["held (under the cap)"] += 1
+    for s in held:
+        s.close()
+    out["1,100 idle connections (last 100 read)"] = {"connected": len(held), **seen}
+    out["then a new request"] = agent.call("GET", "/v2/health/live")[0]
+
+    answers: list[int] = []
+
+    def unauthenticated() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\n"
+                      b"content-length: 16000000\r\n\r\n")
+            answers.append(int(s.recv(4096).split(b" ")[1]))
+    _together(unauthenticated, 8)
+    out["8 unauthenticated TCP clients, 16 MB bodies"] = dict(Counter(answers))
+
+    out["64 KiB head"] = raw(agent.socket, b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n"
+                             + b"x-pad: " + b"a" * 65536 + b"\r\n\r\n")
+    out["Content-Length with Transfer-Encoding"] = raw(
+        agent.socket, b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 5"
+        b"\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    out["body nested 100,000 deep"] = raw(
+        agent.socket, b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: "
+        + str(len(deep)).encode() + b"\r\n\r\n" + deep)
+    out["3,000-character model name"] = raw(
+        agent.socket, f"GET /v2/models/{'m' * 3000} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+    return out
+
+
+def _together(fn: Callable[[], None], n: int) -> None:
+    threads = [threading.Thread(target=fn) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000)
+    ns = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-attacks-") as tmp:
+        where = Path(tmp)
+        run = converted(where)
+        keys = make_keys(where / "keys")
+        v1 = release(run, where, keys, version=1, profile="x86_64-generic")
+        token = where / "api.token"
+        token.write_text(TOKEN)
+        token.chmod(0o600)
+        port = free_port()
+        config = write_config(where, keys, profile="x86_64-generic",  # a Pi 4's budget
+                              api={"tcp_port": port, "token_file": str(token)},
+                              scheduler={"memory_budget_bytes": 256 << 20})
+        agent = AgentProcess(config).start()
+        assert agent.install(v1)[0] == 200
+        limit = memory_max_bytes(load_config(config))
+        watch = Observers(agent)
+        alone = client_p50(agent, ns.requests)
+        stop = threading.Event()
+        slow = slowloris(agent, 50, stop)
+        time.sleep(2)  # let the 50 connections open and start trickling
+        during = client_p50(agent, ns.requests)
+        stop.set()
+        for t in slow:
+            t.join(15)
+        found = payload_attacks(agent, where) | connection_attacks(agent, port)
+        live = agent.call("GET", "/v2/health/live")[0]
+        watch.stop()
+        print(f"bench_attacks on {psutil.cpu_count()} CPU(s); digits ONNX, memory budget "
+              "256 MiB")
+        print(f"well-behaved client, {ns.requests} JSON requests (µs): alone p50 {alone[0]:.0f} "
+              f"p99 {alone[1]:.0f}; during 50 slowloris p50 {during[0]:.0f} p99 "
+              f"{during[1]:.0f} ({during[0] / alone[0]:.2f}x)")
+        for name, result in found.items():
+            print(f"  {name:46} {result}")
+        print(f"peak RSS {watch.peak_rss / 2**20:.1f} MiB (MemoryMax {limit / 2**20:.0f} MiB); "
+              f"longest liveness-probe answer {1000 * watch.stall_s:.1f} ms "
+              f"({watch.probe_errors} probe errors); live after: {live}")
+        agent.stop()
+
+
+if __name__ == "__main__":
+    main()
