@@ -8,9 +8,10 @@ an RSS sampler (every 20 ms; the peak against the unit's MemoryMax for this conf
    (each is cut at `head_timeout_s` and comes back);
 3. the attacks, one after the other: tar header bombs uploaded to the admin socket, four
    250k-sample UINT8 requests at once, two 10,000-sample JSON requests (3 MB, within
-   max_json_bytes and the budget: decoded and answered), 1,100 idle connections, 8 unauthenticated TCP
-   clients with 16 MB bodies, a 64 KiB head, Content-Length with Transfer-Encoding, a
-   body nested 100,000 deep, a 3,000-character model name; each with the answers it got.
+   max_json_bytes and the budget: decoded and answered), 1,100 idle connections, 8
+   unauthenticated TCP clients with 16 MB bodies, a 64 KiB head, Content-Length with
+   Transfer-Encoding, a body nested 100,000 deep, a 3,000-character model name; each
+   with the answers it got.
 
     .venv/bin/python bench/bench_attacks.py
 """
