@@ -81,7 +81,8 @@ async def _receive(stream: BodyStream, target: Path) -> str:
 
     Raises:
         ApiError: empty, or its first bytes are neither gzip nor zstd (415).
-        HttpError: from the stream (413 past the cap, 408 stalled, 400 cut short).
+        agent.serving.http._HttpError: from the stream (413 past the cap, 408 stalled,
+            400 cut short), answered by the server.
     """
     digest, head = hashlib.sha256(), b""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -59,7 +59,7 @@ class BodyStream:
     """The body of a request to a streamed route, read chunk by chunk as the handler
     iterates: at most `cap` bytes, each chunk within `timeout_s` of the previous one.
     Past the cap: 413; a stall: 408; a connection closed early or a malformed chunk: 400
-    (raised from the iteration as `HttpError`, answered by the server)."""
+    (raised from the iteration as `_HttpError`, answered by the server)."""
 
     def __init__(self, server: HttpServer, conn: h11.Connection,
                  reader: asyncio.StreamReader, cap: int) -> None:
@@ -77,16 +77,16 @@ class BodyStream:
                 part = await self._server._next(self._conn, self._reader, deadline,
                                                 "request body")
             except h11.RemoteProtocolError as exc:
-                raise HttpError(400, f"malformed body: {exc}") from exc
+                raise _HttpError(400, f"malformed body: {exc}") from exc
             if isinstance(part, h11.Data):
                 self.size += len(part.data)
                 if self.size > self.cap:
-                    raise HttpError(413, f"body larger than {self.cap} bytes")
+                    raise _HttpError(413, f"body larger than {self.cap} bytes")
                 yield bytes(part.data)
             elif isinstance(part, h11.EndOfMessage):
                 self.done = True
             else:
-                raise HttpError(400, f"connection closed after {self.size} body bytes")
+                raise _HttpError(400, f"connection closed after {self.size} body bytes")
 
 
 @dataclass
@@ -139,7 +139,7 @@ class _TooLarge(Exception):
     pass
 
 
-class HttpError(Exception):
+class _HttpError(Exception):
     """A refusal answered with its status (and the connection closed when raised before
     the request was read whole)."""
 
@@ -214,7 +214,7 @@ class HttpServer:
                 await self._send_error(conn, writer, 413, f"body larger than "
                                        f"{self.max_body_bytes} bytes")
                 return
-            except HttpError as exc:
+            except _HttpError as exc:
                 await self._send_error(conn, writer, exc.status, str(exc))
                 return
             if request is None:
@@ -247,14 +247,14 @@ class HttpServer:
             else:
                 limit = deadline - loop.time()
                 if limit <= 0:
-                    raise HttpError(408, f"{what} not received in time")
+                    raise _HttpError(408, f"{what} not received in time")
             try:
                 # asyncio.timeout, not wait_for: no extra task per read on the hot path.
                 async with asyncio.timeout(limit):
                     data = await reader.read(READ_BYTES)
             except TimeoutError:
                 if deadline is not None:
-                    raise HttpError(408, f"{what} not received in time") from None
+                    raise _HttpError(408, f"{what} not received in time") from None
                 return h11.ConnectionClosed()
             except ConnectionError:
                 return h11.ConnectionClosed()
@@ -269,21 +269,21 @@ class HttpServer:
             return None
         head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
         if head_bytes > MAX_HEADER_BYTES:
-            raise HttpError(431, f"request head of {head_bytes} bytes (at most "
+            raise _HttpError(431, f"request head of {head_bytes} bytes (at most "
                           f"{MAX_HEADER_BYTES})")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
         if "content-length" in headers and "transfer-encoding" in headers:
-            raise HttpError(400, "Content-Length and Transfer-Encoding together")
+            raise _HttpError(400, "Content-Length and Transfer-Encoding together")
         refusal = self.authorize(headers, unix)  # before routing and before the body
         if refusal is not None:
-            raise HttpError(401, refusal)
+            raise _HttpError(401, refusal)
         length = headers.get("content-length")
         method, target = event.method.decode("ascii"), event.target.decode("latin-1")
         path = target.split("?", 1)[0]
         cap = self.router.streamed(method, path)
         if cap is not None:
             if length is not None and length.isdigit() and int(length) > cap:
-                raise HttpError(413, f"body larger than {cap} bytes")
+                raise _HttpError(413, f"body larger than {cap} bytes")
             request = Request(method, path, headers, b"", unix)
             request.stream = BodyStream(self, conn, reader, cap)
             return request
@@ -312,7 +312,7 @@ class HttpServer:
         handler, request.params = found
         try:
             return await self.middleware(request, handler)
-        except HttpError as exc:  # from a streamed body
+        except _HttpError as exc:  # from a streamed body
             return json_response({"error": str(exc)}, exc.status)
         except RecursionError:
             return json_response({"error": "request nested too deep"}, 400)
