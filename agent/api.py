@@ -73,7 +73,7 @@ def _openapi_document() -> bytes:
 
 UPLOAD_TYPES = frozenset({"application/octet-stream", "application/gzip", "application/zstd",
                           "application/x-tar"})
-HEX64 = re.compile(r"[0-9a-fA-F]{64}")  # the header; stored lower-case as Hex64
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")  # X-Bundle-Sha256, compared lower-cased
 
 
 async def _receive(stream: BodyStream, target: Path) -> str:

@@ -57,7 +57,8 @@ class Request:
 
 class BodyStream:
     """The body of a request to a streamed route, read chunk by chunk as the handler
-    iterates: at most `cap` bytes, each chunk within `timeout_s` of the previous one.
+    iterates: at most `cap` bytes, each chunk within the server's `body_timeout_s` of the
+    previous one.
     Past the cap: 413; a stall: 408; a connection closed early or a malformed chunk: 400
     (raised from the iteration as `_HttpError`, answered by the server)."""
 
@@ -146,8 +147,6 @@ class _HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
 
 
 class HttpServer:
