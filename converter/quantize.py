@@ -66,6 +66,14 @@ def quantizable_nodes(path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type in QUANTIZABLE_ONNX_OPS]
 
 
+def calibration_batch(n: int) -> int:
+    """The largest batch of at most CALIBRATION_BATCH that divides `n` evenly. onnxruntime's
+    histogram calibrators (percentile, entropy) stack the batches' outputs into one array
+    and fail on a short last batch ("inhomogeneous shape"), which every count that was not
+    a multiple of 32 had."""
+    return max(d for d in range(1, min(n, CALIBRATION_BATCH) + 1) if n % d == 0)
+
+
 def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> None:
     """Static int8 QDQ quantization of a pre-processed float model."""
     from onnxruntime.quantization import (  # noqa: PLC0415  # optional: when used
@@ -78,10 +86,11 @@ def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> Non
 
     input_name = open_onnx(src).inputs[0].name
 
+    step = calibration_batch(len(calib))
+
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
-            self._it = iter(calib[i:i + CALIBRATION_BATCH]
-                            for i in range(0, len(calib), CALIBRATION_BATCH))
+            self._it = iter(calib[i:i + step] for i in range(0, len(calib), step))
 
         def get_next(self) -> dict[str, F32] | None:
             batch = next(self._it, None)
