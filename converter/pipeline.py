@@ -35,7 +35,13 @@ from converter.context import (
     open_context,
 )
 from converter.distill import KDSettings, distill
-from converter.errors import AccuracyGateError, ConvertError, DataError, RecipeError
+from converter.errors import (
+    AccuracyGateError,
+    ConvertError,
+    DataError,
+    RecipeError,
+    TeacherError,
+)
 from converter.export import export_onnx
 from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, quantize_tflite
 from converter.recipe import Recipe
@@ -54,7 +60,7 @@ def _need(ctx: Context, *files: str) -> None:
 def stage_teacher(ctx: Context) -> None:
     t = ctx.recipe.teacher
     if t.onnx:
-        out = run_onnx_teacher(Path(t.onnx), ctx.data.x, t.batch_size)
+        out = run_onnx_teacher(Path(t.onnx), ctx.data.x, t.batch_size, t.output)
     elif t.torch:
         assert t.weights is not None
         out = run_torch_teacher(t.torch, Path(t.weights), ctx.data.x, t.batch_size)
@@ -63,14 +69,40 @@ def stage_teacher(ctx: Context) -> None:
     if ctx.data.y is not None and out.logits.shape[1] <= int(ctx.data.y.max()):
         raise DataError(f"labels go up to {int(ctx.data.y.max())} but the teacher has "
                         f"{out.logits.shape[1]} outputs")
+    gate = _teacher_gate(ctx, out.logits, out.description)
     np.save(ctx.work / TEACHER_LOGITS, out.logits)
     test = ctx.split.test
     acc = float((out.logits[test].argmax(1) == ctx.truth(test)).mean())
     ctx.results["teacher"] = {"kind": out.kind, "description": out.description,
                               "parameters": out.parameters, "test_accuracy": acc,
-                              "classes": int(out.logits.shape[1])}
+                              "classes": int(out.logits.shape[1]), **gate}
     ctx.say(f"teacher: {out.description}, {out.parameters:,} parameters, "
             f"test accuracy {acc:.2%}")
+
+
+def _teacher_gate(ctx: Context, logits: np.ndarray, description: str) -> dict[str, Any]:
+    """The teacher must beat chance on the validation labels by
+    `teacher.min_margin_points`; chance is the share of the most common class there (what
+    always answering it scores). A teacher below it almost always means labels in another
+    order than the teacher's outputs.
+
+    Raises:
+        TeacherError: the teacher does not clear chance by the margin.
+    """
+    if ctx.data.y is None:  # no labels: the teacher defines the truth
+        return {}
+    val = ctx.split.val
+    y = ctx.data.y[val]
+    acc = float((logits[val].argmax(1) == y).mean())
+    chance = float(np.bincount(y).max() / len(y))
+    margin = ctx.recipe.teacher.min_margin_points
+    if (acc - chance) * 100 < margin:
+        raise TeacherError(
+            f"teacher {description} scores {acc:.1%} on the validation labels, not "
+            f"{margin:g} points above chance ({chance:.1%}, always the most common class): "
+            "are the data's labels in the order of the teacher's outputs? (or lower "
+            "--teacher-min-margin-points)")
+    return {"val_accuracy": acc, "chance": chance}
 
 
 def _kd(ctx: Context, epochs: int, tag: str) -> KDSettings:

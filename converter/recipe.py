@@ -38,6 +38,11 @@ class TeacherOptions(_Section):
     torch: str | None = None
     weights: str | None = None
     batch_size: int = Field(256, ge=1)
+    # ONNX: the output of class scores (default: the one float output shaped (N, classes);
+    # integer labels and scikit-learn's ZipMap are skipped).
+    output: str | None = None
+    # The teacher's validation accuracy must beat chance (the most common class) by this.
+    min_margin_points: float = Field(10.0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _one_kind(self) -> TeacherOptions:
@@ -45,6 +50,8 @@ class TeacherOptions(_Section):
             raise ValueError("give either teacher.onnx or teacher.torch, not both")
         if self.torch and not self.weights:
             raise ValueError("teacher.torch needs teacher.weights")
+        if self.output and not self.onnx:
+            raise ValueError("teacher.output names an output of an ONNX teacher")
         return self
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from agent.serving.runtime import LoadedModel, open_onnx, open_tflite
 from converter import evaluate as ev
 from converter.context import FP32_ONNX, INT8_ONNX, INT8_TFLITE, Context
+from converter.teacher import OnnxTeacher
 
 
 def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: LoadedModel | None,
@@ -37,11 +38,15 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
     t = ctx.results["teacher"]
     models = []
     teacher_file = Path(ctx.recipe.teacher.onnx or ctx.recipe.teacher.weights or "")
-    teacher_loaded = open_onnx(teacher_file, threads=threads) if t["kind"] == "onnx" else None
-    teacher_row = _model_row(ctx, "teacher", t["kind"], teacher_file, teacher_loaded,
-                             t["parameters"], teacher_pred)
-    if teacher_loaded is None:  # torch teacher: figures from the cached logits
-        teacher_row.update(ev.scores(ctx.teacher_logits[test], ctx.truth(test), teacher_pred))
+    # Scores from the cached logits (the output the teacher stage chose); an ONNX teacher
+    # is timed running that output only.
+    teacher_row = _model_row(ctx, "teacher", t["kind"], teacher_file, None, t["parameters"],
+                             teacher_pred)
+    teacher_row.update(ev.scores(ctx.teacher_logits[test], ctx.truth(test), teacher_pred))
+    if t["kind"] == "onnx":
+        timed = OnnxTeacher(teacher_file, ctx.recipe.teacher.output, threads=threads)
+        teacher_row["latency"] = ev.latency(timed, ctx.data.x[test],  # type: ignore[arg-type]
+                                            ctx.recipe.evaluate.latency_runs)
     models.append(teacher_row)
     fp32 = ev.onnx_profile(ctx.work / FP32_ONNX)
     student_params = fp32["parameters"]

@@ -54,11 +54,86 @@ def _as_logits(out: F32, n: int, source: str) -> F32:
     return out
 
 
-def run_onnx_teacher(path: Path, x: F32, batch_size: int) -> TeacherOutputs:
-    """Run an ONNX teacher over x.
+FLOAT_TENSORS = ("tensor(float)", "tensor(double)", "tensor(float16)")
+
+
+def choose_output(outputs: list[Any], name: str | None, source: str) -> Any:
+    """The teacher output that holds class scores: `name` when given; else the one float
+    tensor of rank 2 (N, classes); else the one sequence of {class: probability} maps
+    (scikit-learn's ZipMap, skl2onnx's default). Integer label outputs are skipped.
 
     Raises:
-        TeacherError: missing or corrupt file, or inputs that do not fit the model.
+        TeacherError: `name` is not an output, or no or several outputs qualify; the message
+            lists every output with its type and shape and names the option that picks one.
+    """
+    def listing() -> str:
+        return "; ".join(f"{o.name} {o.type} {list(o.shape) if o.shape is not None else '?'}"
+                         for o in outputs)
+
+    if name is not None:
+        for o in outputs:
+            if o.name == name:
+                if o.type not in FLOAT_TENSORS and not _is_zipmap(o):
+                    raise TeacherError(f"teacher output {name!r} of {source} is {o.type}, not "
+                                       f"a float tensor of class scores (outputs: {listing()})")
+                return o
+        raise TeacherError(f"teacher {source} has no output {name!r} (outputs: {listing()})")
+    found = [o for o in outputs if o.type in FLOAT_TENSORS and o.shape is not None
+             and len(o.shape) == 2]
+    if len(found) == 1:
+        return found[0]
+    maps = [o for o in outputs if _is_zipmap(o)]
+    if not found and len(maps) == 1:
+        return maps[0]
+    what = "no output is" if not found else f"{len(found)} outputs are"
+    raise TeacherError(f"teacher {source}: {what} a float tensor shaped (N, classes) "
+                       f"(outputs: {listing()}); --teacher-output NAME picks one")
+
+
+def _is_zipmap(output: Any) -> bool:
+    return str(output.type).startswith("seq(map(") and "tensor(float)" in str(output.type)
+
+
+def _scores(out: Any) -> np.ndarray:
+    """A batch of one output as an array: tensors as they are, ZipMap's list of
+    {class: probability} dicts as rows ordered by class."""
+    if isinstance(out, list):
+        keys = sorted(out[0]) if out else []
+        return np.array([[row[k] for k in keys] for row in out], dtype=np.float32)
+    return np.asarray(out)
+
+
+_ONNX_DTYPES: dict[str, Any] = {"tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
+class OnnxTeacher:
+    """An ONNX teacher that runs only its output of class scores (for timing it as the
+    report does; `run` returns them as a float32 array)."""
+
+    def __init__(self, path: Path, output: str | None, threads: int = 1) -> None:
+        import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self._sess = ort.InferenceSession(str(path), opts,
+                                          providers=["CPUExecutionProvider"])
+        self._input = self._sess.get_inputs()[0]
+        self._dtype = _ONNX_DTYPES.get(self._input.type, np.float32)
+        self._output = [choose_output(self._sess.get_outputs(), output, path.name).name]
+
+    def run(self, x: F32) -> F32:
+        out = self._sess.run(self._output, {self._input.name: x.astype(self._dtype)})[0]
+        return _scores(out).astype(np.float32)
+
+
+def run_onnx_teacher(path: Path, x: F32, batch_size: int,
+                     output: str | None = None) -> TeacherOutputs:
+    """Run an ONNX teacher over x; `output` names the output of class scores (default: the
+    one float (N, classes) output, see `choose_output`).
+
+    Raises:
+        TeacherError: missing or corrupt file, inputs that do not fit the model, or no
+            unambiguous output of class scores.
     """
     import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
     import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
@@ -78,15 +153,18 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int) -> TeacherOutputs:
                                     for w, g in zip(want[1:], got[1:], strict=True)):
         raise TeacherError(f"data samples have shape {tuple(got[1:])} but teacher {path.name} "
                            f"expects {tuple(want[1:])} (input {inp.name!r})")
+    chosen = [choose_output(sess.get_outputs(), output, path.name).name]
+    x = x.astype(_ONNX_DTYPES.get(inp.type, np.float32), copy=False)
     outs: list[np.ndarray] = []
     fixed_batch = want[0]
     step = fixed_batch or batch_size
     for i in range(0, len(x), step):
         chunk = x[i:i + step]
         if fixed_batch and len(chunk) != fixed_batch:
-            outs.extend(sess.run(None, {inp.name: x[j:j + 1]})[0] for j in range(i, len(x)))
+            outs.extend(_scores(sess.run(chosen, {inp.name: x[j:j + 1]})[0])
+                        for j in range(i, len(x)))
             break
-        outs.append(sess.run(None, {inp.name: chunk})[0])
+        outs.append(_scores(sess.run(chosen, {inp.name: chunk})[0]))
     logits = _as_logits(np.concatenate(outs).astype(np.float32), len(x), path.name)
     return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx")
 
