@@ -3,7 +3,9 @@
     ConvertError                 root; the CLI prints `edge-convert: error: <message>`, exits 2
     ├── RecipeError              unknown key, bad value, unknown profile or student family
     ├── DataError                missing/corrupt data, NaN/inf, wrong shape or labels
-    ├── TeacherError             missing/corrupt teacher, or it does not fit the data
+    ├── TeacherError             missing/corrupt teacher, it does not fit the data, no clear
+    │                            output of class scores, or it does not beat chance
+    ├── DistillGapError          the fp32 student is too far below its teacher
     ├── UnsupportedOperatorError an operator the target cannot run
     ├── AccuracyGateError        int8 accuracy still too low after every mitigation
     └── ToolchainError           an external compiler (Vela) failed
@@ -26,6 +28,10 @@ class DataError(ConvertError):
 
 class TeacherError(ConvertError):
     """The teacher cannot be loaded or does not fit the data."""
+
+
+class DistillGapError(ConvertError):
+    """The distilled fp32 student is more than `distill.max_gap_points` below the teacher."""
 
 
 class UnsupportedOperatorError(ConvertError):

@@ -76,6 +76,8 @@ class DistillOptions(_Section):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) loss
     patience: int = Field(12, ge=1)  # early stopping on the validation split
+    # Gate: the fp32 student within this many points of the teacher (validation split).
+    max_gap_points: float = Field(3.0, ge=0, le=100)
     tensorboard: bool = False  # write TensorBoard event files under <out>/tensorboard
     progress: bool = True
 

@@ -159,6 +159,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
               "below the teacher's",
               f"- MACs per sample: student {ev_['student_macs']:,}"
               + (f", teacher {ev_['teacher_macs']:,}" if ev_["teacher_macs"] else "")]
+    lines += _gate_lines(rep)
     for rt in ("onnx", "tflite"):
         if f"int8_{rt}_drop_points" in c:
             ok = "within" if c[f"int8_{rt}_within_tolerance"] else "OUTSIDE"
@@ -183,6 +184,24 @@ def render_markdown(rep: dict[str, Any]) -> str:
     lines += ["", "![accuracy and training curves](report.png)", "",
               f"Stage timings (s): {rep['timings_s']}", ""]
     return "\n".join(lines)
+
+
+def _gate_lines(rep: dict[str, Any]) -> list[str]:
+    """The quality gates the run passed, with their figures (validation split)."""
+    out = []
+    t, st, q = rep.get("teacher") or {}, rep.get("student") or {}, rep.get("quantize") or {}
+    if "chance" in t:
+        out.append(f"- teacher gate: {_pct(t['val_accuracy'])} on the validation labels "
+                   f"against chance {_pct(t['chance'])} (the most common class)")
+    if "gap_points" in st:
+        out.append(f"- distillation gate: fp32 student {_pct(st['val_accuracy'])}, "
+                   f"{st['gap_points']:.2f} points below the teacher's "
+                   f"{_pct(st['teacher_val_accuracy'])} (at most {st['max_gap_points']:.2f})")
+    if "val_samples" in q:
+        out.append(f"- int8 gate: at most {q['tolerance_points']:.2f} points below fp32; the "
+                   f"validation split has {q['val_samples']} samples, so one sample is "
+                   f"{q['val_resolution_points']:.2f} points")
+    return out
 
 
 def _quant_lines(rep: dict[str, Any]) -> list[str]:

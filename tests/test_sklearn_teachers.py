@@ -79,6 +79,9 @@ def test_a_scikit_learn_mlp_teacher_runs_end_to_end(digits_flat: Path, tmp_path:
     assert models[("teacher", "onnx")]["latency"]["p50_ms"] > 0
     assert models[("student int8", "tflite")]["accuracy"] > 0.8, models
     assert (out / "bundle/manifest.json").exists()
+    text = (out / "report.md").read_text()
+    for gate in ("teacher gate", "distillation gate", "int8 gate", "one sample is"):
+        assert gate in text, gate
 
 
 def test_an_ambiguous_or_wrong_teacher_output_is_one_line_listing_the_outputs(
@@ -124,3 +127,30 @@ def test_labels_in_another_order_than_the_teacher_fail_the_teacher_gate(
     err = capsys.readouterr().err
     assert "above chance" in err and "order of the teacher's outputs" in err, err
     assert not (tmp_path / "w" / "teacher_logits.npy").exists()
+
+
+def test_a_student_far_below_its_teacher_fails_the_distillation_gate(
+        digits_flat: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 2-unit MLP after 2 epochs is ~30 points below a 95 % teacher: the run fails with
+    what to try instead of a bundle ready to sign; with room, the figures are recorded."""
+    teacher = teacher_onnx("logistic_regression", digits_flat, tmp_path, zipmap=False)
+    common = ["--data-source", str(digits_flat), "--teacher-onnx", str(teacher),
+              "--student-family", "mlp", "--student-hidden", "[2]", "--distill-epochs", "2",
+              "--distill-progress", "false"]
+    work = tmp_path / "w"
+    assert convert(["teacher", "--work", str(work), *common]) == 0
+    assert convert(["distill", "--work", str(work), *common]) == 2
+    err = capsys.readouterr().err
+    assert "points below the teacher" in err and "--distill-max-gap-points" in err, err
+    assert not (work / "student.pt").exists()
+    assert convert(["distill", "--work", str(work), *common,
+                    "--distill-max-gap-points", "100"]) == 0
+    student = json.loads((work / "results.json").read_text())["student"]
+    assert student["gap_points"] > 3 and student["max_gap_points"] == 100
+
+
+def test_no_gate_is_finer_than_one_validation_sample() -> None:
+    from converter.pipeline import gate_points
+
+    assert gate_points(1.0, 36) == pytest.approx(100 / 36)  # wine's validation split
+    assert gate_points(1.0, 270) == 1.0
