@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from agent.errors import AgentError
 from converter.errors import ConvertError
@@ -27,13 +29,14 @@ EXIT_ERROR = 2
 
 
 def _add_recipe_options(p: argparse.ArgumentParser) -> None:
-    from converter.recipe import option_names  # noqa: PLC0415  # when used
+    from converter.recipe import option_help, option_names  # noqa: PLC0415  # when used
 
     p.add_argument("recipe", nargs="?", type=Path, help="recipe TOML (optional)")
-    group = p.add_argument_group("recipe options (override the recipe file)")
+    group = p.add_argument_group("recipe options (override the recipe file; lists as TOML, "
+                                 "e.g. [64, 32])")
     for flag, (section, field) in option_names().items():
         group.add_argument(flag, dest=f"opt:{section or ''}:{field}", metavar="VALUE",
-                           help=f"{section + '.' if section else ''}{field}")
+                           help=option_help(section, field))
 
 
 def _overrides(ns: argparse.Namespace) -> dict[tuple[str | None, str], Any]:
@@ -53,12 +56,26 @@ def _overrides(ns: argparse.Namespace) -> dict[tuple[str | None, str], Any]:
     return out
 
 
+class _NoAbbrevParser(argparse.ArgumentParser):
+    """No abbreviated options (`--data-val 0.3` silently set data.val_fraction), and a usage
+    error is one line, like every other error (`--help` shows the usage)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"edge-convert: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from converter.pipeline import STAGES  # noqa: PLC0415  # each command loads only what it needs
 
-    parser = argparse.ArgumentParser(prog="edge-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _NoAbbrevParser(prog="edge-convert", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: `--data-val 0.3` silently set data.val_fraction.
+    sub = parser.add_subparsers(dest="command", required=True,
+                                parser_class=_NoAbbrevParser)
     ex = sub.add_parser("example", help="write a built-in example (data, teacher, recipe)")
     ex.add_argument("name", choices=["digits"])
     ex.add_argument("--out", type=Path, required=True)
@@ -121,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torchao", "torch", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     ns = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so `run` removes its temporary directory either way.
+    previous = (signal.signal(signal.SIGTERM, _terminate)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         return _dispatch(ns)
     except (ConvertError, AgentError) as exc:
@@ -128,6 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):  # a signal, not an error
+    pass
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":

@@ -145,6 +145,27 @@ def option_names() -> dict[str, tuple[str | None, str]]:
     return names
 
 
+def option_help(section: str | None, field: str) -> str:
+    """`section.field`, its default and, for a fixed set, its choices (from the model)."""
+    import typing  # noqa: PLC0415
+
+    if section is None:
+        info = Recipe.model_fields[field]
+    else:
+        model = Recipe.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        info = model.model_fields[field]
+    text = f"{section + '.' if section else ''}{field}"
+    default = info.get_default(call_default_factory=True)
+    text += f" (default: {'unset' if default is None else default})"
+    args = [a for a in typing.get_args(info.annotation) if a is not type(None)]
+    literal = next((a for a in [info.annotation, *args]
+                    if typing.get_origin(a) is Literal), None)
+    if literal is not None:
+        text += f"; one of {', '.join(map(str, typing.get_args(literal)))}"
+    return text.replace("%", "%%")
+
+
 def parse_value(raw: str) -> Any:
     """A command-line value as TOML (numbers, booleans, lists), else as a plain string."""
     try:

@@ -90,3 +90,47 @@ def test_existing_output_is_not_clobbered_without_force(capsys, example: Path,  
     assert rc == 2
     assert "exists" in capsys.readouterr().err
     assert (out / "keep").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args", [["--data-val", "0.3"], ["--no-such-option", "1"]])
+def test_an_abbreviated_or_unknown_option_is_one_error_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str]) -> None:
+    """`--data-val 0.3` used to set data.val_fraction silently."""
+    with pytest.raises(SystemExit) as exit_:
+        convert(["run", *args, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edge-convert: error: unrecognized"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_recipe_option_has_help_with_its_default_and_choices(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        convert(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "student.family (default: cnn); one of mlp, cnn, dscnn, module" in text
+    assert "distill.max_gap_points (default: 3.0)" in text
+    assert "teacher.output (default: unset)" in text
+
+
+def test_sigterm_during_run_cleans_up_like_ctrl_c(example: Path, tmp_path: Path) -> None:
+    """SIGTERM used to leave `.out.*` next to the output (SIGINT cleaned up)."""
+    import signal
+    import subprocess
+    import sys
+
+    from polling import wait_until
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "converter.cli", "run",
+                             str(example / "recipe.toml"), "--out", str(out), *FAST],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: list(tmp_path.glob(".out.*")), timeout_s=120,
+                   what="the run's temporary directory")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
