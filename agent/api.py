@@ -49,7 +49,7 @@ from agent.serving.oip import (
 )
 from agent.serving.scheduler import Resident
 from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
-from agent.trust.signatures import NAME_PATTERN
+from agent.trust.signatures import HEX64_PATTERN, NAME_PATTERN
 
 MODEL_NAME = re.compile(NAME_PATTERN)
 
@@ -73,7 +73,7 @@ def _openapi_document() -> bytes:
 
 UPLOAD_TYPES = frozenset({"application/octet-stream", "application/gzip", "application/zstd",
                           "application/x-tar"})
-HEX64 = re.compile(r"[0-9a-fA-F]{64}")  # X-Bundle-Sha256, compared lower-cased
+HEX64 = re.compile(HEX64_PATTERN)  # X-Bundle-Sha256, lower-cased first
 
 
 async def _receive(stream: BodyStream, target: Path) -> str:
@@ -217,8 +217,8 @@ class Api:
             header_length = int(header) if header is not None else None
         except ValueError as exc:
             raise ApiError(400, "Inference-Header-Content-Length must be an integer") from exc
-        self._json_cap(request.body if header_length is None else
-                       request.body[:max(0, header_length)])
+        self._json_cap(len(request.body) if header_length is None else
+                       min(max(0, header_length), len(request.body)))
         req = await _off_loop(len(request.body), parse_infer, request.body, entry.manifest,
                               header_length,
                               lambda shape: self.agent.scheduler.precheck(entry.name, shape))
@@ -231,16 +231,16 @@ class Api:
         return Response(200, body, "application/octet-stream",
                         {"inference-header-content-length": str(head_len)})
 
-    def _json_cap(self, text: bytes) -> None:
+    def _json_cap(self, size: int) -> None:
         cap = self.agent.config.api.max_json_bytes
-        if len(text) > cap:
-            raise ApiError(413, f"{len(text)} bytes of JSON (at most {cap}); send large "
+        if size > cap:
+            raise ApiError(413, f"{size} bytes of JSON (at most {cap}); send large "
                            "tensors in the binary tensor extension")
 
     # -- TensorFlow Serving ---------------------------------------------------------------
     async def predict(self, request: Request) -> Response:
         entry = await self._model(request)
-        self._json_cap(request.body)
+        self._json_cap(len(request.body))
         x, rows = await _off_loop(len(request.body), parse_predict, request.body,
                                   entry.manifest)
         y = await self._run(entry.name, x, "normal", None)
@@ -275,13 +275,15 @@ class Api:
                            "application/octet-stream); the daemon does not open paths "
                            "clients name")
         declared = request.headers.get("x-bundle-sha256")
-        if declared is not None and not HEX64.fullmatch(declared):
-            raise ApiError(400, "X-Bundle-Sha256 must be 64 hex digits")
+        if declared is not None:
+            declared = declared.lower()
+            if not HEX64.fullmatch(declared):
+                raise ApiError(400, "X-Bundle-Sha256 must be 64 hex digits")
         assert request.stream is not None  # a streamed route
         target = self.agent.store.upload_path()
         try:
             digest = await _receive(request.stream, target)
-            if declared is not None and digest != declared.lower():
+            if declared is not None and digest != declared:
                 return _error(422, "the upload does not match X-Bundle-Sha256 (damaged in "
                               "transit)", reason="rejected", check="sha256")
             loop = asyncio.get_running_loop()

@@ -3,7 +3,6 @@ install/status` and by tests and benches that talk to a running agent."""
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import socket
@@ -43,31 +42,30 @@ def unix_call(path: Path | str, method: str, url: str, body: Any = None,
         status, _, raw = call(conn, method, url, body)
     finally:
         conn.close()
+    return status, _decoded(raw)
+
+
+def _decoded(raw: bytes) -> Any:
+    """A response body: decoded JSON, or text."""
     try:
-        return status, json.loads(raw)
+        return json.loads(raw)
     except ValueError:
-        return status, raw.decode(errors="replace")
+        return raw.decode(errors="replace")
 
 
 def upload(path: Path | str, archive: Path, timeout: float = 600.0) -> tuple[int, Any]:
     """`POST /v1/admin/install` with the archive's bytes as the body, streamed from the file
     (http.client sends a file object in blocks) with its sha256 for the daemon to check."""
-    digest = hashlib.sha256()
-    with archive.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
+    from agent.trust.bundle import file_entry  # noqa: PLC0415  # install only
+
+    entry = file_entry(archive)
     conn = UnixHTTPConnection(path, timeout=timeout)
     try:
         with archive.open("rb") as fh:
             conn.request("POST", "/v1/admin/install", body=fh, headers={
                 "Content-Type": "application/octet-stream",
-                "Content-Length": str(archive.stat().st_size),
-                "X-Bundle-Sha256": digest.hexdigest()})
+                "Content-Length": str(entry.size_bytes), "X-Bundle-Sha256": entry.sha256})
         resp = conn.getresponse()
-        raw = resp.read()
+        return resp.status, _decoded(resp.read())
     finally:
         conn.close()
-    try:
-        return resp.status, json.loads(raw)
-    except ValueError:
-        return resp.status, raw.decode(errors="replace")

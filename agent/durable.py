@@ -5,7 +5,7 @@ After a power cut the path holds either the old bytes or the new ones, never a m
 Every fsync of the agent goes through `fsync` here, and both SQLite stores (outbox, nonces)
 take their `synchronous` level from `sqlite_synchronous()`. `_UNSAFE_NO_SYNC` turns all of
 them off at once. No config, option or environment variable reaches it: only the power-cut
-harness sets it (tests/powercut_agent.py), to show that its cuts find what a missing
+harness sets it (tests/powercut_child.py --no-sync), to show that its cuts find what a missing
 fsync breaks.
 """
 

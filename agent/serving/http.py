@@ -82,7 +82,7 @@ class BodyStream:
             if isinstance(part, h11.Data):
                 self.size += len(part.data)
                 if self.size > self.cap:
-                    raise _HttpError(413, f"body larger than {self.cap} bytes")
+                    raise _too_large(self.cap)
                 yield bytes(part.data)
             elif isinstance(part, h11.EndOfMessage):
                 self.done = True
@@ -136,10 +136,6 @@ class Router:
         return 405 if allowed else 404
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class _HttpError(Exception):
     """A refusal answered with its status (and the connection closed when raised before
     the request was read whole)."""
@@ -147,6 +143,10 @@ class _HttpError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _too_large(cap: int) -> _HttpError:
+    return _HttpError(413, f"body larger than {cap} bytes")
 
 
 class HttpServer:
@@ -208,10 +208,6 @@ class HttpServer:
                 request = await self._read_request(conn, reader, unix)
             except h11.RemoteProtocolError as exc:
                 await self._send_error(conn, writer, exc.error_status_hint, str(exc))
-                return
-            except _TooLarge:
-                await self._send_error(conn, writer, 413, f"body larger than "
-                                       f"{self.max_body_bytes} bytes")
                 return
             except _HttpError as exc:
                 await self._send_error(conn, writer, exc.status, str(exc))
@@ -282,12 +278,12 @@ class HttpServer:
         cap = self.router.streamed(method, path)
         if cap is not None:
             if length is not None and length.isdigit() and int(length) > cap:
-                raise _HttpError(413, f"body larger than {cap} bytes")
+                raise _too_large(cap)
             request = Request(method, path, headers, b"", unix)
             request.stream = BodyStream(self, conn, reader, cap)
             return request
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise _TooLarge
+            raise _too_large(self.max_body_bytes)
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         chunks, size = [], 0
         while True:
@@ -295,7 +291,7 @@ class HttpServer:
             if isinstance(part, h11.Data):
                 size += len(part.data)
                 if size > self.max_body_bytes:
-                    raise _TooLarge
+                    raise _too_large(self.max_body_bytes)
                 chunks.append(bytes(part.data))
             elif isinstance(part, h11.EndOfMessage):
                 break

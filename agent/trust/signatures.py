@@ -34,7 +34,8 @@ from agent.errors import RejectedError, SignatureError
 #: Names on the wire: device ids, fleets, groups, models, key names.
 NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+HEX64_PATTERN = r"^[0-9a-f]{64}$"
+Hex64 = Annotated[str, Field(pattern=HEX64_PATTERN)]
 KeyId = Hex64
 # Lower-case only: "A" and "a" decode to the same byte, and two spellings of one signature
 # would let a flipped byte pass unnoticed.
