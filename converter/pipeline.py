@@ -115,11 +115,13 @@ def _kd(ctx: Context, epochs: int, tag: str) -> KDSettings:
                       tensorboard_dir=tb, tag=tag)
 
 
-def _torch_accuracy(ctx: Context, model: torch.nn.Module) -> float:
-    test = ctx.split.test
+def _torch_accuracy(ctx: Context, model: torch.nn.Module, idx: np.ndarray | None = None
+                    ) -> float:
+    """Accuracy against the truth on `idx` (default: the test split)."""
+    idx = ctx.split.test if idx is None else idx
     with torch.no_grad():
-        pred = model(torch.from_numpy(ctx.data.x[test])).argmax(1).numpy()
-    return float((pred == ctx.truth(test)).mean())
+        pred = model(torch.from_numpy(ctx.data.x[idx])).argmax(1).numpy()
+    return float((pred == ctx.truth(idx)).mean())
 
 
 def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:
@@ -130,11 +132,8 @@ def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:
         DistillGapError: it did not; the message says what to try.
     """
     val = ctx.split.val
-    truth = ctx.truth(val)
-    with torch.no_grad():
-        pred = student.eval()(torch.from_numpy(ctx.data.x[val])).argmax(1).numpy()
-    student_acc = float((pred == truth).mean())
-    teacher_acc = float((ctx.teacher_logits[val].argmax(1) == truth).mean())
+    student_acc = _torch_accuracy(ctx, student.eval(), val)
+    teacher_acc = float((ctx.teacher_logits[val].argmax(1) == ctx.truth(val)).mean())
     gap = (teacher_acc - student_acc) * 100
     allowed = gate_points(ctx.recipe.distill.max_gap_points, len(val))
     if gap > allowed + 1e-9:

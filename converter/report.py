@@ -44,7 +44,7 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
                              teacher_pred)
     teacher_row.update(ev.scores(ctx.teacher_logits[test], ctx.truth(test), teacher_pred))
     if t["kind"] == "onnx":
-        timed = OnnxTeacher(teacher_file, ctx.recipe.teacher.output, threads=threads)
+        timed = OnnxTeacher(teacher_file, threads=threads).select(ctx.recipe.teacher.output)
         teacher_row["latency"] = ev.latency(timed, ctx.data.x[test],  # type: ignore[arg-type]
                                             ctx.recipe.evaluate.latency_runs)
     models.append(teacher_row)

@@ -107,22 +107,35 @@ _ONNX_DTYPES: dict[str, Any] = {"tensor(double)": np.float64, "tensor(float16)":
 
 
 class OnnxTeacher:
-    """An ONNX teacher that runs only its output of class scores (for timing it as the
-    report does; `run` returns them as a float32 array)."""
+    """An ONNX teacher in onnxruntime that runs only its output of class scores (`select`
+    picks it); `run` returns them as a float32 array. Used by the teacher stage and to time
+    the teacher in the report."""
 
-    def __init__(self, path: Path, output: str | None, threads: int = 1) -> None:
+    def __init__(self, path: Path, threads: int = 0) -> None:  # 0: onnxruntime's default
         import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        self.path = path
         self._sess = ort.InferenceSession(str(path), opts,
                                           providers=["CPUExecutionProvider"])
-        self._input = self._sess.get_inputs()[0]
-        self._dtype = _ONNX_DTYPES.get(self._input.type, np.float32)
-        self._output = [choose_output(self._sess.get_outputs(), output, path.name).name]
+        self.input = self._sess.get_inputs()[0]
+        self._dtype = _ONNX_DTYPES.get(self.input.type, np.float32)
+        self._output: list[str] | None = None
+
+    def select(self, output: str | None) -> OnnxTeacher:
+        """Choose the output of class scores (`choose_output`).
+
+        Raises:
+            TeacherError: no unambiguous output of class scores.
+        """
+        self._output = [choose_output(self._sess.get_outputs(), output, self.path.name).name]
+        return self
 
     def run(self, x: F32) -> F32:
-        out = self._sess.run(self._output, {self._input.name: x.astype(self._dtype)})[0]
+        assert self._output is not None, "select an output first"
+        out = self._sess.run(self._output, {self.input.name: x.astype(self._dtype,
+                                                                        copy=False)})[0]
         return _scores(out).astype(np.float32)
 
 
@@ -136,35 +149,32 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int,
             unambiguous output of class scores.
     """
     import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
-    import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     if not path.is_file():
         raise TeacherError(f"teacher file {path} does not exist")
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        teacher = OnnxTeacher(path)
         params = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise TeacherError(f"teacher file {path} is not a valid ONNX model: "
                            f"{str(exc).splitlines()[0][:200]}") from exc
-    inp = sess.get_inputs()[0]
+    inp = teacher.input
     want = [d if isinstance(d, int) else None for d in inp.shape]
     got = list(x.shape)
     if len(want) != len(got) or any(w is not None and w != g
                                     for w, g in zip(want[1:], got[1:], strict=True)):
         raise TeacherError(f"data samples have shape {tuple(got[1:])} but teacher {path.name} "
                            f"expects {tuple(want[1:])} (input {inp.name!r})")
-    chosen = [choose_output(sess.get_outputs(), output, path.name).name]
-    x = x.astype(_ONNX_DTYPES.get(inp.type, np.float32), copy=False)
+    teacher.select(output)
     outs: list[np.ndarray] = []
     fixed_batch = want[0]
     step = fixed_batch or batch_size
     for i in range(0, len(x), step):
         chunk = x[i:i + step]
         if fixed_batch and len(chunk) != fixed_batch:
-            outs.extend(_scores(sess.run(chosen, {inp.name: x[j:j + 1]})[0])
-                        for j in range(i, len(x)))
+            outs.extend(teacher.run(x[j:j + 1]) for j in range(i, len(x)))
             break
-        outs.append(_scores(sess.run(chosen, {inp.name: chunk})[0]))
+        outs.append(teacher.run(chunk))
     logits = _as_logits(np.concatenate(outs).astype(np.float32), len(x), path.name)
     return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx")
 
