@@ -64,6 +64,15 @@ def converted(work: Path) -> Path:
     return Path(shutil.copytree(out, work / "run"))
 
 
+def digits_releases(where: Path, *versions: int,
+                    profile: str = "x86_64-generic") -> tuple[Path, list[Path]]:
+    """The converted digits model signed and packed at each of `versions` for `profile`:
+    (key directory, archives)."""
+    run = converted(where)
+    keys = make_keys(where / "keys")
+    return keys, [release(run, where, keys, version=v, profile=profile) for v in versions]
+
+
 def percentiles(samples: list[float]) -> tuple[float, float]:
     a = np.asarray(samples) * 1e6
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))

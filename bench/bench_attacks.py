@@ -39,8 +39,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_agent import converted
-from fixture_agent import AgentProcess, make_keys, release, write_config
+from bench_agent import digits_releases
+from fixture_agent import AgentProcess, write_config
 from fixture_mqtt import free_port
 from test_archive_limits import BOMBS
 
@@ -239,9 +239,7 @@ def main() -> None:
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-attacks-") as tmp:
         where = Path(tmp)
-        run = converted(where)
-        keys = make_keys(where / "keys")
-        v1 = release(run, where, keys, version=1, profile="x86_64-generic")
+        keys, (v1,) = digits_releases(where, 1)
         token = where / "api.token"
         token.write_text(TOKEN)
         token.chmod(0o600)

@@ -25,8 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_agent import converted
-from fixture_agent import make_keys, release
+from bench_agent import digits_releases
 from powercut import InstallCuts, WriterCuts, available, run_cuts, summary
 
 
@@ -42,10 +41,7 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="bench-powercut-") as tmp:
         where = Path(tmp)
-        run = converted(where)
-        keys = make_keys(where / "keys")
-        v1 = release(run, where, keys, version=1, profile="x86_64-generic")
-        v2 = release(run, where, keys, version=2, profile="x86_64-generic")
+        keys, (v1, v2) = digits_releases(where, 1, 2)
         for label, no_sync, n in (("fsync on", False, ns.cuts),
                                   ("every fsync off", True, ns.nosync_cuts)):
             harness = InstallCuts(where / label.replace(" ", "-"), keys, v1, v2,
