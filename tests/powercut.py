@@ -135,6 +135,8 @@ class InstallCuts:
         self.command = [*CHILD, *(["--no-sync"] if no_sync else []), "agent"]
         self.base = where / "base.img"
         self.mnt = where / "mnt"
+        self.config = write_config(where, keys, profile="x86_64-generic",
+                                   paths={"state_dir": str(self.mnt / "state")})
         make_image(self.base)
         with mounted(self.base, self.mnt):  # v1 installed, then a clean unmount
             agent = self._agent()
@@ -145,9 +147,7 @@ class InstallCuts:
         self.window_s = self._measure()
 
     def _agent(self) -> AgentProcess:
-        config = write_config(self.where, self.keys, profile="x86_64-generic",
-                              paths={"state_dir": str(self.mnt / "state")})
-        return AgentProcess(config, command=self.command)
+        return AgentProcess(self.config, command=self.command)
 
     def _measure(self) -> float:
         """The install's own duration (median of 3), from which cut moments are drawn."""
