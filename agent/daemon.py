@@ -32,7 +32,12 @@ from agent.errors import AgentError, BundleError, ConfigError
 from agent.profiles import FirmwareProfile, load_profile
 from agent.serving.admission import Budget, Thermal, ThermalLimits
 from agent.serving.metrics import Metrics
-from agent.serving.runtime import LoadedModel, load_tflite_delegates, open_model
+from agent.serving.runtime import (
+    LoadedModel,
+    load_tflite_delegates,
+    open_model,
+    with_preprocessing,
+)
 from agent.serving.scheduler import Resident, Scheduler
 from agent.serving.selftest import selftest_loaded
 from agent.serving.sensors import Sensors, SystemSensors
@@ -144,13 +149,14 @@ class Agent:
 
     # -- loading -------------------------------------------------------------------------
     def load(self, bundle_dir: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
-        """Load a model in a new session (`ModelHost`); returns it and the resident bytes
-        it added."""
+        """Load a model in a new session (`ModelHost`), behind the manifest's preprocessing;
+        returns it and the resident bytes it added."""
         rss = psutil.Process().memory_info().rss
         source = model_source(bundle_dir, manifest, device_key=self.device_key)
         model = open_model(source, manifest.runtime, threads=self.threads_for(manifest),
                            providers=self.profile.runtime.onnx_providers,
                            delegates=self._delegates(manifest))
+        model = with_preprocessing(model, manifest)
         grown = psutil.Process().memory_info().rss - rss
         return model, max(grown, manifest.resources.model_bytes)
 

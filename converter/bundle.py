@@ -10,6 +10,7 @@ adds `signatures.json` without touching anything else.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +28,6 @@ from agent.trust.manifest import (
     InputReference,
     Manifest,
     OutputReference,
-    Preprocessing,
     ReferenceStats,
     ResourceEstimate,
     SelfTest,
@@ -35,6 +35,7 @@ from agent.trust.manifest import (
 )
 from converter.context import INT8_ONNX, INT8_TFLITE, Context
 from converter.errors import ConvertError
+from converter.normalize import layout_for
 
 INPUT_BINS = 20
 CONFIDENCE_BINS = 10
@@ -98,29 +99,24 @@ def build_bundle(ctx: Context) -> Manifest:
     shutil.copyfile(ship, bundle / model_name)
     loaded: LoadedModel = (open_tflite(runnable) if runtime == "tflite" else open_onnx(runnable))
     opts = ctx.recipe.bundle
-    golden = ctx.data.x[ctx.split.val[:opts.selftest_samples]]
-    expected = loaded.run(golden)
+    # Golden inputs are raw samples: the device normalizes them as it does live inputs.
+    golden_idx = ctx.split.val[:opts.selftest_samples]
+    golden = ctx.data.x[golden_idx]
+    expected = loaded.run(ctx.x[golden_idx])
     np.savez(bundle / SELFTEST_FILE, inputs=golden, outputs=expected)
     calib = ctx.calib()
     ref = reference_stats(calib, loaded.run(calib))
     span = float(expected.max() - expected.min()) or 1.0
-    classes = int(expected.shape[1])
-    labels = opts.labels or [str(i) for i in range(classes)]
-    if len(labels) != classes:
-        raise ConvertError(f"bundle.labels has {len(labels)} entries, the model has "
-                           f"{classes} outputs")
+    labels = class_labels(ctx, int(expected.shape[1]))
     manifest = Manifest(
-        name=opts.name, version=opts.version, created=(now := datetime.now(UTC)),
+        name=bundle_name(ctx), version=opts.version, created=(now := datetime.now(UTC)),
         expires=now + timedelta(days=opts.expires_days), min_agent_version=agent_version,
         profiles=[ctx.profile.name], runtime=runtime, model_file=model_name,
         files={model_name: file_entry(bundle / model_name),
                SELFTEST_FILE: file_entry(bundle / SELFTEST_FILE)},
         inputs=loaded.inputs, outputs=loaded.outputs, labels=labels,
-        preprocessing=Preprocessing(
-            layout="NCHW" if len(ctx.data.sample_shape) == 3 else "NC",
-            scale=ctx.data.scale, offset=ctx.data.offset,
-            description="x = raw * scale + offset, then the input tensor's own "
-                        "quantization if it has one"),
+        preprocessing=ctx.norm.preprocessing(layout_for(ctx.data.sample_shape),
+                                             len(ctx.split.train)),
         reference=ref,
         resources=_resources(ctx, bundle / model_name),
         # 2 % of the golden outputs' range is about five int8 steps: room for rounding
@@ -130,6 +126,46 @@ def build_bundle(ctx: Context) -> Manifest:
     )
     (bundle / MANIFEST_FILE).write_bytes(canonical_json(manifest))
     return manifest
+
+
+def bundle_name(ctx: Context) -> str:
+    """bundle.name, else the data file's name (`digits` for the built-in set), else the
+    teacher file's, made to fit the manifest's name pattern."""
+    if ctx.recipe.bundle.name:
+        return ctx.recipe.bundle.name
+    t = ctx.recipe.teacher
+    source = ctx.data.source
+    stem = source if source == "digits" else Path(source).stem
+    if not stem:
+        stem = Path(t.onnx or t.weights or "model").stem
+    name = re.sub(r"[^a-z0-9_.-]+", "-", stem.lower()).strip("-._")
+    return name or "model"
+
+
+def class_labels(ctx: Context, classes: int) -> list[str]:
+    """bundle.labels, else bundle.labels_file (one per line), else the data's `labels`,
+    else "0".."n-1".
+
+    Raises:
+        ConvertError: the labels file cannot be read, or the count is not the model's.
+    """
+    opts = ctx.recipe.bundle
+    labels, where = opts.labels, "bundle.labels"
+    if not labels and opts.labels_file:
+        where = f"labels file {opts.labels_file}"
+        try:
+            text = Path(opts.labels_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConvertError(f"{where} cannot be read: {exc}") from exc
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels and ctx.data.labels is not None:
+        labels, where = ctx.data.labels, f"the data's labels array ({ctx.data.source})"
+    if not labels:
+        return [str(i) for i in range(classes)]
+    if len(labels) != classes:
+        raise ConvertError(f"{where} has {len(labels)} class names; the model has "
+                           f"{classes} outputs")
+    return list(labels)
 
 
 def _resources(ctx: Context, model: Path) -> ResourceEstimate:
@@ -144,6 +180,6 @@ def _provenance(ctx: Context) -> dict[str, Any]:
     acc = {f"{m['name']} ({m['runtime']})": m.get("accuracy") for m in ev["models"]}
     return {"tool": f"edge-convert {agent_version}", "profile": ctx.profile.name,
             "teacher": ctx.results["teacher"]["description"],
-            "student": ctx.recipe.student.family, "test_accuracy": acc,
+            "student": ctx.results["student"]["family"], "test_accuracy": acc,
             "recipe_sha256": hashlib.sha256(
                 ctx.recipe.model_dump_json().encode()).hexdigest()}

@@ -1,6 +1,7 @@
 """`edge-convert`: a thin shell over converter.pipeline.
 
-    edge-convert example digits --out DIR     write data, a trained teacher and a recipe
+    edge-convert example digits|series --out DIR
+                                              write data, a trained teacher and a recipe
     edge-convert run [RECIPE] [options]       the whole pipeline, atomically into --out
     edge-convert STAGE [RECIPE] --work DIR    one stage (teacher, distill, prune, export,
                                               quantize, compile, evaluate, report, bundle)
@@ -13,12 +14,15 @@ Errors print one line naming the problem and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -73,14 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _NoAbbrevParser(prog="edge-convert", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show the toolchains' own log lines and warnings (torch, "
+                             "TFLite, absl), which are hidden by default")
     # No abbreviations: `--data-val 0.3` silently set data.val_fraction.
     sub = parser.add_subparsers(dest="command", required=True,
                                 parser_class=_NoAbbrevParser)
     ex = sub.add_parser("example", help="write a built-in example (data, teacher, recipe)")
-    ex.add_argument("name", choices=["digits"])
+    ex.add_argument("name", choices=["digits", "series"],
+                    help="digits: 8x8 images (scikit-learn); series: generated vibration "
+                         "windows (1 x 128, raw milli-g)")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--profile", default="raspberry-pi-4")
-    ex.add_argument("--epochs", type=int, default=40, help="teacher training epochs")
+    ex.add_argument("--epochs", type=int, default=None,
+                    help="teacher training epochs (default: the example's own)")
     ex.add_argument("--teacher", choices=["onnx", "torch"], default="onnx",
                     help="which teacher the recipe names (both files are written)")
     run = sub.add_parser("run", help="run the whole pipeline into --out")
@@ -99,10 +109,13 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _dispatch(ns: argparse.Namespace) -> int:
+def _dispatch(ns: argparse.Namespace, *, verbose: bool) -> int:
     from converter import pipeline  # noqa: PLC0415  # torch: only for a conversion
     from converter.context import open_context  # noqa: PLC0415  # when used
     from converter.recipe import load_recipe  # noqa: PLC0415  # when used
+
+    if not verbose:
+        _quiet_python_logs()
 
     if ns.command == "profiles":
         from agent.profiles import available_profiles, load_profile  # noqa: PLC0415  # when used
@@ -111,10 +124,11 @@ def _dispatch(ns: argparse.Namespace) -> int:
             print(f"{name:22} {load_profile(name).description}")
         return 0
     if ns.command == "example":
-        from converter.examples.digits import write_example  # noqa: PLC0415  # when used
+        import importlib  # noqa: PLC0415  # when used
 
-        acc = write_example(ns.out, profile=ns.profile, epochs=ns.epochs,
-                            teacher_kind=ns.teacher)
+        write_example = importlib.import_module(f"converter.examples.{ns.name}").write_example
+        epochs = {} if ns.epochs is None else {"epochs": ns.epochs}
+        acc = write_example(ns.out, profile=ns.profile, teacher_kind=ns.teacher, **epochs)
         _say(f"example written to {ns.out} (teacher test accuracy {acc:.2%}); next: "
              f"edge-convert run {ns.out / 'recipe.toml'}")
         return 0
@@ -128,21 +142,61 @@ def _dispatch(ns: argparse.Namespace) -> int:
     return 0
 
 
+NOISY_LOGGERS = ("torch", "torchao", "litert_torch", "ai_edge_torch", "onnxscript", "absl",
+                 "tensorflow", "root")
+
+
+def _quiet_python_logs() -> None:
+    """Toolchain loggers to ERROR; torch sets its own loggers' levels when it is imported,
+    so this runs again after the import."""
+    for name in [*NOISY_LOGGERS, *logging.root.manager.loggerDict]:
+        if name.split(".")[0] in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def _native_stderr_to(sink: Path | None) -> Iterator[None]:
+    """Send what native libraries write to file descriptor 2 (absl, oneDNN, the TFLite
+    interpreter's INFO lines) to `sink`, while Python's `sys.stderr` (progress bars, our
+    error line, tracebacks) keeps the real stderr. None: leave both alone."""
+    if sink is None:
+        yield
+        return
+    sys.stderr.flush()
+    real = os.dup(2)
+    python_stderr = sys.stderr
+    with sink.open("wb") as captured:
+        os.dup2(captured.fileno(), 2)
+    sys.stderr = open(real, "w", encoding="utf-8", errors="replace", closefd=False,  # noqa: SIM115
+                      buffering=1)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = python_stderr
+        os.dup2(real, 2)
+        os.close(real)
+
+
 def main(argv: list[str] | None = None) -> int:
     # Quiet the toolchains' own chatter (TensorFlow/absl C++ logs, deprecation notices from
-    # torch internals) so the user sees our stage lines and real errors.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for noisy in ("torchao", "torch", "root"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # torch internals, torchvision notes from the ONNX exporter) so the user sees our stage
+    # lines and real errors; -v shows it all.
     ns = build_parser().parse_args(argv)
+    if not ns.verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("GLOG_minloglevel", "2")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+        _quiet_python_logs()
     # SIGTERM unwinds like Ctrl-C, so `run` removes its temporary directory either way.
     previous = (signal.signal(signal.SIGTERM, _terminate)
                 if threading.current_thread() is threading.main_thread() else None)
     try:
-        return _dispatch(ns)
+        with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp, \
+                _native_stderr_to(None if ns.verbose else Path(tmp) / "native-stderr.log"):
+            return _dispatch(ns, verbose=ns.verbose)
     except (ConvertError, AgentError) as exc:
         print(f"edge-convert: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -20,8 +20,10 @@ import numpy as np
 
 from agent.errors import ProfileError
 from agent.profiles import FirmwareProfile, load_profile
+from converter import normalize
 from converter.data import Dataset, Split, calibration_indices, load_dataset, split
 from converter.errors import DataError, RecipeError
+from converter.normalize import Normalization
 from converter.recipe import Recipe
 
 STUDENT_FILE = "student.pt"
@@ -31,6 +33,7 @@ INT8_ONNX = "model_int8.onnx"
 INT8_TFLITE = "model_int8.tflite"
 RESULTS = "results.json"
 TEACHER_LOGITS = "teacher_logits.npy"
+NORMALIZATION = "normalization.npz"
 
 
 @dataclass
@@ -38,14 +41,20 @@ class Context:
     recipe: Recipe
     profile: FirmwareProfile
     work: Path
-    data: Dataset
+    data: Dataset  # raw samples: what the teacher and the device get
     split: Split
+    norm: Normalization  # raw -> the student's input, fitted on the training split
     results: dict[str, Any] = field(default_factory=dict)
     say: Callable[[str], None] = print
 
     @property
     def classes(self) -> int:
         return int(self.teacher_logits.shape[1])
+
+    @cached_property
+    def x(self) -> np.ndarray:
+        """Every sample as the student sees it (normalized)."""
+        return self.norm.apply(self.data.x)
 
     @cached_property
     def teacher_logits(self) -> np.ndarray:
@@ -65,7 +74,8 @@ class Context:
 
     def calib(self) -> np.ndarray:
         r = self.recipe.data
-        return self.data.x[calibration_indices(self.split, r.calibration_samples, r.seed)]
+        """Calibration samples, normalized (the student's inputs)."""
+        return self.x[calibration_indices(self.split, r.calibration_samples, r.seed)]
 
 
 def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print) -> Context:
@@ -81,5 +91,12 @@ def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print)
     sp = split(len(data.x), data.y, seed=r.seed, val_fraction=r.val_fraction,
                test_fraction=r.test_fraction)
     work.mkdir(parents=True, exist_ok=True)
+    # Fitted once per work directory: every later stage (and a re-bundle) uses what the
+    # student was trained on, whatever its own recipe says.
+    if (work / NORMALIZATION).is_file():
+        norm = normalize.load(work / NORMALIZATION)
+    else:
+        norm = normalize.fit(data.x[sp.train], r.normalize)
+        normalize.save(norm, work / NORMALIZATION)
     results = json.loads((work / RESULTS).read_text()) if (work / RESULTS).is_file() else {}
-    return Context(recipe, profile, work, data, sp, results, say)
+    return Context(recipe, profile, work, data, sp, norm, results, say)

@@ -1,7 +1,8 @@
 """Samples in, checked and split deterministically.
 
-Data is an `.npz` with `x` (float samples, first axis = samples) and optionally `y` (integer
-class labels), or the built-in `digits` set from scikit-learn's `load_digits` (1,797 8x8
+Data is an `.npz` with `x` (numeric samples, first axis = samples: vectors (N, F), sequences
+(N, C, L) or images (N, C, H, W)), optionally `y` (integer class labels) and `labels` (class
+names, a string array), or the built-in `digits` set from scikit-learn's `load_digits` (1,797 8x8
 grey images scaled to [0, 1], shape (N, 1, 8, 8)). Nothing is downloaded.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from converter.errors import DataError
+from converter.normalize import layout_for
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -28,9 +30,7 @@ class Dataset:
     x: F32
     y: I64 | None
     source: str
-    # x = raw * scale + offset; recorded in the bundle so the device prepares inputs alike.
-    scale: float = 1.0
-    offset: float = 0.0
+    labels: list[str] | None = None  # class names, from the npz's `labels` array
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -53,7 +53,7 @@ def load_digits_dataset() -> Dataset:
     bunch = load_digits()
     x = (np.asarray(bunch.images, dtype=np.float32) / 16.0)[:, None, :, :]
     y = np.asarray(bunch.target, dtype=np.int64)
-    return Dataset(x=x, y=y, source="digits", scale=1.0 / 16.0, offset=0.0)
+    return Dataset(x=x, y=y, source="digits")
 
 
 def load_dataset(source: str) -> Dataset:
@@ -101,7 +101,21 @@ def validate(arrays: dict[str, np.ndarray], source: str) -> Dataset:
         if y_raw.min() < 0:
             raise DataError(f"data {source}: y has negative labels")
         y = y_raw.astype(np.int64)
-    return Dataset(x=x, y=y, source=source)
+    labels = None
+    if "labels" in arrays:
+        raw_labels = arrays["labels"]
+        if raw_labels.ndim != 1 or raw_labels.dtype.kind not in "US" or not len(raw_labels):
+            raise DataError(f"data {source}: labels must be a 1-D array of class names, got "
+                            f"{raw_labels.dtype} {raw_labels.shape}")
+        labels = [str(v.decode() if isinstance(v, bytes) else v) for v in raw_labels]
+        if y is not None and int(y.max()) >= len(labels):
+            raise DataError(f"data {source}: y goes up to {int(y.max())} but labels names "
+                            f"{len(labels)} classes")
+    try:
+        layout_for(tuple(x.shape[1:]))
+    except ValueError as exc:
+        raise DataError(f"data {source}: {exc}") from exc
+    return Dataset(x=x, y=y, source=source, labels=labels)
 
 
 def split(n: int, y: I64 | None, *, seed: int, val_fraction: float,

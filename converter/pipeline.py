@@ -44,11 +44,12 @@ from converter.errors import (
     TeacherError,
 )
 from converter.export import export_onnx
+from converter.normalize import input_levels, minmax_step
 from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, quantize_tflite
 from converter.recipe import Recipe
 from converter.report import evaluate_all, write_report
-from converter.students import build_student, fold_batchnorm, param_count
-from converter.teacher import run_onnx_teacher, run_torch_teacher
+from converter.students import build_student, default_family, fold_batchnorm, param_count
+from converter.teacher import import_factory, run_onnx_teacher, run_torch_teacher
 
 log = logging.getLogger("edge.convert")
 
@@ -77,7 +78,8 @@ def stage_teacher(ctx: Context) -> None:
     ctx.results["teacher"] = {"kind": out.kind, "description": out.description,
                               "parameters": out.parameters, "test_accuracy": acc,
                               "classes": int(out.logits.shape[1]), **gate}
-    ctx.say(f"teacher: {out.description}, {out.parameters:,} parameters, "
+    ctx.say(f"teacher ({'onnxruntime' if out.kind == 'onnx' else 'torch'}): "
+            f"{out.description}, {out.parameters:,} parameters, "
             f"test accuracy {acc:.2%}")
 
 
@@ -120,8 +122,14 @@ def _torch_accuracy(ctx: Context, model: torch.nn.Module, idx: np.ndarray | None
     """Accuracy against the truth on `idx` (default: the test split)."""
     idx = ctx.split.test if idx is None else idx
     with torch.no_grad():
-        pred = model(torch.from_numpy(ctx.data.x[idx])).argmax(1).numpy()
+        pred = model(torch.from_numpy(ctx.x[idx])).argmax(1).numpy()
     return float((pred == ctx.truth(idx)).mean())
+
+
+def _family(ctx: Context) -> str:
+    """The student family, `auto` resolved by the sample's rank."""
+    family = ctx.recipe.student.family
+    return default_family(ctx.data.sample_shape) if family == "auto" else family
 
 
 def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:
@@ -138,7 +146,7 @@ def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:
     allowed = gate_points(ctx.recipe.distill.max_gap_points, len(val))
     if gap > allowed + 1e-9:
         raise DistillGapError(
-            f"the fp32 student ({ctx.recipe.student.family}, {param_count(student):,} "
+            f"the fp32 student ({_family(ctx)}, {param_count(student):,} "
             f"parameters) scores {student_acc:.1%} on validation, {gap:.1f} points below the "
             f"teacher's {teacher_acc:.1%} (at most {allowed:.1f}: --distill-max-gap-points); "
             "try a bigger student (--student-hidden, --student-channels), more epochs "
@@ -147,24 +155,55 @@ def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:
             "gap_points": gap, "max_gap_points": allowed}
 
 
+def _inputs_gate(ctx: Context) -> None:
+    """Report the normalization and the int8 input levels per feature (channel) on the
+    training split, with the step min-max calibration gives the input tensor; refuse inputs
+    where a feature gets fewer than min(its distinct values, quantize.min_input_levels)
+    levels: int8 would erase it.
+
+    Raises:
+        DataError: a starved feature; the message names them and what to try.
+    """
+    norm, train = ctx.norm, ctx.x[ctx.split.train]
+    step, zero = minmax_step(ctx.calib())
+    lv = input_levels(train, step, zero, ctx.recipe.quantize.min_input_levels)
+    ctx.results["inputs"] = {"normalize": norm.method, "axis": norm.axis,
+                             "reason": norm.reason, "int8_step": step, **lv.as_dict()}
+    ctx.say(f"inputs: normalize {norm.method}"
+            f"{f' per {norm.axis}' if norm.method != 'none' else ''} ({norm.reason}); "
+            f"int8 levels per {lv.unit}: min {int(lv.levels.min())}, median "
+            f"{float(np.median(lv.levels)):g}")
+    if lv.min_levels and (starved := lv.starved):
+        shown = ", ".join(f"{i} ({lv.levels[i]} of {lv.distinct[i]} values)"
+                          for i in starved[:8])
+        raise DataError(
+            f"int8 input quantization (step {step:.3g}) leaves {len(starved)} of "
+            f"{len(lv.levels)} {lv.unit}s fewer than {lv.min_levels} levels: {shown}"
+            f"{' ...' if len(starved) > 8 else ''}; normalize the inputs "
+            "(--data-normalize standard or minmax) or lower --quantize-min-input-levels")
+
+
 def stage_distill(ctx: Context) -> None:
     _need(ctx, TEACHER_LOGITS)
+    _inputs_gate(ctx)
     torch.manual_seed(ctx.recipe.data.seed)
     student = build_student(ctx.recipe.student, ctx.data.sample_shape, ctx.classes)
-    hist = distill(student, ctx.data.x, ctx.teacher_logits, ctx.data.y, ctx.split.train,
+    hist = distill(student, ctx.x, ctx.teacher_logits, ctx.data.y, ctx.split.train,
                    ctx.split.val, _kd(ctx, ctx.recipe.distill.epochs, "distill"))
     gap = _student_gate(ctx, student)
     torch.save(student, ctx.work / STUDENT_FILE)
     acc = _torch_accuracy(ctx, student)
-    ctx.results["student"] = {"family": ctx.recipe.student.family,
+    ctx.results["student"] = {"family": _family(ctx),
                               "parameters": param_count(student), "test_accuracy": acc,
                               "history": hist.as_dict(), **gap}
-    ctx.say(f"student: {ctx.recipe.student.family}, {param_count(student):,} parameters, "
+    ctx.say(f"student (torch fp32): {_family(ctx)}, {param_count(student):,} parameters, "
             f"{len(hist.epochs)} epochs (best {hist.best_epoch}), test accuracy {acc:.2%}")
 
 
 def load_student(ctx: Context) -> torch.nn.Module:
     _need(ctx, STUDENT_FILE)
+    if ctx.recipe.student.module:  # its classes must be importable to unpickle the student
+        import_factory(ctx.recipe.student.module, "student module")
     model = torch.load(ctx.work / STUDENT_FILE, weights_only=False)
     assert isinstance(model, torch.nn.Module)
     return model.eval()
@@ -181,11 +220,11 @@ def stage_prune(ctx: Context) -> None:
     if p.method == "unstructured":
         pr.apply_unstructured(student, p.sparsity)
     else:
-        example = torch.from_numpy(ctx.data.x[:1])
+        example = torch.from_numpy(ctx.x[:1])
         student = pr.apply_structured(student, p.sparsity, example)
     acc_pruned = _torch_accuracy(ctx, student)
     if p.finetune_epochs:
-        distill(student, ctx.data.x, ctx.teacher_logits, ctx.data.y, ctx.split.train,
+        distill(student, ctx.x, ctx.teacher_logits, ctx.data.y, ctx.split.train,
                 ctx.split.val, _kd(ctx, p.finetune_epochs, "prune_finetune"))
     if p.method == "unstructured":
         pr.finalize_unstructured(student)
@@ -206,7 +245,7 @@ def stage_prune(ctx: Context) -> None:
 def stage_export(ctx: Context) -> None:
     student = fold_batchnorm(load_student(ctx))
     torch.save(student, ctx.work / STUDENT_FILE)
-    res = export_onnx(student, ctx.data.x[ctx.split.val[:64]], ctx.work / FP32_ONNX)
+    res = export_onnx(student, ctx.x[ctx.split.val[:64]], ctx.work / FP32_ONNX)
     ctx.results["export"] = {"file": FP32_ONNX, "max_abs_diff_vs_torch": res.max_abs_diff}
     ctx.say(f"export: {FP32_ONNX} (max |onnx - torch| = {res.max_abs_diff:.2e})")
 
@@ -217,7 +256,7 @@ def stage_quantize(ctx: Context) -> None:
     per_channel = q.per_channel and prof.quantization.per_channel
     calib = ctx.calib()
     val = ctx.split.val
-    x_val, truth_val = ctx.data.x[val], ctx.truth(val)
+    x_val, truth_val = ctx.x[val], ctx.truth(val)
     tol = gate_points(q.tolerance_points, len(val))
     out: dict[str, Any] = {"per_channel": per_channel, "calibration_samples": len(calib),
                            "tolerance_points": tol, "val_samples": len(val),
@@ -235,7 +274,8 @@ def stage_quantize(ctx: Context) -> None:
                        "sensitivity": gate.sensitivity, "val_fp32": gate.fp32_val_accuracy,
                        "val_int8": gate.int8_val_accuracy, "gate_passed": gate.passed}
         _gate(ctx, "ONNX", gate.fp32_val_accuracy, gate.int8_val_accuracy, gate.steps)
-        ctx.say(f"quantize: {INT8_ONNX} ({gate.settings.calibration} calibration, "
+        ctx.say(f"quantize (onnxruntime): {INT8_ONNX} ({gate.settings.calibration} "
+                f"calibration, "
                 f"{'per-channel' if per_channel else 'per-tensor'}, val accuracy "
                 f"{gate.fp32_val_accuracy:.2%} fp32 -> {gate.int8_val_accuracy:.2%} int8)")
     if "tflite" in q.formats:
@@ -268,7 +308,7 @@ def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray,
              f"int8 {int8:.4f} vs fp32 {fp32:.4f}"]
     tol = gate_points(ctx.recipe.quantize.tolerance_points, len(x_val))
     if (fp32 - int8) * 100 > tol and ctx.recipe.quantize.mitigate:
-        all_train = ctx.data.x[ctx.split.train]
+        all_train = ctx.x[ctx.split.train]
         res = quantize_tflite(student, all_train, ctx.work / INT8_TFLITE, per_channel=per_channel)
         int8 = float((open_tflite(ctx.work / INT8_TFLITE).run(x_val).argmax(1)
                       == truth_val).mean())
@@ -278,8 +318,8 @@ def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray,
     ops = npu.tflite_ops(ctx.work / INT8_TFLITE)
     check = npu.check_target(ctx.profile, ops, res.io_dtype, loaded.inputs[0].shape,
                              require_full_offload=ctx.recipe.target.require_full_offload)
-    ctx.say(f"quantize: {INT8_TFLITE} (I/O {res.io_dtype}, val accuracy {fp32:.2%} fp32 -> "
-            f"{int8:.2%} int8, ops {', '.join(check.operators)})")
+    ctx.say(f"quantize (LiteRT): {INT8_TFLITE} (I/O {res.io_dtype}, val accuracy "
+            f"{fp32:.2%} fp32 (onnxruntime) -> {int8:.2%} int8, ops {', '.join(check.operators)})")
     return {"io_dtype": res.io_dtype, "steps": steps, "val_fp32": fp32, "val_int8": int8,
             "operators": ops, "unsupported": check.unsupported, "notes": check.notes}
 
@@ -304,9 +344,9 @@ def stage_compile(ctx: Context) -> None:
 
 def stage_evaluate(ctx: Context) -> None:
     ctx.results["evaluate"] = evaluate_all(ctx)
-    ctx.say("evaluate: " + ", ".join(
-        f"{m['name']} {m['accuracy']:.2%}" for m in ctx.results["evaluate"]["models"]
-        if m.get("accuracy") is not None))
+    ctx.say("evaluate (test split): " + ", ".join(
+        f"{m['name']} ({m['runtime']}) {m['accuracy']:.2%}"
+        for m in ctx.results["evaluate"]["models"] if m.get("accuracy") is not None))
 
 
 def stage_report(ctx: Context) -> None:

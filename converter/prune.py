@@ -31,7 +31,7 @@ class PruneResult:
 
 
 def _weighted(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return [m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)]
 
 
 def weight_sparsity(model: nn.Module) -> float:
@@ -44,7 +44,7 @@ def apply_unstructured(model: nn.Module, sparsity: float) -> None:
     """Mask the smallest-|w| share of all Conv/Linear weights (masks stay during fine-tune)."""
     params = [(m, "weight") for m in _weighted(model)]
     if not params:
-        raise RecipeError("unstructured pruning found no Conv2d/Linear layers")
+        raise RecipeError("unstructured pruning found no Conv/Linear layers")
     tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=sparsity)
 
 
@@ -61,7 +61,7 @@ def apply_structured(model: nn.Module, sparsity: float, example: torch.Tensor) -
 
     layers = _weighted(model)
     if len(layers) < 2:
-        raise RecipeError("structured pruning needs at least two Conv2d/Linear layers")
+        raise RecipeError("structured pruning needs at least two Conv/Linear layers")
     classifier = layers[-1]
     model.eval()
     pruner = tp.pruner.MetaPruner(

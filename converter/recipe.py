@@ -29,10 +29,14 @@ class DataOptions(_Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     calibration_samples: int = Field(256, ge=8)
+    # Input normalization fitted on the training split and applied on the device (auto:
+    # standard per feature or channel when their scales differ or are far from 1).
+    normalize: Literal["auto", "none", "standard", "minmax"] = "auto"
 
 
 class TeacherOptions(_Section):
-    """An ONNX file, or a torch factory `package.module:function` plus a weights file."""
+    """An ONNX file, or a torch factory (`package.module:function` or
+    `path/to/file.py:function`) plus a weights file (a state_dict)."""
 
     onnx: str | None = None
     torch: str | None = None
@@ -56,10 +60,14 @@ class TeacherOptions(_Section):
 
 
 class StudentOptions(_Section):
-    family: Literal["mlp", "cnn", "dscnn", "module"] = "cnn"
+    # auto: mlp for vectors (F,), cnn for sequences (C, L) and images (C, H, W)
+    family: Literal["auto", "mlp", "cnn", "dscnn", "module"] = "auto"
     hidden: list[int] = Field(default_factory=lambda: [32])  # mlp: hidden layer widths
-    channels: list[int] = Field(default_factory=lambda: [8, 16])  # cnn/dscnn: stage widths
-    module: str | None = None  # family "module": `package.module:factory(input_shape, classes)`
+    # cnn/dscnn stage widths; default [8, 16] for images, [16, 32] for sequences
+    channels: list[int] | None = None
+    # family "module": `package.module:factory` or `path/to/file.py:factory`, called as
+    # factory(input_shape, classes)
+    module: str | None = None
 
     @model_validator(mode="after")
     def _module_given(self) -> StudentOptions:
@@ -96,6 +104,9 @@ class QuantizeOptions(_Section):
     tolerance_points: float = Field(1.0, ge=0)  # accuracy gate: max int8 drop below fp32
     mitigate: bool = True
     max_float_layers: int = Field(3, ge=0)
+    # Refuse inputs whose int8 quantization leaves a feature (channel) fewer distinct levels
+    # than min(this, its distinct training values); 0 turns the check off.
+    min_input_levels: int = Field(8, ge=0, le=256)
 
 
 class EvaluateOptions(_Section):
@@ -104,10 +115,13 @@ class EvaluateOptions(_Section):
 
 
 class BundleOptions(_Section):
-    name: str = Field("digits", pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    # default: from the data file's name (`digits` for the built-in set), else the teacher's
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     version: int = Field(1, ge=1)
     expires_days: int = Field(365, ge=1)
+    # class names; default: labels_file, else the data's `labels` array, else "0".."n-1"
     labels: list[str] = Field(default_factory=list)
+    labels_file: str | None = None  # one class name per line (also `--labels FILE`)
     selftest_samples: int = Field(16, ge=1)
 
 
@@ -131,12 +145,15 @@ class Recipe(_Section):
     out: str = "build/convert"
 
 
-PATH_FIELDS = {("teacher", "onnx"), ("teacher", "weights"), (None, "out")}
+PATH_FIELDS = {("teacher", "onnx"), ("teacher", "weights"), ("bundle", "labels_file"),
+               (None, "out")}
+FACTORY_FIELDS = {("teacher", "torch"), ("student", "module")}
 
 
 def option_names() -> dict[str, tuple[str | None, str]]:
     """Command-line option name -> (section, field) for every recipe field."""
-    names: dict[str, tuple[str | None, str]] = {"--out": (None, "out")}
+    names: dict[str, tuple[str | None, str]] = {"--out": (None, "out"),
+                                                "--labels": ("bundle", "labels_file")}
     for section, info in Recipe.model_fields.items():
         model = info.annotation
         if isinstance(model, type) and issubclass(model, _Section):
@@ -179,6 +196,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         holder = data if section is None else data.get(section)
         if isinstance(holder, dict) and isinstance(holder.get(field), str):
             holder[field] = str((base / holder[field]).resolve())
+    for section, field in FACTORY_FIELDS:  # `file.py:function` is a path too
+        holder = data.get(section)
+        spec = holder.get(field) if isinstance(holder, dict) else None
+        if not (isinstance(holder, dict) and isinstance(spec, str)):
+            continue
+        file, _, function = spec.rpartition(":")
+        if file.endswith(".py"):
+            holder[field] = f"{(base / file).resolve()}:{function}"
     source = data.get("data", {}).get("source")
     if isinstance(source, str) and source != "digits":
         data["data"]["source"] = str((base / source).resolve())

@@ -25,9 +25,9 @@ def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: Loaded
     row: dict[str, Any] = {"name": name, "runtime": runtime, "file": path.name,
                            "parameters": params, **ev.sizes(path)}
     if loaded is not None:
-        logits = loaded.run(ctx.data.x[test])
+        logits = loaded.run(ctx.x[test])
         row.update(ev.scores(logits, ctx.truth(test), teacher_pred))
-        row["latency"] = ev.latency(loaded, ctx.data.x[test], ctx.recipe.evaluate.latency_runs)
+        row["latency"] = ev.latency(loaded, ctx.x[test], ctx.recipe.evaluate.latency_runs)
     return row
 
 
@@ -87,9 +87,21 @@ def _checks(ctx: Context, models: list[dict[str, Any]]) -> dict[str, Any]:
     fp32 = by[("student fp32", "onnx")]
     tol = ctx.recipe.quantize.tolerance_points
     out: dict[str, Any] = {
-        "param_ratio_teacher_over_student": teacher["parameters"] / max(fp32["parameters"], 1),
         "student_drop_vs_teacher_points": (teacher["accuracy"] - fp32["accuracy"]) * 100,
     }
+    # Trees and linear models keep their sizes outside initializers (skl2onnx attributes):
+    # with no parameter count the ratio is by bytes, teacher file over int8 student file.
+    smallest = min((m for m in models[1:] if m["name"].startswith("student")),
+                   key=lambda m: m["raw_bytes"])
+    if teacher["parameters"] > 0:
+        out["size_ratio"] = {"by": "parameters", "teacher": teacher["parameters"],
+                             "student": fp32["parameters"],
+                             "ratio": teacher["parameters"] / max(fp32["parameters"], 1)}
+    else:
+        out["size_ratio"] = {"by": "bytes", "teacher": teacher["raw_bytes"],
+                             "student": smallest["raw_bytes"],
+                             "student_file": smallest["file"],
+                             "ratio": teacher["raw_bytes"] / max(smallest["raw_bytes"], 1)}
     for rt in ("onnx", "tflite"):
         m = by.get(("student int8", rt))
         if m is not None:
@@ -115,8 +127,8 @@ def _report_data(ctx: Context) -> dict[str, Any]:
         "data": {"source": ctx.data.source, "samples": len(ctx.data.x),
                  "train": len(ctx.split.train), "val": len(ctx.split.val),
                  "test": len(ctx.split.test), "sample_shape": list(ctx.data.sample_shape)},
-        "teacher": r.get("teacher"), "student": {k: v for k, v in r.get("student", {}).items()
-                                                 if k != "history"},
+        "inputs": r.get("inputs"), "teacher": r.get("teacher"),
+        "student": {k: v for k, v in r.get("student", {}).items() if k != "history"},
         "prune": r.get("prune"), "export": r.get("export"), "quantize": r.get("quantize"),
         "compile": r.get("compile"), "evaluate": r.get("evaluate"),
         "timings_s": r.get("timings_s"),
@@ -154,9 +166,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
     lines += ["", f"Latency: host CPU, batch 1, {ev_['threads']} thread(s); device figures "
               "differ. ", "",
               "## Checks", "",
-              f"- student has {c['param_ratio_teacher_over_student']:.1f}x fewer parameters than "
-              f"the teacher; its accuracy is {c['student_drop_vs_teacher_points']:.2f} points "
-              "below the teacher's",
+              f"- {_ratio_text(c['size_ratio'])}; the student's accuracy is "
+              f"{c['student_drop_vs_teacher_points']:.2f} points below the teacher's",
               f"- MACs per sample: student {ev_['student_macs']:,}"
               + (f", teacher {ev_['teacher_macs']:,}" if ev_["teacher_macs"] else "")]
     lines += _gate_lines(rep)
@@ -186,10 +197,26 @@ def render_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ratio_text(r: dict[str, Any]) -> str:
+    if r["by"] == "parameters":
+        return (f"student has {r['ratio']:.1f}x fewer parameters than the teacher "
+                f"({r['student']:,} against {r['teacher']:,})")
+    return (f"the teacher has no parameter count (its sizes live in operator attributes): "
+            f"its file is {r['ratio']:.1f}x the bytes of the student's {r['student_file']} "
+            f"({_fmt_bytes(r['teacher'])} against {_fmt_bytes(r['student'])})")
+
+
 def _gate_lines(rep: dict[str, Any]) -> list[str]:
     """The quality gates the run passed, with their figures (validation split)."""
     out = []
     t, st, q = rep.get("teacher") or {}, rep.get("student") or {}, rep.get("quantize") or {}
+    if inp := rep.get("inputs"):
+        out.append(f"- inputs: normalize {inp['normalize']}"
+                   f"{' per ' + inp['axis'] if inp['normalize'] != 'none' else ''} "
+                   f"({inp['reason']}), applied by the agent before the model; int8 levels per "
+                   f"{inp['unit']} on the training split: min {inp['levels_min']}, median "
+                   f"{inp['levels_median']:g} (at least min({inp['min_levels']}, its distinct "
+                   f"values) required)")
     if "chance" in t:
         out.append(f"- teacher gate: {_pct(t['val_accuracy'])} on the validation labels "
                    f"against chance {_pct(t['chance'])} (the most common class)")

@@ -1,9 +1,12 @@
 """Built-in student families, sized by options, or a user module.
 
-- `mlp`: flatten, then Linear+ReLU per `hidden` width.
-- `cnn`: per `channels` width a 3x3 Conv+BN+ReLU stage, 2x2 max-pool while the map is >= 4.
-- `dscnn`: one regular 3x3 stem, then depthwise-separable stages (3x3 depthwise + 1x1
-  pointwise, BN, ReLU6), MobileNet style: few MACs and ops every NPU runs.
+- `mlp`: flatten, then Linear+ReLU per `hidden` width (vectors; the default for them).
+- `cnn`: per `channels` width a 3-wide Conv+BN+ReLU stage, 2x max-pool while the map's
+  smallest side is >= 4; 1-D for sequences (C, L), 2-D for images (C, H, W) of any H x W
+  (the default for both).
+- `dscnn`: one regular 3-wide stem, then depthwise-separable stages (3-wide depthwise + 1x1
+  pointwise, BN, ReLU6), MobileNet style: few MACs and ops every NPU runs; 1-D or 2-D as cnn.
+- `auto`: the default family for the sample's rank.
 
 All are plain `nn.Sequential`s of standard layers so BN folds away before export and every
 op maps to an int8 kernel on the targets in `firmware_profiles/`.
@@ -11,9 +14,9 @@ op maps to an int8 kernel on the targets in `firmware_profiles/`.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from converter.errors import RecipeError, TeacherError
@@ -23,22 +26,37 @@ if TYPE_CHECKING:
     from converter.recipe import StudentOptions
 
 
-def _pool_plan(spatial: int, stages: int) -> list[bool]:
-    plan = []
-    for _ in range(stages):
-        pool = spatial >= 4
-        plan.append(pool)
-        spatial = spatial // 2 if pool else spatial
-    return plan
+Conv = type[nn.Conv1d] | type[nn.Conv2d]
 
 
-def _head(channels: int, spatial: int, classes: int) -> list[nn.Module]:
-    return [nn.Flatten(), nn.Linear(channels * spatial * spatial, classes)]
+def _spatial(input_shape: tuple[int, ...], family: str) -> tuple[int, list[int]]:
+    """(channels, spatial sizes) of a sequence (C, L) or image (C, H, W) sample."""
+    if len(input_shape) not in (2, 3):
+        raise RecipeError(f"{family} students take sequences (C, L) or images (C, H, W), got "
+                          f"samples of shape {input_shape}; use student.family = 'mlp' for "
+                          "vectors, or a module")
+    return input_shape[0], list(input_shape[1:])
+
+
+def _ops(dims: int) -> tuple[Conv, type[nn.BatchNorm1d] | type[nn.BatchNorm2d],
+                             type[nn.MaxPool1d] | type[nn.MaxPool2d]]:
+    if dims == 1:
+        return nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d
+    return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d
+
+
+def _pool(sizes: list[int]) -> bool:
+    """Halve the map while its smallest side is at least 4."""
+    return min(sizes) >= 4
+
+
+def _head(channels: int, sizes: list[int], classes: int) -> list[nn.Module]:
+    return [nn.Flatten(), nn.Linear(channels * math.prod(sizes), classes)]
 
 
 def mlp(input_shape: tuple[int, ...], classes: int, hidden: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
-    width = int(torch.tensor(input_shape).prod())
+    width = math.prod(input_shape)
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
@@ -47,40 +65,50 @@ def mlp(input_shape: tuple[int, ...], classes: int, hidden: list[int]) -> nn.Seq
 
 
 def cnn(input_shape: tuple[int, ...], classes: int, channels: list[int]) -> nn.Sequential:
-    c_in, spatial = _image_shape(input_shape)
+    """Per width a 3-wide Conv+BN+ReLU stage and a 2x max-pool while the map allows;
+    1-D for sequences, 2-D for images of any H x W."""
+    c_in, sizes = _spatial(input_shape, "cnn")
+    conv, bn, pool = _ops(len(sizes))
     layers: list[nn.Module] = []
-    for c, pool in zip(channels, _pool_plan(spatial, len(channels)), strict=True):
-        layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
-        if pool:
-            layers.append(nn.MaxPool2d(2))
-            spatial //= 2
+    for c in channels:
+        layers += [conv(c_in, c, 3, padding=1, bias=False), bn(c), nn.ReLU()]
+        if _pool(sizes):
+            layers.append(pool(2))
+            sizes = [s // 2 for s in sizes]
         c_in = c
-    return nn.Sequential(*layers, *_head(c_in, spatial, classes))
+    return nn.Sequential(*layers, *_head(c_in, sizes, classes))
 
 
 def dscnn(input_shape: tuple[int, ...], classes: int, channels: list[int]) -> nn.Sequential:
-    c_in, spatial = _image_shape(input_shape)
+    """A regular 3-wide stem, then depthwise-separable stages (depthwise 3 + pointwise 1,
+    BN, ReLU6; stride 2 while the map allows); 1-D for sequences, 2-D for images."""
+    c_in, sizes = _spatial(input_shape, "dscnn")
+    conv, bn, _ = _ops(len(sizes))
     stem = channels[0]
-    layers: list[nn.Module] = [nn.Conv2d(c_in, stem, 3, padding=1, bias=False),
-                               nn.BatchNorm2d(stem), nn.ReLU6()]
+    layers: list[nn.Module] = [conv(c_in, stem, 3, padding=1, bias=False), bn(stem),
+                               nn.ReLU6()]
     c_in = stem
-    for c, pool in zip(channels[1:], _pool_plan(spatial, len(channels) - 1), strict=True):
-        stride = 2 if pool else 1
+    for c in channels[1:]:
+        stride = 2 if _pool(sizes) else 1
         layers += [
-            nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
-            nn.BatchNorm2d(c_in), nn.ReLU6(),
-            nn.Conv2d(c_in, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(),
+            conv(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
+            bn(c_in), nn.ReLU6(),
+            conv(c_in, c, 1, bias=False), bn(c), nn.ReLU6(),
         ]
-        spatial = (spatial + 1) // 2 if pool else spatial
+        sizes = [(s + 1) // 2 for s in sizes] if stride == 2 else sizes
         c_in = c
-    return nn.Sequential(*layers, *_head(c_in, spatial, classes))
+    return nn.Sequential(*layers, *_head(c_in, sizes, classes))
 
 
-def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int]:
-    if len(input_shape) != 3 or input_shape[1] != input_shape[2]:
-        raise RecipeError(f"cnn/dscnn students need square (C, H, W) samples, got "
-                          f"{input_shape}; use student.family = 'mlp' or a module")
-    return input_shape[0], input_shape[1]
+def default_channels(input_shape: tuple[int, ...]) -> list[int]:
+    """cnn/dscnn widths when the recipe gives none: [16, 32] for sequences (one channel
+    of 128 samples carries less per position than an image row), [8, 16] for images."""
+    return [16, 32] if len(input_shape) == 2 else [8, 16]
+
+
+def default_family(input_shape: tuple[int, ...]) -> str:
+    """mlp for vectors, cnn for sequences and images."""
+    return "mlp" if len(input_shape) == 1 else "cnn"
 
 
 def build_student(opts: StudentOptions, input_shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -89,16 +117,18 @@ def build_student(opts: StudentOptions, input_shape: tuple[int, ...], classes: i
     Raises:
         RecipeError: bad sizes, unusable input shape, or a module factory that fails.
     """
-    if any(w < 1 for w in [*opts.hidden, *opts.channels]):
+    channels = opts.channels or default_channels(input_shape)
+    if any(w < 1 for w in [*opts.hidden, *channels]):
         raise RecipeError("student widths must be positive")
-    if opts.family == "mlp":
+    family = default_family(input_shape) if opts.family == "auto" else opts.family
+    if family == "mlp":
         return mlp(input_shape, classes, opts.hidden)
-    if opts.family == "cnn":
-        return cnn(input_shape, classes, opts.channels)
-    if opts.family == "dscnn":
-        if len(opts.channels) < 2:
+    if family == "cnn":
+        return cnn(input_shape, classes, channels)
+    if family == "dscnn":
+        if len(channels) < 2:
             raise RecipeError("dscnn needs at least two channel widths (stem + one stage)")
-        return dscnn(input_shape, classes, opts.channels)
+        return dscnn(input_shape, classes, channels)
     assert opts.module is not None  # checked by StudentOptions
     try:
         make = import_factory(opts.module, "student module")
@@ -120,7 +150,8 @@ def nonzero_params(model: nn.Module) -> int:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every Conv2d directly followed by BatchNorm2d in a Sequential (eval-mode math)."""
+    """Fold every Conv1d/Conv2d directly followed by its BatchNorm in a Sequential
+    (eval-mode math)."""
     model.eval()
     if isinstance(model, nn.Sequential):
         return _fold_sequence(model)
@@ -137,7 +168,8 @@ def _fold_sequence(seq: nn.Sequential) -> nn.Sequential:
     i = 0
     while i < len(layers):
         here, nxt = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(here, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+        if ((isinstance(here, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d))
+                or (isinstance(here, nn.Conv1d) and isinstance(nxt, nn.BatchNorm1d))):
             out.append(fuse_conv_bn_eval(here, nxt))
             i += 2
         else:

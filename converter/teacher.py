@@ -1,15 +1,20 @@
 """Teachers: anything that maps samples to class logits.
 
 An ONNX file from any framework runs in onnxruntime; a torch module comes as a factory
-`package.module:function` plus a weights file (state_dict). Either way the teacher is run once
-over all samples and its logits are cached: offline distillation needs nothing more.
+`package.module:function` (or `path/to/file.py:function`) plus a weights file (state_dict).
+Either way the teacher is run once over all samples and its logits are cached: offline
+distillation needs nothing more.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -27,19 +32,48 @@ class TeacherOutputs:
 
 
 def import_factory(spec: str, what: str) -> Any:
-    """Resolve `package.module:function`.
+    """Resolve `package.module:function` (importable) or `path/to/file.py:function` (loaded
+    from that file, its directory added to the import path for its own imports).
 
     Raises:
-        TeacherError: the module or attribute cannot be found.
+        TeacherError: the module, file or attribute cannot be found.
     """
-    module_name, _, attr = spec.partition(":")
+    module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
-        raise TeacherError(f"{what} {spec!r} must look like 'package.module:function'")
+        raise TeacherError(f"{what} {spec!r} must look like 'package.module:function' or "
+                           "'path/to/file.py:function'")
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            module = _module_from_file(Path(module_name), what)
+        else:
+            module = importlib.import_module(module_name)
         return getattr(module, attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, SyntaxError) as exc:
         raise TeacherError(f"{what} {spec!r} cannot be imported: {exc}") from exc
+
+
+def _module_from_file(path: Path, what: str) -> ModuleType:
+    """Import a file once per process under a name derived from its absolute path (so a
+    saved student pickled with classes from it loads again in a later stage)."""
+    if not path.is_file():
+        raise TeacherError(f"{what} file {path} does not exist")
+    path = path.resolve()
+    name = f"edge_convert_user_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TeacherError(f"{what} file {path} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def _as_logits(out: F32, n: int, source: str) -> F32:

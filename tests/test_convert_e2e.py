@@ -75,7 +75,7 @@ def test_report_accuracy_matches_independent_recomputation(onnx_run: Path, examp
     assert models[("student fp32", "onnx")]["accuracy"] > 0.85
     checks = rep["evaluate"]["checks"]
     assert checks["int8_onnx_within_tolerance"] and checks["int8_tflite_within_tolerance"]
-    assert checks["param_ratio_teacher_over_student"] > 20
+    assert checks["size_ratio"]["by"] == "parameters" and checks["size_ratio"]["ratio"] > 20
 
 
 def test_model_files_are_single_self_contained_and_int8(onnx_run: Path) -> None:

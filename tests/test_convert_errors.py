@@ -109,7 +109,8 @@ def test_every_recipe_option_has_help_with_its_default_and_choices(
     with pytest.raises(SystemExit):
         convert(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "student.family (default: cnn); one of mlp, cnn, dscnn, module" in text
+    assert "student.family (default: auto); one of auto, mlp, cnn, dscnn, module" in text
+    assert "data.normalize (default: auto); one of auto, none, standard, minmax" in text
     assert "distill.max_gap_points (default: 3.0)" in text
     assert "teacher.output (default: unset)" in text
 

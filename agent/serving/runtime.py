@@ -9,7 +9,7 @@ into `RuntimeLoadError` at this edge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from agent.errors import RuntimeLoadError
 from agent.profiles import TfliteDelegate
-from agent.trust.manifest import QuantParams, TensorSpec
+from agent.trust.manifest import Manifest, Preprocessing, QuantParams, TensorSpec
 
 F32 = npt.NDArray[np.float32]
 
@@ -190,3 +190,56 @@ def open_model(source: Path | bytes, runtime: Literal["onnx", "tflite"], *,
     if runtime == "onnx":
         return open_onnx(source, threads=threads, providers=providers)
     return open_tflite(source, threads=threads, delegates=delegates)
+
+
+def normalization(p: Preprocessing, sample_shape: list[int | None]) -> tuple[F32, F32] | None:
+    """`scale` and `offset` as arrays that broadcast over a batch of samples of this shape
+    (None for the identity, which costs nothing on the request path)."""
+    if p.identity:
+        return None
+    rank = len(sample_shape)
+    if p.axis == "tensor":
+        shape = [1] * (rank + 1)
+    elif p.axis == "channel":
+        shape = [1] * (rank + 1)
+        shape[p.layout.index("C")] = len(p.scale)
+    else:
+        shape = [1, *[int(d or 1) for d in sample_shape]]
+    return (np.asarray(p.scale, dtype=np.float32).reshape(shape),
+            np.asarray(p.offset, dtype=np.float32).reshape(shape))
+
+
+@dataclass
+class Normalized:
+    """A model behind its bundle's preprocessing: `run` takes raw samples, applies
+    `x = raw * scale + offset` (`Preprocessing`), then the model (and its int8 input
+    quantization)."""
+
+    model: LoadedModel
+    scale: F32
+    offset: F32
+    inputs: list[TensorSpec] = field(init=False)
+    outputs: list[TensorSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs, self.outputs = self.model.inputs, self.model.outputs
+
+    def prepare(self, x: F32) -> F32:
+        return np.asarray(x * self.scale + self.offset, dtype=np.float32)
+
+    def run(self, x: F32) -> F32:
+        return self.model.run(self.prepare(x))
+
+
+def with_preprocessing(model: LoadedModel, manifest: Manifest) -> LoadedModel:
+    """The model as the agent serves it: behind the manifest's preprocessing, if any."""
+    arrays = normalization(manifest.preprocessing, manifest.inputs[0].shape[1:])
+    if arrays is None:
+        return model
+    return Normalized(model, *arrays)
+
+
+def prepared(model: LoadedModel, x: F32) -> F32:
+    """What `model` feeds its runtime for raw samples `x` (the drift statistics look at
+    the model's inputs, which the manifest's reference statistics describe)."""
+    return model.prepare(x) if isinstance(model, Normalized) else x

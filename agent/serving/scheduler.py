@@ -52,7 +52,7 @@ from agent.serving.admission import (
     thermal_state,
 )
 from agent.serving.metrics import Metrics
-from agent.serving.runtime import LoadedModel
+from agent.serving.runtime import LoadedModel, prepared
 from agent.serving.sensors import Sensors
 from agent.trust.manifest import Manifest
 
@@ -64,7 +64,8 @@ log = logging.getLogger("edge_agent.serving")
 @dataclass
 class DriftSample:
     """What a sample of served batches looked like, on the manifest's reference bins
-    (input values; predicted classes; top-1 softmax confidence). Taken and reset by the
+    (input values after the bundle's preprocessing; predicted classes; top-1 softmax
+    confidence). Taken and reset by the
     fleet link once per telemetry window, for the drift detectors."""
 
     input_counts: npt.NDArray[np.float64]
@@ -118,7 +119,7 @@ class Resident:
             return None
         sample = DriftSample.empty(self.manifest)
         for x, y in batches:
-            sample.add(self.manifest, x, y)
+            sample.add(self.manifest, prepared(self.model, x), y)
         return sample
 
 

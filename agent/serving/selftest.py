@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.errors import BundleError
-from agent.serving.runtime import LoadedModel, open_model
+from agent.serving.runtime import LoadedModel, open_model, with_preprocessing
 from agent.trust.manifest import Manifest
 
 
@@ -37,14 +37,16 @@ def run_selftest(bundle_dir: Path, manifest: Manifest, *, threads: int = 1,
         BundleError: selftest file unreadable or malformed (check="selftest").
         RuntimeLoadError: the model cannot be loaded.
     """
-    loaded = open_model(bundle_dir / manifest.model_file if model is None else model,
-                        manifest.runtime, threads=threads)
+    loaded = with_preprocessing(
+        open_model(bundle_dir / manifest.model_file if model is None else model,
+                   manifest.runtime, threads=threads), manifest)
     return selftest_loaded(bundle_dir, manifest, loaded)
 
 
 def selftest_loaded(bundle_dir: Path, manifest: Manifest, loaded: LoadedModel
                     ) -> SelfTestResult:
-    """Run an already loaded model (the second session of an update) on the golden inputs.
+    """Run an already loaded model (the second session of an update, behind its
+    preprocessing: the golden inputs are raw samples) on the golden inputs.
 
     Raises:
         BundleError: selftest file unreadable or malformed (check="selftest").

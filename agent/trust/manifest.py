@@ -72,13 +72,72 @@ class TensorSpec(_Wire):
     quantization: QuantParams | None = None
 
 
-class Preprocessing(_Wire):
-    """How raw samples become the model's float input: x = raw * scale + offset."""
+Layout = Literal["NC", "NCL", "NLC", "NCHW", "NHWC"]
+# A finite float: NaN or infinity in a scale would turn every input into garbage.
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAX_NORMALIZATION_ENTRIES = 65536
 
-    layout: Literal["NCHW", "NHWC", "NC"]
-    scale: float = 1.0
-    offset: float = 0.0
-    description: str = ""
+
+class Preprocessing(_Wire):
+    """How a raw sample becomes the model's float input, applied by the agent on every path
+    (local API, MQTT inference, self-test, drift statistics) before the input tensor's own
+    quantization: `x = raw * scale + offset`, element-wise with the arrays broadcast by
+    `axis`:
+
+    - `tensor`: one entry each, for every element;
+    - `channel`: one entry per channel (the `C` of `layout`);
+    - `feature`: one entry per element of a sample (vectors: one per feature).
+
+    `method` records how the converter fitted them on the training split (`standard`:
+    scale = 1/std, offset = -mean/std; `minmax`: the training range onto [0, 1]; `none`:
+    identity)."""
+
+    layout: Layout
+    method: Literal["none", "standard", "minmax"] = "none"
+    axis: Literal["tensor", "channel", "feature"] = "tensor"
+    scale: list[Finite] = Field(default_factory=lambda: [1.0], min_length=1,
+                                max_length=MAX_NORMALIZATION_ENTRIES)
+    offset: list[Finite] = Field(default_factory=lambda: [0.0], min_length=1,
+                                 max_length=MAX_NORMALIZATION_ENTRIES)
+    description: str = Field("", max_length=1000)
+
+    @model_validator(mode="after")
+    def _arrays(self) -> Preprocessing:
+        if len(self.scale) != len(self.offset):
+            raise ValueError(f"scale has {len(self.scale)} entries, offset {len(self.offset)}")
+        if any(s == 0 for s in self.scale):
+            raise ValueError("scale must not contain 0 (it would erase an input)")
+        if self.axis == "tensor" and len(self.scale) != 1:
+            raise ValueError("axis 'tensor' takes one scale and one offset")
+        return self
+
+    @property
+    def identity(self) -> bool:
+        return all(s == 1.0 for s in self.scale) and all(o == 0.0 for o in self.offset)
+
+    def entries_for(self, sample_shape: list[int | None]) -> int:
+        """How many entries `scale` must have for samples of this shape (the input spec
+        without its batch dimension).
+
+        Raises:
+            ValueError: the axis does not fit the shape or layout.
+        """
+        if len(sample_shape) != len(self.layout) - 1:
+            raise ValueError(f"layout {self.layout} does not fit input samples of shape "
+                             f"{sample_shape}")
+        if self.axis == "tensor":
+            return 1
+        if self.axis == "channel":
+            channels = sample_shape[self.layout.index("C") - 1]
+            if channels is None:
+                raise ValueError("axis 'channel' needs a fixed channel count")
+            return channels
+        if any(d is None for d in sample_shape):
+            raise ValueError("axis 'feature' needs a fixed sample shape")
+        n = 1
+        for d in sample_shape:
+            n *= d or 1
+        return n
 
 
 class Histogram(_Wire):
@@ -179,6 +238,11 @@ class Manifest(_Wire):
             raise ValueError(f"files lists {clash[0]!r} both as a file and as a directory")
         if self.expires <= self.created:
             raise ValueError("expires must be after created")
+        want = self.preprocessing.entries_for(self.inputs[0].shape[1:])
+        if len(self.preprocessing.scale) != want:
+            raise ValueError(f"preprocessing.scale has {len(self.preprocessing.scale)} "
+                             f"entries; axis {self.preprocessing.axis!r} on input "
+                             f"{self.inputs[0].shape} needs {want}")
         return self
 
 
