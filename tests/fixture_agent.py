@@ -58,6 +58,7 @@ def write_config(where: Path, keys: Path, *, profile: str, **sections: dict[str,
         if not (where / f"{device}.key").exists():
             generate_device_key(device, where)
         cfg["paths"]["device_key"] = str(where / f"{device}.key")
+    where.mkdir(parents=True, exist_ok=True)
     if not (where / "temp").exists():
         (where / "temp").write_text("45000\n")
     lines = []

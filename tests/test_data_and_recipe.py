@@ -77,3 +77,34 @@ def test_every_recipe_field_has_a_command_line_option() -> None:
     fields = {(s, f) for s, info in Recipe.model_fields.items() if s != "out"
               for f in info.annotation.model_fields}  # type: ignore[union-attr]
     assert fields | {(None, "out")} == set(names.values())
+
+
+@pytest.mark.parametrize("shape", [(64,), (1, 128), (3, 40), (1, 8, 8), (3, 12, 20), (2, 5, 33)])
+@pytest.mark.parametrize("family", ["auto", "mlp", "cnn", "dscnn"])
+def test_every_family_takes_every_shape_it_claims_and_folds_exactly(
+        family: str, shape: tuple[int, ...]) -> None:
+    """Vectors (mlp), sequences and images of any H x W (cnn, dscnn; 1-D or 2-D by rank);
+    batch norm folds into Conv1d and Conv2d without changing the outputs."""
+    import torch
+
+    from converter.errors import RecipeError
+    from converter.recipe import StudentOptions
+    from converter.students import build_student, fold_batchnorm
+
+    opts = StudentOptions(family=family)  # type: ignore[arg-type]
+    if family in ("cnn", "dscnn") and len(shape) == 1:
+        with pytest.raises(RecipeError, match=r"sequences \(C, L\) or images"):
+            build_student(opts, shape, 5)
+        return
+    model = build_student(opts, shape, 5)
+    x = torch.randn(4, *shape)
+    model.train()
+    model(torch.randn(16, *shape))  # batch-norm statistics away from their defaults
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        got = fold_batchnorm(model)(x)
+    assert want.shape == (4, 5)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)
+                   for m in fold_batchnorm(model).modules())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
