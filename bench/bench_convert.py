@@ -1,11 +1,19 @@
-"""Digits pipeline benchmark: prints the figures table, asserts nothing.
+"""Conversion benchmark: prints tables, asserts nothing.
 
-    .venv/bin/python bench/bench_convert.py [--profile raspberry-pi-4] [--runs 1]
+    .venv/bin/python bench/bench_convert.py [--profile raspberry-pi-4]
+        [--cases families,digits,wine,breast_cancer,series]
 
-Writes the digits example once (teacher trained here), then runs the whole `edge-convert`
-pipeline per student family and prints, side by side: teacher / student fp32 / int8 ONNX /
-int8 TFLite accuracy, parameter ratio, sizes, host latency per runtime (bare onnxruntime and
-LiteRT on the same files) and wall time, against the issue's targets.
+- `families`: the digits example (CNN teacher trained here) through the whole pipeline per
+  student family, with parameter ratio, sizes, host latency per runtime (bare onnxruntime
+  and LiteRT on the same files) and wall time.
+- `digits`, `wine`, `breast_cancer`: raw, unscaled scikit-learn data with four scikit-learn
+  teachers exported by skl2onnx (`converter.examples.tabular`), each converted with the
+  defaults (normalization, student family and size chosen by the converter).
+- `series`: generated vibration windows (1 x 128, milli-g) with the 1-D CNN torch teacher
+  (`converter.examples.series`).
+
+Accuracy is on the test split (never used for training, calibration or gates); the size
+ratio is by parameters, or by file bytes where the teacher has no parameter count (trees).
 """
 
 from __future__ import annotations
@@ -21,66 +29,147 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_pipeline(example: Path, out: Path, profile: str, family: str, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "converter.cli", "run", str(example / "recipe.toml"),
-           "--out", str(out), "--target-profile", profile, "--student-family", family,
-           "--distill-progress", "false", "--force", *extra]
+def convert(args: list[str], out: Path, profile: str) -> tuple[float, str | None]:
+    """One `edge-convert run`; (wall seconds, the error line or None)."""
+    cmd = [sys.executable, "-m", "converter.cli", "run", *args, "--out", str(out),
+           "--target-profile", profile, "--distill-progress", "false", "--force"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"pipeline failed for {family}: {proc.stderr.strip().splitlines()[-1]}")
+        return wall, (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+    return wall, None
+
+
+def run_pipeline(example: Path, out: Path, profile: str, family: str, extra: list[str]) -> float:
+    wall, error = convert([str(example / "recipe.toml"), "--student-family", family, *extra],
+                          out, profile)
+    if error:
+        raise SystemExit(f"pipeline failed for {family}: {error}")
     return wall
 
 
+CASE_HEAD = (f"{'teacher':20} {'student':>15} {'norm':>9} {'teacher':>8} {'fp32':>7} "
+             f"{'int8onnx':>8} {'int8tfl':>8} {'Δtea':>6} {'Δint8':>6} {'ratio':>13} "
+             f"{'wall s':>7}")
+
+
+def case_row(label: str, out: Path, wall: float, error: str | None) -> str:
+    if error:
+        return f"{label:20} FAILED ({wall:.1f} s): {error.removeprefix('edge-convert: error: ')}"
+    rep = json.loads((out / "report.json").read_text())
+    ms = {(m["name"], m["runtime"]): m for m in rep["evaluate"]["models"]}
+    t, f = next(iter(ms.values())), ms[("student fp32", "onnx")]
+    o, tl = ms.get(("student int8", "onnx")), ms.get(("student int8", "tflite"))
+    int8 = [m["accuracy"] for m in (o, tl) if m is not None]
+    worst = (f["accuracy"] - min(int8)) * 100 if int8 else float("nan")
+    r = rep["evaluate"]["checks"]["size_ratio"]
+    ratio = f"{r['ratio']:.1f}x {'params' if r['by'] == 'parameters' else 'bytes'}"
+    student = f"{rep['student']['family']} {f['parameters']:,}p"
+    return (f"{label:20} {student:>15} {rep['inputs']['normalize']:>9} {t['accuracy']:>8.2%} "
+            f"{f['accuracy']:>7.2%} {o['accuracy'] if o else float('nan'):>8.2%} "
+            f"{tl['accuracy'] if tl else float('nan'):>8.2%} "
+            f"{(t['accuracy'] - f['accuracy']) * 100:>6.2f} {worst:>6.2f} {ratio:>13} "
+            f"{wall:>7.1f}")
+
+
+def tabular_case(dataset: str, tmp: Path, profile: str) -> None:
+    from converter.examples.tabular import TEACHERS, write_case  # noqa: PLC0415
+
+    print(f"\n## {dataset} (raw, unscaled; scikit-learn teachers via skl2onnx)\n")
+    print(CASE_HEAD)
+    print("-" * len(CASE_HEAD))
+    where = tmp / dataset
+    where.mkdir()
+    for teacher in TEACHERS:
+        data, onnx_file = write_case(where, dataset, teacher)
+        out = where / f"out-{teacher}"
+        wall, error = convert(["--data-source", str(data), "--teacher-onnx", str(onnx_file)],
+                              out, profile)
+        print(case_row(teacher, out, wall, error), flush=True)
+
+
+def series_case(tmp: Path, profile: str) -> None:
+    print("\n## series (generated vibration windows 1 x 128, raw milli-g; torch 1-D CNN "
+          "teacher)\n")
+    print(CASE_HEAD)
+    print("-" * len(CASE_HEAD))
+    example = tmp / "series"
+    subprocess.run([sys.executable, "-m", "converter.cli", "example", "series", "--out",
+                    str(example)], check=True, capture_output=True, cwd=ROOT)
+    for kind in ("onnx", "torch"):
+        extra = ([] if kind == "onnx" else
+                 ["--teacher-onnx", "", "--teacher-torch", "converter.examples.series:teacher",
+                  "--teacher-weights", str(example / "teacher.pt")])
+        out = example / f"out-{kind}"
+        wall, error = convert([str(example / "recipe.toml"), *extra], out, profile)
+        print(case_row(f"1-D CNN ({kind})", out, wall, error), flush=True)
+
+
+def families_case(tmp: Path, args: argparse.Namespace) -> None:
+    """The digits example per student family (and pruning)."""
+    example = tmp / "example"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "converter.cli", "example", "digits", "--out",
+                    str(example)], check=True, capture_output=True, cwd=ROOT)
+    teacher_s = time.perf_counter() - t0
+    print(f"digits example written (teacher trained) in {teacher_s:.1f} s; "
+          f"profile {args.profile}\n")
+    head = (f"{'student':22} {'params':>7} {'ratio':>6} {'teacher':>8} {'fp32':>7} "
+            f"{'int8onnx':>8} {'int8tfl':>8} {'Δtea':>6} {'Δonnx':>6} {'Δtfl':>6} "
+            f"{'fp32 p50':>9} {'onnx8 p50':>9} {'tfl8 p50':>9} {'tfl KiB':>7} {'wall s':>7}")
+    print(head)
+    print("-" * len(head))
+    extras = {"mlp": ["--student-hidden", "[32]"], "dscnn": ["--student-channels",
+                                                             "[8,16,32]"],
+              "cnn-wide": ["--student-channels", "[32,64]"]}
+    for row in args.families.split(","):
+        variant, _, prune = row.partition("+")
+        family = variant.removesuffix("-wide")
+        extra = list(extras.get(variant, []))
+        if prune:
+            extra += ["--prune-method", prune, "--prune-sparsity", "0.5"]
+        out = tmp / row
+        wall = run_pipeline(example, out, args.profile, family, extra)
+        rep = json.loads((out / "report.json").read_text())
+        ms = {(m["name"], m["runtime"]): m for m in rep["evaluate"]["models"]}
+        t, f = ms[("teacher", "onnx")], ms[("student fp32", "onnx")]
+        o, tl = ms[("student int8", "onnx")], ms[("student int8", "tflite")]
+        print(f"{row:22} {f['parameters']:>7,} {t['parameters'] / f['parameters']:>5.0f}x "
+              f"{t['accuracy']:>8.2%} {f['accuracy']:>7.2%} {o['accuracy']:>8.2%} "
+              f"{tl['accuracy']:>8.2%} {(t['accuracy'] - f['accuracy']) * 100:>6.2f} "
+              f"{(f['accuracy'] - o['accuracy']) * 100:>6.2f} "
+              f"{(f['accuracy'] - tl['accuracy']) * 100:>6.2f} "
+              f"{f['latency']['p50_ms']:>7.3f}ms {o['latency']['p50_ms']:>7.3f}ms "
+              f"{tl['latency']['p50_ms']:>7.3f}ms {tl['raw_bytes'] / 1024:>7.1f} "
+              f"{wall:>7.1f}")
+    print(f"\nteacher latency p50 (onnxruntime, 1 thread): {t['latency']['p50_ms']:.3f} ms; "
+          f"teacher size {t['raw_bytes'] / 1024:.0f} KiB")
+    print("targets: Δonnx, Δtfl <= 1.0 point (int8 vs fp32 student); ratio >= 20x with "
+          "Δtea <= 1.5 points; wall <= 90 s per pipeline")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="raspberry-pi-4")
+    ap.add_argument("--cases", default="families,digits,wine,breast_cancer,series")
     ap.add_argument("--families", default="cnn,dscnn,mlp,cnn-wide,cnn-wide+structured,"
                                           "cnn-wide+unstructured",
                     help="student families; cnn-wide = channels [32,64]; +structured / "
                          "+unstructured prune 50 %% with 20 fine-tuning epochs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        example = Path(tmp) / "example"
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "converter.cli", "example", "digits", "--out",
-                        str(example)], check=True, capture_output=True, cwd=ROOT)
-        teacher_s = time.perf_counter() - t0
-        print(f"digits example written (teacher trained) in {teacher_s:.1f} s; "
-              f"profile {args.profile}\n")
-        head = (f"{'student':22} {'params':>7} {'ratio':>6} {'teacher':>8} {'fp32':>7} "
-                f"{'int8onnx':>8} {'int8tfl':>8} {'Δtea':>6} {'Δonnx':>6} {'Δtfl':>6} "
-                f"{'fp32 p50':>9} {'onnx8 p50':>9} {'tfl8 p50':>9} {'tfl KiB':>7} {'wall s':>7}")
-        print(head)
-        print("-" * len(head))
-        extras = {"mlp": ["--student-hidden", "[32]"], "dscnn": ["--student-channels",
-                                                                 "[8,16,32]"],
-                  "cnn-wide": ["--student-channels", "[32,64]"]}
-        for row in args.families.split(","):
-            variant, _, prune = row.partition("+")
-            family = variant.removesuffix("-wide")
-            extra = list(extras.get(variant, []))
-            if prune:
-                extra += ["--prune-method", prune, "--prune-sparsity", "0.5"]
-            out = Path(tmp) / row
-            wall = run_pipeline(example, out, args.profile, family, extra)
-            rep = json.loads((out / "report.json").read_text())
-            ms = {(m["name"], m["runtime"]): m for m in rep["evaluate"]["models"]}
-            t, f = ms[("teacher", "onnx")], ms[("student fp32", "onnx")]
-            o, tl = ms[("student int8", "onnx")], ms[("student int8", "tflite")]
-            print(f"{row:22} {f['parameters']:>7,} {t['parameters'] / f['parameters']:>5.0f}x "
-                  f"{t['accuracy']:>8.2%} {f['accuracy']:>7.2%} {o['accuracy']:>8.2%} "
-                  f"{tl['accuracy']:>8.2%} {(t['accuracy'] - f['accuracy']) * 100:>6.2f} "
-                  f"{(f['accuracy'] - o['accuracy']) * 100:>6.2f} "
-                  f"{(f['accuracy'] - tl['accuracy']) * 100:>6.2f} "
-                  f"{f['latency']['p50_ms']:>7.3f}ms {o['latency']['p50_ms']:>7.3f}ms "
-                  f"{tl['latency']['p50_ms']:>7.3f}ms {tl['raw_bytes'] / 1024:>7.1f} "
-                  f"{wall:>7.1f}")
-        print(f"\nteacher latency p50 (onnxruntime, 1 thread): {t['latency']['p50_ms']:.3f} ms; "
-              f"teacher size {t['raw_bytes'] / 1024:.0f} KiB")
-        print("targets: Δonnx, Δtfl <= 1.0 point (int8 vs fp32 student); ratio >= 20x with "
-              "Δtea <= 1.5 points; wall <= 90 s per pipeline")
+        for case in args.cases.split(","):
+            if case == "families":
+                families_case(Path(tmp), args)
+            elif case == "series":
+                series_case(Path(tmp), args.profile)
+            else:
+                tabular_case(case, Path(tmp), args.profile)
+    print("\nΔtea: teacher minus fp32 student; Δint8: fp32 minus the worse int8 model (points, "
+          "test split). Targets: Δint8 <= 1.0; Δtea <= 1.5 for the default student on digits, "
+          "wine and breast cancer; wall <= 90 s per run (2 cores).")
 
 
 if __name__ == "__main__":

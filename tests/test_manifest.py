@@ -64,6 +64,34 @@ def test_manifest_refuses_a_name_that_is_both_file_and_directory(tmp_path: Path)
         parse_manifest(json.dumps(data).encode())
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"axis": "feature", "scale": [1.0, 2.0], "offset": [0.0, 0.0]},
+     "axis 'feature' on input .1, 4. needs 4"),
+    ({"axis": "channel", "scale": [1.0] * 3, "offset": [0.0] * 3}, "needs 4"),
+    ({"axis": "tensor", "scale": [1.0, 2.0], "offset": [0.0, 0.0]}, "takes one scale"),
+    ({"axis": "feature", "scale": [1.0] * 4, "offset": [0.0] * 3}, "offset 3"),
+    ({"scale": [0.0]}, "must not contain 0"),
+    ({"scale": [1e309]}, "Infinity is not JSON"),
+    ({"layout": "NCHW"}, "does not fit input samples"),
+    ({"scale": [1.0] * 70000, "offset": [0.0] * 70000}, "at most 65536"),
+])
+def test_preprocessing_that_does_not_fit_the_input_is_refused(
+        tmp_path: Path, change: dict[str, object], message: str) -> None:
+    """The agent applies these arrays to every sample: a length that does not broadcast
+    over the input, a zero or infinite scale is refused when the manifest is parsed."""
+    data = json.loads((make_bundle(tmp_path) / "manifest.json").read_bytes())
+    data["preprocessing"].update(change)
+    with pytest.raises(BundleError, match=message):
+        parse_manifest(json.dumps(data).encode())
+
+
+def test_preprocessing_arrays_per_feature_parse(tmp_path: Path) -> None:
+    data = json.loads((make_bundle(tmp_path) / "manifest.json").read_bytes())
+    data["preprocessing"].update({"axis": "feature", "method": "standard",
+                                  "scale": [0.5, 2.0, 1.0, 4.0], "offset": [0, 1, 2, 3]})
+    assert parse_manifest(json.dumps(data).encode()).preprocessing.scale[3] == 4.0
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_arbitrary_bytes_parse_or_raise_bundle_error(raw: bytes) -> None:

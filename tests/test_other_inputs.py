@@ -9,45 +9,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from conftest import FAST
 from fixture_agent import AgentProcess, make_keys, write_config
-from skl2onnx import to_onnx
-from sklearn.datasets import load_breast_cancer, load_wine
-from sklearn.ensemble import GradientBoostingClassifier
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from agent.link.detectors import psi
 from agent.serving.runtime import open_model, with_preprocessing
 from agent.serving.scheduler import Resident
 from agent.trust.manifest import TensorSpec, parse_manifest
 from converter.cli import main as convert
-from converter.data import split
 from converter.examples.series import LABELS, make_series, train_teacher
+from converter.examples.tabular import write_case
 from fleet.keys import KeyDir
 from fleet.release import pack_bundle, sign_bundle
 
 PROFILE = "x86_64-generic"
 
 
-def _tabular(where: Path, name: str, load: Any, model: Any) -> tuple[Path, list[str]]:
+def _tabular(where: Path, dataset: str, teacher: str) -> tuple[Path, list[str]]:
     """Data as the user has it (raw, with class names) and a scikit-learn teacher fitted on
-    the converter's training split only; the run's options."""
-    d = load()
-    x, y = d.data.astype(np.float32), d.target.astype(np.int64)
-    data = where / f"{name}.npz"
-    np.savez(data, x=x, y=y, labels=np.array(d.target_names))
-    sp = split(len(x), y, seed=0, val_fraction=0.15, test_fraction=0.2)
-    fitted = model.fit(x[sp.train], y[sp.train])
-    onx = to_onnx(fitted, x[:1], options={"zipmap": False}, target_opset=17)
-    teacher = where / f"{name}_teacher.onnx"
-    teacher.write_bytes(onx.SerializeToString())
-    return data, ["--data-source", str(data), "--teacher-onnx", str(teacher)]
+    the converter's train+val split; the run's options."""
+    data, onnx_file = write_case(where, dataset, teacher)
+    return data, ["--data-source", str(data), "--teacher-onnx", str(onnx_file)]
 
 
 def _series(where: Path) -> tuple[Path, list[str]]:
@@ -68,11 +53,8 @@ def _series(where: Path) -> tuple[Path, list[str]]:
 
 
 CASES = {
-    "wine": lambda w: _tabular(w, "wine", load_wine, make_pipeline(
-        StandardScaler(), MLPClassifier((32,), max_iter=2000, random_state=0))),
-    "breast_cancer": lambda w: _tabular(w, "breast_cancer", load_breast_cancer,
-                                        GradientBoostingClassifier(n_estimators=30,
-                                                                   max_depth=2, random_state=0)),
+    "wine": lambda w: _tabular(w, "wine", "mlp"),
+    "breast_cancer": lambda w: _tabular(w, "breast_cancer", "gradient_boosting"),
     "series": _series,
 }
 # What the default run should choose for each: the normalization axis, its entry count,
@@ -201,7 +183,7 @@ def test_unnormalized_inputs_that_int8_would_erase_are_refused_naming_the_fix(
     """Raw breast cancer through one int8 input scale: a step of ~17 leaves most features
     one level. The run stops before training with one line and leaves no output."""
     data, _ = converted["breast_cancer"]
-    teacher = data.parent / "breast_cancer_teacher.onnx"
+    teacher = data.parent / "breast_cancer_gradient_boosting.onnx"
     out = tmp_path / "out"
     assert convert(["run", "--out", str(out), "--data-source", str(data), "--teacher-onnx",
                     str(teacher), "--data-normalize", "none", *FAST]) == 2
