@@ -78,8 +78,11 @@ def stage_teacher(ctx: Context) -> None:
     ctx.results["teacher"] = {"kind": out.kind, "description": out.description,
                               "parameters": out.parameters, "test_accuracy": acc,
                               "classes": int(out.logits.shape[1]), **gate}
+    size = (f"{out.parameters:,} parameters" if out.parameters or not t.onnx else
+            "no parameter tensors (sizes in operator attributes), "
+            f"{Path(t.onnx).stat().st_size / 1024:.1f} KiB file")
     ctx.say(f"teacher ({'onnxruntime' if out.kind == 'onnx' else 'torch'}): "
-            f"{out.description}, {out.parameters:,} parameters, "
+            f"{out.description}, {size}, "
             f"test accuracy {acc:.2%}")
 
 

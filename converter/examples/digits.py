@@ -86,13 +86,22 @@ def write_example(out_dir: Path, *, profile: str = "raspberry-pi-4", epochs: int
     assert ds.y is not None
     np.savez_compressed(out_dir / "digits.npz", x=ds.x, y=ds.y)
     model, acc = train_teacher(epochs=epochs)
+    write_teacher(out_dir, model, ds.x[:2], "image", "converter.examples.digits:teacher",
+                  RECIPE, profile=profile, teacher_kind=teacher_kind)
+    return acc
+
+
+def write_teacher(out_dir: Path, model: nn.Module, example: np.ndarray, input_name: str,
+                  factory: str, recipe: str, *, profile: str, teacher_kind: str) -> None:
+    """Write an example's trained teacher as `teacher.pt` (state_dict) and `teacher.onnx`
+    (the same network exported with a dynamic batch), and `recipe.toml` naming one of
+    them (`teacher_kind`)."""
     torch.save(model.state_dict(), out_dir / "teacher.pt")
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress
-        torch.onnx.export(model, (torch.from_numpy(ds.x[:2]),), str(out_dir / "teacher.onnx"),
-                          input_names=["image"], output_names=["logits"], dynamo=True,
+        torch.onnx.export(model, (torch.from_numpy(example),), str(out_dir / "teacher.onnx"),
+                          input_names=[input_name], output_names=["logits"], dynamo=True,
                           external_data=False,
                           dynamic_shapes=({0: torch.export.Dim("batch")},))
     teacher_line = ('onnx = "teacher.onnx"' if teacher_kind == "onnx" else
-                    'torch = "converter.examples.digits:teacher"\nweights = "teacher.pt"')
-    (out_dir / "recipe.toml").write_text(RECIPE.format(teacher=teacher_line, profile=profile))
-    return acc
+                    f'torch = "{factory}"\nweights = "teacher.pt"')
+    (out_dir / "recipe.toml").write_text(recipe.format(teacher=teacher_line, profile=profile))

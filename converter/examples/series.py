@@ -16,8 +16,6 @@ generated data set for exercising the pipeline, not a benchmark.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from converter.data import F32, I64, split
+from converter.examples.digits import write_teacher
 
 LABELS = ["normal", "imbalance", "misalignment", "bearing"]
 LENGTH = 128
@@ -128,13 +127,6 @@ def write_example(out_dir: Path, *, profile: str = "raspberry-pi-4", epochs: int
     x, y = make_series()
     np.savez_compressed(out_dir / "series.npz", x=x, y=y, labels=np.array(LABELS))
     model, acc = train_teacher(x, y, epochs=epochs)
-    torch.save(model.state_dict(), out_dir / "teacher.pt")
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress
-        torch.onnx.export(model, (torch.from_numpy(x[:2]),), str(out_dir / "teacher.onnx"),
-                          input_names=["signal"], output_names=["logits"], dynamo=True,
-                          external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-    teacher_line = ('onnx = "teacher.onnx"' if teacher_kind == "onnx" else
-                    'torch = "converter.examples.series:teacher"\nweights = "teacher.pt"')
-    (out_dir / "recipe.toml").write_text(RECIPE.format(teacher=teacher_line, profile=profile))
+    write_teacher(out_dir, model, x[:2], "signal", "converter.examples.series:teacher", RECIPE,
+                  profile=profile, teacher_kind=teacher_kind)
     return acc
