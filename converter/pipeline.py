@@ -76,6 +76,7 @@ def stage_teacher(ctx: Context) -> None:
     test = ctx.split.test
     acc = float((out.logits[test].argmax(1) == ctx.truth(test)).mean())
     ctx.results["teacher"] = {"kind": out.kind, "description": out.description,
+                              "outputs": "probabilities" if out.probabilities else "logits",
                               "parameters": out.parameters, "test_accuracy": acc,
                               "classes": int(out.logits.shape[1]), **gate}
     size = (f"{out.parameters:,} parameters" if out.parameters or not t.onnx else
@@ -115,9 +116,16 @@ def _kd(ctx: Context, epochs: int, tag: str) -> KDSettings:
     d = ctx.recipe.distill
     tb = ctx.work / "tensorboard" if d.tensorboard else None
     return KDSettings(epochs=epochs, batch_size=d.batch_size, lr=d.lr,
-                      weight_decay=d.weight_decay, temperature=d.temperature, alpha=d.alpha,
+                      weight_decay=d.weight_decay, temperature=temperature(ctx), alpha=d.alpha,
                       patience=d.patience, seed=ctx.recipe.data.seed, progress=d.progress,
                       tensorboard_dir=tb, tag=tag)
+
+
+def temperature(ctx: Context) -> float:
+    """distill.temperature, else 1 for a teacher that gave probabilities, 4 for logits."""
+    if ctx.recipe.distill.temperature is not None:
+        return ctx.recipe.distill.temperature
+    return 1.0 if ctx.results.get("teacher", {}).get("outputs") == "probabilities" else 4.0
 
 
 def _torch_accuracy(ctx: Context, model: torch.nn.Module, idx: np.ndarray | None = None
@@ -199,7 +207,9 @@ def stage_distill(ctx: Context) -> None:
     ctx.results["student"] = {"family": _family(ctx),
                               "parameters": param_count(student), "test_accuracy": acc,
                               "history": hist.as_dict(), **gap}
+    ctx.results["student"]["temperature"] = temperature(ctx)
     ctx.say(f"student (torch fp32): {_family(ctx)}, {param_count(student):,} parameters, "
+            f"KD temperature {temperature(ctx):g}, "
             f"{len(hist.epochs)} epochs (best {hist.best_epoch}), test accuracy {acc:.2%}")
 
 

@@ -81,7 +81,10 @@ class DistillOptions(_Section):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    temperature: float = Field(4.0, gt=0)
+    # KD temperature; default 4 for teachers that give logits, 1 for teachers that give
+    # probabilities (trees, scikit-learn): their log is already soft, and dividing it by 4
+    # flattens it until the validation loss prefers an untrained student
+    temperature: float | None = Field(None, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) loss
     patience: int = Field(12, ge=1)  # early stopping on the validation split
     # Gate: the fp32 student within this many points of the teacher (validation split).

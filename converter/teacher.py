@@ -29,6 +29,7 @@ class TeacherOutputs:
     parameters: int
     description: str
     kind: str  # "onnx" | "torch"
+    probabilities: bool = False  # the teacher gave probabilities (logits = their log)
 
 
 def import_factory(spec: str, what: str) -> Any:
@@ -76,7 +77,8 @@ def _module_from_file(path: Path, what: str) -> ModuleType:
     return module
 
 
-def _as_logits(out: F32, n: int, source: str) -> F32:
+def _as_logits(out: F32, n: int, source: str) -> tuple[F32, bool]:
+    """The teacher's scores as logits, and whether they were probabilities."""
     if out.ndim != 2 or out.shape[0] != n or out.shape[1] < 2:
         raise TeacherError(f"teacher {source} gave output shape {out.shape}; "
                            f"expected ({n}, classes)")
@@ -84,8 +86,8 @@ def _as_logits(out: F32, n: int, source: str) -> F32:
         raise TeacherError(f"teacher {source} produced NaN/inf outputs")
     # A teacher that ends in softmax gives probabilities; distillation wants logits.
     if (out >= 0).all() and np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-        out = np.log(np.clip(out, 1e-8, 1.0)).astype(np.float32)
-    return out
+        return np.log(np.clip(out, 1e-8, 1.0)).astype(np.float32), True
+    return out, False
 
 
 FLOAT_TENSORS = ("tensor(float)", "tensor(double)", "tensor(float16)")
@@ -209,8 +211,8 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int,
             outs.extend(teacher.run(x[j:j + 1]) for j in range(i, len(x)))
             break
         outs.append(teacher.run(chunk))
-    logits = _as_logits(np.concatenate(outs).astype(np.float32), len(x), path.name)
-    return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx")
+    logits, probs = _as_logits(np.concatenate(outs).astype(np.float32), len(x), path.name)
+    return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx", probs)
 
 
 def run_torch_teacher(factory: str, weights: Path, x: F32, batch_size: int) -> TeacherOutputs:
@@ -242,5 +244,5 @@ def run_torch_teacher(factory: str, weights: Path, x: F32, batch_size: int) -> T
         raise TeacherError(f"data samples of shape {x.shape[1:]} do not fit teacher {factory}: "
                            f"{str(exc).splitlines()[0][:200]}") from exc
     params = sum(p.numel() for p in model.parameters())
-    logits = _as_logits(np.concatenate(outs).astype(np.float32), len(x), factory)
-    return TeacherOutputs(logits, params, f"torch {factory}", "torch")
+    logits, probs = _as_logits(np.concatenate(outs).astype(np.float32), len(x), factory)
+    return TeacherOutputs(logits, params, f"torch {factory}", "torch", probs)

@@ -30,7 +30,7 @@ PROFILE = "x86_64-generic"
 
 def _tabular(where: Path, dataset: str, teacher: str) -> tuple[Path, list[str]]:
     """Data as the user has it (raw, with class names) and a scikit-learn teacher fitted on
-    the converter's train+val split; the run's options."""
+    the converter's training split; the run's options."""
     data, onnx_file = write_case(where, dataset, teacher)
     return data, ["--data-source", str(data), "--teacher-onnx", str(onnx_file)]
 
@@ -103,6 +103,9 @@ def test_the_bundle_records_its_normalization_layout_names_and_labels(
         x_all = npz["x"]
     report = json.loads((run / "report.json").read_text())
     assert report["student"]["family"] == family
+    # scikit-learn teachers give probabilities: distilled at temperature 1, logits at 4.
+    assert report["teacher"]["outputs"] == ("logits" if name == "series" else "probabilities")
+    assert report["student"]["temperature"] == (4.0 if name == "series" else 1.0)
     assert report["inputs"]["normalize"] == "standard" and not report["inputs"]["starved"]
     # The recorded affine (fitted on the training split) makes all samples' features about
     # zero-mean and unit-variance; raw, wine's and breast cancer's spread over 0.002..600.
