@@ -18,20 +18,27 @@ from converter.errors import RecipeError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A docstring under a field is its description: the option's help (option_help).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class DataOptions(_Section):
     """Where samples come from and how they are split."""
 
-    source: str = "digits"  # "digits" (scikit-learn's load_digits) or a path to an .npz
+    source: str = "digits"
+    """`digits` (scikit-learn's load_digits, 8x8 images in [0, 1]) or an .npz with `x`,
+    optionally `y` (integer labels) and `labels` (class names)"""
     seed: int = 0
+    """seed of the split, the calibration sample and training"""
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    """share of samples for validation (early stopping, quality gates)"""
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    """share of samples for the report's accuracies, used for nothing else"""
     calibration_samples: int = Field(256, ge=8)
-    # Input normalization fitted on the training split and applied on the device (auto:
-    # standard per feature or channel when their scales differ or are far from 1).
+    """training samples that calibrate int8 quantization"""
     normalize: Literal["auto", "none", "standard", "minmax"] = "auto"
+    """input normalization fitted on the training split and applied by the agent; auto:
+    standard per feature (vectors) or channel when their scales differ or are far from 1"""
 
 
 class TeacherOptions(_Section):
@@ -39,14 +46,19 @@ class TeacherOptions(_Section):
     `path/to/file.py:function`) plus a weights file (a state_dict)."""
 
     onnx: str | None = None
+    """teacher as an ONNX file from any framework"""
     torch: str | None = None
+    """teacher as a torch factory, package.module:function or path/to/file.py:function"""
     weights: str | None = None
+    """state_dict file for the torch factory"""
     batch_size: int = Field(256, ge=1)
-    # ONNX: the output of class scores (default: the one float output shaped (N, classes);
-    # integer labels and scikit-learn's ZipMap are skipped).
+    """samples per teacher run"""
     output: str | None = None
-    # The teacher's validation accuracy must beat chance (the most common class) by this.
+    """ONNX output of class scores; default the one float output shaped (N, classes)
+    (integer labels and scikit-learn's ZipMap are skipped)"""
     min_margin_points: float = Field(10.0, ge=0, le=100)
+    """gate: the teacher's validation accuracy must beat chance (the most common class) by
+    this many points"""
 
     @model_validator(mode="after")
     def _one_kind(self) -> TeacherOptions:
@@ -60,14 +72,18 @@ class TeacherOptions(_Section):
 
 
 class StudentOptions(_Section):
-    # auto: mlp for vectors (F,), cnn for sequences (C, L) and images (C, H, W)
+    """The student network."""
+
     family: Literal["auto", "mlp", "cnn", "dscnn", "module"] = "auto"
-    hidden: list[int] = Field(default_factory=lambda: [32])  # mlp: hidden layer widths
-    # cnn/dscnn stage widths; default [8, 16] for images, [16, 32] for sequences
+    """auto: mlp for vectors (F,), cnn for sequences (C, L) and images (C, H, W); cnn and
+    dscnn are 1-D for sequences, 2-D for images of any H x W"""
+    hidden: list[int] = Field(default_factory=lambda: [32])
+    """mlp: hidden layer widths"""
     channels: list[int] | None = None
-    # family "module": `package.module:factory` or `path/to/file.py:factory`, called as
-    # factory(input_shape, classes)
+    """cnn/dscnn: stage widths; default [8, 16] for images, [16, 32] for sequences"""
     module: str | None = None
+    """family module: package.module:factory or path/to/file.py:factory, called as
+    factory(input_shape, classes)"""
 
     @model_validator(mode="after")
     def _module_given(self) -> StudentOptions:
@@ -77,62 +93,98 @@ class StudentOptions(_Section):
 
 
 class DistillOptions(_Section):
+    """Knowledge distillation (Hinton's soft-target loss plus the labels)."""
+
     epochs: int = Field(80, ge=1)
+    """most training epochs"""
     batch_size: int = Field(64, ge=1)
+    """samples per training step"""
     lr: float = Field(3e-3, gt=0)
+    """AdamW learning rate (cosine schedule)"""
     weight_decay: float = Field(1e-4, ge=0)
-    # KD temperature; default 4 for teachers that give logits, 1 for teachers that give
-    # probabilities (trees, scikit-learn): their log is already soft, and dividing it by 4
-    # flattens it until the validation loss prefers an untrained student
+    """AdamW weight decay"""
     temperature: float | None = Field(None, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1)  # weight of the soft (teacher) loss
-    patience: int = Field(12, ge=1)  # early stopping on the validation split
-    # Gate: the fp32 student within this many points of the teacher (validation split).
+    """KD temperature; default 4 for teachers that give logits, 1 for teachers that give
+    probabilities (trees, scikit-learn), whose log is already soft"""
+    alpha: float = Field(0.7, ge=0, le=1)
+    """weight of the soft (teacher) loss against the labels' loss"""
+    patience: int = Field(12, ge=1)
+    """early stopping: epochs without a better validation loss"""
     max_gap_points: float = Field(3.0, ge=0, le=100)
-    tensorboard: bool = False  # write TensorBoard event files under <out>/tensorboard
+    """gate: the fp32 student within this many points of the teacher on validation"""
+    tensorboard: bool = False
+    """write TensorBoard event files under <out>/tensorboard"""
     progress: bool = True
+    """show a progress bar"""
 
 
 class PruneOptions(_Section):
+    """Optional pruning after distillation, then KD fine-tuning."""
+
     method: Literal["none", "unstructured", "structured"] = "none"
-    sparsity: float = Field(0.5, ge=0, lt=1)  # share of weights, or of channels if structured
+    """unstructured: global L1 over weights; structured: whole channels (Torch-Pruning)"""
+    sparsity: float = Field(0.5, ge=0, lt=1)
+    """share of weights, or of channels if structured"""
     finetune_epochs: int = Field(20, ge=0)
+    """KD fine-tuning epochs after pruning"""
 
 
 class QuantizeOptions(_Section):
+    """int8 quantization and its accuracy gate."""
+
     formats: list[Literal["onnx", "tflite"]] = Field(
         default_factory=lambda: ["onnx", "tflite"])  # type: ignore[arg-type]  # literal list
+    """int8 models to build"""
     calibration: Literal["minmax", "percentile", "entropy"] = "minmax"
-    per_channel: bool = True  # forced off where the profile disallows it
-    tolerance_points: float = Field(1.0, ge=0)  # accuracy gate: max int8 drop below fp32
+    """ONNX calibration method tried first"""
+    per_channel: bool = True
+    """per-channel weights (forced off where the profile disallows it)"""
+    tolerance_points: float = Field(1.0, ge=0)
+    """gate: int8 at most this many points below fp32 on validation"""
     mitigate: bool = True
+    """on a failed gate try other calibrations, then float layers"""
     max_float_layers: int = Field(3, ge=0)
-    # Refuse inputs whose int8 quantization leaves a feature (channel) fewer distinct levels
-    # than min(this, its distinct training values); 0 turns the check off.
+    """most layers kept in float by the mitigation (where the profile allows)"""
     min_input_levels: int = Field(8, ge=0, le=256)
+    """refuse inputs whose int8 quantization leaves a feature (channel) fewer levels than
+    min(this, its distinct training values); 0 turns the check off"""
 
 
 class EvaluateOptions(_Section):
+    """The report's measurements."""
+
     latency_runs: int = Field(200, ge=1)
+    """timed runs per model (host CPU, batch 1)"""
     threads: int = Field(1, ge=1)
+    """runtime threads while timing"""
 
 
 class BundleOptions(_Section):
-    # default: from the data file's name (`digits` for the built-in set), else the teacher's
+    """The bundle the device installs."""
+
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    """model name; default the data file's name (digits for the built-in set), else the
+    teacher's"""
     version: int = Field(1, ge=1)
+    """version, strictly increasing per name"""
     expires_days: int = Field(365, ge=1)
-    # class names; default: labels_file, else the data's `labels` array, else "0".."n-1"
+    """days until the bundle expires"""
     labels: list[str] = Field(default_factory=list)
-    labels_file: str | None = None  # one class name per line (also `--labels FILE`)
+    """class names; default labels_file, else the data's labels array, else 0..n-1"""
+    labels_file: str | None = None
+    """a file of class names, one per line"""
     selftest_samples: int = Field(16, ge=1)
+    """golden samples the device re-runs before it serves the model"""
 
 
 class TargetOptions(_Section):
+    """The device the model is for."""
+
     profile: str = "x86_64-generic"
-    # Refuse models with operators the accelerator cannot run, even where the profile's
-    # compiler would let them fall back to the CPU. None: the profile decides.
+    """firmware profile (edge-convert profiles lists them)"""
     require_full_offload: bool | None = None
+    """refuse operators the accelerator cannot run even where the profile's compiler would
+    let them fall back to the CPU; default the profile decides"""
 
 
 class Recipe(_Section):
@@ -146,6 +198,7 @@ class Recipe(_Section):
     bundle: BundleOptions = BundleOptions()
     target: TargetOptions = TargetOptions()
     out: str = "build/convert"
+    """output directory"""
 
 
 PATH_FIELDS = {("teacher", "onnx"), ("teacher", "weights"), ("bundle", "labels_file"),
@@ -176,6 +229,8 @@ def option_help(section: str | None, field: str) -> str:
         assert isinstance(model, type) and issubclass(model, BaseModel)
         info = model.model_fields[field]
     text = f"{section + '.' if section else ''}{field}"
+    if info.description:
+        text += f": {' '.join(info.description.split())}"
     default = info.get_default(call_default_factory=True)
     text += f" (default: {'unset' if default is None else default})"
     args = [a for a in typing.get_args(info.annotation) if a is not type(None)]

@@ -106,13 +106,20 @@ def test_an_abbreviated_or_unknown_option_is_one_error_line(
 
 def test_every_recipe_option_has_help_with_its_default_and_choices(
         capsys: pytest.CaptureFixture[str]) -> None:
+    from converter.recipe import option_help, option_names
+
+    for flag, (section, field) in option_names().items():
+        text = option_help(section, field)
+        name = f"{section}.{field}" if section else field
+        assert text.startswith(f"{name}: ") and len(text) > len(name) + 12, (flag, text)
+        assert "(default: " in text, (flag, text)
     with pytest.raises(SystemExit):
         convert(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "student.family (default: auto); one of auto, mlp, cnn, dscnn, module" in text
-    assert "data.normalize (default: auto); one of auto, none, standard, minmax" in text
-    assert "distill.max_gap_points (default: 3.0)" in text
-    assert "teacher.output (default: unset)" in text
+    assert "(default: auto); one of auto, mlp, cnn, dscnn, module" in text
+    assert "(default: auto); one of auto, none, standard, minmax" in text
+    assert "distill.max_gap_points: gate: the fp32 student" in text
+    assert "teacher.output: ONNX output of class scores" in text
 
 
 def test_sigterm_during_run_cleans_up_like_ctrl_c(example: Path, tmp_path: Path) -> None:
