@@ -49,6 +49,7 @@ from agent.serving.oip import (
 )
 from agent.serving.scheduler import Resident
 from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
+from agent.trust.bundle import read_manifest
 from agent.trust.signatures import HEX64_PATTERN, NAME_PATTERN
 
 MODEL_NAME = re.compile(NAME_PATTERN)
@@ -121,7 +122,11 @@ class Api:
                 ("GET", "/v2/models/{name}/versions/{version}/ready", self.model_ready),
                 ("POST", "/v2/models/{name}/infer", self.infer),
                 ("POST", "/v2/models/{name}/versions/{version}/infer", self.infer),
+                ("POST", "/v2/repository/index", self.repository_index),
                 ("POST", "/v1/models/{name}:predict", self.predict),
+                ("POST", "/v1/models/{name}/versions/{version}:predict", self.predict),
+                ("GET", "/v1/models/{name}", self.model_status),
+                ("GET", "/v1/models/{name}/versions/{version}", self.model_status),
                 ("GET", "/metrics", self.metrics),
                 ("GET", "/openapi.json", self.openapi),
                 ("POST", "/v1/admin/rollback", self.admin_rollback),
@@ -230,6 +235,49 @@ class Api:
             return Response(200, body)
         return Response(200, body, "application/octet-stream",
                         {"inference-header-content-length": str(head_len)})
+
+    async def repository_index(self, request: Request) -> Response:
+        """The model repository extension's index (KServe v2 / Triton): every installed
+        model with the version it serves; READY when loaded, else UNAVAILABLE with the
+        reason (an unloaded model loads again on its next request). Body: optional
+        `{"ready": true}` to list only the loaded ones."""
+        ready_only = False
+        if request.body.strip():
+            body = self._json_body(request)
+            ready = body.get("ready", False)
+            if not isinstance(ready, bool) or set(body) - {"ready"}:
+                raise ApiError(400, 'the index request takes only {"ready": true|false}')
+            ready_only = ready
+        loop = asyncio.get_running_loop()
+        return json_response(await loop.run_in_executor(None, self._index, ready_only))
+
+    def _index(self, ready_only: bool) -> list[dict[str, Any]]:
+        resident = self.agent.scheduler.models()
+        out = []
+        for name in self.agent.store.models():
+            entry = resident.get(name)
+            if entry is not None:
+                out.append({"name": name, "version": str(entry.manifest.version),
+                            "state": "READY", "reason": ""})
+                continue
+            if ready_only:
+                continue
+            where = self.agent.store.active_dir(name)
+            try:
+                version = str(read_manifest(where).version) if where else ""
+            except AgentError:
+                version = ""
+            out.append({"name": name, "version": version, "state": "UNAVAILABLE",
+                        "reason": "not loaded (memory budget or a failed load); a request "
+                                  "loads it"})
+        return out
+
+    async def model_status(self, request: Request) -> Response:
+        """TensorFlow Serving's model status (`GET /v1/models/{name}[/versions/{v}]`)."""
+        entry = await self._model(request)
+        return json_response({"model_version_status": [{
+            "version": str(entry.manifest.version), "state": "AVAILABLE",
+            "status": {"error_code": "OK", "error_message": ""}}]})
 
     def _json_cap(self, size: int) -> None:
         cap = self.agent.config.api.max_json_bytes

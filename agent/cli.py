@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 from pathlib import Path
 
@@ -26,11 +26,12 @@ from agent import __version__
 from agent.client import unix_call, upload
 from agent.config import DEFAULT_PATH, AgentConfig, load_config
 from agent.errors import AgentError, StateLocked
+from agent.pipes import reader_gone
 from agent.profiles import available_profiles, load_profile
 from agent.serving.selftest import run_selftest
 from agent.trust.bundle import check_files, read_manifest
 from agent.trust.identity import generate_device_key
-from agent.unit import DEFAULT_EXEC, render_unit
+from agent.unit import render_unit
 
 
 def _selftest(bundle: Path) -> int:
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `edge-agent profiles | head -1`
+        return reader_gone()
     except OSError as exc:  # the daemon's socket is absent or refuses
         print(f"edge-agent: error: cannot reach the agent: {exc}", file=sys.stderr)
         return 2
@@ -127,9 +130,13 @@ def _dispatch(ns: argparse.Namespace) -> int:
     elif ns.command == "selftest":
         return _selftest(ns.bundle)
     elif ns.command == "check-config":
+        from agent.preflight import preflight  # noqa: PLC0415  # each command loads what it needs
+
         cfg = load_config(ns.config)
-        load_profile(cfg.device.profile)
-        print(f"{ns.config}: valid (device {cfg.device.id}, profile {cfg.device.profile})")
+        for line in preflight(cfg):
+            print(f"ok: {line}")
+        print(f"{ns.config}: valid (device {cfg.device.id}, profile {cfg.device.profile}); "
+              "edge-agent run makes these same checks")
     elif ns.command == "run":
         from agent.service import run  # noqa: PLC0415  # each command loads only what it needs
 
@@ -140,14 +147,24 @@ def _dispatch(ns: argparse.Namespace) -> int:
         _schema(ns.out)
     elif ns.command == "unit":
         unit_cfg = load_config(ns.config) if ns.config.exists() else None
-        sys.stdout.write(render_unit(unit_cfg, config_path=ns.config,
-                                     exec_start=shutil.which("edge-agent") or DEFAULT_EXEC))
+        sys.stdout.write(render_unit(unit_cfg, config_path=ns.config.absolute(),
+                                     exec_start=installed_command()))
     elif ns.command == "status":
         status, body = unix_call(load_config(ns.config).api.admin_socket, "GET",
                                  "/v1/admin/status")
         print(json.dumps(body, indent=2))
         return 0 if status == 200 else 2
     return 0
+
+
+def installed_command() -> str:
+    """ExecStart for this installation: its own `edge-agent` script beside the interpreter
+    (a virtual environment's or dh-virtualenv's bin/), else this interpreter running the
+    module; never a PATH lookup, which under systemd finds another install or nothing."""
+    script = Path(sys.executable).parent / "edge-agent"
+    if script.is_file() and os.access(script, os.X_OK):
+        return str(script.absolute())
+    return f"{Path(sys.executable).absolute()} -m agent.cli"
 
 
 if __name__ == "__main__":

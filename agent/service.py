@@ -24,8 +24,8 @@ from typing import IO
 from agent.api import Api
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from agent.durable import check_private
-from agent.errors import AgentError, StateLocked
+from agent.errors import StateLocked
+from agent.preflight import preflight, read_token
 from agent.sdnotify import Notifier
 
 log = logging.getLogger("edge_agent")
@@ -47,18 +47,6 @@ def lock_state(state_dir: Path) -> IO[bytes]:
         fh.close()
         raise StateLocked(f"{state_dir} is in use by a running edge-agent") from exc
     return fh
-
-
-def read_token(path: Path) -> str:
-    try:
-        check_private(path, "the API token file")
-        token = path.read_text().strip()
-    except OSError as exc:
-        raise AgentError(f"TCP is configured but the token file {path} is unreadable: "
-                         f"{exc.strerror}") from exc
-    if len(token) < 16:
-        raise AgentError(f"the API token in {path} is shorter than 16 characters")
-    return token
 
 
 async def serve(agent: Agent, notifier: Notifier) -> None:
@@ -130,6 +118,8 @@ def raise_fd_limit(max_connections: int) -> None:
 def run(config: AgentConfig, config_path: Path | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(levelname)s %(name)s %(message)s")
+    for line in preflight(config):  # every check check-config makes; ConfigError stops here
+        log.info("config: %s", line)
     raise_fd_limit(config.api.max_connections)
     lock = lock_state(config.paths.state_dir)
     fleet = None

@@ -27,9 +27,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.errors import AgentError
+from agent.pipes import reader_gone
 from converter.errors import ConvertError
 
 EXIT_ERROR = 2
+# What the [convert] extra brings; a device install has none of it.
+TOOLCHAIN = {"torch", "litert_torch", "onnx", "onnxscript", "onnxruntime", "sklearn",
+             "torch_pruning", "tqdm", "matplotlib", "tensorboard", "ethosu", "ai_edge_litert",
+             "torchao"}
 
 
 def _add_recipe_options(p: argparse.ArgumentParser) -> None:
@@ -73,7 +78,7 @@ class _NoAbbrevParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from converter.pipeline import STAGES  # noqa: PLC0415  # each command loads only what it needs
+    from converter.context import STAGE_NAMES  # noqa: PLC0415  # no torch for --help
 
     parser = _NoAbbrevParser(prog="edge-convert", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline into --out")
     _add_recipe_options(run)
     run.add_argument("--force", action="store_true", help="replace an existing output")
-    for name in STAGES:
+    for name in STAGE_NAMES:
         st = sub.add_parser(name, help=f"run the {name} stage in a work directory")
         _add_recipe_options(st)
         st.add_argument("--work", type=Path, required=True,
@@ -110,19 +115,18 @@ def _say(msg: str) -> None:
 
 
 def _dispatch(ns: argparse.Namespace, *, verbose: bool) -> int:
+    if ns.command == "profiles":  # needs no toolchain
+        from agent.profiles import available_profiles, load_profile  # noqa: PLC0415  # when used
+
+        for name in available_profiles():
+            print(f"{name:22} {load_profile(name).description}")
+        return 0
     from converter import pipeline  # noqa: PLC0415  # torch: only for a conversion
     from converter.context import open_context  # noqa: PLC0415  # when used
     from converter.recipe import load_recipe  # noqa: PLC0415  # when used
 
     if not verbose:
         _quiet_python_logs()
-
-    if ns.command == "profiles":
-        from agent.profiles import available_profiles, load_profile  # noqa: PLC0415  # when used
-
-        for name in available_profiles():
-            print(f"{name:22} {load_profile(name).description}")
-        return 0
     if ns.command == "example":
         import importlib  # noqa: PLC0415  # when used
 
@@ -197,9 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp, \
                 _native_stderr_to(None if ns.verbose else Path(tmp) / "native-stderr.log"):
             return _dispatch(ns, verbose=ns.verbose)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in TOOLCHAIN:
+            raise
+        print(f"edge-convert: error: the converter's toolchain is not installed (no module "
+              f"{exc.name!r}): pip install 'edgekeeper[convert]' (torch first: "
+              "pip install torch==2.13.0)", file=sys.stderr)
+        return EXIT_ERROR
     except (ConvertError, AgentError) as exc:
         print(f"edge-convert: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `edge-convert profiles | head -1`
+        return reader_gone()
     except KeyboardInterrupt:
         return 130
     except _Terminated:

@@ -34,6 +34,10 @@ INT8_TFLITE = "model_int8.tflite"
 RESULTS = "results.json"
 TEACHER_LOGITS = "teacher_logits.npy"
 NORMALIZATION = "normalization.npz"
+# The pipeline's stages in order (converter.pipeline.STAGES implements them; named here so
+# the CLI can list them without importing torch).
+STAGE_NAMES = ("teacher", "distill", "prune", "export", "quantize", "compile", "evaluate",
+               "report", "bundle")
 
 
 @dataclass

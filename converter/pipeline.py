@@ -29,6 +29,7 @@ from converter.context import (
     INT8_ONNX,
     INT8_TFLITE,
     PRE_ONNX,
+    STAGE_NAMES,
     STUDENT_FILE,
     TEACHER_LOGITS,
     Context,
@@ -380,6 +381,7 @@ STAGES: dict[str, Callable[[Context], None]] = {
     "export": stage_export, "quantize": stage_quantize, "compile": stage_compile,
     "evaluate": stage_evaluate, "report": stage_report, "bundle": stage_bundle,
 }
+assert tuple(STAGES) == STAGE_NAMES
 
 
 def run_stage(name: str, ctx: Context) -> None:

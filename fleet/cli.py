@@ -45,6 +45,7 @@ from typing import Any
 
 from agent import __version__
 from agent.errors import AgentError, RejectedError
+from agent.pipes import reader_gone
 from agent.trust.archive import read_archive_head
 from agent.trust.bundle import check_files, read_manifest
 from agent.trust.manifest import SIGNATURES_FILE, parse_manifest
@@ -86,14 +87,19 @@ def inspect_bundle(bundle: Path) -> list[str]:
 
 def _passphrase(ns: argparse.Namespace, *, new: bool = False) -> str | None:
     value = os.environ.get(ns.passphrase_env)
-    if value is not None or not sys.stdin.isatty():
-        return value
-    if not new:
-        return getpass.getpass("key passphrase (empty if none): ") or None
-    first = getpass.getpass("passphrase for the new keys (empty for none): ")
-    if first and first != getpass.getpass("again: "):
-        raise FleetError("passphrases differ")
-    return first or None
+    if value is None and sys.stdin.isatty():
+        if not new:
+            return getpass.getpass("key passphrase (empty if none): ") or None
+        value = getpass.getpass("passphrase for the new keys (empty for none): ")
+        if value and value != getpass.getpass("again: "):
+            raise FleetError("passphrases differ")
+    if new and not value and not getattr(ns, "no_passphrase", False):
+        print(f"edge-fleet: warning: the new private keys are written unencrypted (no "
+              f"passphrase in ${ns.passphrase_env} or from a terminal): whoever reads "
+              f"{ns.dir / 'keys'} can sign releases and commands; pass --no-passphrase if "
+              "that is intended (e.g. keys kept on an HSM-backed or encrypted volume)",
+              file=sys.stderr)
+    return value or None
 
 
 def _role_count(text: str) -> tuple[int, int]:
@@ -656,7 +662,11 @@ def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]
     show = ka.add_parser("show")
     for p in (init, rot, renew, show):
         p.add_argument("--dir", type=Path, required=True)
-        p.add_argument("--expires-days", type=int, default=365)
+        p.add_argument("--expires-days", type=int, default=365,
+                       help="days until the new root.json expires (default 365)")
+    for p in (init, rot, renew):
+        p.add_argument("--no-passphrase", action="store_true",
+                       help="write the new private keys unencrypted without a warning")
 
 
 def _add_devices(sub: Subparsers) -> None:  # type: ignore[type-arg]
@@ -727,6 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     except RejectedError as exc:
         print(f"edge-fleet: rejected ({exc.check}): {exc}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # `edge-fleet status | head`
+        return reader_gone()
     except (AgentError, FleetError, OSError) as exc:
         print(f"edge-fleet: error: {exc}", file=sys.stderr)
         return 2

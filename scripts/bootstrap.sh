@@ -48,8 +48,10 @@ fi
 STAMP=.venv/.edge-installed
 WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  log "installing edge-agent[convert,tflite,dev] (editable)"
-  "$VPY" -m pip install -q -e ".[convert,tflite,dev]" "torch==2.13.0"
+  log "installing edgekeeper[convert,tflite,onnx,dev] (editable)"
+  # The distribution was called edge-agent before (a name PyPI gives someone else).
+  "$VPY" -m pip uninstall -q -y edge-agent 2>/dev/null || true
+  "$VPY" -m pip install -q -e ".[convert,tflite,onnx,dev]" "torch==2.13.0"
   echo "$WANT" > "$STAMP"
 fi
 log "ready: $("$VPY" --version), torch $("$VPY" -c 'import torch; print(torch.__version__)')"

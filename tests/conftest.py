@@ -14,6 +14,14 @@ import pytest
 # environments, which have no torch and no converter tooling.
 ARTIFACTS = os.environ.get("EDGE_TEST_ARTIFACTS")
 
+try:
+    import onnxruntime  # noqa: F401
+    HAVE_ONNXRUNTIME = True
+except ImportError:  # a TFLite-only device install (scripts/test-device.sh, .venv-tflite)
+    HAVE_ONNXRUNTIME = False
+needs_onnxruntime = pytest.mark.skipif(
+    not HAVE_ONNXRUNTIME, reason="serves an ONNX model; this is a TFLite-only install")
+
 FAST = [
     "--distill-epochs", "12", "--distill-progress", "false", "--evaluate-latency-runs", "10",
     "--data-calibration-samples", "64",

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import needs_onnxruntime
 from fixture_agent import AgentProcess, call, digits_input, infer_body, write_config
 from polling import wait_until
 
@@ -77,8 +78,26 @@ def test_tflite_bundle_served_over_kserve_v2_and_tf_serving(
     status, pred = agent.call("POST", "/v1/models/digits:predict",
                               {"instances": x.tolist()})
     assert status == 200 and np.asarray(pred["predictions"]).shape == (3, 10)
+    # TF Serving's versioned predict and model status; the v2 repository index that /v2
+    # advertises (it was 404).
+    status, pred = agent.call("POST", "/v1/models/digits/versions/1:predict",
+                              {"instances": x.tolist()})
+    assert status == 200 and np.asarray(pred["predictions"]).shape == (3, 10)
+    assert agent.call("POST", "/v1/models/digits/versions/7:predict",
+                      {"instances": x.tolist()})[0] == 404
+    assert agent.call("GET", "/v1/models/digits") == (200, {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE",
+         "status": {"error_code": "OK", "error_message": ""}}]})
+    assert agent.call("GET", "/v1/models/digits/versions/1")[0] == 200
+    assert agent.call("GET", "/v1/models/digits/versions/2")[0] == 404
+    assert agent.call("GET", "/v1/models/nope")[0] == 404
+    assert "model_repository" in agent.call("GET", "/v2")[1]["extensions"]
+    index = [{"name": "digits", "version": "1", "state": "READY", "reason": ""}]
+    assert agent.call("POST", "/v2/repository/index") == (200, index)
+    assert agent.call("POST", "/v2/repository/index", {"ready": True}) == (200, index)
+    assert agent.call("POST", "/v2/repository/index", {"ready": "yes"})[0] == 400
     metrics = agent.call("GET", "/metrics")[1]
-    assert 'edge_agent_inferences_total{model="digits"} 6' in metrics
+    assert 'edge_agent_inferences_total{model="digits"} 9' in metrics
     assert "edge_agent_request_duration_seconds_bucket" in metrics
 
 
@@ -95,6 +114,7 @@ def test_a_device_key_readable_by_others_is_refused_at_start(
     agent.start()
 
 
+@needs_onnxruntime
 def test_onnx_over_tcp_needs_the_bearer_token_and_serves_a_standard_client(
         agent_factory: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     token = tmp_path / "token"
@@ -165,6 +185,7 @@ def _standard_client(port: int, token: str) -> None:
     client.close()
 
 
+@needs_onnxruntime
 def test_hot_swap_under_a_steady_request_stream_fails_no_request(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     agent = agent_factory(X86)
@@ -199,6 +220,7 @@ def test_hot_swap_under_a_steady_request_stream_fails_no_request(
     assert versions == {"1", "2"}
 
 
+@needs_onnxruntime
 def test_updates_that_fail_leave_the_old_model_serving(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     agent = agent_factory(X86)
@@ -217,6 +239,7 @@ def test_updates_that_fail_leave_the_old_model_serving(
                                                                   "loaded", "failed"]
 
 
+@needs_onnxruntime
 def test_refusals_carry_a_reason_and_the_daemon_goes_on(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     agent = agent_factory(X86, scheduler={"memory_budget_bytes": 1000},
@@ -244,6 +267,7 @@ def test_refusals_carry_a_reason_and_the_daemon_goes_on(
     assert agent.proc is not None and agent.proc.poll() is None
 
 
+@needs_onnxruntime
 def test_thermal_throttle_sheds_low_priority_at_critical_with_hysteresis(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     agent = agent_factory(X86)
@@ -276,6 +300,7 @@ def test_thermal_throttle_sheds_low_priority_at_critical_with_hysteresis(
     assert 'edge_agent_refusals_total{reason="thermal"} 2' in metrics
 
 
+@needs_onnxruntime
 def test_an_idle_device_knows_its_temperature_and_a_dead_sensor_is_unknown(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     """Sensors are polled at rest (no request is sent here); a sensor that gives no reading
@@ -301,6 +326,7 @@ def test_an_idle_device_knows_its_temperature_and_a_dead_sensor_is_unknown(
     assert "thermal.state" in agent.log
 
 
+@needs_onnxruntime
 def test_a_crash_kill_9_during_install_restarts_into_a_verified_model(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     """A crash (kill -9: the page cache survives it, so this is not a power cut; those are
@@ -374,6 +400,7 @@ def test_sd_notify_ready_watchdog_status_and_stopping(
     assert len(stopping) == 1 and "STATUS=" in stopping[0], rest
 
 
+@needs_onnxruntime
 def test_ready_comes_only_after_the_installed_model_was_verified_and_loaded(
         agent_factory: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     agent = agent_factory(X86)
@@ -400,6 +427,7 @@ def test_ready_comes_only_after_the_installed_model_was_verified_and_loaded(
     assert any("digits v1 verified, self-tested and serving" in n for n in notes), notes
 
 
+@needs_onnxruntime
 def test_a_damaged_active_bundle_falls_back_to_previous_at_start(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     agent = agent_factory(X86)
@@ -433,6 +461,7 @@ def test_a_bad_config_fails_at_start_naming_the_field(tmp_path: Path,
     assert check.returncode == 2 and "scheduler.queue_max" in check.stderr
 
 
+@needs_onnxruntime
 def test_edge_agent_install_works_directly_when_stopped_and_through_the_daemon(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     import subprocess
@@ -456,6 +485,7 @@ def test_edge_agent_install_works_directly_when_stopped_and_through_the_daemon(
     assert bad.returncode == 3 and "self-test" in bad.stdout
 
 
+@needs_onnxruntime
 def test_admin_install_of_what_is_not_a_bundle_and_rollback_through_the_admin_api(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     """A path is no longer taken from clients (415, whatever it names); `/v1/admin/rollback`
@@ -478,6 +508,7 @@ def test_admin_install_of_what_is_not_a_bundle_and_rollback_through_the_admin_ap
     assert agent.call("POST", "/v1/admin/rollback", {})[0] == 400
 
 
+@needs_onnxruntime
 def test_edge_agent_status_unit_and_schema_commands(agent_factory: Any,
                                                     releases: dict[str, Path],
                                                     tmp_path: Path) -> None:
@@ -509,6 +540,7 @@ def test_edge_agent_status_unit_and_schema_commands(agent_factory: Any,
     assert gone.returncode == 2 and "cannot reach the agent" in gone.stderr
 
 
+@needs_onnxruntime
 def test_models_share_the_memory_budget_and_an_evicted_one_reloads_on_demand(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     """Two models of 40 MiB each: under a 64 MiB budget loading the second unloads the

@@ -32,7 +32,7 @@ from agent.config import load_config
 from agent.unit import memory_max_bytes
 
 BUDGET = 96 << 20
-EXAMPLES = 60  # per operation; 15 operations
+EXAMPLES = 60  # per operation; 19 operations
 
 
 class _UnixConnection(HTTPConnection):
@@ -125,12 +125,12 @@ def test_schemathesis_finds_no_5xx_no_dropped_connection_and_no_undocumented_ans
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_schema_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 15
+    assert len(operations) == 19
     calls = sum(_fuzz(op, sessions[op.path.startswith("/v1/admin/")], checks)
                 for op in operations)
     for session in sessions.values():
         session.close()  # no keep-alive connection left to hold the daemon's shutdown
-    assert calls >= 15 * 10
+    assert calls >= 19 * 10
     assert agent.call("GET", "/v2/health/live")[0] == 200
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
     assert agent.proc is not None

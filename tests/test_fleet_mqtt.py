@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import needs_onnxruntime
 from fixture_agent import AgentProcess, infer_body, write_config
 from fixture_mqtt import Broker, Subscriber, report
 from polling import wait_until
@@ -80,6 +81,7 @@ def events(sub: Subscriber) -> list[dict[str, Any]]:
     return [report(p) for p in sub.on("/event")]
 
 
+@needs_onnxruntime
 def test_a_signed_deploy_is_downloaded_verified_activated_and_committed(
         fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
     agent, sub = fleet
@@ -99,6 +101,7 @@ def test_a_signed_deploy_is_downloaded_verified_activated_and_committed(
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
+@needs_onnxruntime
 def test_rejected_commands_reach_an_event_signed_ones_a_result_and_nothing_else_happens(
         fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
     agent, sub = fleet
@@ -129,6 +132,7 @@ def test_rejected_commands_reach_an_event_signed_ones_a_result_and_nothing_else_
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
 
 
+@needs_onnxruntime
 def test_a_deploy_of_the_release_already_committed_is_done_not_failed(
         fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
     """A retried deploy (the first result was lost, or the device was late) must not
@@ -142,6 +146,7 @@ def test_a_deploy_of_the_release_already_committed_is_done_not_failed(
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
 
 
+@needs_onnxruntime
 def test_a_release_that_fails_its_self_test_or_its_pin_is_not_served(
         fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
     agent, sub = fleet
@@ -156,6 +161,7 @@ def test_a_release_that_fails_its_self_test_or_its_pin_is_not_served(
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
 
 
+@needs_onnxruntime
 def test_telemetry_counts_requests_with_consecutive_sequence_numbers(fleet: Any) -> None:
     agent, sub = fleet
     for _ in range(20):
@@ -169,6 +175,7 @@ def test_telemetry_counts_requests_with_consecutive_sequence_numbers(fleet: Any)
     assert tel[-1]["throttle"] == "normal"
 
 
+@needs_onnxruntime
 def test_the_last_will_says_offline_when_the_agent_dies(fleet: Any) -> None:
     agent, sub = fleet
     sub.wait_for(lambda: any(report(p)["online"] for p in sub.on("/state")))
@@ -178,6 +185,7 @@ def test_the_last_will_says_offline_when_the_agent_dies(fleet: Any) -> None:
     sub.wait_for(lambda: report(sub.on("/state")[-1])["online"])
 
 
+@needs_onnxruntime
 def test_hostile_payloads_on_every_subscribed_topic_are_dropped_and_the_agent_lives(
         fleet: Any, releases: dict[str, Path]) -> None:
     import random
@@ -210,6 +218,7 @@ def test_hostile_payloads_on_every_subscribed_topic_are_dropped_and_the_agent_li
     assert agent.proc is not None and agent.proc.poll() is None
 
 
+@needs_onnxruntime
 def test_junk_on_the_command_topic_does_not_hide_a_valid_command(
         fleet: Any, releases: dict[str, Path]) -> None:
     """400 junk messages at QoS 0, then one signed command: it is carried out, and the
@@ -230,6 +239,7 @@ def test_junk_on_the_command_topic_does_not_hide_a_valid_command(
     assert len(rejected) <= 3 * 5, len(rejected)  # 5 a minute per check
 
 
+@needs_onnxruntime
 def test_a_latency_regression_in_the_health_window_rolls_back_by_itself(
         fleet: Any, releases: dict[str, Path], artifacts: str) -> None:
     import time
@@ -272,6 +282,7 @@ def test_a_latency_regression_in_the_health_window_rolls_back_by_itself(
     assert set(statuses) == {200}  # no request failed through deploy and rollback
 
 
+@needs_onnxruntime
 def test_inputs_unlike_the_calibration_data_raise_a_drift_anomaly(fleet: Any) -> None:
     agent, sub = fleet
     body = {"inputs": [{"name": "input", "shape": [4, 1, 8, 8], "datatype": "FP32",
@@ -304,6 +315,7 @@ def ask(client: Any, payload: bytes, reply_to: str, correlation: str) -> None:
 REPLIES = "edge/v1/acme/infer-replies/asker/r"
 
 
+@needs_onnxruntime
 def test_remote_inference_over_mqtt5_request_response(fleet: Any, broker: Broker) -> None:
     agent, _ = fleet
     replies = Subscriber(broker, [REPLIES], client_id="asker")
@@ -324,6 +336,7 @@ def test_remote_inference_over_mqtt5_request_response(fleet: Any, broker: Broker
     replies.close()
 
 
+@needs_onnxruntime
 def test_a_reply_topic_outside_the_replies_prefix_is_refused(fleet: Any,
                                                              broker: Broker) -> None:
     spy = Subscriber(broker, ["edge/v1/acme/#"], client_id="spy")
@@ -364,6 +377,7 @@ def test_an_agent_restart_with_a_full_outbox_loses_nothing(
     sub.close()
 
 
+@needs_onnxruntime
 def test_config_and_reload_commands(fleet: Any, releases: dict[str, Path]) -> None:
     agent, sub = fleet
     for raw in (command(releases, "config", settings={"latency_z": 6, "telemetry_interval_s": 1}),
@@ -424,6 +438,7 @@ class _Held(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data[65536:])
 
 
+@needs_onnxruntime
 def test_a_second_deploy_while_one_runs_is_refused_as_busy(
         fleet: Any, releases: dict[str, Path]) -> None:
     agent, sub = fleet

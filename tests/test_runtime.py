@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_onnxruntime
 
 from agent.errors import RuntimeLoadError
 from agent.profiles import load_profile
@@ -30,6 +31,7 @@ def test_a_missing_delegate_without_cpu_fallback_is_refused() -> None:
         load_tflite_delegates(profile.runtime.tflite_delegates, required=True)
 
 
+@needs_onnxruntime
 def test_onnx_providers_not_on_this_machine_fall_back_to_the_cpu(onnx_run: Path) -> None:
     providers = load_profile("jetson-orin-nano").runtime.onnx_providers
     model = open_model(onnx_run / "model_int8.onnx", "onnx", providers=providers)

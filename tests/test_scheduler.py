@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_onnxruntime
 
 from agent.errors import Refused, UnknownModel
 from agent.serving.admission import Budget, Priority, ThermalLimits
@@ -16,6 +17,9 @@ from agent.serving.runtime import F32, LoadedModel, open_model
 from agent.serving.scheduler import Resident, Scheduler, request_bytes
 from agent.testing import FakeClock, FakeSensors
 from agent.trust.bundle import read_manifest
+
+pytestmark = needs_onnxruntime  # every test here serves an ONNX model
+
 
 LIMITS = ThermalLimits(throttle_c=78.0, critical_c=84.0, hysteresis_c=5.0)
 

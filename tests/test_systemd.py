@@ -72,3 +72,23 @@ def test_sysusers_and_tmpfiles_create_the_user_and_directories(tmp_path: Path) -
                      (tmp_path / "etc/passwd").read_text(), re.M)
     for d in ("etc/edge-agent", "var/lib/edge-agent"):
         assert (tmp_path / d).stat().st_mode & 0o777 == 0o750
+
+
+def test_edge_agent_unit_points_at_this_installation_and_an_absolute_config(
+        tmp_path: Path) -> None:
+    """`edge-agent unit` took ExecStart from PATH (or /usr/local/bin) and copied a relative
+    --config: systemd-analyze reported the binary as not executable."""
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "unit", "--config",
+                           "conf/agent.toml"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True, env={"PATH": "/nonexistent"})
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("ExecStart="))
+    binary, *rest = line.removeprefix("ExecStart=").split()
+    assert Path(binary).is_absolute() and Path(binary).is_file(), line
+    assert Path(binary).parent == Path(sys.executable).parent, line
+    assert rest[-2:] == ["--config", str(tmp_path / "conf/agent.toml")], line
+    unit = tmp_path / "edge-agent.service"
+    unit.write_text(proc.stdout)
+    p = analyze("verify", str(unit))
+    assert p.returncode == 0 and "edge-agent.service" not in p.stderr, p.stderr

@@ -69,7 +69,11 @@ def _label(source: Path | bytes) -> str:
 
 def open_onnx(source: Path | bytes, *, threads: int = 1,
               providers: list[str] | None = None) -> OnnxModel:
-    import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
+    try:
+        import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
+    except ImportError as exc:
+        raise RuntimeLoadError("no ONNX Runtime here: install it (pip install "
+                               "'edgekeeper[onnx]') or ship this model for TFLite") from exc
 
     if hasattr(ort, "disable_telemetry_events"):  # no usage telemetry from the device
         ort.disable_telemetry_events()
@@ -96,7 +100,7 @@ def _tflite_module() -> Any:
             import tflite_runtime.interpreter as mod  # noqa: PLC0415  # optional: when used
         except ImportError as exc:
             raise RuntimeLoadError("no TFLite runtime: install ai-edge-litert "
-                                   "(pip install 'edge-agent[tflite]') or tflite-runtime") from exc
+                                   "(pip install 'edgekeeper[tflite]') or tflite-runtime") from exc
     return mod
 
 
