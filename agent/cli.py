@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", type=Path, default=DEFAULT_PATH)
         if name == "install":
             p.add_argument("bundle", type=Path)
+        if name == "run":
+            p.add_argument("--log-format", choices=["text", "logfmt", "json"], default="text",
+                           help="log lines on stderr (default text; under systemd each line "
+                                "also carries its syslog priority for journald)")
+            p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                           default="info", help="least severe level logged (default info)")
     sub.add_parser("profiles")
     sub.add_parser("schema").add_argument("--out", type=Path)
     sub.add_parser("profile").add_argument("name")
@@ -140,7 +146,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
     elif ns.command == "run":
         from agent.service import run  # noqa: PLC0415  # each command loads only what it needs
 
-        return run(load_config(ns.config), ns.config)
+        return run(load_config(ns.config), ns.config, log_format=ns.log_format,
+                   log_level=ns.log_level)
     elif ns.command == "install":
         return _install(load_config(ns.config), ns.bundle)
     elif ns.command == "schema":

@@ -16,11 +16,11 @@ import logging
 import os
 import resource
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import IO
 
+from agent import logs
 from agent.api import Api
 from agent.config import AgentConfig
 from agent.daemon import Agent
@@ -115,9 +115,9 @@ def raise_fd_limit(max_connections: int) -> None:
                     "rest; lower it or raise LimitNOFILE", max_connections, FD_RESERVE, soft)
 
 
-def run(config: AgentConfig, config_path: Path | None = None) -> int:
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(levelname)s %(name)s %(message)s")
+def run(config: AgentConfig, config_path: Path | None = None, *,
+        log_format: logs.Format = "text", log_level: str = "info") -> int:
+    logs.configure(log_format, log_level)
     for line in preflight(config):  # every check check-config makes; ConfigError stops here
         log.info("config: %s", line)
     raise_fd_limit(config.api.max_connections)

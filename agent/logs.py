@@ -1,0 +1,91 @@
+"""The daemon's log lines: text, logfmt or JSON on stderr, with syslog priority prefixes when
+stderr is journald's stream.
+
+- `text`: `LEVEL logger message` (what a terminal reads);
+- `logfmt`: `level=warning logger=edge_agent.link msg="…"`, every value quoted where it
+  needs to be, so logfmt parsers (Loki, Vector, `hl`) read each line;
+- `json`: one object per line: `ts` (RFC 3339, UTC), `level`, `logger`, `msg`, and `exc`
+  with the traceback when there is one.
+
+Under systemd, stderr is a journald stream (`JOURNAL_STREAM` names its device and inode):
+each line then starts with `<N>`, its syslog priority (sd-daemon(3)), so journald files a
+warning as a warning rather than as the stream's default (info).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+from typing import Literal, TextIO
+
+Format = Literal["text", "logfmt", "json"]
+LEVELS = ("debug", "info", "warning", "error")
+# syslog priorities (sd-daemon.h: SD_ERR 3, SD_WARNING 4, SD_INFO 6, SD_DEBUG 7)
+PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+            logging.DEBUG: 7}
+
+
+def journald_stream(stream: TextIO) -> bool:
+    """Whether `stream` is the journald stream systemd connected (JOURNAL_STREAM is
+    `device:inode` of it; a child that inherited the variable but not the fd is not)."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
+def _logfmt_value(value: str) -> str:
+    if value and not any(c in value for c in ' ="\\\n\t') and value.isprintable():
+        return value
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped.replace(chr(9), chr(92) + "t")}"'
+
+
+class LineFormatter(logging.Formatter):
+    def __init__(self, fmt: Format, *, journald: bool) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        exc = self.formatException(record.exc_info) if record.exc_info else None
+        level = record.levelname.lower()
+        if self.fmt == "json":
+            obj = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"), "level": level, "logger": record.name, "msg": msg}
+            if exc:
+                obj["exc"] = exc
+            line = json.dumps(obj, ensure_ascii=False)
+        elif self.fmt == "logfmt":
+            line = (f"level={level} logger={_logfmt_value(record.name)} "
+                    f"msg={_logfmt_value(msg)}")
+            if exc:
+                line += f" exc={_logfmt_value(exc)}"
+        else:
+            line = f"{record.levelname} {record.name} {msg}"
+            if exc:
+                line += "\n" + exc
+        if self.journald:
+            prefix = f"<{PRIORITY.get(record.levelno, 6)}>"
+            # journald reads each line on its own: every line of a traceback gets the prefix
+            line = "\n".join(prefix + part for part in line.split("\n"))
+        return line
+
+
+def configure(fmt: Format = "text", level: str = "info",
+              stream: TextIO | None = None) -> None:
+    """Route the root logger to stderr in `fmt` at `level` (one of LEVELS)."""
+    out = stream or sys.stderr
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(LineFormatter(fmt, journald=journald_stream(out)))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())

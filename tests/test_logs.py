@@ -1,0 +1,99 @@
+"""The daemon's log lines: parseable in every format, at the level asked for, and carrying
+syslog priorities exactly when stderr is journald's stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixture_agent import make_keys, write_config
+
+from agent.client import unix_call
+from agent.logs import LineFormatter
+
+LOGFMT_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^ "]+)')
+
+
+def _record(msg: str, level: int = logging.WARNING) -> logging.LogRecord:
+    return logging.LogRecord("edge_agent.link", level, __file__, 1, msg, None, None)
+
+
+def _logfmt(line: str) -> dict[str, str]:
+    pairs = LOGFMT_PAIR.findall(line)
+    assert " ".join(f"{k}={v}" for k, v in pairs) == line, line  # nothing left unparsed
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+
+
+@pytest.mark.parametrize("msg", ["models=no model yet", 'a "quoted" word', "tab\there",
+                                 "two\nlines", "plain"])
+def test_logfmt_and_json_lines_parse_back_to_the_message(msg: str) -> None:
+    fields = _logfmt(LineFormatter("logfmt", journald=False).format(_record(msg)))
+    assert fields == {"level": "warning", "logger": "edge_agent.link", "msg": msg}
+    obj = json.loads(LineFormatter("json", journald=False).format(_record(msg)))
+    assert (obj["level"], obj["logger"], obj["msg"]) == ("warning", "edge_agent.link", msg)
+
+
+def test_journald_lines_carry_their_priority_on_every_line() -> None:
+    fmt = LineFormatter("text", journald=True)
+    assert fmt.format(_record("hot", logging.WARNING)).startswith("<4>WARNING ")
+    assert fmt.format(_record("ok", logging.INFO)).startswith("<6>INFO ")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = _record("failed", logging.ERROR)
+        rec.exc_info = sys.exc_info()
+    lines = fmt.format(rec).split("\n")
+    assert len(lines) > 2 and all(line.startswith("<3>") for line in lines), lines
+
+
+@pytest.mark.parametrize(("fmt", "journald"), [("json", True), ("logfmt", False)])
+def test_the_daemon_logs_in_the_format_asked_and_knows_journald_from_a_file(
+        tmp_path: Path, fmt: str, journald: bool) -> None:
+    """stderr is a file; JOURNAL_STREAM names it (as systemd does for its stream) or names
+    another stream (a child that inherited the variable): prefixes only for the first."""
+    keys = make_keys(tmp_path / "keys")
+    cfg = write_config(tmp_path / "dev", keys, profile="x86_64-generic")
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as fh:
+        st = os.fstat(fh.fileno())
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}" if journald
+               else f"{st.st_dev}:{st.st_ino + 1}"}
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg),
+                                 "--log-format", fmt, "--log-level", "info"], stderr=fh,
+                                stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env)
+    try:
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                if unix_call(tmp_path / "dev/api.sock", "GET", "/v2/health/live")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise AssertionError(err.read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, err.read_text()
+    lines = [line for line in err.read_text().splitlines() if line]
+    assert len(lines) >= 3, lines
+    for line in lines:
+        body = line
+        if journald:
+            m = re.match(r"<([0-7])>(.*)", line)
+            assert m, line
+            body = m.group(2)
+        else:
+            assert not line.startswith("<"), line
+        fields = json.loads(body) if fmt == "json" else _logfmt(body)
+        assert fields["level"] in ("info", "warning", "error"), line
+        if journald:
+            want = {"info": "6", "warning": "4", "error": "3"}[fields["level"]]
+            assert m.group(1) == want, line
