@@ -97,3 +97,41 @@ def test_the_daemon_logs_in_the_format_asked_and_knows_journald_from_a_file(
         if journald:
             want = {"info": "6", "warning": "4", "error": "3"}[fields["level"]]
             assert m.group(1) == want, line
+
+
+def test_sigterm_with_an_idle_keep_alive_client_stops_at_once_without_a_traceback(
+        tmp_path: Path) -> None:
+    """A client holding a keep-alive connection used to keep the drain waiting its full 10 s
+    (11.7 s to stop) and end in an asyncio traceback. The idle connection is closed at
+    once; a 300 s idle timeout shows the stop does not wait for it, nor for the drain."""
+    from agent.client import UnixHTTPConnection
+
+    keys = make_keys(tmp_path / "keys")
+    cfg = write_config(tmp_path / "dev", keys, profile="x86_64-generic",
+                       api={"idle_timeout_s": 300})
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                                stderr=fh, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    conn = UnixHTTPConnection(tmp_path / "dev/api.sock", timeout=30)
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                conn.request("GET", "/v2/health/live")
+                break
+            except OSError:
+                assert time.monotonic() < end, err.read_text()
+                conn.close()
+                time.sleep(0.05)
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        assert response.getheader("connection") != "close"  # kept alive, now idle
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(8) == 0, err.read_text()  # under the 10 s drain it used to wait
+        assert conn.sock is not None and conn.sock.recv(1) == b""  # closed by the agent
+    finally:
+        conn.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err.read_text(), err.read_text()

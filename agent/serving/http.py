@@ -166,6 +166,10 @@ class HttpServer:
         self.refused_connections = 0
         self.server_header = server_name.encode()
         self._connections: set[asyncio.Task[None]] = set()
+        # Connections waiting for the first byte of their next request (keep-alive, idle):
+        # a drain closes them at once instead of waiting out their idle timeout.
+        self._idle: set[asyncio.StreamReader] = set()
+        self._draining = False
 
     async def start_unix(self, path: str, *, admin: bool = False) -> asyncio.AbstractServer:
         return await asyncio.start_unix_server(
@@ -194,10 +198,14 @@ class HttpServer:
                 await writer.wait_closed()
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait for open connections to finish their current request, then close them."""
+        """Close idle keep-alive connections now; let the others finish their current
+        request (answered with `Connection: close`), up to `timeout_s`; then close them."""
+        self._draining = True
+        for reader in list(self._idle):  # the pending read returns b"": a clean close
+            reader.feed_eof()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=timeout_s)
-        for task in list(self._connections):
+        for task in list(self._connections):  # still busy after timeout_s: the last resort
             task.cancel()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -217,10 +225,10 @@ class HttpServer:
             request.admin = admin
             response = await self._dispatch(request)
             unread = request.stream is not None and not request.stream.done
-            if unread:  # answered before its body was read: no second request follows
+            if unread or self._draining:  # no second request follows
                 response.headers["connection"] = "close"
             await self._send(conn, writer, response)
-            if unread or conn.our_state is h11.MUST_CLOSE:
+            if unread or self._draining or conn.our_state is h11.MUST_CLOSE:
                 return
             try:
                 conn.start_next_cycle()
@@ -243,10 +251,10 @@ class HttpServer:
                 limit = deadline - loop.time()
                 if limit <= 0:
                     raise _HttpError(408, f"{what} not received in time")
+            if deadline is None and self._draining:
+                return h11.ConnectionClosed()
             try:
-                # asyncio.timeout, not wait_for: no extra task per read on the hot path.
-                async with asyncio.timeout(limit):
-                    data = await reader.read(READ_BYTES)
+                data = await self._read(reader, limit, idle=deadline is None)
             except TimeoutError:
                 if deadline is not None:
                     raise _HttpError(408, f"{what} not received in time") from None
@@ -256,6 +264,20 @@ class HttpServer:
             if deadline is None and data:  # the head has begun: it gets head_timeout_s
                 deadline, what = loop.time() + self.head_timeout_s, "request head"
             conn.receive_data(data)
+
+    async def _read(self, reader: asyncio.StreamReader, limit: float, *, idle: bool) -> bytes:
+        """Up to READ_BYTES within `limit` seconds; an idle read (waiting for a request's
+        first byte) is one a drain ends (end of stream: the connection closes cleanly; a
+        cancelled connection task would make asyncio log a traceback)."""
+        if idle:
+            self._idle.add(reader)
+        try:
+            # asyncio.timeout, not wait_for: no extra task per read on the hot path.
+            async with asyncio.timeout(limit):
+                return await reader.read(READ_BYTES)
+        finally:
+            if idle:
+                self._idle.discard(reader)
 
     async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
                             unix: bool) -> Request | None:
