@@ -20,6 +20,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 from agent import __version__
 from agent.daemon import Agent
 from agent.errors import AgentError, ApiError, Busy, Refused, RejectedError, UnknownModel
+from agent.logs import RateLimited
 from agent.serving.admission import PRIORITY
 from agent.serving.http import (
     BodyStream,
@@ -52,6 +54,7 @@ from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
 from agent.trust.bundle import read_manifest
 from agent.trust.signatures import HEX64_PATTERN, NAME_PATTERN
 
+log = logging.getLogger("edge_agent.api")
 MODEL_NAME = re.compile(NAME_PATTERN)
 
 
@@ -111,6 +114,7 @@ class Api:
     def __init__(self, agent: Agent, token: str | None) -> None:
         self.agent = agent
         self.token = token
+        self._errors = RateLimited(log, interval_s=60.0)
         self.router = Router()
         for method, path, handler in (
                 ("GET", "/v2/health/live", self.live),
@@ -142,7 +146,27 @@ class Api:
                           max_connections=api.max_connections,
                           head_timeout_s=api.head_timeout_s,
                           body_timeout_s=api.body_timeout_s,
-                          idle_timeout_s=api.idle_timeout_s)
+                          idle_timeout_s=api.idle_timeout_s, on_response=self.answered)
+
+    def answered(self, method: str, path: str, status: int, body: bytes) -> None:
+        """Count every answer by status; log errors, rate-limited per status and reason (a
+        client looping on a bad request, or cycling through random paths, must not flood
+        the journal): 5xx but 503 as errors, refusals (429, 503) and other 4xx as
+        warnings."""
+        self.agent.metrics.inc("edge_agent_http_responses_total", code=str(status))
+        if status < 400:
+            return
+        route = path.split("?", maxsplit=1)[0][:80]
+        try:
+            detail = json.loads(body)
+            reason = detail.get("reason", "") if isinstance(detail, dict) else ""
+            error = str(detail.get("error", ""))[:200] if isinstance(detail, dict) else ""
+        except (ValueError, UnicodeDecodeError):
+            reason, error = "", ""
+        level = logging.ERROR if status >= 500 and status != 503 else logging.WARNING
+        self._errors.log(level, f"{status} {reason}",
+                         "http.error status=%d method=%s path=%s reason=%s error=%s", status,
+                         method, route, reason or "-", json.dumps(error))
 
     def authorize(self, headers: dict[str, str], unix: bool) -> str | None:
         """On TCP, the bearer token, checked on the request head before anything else."""

@@ -18,6 +18,10 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Literal, TextIO
 
@@ -89,3 +93,43 @@ def configure(fmt: Format = "text", level: str = "info",
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class RateLimited:
+    """A logger for lines that can repeat without bound (client errors, refusals, a broker
+    that stays down): per key, the first line at once, then at most one per `interval_s`
+    carrying how many were suppressed since. Thread-safe; bounded by `max_keys` (the
+    oldest key is forgotten)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 60.0, *,
+                 max_keys: int = 256, clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()  # key -> (last, held)
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
+        """Log unless `key` logged within interval_s; returns whether it logged."""
+        now = self.clock()
+        with self._lock:
+            last, held = self._seen.get(key, (None, 0))
+            if last is not None and now - last < self.interval_s:
+                self._seen[key] = (last, held + 1)
+                return False
+            self._seen[key] = (now, 0)
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.max_keys:
+                self._seen.popitem(last=False)
+        if held:
+            msg += f" (and {held} more like it in the last %ds)"
+            args = (*args, round(self.interval_s))
+        self.logger.log(level, msg, *args)
+        return True
+
+    def forget(self, key: str) -> int:
+        """Drop `key` (its condition ended); returns how many lines it held back."""
+        with self._lock:
+            _, held = self._seen.pop(key, (None, 0))
+        return held

@@ -135,3 +135,57 @@ def test_sigterm_with_an_idle_keep_alive_client_stops_at_once_without_a_tracebac
         if proc.poll() is None:
             proc.kill()
     assert "Traceback" not in err.read_text(), err.read_text()
+
+
+def test_repeated_lines_are_held_back_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    from agent.logs import RateLimited
+    from agent.testing import FakeClock
+
+    clock = FakeClock()
+    limited = RateLimited(logging.getLogger("t"), interval_s=60, max_keys=2, clock=clock)
+    with caplog.at_level(logging.INFO, logger="t"):
+        assert limited.log(logging.WARNING, "a", "down %s", "x")
+        assert not any(limited.log(logging.WARNING, "a", "down %s", "x") for _ in range(9))
+        assert limited.log(logging.WARNING, "b", "other")  # another key logs at once
+        clock.jump(61)
+        assert limited.log(logging.WARNING, "a", "down %s", "x")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["down x", "other", "down x (and 9 more like it in the last 60s)"]
+    assert limited.forget("a") == 0 and limited.forget("nothing") == 0
+    for key in "cdef":  # bounded: old keys are forgotten
+        limited.log(logging.INFO, key, "k")
+    assert len(limited._seen) == 2
+
+
+def test_client_errors_are_counted_by_status_and_logged_once_a_minute(tmp_path: Path) -> None:
+    """A client looping on a bad request (or cycling through random paths) costs one log
+    line a minute per status, and every answer is counted by status."""
+    keys = make_keys(tmp_path / "keys")
+    cfg = write_config(tmp_path / "dev", keys, profile="x86_64-generic")
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                                stderr=fh, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    sock = tmp_path / "dev/api.sock"
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                unix_call(sock, "GET", "/v2/health/live")
+                break
+            except OSError:
+                assert time.monotonic() < end, err.read_text()
+                time.sleep(0.05)
+        for i in range(40):
+            assert unix_call(sock, "GET", f"/v2/models/nope-{i}")[0] == 404
+            assert unix_call(sock, "GET", f"/no/such/route/{i}")[0] == 404
+        assert unix_call(sock, "POST", "/v2/repository/index", {"ready": 3})[0] == 400
+        metrics = unix_call(sock, "GET", "/metrics")[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    assert 'edge_agent_http_responses_total{code="404"} 80' in metrics, metrics
+    assert 'edge_agent_http_responses_total{code="400"} 1' in metrics, metrics
+    text = err.read_text()
+    assert text.count("http.error status=404") == 1, text
+    assert text.count("http.error status=400") == 1, text

@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import ConfigError
 from agent.link.outbox import Outbox
+from agent.logs import RateLimited
 
 log = logging.getLogger("edge_agent.mqtt")
 MAX_IN_FLIGHT = 100
@@ -123,6 +124,9 @@ class MqttLink:
         self._mids: dict[int, int] = {}  # paho mid -> outbox id
         self._client_now: paho.Client | None = None
         self._rng = random.Random()
+        # A broker that stays down: the first failure is a warning, then one a minute
+        # saying how many were held back, not one per retry.
+        self._outage = RateLimited(log, interval_s=60.0)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,10 +164,12 @@ class MqttLink:
                     self.last_error = (f"{broker.host}:{broker.port}: closed before the "
                                        "broker accepted the connection (client certificate "
                                        "or credentials refused?)")
-                    log.warning("mqtt.connect_failed %s", self.last_error)
+                    self._outage.log(logging.WARNING, "connect", "mqtt.connect_failed %s",
+                                     self.last_error)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self.last_error = f"{broker.host}:{broker.port}: {exc}"
-                log.warning("mqtt.connect_failed %s", self.last_error)
+                self._outage.log(logging.WARNING, "connect", "mqtt.connect_failed %s",
+                                 self.last_error)
             finally:
                 self._disconnected()
                 if self._stop.is_set():
@@ -194,9 +200,12 @@ class MqttLink:
                     properties: Any) -> None:
         if reason.is_failure:
             self.last_error = f"refused: {reason}"
-            log.warning("mqtt.refused %s", reason)
+            self._outage.log(logging.WARNING, "connect", "mqtt.refused %s", reason)
             return
         self.connects += 1
+        if held := self._outage.forget("connect"):
+            log.info("mqtt.reconnected after %d more failed attempts (not logged one by one)",
+                     held)
         client.publish(self.state_topic, self.birth(), qos=1, retain=True)
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)

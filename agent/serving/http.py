@@ -155,8 +155,12 @@ class HttpServer:
                  authorize: Authorize = lambda headers, unix: None,
                  max_connections: int = 64, head_timeout_s: float = 10.0,
                  body_timeout_s: float = 30.0, idle_timeout_s: float = 60.0,
-                 server_name: str = "edge-agent") -> None:
+                 server_name: str = "edge-agent",
+                 on_response: Callable[[str, str, int, bytes], None] | None = None) -> None:
         self.router = router
+        # Called with (method, path, status, body) for every answer sent, protocol errors
+        # too (method and path "-"): the API counts statuses and logs errors there.
+        self.on_response = on_response
         self.max_body_bytes = max_body_bytes
         self.middleware = middleware
         self.authorize = authorize
@@ -224,6 +228,8 @@ class HttpServer:
                 return
             request.admin = admin
             response = await self._dispatch(request)
+            if self.on_response is not None:
+                self.on_response(request.method, request.path, response.status, response.body)
             unread = request.stream is not None and not request.stream.done
             if unread or self._draining:  # no second request follows
                 response.headers["connection"] = "close"
@@ -354,6 +360,8 @@ class HttpServer:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = json.dumps({"error": message}).encode()
+        if self.on_response is not None:
+            self.on_response("-", "-", status, body)
         try:
             await self._send(conn, writer, Response(status, body, headers={
                 "connection": "close"}))
