@@ -148,6 +148,17 @@ class Api:
                           body_timeout_s=api.body_timeout_s,
                           idle_timeout_s=api.idle_timeout_s, on_response=self.answered)
 
+    def metrics_server(self) -> HttpServer:
+        """The metrics listener (`api.metrics_port`): /metrics and health, no token, no
+        inference, no admin."""
+        router = Router()
+        for path, handler in (("/metrics", self.metrics), ("/v2/health/live", self.live),
+                              ("/v2/health/ready", self.ready)):
+            router.add("GET", path, handler)
+        return HttpServer(router, max_body_bytes=1024, middleware=self.guard,
+                          max_connections=8, head_timeout_s=5.0, body_timeout_s=5.0,
+                          idle_timeout_s=60.0, on_response=self.answered)
+
     def answered(self, method: str, path: str, status: int, body: bytes) -> None:
         """Count every answer by status; log errors, rate-limited per status and reason (a
         client looping on a bad request, or cycling through random paths, must not flood

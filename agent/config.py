@@ -52,6 +52,11 @@ class ApiSection(_Section):
     # TCP stays off unless a port is set; it always requires the bearer token.
     tcp_host: str = "127.0.0.1"
     tcp_port: int | None = Field(default=None, ge=1, le=65535)
+    # A listener for Prometheus and health checks only (/metrics, /v2/health/live and
+    # /ready), without a token, like Triton's metrics port; None: off. Keep it on loopback
+    # (or a management network): metrics say which models a device runs.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
     token_file: Path = Path("/etc/edge-agent/api.token")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     # JSON a request may carry (the whole body, or the head before binary tensors): one

@@ -31,7 +31,7 @@ from agent.durable import check_private, write_atomic
 from agent.errors import AgentError, BundleError, ConfigError
 from agent.profiles import FirmwareProfile, load_profile
 from agent.serving.admission import Budget, Thermal, ThermalLimits
-from agent.serving.metrics import Metrics
+from agent.serving.metrics import Metrics, build_info, process_samples
 from agent.serving.runtime import (
     LoadedModel,
     load_tflite_delegates,
@@ -61,6 +61,8 @@ class Agent:
         self.config = config
         self.profile: FirmwareProfile = load_profile(config.device.profile)
         self.metrics = metrics or Metrics()
+        self.metrics.add_collector(process_samples)
+        self.metrics.add_collector(build_info(__version__))
         state = config.paths.state_dir
         state.mkdir(parents=True, exist_ok=True)
         self.root_path = state / "root.json"

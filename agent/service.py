@@ -52,7 +52,8 @@ def lock_state(state_dir: Path) -> IO[bytes]:
 async def serve(agent: Agent, notifier: Notifier) -> None:
     cfg = agent.config.api
     token = read_token(cfg.token_file) if cfg.tcp_port is not None else None
-    http = Api(agent, token).server()
+    api = Api(agent, token)
+    http = api.server()
     cfg.socket.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         cfg.socket.unlink()
@@ -72,6 +73,11 @@ async def serve(agent: Agent, notifier: Notifier) -> None:
     if cfg.tcp_port is not None:
         servers.append(await http.start_tcp(cfg.tcp_host, cfg.tcp_port))
         where.append(f"{cfg.tcp_host}:{cfg.tcp_port}")
+    scrape = None
+    if cfg.metrics_port is not None:
+        scrape = api.metrics_server()
+        servers.append(await scrape.start_tcp(cfg.metrics_host, cfg.metrics_port))
+        where.append(f"{cfg.metrics_host}:{cfg.metrics_port} (metrics)")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -90,6 +96,8 @@ async def serve(agent: Agent, notifier: Notifier) -> None:
     for server in servers:
         server.close()
     await http.drain(timeout_s=10)
+    if scrape is not None:
+        await scrape.drain(timeout_s=1)
     agent.scheduler.stop()
 
 

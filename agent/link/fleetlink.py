@@ -50,6 +50,7 @@ from agent.link.wire import (
     group_cmd_topic,
     infer_reply_prefix,
 )
+from agent.serving.metrics import Sample
 from agent.serving.scheduler import Scheduler
 from agent.trust.command import (
     Addressee,
@@ -147,6 +148,7 @@ class FleetLink:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         self.announce()
+        self.agent.metrics.add_collector(self.samples)
         self.link.start()
         threads = [(self._commands, "commands"), (lambda: self.telemetry.run(self._stop),
                                                   "telemetry"),
@@ -155,6 +157,13 @@ class FleetLink:
             threads.append((lambda: remote.run(self._stop), "infer"))
         for target, name in threads:
             threading.Thread(target=target, name=name, daemon=True).start()
+
+    def samples(self) -> list[Sample]:
+        """The link's state for /metrics: connected, connects, outbox depth and drops."""
+        return [("edge_agent_mqtt_connected", {}, float(self.link.connected.is_set())),
+                ("edge_agent_mqtt_connects_total", {}, float(self.link.connects)),
+                ("edge_agent_outbox_messages", {}, float(len(self.outbox))),
+                ("edge_agent_outbox_dropped_total", {}, float(self.outbox.dropped_total))]
 
     def announce(self) -> None:
         """Start notes become events; state is republished after every change."""

@@ -38,6 +38,8 @@ class Outbox:
         if cap < 1:
             raise ValueError("cap must be at least 1")
         self.cap = cap
+        self.dropped_total = 0  # since this process started (the metric; reports use
+        # the per-stream counters, kept across restarts until reported)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         for sql in ("PRAGMA journal_mode=WAL", f"PRAGMA synchronous={sqlite_synchronous()}",
@@ -88,6 +90,7 @@ class Outbox:
             self._db.execute("DELETE FROM outbox WHERE id = ?", (row[0],))
             self._db.execute("UPDATE counters SET dropped = dropped + 1 WHERE stream = ?",
                              (row[1],))
+            self.dropped_total += 1
             self._in_flight.discard(row[0])
             count -= 1
 

@@ -227,10 +227,10 @@ class Scheduler:
             return dict(self._models)
 
     def _gauges(self) -> None:
-        self.metrics.set("edge_agent_resident_model_bytes",
-                         sum(m.resident_bytes for m in self._models.values()))
-        for m in self._models.values():
-            self.metrics.set("edge_agent_model_version", m.manifest.version, model=m.name)
+        self.metrics.set_family("edge_agent_resident_model_bytes", "model",
+                                {m.name: m.resident_bytes for m in self._models.values()})
+        self.metrics.set_family("edge_agent_model_version", "model",
+                                {m.name: m.manifest.version for m in self._models.values()})
 
     # -- requests ------------------------------------------------------------------------
     @property
