@@ -86,30 +86,46 @@ def _install(config: AgentConfig, bundle: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "check-config", "install", "status", "unit"):
-        p = sub.add_parser(name)
-        p.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    helps = {"run": "the daemon (systemd runs it)",
+             "check-config": "every check run makes of a configuration, every problem named",
+             "install": "install a bundle archive through the running daemon, or directly "
+                        "into the state directory while it is stopped",
+             "status": "what the running daemon serves",
+             "unit": "the systemd unit for this installation, MemoryMax from the budgets"}
+    for name, text in helps.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", type=Path, default=DEFAULT_PATH,
+                       help=f"the agent's configuration (default {DEFAULT_PATH})")
         if name == "install":
-            p.add_argument("bundle", type=Path)
+            p.add_argument("bundle", type=Path, help="a bundle archive (.tar.zst or .tar.gz)")
         if name == "run":
             p.add_argument("--log-format", choices=["text", "logfmt", "json"], default="text",
                            help="log lines on stderr (default text; under systemd each line "
                                 "also carries its syslog priority for journald)")
             p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                            default="info", help="least severe level logged (default info)")
-    sub.add_parser("profiles")
-    sub.add_parser("schema").add_argument("--out", type=Path)
-    sub.add_parser("profile").add_argument("name")
-    sub.add_parser("selftest").add_argument("bundle", type=Path)
-    dk = sub.add_parser("device-key")
-    dk.add_argument("device")
-    dk.add_argument("--out", type=Path, required=True)
-    ns = parser.parse_args(argv)
+    sub.add_parser("profiles", help="list the firmware profiles this install knows")
+    sub.add_parser("schema", help="JSON Schema of every MQTT topic's payload").add_argument(
+        "--out", type=Path, help="write one file per payload here (default: print them)")
+    sub.add_parser("profile", help="validate and print one firmware profile").add_argument(
+        "name", help="a profile name (edge-agent profiles lists them)")
+    sub.add_parser("selftest", help="check a bundle's files and run its self-test here"
+                   ).add_argument("bundle", type=Path, help="an unpacked bundle directory")
+    dk = sub.add_parser("device-key", help="make this device's keys: Ed25519 to sign its "
+                        "reports, X25519 to open models sealed to it")
+    dk.add_argument("device", help="the device id (as in device.id)")
+    dk.add_argument("--out", type=Path, required=True,
+                    help="directory for ID.key (private, mode 0600) and ID.pub")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
     try:
         return _dispatch(ns)
     except AgentError as exc:

@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("name", choices=["digits", "series"],
                     help="digits: 8x8 images (scikit-learn); series: generated vibration "
                          "windows (1 x 128, raw milli-g)")
-    ex.add_argument("--out", type=Path, required=True)
-    ex.add_argument("--profile", default="raspberry-pi-4")
+    ex.add_argument("--out", type=Path, required=True,
+                    help="directory for the data, the teacher and recipe.toml")
+    ex.add_argument("--profile", default="raspberry-pi-4",
+                    help="the target profile the recipe names (default raspberry-pi-4)")
     ex.add_argument("--epochs", type=int, default=None,
                     help="teacher training epochs (default: the example's own)")
     ex.add_argument("--teacher", choices=["onnx", "torch"], default="onnx",

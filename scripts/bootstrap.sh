@@ -12,7 +12,7 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 # --- apt: what the tests and the agent need from the system -------------------------------
 # e2fsprogs, mount: the power-cut harness (ext4 on a loop device, tests/powercut.py);
 # prometheus: promtool and a real Prometheus scraping the agent (tests/test_monitoring.py)
-APT_PKGS=(mosquitto mosquitto-clients systemd chromium e2fsprogs mount prometheus)
+APT_PKGS=(mosquitto mosquitto-clients systemd chromium e2fsprogs mount prometheus curl)
 PY=""
 for cand in python3.11 python3.12 python3.13 python3; do
   if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then

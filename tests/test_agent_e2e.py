@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -573,3 +574,20 @@ def test_models_share_the_memory_budget_and_an_evicted_one_reloads_on_demand(
     assert resident(roomy) == {"digits-b", "digits-c"}
     assert infer(roomy, "digits-b")[0] == 200 and infer(roomy, "digits-c")[0] == 200
     assert counter(roomy, "edge_agent_model_unloads_total", "digits-b") == 0
+
+
+def test_the_readme_inference_example_runs_as_written(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """The README's curl example once sent "name":"input" to a TFLite model (400)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = "<!-- tests/test_agent_e2e.py runs this block as written against a live agent -->"
+    block = readme.split(marker, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    agent = agent_factory(PI4)
+    installed(agent, releases["tflite1"])
+    script = block.replace("sock=/run/edge-agent/api.sock", f"sock={agent.socket}")
+    assert script != block
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model_name"] == "digits" and out["outputs"][0]["shape"] == [1, 10], out

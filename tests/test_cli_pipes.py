@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +47,32 @@ def test_keys_init_warns_when_the_keys_are_unencrypted(tmp_path: Path) -> None:
     assert "--no-passphrase" in init(tmp_path / "b")
     assert init(tmp_path / "c", "--no-passphrase") == ""
     assert init(tmp_path / "d", EDGE_FLEET_PASSPHRASE="correct horse battery") == ""
+
+
+def _bare(parser: Any, path: str = "") -> list[str]:
+    """Options, arguments and subcommands of `parser` without help text."""
+    import argparse
+
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            helped = {c.dest for c in action._choices_actions if c.help}
+            for name, sub in action.choices.items():
+                if name not in helped:
+                    out.append(f"{path} {name}".strip())
+                out += _bare(sub, f"{path} {name}")
+        elif not action.help:
+            out.append(f"{path} {'/'.join(action.option_strings) or action.dest}".strip())
+    return out
+
+
+def test_every_option_and_subcommand_of_the_three_commands_has_help() -> None:
+    from agent.cli import build_parser as agent_parser
+    from converter.cli import build_parser as convert_parser
+    from fleet.cli import _parser as fleet_parser
+
+    for name, parser in (("edge-agent", agent_parser()), ("edge-fleet", fleet_parser()),
+                         ("edge-convert", convert_parser())):
+        assert _bare(parser) == [], name
