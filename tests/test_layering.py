@@ -16,10 +16,11 @@ PACKAGES = ("agent", "converter", "fleet")
 FORBIDDEN = ("torch", "torchao", "onnx", "onnxscript", "litert_torch", "tensorflow",
              "converter", "fleet", "sklearn", "matplotlib")
 # What each part of agent/ may import from agent/ (besides itself). The foundation
-# (errors, durable, config, profiles, testing) is open to all; the process-level modules
-# (daemon, api, service, cli, client, unit, sdnotify) to none of the subpackages.
+# (errors, durable, config, profiles, testing, logs, pipes) is open to all; the
+# process-level modules (daemon, api, service, cli, client, unit, sdnotify, preflight) to
+# none of the subpackages.
 FOUNDATION = {"agent", "agent.errors", "agent.durable", "agent.config", "agent.profiles",
-              "agent.testing"}
+              "agent.testing", "agent.logs", "agent.pipes"}
 LAYERS = {
     "agent.trust": set(),
     "agent.serving": {"agent.trust"},
