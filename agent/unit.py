@@ -14,7 +14,9 @@ from agent.config import DEFAULT_PATH, AgentConfig
 from agent.profiles import load_profile
 
 RUNTIME_OVERHEAD_BYTES = 192 * 1024 * 1024
-DEFAULT_EXEC = "/usr/local/bin/edge-agent"
+# What the Debian package provides (a link into its virtual environment under
+# /opt/venvs/edgekeeper); `edge-agent unit` renders the running installation's own path.
+DEFAULT_EXEC = "/usr/bin/edge-agent"
 DEFAULT_MEMORY_MAX = 512 * 1024 * 1024
 
 TEMPLATE = """# edge-agent: verified on-device inference. Install with the sysusers.d and

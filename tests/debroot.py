@@ -1,0 +1,57 @@
+"""A throwaway copy of a fresh Debian 12 root filesystem (scripts/debian-rootfs.sh) to
+install packages into and run commands in, as root, with /proc, /sys and /dev mounted."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rootfs(arch: str | None = None) -> Path:
+    cmd = ["bash", str(REPO / "scripts/debian-rootfs.sh"), *([arch] if arch else [])]
+    return Path(subprocess.run(cmd, capture_output=True, text=True, check=True,
+                               timeout=1800).stdout.strip())
+
+
+class Root:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 900,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        full = ["chroot", str(self.path), "/usr/bin/env", "-i",
+                "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8",
+                "DEBIAN_FRONTEND=noninteractive",
+                *(f"{k}={v}" for k, v in (env or {}).items()), *cmd]
+        proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
+                              check=False, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout[-3000:]}"
+                                 f"\n{proc.stderr[-3000:]}")
+        return proc
+
+
+@contextmanager
+def fresh_root(where: Path, arch: str | None = None) -> Iterator[Root]:
+    """A copy of the cached fresh root under `where`, with the host's DNS, and the kernel
+    file systems mounted while it is in use."""
+    target = where / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs(arch)), str(target)],
+                   check=True)
+    shutil.copy("/etc/resolv.conf", target / "etc/resolv.conf")
+    mounted: list[Path] = []
+    try:
+        for fs, opts in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sysfs"]),
+                         ("dev", ["--bind", "/dev"]), ("dev/pts", ["--bind", "/dev/pts"])):
+            subprocess.run(["mount", *opts, str(target / fs)], check=True)
+            mounted.append(target / fs)
+        yield Root(target)
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", "-l", str(m)], check=False)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(target)], check=False)
