@@ -19,6 +19,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+if [ "$ARCH" != "$(dpkg --print-architecture)" ]; then
+  # Foreign binaries run through qemu-user-static's binfmt handlers: the kernel's
+  # binfmt_misc must be mounted (systemd does it at boot; a container may not have it).
+  [ -e /proc/sys/fs/binfmt_misc/register ] || \
+    $SUDO mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  qemu=$(case "$ARCH" in arm64) echo qemu-aarch64;; armhf|armel) echo qemu-arm;; *) echo "qemu-$ARCH";; esac)
+  [ -e "/proc/sys/fs/binfmt_misc/$qemu" ] || $SUDO update-binfmts --enable "$qemu"
+fi
 $SUDO rm -rf "$ROOT"; $SUDO mkdir -p "$CACHE"
 log "debootstrap bookworm $ARCH into $ROOT"
 # minbase plus what a Raspberry Pi OS Lite image has anyway: apt can install a local .deb

@@ -27,6 +27,7 @@ class Root:
         full = ["chroot", str(self.path), "/usr/bin/env", "-i",
                 "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8",
                 "DEBIAN_FRONTEND=noninteractive",
+                "PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
                 *(f"{k}={v}" for k, v in (env or {}).items()), *cmd]
         proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
                               check=False, stdin=subprocess.DEVNULL)
@@ -44,6 +45,10 @@ def fresh_root(where: Path, arch: str | None = None) -> Iterator[Root]:
     subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs(arch)), str(target)],
                    check=True)
     shutil.copy("/etc/resolv.conf", target / "etc/resolv.conf")
+    # This machine's view of the network: its CA bundle (a registry proxy may sign with
+    # its own CA) for pip and apt inside.
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt",
+                target / "etc/ssl/certs/ca-certificates.crt")
     mounted: list[Path] = []
     try:
         for fs, opts in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sysfs"]),

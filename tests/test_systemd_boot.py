@@ -85,6 +85,9 @@ def booted(deb: Path, tmp_path: Path, releases: dict[str, Path]  # noqa: F811
         (etc / "agent.toml").write_text(CONFIG)
         shutil.copy(releases["keys"] / "root.json", etc / "root.json")
         shutil.copy(releases["tflite1"], root.path / "var/tmp/digits.tar.zst")
+        from test_deb import _unpack
+
+        _unpack(releases["onnx1"], root.path / "srv/onnx-bundle")
         # A short watchdog for the test (the unit's is 30 s), as an operator's drop-in.
         dropin = root.path / "etc/systemd/system/edge-agent.service.d"
         dropin.mkdir(parents=True)
@@ -134,6 +137,22 @@ def test_the_packaged_agent_under_systemd(booted: Booted) -> None:
     status, res = b.call("POST", "/v2/models/digits/infer", {"inputs": [
         {"name": name, "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]})
     assert status == 200 and res["outputs"][0]["shape"] == [1, 10], res
+
+    # onnxruntime under the same hardening: the unit's sandboxing properties on a transient
+    # service (PrivateTmp: the bundle lies in /srv) that runs an ONNX bundle's self-test
+    # (the package is TFLite-only, so
+    # onnxruntime is added to its environment first, as `edgekeeper[onnx]` would).
+    b.run(CLIENT, "-m", "pip", "install", "-q", "--no-compile", "onnxruntime>=1.20",
+          timeout=600)
+    unit = b.run("systemctl", "cat", "edge-agent").stdout
+    hardening = unit.split("# Hardening", 1)[1].split("[Install]", 1)[0]
+    props = [f"-p{line.strip()}" for line in hardening.splitlines()
+             if "=" in line and not line.lstrip().startswith("#")]
+    assert any("MemoryDenyWriteExecute=yes" in p for p in props), props
+    onnx = b.run("systemd-run", "--wait", "--pipe", "--quiet", "-pUser=edge-agent",
+                 *props, "/usr/bin/edge-agent", "selftest",
+                 "/srv/onnx-bundle", check=False, timeout=300)
+    assert onnx.returncode == 0 and "passed" in onnx.stdout, onnx.stdout + onnx.stderr
 
     # journald files a warning (a client error, logged once) at priority 4, info at 6.
     assert b.call("GET", "/v2/models/nope")[0] == 404

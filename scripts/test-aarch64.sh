@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The agent on aarch64: a Debian 12 arm64 root filesystem (debootstrap) run through
+# qemu-user-static. Inside it, Debian's python3 (3.11), the project's wheel with the aarch64
+# wheels PyPI has for [tflite,onnx], and the agent's own tests that matter on a device
+# (trust, store, serving end to end with TFLite and onnxruntime, the MQTT link against a
+# mosquitto inside).
+#   scripts/test-aarch64.sh            every device test (slow: ~10x under emulation)
+#   scripts/test-aarch64.sh --smoke    a smaller part, for CI
+# Prints which versions resolved and the wall time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log() { printf '[test-aarch64] %s\n' "$*" >&2; }
+MODE=${1:-full}
+WORK=build/aarch64
+SMOKE=(tests/test_manifest.py tests/test_store.py tests/test_runtime.py
+  "tests/test_agent_e2e.py::test_tflite_bundle_served_over_kserve_v2_and_tf_serving"
+  "tests/test_agent_e2e.py::test_onnx_over_tcp_needs_the_bearer_token_and_serves_a_standard_client"
+  "tests/test_fleet_mqtt.py::test_a_signed_deploy_is_downloaded_verified_activated_and_committed")
+FULL=(tests/test_manifest.py tests/test_trust_attacks.py tests/test_trust_commands.py
+  tests/test_store.py tests/test_oip.py tests/test_admission.py tests/test_scheduler.py
+  tests/test_agent_e2e.py tests/test_runtime.py tests/test_outbox.py tests/test_detectors.py
+  tests/test_fetch.py tests/test_mqtt_link.py tests/test_fleet_mqtt.py tests/test_deploy_flow.py
+  tests/test_install.py tests/test_config.py tests/test_logs.py)
+t0=$(date +%s)
+base=$(bash scripts/debian-rootfs.sh arm64)
+[ -d build/test-artifacts ] || .venv/bin/python tests/artifacts.py build/test-artifacts >/dev/null
+root="$WORK/root"
+cleanup() {
+  for m in dev/pts dev sys proc; do umount -l "$root/$m" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+cleanup
+rm -rf --one-file-system "$WORK"; mkdir -p "$WORK"
+cp -a --reflink=auto "$base" "$root"
+cp /etc/resolv.conf "$root/etc/resolv.conf"
+# This machine's CA bundle (a registry proxy may sign with its own CA), for pip inside.
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
+mount -t proc proc "$root/proc"; mount -t sysfs sysfs "$root/sys"
+mount --bind /dev "$root/dev"; mount --bind /dev/pts "$root/dev/pts"
+in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
+  LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
+  PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$@"; }
+log "apt: python3, venv, mosquitto (arm64, emulated)"
+in_root apt-get update -qq
+in_root apt-get install -y -qq --no-install-recommends python3 python3-venv mosquitto \
+  >/dev/null
+log "the project's wheel, built here"
+.venv/bin/pip wheel -q --no-deps -w "$WORK/wheel" . >/dev/null
+mkdir -p "$root/work"
+git ls-files -z tests firmware_profiles systemd README.md | xargs -0 cp --parents -t "$root/work"
+cp -a build/test-artifacts "$root/work/artifacts"
+cp "$WORK"/wheel/*.whl "$root/work/"
+wheel=$(basename "$WORK"/wheel/*.whl)
+log "pip install $wheel[tflite,onnx] with PyPI's aarch64 wheels"
+in_root python3 -m venv /opt/v
+in_root /opt/v/bin/pip install -q "/work/$wheel[tflite,onnx]" pytest hypothesis \
+  "tritonclient[http]"
+log "resolved: $(in_root /opt/v/bin/pip list --format=freeze 2>/dev/null |
+  grep -iE '^(ai-edge-litert|onnxruntime|numpy|paho-mqtt|pynacl|psutil|pydantic|zstandard|h11)==' |
+  tr '\n' ' ')"
+log "$(in_root /opt/v/bin/python -c 'import platform, sys; print(platform.machine(), "Python", sys.version.split()[0])')"
+tests=("${FULL[@]}"); [ "$MODE" = "--smoke" ] && tests=("${SMOKE[@]}")
+log "pytest (${#tests[@]} targets, $MODE)"
+t1=$(date +%s)
+in_root /usr/bin/env EDGE_TEST_ARTIFACTS=/work/artifacts sh -c \
+  "cd /work && /opt/v/bin/pytest -q -p no:cacheprovider $(printf '%q ' "${tests[@]}")"
+log "tests took $(( $(date +%s) - t1 )) s under emulation; $(( $(date +%s) - t0 )) s in all"
