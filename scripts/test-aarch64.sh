@@ -44,8 +44,10 @@ log "apt: python3, venv, mosquitto (arm64, emulated)"
 in_root apt-get update -qq
 in_root apt-get install -y -qq --no-install-recommends python3 python3-venv mosquitto \
   >/dev/null
-log "the project's wheel, built here"
-.venv/bin/pip wheel -q --no-deps -w "$WORK/wheel" . >/dev/null
+log "the project's wheel, built here from the tracked files"
+mkdir -p "$WORK/src"
+git ls-files -z | xargs -0 cp --parents -t "$WORK/src"
+.venv/bin/pip wheel -q --no-deps -w "$WORK/wheel" "$WORK/src" >/dev/null
 mkdir -p "$root/work"
 git ls-files -z tests firmware_profiles systemd README.md | xargs -0 cp --parents -t "$root/work"
 cp -a build/test-artifacts "$root/work/artifacts"

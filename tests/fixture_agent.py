@@ -155,17 +155,25 @@ def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
     report keys are registered in the fleet database `where/fleet.sqlite`."""
     from fleet.state import FleetDB
 
-    agents = []
-    for dev in devices:
-        d = where / dev
-        d.mkdir()
-        cfg = write_config(d, keys, profile="x86_64-generic",
-                           device={"id": dev, "groups": ["lab"]},
-                           mqtt={"brokers": [broker_url], **mqtt})
-        register(FleetDB(where / "fleet.sqlite"), d)
-        agents.append(AgentProcess(cfg).start())
-        for archive in installs:
-            assert agents[-1].install(archive)[0] == 200
+    agents: list[AgentProcess] = []
+    try:
+        for dev in devices:
+            d = where / dev
+            d.mkdir()
+            cfg = write_config(d, keys, profile="x86_64-generic",
+                               device={"id": dev, "groups": ["lab"]},
+                               mqtt={"brokers": [broker_url], **mqtt})
+            register(FleetDB(where / "fleet.sqlite"), d)
+            agents.append(AgentProcess(cfg))
+            agents[-1].start()
+            for archive in installs:
+                status, body = agents[-1].install(archive)
+                assert status == 200, body
+    except BaseException:  # a failed setup must not leave agents running
+        for a in agents:
+            if a.proc is not None:
+                a.stop()
+        raise
     return agents
 
 

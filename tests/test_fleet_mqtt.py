@@ -54,10 +54,13 @@ def fleet(tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> Iterator
                        mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.3,
                              "health_window_s": 1.0})
     agent = AgentProcess(cfg).start()
-    assert agent.install(releases["onnx1"])[0] == 200
-    yield agent, sub
-    agent.stop()
-    sub.close()
+    try:  # a failed install must not leave the agent running
+        status, body = agent.install(releases["onnx1"])
+        assert status == 200, body
+        yield agent, sub
+    finally:
+        agent.stop()
+        sub.close()
 
 
 def command(releases: dict[str, Path], kind: str, **fields: Any) -> bytes:
