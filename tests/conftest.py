@@ -95,3 +95,17 @@ def broker(tmp_path: Path) -> Iterator[Any]:
     b = Broker(tmp_path / "mosquitto").start()
     yield b
     b.stop()
+
+
+@pytest.fixture(scope="session")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Debian package, built once per session by scripts/build-deb.sh (its lintian
+    report beside it)."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("deb")
+    proc = subprocess.run(["bash", str(Path(__file__).resolve().parents[1]
+                                       / "scripts/build-deb.sh"), str(out)],
+                          capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return Path(proc.stdout.strip().splitlines()[-1])

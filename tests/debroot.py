@@ -60,3 +60,15 @@ def fresh_root(where: Path, arch: str | None = None) -> Iterator[Root]:
         for m in reversed(mounted):
             subprocess.run(["umount", "-l", str(m)], check=False)
         subprocess.run(["rm", "-rf", "--one-file-system", str(target)], check=False)
+
+
+def unpack_release(archive: Path, dest: Path) -> None:
+    """A release archive (.tar.zst) as a bundle directory."""
+    import tarfile
+
+    import zstandard
+
+    dest.mkdir()
+    with archive.open("rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as raw, \
+            tarfile.open(fileobj=raw, mode="r|") as tar:
+        tar.extractall(dest, filter="data")

@@ -6,21 +6,9 @@ bundle's self-test; `apt remove`, `dpkg -i` and `apt purge` work."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from debroot import REPO, fresh_root
-
-
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    out = tmp_path_factory.mktemp("deb")
-    proc = subprocess.run(["bash", str(REPO / "scripts/build-deb.sh"), str(out)],
-                          capture_output=True, text=True, timeout=1800, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    yield Path(proc.stdout.strip().splitlines()[-1])
+from debroot import REPO, fresh_root, unpack_release
 
 
 def test_lintian_finds_no_error_and_every_override_says_why(deb: Path) -> None:
@@ -63,7 +51,7 @@ def test_install_run_remove_and_purge_on_a_fresh_debian_12(
         conv = root.run("/opt/venvs/edgekeeper/bin/edge-convert", "run", check=False)
         assert conv.returncode == 2 and "edgekeeper[convert]" in conv.stderr, conv
         # A real bundle's self-test with the packaged runtime.
-        _unpack(releases["tflite1"], root.path / "tmp/bundle")
+        unpack_release(releases["tflite1"], root.path / "tmp/bundle")
         test = root.run("edge-agent", "selftest", "/tmp/bundle")
         assert "passed" in test.stdout, test.stdout
 
@@ -77,14 +65,3 @@ def test_install_run_remove_and_purge_on_a_fresh_debian_12(
         assert not (root.path / "var/lib/edge-agent").exists()
         assert not (root.path / "etc/edge-agent/agent.toml").exists()
 
-
-def _unpack(archive: Path, dest: Path) -> None:
-    """A release archive (.tar.zst) as a bundle directory."""
-    import tarfile
-
-    import zstandard
-
-    dest.mkdir()
-    with archive.open("rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as raw, \
-            tarfile.open(fileobj=raw, mode="r|") as tar:
-        tar.extractall(dest, filter="data")

@@ -16,9 +16,8 @@ from typing import Any
 
 import psutil
 import pytest
-from debroot import Root, fresh_root
+from debroot import Root, fresh_root, unpack_release
 from polling import wait_until
-from test_deb import deb  # noqa: F401  # the package fixture
 
 CONFIG = """
 [device]
@@ -72,8 +71,7 @@ class Booted:
 
 
 @pytest.fixture
-def booted(deb: Path, tmp_path: Path, releases: dict[str, Path]  # noqa: F811
-           ) -> Iterator[Booted]:
+def booted(deb: Path, tmp_path: Path, releases: dict[str, Path]) -> Iterator[Booted]:
     if not shutil.which("systemd-nspawn"):
         pytest.fail("systemd-nspawn missing: scripts/bootstrap.sh installs systemd-container")
     with fresh_root(tmp_path) as root:
@@ -85,9 +83,7 @@ def booted(deb: Path, tmp_path: Path, releases: dict[str, Path]  # noqa: F811
         (etc / "agent.toml").write_text(CONFIG)
         shutil.copy(releases["keys"] / "root.json", etc / "root.json")
         shutil.copy(releases["tflite1"], root.path / "var/tmp/digits.tar.zst")
-        from test_deb import _unpack
-
-        _unpack(releases["onnx1"], root.path / "srv/onnx-bundle")
+        unpack_release(releases["onnx1"], root.path / "srv/onnx-bundle")
         # A short watchdog for the test (the unit's is 30 s), as an operator's drop-in.
         dropin = root.path / "etc/systemd/system/edge-agent.service.d"
         dropin.mkdir(parents=True)
