@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[test-aarch64] %s\n' "$*" >&2; }
 MODE=${1:-full}
-WORK=${EDGE_AARCH64_WORK:-build/aarch64}  
+WORK=${EDGE_AARCH64_WORK:-build/aarch64}
 SMOKE=(tests/test_manifest.py tests/test_store.py tests/test_runtime.py
   "tests/test_agent_e2e.py::test_tflite_bundle_served_over_kserve_v2_and_tf_serving"
   "tests/test_agent_e2e.py::test_onnx_over_tcp_needs_the_bearer_token_and_serves_a_standard_client"
