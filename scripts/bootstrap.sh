@@ -7,7 +7,7 @@ ROOT=$(pwd)
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+source scripts/lib.sh
 
 # --- apt: what the tests and the agent need from the system -------------------------------
 # e2fsprogs, mount: the power-cut harness (ext4 on a loop device, tests/powercut.py);
@@ -22,13 +22,7 @@ for cand in python3.11 python3.12 python3.13 python3; do
 done
 [ -z "$PY" ] && APT_PKGS+=(python3 python3-venv python3-dev)
 if [ -n "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then APT_PKGS+=(python3-venv); fi
-missing=()
-for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "apt-get install ${missing[*]}"
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_ensure "${APT_PKGS[@]}"
 [ -z "$PY" ] && PY=$(command -v python3)
 
 # --- virtual environment -----------------------------------------------------------------

@@ -6,15 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[build-deb] %s\n' "$*" >&2; }
 OUT=${1:-build/deb}
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+source scripts/lib.sh
 NEED=(dh-virtualenv debhelper lintian build-essential fakeroot python3-venv python3-dev)
-missing=()
-for p in "${NEED[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "apt-get install ${missing[*]}"
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_ensure "${NEED[@]}"
 version=$(dpkg-parsechangelog -S Version)
 src="$OUT/edgekeeper-$version"
 rm -rf "$src"; mkdir -p "$src"

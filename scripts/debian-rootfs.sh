@@ -8,17 +8,11 @@ log() { printf '[debian-rootfs] %s\n' "$*" >&2; }
 ARCH=${1:-$(dpkg --print-architecture)}
 CACHE=${EDGEKEEPER_TEST_CACHE:-/var/cache/edgekeeper-test}
 ROOT="$CACHE/bookworm-$ARCH"
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+source "$(dirname "$0")/lib.sh"
 if [ -f "$ROOT/.complete" ]; then echo "$ROOT"; exit 0; fi
 NEED=(debootstrap)
 [ "$ARCH" != "$(dpkg --print-architecture)" ] && NEED+=(qemu-user-static binfmt-support)
-missing=()
-for p in "${NEED[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  log "apt-get install ${missing[*]}"
-  $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_ensure "${NEED[@]}"
 if [ "$ARCH" != "$(dpkg --print-architecture)" ]; then
   # Foreign binaries run through qemu-user-static's binfmt handlers: the kernel's
   # binfmt_misc must be mounted (systemd does it at boot; a container may not have it).
