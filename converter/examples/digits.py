@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,27 +35,35 @@ def train_teacher(epochs: int = 40, seed: int = 0) -> tuple[nn.Module, float]:
     """Train the teacher on the pipeline's training split only (the validation split the
     quality gates use stays as new to it as to the student); returns it and test
     accuracy."""
-    torch.manual_seed(seed)
     ds = load_digits_dataset()
     assert ds.y is not None
-    sp = split(len(ds.x), ds.y, seed=seed, val_fraction=0.15, test_fraction=0.2)
-    train_idx = sp.train
-    x = torch.from_numpy(ds.x)
-    y = torch.from_numpy(ds.y)
-    model = teacher()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    return fit_teacher(teacher, ds.x, ds.y, epochs=epochs, lr=2e-3, seed=seed)
+
+
+def fit_teacher(make: Callable[[], nn.Module], x: np.ndarray, y: np.ndarray, *, epochs: int,
+                lr: float, seed: int) -> tuple[nn.Module, float]:
+    """Cross-entropy training of an example's teacher (built by `make` after seeding, so
+    its initial weights are reproducible) on the pipeline's training split (default recipe
+    fractions); returns it and its test accuracy."""
+    torch.manual_seed(seed)
+    model = make()
+    sp = split(len(x), y, seed=seed, val_fraction=0.15, test_fraction=0.2)
+    train_idx = torch.from_numpy(sp.train)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         model.train()
         for batch in torch.randperm(len(train_idx), generator=gen).split(64):
-            idx = torch.from_numpy(train_idx)[batch]
+            idx = train_idx[batch]
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
             opt.step()
     model.eval()
+    test = torch.from_numpy(sp.test)
     with torch.no_grad():
-        pred = model(x[torch.from_numpy(sp.test)]).argmax(1)
-    return model, float((pred == y[torch.from_numpy(sp.test)]).float().mean())
+        pred = model(xt[test]).argmax(1)
+    return model, float((pred == yt[test]).float().mean())
 
 
 RECIPE = """\

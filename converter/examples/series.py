@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from converter.data import F32, I64, split
-from converter.examples.digits import write_teacher
+from converter.data import F32, I64
+from converter.examples.digits import fit_teacher, write_teacher
 
 LABELS = ["normal", "imbalance", "misalignment", "bearing"]
 LENGTH = 128
@@ -83,25 +83,7 @@ def train_teacher(x: F32, y: I64, *, epochs: int = 25, seed: int = 0) -> tuple[n
     """Train the teacher on the pipeline's training split only (default recipe fractions;
     the validation split the quality gates use stays new to it); returns it and its test
     accuracy."""
-    torch.manual_seed(seed)
-    sp = split(len(x), y, seed=seed, val_fraction=0.15, test_fraction=0.2)
-    train_idx = torch.from_numpy(sp.train)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    model = teacher()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(train_idx), generator=gen).split(64):
-            idx = train_idx[batch]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    model.eval()
-    test = torch.from_numpy(sp.test)
-    with torch.no_grad():
-        pred = model(xt[test]).argmax(1)
-    return model, float((pred == yt[test]).float().mean())
+    return fit_teacher(teacher, x, y, epochs=epochs, lr=3e-3, seed=seed)
 
 
 RECIPE = """\
