@@ -43,9 +43,9 @@ mount --bind /dev "$root/dev"; mount --bind /dev/pts "$root/dev/pts"
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
   LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
   PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$@"; }
-log "apt: python3, venv, mosquitto (arm64, emulated)"
+log "apt: python3, venv, mosquitto, curl (arm64, emulated)"
 in_root apt-get update -qq
-in_root apt-get install -y -qq --no-install-recommends python3 python3-venv mosquitto \
+in_root apt-get install -y -qq --no-install-recommends python3 python3-venv mosquitto curl \
   >/dev/null
 log "the project's wheel, built here from the tracked files"
 mkdir -p "$WORK/src"
