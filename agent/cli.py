@@ -20,9 +20,10 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 
-from agent import __version__
+from agent import __version__, logs
 from agent.client import unix_call, upload
 from agent.config import DEFAULT_PATH, AgentConfig, load_config
 from agent.errors import AgentError, StateLocked
@@ -104,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install":
             p.add_argument("bundle", type=Path, help="a bundle archive (.tar.zst or .tar.gz)")
         if name == "run":
-            p.add_argument("--log-format", choices=["text", "logfmt", "json"], default="text",
+            p.add_argument("--log-format", choices=typing.get_args(logs.Format), default="text",
                            help="log lines on stderr (default text; under systemd each line "
                                 "also carries its syslog priority for journald)")
-            p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+            p.add_argument("--log-level", choices=logs.LEVELS,
                            default="info", help="least severe level logged (default info)")
     sub.add_parser("profiles", help="list the firmware profiles this install knows")
     sub.add_parser("schema", help="JSON Schema of every MQTT topic's payload").add_argument(

@@ -46,8 +46,9 @@ def journald_stream(stream: TextIO) -> bool:
 def _logfmt_value(value: str) -> str:
     if value and not any(c in value for c in ' ="\\\n\t') and value.isprintable():
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped.replace(chr(9), chr(92) + "t")}"'
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               .replace("\t", "\\t"))
+    return f'"{escaped}"'
 
 
 class LineFormatter(logging.Formatter):

@@ -91,24 +91,19 @@ def process_samples() -> list[Sample]:
 
 
 def build_info(agent_version: str) -> Callable[[], list[Sample]]:
-    labels = {"version": agent_version, "python": platform.python_version(),
-              "machine": platform.machine()}
-    for module, label in (("onnxruntime", "onnxruntime"), ("ai_edge_litert", "litert"),
-                          ("tflite_runtime", "tflite_runtime")):
-        labels[label] = _dist_version(module)
-    return lambda: [("edge_agent_build_info", labels, 1.0)]
-
-
-def _dist_version(module: str) -> str:
-    """A runtime's installed version without importing it ("" when absent)."""
+    """edge_agent_build_info, its labels read once: the agent, Python, the machine and the
+    installed runtimes' versions ("" when absent), from their metadata, not an import."""
     from importlib import metadata  # noqa: PLC0415
 
-    names = {"onnxruntime": "onnxruntime", "ai_edge_litert": "ai-edge-litert",
-             "tflite_runtime": "tflite-runtime"}
-    try:
-        return metadata.version(names[module])
-    except metadata.PackageNotFoundError:
-        return ""
+    labels = {"version": agent_version, "python": platform.python_version(),
+              "machine": platform.machine()}
+    for dist, label in (("onnxruntime", "onnxruntime"), ("ai-edge-litert", "litert"),
+                        ("tflite-runtime", "tflite_runtime")):
+        try:
+            labels[label] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            labels[label] = ""
+    return lambda: [("edge_agent_build_info", labels, 1.0)]
 
 
 class Histogram:

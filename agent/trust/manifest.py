@@ -13,6 +13,7 @@ UTF-8 (docs/architecture.md, Bundle).
 
 from __future__ import annotations
 
+import math
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -132,12 +133,10 @@ class Preprocessing(_Wire):
             if channels is None:
                 raise ValueError("axis 'channel' needs a fixed channel count")
             return channels
-        if any(d is None for d in sample_shape):
+        fixed = [d for d in sample_shape if d is not None]
+        if len(fixed) != len(sample_shape):
             raise ValueError("axis 'feature' needs a fixed sample shape")
-        n = 1
-        for d in sample_shape:
-            n *= d or 1
-        return n
+        return math.prod(fixed)
 
 
 class Histogram(_Wire):
