@@ -49,7 +49,7 @@ from converter.normalize import input_levels, minmax_step
 from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, quantize_tflite
 from converter.recipe import Recipe
 from converter.report import evaluate_all, write_report
-from converter.students import build_student, default_family, fold_batchnorm, param_count
+from converter.students import build_student, fold_batchnorm, param_count, resolve_family
 from converter.teacher import import_factory, run_onnx_teacher, run_torch_teacher
 
 log = logging.getLogger("edge.convert")
@@ -140,8 +140,7 @@ def _torch_accuracy(ctx: Context, model: torch.nn.Module, idx: np.ndarray | None
 
 def _family(ctx: Context) -> str:
     """The student family, `auto` resolved by the sample's rank."""
-    family = ctx.recipe.student.family
-    return default_family(ctx.data.sample_shape) if family == "auto" else family
+    return resolve_family(ctx.recipe.student.family, ctx.data.sample_shape)
 
 
 def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:

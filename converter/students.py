@@ -106,8 +106,11 @@ def default_channels(input_shape: tuple[int, ...]) -> list[int]:
     return [16, 32] if len(input_shape) == 2 else [8, 16]
 
 
-def default_family(input_shape: tuple[int, ...]) -> str:
-    """mlp for vectors, cnn for sequences and images."""
+def resolve_family(family: str, input_shape: tuple[int, ...]) -> str:
+    """The family asked for, `auto` resolved: mlp for vectors, cnn for sequences and
+    images."""
+    if family != "auto":
+        return family
     return "mlp" if len(input_shape) == 1 else "cnn"
 
 
@@ -120,7 +123,7 @@ def build_student(opts: StudentOptions, input_shape: tuple[int, ...], classes: i
     channels = opts.channels or default_channels(input_shape)
     if any(w < 1 for w in [*opts.hidden, *channels]):
         raise RecipeError("student widths must be positive")
-    family = default_family(input_shape) if opts.family == "auto" else opts.family
+    family = resolve_family(opts.family, input_shape)
     if family == "mlp":
         return mlp(input_shape, classes, opts.hidden)
     if family == "cnn":
