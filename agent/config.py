@@ -151,6 +151,9 @@ class Thresholds(_Section):
     input_psi: float = Field(default=0.25, gt=0)
     output_psi: float = Field(default=0.25, gt=0)
     confidence_drop: float = Field(default=0.15, ge=0, le=1)
+    # An autoencoder's window fires when more than this share of its samples score above
+    # the manifest's threshold (about 1 % of normal samples do, by construction).
+    anomaly_rate: float = Field(default=0.05, gt=0, le=1)
     memory_growth_bytes_per_hour: float = Field(default=64 * 1024 * 1024, gt=0)
     memory_min_readings: int = Field(default=10, ge=2)
     # A slope over a short span extrapolates noise (a model load, a GC) to "per hour".

@@ -30,16 +30,20 @@ from agent.trust.manifest import (
     OutputReference,
     ReferenceStats,
     ResourceEstimate,
+    ScoreReference,
     SelfTest,
     canonical_json,
 )
 from converter.context import INT8_ONNX, INT8_TFLITE, Context
 from converter.errors import ConvertError
 from converter.normalize import layout_for
+from converter.task import reconstruction_error
 
 INPUT_BINS = 20
 CONFIDENCE_BINS = 10
 MAX_FEATURE_STATS = 4096
+SCORE_BINS = 20
+SCORE_SAMPLES = 4096
 
 
 def _choose(ctx: Context) -> tuple[str, Path, Path]:
@@ -60,8 +64,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return np.asarray(e / e.sum(axis=1, keepdims=True))
 
 
-def reference_stats(x: np.ndarray, logits: np.ndarray) -> ReferenceStats:
-    """Input and output statistics of the calibration data, for drift detection."""
+def reference_stats(x: np.ndarray, out: np.ndarray, task: str = "classify",
+                    score: ScoreReference | None = None) -> ReferenceStats:
+    """Input and output statistics of the calibration data, for drift detection: class
+    distribution and confidence for a classifier, the anomaly score's reference for an
+    autoencoder, inputs only for regression."""
     lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
         hi = lo + 1.0
@@ -69,10 +76,16 @@ def reference_stats(x: np.ndarray, logits: np.ndarray) -> ReferenceStats:
     flat = x.reshape(len(x), -1)
     if flat.shape[1] > MAX_FEATURE_STATS and x.ndim >= 3:
         flat = x.reshape(len(x), x.shape[1], -1).mean(axis=2)  # per channel
-    probs = _softmax(logits)
-    conf_counts, conf_edges = np.histogram(probs.max(axis=1), bins=CONFIDENCE_BINS,
-                                           range=(0.0, 1.0))
-    classes = np.bincount(probs.argmax(axis=1), minlength=logits.shape[1])
+    output = OutputReference(score=score)
+    if task == "classify":
+        probs = _softmax(out)
+        conf_counts, conf_edges = np.histogram(probs.max(axis=1), bins=CONFIDENCE_BINS,
+                                               range=(0.0, 1.0))
+        classes = np.bincount(probs.argmax(axis=1), minlength=out.shape[1])
+        output = OutputReference(
+            class_fractions=[float(c) / len(x) for c in classes],
+            confidence=Histogram(bin_edges=[float(e) for e in conf_edges],
+                                 fractions=[float(c) / len(x) for c in conf_counts]))
     return ReferenceStats(
         samples=len(x),
         input=InputReference(
@@ -81,11 +94,27 @@ def reference_stats(x: np.ndarray, logits: np.ndarray) -> ReferenceStats:
             mean=float(x.mean()), std=float(x.std()),
             feature_mean=[float(v) for v in flat.mean(axis=0)],
             feature_std=[float(v) for v in flat.std(axis=0)]),
-        output=OutputReference(
-            class_fractions=[float(c) / len(x) for c in classes],
-            confidence=Histogram(bin_edges=[float(e) for e in conf_edges],
-                                 fractions=[float(c) / len(x) for c in conf_counts])),
+        output=output,
     )
+
+
+def score_reference(ctx: Context, loaded: LoadedModel) -> ScoreReference:
+    """The autoencoder's anomaly score (reconstruction error) on normal training samples
+    (label 0 where the data has labels), run by the model the device gets: the threshold
+    is its `model.anomaly_quantile`, the histogram spans twice the threshold (higher scores
+    fall in the last bin)."""
+    train = ctx.split.train
+    if ctx.data.y is not None:
+        train = train[ctx.data.y[train] == 0]
+    x = ctx.x[train[:SCORE_SAMPLES]]
+    err = reconstruction_error(x, loaded.run(x))
+    q = ctx.recipe.model.anomaly_quantile
+    threshold = max(float(np.quantile(err, q)), 1e-12)
+    counts, edges = np.histogram(np.clip(err, 0, 2 * threshold), bins=SCORE_BINS,
+                                 range=(0.0, 2 * threshold))
+    return ScoreReference(histogram=Histogram(bin_edges=[float(e) for e in edges],
+                                              fractions=[float(c) / len(x) for c in counts]),
+                          threshold=threshold, quantile=q)
 
 
 def build_bundle(ctx: Context) -> Manifest:
@@ -105,13 +134,15 @@ def build_bundle(ctx: Context) -> Manifest:
     expected = loaded.run(ctx.x[golden_idx])
     np.savez(bundle / SELFTEST_FILE, inputs=golden, outputs=expected)
     calib = ctx.calib()
-    ref = reference_stats(calib, loaded.run(calib))
+    task = ctx.recipe.model.task
+    score = score_reference(ctx, loaded) if task == "reconstruct" else None
+    ref = reference_stats(calib, loaded.run(calib), task, score)
     span = float(expected.max() - expected.min()) or 1.0
-    labels = class_labels(ctx, int(expected.shape[1]))
+    labels = class_labels(ctx, int(expected.shape[1])) if task == "classify" else []
     manifest = Manifest(
         name=bundle_name(ctx), version=opts.version, created=(now := datetime.now(UTC)),
         expires=now + timedelta(days=opts.expires_days), min_agent_version=agent_version,
-        profiles=[ctx.profile.name], runtime=runtime, model_file=model_name,
+        profiles=[ctx.profile.name], runtime=runtime, task=task, model_file=model_name,
         files={model_name: file_entry(bundle / model_name),
                SELFTEST_FILE: file_entry(bundle / SELFTEST_FILE)},
         inputs=loaded.inputs, outputs=loaded.outputs, labels=labels,
@@ -121,7 +152,8 @@ def build_bundle(ctx: Context) -> Manifest:
         resources=_resources(ctx, bundle / model_name),
         # 2 % of the golden outputs' range is about five int8 steps: room for rounding
         # differences between CPUs, far below a wrong model's error.
-        selftest=SelfTest(atol=0.02 * span, min_top1_agreement=0.9),
+        selftest=SelfTest(atol=0.02 * span,
+                          min_top1_agreement=0.9 if task == "classify" else 0.0),
         provenance=_provenance(ctx),
     )
     (bundle / MANIFEST_FILE).write_bytes(canonical_json(manifest))
@@ -133,11 +165,11 @@ def bundle_name(ctx: Context) -> str:
     teacher file's, made to fit the manifest's name pattern."""
     if ctx.recipe.bundle.name:
         return ctx.recipe.bundle.name
-    t = ctx.recipe.teacher
+    t, m = ctx.recipe.teacher, ctx.recipe.model
     source = ctx.data.source
     stem = source if source == "digits" else Path(source).stem
     if not stem:
-        stem = Path(t.onnx or t.weights or "model").stem
+        stem = Path(t.onnx or t.weights or m.onnx or m.weights or "model").stem
     name = re.sub(r"[^a-z0-9_.-]+", "-", stem.lower()).strip("-._")
     return name or "model"
 

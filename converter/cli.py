@@ -1,6 +1,6 @@
 """`edge-convert`: a thin shell over converter.pipeline.
 
-    edge-convert example digits|series --out DIR
+    edge-convert example digits|series|tiny-ic|tiny-kws|tiny-vww|tiny-ad --out DIR
                                               write data, a trained teacher and a recipe
     edge-convert run [RECIPE] [options]       the whole pipeline, atomically into --out
     edge-convert STAGE [RECIPE] --work DIR    one stage (teacher, distill, prune, export,
@@ -89,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True,
                                 parser_class=_NoAbbrevParser)
     ex = sub.add_parser("example", help="write a built-in example (data, teacher, recipe)")
-    ex.add_argument("name", choices=["digits", "series"],
+    ex.add_argument("name", choices=["digits", "series", "tiny-ic", "tiny-kws", "tiny-vww",
+                                     "tiny-ad"],
                     help="digits: 8x8 images (scikit-learn); series: generated vibration "
-                         "windows (1 x 128, raw milli-g)")
+                         "windows (1 x 128, raw milli-g); tiny-*: an MLPerf Tiny reference "
+                         "model (ResNet-8, DS-CNN, MobileNetV1 0.25, FC autoencoder) trained "
+                         "on generated data of its input shape, to quantize as trained")
     ex.add_argument("--out", type=Path, required=True,
                     help="directory for the data, the teacher and recipe.toml")
     ex.add_argument("--profile", default="raspberry-pi-4",
@@ -132,10 +135,15 @@ def _dispatch(ns: argparse.Namespace, *, verbose: bool) -> int:
     if ns.command == "example":
         import importlib  # noqa: PLC0415  # when used
 
-        write_example = importlib.import_module(f"converter.examples.{ns.name}").write_example
-        epochs = {} if ns.epochs is None else {"epochs": ns.epochs}
-        acc = write_example(ns.out, profile=ns.profile, teacher_kind=ns.teacher, **epochs)
-        _say(f"example written to {ns.out} (teacher test accuracy {acc:.2%}); next: "
+        module, _, case = ns.name.partition("-")
+        write_example = importlib.import_module(f"converter.examples.{module}").write_example
+        kwargs: dict[str, Any] = {} if ns.epochs is None else {"epochs": ns.epochs}
+        if case:
+            kwargs["case"] = case
+        figure = write_example(ns.out, profile=ns.profile, teacher_kind=ns.teacher, **kwargs)
+        what = ("model test anomaly AUC" if case == "ad" else "model test accuracy" if case
+                else "teacher test accuracy")
+        _say(f"example written to {ns.out} ({what} {figure:.2%}); next: "
              f"edge-convert run {ns.out / 'recipe.toml'}")
         return 0
     recipe = load_recipe(ns.recipe, _overrides(ns))

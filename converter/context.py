@@ -99,6 +99,9 @@ def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print)
     # student was trained on, whatever its own recipe says.
     if (work / NORMALIZATION).is_file():
         norm = normalize.load(work / NORMALIZATION)
+    elif recipe.quantize_only:  # a trained model takes the samples it was trained on
+        norm = normalize.identity("a trained model takes its samples as given")
+        normalize.save(norm, work / NORMALIZATION)
     else:
         norm = normalize.fit(data.x[sp.train], r.normalize)
         normalize.save(norm, work / NORMALIZATION)

@@ -7,7 +7,7 @@
     │                            output of class scores, or it does not beat chance
     ├── DistillGapError          the fp32 student is too far below its teacher
     ├── UnsupportedOperatorError an operator the target cannot run
-    ├── AccuracyGateError        int8 accuracy still too low after every mitigation
+    ├── AccuracyGateError        int8 outside its quality gate after every mitigation
     └── ToolchainError           an external compiler (Vela) failed
 """
 
@@ -49,20 +49,17 @@ class UnsupportedOperatorError(ConvertError):
 
 
 class AccuracyGateError(ConvertError):
-    """int8 accuracy fell more than the tolerance below the float student.
+    """int8 fell outside the gate against the float model: accuracy more than the
+    tolerance below it (classifiers), or output error above the limit (other models).
 
     Attributes:
-        fp32_accuracy, int8_accuracy, tolerance_points: the figures that failed the gate.
+        fp32_score, int8_score: the gate's scores (accuracy, or minus the output error).
     """
 
-    def __init__(
-        self, message: str, *, fp32_accuracy: float, int8_accuracy: float,
-        tolerance_points: float,
-    ) -> None:
+    def __init__(self, message: str, *, fp32_score: float, int8_score: float) -> None:
         super().__init__(message)
-        self.fp32_accuracy = fp32_accuracy
-        self.int8_accuracy = int8_accuracy
-        self.tolerance_points = tolerance_points
+        self.fp32_score = fp32_score
+        self.int8_score = int8_score
 
 
 class ToolchainError(ConvertError):

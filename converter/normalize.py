@@ -121,12 +121,12 @@ def fit(x_train: F32, method: Method) -> Normalization:
         mean = units.mean(axis=(0, 2))
         why = _auto_reason(std, mean, axis)
         if why is None:
-            return _identity(f"auto: {axis} scales alike and near 1")
+            return identity(f"auto: {axis} scales alike and near 1")
         method, reason = "standard", f"auto: {why}"
     else:
         reason = f"--data-normalize {method}"
     if method == "none":
-        return _identity(reason)
+        return identity(reason)
     if method == "standard":
         centre, spread = units.mean(axis=(0, 2)), units.std(axis=(0, 2))
     else:
@@ -138,7 +138,7 @@ def fit(x_train: F32, method: Method) -> Normalization:
     return Normalization(method, axis, scale, offset, reason)
 
 
-def _identity(reason: str) -> Normalization:
+def identity(reason: str) -> Normalization:
     one = np.ones(1, dtype=np.float32)
     return Normalization("none", "tensor", one, np.zeros(1, dtype=np.float32), reason)
 

@@ -50,7 +50,14 @@ from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, qu
 from converter.recipe import Recipe
 from converter.report import evaluate_all, write_report
 from converter.students import build_student, fold_batchnorm, param_count, resolve_family
-from converter.teacher import import_factory, run_onnx_teacher, run_torch_teacher
+from converter.task import Quality, classification, output_error, value_scores
+from converter.teacher import (
+    import_factory,
+    load_torch_model,
+    run_onnx_teacher,
+    run_torch_model,
+    run_torch_teacher,
+)
 
 log = logging.getLogger("edge.convert")
 
@@ -61,6 +68,9 @@ def _need(ctx: Context, *files: str) -> None:
 
 
 def stage_teacher(ctx: Context) -> None:
+    if ctx.recipe.quantize_only:
+        _stage_model(ctx)
+        return
     t = ctx.recipe.teacher
     if t.onnx:
         out = run_onnx_teacher(Path(t.onnx), ctx.data.x, t.batch_size, t.output)
@@ -86,6 +96,71 @@ def stage_teacher(ctx: Context) -> None:
     ctx.say(f"teacher ({'onnxruntime' if out.kind == 'onnx' else 'torch'}): "
             f"{out.description}, {size}, "
             f"test accuracy {acc:.2%}")
+
+
+def _stage_model(ctx: Context) -> None:
+    """Quantize only: the trained model takes the teacher's and the student's places. Its
+    fp32 outputs are the reference the gates compare int8 with (and the truth for a
+    classifier on unlabelled data); a torch model is saved as the student, an ONNX one
+    becomes the fp32 model the quantizer reads."""
+    m = ctx.recipe.model
+    x = ctx.x
+    if m.torch:
+        assert m.weights is not None
+        model = load_torch_model(m.torch, Path(m.weights), "model")
+        out = run_torch_model(model, x, ctx.recipe.teacher.batch_size, f"model {m.torch}")
+        torch.save(model, ctx.work / STUDENT_FILE)
+        params, description, kind = param_count(model), f"torch {m.torch}", "torch"
+    else:
+        assert m.onnx is not None
+        src = Path(m.onnx)
+        try:
+            loaded = open_onnx(src)
+            out = np.concatenate([loaded.run(x[i:i + 256]) for i in range(0, len(x), 256)])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise TeacherError(f"model {src} does not run on the data's samples "
+                               f"{ctx.data.sample_shape}: {str(exc).splitlines()[0][:200]}"
+                               ) from exc
+        shutil.copyfile(src, ctx.work / FP32_ONNX)
+        params = int(_onnx_parameters(src))
+        description, kind = f"ONNX {src.name}", "onnx"
+    out = np.asarray(out, dtype=np.float32)
+    if m.task == "reconstruct" and out.shape[1:] != x.shape[1:]:
+        raise TeacherError(f"model.task = 'reconstruct' needs outputs shaped like the inputs "
+                           f"{tuple(x.shape[1:])}; {description} gives {tuple(out.shape[1:])}")
+    if m.task == "classify" and out.ndim != 2:
+        raise TeacherError(f"a classifier gives class scores shaped (N, classes); "
+                           f"{description} gives {tuple(out.shape[1:])} per sample (for "
+                           "another kind of output set model.task)")
+    np.save(ctx.work / TEACHER_LOGITS, out)
+    test = ctx.split.test
+    figures: dict[str, Any] = {}
+    if m.task == "classify":
+        figures["test_accuracy"] = float((out[test].argmax(1) == ctx.truth(test)).mean())
+        shown = f"test accuracy {figures['test_accuracy']:.2%}"
+    else:
+        figures = value_scores(m.task, x[test], out[test], out[test], _labels(ctx, test))
+        auc = figures.get("anomaly_auc")
+        shown = (f"test anomaly AUC {auc:.4f}" if auc is not None else
+                 f"mean reconstruction error {figures.get('reconstruction_error_mean', 0):.4g}"
+                 if m.task == "reconstruct" else "outputs are the reference")
+    common = {"kind": kind, "description": description, "parameters": params,
+              "task": m.task, "quantize_only": True, **figures}
+    ctx.results["teacher"] = {**common, "outputs": "model outputs"}
+    ctx.results["student"] = {**common, "family": "trained model"}
+    ctx.say(f"model ({'onnxruntime' if kind == 'onnx' else 'torch'}): {description}, "
+            f"{params:,} parameters, task {m.task}, {shown}; quantized as trained (no "
+            "teacher, no distillation)")
+
+
+def _labels(ctx: Context, idx: np.ndarray) -> np.ndarray | None:
+    return None if ctx.data.y is None else np.asarray(ctx.data.y[idx])
+
+
+def _onnx_parameters(path: Path) -> int:
+    import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
+
+    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
 
 
 def _teacher_gate(ctx: Context, logits: np.ndarray, description: str) -> dict[str, Any]:
@@ -197,6 +272,9 @@ def _inputs_gate(ctx: Context) -> None:
 def stage_distill(ctx: Context) -> None:
     _need(ctx, TEACHER_LOGITS)
     _inputs_gate(ctx)
+    if ctx.recipe.quantize_only:
+        ctx.say("distill: skipped (a trained model is quantized as it is)")
+        return
     torch.manual_seed(ctx.recipe.data.seed)
     student = build_student(ctx.recipe.student, ctx.data.sample_shape, ctx.classes)
     hist = distill(student, ctx.x, ctx.teacher_logits, ctx.data.y, ctx.split.train,
@@ -215,8 +293,11 @@ def stage_distill(ctx: Context) -> None:
 
 def load_student(ctx: Context) -> torch.nn.Module:
     _need(ctx, STUDENT_FILE)
-    if ctx.recipe.student.module:  # its classes must be importable to unpickle the student
+    # Its classes must be importable to unpickle the student.
+    if ctx.recipe.student.module:
         import_factory(ctx.recipe.student.module, "student module")
+    if ctx.recipe.model.torch:
+        import_factory(ctx.recipe.model.torch, "model factory")
     model = torch.load(ctx.work / STUDENT_FILE, weights_only=False)
     assert isinstance(model, torch.nn.Module)
     return model.eval()
@@ -256,6 +337,11 @@ def stage_prune(ctx: Context) -> None:
 
 
 def stage_export(ctx: Context) -> None:
+    if ctx.recipe.model.onnx:
+        _need(ctx, FP32_ONNX)
+        ctx.results["export"] = {"file": FP32_ONNX, "source": ctx.recipe.model.onnx}
+        ctx.say(f"export: {FP32_ONNX} is the trained model as given")
+        return
     student = fold_batchnorm(load_student(ctx))
     torch.save(student, ctx.work / STUDENT_FILE)
     res = export_onnx(student, ctx.x[ctx.split.val[:64]], ctx.work / FP32_ONNX)
@@ -269,31 +355,49 @@ def stage_quantize(ctx: Context) -> None:
     per_channel = q.per_channel and prof.quantization.per_channel
     calib = ctx.calib()
     val = ctx.split.val
-    x_val, truth_val = ctx.x[val], ctx.truth(val)
-    tol = gate_points(q.tolerance_points, len(val))
+    x_val = ctx.x[val]
+    quality = _quality(ctx, x_val)
     out: dict[str, Any] = {"per_channel": per_channel, "calibration_samples": len(calib),
-                           "tolerance_points": tol, "val_samples": len(val),
-                           "val_resolution_points": 100 / len(val)}
+                           "gate": quality.name, "val_samples": len(val),
+                           **_gate_limits(ctx)}
     if "onnx" in q.formats:
         preprocess_onnx(ctx.work / FP32_ONNX, ctx.work / PRE_ONNX)
         base = OnnxQuantSettings(per_channel, prof.quantization.activation_symmetric,
                                  q.calibration)
-        gate = gate_onnx(ctx.work / PRE_ONNX, ctx.work / INT8_ONNX, calib, x_val, truth_val,
-                         base, tolerance_points=tol, mitigate=q.mitigate,
+        gate = gate_onnx(ctx.work / PRE_ONNX, ctx.work / INT8_ONNX, calib, x_val, quality,
+                         base, mitigate=q.mitigate,
                          float_fallback_allowed=prof.quantization.float_fallback_allowed,
                          max_float_layers=q.max_float_layers)
         out["onnx"] = {"calibration": gate.settings.calibration,
                        "float_layers": list(gate.settings.exclude), "steps": gate.steps,
-                       "sensitivity": gate.sensitivity, "val_fp32": gate.fp32_val_accuracy,
-                       "val_int8": gate.int8_val_accuracy, "gate_passed": gate.passed}
-        _gate(ctx, "ONNX", gate.fp32_val_accuracy, gate.int8_val_accuracy, gate.steps)
+                       "sensitivity": gate.sensitivity, "val_fp32": gate.fp32_val,
+                       "val_int8": gate.int8_val, "gate_passed": gate.passed}
+        _gate(quality, "ONNX", gate.fp32_val, gate.int8_val, gate.steps)
         ctx.say(f"quantize (onnxruntime): {INT8_ONNX} ({gate.settings.calibration} "
                 f"calibration, "
-                f"{'per-channel' if per_channel else 'per-tensor'}, val accuracy "
-                f"{gate.fp32_val_accuracy:.2%} fp32 -> {gate.int8_val_accuracy:.2%} int8)")
+                f"{'per-channel' if per_channel else 'per-tensor'}, val {quality.name} "
+                f"{quality.show(gate.fp32_val)} fp32 -> {quality.show(gate.int8_val)} int8)")
     if "tflite" in q.formats:
-        out["tflite"] = _quantize_tflite(ctx, calib, x_val, truth_val, per_channel)
+        out["tflite"] = _quantize_tflite(ctx, calib, x_val, quality, per_channel)
     ctx.results["quantize"] = out
+
+
+def _quality(ctx: Context, x_val: np.ndarray) -> Quality:
+    """The int8 gate's score for this task on the validation split."""
+    task = ctx.recipe.model.task
+    if task == "classify":
+        tol = gate_points(ctx.recipe.quantize.tolerance_points, len(x_val))
+        return classification(ctx.truth(ctx.split.val), tol)
+    reference = open_onnx(ctx.work / FP32_ONNX).run(x_val)
+    return output_error(reference, ctx.recipe.model.max_output_error)
+
+
+def _gate_limits(ctx: Context) -> dict[str, Any]:
+    n = len(ctx.split.val)
+    if ctx.recipe.model.task != "classify":
+        return {"max_output_error": ctx.recipe.model.max_output_error}
+    return {"tolerance_points": gate_points(ctx.recipe.quantize.tolerance_points, n),
+            "val_resolution_points": 100 / n}
 
 
 def gate_points(points: float, samples: int) -> float:
@@ -302,37 +406,36 @@ def gate_points(points: float, samples: int) -> float:
     return max(points, 100 / samples)
 
 
-def _gate(ctx: Context, what: str, fp32: float, int8: float, steps: list[str]) -> None:
-    tol = gate_points(ctx.recipe.quantize.tolerance_points, len(ctx.split.val))
-    if (fp32 - int8) * 100 > tol + 1e-9:
+def _gate(quality: Quality, what: str, fp32: float, int8: float, steps: list[str]) -> None:
+    if not quality.passes(fp32, int8):
         raise AccuracyGateError(
-            f"{what} int8 accuracy {int8:.2%} is {(fp32 - int8) * 100:.2f} points below fp32 "
-            f"{fp32:.2%} (tolerance {tol:.2f} points) after: {'; '.join(steps)}",
-            fp32_accuracy=fp32, int8_accuracy=int8, tolerance_points=tol)
+            f"{what} int8 {quality.name} {quality.show(int8)} against fp32 "
+            f"{quality.show(fp32)} fails the gate after: {'; '.join(steps)}",
+            fp32_score=fp32, int8_score=int8)
 
 
-def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray,
-                     truth_val: np.ndarray, per_channel: bool) -> dict[str, Any]:
+def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality: Quality,
+                     per_channel: bool) -> dict[str, Any]:
     student = load_student(ctx)
     res = quantize_tflite(student, calib, ctx.work / INT8_TFLITE, per_channel=per_channel)
-    fp32 = float((open_onnx(ctx.work / FP32_ONNX).run(x_val).argmax(1) == truth_val).mean())
-    int8 = float((open_tflite(ctx.work / INT8_TFLITE).run(x_val).argmax(1) == truth_val).mean())
+    fp32 = quality.score(open_onnx(ctx.work / FP32_ONNX).run(x_val))
+    int8 = quality.score(open_tflite(ctx.work / INT8_TFLITE).run(x_val))
     steps = [f"PT2E {'per-channel' if per_channel else 'per-tensor'}, histogram observers: "
-             f"int8 {int8:.4f} vs fp32 {fp32:.4f}"]
-    tol = gate_points(ctx.recipe.quantize.tolerance_points, len(x_val))
-    if (fp32 - int8) * 100 > tol and ctx.recipe.quantize.mitigate:
+             f"int8 {quality.show(int8)} vs fp32 {quality.show(fp32)}"]
+    if not quality.passes(fp32, int8) and ctx.recipe.quantize.mitigate:
         all_train = ctx.x[ctx.split.train]
         res = quantize_tflite(student, all_train, ctx.work / INT8_TFLITE, per_channel=per_channel)
-        int8 = float((open_tflite(ctx.work / INT8_TFLITE).run(x_val).argmax(1)
-                      == truth_val).mean())
-        steps.append(f"calibrated on all {len(all_train)} training samples: int8 {int8:.4f}")
-    _gate(ctx, "TFLite", fp32, int8, steps)
+        int8 = quality.score(open_tflite(ctx.work / INT8_TFLITE).run(x_val))
+        steps.append(f"calibrated on all {len(all_train)} training samples: int8 "
+                     f"{quality.show(int8)}")
+    _gate(quality, "TFLite", fp32, int8, steps)
     loaded = open_tflite(ctx.work / INT8_TFLITE)
     ops = npu.tflite_ops(ctx.work / INT8_TFLITE)
     check = npu.check_target(ctx.profile, ops, res.io_dtype, loaded.inputs[0].shape,
                              require_full_offload=ctx.recipe.target.require_full_offload)
-    ctx.say(f"quantize (LiteRT): {INT8_TFLITE} (I/O {res.io_dtype}, val accuracy "
-            f"{fp32:.2%} fp32 (onnxruntime) -> {int8:.2%} int8, ops {', '.join(check.operators)})")
+    ctx.say(f"quantize (LiteRT): {INT8_TFLITE} (I/O {res.io_dtype}, val {quality.name} "
+            f"{quality.show(fp32)} fp32 (onnxruntime) -> {quality.show(int8)} int8, ops "
+            f"{', '.join(check.operators)})")
     return {"io_dtype": res.io_dtype, "steps": steps, "val_fp32": fp32, "val_int8": int8,
             "operators": ops, "unsupported": check.unsupported, "notes": check.notes}
 
@@ -358,8 +461,18 @@ def stage_compile(ctx: Context) -> None:
 def stage_evaluate(ctx: Context) -> None:
     ctx.results["evaluate"] = evaluate_all(ctx)
     ctx.say("evaluate (test split): " + ", ".join(
-        f"{m['name']} ({m['runtime']}) {m['accuracy']:.2%}"
-        for m in ctx.results["evaluate"]["models"] if m.get("accuracy") is not None))
+        f"{m['name']} ({m['runtime']}) {_figure(m)}"
+        for m in ctx.results["evaluate"]["models"]
+        if m.get("accuracy") is not None or m.get("output_error") is not None))
+
+
+def _figure(row: dict[str, Any]) -> str:
+    """A model's headline test figure: accuracy, or output error (and anomaly AUC)."""
+    if row.get("accuracy") is not None:
+        return f"{row['accuracy']:.2%}"
+    auc = row.get("anomaly_auc")
+    return (f"output error {row['output_error']:.4f}"
+            + (f", anomaly AUC {auc:.4f}" if auc is not None else ""))
 
 
 def stage_report(ctx: Context) -> None:

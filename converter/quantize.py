@@ -7,10 +7,11 @@ int8 activations (symmetric where the profile needs it, e.g. TensorRT).
 TFLite: litert-torch's PT2E path (torch.export -> PT2EQuantizer -> prepare/calibrate/convert
 -> LiteRT flatbuffer) with no TensorFlow; inputs and outputs come out int8.
 
-The accuracy gate (`gate_onnx`) compares int8 with fp32 on the validation split (the test
-split stays untouched for the report) and, when the drop exceeds the tolerance, tries other
-calibration methods and then keeps the most sensitive layers in float, one at a time, where
-the profile allows float layers.
+The quality gate (`gate_onnx`) compares int8 with fp32 on the validation split (the test
+split stays untouched for the report), by accuracy for classifiers and by output error for
+other models (`converter.task`), and when int8 fails it tries other calibration methods and
+then keeps the most sensitive layers in float, one at a time, where the profile allows float
+layers.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 from torch import nn
 
 from agent.serving.runtime import open_onnx, open_tflite
-from converter.data import F32, I64
+from converter.data import F32
 from converter.errors import ConvertError
+from converter.task import Quality
 
 CALIBRATION_BATCH = 32
 QUANTIZABLE_ONNX_OPS = {"Conv", "Gemm", "MatMul", "ConvTranspose"}
@@ -44,8 +46,8 @@ class OnnxQuantSettings:
 @dataclass
 class GateResult:
     settings: OnnxQuantSettings
-    fp32_val_accuracy: float
-    int8_val_accuracy: float
+    fp32_val: float  # the Quality's score
+    int8_val: float
     passed: bool
     steps: list[str] = field(default_factory=list)
     sensitivity: dict[str, float] = field(default_factory=dict)
@@ -114,30 +116,27 @@ def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> Non
                            f"{str(exc).splitlines()[0][:300]}") from exc
 
 
-def accuracy(pred_logits: F32, truth: I64) -> float:
-    return float((pred_logits.argmax(1) == truth).mean())
-
-
-def gate_onnx(pre: Path, dst: Path, calib: F32, x_val: F32, truth_val: I64,
-              base: OnnxQuantSettings, *, tolerance_points: float, mitigate: bool,
-              float_fallback_allowed: bool, max_float_layers: int) -> GateResult:
-    """Quantize, check the accuracy gate on validation data, mitigate if needed.
+def gate_onnx(pre: Path, dst: Path, calib: F32, x_val: F32, quality: Quality,
+              base: OnnxQuantSettings, *, mitigate: bool, float_fallback_allowed: bool,
+              max_float_layers: int) -> GateResult:
+    """Quantize, check the quality gate on validation data, mitigate if needed.
 
     The model at `dst` is the best one found. The caller decides whether a failed gate is
     fatal (it raises AccuracyGateError with these figures).
     """
-    fp32 = accuracy(open_onnx(pre).run(x_val), truth_val)
+    fp32 = quality.score(open_onnx(pre).run(x_val))
 
     def trial(s: OnnxQuantSettings) -> float:
         quantize_onnx(pre, dst, calib, s)
-        return accuracy(open_onnx(dst).run(x_val), truth_val)
+        return quality.score(open_onnx(dst).run(x_val))
 
     def ok(acc: float) -> bool:
-        return (fp32 - acc) * 100 <= tolerance_points + 1e-9
+        return quality.passes(fp32, acc)
 
     best_s, best_acc = base, trial(base)
     result = GateResult(base, fp32, best_acc, ok(best_acc),
-                        [f"{base.calibration} calibration: int8 {best_acc:.4f} vs fp32 {fp32:.4f}"])
+                        [f"{base.calibration} calibration: int8 {quality.name} "
+                         f"{quality.show(best_acc)} vs fp32 {quality.show(fp32)}"])
     if result.passed or not mitigate:
         return result
     for method in ("percentile", "entropy"):
@@ -145,39 +144,40 @@ def gate_onnx(pre: Path, dst: Path, calib: F32, x_val: F32, truth_val: I64,
             continue
         s = replace(base, calibration=method)
         acc = trial(s)
-        result.steps.append(f"{method} calibration: int8 {acc:.4f}")
+        result.steps.append(f"{method} calibration: int8 {quality.show(acc)}")
         if acc > best_acc:
             best_s, best_acc = s, acc
         if ok(acc):
             break
     if not ok(best_acc) and float_fallback_allowed and max_float_layers > 0:
         best_s, best_acc = _keep_sensitive_in_float(
-            trial, best_s, best_acc, pre, result, ok, max_float_layers)
+            trial, best_s, best_acc, pre, result, ok, max_float_layers, quality.show)
     elif not ok(best_acc):
         result.steps.append("keeping layers in float is not allowed on this target")
     quantize_onnx(pre, dst, calib, best_s)  # trials overwrote dst: leave the best one there
-    result.settings, result.int8_val_accuracy, result.passed = best_s, best_acc, ok(best_acc)
+    result.settings, result.int8_val, result.passed = best_s, best_acc, ok(best_acc)
     return result
 
 
 def _keep_sensitive_in_float(
     trial: Callable[[OnnxQuantSettings], float], best_s: OnnxQuantSettings, best_acc: float,
     pre: Path, result: GateResult, ok: Callable[[float], bool], max_float_layers: int,
+    show: Callable[[float], str],
 ) -> tuple[OnnxQuantSettings, float]:
-    """Per-layer sensitivity: accuracy with each quantizable node alone kept in float."""
+    """Per-layer sensitivity: the score with each quantizable node alone kept in float."""
     anchor, anchor_acc = best_s, best_acc
     nodes = quantizable_nodes(pre)
     for node in nodes:
         result.sensitivity[node] = trial(replace(anchor, exclude=(node,))) - anchor_acc
     ranked = sorted(nodes, key=lambda n: result.sensitivity[n], reverse=True)
-    result.steps.append("sensitivity (accuracy gained when kept in float): " + ", ".join(
+    result.steps.append("sensitivity (score gained when kept in float): " + ", ".join(
         f"{n} {result.sensitivity[n]:+.4f}" for n in ranked))
     excluded: list[str] = []
     for node in ranked[:max_float_layers]:
         excluded.append(node)
         s = replace(anchor, exclude=tuple(excluded))
         acc = trial(s)
-        result.steps.append(f"float layers {excluded}: int8 {acc:.4f}")
+        result.steps.append(f"float layers {excluded}: int8 {show(acc)}")
         if acc > best_acc:
             best_s, best_acc = s, acc
         if ok(acc):

@@ -71,12 +71,51 @@ class TeacherOptions(_Section):
         return self
 
 
+class ModelOptions(_Section):
+    """A model you already trained, quantized as it is: no teacher, no distillation, the
+    same int8 export, gates and report. An ONNX file, or a torch factory plus weights."""
+
+    onnx: str | None = None
+    """trained fp32 model as an ONNX file (int8 ONNX only: TFLite needs the torch model)"""
+    torch: str | None = None
+    """trained model as a torch factory, package.module:function or path/to/file.py:function"""
+    weights: str | None = None
+    """state_dict file for the torch factory"""
+    task: Literal["classify", "reconstruct", "regress"] = "classify"
+    """classify: outputs are class scores, gated on label accuracy; reconstruct: an
+    autoencoder whose output is its input, gated on output error, its reconstruction error
+    the anomaly score on the device; regress: other outputs, gated on output error"""
+    max_output_error: float = Field(0.1, gt=0)
+    """gate for reconstruct and regress: the int8 outputs' RMS error against the fp32
+    outputs on validation, relative to the fp32 outputs' standard deviation"""
+    anomaly_quantile: float = Field(0.99, gt=0.5, lt=1)
+    """reconstruct: the device flags a sample whose reconstruction error exceeds this
+    quantile of the errors on normal training samples (label 0 where the data has labels)"""
+
+    @property
+    def given(self) -> bool:
+        return bool(self.onnx or self.torch)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ModelOptions:
+        if self.onnx and self.torch:
+            raise ValueError("give either model.onnx or model.torch, not both")
+        if self.torch and not self.weights:
+            raise ValueError("model.torch needs model.weights")
+        if self.task != "classify" and not self.given:
+            raise ValueError(f"model.task = {self.task!r} needs a trained model (model.onnx "
+                             "or model.torch): distillation is for classifiers")
+        return self
+
+
 class StudentOptions(_Section):
     """The student network."""
 
-    family: Literal["auto", "mlp", "cnn", "dscnn", "module"] = "auto"
+    family: Literal["auto", "mlp", "cnn", "dscnn", "resnet8", "kws-dscnn", "mobilenet-v1",
+                    "fc-autoencoder", "module"] = "auto"
     """auto: mlp for vectors (F,), cnn for sequences (C, L) and images (C, H, W); cnn and
-    dscnn are 1-D for sequences, 2-D for images of any H x W"""
+    dscnn are 1-D for sequences, 2-D for images of any H x W; resnet8, kws-dscnn,
+    mobilenet-v1 and fc-autoencoder are the MLPerf Tiny reference models"""
     hidden: list[int] = Field(default_factory=lambda: [32])
     """mlp: hidden layer widths"""
     channels: list[int] | None = None
@@ -190,6 +229,7 @@ class TargetOptions(_Section):
 class Recipe(_Section):
     data: DataOptions = DataOptions()
     teacher: TeacherOptions = TeacherOptions()
+    model: ModelOptions = ModelOptions()
     student: StudentOptions = StudentOptions()
     distill: DistillOptions = DistillOptions()
     prune: PruneOptions = PruneOptions()
@@ -200,10 +240,33 @@ class Recipe(_Section):
     out: str = "build/convert"
     """output directory"""
 
+    @property
+    def quantize_only(self) -> bool:
+        """A trained model is quantized as it is (model.*), not distilled from a teacher."""
+        return self.model.given
 
-PATH_FIELDS = {("teacher", "onnx"), ("teacher", "weights"), ("bundle", "labels_file"),
-               (None, "out")}
-FACTORY_FIELDS = {("teacher", "torch"), ("student", "module")}
+    @model_validator(mode="after")
+    def _model_or_teacher(self) -> Recipe:
+        if not self.model.given:
+            return self
+        if self.teacher.onnx or self.teacher.torch:
+            raise ValueError("give a teacher to distill (teacher.*) or a trained model to "
+                             "quantize as it is (model.*), not both")
+        if self.prune.method != "none":
+            raise ValueError("pruning fine-tunes against a teacher; a trained model "
+                             "(model.*) is quantized as it is: prune.method must be none")
+        if self.data.normalize in ("standard", "minmax"):
+            raise ValueError("a trained model (model.*) takes the samples as it was "
+                             "trained on them: data.normalize must be auto or none")
+        if self.model.onnx and "tflite" in self.quantize.formats:
+            raise ValueError("int8 TFLite is built from a torch model; give model.torch "
+                             "and model.weights, or quantize.formats = [\"onnx\"]")
+        return self
+
+
+PATH_FIELDS = {("teacher", "onnx"), ("teacher", "weights"), ("model", "onnx"),
+               ("model", "weights"), ("bundle", "labels_file"), (None, "out")}
+FACTORY_FIELDS = {("teacher", "torch"), ("model", "torch"), ("student", "module")}
 
 
 def option_names() -> dict[str, tuple[str | None, str]]:

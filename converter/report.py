@@ -16,7 +16,25 @@ import numpy as np
 from agent.serving.runtime import LoadedModel, open_onnx, open_tflite
 from converter import evaluate as ev
 from converter.context import FP32_ONNX, INT8_ONNX, INT8_TFLITE, Context
+from converter.task import value_scores
 from converter.teacher import OnnxTeacher
+
+
+def _role(ctx: Context) -> str:
+    """What the report calls the converted network: the distilled student, or the trained
+    model quantized as it is."""
+    return "model" if ctx.recipe.quantize_only else "student"
+
+
+def _scores(ctx: Context, out: np.ndarray, teacher_pred: np.ndarray) -> dict[str, Any]:
+    """Test-split figures of some outputs: accuracy and agreement for a classifier, output
+    error against the fp32 model (and anomaly AUC for an autoencoder) otherwise."""
+    test = ctx.split.test
+    task = ctx.recipe.model.task
+    if task == "classify":
+        return ev.scores(out, ctx.truth(test), teacher_pred)
+    labels = None if ctx.data.y is None else ctx.data.y[test]
+    return value_scores(task, ctx.x[test], out, ctx.teacher_logits[test], labels)
 
 
 def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: LoadedModel | None,
@@ -25,8 +43,7 @@ def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: Loaded
     row: dict[str, Any] = {"name": name, "runtime": runtime, "file": path.name,
                            "parameters": params, **ev.sizes(path)}
     if loaded is not None:
-        logits = loaded.run(ctx.x[test])
-        row.update(ev.scores(logits, ctx.truth(test), teacher_pred))
+        row.update(_scores(ctx, loaded.run(ctx.x[test]), teacher_pred))
         row["latency"] = ev.latency(loaded, ctx.x[test], ctx.recipe.evaluate.latency_runs)
     return row
 
@@ -37,36 +54,41 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
     teacher_pred = ctx.teacher_logits[test].argmax(1)
     t = ctx.results["teacher"]
     models = []
-    teacher_file = Path(ctx.recipe.teacher.onnx or ctx.recipe.teacher.weights or "")
-    # Scores from the cached logits (the output the teacher stage chose); an ONNX teacher
-    # is timed running that output only.
-    teacher_row = _model_row(ctx, "teacher", t["kind"], teacher_file, None, t["parameters"],
-                             teacher_pred)
-    teacher_row.update(ev.scores(ctx.teacher_logits[test], ctx.truth(test), teacher_pred))
-    if t["kind"] == "onnx":
-        timed = OnnxTeacher(teacher_file, threads=threads).select(ctx.recipe.teacher.output)
-        teacher_row["latency"] = ev.latency(timed, ctx.data.x[test],  # type: ignore[arg-type]
-                                            ctx.recipe.evaluate.latency_runs)
-    models.append(teacher_row)
+    who = _role(ctx)
+    if not ctx.recipe.quantize_only:
+        teacher_file = Path(ctx.recipe.teacher.onnx or ctx.recipe.teacher.weights or "")
+        # Scores from the cached logits (the output the teacher stage chose); an ONNX teacher
+        # is timed running that output only.
+        teacher_row = _model_row(ctx, "teacher", t["kind"], teacher_file, None,
+                                 t["parameters"], teacher_pred)
+        teacher_row.update(_scores(ctx, ctx.teacher_logits[test], teacher_pred))
+        if t["kind"] == "onnx":
+            timed = OnnxTeacher(teacher_file, threads=threads).select(ctx.recipe.teacher.output)
+            teacher_row["latency"] = ev.latency(timed, ctx.data.x[test],  # type: ignore[arg-type]
+                                                ctx.recipe.evaluate.latency_runs)
+        models.append(teacher_row)
     fp32 = ev.onnx_profile(ctx.work / FP32_ONNX)
     student_params = fp32["parameters"]
-    models.append(_model_row(ctx, "student fp32", "onnx", ctx.work / FP32_ONNX,
+    models.append(_model_row(ctx, f"{who} fp32", "onnx", ctx.work / FP32_ONNX,
                              open_onnx(ctx.work / FP32_ONNX, threads=threads), student_params,
                              teacher_pred))
     if (ctx.work / INT8_ONNX).is_file():
-        models.append(_model_row(ctx, "student int8", "onnx", ctx.work / INT8_ONNX,
+        models.append(_model_row(ctx, f"{who} int8", "onnx", ctx.work / INT8_ONNX,
                                  open_onnx(ctx.work / INT8_ONNX, threads=threads),
                                  student_params, teacher_pred))
     if (ctx.work / INT8_TFLITE).is_file():
-        models.append(_model_row(ctx, "student int8", "tflite", ctx.work / INT8_TFLITE,
+        models.append(_model_row(ctx, f"{who} int8", "tflite", ctx.work / INT8_TFLITE,
                                  open_tflite(ctx.work / INT8_TFLITE, threads=threads),
                                  student_params, teacher_pred))
     vela = ctx.results.get("compile", {}).get("model")
     if vela:
-        models.append(_model_row(ctx, "student int8 (Vela)", "tflite+ethos-u", ctx.work / vela,
+        models.append(_model_row(ctx, f"{who} int8 (Vela)", "tflite+ethos-u", ctx.work / vela,
                                  None, student_params, teacher_pred))
-    teacher_macs = ev.onnx_profile(teacher_file)["macs"] if t["kind"] == "onnx" else None
+    teacher_macs = (ev.onnx_profile(Path(ctx.recipe.teacher.onnx))["macs"]
+                    if t["kind"] == "onnx" and ctx.recipe.teacher.onnx else None)
     return {
+        "task": ctx.recipe.model.task,
+        "role": who,
         "test_samples": len(test),
         "labels": "the dataset's labels" if ctx.data.y is not None
         else "the teacher's predictions (the data has no labels)",
@@ -82,10 +104,34 @@ def evaluate_all(ctx: Context) -> dict[str, Any]:
 
 
 def _checks(ctx: Context, models: list[dict[str, Any]]) -> dict[str, Any]:
+    who = _role(ctx)
     by = {(m["name"], m["runtime"]): m for m in models}
-    teacher = models[0]
-    fp32 = by[("student fp32", "onnx")]
-    tol = ctx.recipe.quantize.tolerance_points
+    fp32 = by[(f"{who} fp32", "onnx")]
+    out: dict[str, Any] = {}
+    if not ctx.recipe.quantize_only:
+        out.update(_teacher_checks(models[0], fp32, models))
+    task = ctx.recipe.model.task
+    for rt in ("onnx", "tflite"):
+        m = by.get((f"{who} int8", rt))
+        if m is None:
+            continue
+        if task == "classify":
+            tol = ctx.recipe.quantize.tolerance_points
+            drop = (fp32["accuracy"] - m["accuracy"]) * 100
+            out[f"int8_{rt}_drop_points"] = drop
+            out[f"int8_{rt}_within_tolerance"] = drop <= tol + 1e-9
+        else:
+            out[f"int8_{rt}_output_error"] = m["output_error"]
+            out[f"int8_{rt}_within_tolerance"] = (m["output_error"]
+                                                  <= ctx.recipe.model.max_output_error)
+            if m.get("anomaly_auc") is not None and fp32.get("anomaly_auc") is not None:
+                out[f"int8_{rt}_auc_drop_points"] = (fp32["anomaly_auc"]
+                                                     - m["anomaly_auc"]) * 100
+    return out
+
+
+def _teacher_checks(teacher: dict[str, Any], fp32: dict[str, Any],
+                    models: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "student_drop_vs_teacher_points": (teacher["accuracy"] - fp32["accuracy"]) * 100,
     }
@@ -102,12 +148,6 @@ def _checks(ctx: Context, models: list[dict[str, Any]]) -> dict[str, Any]:
                              "student": smallest["raw_bytes"],
                              "student_file": smallest["file"],
                              "ratio": teacher["raw_bytes"] / max(smallest["raw_bytes"], 1)}
-    for rt in ("onnx", "tflite"):
-        m = by.get(("student int8", rt))
-        if m is not None:
-            drop = (fp32["accuracy"] - m["accuracy"]) * 100
-            out[f"int8_{rt}_drop_points"] = drop
-            out[f"int8_{rt}_within_tolerance"] = drop <= tol + 1e-9
     return out
 
 
@@ -144,38 +184,64 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2%}"
 
 
+def _score_columns(ev_: dict[str, Any]) -> tuple[str, Any]:
+    """The table's quality columns for the task: header and a row formatter."""
+    if ev_.get("task", "classify") == "classify":
+        return ("| accuracy | agrees with teacher |",
+                lambda m: f"| {_pct(m.get('accuracy'))} | {_pct(m.get('teacher_agreement'))} |")
+
+    def values(m: dict[str, Any]) -> str:
+        err, auc = m.get("output_error"), m.get("anomaly_auc")
+        return (f"| {'' if err is None else f'{err:.4f}'} | "
+                f"{'' if auc is None else f'{auc:.4f}'} |")
+    return "| output error vs fp32 (NRMSE) | anomaly AUC |", values
+
+
 def render_markdown(rep: dict[str, Any]) -> str:
     ev_ = rep["evaluate"]
+    head, cells = _score_columns(ev_)
+    measured = ("accuracy is measured against " + ev_["labels"]
+                if ev_.get("task", "classify") == "classify" else
+                "output error is against the fp32 model on the same samples, and the anomaly "
+                "AUC (where the data has labels) against the labels,")
     lines = [f"# edge-convert report: {rep['profile']}", "",
              f"Target: {rep['profile_description']}.  ",
              f"Data: {rep['data']['source']}, {rep['data']['samples']} samples "
              f"(train {rep['data']['train']}, val {rep['data']['val']}, test "
-             f"{rep['data']['test']}); accuracy is measured against {ev_['labels']} on the "
-             f"test split, never used for training, calibration or the accuracy gate.", "",
-             "| model | runtime | accuracy | agrees with teacher | parameters | size | gzip | "
-             "p50 latency | p95 latency |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{rep['data']['test']}); {measured} on the "
+             f"test split, never used for training, calibration or the quality gate.", ""]
+    if ev_.get("role") == "model":
+        lines += [f"Quantize only: the trained model ({rep['teacher']['description']}, task "
+                  f"{ev_['task']}) is converted as it is; no teacher, no distillation.", ""]
+    lines += [f"| model | runtime {head} parameters | size | gzip | "
+              "p50 latency | p95 latency |", "|---|---|---|---|---|---|---|---|---|"]
     for m in ev_["models"]:
         lat = m.get("latency") or {}
         p50 = f"{lat['p50_ms']:.3f} ms" if lat else ""
         p95 = f"{lat['p95_ms']:.3f} ms" if lat else ""
         lines.append(
-            f"| {m['name']} | {m['runtime']} | {_pct(m.get('accuracy'))} | "
-            f"{_pct(m.get('teacher_agreement'))} | {m['parameters']:,} | "
+            f"| {m['name']} | {m['runtime']} {cells(m)} {m['parameters']:,} | "
             f"{_fmt_bytes(m['raw_bytes'])} | {_fmt_bytes(m['gzip_bytes'])} | {p50} | {p95} |")
     c = ev_["checks"]
     lines += ["", f"Latency: host CPU, batch 1, {ev_['threads']} thread(s); device figures "
-              "differ. ", "",
-              "## Checks", "",
-              f"- {_ratio_text(c['size_ratio'])}; the student's accuracy is "
-              f"{c['student_drop_vs_teacher_points']:.2f} points below the teacher's",
-              f"- MACs per sample: student {ev_['student_macs']:,}"
-              + (f", teacher {ev_['teacher_macs']:,}" if ev_["teacher_macs"] else "")]
+              "differ. ", "", "## Checks", ""]
+    if "size_ratio" in c:
+        lines.append(f"- {_ratio_text(c['size_ratio'])}; the student's accuracy is "
+                     f"{c['student_drop_vs_teacher_points']:.2f} points below the teacher's")
+    lines.append(f"- MACs per sample: {ev_.get('role', 'student')} {ev_['student_macs']:,}"
+                 + (f", teacher {ev_['teacher_macs']:,}" if ev_["teacher_macs"] else ""))
     lines += _gate_lines(rep)
     for rt in ("onnx", "tflite"):
+        ok = "within" if c.get(f"int8_{rt}_within_tolerance") else "OUTSIDE"
         if f"int8_{rt}_drop_points" in c:
-            ok = "within" if c[f"int8_{rt}_within_tolerance"] else "OUTSIDE"
             lines.append(f"- int8 {rt}: {c[f'int8_{rt}_drop_points']:.2f} points below fp32 "
                          f"({ok} tolerance)")
+        if f"int8_{rt}_output_error" in c:
+            auc = c.get(f"int8_{rt}_auc_drop_points")
+            lines.append(f"- int8 {rt}: output error {c[f'int8_{rt}_output_error']:.4f} of "
+                         f"the fp32 outputs' spread ({ok} the gate)"
+                         + (f"; anomaly AUC {auc:.2f} points below fp32" if auc is not None
+                            else ""))
     m8, m32 = ev_["memory_int8"], ev_["memory_fp32"]
     lines += [f"- estimated peak memory: int8 {_fmt_bytes(m8['peak_memory_bytes'])} (weights "
               f"{_fmt_bytes(m8['model_bytes'])} + arena {_fmt_bytes(m8['arena_bytes'])}); fp32 "
@@ -192,7 +258,7 @@ def render_markdown(rep: dict[str, Any]) -> str:
         if p["method"] == "unstructured":
             lines.append("Unstructured zeros shrink the gzipped size, not the raw file or the "
                          "latency of dense kernels.")
-    lines += ["", "![accuracy and training curves](report.png)", "",
+    lines += ["", "![quality and training curves](report.png)", "",
               f"Stage timings (s): {rep['timings_s']}", ""]
     return "\n".join(lines)
 
@@ -224,7 +290,10 @@ def _gate_lines(rep: dict[str, Any]) -> list[str]:
         out.append(f"- distillation gate: fp32 student {_pct(st['val_accuracy'])}, "
                    f"{st['gap_points']:.2f} points below the teacher's "
                    f"{_pct(st['teacher_val_accuracy'])} (at most {st['max_gap_points']:.2f})")
-    if "val_samples" in q:
+    if "max_output_error" in q:
+        out.append(f"- int8 gate: output error at most {q['max_output_error']:g} of the fp32 "
+                   f"outputs' standard deviation on {q['val_samples']} validation samples")
+    elif "val_samples" in q:
         out.append(f"- int8 gate: at most {q['tolerance_points']:.2f} points below fp32; the "
                    f"validation split has {q['val_samples']} samples, so one sample is "
                    f"{q['val_resolution_points']:.2f} points")
@@ -276,13 +345,15 @@ def _plot(ctx: Context, rep: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    rows = [m for m in rep["evaluate"]["models"] if m.get("accuracy") is not None]
+    key, label = (("accuracy", "test accuracy (%)") if rep["evaluate"].get("task", "classify")
+                  == "classify" else ("anomaly_auc", "test anomaly AUC (%)"))
+    rows = [m for m in rep["evaluate"]["models"] if m.get(key) is not None]
     names = [f"{m['name']}\n({m['runtime']})" for m in rows]
-    accs = [m["accuracy"] * 100 for m in rows]
+    accs = [m[key] * 100 for m in rows]
     bars = ax1.bar(names, accs, color=["#777", "#1f77b4", "#ff7f0e", "#2ca02c"][:len(rows)])
     ax1.bar_label(bars, fmt="%.1f")
-    ax1.set_ylim(max(0, min(accs) - 10), 100.5)
-    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_ylim(max(0, min(accs, default=0) - 10), 100.5)
+    ax1.set_ylabel(label)
     ax1.set_title(f"{rep['profile']}")
     hist = rep.get("history") or {}
     epochs = hist.get("epochs") or []

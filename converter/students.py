@@ -7,6 +7,8 @@
 - `dscnn`: one regular 3-wide stem, then depthwise-separable stages (3-wide depthwise + 1x1
   pointwise, BN, ReLU6), MobileNet style: few MACs and ops every NPU runs; 1-D or 2-D as cnn.
 - `auto`: the default family for the sample's rank.
+- `resnet8`, `kws-dscnn`, `mobilenet-v1`, `fc-autoencoder`: the MLPerf Tiny reference
+  architectures at their reference sizes (`converter.tiny`).
 
 All are plain `nn.Sequential`s of standard layers so BN folds away before export and every
 op maps to an int8 kernel on the targets in `firmware_profiles/`.
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from converter import tiny
 from converter.errors import RecipeError, TeacherError
 from converter.teacher import import_factory
 
@@ -132,6 +135,8 @@ def build_student(opts: StudentOptions, input_shape: tuple[int, ...], classes: i
         if len(channels) < 2:
             raise RecipeError("dscnn needs at least two channel widths (stem + one stage)")
         return dscnn(input_shape, classes, channels)
+    if family in tiny.FAMILIES:
+        return tiny.build(family, input_shape, classes)
     assert opts.module is not None  # checked by StudentOptions
     try:
         make = import_factory(opts.module, "student module")
@@ -153,8 +158,8 @@ def nonzero_params(model: nn.Module) -> int:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every Conv1d/Conv2d directly followed by its BatchNorm in a Sequential
-    (eval-mode math)."""
+    """Fold every Conv1d/Conv2d or Linear directly followed by its BatchNorm in a
+    Sequential, in any submodule (eval-mode math)."""
     model.eval()
     if isinstance(model, nn.Sequential):
         return _fold_sequence(model)
@@ -164,7 +169,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def _fold_sequence(seq: nn.Sequential) -> nn.Sequential:
-    from torch.nn.utils.fusion import fuse_conv_bn_eval  # noqa: PLC0415  # optional: when used
+    from torch.nn.utils.fusion import (  # noqa: PLC0415  # optional: when used
+        fuse_conv_bn_eval,
+        fuse_linear_bn_eval,
+    )
 
     layers = [fold_batchnorm(m) for m in seq]
     out: list[nn.Module] = []
@@ -174,6 +182,9 @@ def _fold_sequence(seq: nn.Sequential) -> nn.Sequential:
         if ((isinstance(here, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d))
                 or (isinstance(here, nn.Conv1d) and isinstance(nxt, nn.BatchNorm1d))):
             out.append(fuse_conv_bn_eval(here, nxt))
+            i += 2
+        elif isinstance(here, nn.Linear) and isinstance(nxt, nn.BatchNorm1d):
+            out.append(fuse_linear_bn_eval(here, nxt))
             i += 2
         else:
             out.append(here)

@@ -222,27 +222,48 @@ def run_torch_teacher(factory: str, weights: Path, x: F32, batch_size: int) -> T
         TeacherError: factory not importable, weights missing/corrupt or not matching, or
             inputs that do not fit the model.
     """
+    model = load_torch_model(factory, weights, "teacher")
+    outs = run_torch_model(model, x, batch_size, f"teacher {factory}")
+    params = sum(p.numel() for p in model.parameters())
+    logits, probs = _as_logits(outs, len(x), factory)
+    return TeacherOutputs(logits, params, f"torch {factory}", "torch", probs)
+
+
+def load_torch_model(factory: str, weights: Path, what: str) -> Any:
+    """`factory()` with the state_dict in `weights` loaded, in eval mode.
+
+    Raises:
+        TeacherError: factory not importable, weights missing, corrupt or not matching.
+    """
     import torch  # noqa: PLC0415  # heavy or optional: loaded only when used
 
-    make = import_factory(factory, "teacher factory")
+    make = import_factory(factory, f"{what} factory")
     if not weights.is_file():
-        raise TeacherError(f"teacher weights {weights} do not exist")
+        raise TeacherError(f"{what} weights {weights} do not exist")
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
         model = make()
         model.load_state_dict(state)
     except Exception as exc:  # torch raises RuntimeError/UnpicklingError/... for bad files
-        raise TeacherError(f"teacher weights {weights} cannot be loaded into {factory}: "
+        raise TeacherError(f"{what} weights {weights} cannot be loaded into {factory}: "
                            f"{str(exc).splitlines()[0][:200]}") from exc
-    model.eval()
+    return model.eval()
+
+
+def run_torch_model(model: Any, x: F32, batch_size: int, what: str) -> F32:
+    """The model's float32 outputs over x, in batches.
+
+    Raises:
+        TeacherError: the samples do not fit the model.
+    """
+    import torch  # noqa: PLC0415  # heavy or optional: loaded only when used
+
     outs = []
     try:
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 outs.append(model(torch.from_numpy(x[i:i + batch_size])).numpy())
     except RuntimeError as exc:
-        raise TeacherError(f"data samples of shape {x.shape[1:]} do not fit teacher {factory}: "
+        raise TeacherError(f"data samples of shape {x.shape[1:]} do not fit {what}: "
                            f"{str(exc).splitlines()[0][:200]}") from exc
-    params = sum(p.numel() for p in model.parameters())
-    logits, probs = _as_logits(np.concatenate(outs).astype(np.float32), len(x), factory)
-    return TeacherOutputs(logits, params, f"torch {factory}", "torch", probs)
+    return np.concatenate(outs).astype(np.float32)

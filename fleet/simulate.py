@@ -146,11 +146,17 @@ class StandInResident:
             return None
         inputs = np.asarray(ref.input.histogram.fractions, dtype=np.float64)
         classes = np.asarray(ref.output.class_fractions, dtype=np.float64)
-        confidence = reference_confidence(ref)
+        score = ref.output.score
+        scores = np.asarray(score.histogram.fractions if score else [], dtype=np.float64)
+        confidence = reference_confidence(ref) if ref.output.confidence else 0.0
+        over = (1 - score.quantile) if score else 0.0
         if self.drifting:  # mass moves to the other end; one class; less confident
-            inputs, classes = inputs[::-1], np.eye(len(classes))[0]
-            confidence -= 0.3
-        return DriftSample(inputs * n, classes * n, max(confidence, 0.0) * n, n)
+            inputs, scores = inputs[::-1], scores[::-1]
+            classes = np.eye(len(classes))[0] if len(classes) else classes
+            confidence, over = confidence - 0.3, 0.5
+        return DriftSample(input_counts=inputs * n, class_counts=classes * n,
+                           score_counts=scores * n, confidence_sum=max(confidence, 0.0) * n,
+                           over_threshold=int(over * n), samples=n)
 
 
 @dataclass

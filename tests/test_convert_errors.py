@@ -116,7 +116,8 @@ def test_every_recipe_option_has_help_with_its_default_and_choices(
     with pytest.raises(SystemExit):
         convert(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: auto); one of auto, mlp, cnn, dscnn, module" in text
+    assert ("(default: auto); one of auto, mlp, cnn, dscnn, resnet8, kws-dscnn, mobilenet-v1, "
+            "fc-autoencoder, module") in text
     assert "(default: auto); one of auto, none, standard, minmax" in text
     assert "distill.max_gap_points: gate: the fp32 student" in text
     assert "teacher.output: ONNX output of class scores" in text

@@ -10,7 +10,9 @@ and the window, so an operator (or a rollout controller) can judge the evidence.
 * error and refusal rates over the window, once it has `min_requests`.
 * input drift: the population stability index (PSI) of input values against the histogram
   the converter stored in the manifest (same bin edges); output drift: PSI of the predicted
-  class distribution, and the drop of mean top-1 confidence.
+  class distribution, and the drop of mean top-1 confidence. For an autoencoder: PSI of its
+  reconstruction-error (anomaly score) distribution, and the share of samples scoring above
+  the manifest's threshold (`anomalous_samples`).
 * resources: least-squares slope of process memory over recent readings (growth per hour),
   and temperature against the throttle point.
 
@@ -54,6 +56,8 @@ class Window:
     input_counts: Sequence[float] = ()  # per reference bin (same edges as the manifest)
     class_counts: Sequence[float] = ()
     mean_confidence: float | None = None
+    score_counts: Sequence[float] = ()  # autoencoder: per reference score bin
+    over_threshold: int = 0  # autoencoder: samples scoring above the manifest's threshold
 
 
 def psi(expected: Sequence[float], observed_counts: Sequence[float]) -> float:
@@ -113,6 +117,7 @@ def rate_anomalies(w: Window, t: Thresholds) -> list[Anomaly]:
 
 def reference_confidence(ref: ReferenceStats) -> float:
     """The mean top-1 confidence of the reference (bin midpoints of its histogram)."""
+    assert ref.output.confidence is not None  # a classifier's reference (manifest checks)
     edges, fr = ref.output.confidence.bin_edges, ref.output.confidence.fractions
     return sum((lo + hi) / 2 * f for lo, hi, f in zip(edges, edges[1:], fr, strict=False))
 
@@ -131,13 +136,36 @@ def drift_anomalies(w: Window, ref: ReferenceStats, t: Thresholds) -> list[Anoma
         if value > t.output_psi:
             out.append(Anomaly("output_drift", "psi", value, t.output_psi, w.seconds,
                                w.model, {"samples": float(sum(w.class_counts))}))
-    if w.mean_confidence is not None:
+    out += _score_anomalies(w, ref, t)
+    if w.mean_confidence is not None and ref.output.confidence is not None:
         expected = reference_confidence(ref)
         drop = expected - w.mean_confidence
         if drop > t.confidence_drop:
             out.append(Anomaly("output_drift", "confidence_drop", drop, t.confidence_drop,
                                w.seconds, w.model, {"mean_confidence": w.mean_confidence,
                                                     "reference": expected}))
+    return out
+
+
+def _score_anomalies(w: Window, ref: ReferenceStats, t: Thresholds) -> list[Anomaly]:
+    """An autoencoder's window: its score distribution against the reference (drift), and
+    the share of samples above the threshold (anomalous inputs)."""
+    score = ref.output.score
+    total = float(sum(w.score_counts))
+    if score is None or total <= 0:
+        return []
+    out = []
+    value = psi(score.histogram.fractions, w.score_counts)
+    if value > t.output_psi:
+        out.append(Anomaly("output_drift", "score_psi", value, t.output_psi, w.seconds,
+                           w.model, {"samples": total}))
+    rate = w.over_threshold / total
+    if rate > t.anomaly_rate:
+        out.append(Anomaly("anomalous_samples", "over_threshold_rate", rate, t.anomaly_rate,
+                           w.seconds, w.model,
+                           {"over_threshold": float(w.over_threshold), "samples": total,
+                            "score_threshold": score.threshold,
+                            "expected_rate": 1 - score.quantile}))
     return out
 
 

@@ -105,7 +105,10 @@ class TelemetryLoop:
         w = Window(model=name, seconds=interval_s, requests=sample.samples,
                    input_counts=sample.input_counts.tolist(),
                    class_counts=sample.class_counts.tolist(),
-                   mean_confidence=sample.confidence_sum / sample.samples)
+                   mean_confidence=(sample.confidence_sum / sample.samples
+                                    if len(sample.class_counts) else None),
+                   score_counts=sample.score_counts.tolist(),
+                   over_threshold=sample.over_threshold)
         for a in drift_anomalies(w, resident.manifest.reference, self._settings().thresholds):
             self.report.anomaly(a)
 

@@ -64,30 +64,51 @@ log = logging.getLogger("edge_agent.serving")
 @dataclass
 class DriftSample:
     """What a sample of served batches looked like, on the manifest's reference bins
-    (input values after the bundle's preprocessing; predicted classes; top-1 softmax
-    confidence). Taken and reset by the
-    fleet link once per telemetry window, for the drift detectors."""
+    (input values after the bundle's preprocessing; for a classifier predicted classes and
+    top-1 softmax confidence; for an autoencoder the reconstruction error, and how many
+    samples scored above the threshold). Taken and reset by the fleet link once per
+    telemetry window, for the drift detectors."""
 
     input_counts: npt.NDArray[np.float64]
     class_counts: npt.NDArray[np.float64]
+    score_counts: npt.NDArray[np.float64]
     confidence_sum: float = 0.0
+    over_threshold: int = 0
     samples: int = 0
 
     @classmethod
     def empty(cls, manifest: Manifest) -> DriftSample:
+        score = manifest.reference.output.score
         return cls(np.zeros(len(manifest.reference.input.histogram.fractions)),
-                   np.zeros(len(manifest.reference.output.class_fractions)))
+                   np.zeros(len(manifest.reference.output.class_fractions)),
+                   np.zeros(len(score.histogram.fractions) if score else 0))
 
     def add(self, manifest: Manifest, x: F32, y: F32) -> None:
         edges = manifest.reference.input.histogram.bin_edges
         clipped = np.clip(x.ravel(), edges[0], edges[-1])
         self.input_counts += np.histogram(clipped, bins=edges)[0]
-        if y.ndim == 2 and y.shape[1] == len(self.class_counts):
+        score = manifest.reference.output.score
+        if manifest.task == "reconstruct" and score is not None:
+            err = reconstruction_error(x, y)
+            se = score.histogram.bin_edges
+            self.score_counts += np.histogram(np.clip(err, se[0], se[-1]), bins=se)[0]
+            self.over_threshold += int((err > score.threshold).sum())
+            self.samples += len(y)
+        elif manifest.task == "regress":
+            self.samples += len(y)
+        elif y.ndim == 2 and y.shape[1] == len(self.class_counts):
             self.class_counts += np.bincount(y.argmax(1), minlength=y.shape[1])
             z = y - y.max(1, keepdims=True)
             p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
             self.confidence_sum += float(p.max(1).sum())
             self.samples += len(y)
+
+
+def reconstruction_error(x: F32, y: F32) -> npt.NDArray[np.float64]:
+    """Per-sample mean squared difference between an autoencoder's (normalized) input and
+    its output: the anomaly score."""
+    d = y.reshape(len(y), -1).astype(np.float64) - x.reshape(len(x), -1)
+    return np.asarray((d * d).mean(axis=1))
 
 
 @dataclass

@@ -162,11 +162,25 @@ class InputReference(_Wire):
     feature_std: list[float]
 
 
-class OutputReference(_Wire):
-    """Output statistics: predicted-class distribution and top-1 confidence histogram."""
+class ScoreReference(_Wire):
+    """An autoencoder's anomaly score on the calibration data: the per-sample reconstruction
+    error (mean squared difference between the normalized input and the output). The device
+    flags a sample above `threshold` (the `quantile` of the errors on normal training
+    samples), and compares the score distribution with `histogram` for drift."""
 
-    class_fractions: list[float]
-    confidence: Histogram
+    kind: Literal["reconstruction_error"] = "reconstruction_error"
+    histogram: Histogram
+    threshold: float = Field(gt=0, allow_inf_nan=False)
+    quantile: float = Field(gt=0, lt=1)
+
+
+class OutputReference(_Wire):
+    """Output statistics: for a classifier the predicted-class distribution and top-1
+    confidence histogram; for an autoencoder its anomaly score; nothing for regression."""
+
+    class_fractions: list[float] = Field(default_factory=list)
+    confidence: Histogram | None = None
+    score: ScoreReference | None = None
 
 
 class ReferenceStats(_Wire):
@@ -212,6 +226,9 @@ class Manifest(_Wire):
     min_agent_version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
     profiles: list[str] = Field(min_length=1)
     runtime: Literal["onnx", "tflite"]
+    # classify: outputs are class scores; reconstruct: an autoencoder (output = input
+    # reconstructed, its error the anomaly score); regress: other values.
+    task: Literal["classify", "reconstruct", "regress"] = "classify"
     model_file: RelPath
     files: dict[RelPath, FileEntry]
     inputs: list[TensorSpec] = Field(min_length=1)
@@ -237,6 +254,16 @@ class Manifest(_Wire):
             raise ValueError(f"files lists {clash[0]!r} both as a file and as a directory")
         if self.expires <= self.created:
             raise ValueError("expires must be after created")
+        out = self.reference.output
+        if self.task == "classify" and (out.confidence is None or not out.class_fractions):
+            raise ValueError("a classifier's reference.output needs class_fractions and "
+                             "confidence")
+        if self.task == "reconstruct":
+            if out.score is None:
+                raise ValueError("an autoencoder's reference.output needs score")
+            if self.outputs[0].shape[1:] != self.inputs[0].shape[1:]:
+                raise ValueError(f"task reconstruct needs the output shaped like the input: "
+                                 f"{self.outputs[0].shape} against {self.inputs[0].shape}")
         want = self.preprocessing.entries_for(self.inputs[0].shape[1:])
         if len(self.preprocessing.scale) != want:
             raise ValueError(f"preprocessing.scale has {len(self.preprocessing.scale)} "

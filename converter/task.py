@@ -1,0 +1,93 @@
+"""What a model's outputs are, and how the gates and the report score them.
+
+- classify: outputs are class scores; quality is accuracy against the labels (or the
+  teacher's predictions), and int8 may lose at most `quantize.tolerance_points`.
+- reconstruct (an autoencoder) and regress: outputs are values. int8 is gated on its output
+  error against the fp32 model on the same samples: the RMS difference relative to the fp32
+  outputs' standard deviation (NRMSE), at most `model.max_output_error`. For an autoencoder
+  the per-sample reconstruction error (mean squared difference between the input and the
+  output) is the anomaly score; where the data has labels (0 normal, anything else
+  anomalous) the report gives its ROC AUC, MLPerf Tiny's anomaly-detection metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from converter.data import F32, I64
+
+EPS = 1e-12
+
+
+def nrmse(out: F32, reference: F32) -> float:
+    """RMS of (out - reference) over the reference's standard deviation."""
+    diff = np.asarray(out, np.float64) - np.asarray(reference, np.float64)
+    return float(np.sqrt(np.mean(diff * diff)) / max(float(np.std(reference)), EPS))
+
+
+def reconstruction_error(x: F32, out: F32) -> np.ndarray:
+    """Per-sample mean squared difference between input and output."""
+    d = np.asarray(out, np.float64).reshape(len(x), -1) - np.asarray(x, np.float64).reshape(
+        len(x), -1)
+    return np.asarray((d * d).mean(axis=1))
+
+
+def roc_auc(score: np.ndarray, anomalous: np.ndarray) -> float | None:
+    """ROC AUC of `score` for telling anomalous (True) from normal samples, by ranks
+    (Mann-Whitney U, ties shared); None when one side is empty."""
+    pos, neg = int(anomalous.sum()), int((~anomalous).sum())
+    if not pos or not neg:
+        return None
+    order = np.argsort(score, kind="mergesort")
+    ranks = np.empty(len(score))
+    sorted_scores = score[order]
+    i = 0
+    while i < len(score):  # average ranks over ties
+        j = i
+        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[anomalous].sum() - pos * (pos + 1) / 2
+    return float(u / (pos * neg))
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How a gate scores outputs on the validation split: `score` (higher is better) and
+    whether an int8 score passes against the fp32 one."""
+
+    name: str  # what the score is, for messages
+    score: Callable[[F32], float]
+    passes: Callable[[float, float], bool]  # (fp32 score, int8 score)
+    show: Callable[[float], str]
+
+
+def classification(truth: I64, tolerance_points: float) -> Quality:
+    return Quality(
+        "accuracy", lambda out: float((out.argmax(1) == truth).mean()),
+        lambda fp32, int8: (fp32 - int8) * 100 <= tolerance_points + 1e-9,
+        lambda v: f"{v:.2%}")
+
+
+def output_error(reference: F32, max_error: float) -> Quality:
+    """The score is minus the NRMSE against the fp32 outputs (0 for fp32 itself)."""
+    return Quality(
+        "output error (NRMSE vs fp32)", lambda out: -nrmse(out, reference),
+        lambda _fp32, int8: -int8 <= max_error + 1e-12,
+        lambda v: f"{-v:.4f}")
+
+
+def value_scores(task: str, x: F32, out: F32, reference: F32,
+                 y: I64 | None) -> dict[str, float | None]:
+    """The report's figures for a reconstruct or regress model's outputs on some samples:
+    output error against the fp32 reference and, for an autoencoder, the anomaly AUC."""
+    row: dict[str, float | None] = {"accuracy": None, "output_error": nrmse(out, reference)}
+    if task == "reconstruct":
+        err = reconstruction_error(x, out)
+        row["reconstruction_error_mean"] = float(err.mean())
+        row["anomaly_auc"] = None if y is None else roc_auc(err, y != 0)
+    return row
