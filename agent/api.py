@@ -146,7 +146,8 @@ class Api:
                           max_connections=api.max_connections,
                           head_timeout_s=api.head_timeout_s,
                           body_timeout_s=api.body_timeout_s,
-                          idle_timeout_s=api.idle_timeout_s, on_response=self.answered)
+                          idle_timeout_s=api.idle_timeout_s, on_response=self.answered,
+                          parser=api.http_parser)
 
     def metrics_server(self) -> HttpServer:
         """The metrics listener (`api.metrics_port`): /metrics and health, no token, no
@@ -210,11 +211,11 @@ class Api:
         name = request.params["name"]
         if not MODEL_NAME.match(name):  # never a file name nor a label from raw input
             raise UnknownModel(name[:64] + ("…" if len(name) > 64 else ""))
-        entry = self.agent.scheduler.models().get(name)
+        entry = self.agent.scheduler.resident(name)
         if entry is None:  # installed but unloaded to make room: load it again
             loop = asyncio.get_running_loop()
             if await loop.run_in_executor(None, self.agent.ensure_loaded, name):
-                entry = self.agent.scheduler.models().get(name)
+                entry = self.agent.scheduler.resident(name)
         if entry is None:
             raise UnknownModel(name)
         version = request.params.get("version")

@@ -24,7 +24,6 @@ import typing
 from pathlib import Path
 
 from agent import __version__, logs
-from agent.client import unix_call, upload
 from agent.config import DEFAULT_PATH, AgentConfig, load_config
 from agent.errors import AgentError, StateLocked
 from agent.pipes import reader_gone
@@ -71,6 +70,8 @@ def _install(config: AgentConfig, bundle: Path) -> int:
                   " as edge-fleet pack writes); a directory installs only while it is "
                   "stopped", file=sys.stderr)
             return 2
+        from agent.client import upload  # noqa: PLC0415  # http.client: not in the daemon
+
         status, body = upload(config.api.admin_socket, bundle)
         print(json.dumps(body, indent=2))
         return 0 if status == 200 else 3
@@ -174,6 +175,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
         sys.stdout.write(render_unit(unit_cfg, config_path=ns.config.absolute(),
                                      exec_start=installed_command()))
     elif ns.command == "status":
+        from agent.client import unix_call  # noqa: PLC0415  # http.client: not in the daemon
+
         status, body = unix_call(load_config(ns.config).api.admin_socket, "GET",
                                  "/v1/admin/status")
         print(json.dumps(body, indent=2))

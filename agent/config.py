@@ -72,6 +72,9 @@ class ApiSection(_Section):
     head_timeout_s: float = Field(default=10.0, gt=0)  # from the head's first byte
     body_timeout_s: float = Field(default=30.0, gt=0)  # from the end of the head
     idle_timeout_s: float = Field(default=60.0, gt=0)  # a keep-alive connection, waiting
+    # The request parser: auto is httptools (llhttp, C) where installed, else h11 (pure
+    # Python, the only one on armv7l); h11 forces the pure-Python one everywhere.
+    http_parser: Literal["auto", "h11"] = "auto"
 
     @model_validator(mode="after")
     def _tcp_needs_token(self) -> ApiSection:

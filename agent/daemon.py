@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from agent import __version__
+from agent import __version__, memory
 from agent.config import AgentConfig
 from agent.durable import check_private, write_atomic
 from agent.errors import AgentError, BundleError, ConfigError
@@ -241,8 +241,11 @@ class Agent:
     def install(self, source: Path, *, now: datetime | None = None, commit: bool = True,
                 on_step: OnStep | None = None) -> InstallResult:
         """Install a bundle archive or directory while serving (`Installer.install`)."""
-        return self.installer.install(source, now=now or datetime.now(UTC), commit=commit,
-                                      on_step=on_step)
+        try:
+            return self.installer.install(source, now=now or datetime.now(UTC), commit=commit,
+                                          on_step=on_step)
+        finally:
+            memory.release()  # the archive's buffers and the self-test's second session
 
     def commit_pending(self, name: str) -> int:
         """Commit the update of `name` that a health window was watching; its version."""

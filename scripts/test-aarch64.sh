@@ -61,7 +61,7 @@ in_root python3 -m venv /opt/v
 in_root /opt/v/bin/pip install -q "/work/$wheel[tflite,onnx]" pytest hypothesis \
   "tritonclient[http]"
 log "resolved: $(in_root /opt/v/bin/pip list --format=freeze 2>/dev/null |
-  grep -iE '^(ai-edge-litert|onnxruntime|numpy|paho-mqtt|pynacl|psutil|pydantic|zstandard|h11)==' |
+  grep -iE '^(ai-edge-litert|onnxruntime|numpy|paho-mqtt|pynacl|psutil|pydantic|zstandard|h11|httptools)==' |
   tr '\n' ' ')"
 log "$(in_root /opt/v/bin/python -c 'import platform, sys; print(platform.machine(), "Python", sys.version.split()[0])')"
 tests=("${FULL[@]}"); [ "$MODE" = "--smoke" ] && tests=("${SMOKE[@]}")

@@ -21,15 +21,17 @@ from agent.client import call
 X86 = "x86_64-generic"
 
 
-@pytest.fixture
-def agent(tmp_path: Path, releases: dict[str, Path]) -> Iterator[Any]:
+@pytest.fixture(params=["auto", "h11"])
+def agent(request: pytest.FixtureRequest, tmp_path: Path, releases: dict[str, Path]
+          ) -> Iterator[Any]:
+    """The agent with each request parser: httptools (auto, here) and h11 (armv7l's)."""
     token = tmp_path / "api.token"
     token.write_text("s3cret-s3cret-s3cret\n")
     token.chmod(0o600)
     port = free_port()
     a = AgentProcess(write_config(tmp_path, releases["keys"], profile=X86, api={
         "max_connections": 6, "head_timeout_s": 1.0, "body_timeout_s": 1.0,
-        "tcp_port": port, "token_file": str(token)},
+        "tcp_port": port, "token_file": str(token), "http_parser": request.param},
         scheduler={"memory_budget_bytes": 48 << 20})).start()
     a.port = port  # type: ignore[attr-defined]
     assert a.install(releases["onnx1"])[0] == 200

@@ -1,10 +1,11 @@
-"""A small HTTP/1.1 server: asyncio streams for I/O, h11 for the protocol.
+"""A small HTTP/1.1 server: asyncio streams for I/O, a real parser for the protocol.
 
 Why not a framework: on the device every MiB counts and armv7 wheels are not a given.
-aiohttp alone added 20 MiB of RSS at import; h11 is pure Python, about 1 MiB, and it is the
-careful part (parsing, framing, keep-alive, protocol errors), leaving this module only
-routing and limits. Untrusted bytes meet h11, whose one designated error
-(`RemoteProtocolError`) becomes a 400 and a closed connection.
+aiohttp alone added 20 MiB of RSS at import. Parsing is the careful part and is left to a
+parser (`agent.serving.h1`): httptools (llhttp, in C) where its wheel exists, h11 (pure
+Python) elsewhere; this module keeps routing and limits, and writes responses itself.
+Untrusted bytes meet the parser, whose one error (`ProtocolError`) becomes its status
+(400, 431) and a closed connection.
 
 Limits, each answered with a status and a closed connection, never a silent drop:
 
@@ -33,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import h11
+from agent.serving import h1
 
 MAX_HEADER_BYTES = 16 * 1024
 READ_BYTES = 64 * 1024
@@ -53,6 +54,7 @@ class Request:
     admin: bool = False  # arrived on the admin socket
     # A streamed route's body, not read yet (`body` is then empty); None elsewhere.
     stream: BodyStream | None = None
+    keep_alive: bool = True  # the client lets the connection serve another request
 
 
 class BodyStream:
@@ -62,7 +64,7 @@ class BodyStream:
     Past the cap: 413; a stall: 408; a connection closed early or a malformed chunk: 400
     (raised from the iteration as `_HttpError`, answered by the server)."""
 
-    def __init__(self, server: HttpServer, conn: h11.Connection,
+    def __init__(self, server: HttpServer, conn: h1.Parser,
                  reader: asyncio.StreamReader, cap: int) -> None:
         self._server, self._conn, self._reader, self.cap = server, conn, reader, cap
         self.size, self.done = 0, False
@@ -77,14 +79,14 @@ class BodyStream:
             try:
                 part = await self._server._next(self._conn, self._reader, deadline,
                                                 "request body")
-            except h11.RemoteProtocolError as exc:
+            except h1.ProtocolError as exc:
                 raise _HttpError(400, f"malformed body: {exc}") from exc
-            if isinstance(part, h11.Data):
+            if isinstance(part, h1.Body):
                 self.size += len(part.data)
                 if self.size > self.cap:
                     raise _too_large(self.cap)
-                yield bytes(part.data)
-            elif isinstance(part, h11.EndOfMessage):
+                yield part.data
+            elif part is h1.END:
                 self.done = True
             else:
                 raise _HttpError(400, f"connection closed after {self.size} body bytes")
@@ -156,8 +158,11 @@ class HttpServer:
                  max_connections: int = 64, head_timeout_s: float = 10.0,
                  body_timeout_s: float = 30.0, idle_timeout_s: float = 60.0,
                  server_name: str = "edge-agent",
-                 on_response: Callable[[str, str, int, bytes], None] | None = None) -> None:
+                 on_response: Callable[[str, str, int, bytes], None] | None = None,
+                 parser: str = "auto") -> None:
         self.router = router
+        # "auto": httptools where installed, else h11; "h11": always the pure-Python one.
+        self.prefer_c = parser == "auto"
         # Called with (method, path, status, body) for every answer sent, protocol errors
         # too (method and path "-"): the API counts statuses and logs errors there.
         self.on_response = on_response
@@ -189,7 +194,9 @@ class HttpServer:
         assert task is not None
         if len(self._connections) >= self.max_connections:
             self.refused_connections += 1
-            await _raw_error(writer, 503, f"too many connections ({self.max_connections})")
+            await self._send_error(writer, 503,
+                                   f"too many connections ({self.max_connections})",
+                                   count=False)  # counted in refused_connections
             writer.close()
             return
         self._connections.add(task)
@@ -214,15 +221,15 @@ class HttpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      unix: bool, admin: bool = False) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        conn = h1.parser(MAX_HEADER_BYTES, prefer_c=self.prefer_c)
         while True:
             try:
-                request = await self._read_request(conn, reader, unix)
-            except h11.RemoteProtocolError as exc:
-                await self._send_error(conn, writer, exc.error_status_hint, str(exc))
+                request = await self._read_request(conn, reader, writer, unix)
+            except h1.ProtocolError as exc:
+                await self._send_error(writer, exc.status, str(exc))
                 return
             except _HttpError as exc:
-                await self._send_error(conn, writer, exc.status, str(exc))
+                await self._send_error(writer, exc.status, str(exc))
                 return
             if request is None:
                 return
@@ -231,25 +238,25 @@ class HttpServer:
             if self.on_response is not None:
                 self.on_response(request.method, request.path, response.status, response.body)
             unread = request.stream is not None and not request.stream.done
-            if unread or self._draining:  # no second request follows
-                response.headers["connection"] = "close"
-            await self._send(conn, writer, response)
-            if unread or self._draining or conn.our_state is h11.MUST_CLOSE:
+            close = unread or self._draining or not request.keep_alive
+            await self._send(writer, response, close=close,
+                             head_only=request.method == "HEAD")
+            if close:
                 return
             try:
-                conn.start_next_cycle()
-            except h11.LocalProtocolError:
+                conn.next_cycle()
+            except h1.ProtocolError:
                 return
 
-    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                    deadline: float | None = None, what: str = "") -> Any:
-        """The next h11 event. Without a deadline, waiting for the first byte of a request
-        is bounded by the idle timeout, and the rest of its head by the head timeout from
-        that first byte; with one, everything by it (408 once it passes)."""
+    async def _next(self, conn: h1.Parser, reader: asyncio.StreamReader,
+                    deadline: float | None = None, what: str = "") -> h1.Event:
+        """The next parser event. Without a deadline, waiting for the first byte of a
+        request is bounded by the idle timeout, and the rest of its head by the head timeout
+        from that first byte; with one, everything by it (408 once it passes)."""
         loop = asyncio.get_running_loop()
         while True:
             event = conn.next_event()
-            if event is not h11.NEED_DATA:
+            if event is not h1.NEED_DATA:
                 return event
             if deadline is None:
                 limit = self.idle_timeout_s
@@ -258,18 +265,22 @@ class HttpServer:
                 if limit <= 0:
                     raise _HttpError(408, f"{what} not received in time")
             if deadline is None and self._draining:
-                return h11.ConnectionClosed()
+                return h1.CLOSED
             try:
                 data = await self._read(reader, limit, idle=deadline is None)
             except TimeoutError:
                 if deadline is not None:
                     raise _HttpError(408, f"{what} not received in time") from None
-                return h11.ConnectionClosed()
+                return h1.CLOSED
             except ConnectionError:
-                return h11.ConnectionClosed()
-            if deadline is None and data:  # the head has begun: it gets head_timeout_s
+                return h1.CLOSED
+            if not data:
+                conn.eof()
+                event = conn.next_event()
+                return event if event is not h1.NEED_DATA else h1.CLOSED
+            if deadline is None:  # the head has begun: it gets head_timeout_s
                 deadline, what = loop.time() + self.head_timeout_s, "request head"
-            conn.receive_data(data)
+            conn.feed(data)
 
     async def _read(self, reader: asyncio.StreamReader, limit: float, *, idle: bool) -> bytes:
         """Up to READ_BYTES within `limit` seconds; an idle read (waiting for a request's
@@ -285,47 +296,56 @@ class HttpServer:
             if idle:
                 self._idle.discard(reader)
 
-    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader,
-                            unix: bool) -> Request | None:
-        event = await self._next(conn, reader)
-        if not isinstance(event, h11.Request):
-            return None
-        head_bytes = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-        if head_bytes > MAX_HEADER_BYTES:
-            raise _HttpError(431, f"request head of {head_bytes} bytes (at most "
-                          f"{MAX_HEADER_BYTES})")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
+    async def _read_request(self, conn: h1.Parser, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter, unix: bool) -> Request | None:
+        head = await self._next(conn, reader)
+        if not isinstance(head, h1.Head):
+            if head is h1.CLOSED:
+                return None
+            raise _HttpError(400, "a request must start with its head")
+        if head.head_bytes > MAX_HEADER_BYTES:
+            raise _HttpError(431, f"request head of {head.head_bytes} bytes (at most "
+                             f"{MAX_HEADER_BYTES})")
+        headers = head.headers
         if "content-length" in headers and "transfer-encoding" in headers:
             raise _HttpError(400, "Content-Length and Transfer-Encoding together")
         refusal = self.authorize(headers, unix)  # before routing and before the body
         if refusal is not None:
             raise _HttpError(401, refusal)
         length = headers.get("content-length")
-        method, target = event.method.decode("ascii"), event.target.decode("latin-1")
-        path = target.split("?", 1)[0]
+        method, path = head.method, head.target.split("?", 1)[0]
         cap = self.router.streamed(method, path)
+        limit = cap if cap is not None else self.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _too_large(limit)
+        if headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it on uploads
         if cap is not None:
-            if length is not None and length.isdigit() and int(length) > cap:
-                raise _too_large(cap)
-            request = Request(method, path, headers, b"", unix)
+            request = Request(method, path, headers, b"", unix, keep_alive=head.keep_alive)
             request.stream = BodyStream(self, conn, reader, cap)
             return request
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            raise _too_large(self.max_body_bytes)
+        body = await self._read_body(conn, reader)
+        if body is None:
+            return None
+        return Request(method, path, headers, body, unix, keep_alive=head.keep_alive)
+
+    async def _read_body(self, conn: h1.Parser, reader: asyncio.StreamReader
+                         ) -> bytes | None:
+        """The whole body (at most max_body_bytes, within body_timeout_s); None when the
+        peer closed first."""
         deadline = asyncio.get_running_loop().time() + self.body_timeout_s
         chunks, size = [], 0
         while True:
             part = await self._next(conn, reader, deadline, "request body")
-            if isinstance(part, h11.Data):
+            if isinstance(part, h1.Body):
                 size += len(part.data)
                 if size > self.max_body_bytes:
                     raise _too_large(self.max_body_bytes)
-                chunks.append(bytes(part.data))
-            elif isinstance(part, h11.EndOfMessage):
-                break
+                chunks.append(part.data)
+            elif part is h1.END:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
             else:
                 return None
-        return Request(method, path, headers, b"".join(chunks), unix)
 
     async def _dispatch(self, request: Request) -> Response:
         found = self.router.match(request.method, request.path)
@@ -343,41 +363,24 @@ class HttpServer:
             log.exception("http.handler_failed %s %.200s", request.method, request.path)
             return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 
-    async def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                    response: Response) -> None:
-        headers = [(b"content-type", response.content_type.encode()),
-                   (b"content-length", str(len(response.body)).encode()),
-                   (b"server", self.server_header),
-                   *((k.encode(), v.encode()) for k, v in response.headers.items())]
-        data = conn.send(h11.Response(status_code=response.status, headers=headers))
-        data += conn.send(h11.Data(data=response.body)) + conn.send(h11.EndOfMessage())
-        writer.write(data)
+    async def _send(self, writer: asyncio.StreamWriter, response: Response, *,
+                    close: bool, head_only: bool = False) -> None:
+        head = h1.response_head(response.status, response.content_type, len(response.body),
+                                self.server_header, response.headers, close=close)
+        if head_only or not response.body:
+            writer.write(head)
+        elif len(response.body) < 16 * 1024:  # one write, one syscall
+            writer.write(head + response.body)
+        else:  # no copy of a large body
+            writer.writelines((head, response.body))
         with contextlib.suppress(ConnectionError):
             await writer.drain()
 
-    async def _send_error(self, conn: h11.Connection, writer: asyncio.StreamWriter,
-                          status: int, message: str) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
+    async def _send_error(self, writer: asyncio.StreamWriter, status: int,
+                          message: str, *, count: bool = True) -> None:
+        """Answer a request that could not be read (or its head refused), and close."""
         body = json.dumps({"error": message}).encode()
-        if self.on_response is not None:
+        if count and self.on_response is not None:
             self.on_response("-", "-", status, body)
-        try:
-            await self._send(conn, writer, Response(status, body, headers={
-                "connection": "close"}))
-        except h11.LocalProtocolError:  # no complete request head yet: h11 will not answer
-            await _raw_error(writer, status, message)
-
-
-async def _raw_error(writer: asyncio.StreamWriter, status: int, message: str) -> None:
-    """An error response written by hand, for when there is no request to answer."""
-    body = json.dumps({"error": message}).encode()
-    writer.write(f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\ncontent-type: "
-                 f"application/json\r\nconnection: close\r\ncontent-length: {len(body)}"
-                 "\r\n\r\n".encode() + body)
-    with contextlib.suppress(Exception):
-        await writer.drain()
-
-
-_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too "
-            "Large", 503: "Service Unavailable"}
+        with contextlib.suppress(Exception):
+            await self._send(writer, Response(status, body), close=True)

@@ -247,6 +247,11 @@ class Scheduler:
         with self._cv:
             return dict(self._models)
 
+    def resident(self, name: str) -> Resident | None:
+        """One resident model (None: not loaded), without copying the table."""
+        with self._cv:
+            return self._models.get(name)
+
     def _gauges(self) -> None:
         self.metrics.set_family("edge_agent_resident_model_bytes", "model",
                                 {m.name: m.resident_bytes for m in self._models.values()})

@@ -1,0 +1,142 @@
+"""What the agent adds to one inference, measured so that the tools do not hide it.
+
+In one run, on the digits int8 model (TFLite, the raspberry-pi-4 bundle), all over Unix
+sockets with the lean keep-alive client of `bench/lean.py`:
+
+- bare LiteRT `model.run` on one sample (in this process);
+- the null HTTP server (asyncio, a fixed 200): the floor of a Python HTTP round trip;
+- the agent: GET /v2/health/live, then POST infer with a JSON body and with the binary
+  tensor extension.
+
+added = agent - null - bare runtime: the agent's own work per request (parsing,
+validation, admission, scheduling, serialisation). Also the daemon's RSS serving the model.
+
+    .venv/bin/python bench/bench_overhead.py [--requests 5000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_agent import converted
+from fixture_agent import AgentProcess, make_keys, release, write_config
+from lean import LeanClient, null_server, p50_us, p99_us, request_bytes, timed
+
+from agent.serving.runtime import open_model
+
+
+def infer_requests(name: str, input_name: str, x: np.ndarray) -> dict[str, bytes]:
+    """Prebuilt JSON and binary-extension infer requests for one sample."""
+    path = f"/v2/models/{name}/infer"
+    body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
+                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
+    head = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
+                                   "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
+    return {
+        "json": request_bytes("POST", path, body, {"Content-Type": "application/json"}),
+        "binary": request_bytes("POST", path, head + x.tobytes(),
+                                {"Inference-Header-Content-Length": str(len(head))}),
+    }
+
+
+def bare(model_path: Path, runtime: str, x: np.ndarray, n: int) -> list[float]:
+    model = open_model(model_path, runtime)  # type: ignore[arg-type]
+    for _ in range(200):
+        model.run(x)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        model.run(x)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def overhead_rows(agent: AgentProcess, null_sock: Path, model_path: Path, runtime: str,
+                  name: str, input_name: str, x: np.ndarray, n: int, rounds: int
+                  ) -> list[tuple[str, float, float]]:
+    """(label, p50 µs, p99 µs) per path, the median of `rounds` interleaved rounds."""
+    reqs = infer_requests(name, input_name, x)
+    live = request_bytes("GET", "/v2/health/live")
+    cases: dict[str, tuple[Path, bytes | None]] = {
+        f"bare {runtime}": (model_path, None),
+        "null HTTP server": (null_sock, reqs["binary"]),
+        "agent GET /v2/health/live": (agent.socket, live),
+        "agent infer, JSON": (agent.socket, reqs["json"]),
+        "agent infer, binary tensors": (agent.socket, reqs["binary"]),
+    }
+    got: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for label, (where, raw) in cases.items():
+            if raw is None:
+                samples = bare(where, runtime, x, n)
+            else:
+                client = LeanClient(where)
+                samples = timed(client, raw, n)
+                client.close()
+            got[label].append((p50_us(samples), p99_us(samples)))
+    return [(label, float(np.median([p for p, _ in v])), float(np.median([q for _, q in v])))
+            for label, v in got.items()]
+
+
+def print_rows(rows: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Print the table with added = agent - null - bare; returns label -> added p50."""
+    p50 = {label: p for label, p, _ in rows}
+    floor = p50["null HTTP server"]
+    runtime = next(v for k, v in p50.items() if k.startswith("bare"))
+    added: dict[str, float] = {}
+    print(f"   {'path':34} {'p50':>8} {'p99':>8} {'added p50':>10}")
+    for label, p, q in rows:
+        extra = ""
+        if label.startswith("agent infer"):
+            added[label] = p - floor - runtime
+            extra = f"{added[label]:10.0f}"
+        print(f"   {label:34} {p:8.0f} {q:8.0f} {extra}")
+    return added
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ns = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        where = Path(tmp)
+        run = converted(where)
+        keys = make_keys(where / "keys")
+        archive = release(run, where, keys, version=1, profile="raspberry-pi-4")
+        d = where / "agent"
+        d.mkdir()
+        agent = AgentProcess(write_config(d, keys, profile="raspberry-pi-4")).start()
+        try:
+            assert agent.install(archive)[0] == 200
+            x = np.random.default_rng(0).uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
+            print(f"bench_overhead on {psutil.cpu_count()} CPU(s): digits int8 TFLite, "
+                  f"{ns.requests} requests x {ns.rounds} rounds per row (µs; median of "
+                  "rounds)")
+            with null_server(where / "null.sock") as null_sock:
+                rows = overhead_rows(agent, null_sock, run / "model_int8.tflite", "tflite",
+                                     "digits", "serving_default_args_0", x, ns.requests,
+                                     ns.rounds)
+            print_rows(rows)
+            rss = psutil.Process(agent.proc.pid).memory_info().rss / 2**20
+            print(f"\n   agent RSS serving the TFLite model: {rss:.1f} MiB")
+        finally:
+            agent.stop()
+
+
+if __name__ == "__main__":
+    main()

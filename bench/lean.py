@@ -1,0 +1,141 @@
+"""A lean HTTP/1.1 client and a null HTTP server, both on Unix sockets, for measuring what
+the agent adds to a request without the measuring tools' own cost hiding it.
+
+- `LeanClient`: one raw socket with keep-alive; requests are prebuilt bytes; a response is
+  read by its Content-Length. No http.client (whose header parsing and object churn cost
+  about as much as the server under test).
+- the null server (`python bench/lean.py null-server PATH`): asyncio, one Protocol, answers
+  every request with a fixed 200 once its head and Content-Length body are in: the floor of
+  an HTTP round trip through a Python asyncio server on this machine. The agent minus it,
+  minus the bare runtime, is what the agent's own work costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RECV = 1 << 20
+
+
+def request_bytes(method: str, path: str, body: bytes = b"",
+                  headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: agent"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class LeanClient:
+    def __init__(self, path: str | Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.buf = bytearray()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send one prebuilt request, read its whole response: (status, body)."""
+        self.sock.sendall(raw)
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            self._recv()
+        head = bytes(buf[:end]).lower()
+        status = int(head[9:12])
+        at = head.find(b"content-length:")
+        length = int(head[at + 15:head.find(b"\r\n", at) if head.find(b"\r\n", at) > 0
+                          else len(head)]) if at >= 0 else 0
+        need = end + 4 + length
+        while len(buf) < need:
+            self._recv()
+        body = bytes(buf[end + 4:need])
+        del buf[:need]
+        return status, body
+
+    def _recv(self) -> None:
+        chunk = self.sock.recv(RECV)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+
+
+def timed(client: LeanClient, raw: bytes, n: int, warmup: int = 200) -> list[float]:
+    """Seconds per request for n requests after a warm-up; every answer must be 200."""
+    for _ in range(warmup):
+        status, body = client.request(raw)
+        assert status == 200, body[:200]
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        status, _ = client.request(raw)
+        out.append(time.perf_counter() - t)
+    assert status == 200
+    return out
+
+
+def p50_us(samples: list[float]) -> float:
+    return float(np.percentile(np.asarray(samples) * 1e6, 50))
+
+
+def p99_us(samples: list[float]) -> float:
+    return float(np.percentile(np.asarray(samples) * 1e6, 99))
+
+
+class _Null(asyncio.Protocol):
+    ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+              b"\r\n{}")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.buf = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = bytes(self.buf[:end]).lower()
+            at = head.find(b"content-length:")
+            length = 0
+            if at >= 0:
+                stop = head.find(b"\r\n", at)
+                length = int(head[at + 15:stop if stop > 0 else len(head)])
+            if len(self.buf) < end + 4 + length:
+                return
+            del self.buf[:end + 4 + length]
+            self.transport.write(self.ANSWER)
+
+
+async def _serve_null(path: str) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_unix_server(_Null, path=path)
+    async with server:
+        await server.serve_forever()
+
+
+@contextlib.contextmanager
+def null_server(path: Path):  # type: ignore[no-untyped-def]
+    """The null server as a subprocess (like the agent, another process), until exit."""
+    proc = subprocess.Popen([sys.executable, __file__, "null-server", str(path)])
+    try:
+        deadline = time.monotonic() + 10
+        while not path.exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the null server did not start")
+            time.sleep(0.01)
+        yield path
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["null-server"]:
+    asyncio.run(_serve_null(sys.argv[2]))
