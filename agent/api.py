@@ -50,6 +50,7 @@ from agent.serving.oip import (
     predict_response,
 )
 from agent.serving.scheduler import Resident
+from agent.serving.shm import SharedMemory
 from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
 from agent.trust.bundle import read_manifest
 from agent.trust.signatures import HEX64_PATTERN, NAME_PATTERN
@@ -115,6 +116,10 @@ class Api:
         self.agent = agent
         self.token = token
         self._errors = RateLimited(log, interval_s=60.0)
+        api = agent.config.api
+        self.shm = (SharedMemory(max_regions=api.shared_memory_max_regions,
+                                 max_region_bytes=api.shared_memory_max_region_bytes)
+                    if api.shared_memory else None)
         self.router = Router()
         for method, path, handler in (
                 ("GET", "/v2/health/live", self.live),
@@ -134,7 +139,13 @@ class Api:
                 ("GET", "/metrics", self.metrics),
                 ("GET", "/openapi.json", self.openapi),
                 ("POST", "/v1/admin/rollback", self.admin_rollback),
-                ("GET", "/v1/admin/status", self.admin_status)):
+                ("GET", "/v1/admin/status", self.admin_status),
+                ("GET", "/v2/systemsharedmemory/status", self.shm_status),
+                ("GET", "/v2/systemsharedmemory/region/{region}/status", self.shm_status),
+                ("POST", "/v2/systemsharedmemory/region/{region}/register", self.shm_register),
+                ("POST", "/v2/systemsharedmemory/unregister", self.shm_unregister),
+                ("POST", "/v2/systemsharedmemory/region/{region}/unregister",
+                 self.shm_unregister)):
             self.router.add(method, path, handler)
         self.router.add("POST", "/v1/admin/install", self.admin_install,
                         stream_max_bytes=agent.config.api.max_upload_bytes)
@@ -241,8 +252,32 @@ class Api:
         return json_response({"ready": bool(models)}, 200 if models else 503)
 
     async def server_metadata(self, request: Request) -> Response:
+        extensions = ["binary_tensor_data", "model_repository"]
+        if self.shm is not None:
+            extensions.append("system_shared_memory")
         return json_response({"name": "edge-agent", "version": __version__,
-                              "extensions": ["binary_tensor_data", "model_repository"]})
+                              "extensions": extensions})
+
+    # -- system shared memory (Triton's extension; agent.serving.shm) ------------------
+    def _shared_memory(self) -> SharedMemory:
+        if self.shm is None:
+            raise ApiError(400, "shared memory is not enabled on this agent "
+                           "(api.shared_memory)")
+        return self.shm
+
+    async def shm_status(self, request: Request) -> Response:
+        return json_response(self._shared_memory().status(request.params.get("region")))
+
+    async def shm_register(self, request: Request) -> Response:
+        shm = self._shared_memory()
+        shm.register(request.params["region"], self._json_body(request))
+        return json_response({})
+
+    async def shm_unregister(self, request: Request) -> Response:
+        if request.body.strip():
+            raise ApiError(400, "unregister takes an empty body")
+        self._shared_memory().unregister(request.params.get("region"))
+        return json_response({})
 
     async def metadata(self, request: Request) -> Response:
         return json_response(model_metadata((await self._model(request)).manifest))
@@ -262,11 +297,13 @@ class Api:
                        min(max(0, header_length), len(request.body)))
         req = await _off_loop(len(request.body), parse_infer, request.body, entry.manifest,
                               header_length,
-                              lambda shape: self.agent.scheduler.precheck(entry.name, shape))
+                              lambda shape: self.agent.scheduler.precheck(entry.name, shape),
+                              self.shm)
         y = await self._run(entry.name, req.x, req.priority, req.timeout_ms)
         body, head_len = await _off_loop(
             y.nbytes, functools.partial(infer_response, request_id=req.id,
-                                        binary=req.binary_output), entry.manifest, y)
+                                        binary=req.binary_output,
+                                        output_shm=req.output_shm), entry.manifest, y)
         if head_len is None:
             return Response(200, body)
         return Response(200, body, "application/octet-stream",

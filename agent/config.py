@@ -75,6 +75,13 @@ class ApiSection(_Section):
     # The request parser: auto is httptools (llhttp, C) where installed, else h11 (pure
     # Python, the only one on armv7l); h11 forces the pure-Python one everywhere.
     http_parser: Literal["auto", "h11"] = "auto"
+    # Triton's system shared-memory extension: a local process registers a shared-memory
+    # object (/dev/shm) as a region and passes tensors through it. Off by default, as in
+    # Triton (--allow-client-shm): a client can make the agent read and write any object
+    # under /dev/shm that the agent's user may open.
+    shared_memory: bool = False
+    shared_memory_max_regions: int = Field(default=16, ge=1, le=1024)
+    shared_memory_max_region_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
 
     @model_validator(mode="after")
     def _tcp_needs_token(self) -> ApiSection:

@@ -32,7 +32,7 @@ from agent.config import load_config
 from agent.unit import memory_max_bytes
 
 BUDGET = 96 << 20
-EXAMPLES = 60  # per operation; 19 operations
+EXAMPLES = 60  # per operation; 24 operations
 
 
 class _UnixConnection(HTTPConnection):
@@ -80,7 +80,8 @@ def _session(path: Path) -> requests.Session:
 @pytest.fixture
 def agent(tmp_path: Path, releases: dict[str, Path]) -> Iterator[AgentProcess]:
     a = AgentProcess(write_config(tmp_path, releases["keys"], profile="x86_64-generic",
-                                  scheduler={"memory_budget_bytes": BUDGET})).start()
+                                  scheduler={"memory_budget_bytes": BUDGET},
+                                  api={"shared_memory": True})).start()
     assert a.install(releases["onnx1"])[0] == 200
     yield a
     a.stop()
@@ -125,7 +126,7 @@ def test_schemathesis_finds_no_5xx_no_dropped_connection_and_no_undocumented_ans
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_schema_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 19
+    assert len(operations) == 24
     calls = sum(_fuzz(op, sessions[op.path.startswith("/v1/admin/")], checks)
                 for op in operations)
     for session in sessions.values():

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ApiError
+from agent.serving.shm import SharedMemory, ShmRef, shm_ref
 from agent.trust.manifest import Manifest, TensorSpec
 
 F32 = npt.NDArray[np.float32]
@@ -38,6 +39,7 @@ class InferRequest:
     binary_output: bool
     priority: str
     timeout_ms: float | None
+    output_shm: ShmRef | None = None  # write the output into this region, not the body
 
 
 def _json(body: bytes) -> Any:
@@ -87,9 +89,11 @@ def _tensor_from_json(spec: TensorSpec, shape: list[int], datatype: str, data: A
 
 
 def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
-                reserve: Callable[[list[int]], None] | None = None) -> InferRequest:
-    """Parse a v2 infer request (JSON, or JSON + binary tensors after `header_length`).
-    `reserve` sees the declared shape before any tensor is decoded and may refuse it.
+                reserve: Callable[[list[int]], None] | None = None,
+                shm: SharedMemory | None = None) -> InferRequest:
+    """Parse a v2 infer request (JSON, or JSON + binary tensors after `header_length`, or
+    tensors in shared-memory regions of `shm`). `reserve` sees the declared shape before
+    any tensor is decoded and may refuse it.
 
     Raises:
         ApiError: 400 malformed, wrong name/shape/datatype; 413 too many elements.
@@ -116,16 +120,59 @@ def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
     params = inp.get("parameters") or {}
     if not isinstance(params, dict):
         raise ApiError(400, "parameters must be an object")
+    ref = shm_ref(params, shm, f"input {spec.name}")
     if reserve is not None:
         reserve(shape)
-    if "binary_data_size" in params:
+    if ref is not None:
+        if "data" in inp or "binary_data_size" in params:
+            raise ApiError(400, f"input {spec.name}: shared memory, data and "
+                           "binary_data_size exclude one another")
+        x = _tensor_from_shm(spec, shape, datatype, ref)
+    elif "binary_data_size" in params:
         x = _tensor_from_binary(spec, shape, datatype, params["binary_data_size"], binary)
     elif "data" in inp:
         x = _tensor_from_json(spec, shape, datatype, inp["data"])
     else:
         raise ApiError(400, f"input {spec.name}: neither data nor binary_data_size")
     return InferRequest(id=_opt_str(req.get("id")), x=x,
-                        binary_output=_wants_binary(req), **_scheduling(req))
+                        binary_output=_wants_binary(req), output_shm=_output_shm(
+                            req, manifest, shm), **_scheduling(req))
+
+
+def _tensor_from_shm(spec: TensorSpec, shape: list[int], datatype: str, ref: ShmRef) -> F32:
+    """The input read from its region straight into a new array (one copy)."""
+    dtype = np.dtype(DATATYPES[datatype])
+    expected = math.prod(shape) * dtype.itemsize
+    if ref.byte_size != expected:
+        raise ApiError(400, f"input {spec.name}: shared_memory_byte_size must be {expected} "
+                       f"for {datatype} {shape}, not {ref.byte_size}")
+    out = np.empty(shape, dtype=dtype)
+    ref.region.read_into(out, ref.offset, f"input {spec.name}")
+    x = out if dtype == np.float32 else out.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ApiError(400, f"input {spec.name}: values must be finite")
+    return x
+
+
+def _output_shm(req: dict[str, Any], manifest: Manifest,
+                shm: SharedMemory | None) -> ShmRef | None:
+    """The region the requested output goes to, if its parameters name one."""
+    outs = req.get("outputs") or []
+    if not isinstance(outs, list):
+        raise ApiError(400, "outputs must be a list")
+    for o in outs:
+        params = o.get("parameters") if isinstance(o, dict) else None
+        if not isinstance(params, dict):
+            continue
+        name = o.get("name")
+        ref = shm_ref(params, shm, f"output {name}")
+        if ref is None:
+            continue
+        if name != manifest.outputs[0].name:
+            raise ApiError(400, f"unknown output {name!r}; the model's output is "
+                           f"{manifest.outputs[0].name!r}")
+        return ref
+    return None
 
 
 def _tensor_from_binary(spec: TensorSpec, shape: list[int], datatype: str, size: Any,
@@ -174,14 +221,30 @@ def _scheduling(req: dict[str, Any]) -> dict[str, Any]:
 
 
 def infer_response(manifest: Manifest, y: F32, *, request_id: str | None,
-                   binary: bool) -> tuple[bytes, int | None]:
-    """(body, header length for the binary extension or None)."""
+                   binary: bool, output_shm: ShmRef | None = None) -> tuple[bytes, int | None]:
+    """(body, header length for the binary extension or None). With `output_shm` the
+    output goes into that region and the body only says where.
+
+    Raises:
+        ApiError: 400 when the output does not fit its region.
+    """
     out = manifest.outputs[0]
     tensor: dict[str, Any] = {"name": out.name, "datatype": "FP32", "shape": list(y.shape)}
     meta: dict[str, Any] = {"model_name": manifest.name, "model_version": str(manifest.version),
                             "outputs": [tensor]}
     if request_id is not None:
         meta["id"] = request_id
+    if output_shm is not None:
+        data = np.ascontiguousarray(y, dtype="<f4")
+        if data.nbytes > output_shm.byte_size:
+            raise ApiError(400, f"output {out.name}: {data.nbytes} bytes do not fit "
+                           f"shared_memory_byte_size {output_shm.byte_size}")
+        output_shm.region.write(data, output_shm.offset, f"output {out.name}")
+        tensor["parameters"] = {"shared_memory_region": output_shm.region.name,
+                                "shared_memory_byte_size": data.nbytes}
+        if output_shm.offset:
+            tensor["parameters"]["shared_memory_offset"] = output_shm.offset
+        return json.dumps(meta, separators=(",", ":")).encode(), None
     if binary:
         raw = np.ascontiguousarray(y, dtype="<f4").tobytes()
         tensor["parameters"] = {"binary_data_size": len(raw)}

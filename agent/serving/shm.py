@@ -1,0 +1,230 @@
+"""The system shared-memory extension of the Open Inference Protocol, as Triton defines it
+(docs/protocol/extension_shared_memory.md in triton-inference-server/server): a process on
+the same device registers a POSIX shared-memory object (`shm_open` key) as a named region;
+inputs name a region, offset and byte size instead of carrying data, and outputs can be
+written into a region. A 96x96x3 camera frame then crosses no socket.
+
+The client is not trusted with the agent's memory, so nothing is mapped:
+
+- keys name objects directly under /dev/shm (`/name`, the `shm_open` convention); opened
+  with O_NOFOLLOW, and only regular files;
+- every use checks the object's size again and reads with `preadv` straight into the
+  tensor's buffer (one copy) and writes with `pwrite`: a client that shrinks its object
+  afterwards gets a 400, where a mapping would have killed the daemon with SIGBUS;
+- at most `max_regions` regions of at most `max_region_bytes` each; names and keys are
+  bounded and checked before any file is touched;
+- an object the agent can only read serves inputs; writing an output to it is refused.
+
+On a device the camera process and the agent share the object through file permissions:
+create it with the agent's group and mode 0660 (the agent runs as `edge-agent`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ApiError
+
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+KEY = re.compile(r"^/?[A-Za-z0-9_.-]{1,200}$")
+SHM_ROOT = Path("/dev/shm")
+
+
+@dataclass
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    fd: int
+    writable: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "offset": self.offset,
+                "byte_size": self.byte_size}
+
+    def _span(self, offset: int, size: int, what: str) -> int:
+        """The absolute file offset of [offset, offset + size) of this region, checked
+        against the region and against the object's size now."""
+        if offset < 0 or size < 0 or offset + size > self.byte_size:
+            raise ApiError(400, f"{what}: bytes {offset}..{offset + size} are outside region "
+                           f"{self.name!r} ({self.byte_size} bytes)")
+        start = self.offset + offset
+        have = os.fstat(self.fd).st_size
+        if start + size > have:
+            raise ApiError(400, f"{what}: region {self.name!r} ends at byte {have} of its "
+                           f"object now, not {start + size} (was it shrunk?)")
+        return start
+
+    def read_into(self, out: np.ndarray, offset: int, what: str) -> None:
+        """Fill `out` (C-contiguous) from the region at `offset`."""
+        with self.lock:
+            if self.closed:
+                raise ApiError(400, f"{what}: region {self.name!r} was unregistered")
+            start = self._span(offset, out.nbytes, what)
+            got = os.preadv(self.fd, [out.data.cast("B")], start)
+        if got != out.nbytes:
+            raise ApiError(400, f"{what}: read {got} of {out.nbytes} bytes from region "
+                           f"{self.name!r}")
+
+    def write(self, data: np.ndarray, offset: int, what: str) -> None:
+        if not self.writable:
+            raise ApiError(400, f"{what}: region {self.name!r} is read-only to the agent")
+        raw = np.ascontiguousarray(data).data.cast("B")
+        with self.lock:
+            if self.closed:
+                raise ApiError(400, f"{what}: region {self.name!r} was unregistered")
+            start = self._span(offset, len(raw), what)
+            done = os.pwrite(self.fd, raw, start)
+        if done != len(raw):
+            raise ApiError(400, f"{what}: wrote {done} of {len(raw)} bytes to region "
+                           f"{self.name!r}")
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+
+
+class SharedMemory:
+    """The registered regions of one agent."""
+
+    def __init__(self, *, max_regions: int, max_region_bytes: int,
+                 root: Path = SHM_ROOT) -> None:
+        self.max_regions, self.max_region_bytes, self.root = (max_regions, max_region_bytes,
+                                                              root)
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, body: Any) -> None:
+        """Register `name` for {"key", "offset", "byte_size"} (Triton's request body).
+
+        Raises:
+            ApiError: 400 for a bad name, key, offset or size, an object that does not
+                exist, is not a regular file or is smaller than the region, a name taken,
+                or too many regions.
+        """
+        if not NAME.match(name):
+            raise ApiError(400, "region names are 1-128 letters, digits, '_', '.', '-'")
+        if not isinstance(body, dict) or set(body) - {"key", "offset", "byte_size"}:
+            raise ApiError(400, 'register takes {"key": str, "offset": int, "byte_size": '
+                           "int}")
+        key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+        if not isinstance(key, str) or not KEY.match(key) or key.strip("/") in (".", ".."):
+            raise ApiError(400, "key must name a shared-memory object: '/name', 1-200 "
+                           "letters, digits, '_', '.', '-'")
+        for what, v in (("offset", offset), ("byte_size", size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ApiError(400, f"{what} must be a non-negative integer")
+        assert isinstance(offset, int) and isinstance(size, int)
+        if not 0 < size <= self.max_region_bytes:
+            raise ApiError(400, f"byte_size must be 1..{self.max_region_bytes}")
+        with self._lock:
+            if name in self._regions:
+                raise ApiError(400, f"region {name!r} is already registered; unregister it "
+                               "first")
+            if len(self._regions) >= self.max_regions:
+                raise ApiError(400, f"{self.max_regions} regions are registered already")
+            region = self._open(name, key, offset, size)
+            self._regions[name] = region
+
+    def _open(self, name: str, key: str, offset: int, size: int) -> Region:
+        path = self.root / key.lstrip("/")
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        writable = True
+        try:
+            fd = os.open(path, os.O_RDWR | flags)
+        except PermissionError:
+            writable = False
+            try:
+                fd = os.open(path, os.O_RDONLY | flags)
+            except OSError as exc:
+                raise ApiError(400, f"shared-memory object {key!r} cannot be opened: "
+                               f"{exc.strerror}") from exc
+        except OSError as exc:
+            raise ApiError(400, f"shared-memory object {key!r} cannot be opened: "
+                           f"{exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ApiError(400, f"{key!r} is not a shared-memory object")
+            if st.st_size < offset + size:
+                raise ApiError(400, f"shared-memory object {key!r} holds {st.st_size} bytes, "
+                               f"fewer than offset + byte_size = {offset + size}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return Region(name, key, offset, size, fd, writable)
+
+    def unregister(self, name: str | None) -> None:
+        """Unregister one region (400 if unknown) or, with None, all of them."""
+        with self._lock:
+            if name is None:
+                regions, self._regions = list(self._regions.values()), {}
+            else:
+                region = self._regions.pop(name, None)
+                if region is None:
+                    raise ApiError(400, f"no region {name!r} is registered")
+                regions = [region]
+        for r in regions:
+            r.close()
+
+    def status(self, name: str | None) -> list[dict[str, Any]]:
+        with self._lock:
+            if name is None:
+                return [r.status() for r in self._regions.values()]
+            region = self._regions.get(name)
+        if region is None:
+            raise ApiError(400, f"no region {name!r} is registered")
+        return [region.status()]
+
+    def get(self, name: Any, what: str) -> Region:
+        with self._lock:
+            region = self._regions.get(name) if isinstance(name, str) else None
+        if region is None:
+            raise ApiError(400, f"{what}: shared_memory_region {name!r} is not registered")
+        return region
+
+    def close(self) -> None:
+        self.unregister(None)
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """A tensor's place in a region, from its `shared_memory_*` parameters."""
+
+    region: Region
+    offset: int
+    byte_size: int
+
+
+def shm_ref(params: dict[str, Any], shm: SharedMemory | None, what: str) -> ShmRef | None:
+    """The shared-memory reference in a tensor's parameters, or None when it has none.
+
+    Raises:
+        ApiError: 400 when the parameters are incomplete or wrong, or shared memory is off.
+    """
+    if not any(k.startswith("shared_memory_") for k in params):
+        return None
+    if shm is None:
+        raise ApiError(400, f"{what}: shared memory is not enabled on this agent")
+    region, size = params.get("shared_memory_region"), params.get("shared_memory_byte_size")
+    offset = params.get("shared_memory_offset", 0)
+    if region is None or size is None:
+        raise ApiError(400, f"{what}: shared_memory_region and shared_memory_byte_size go "
+                       "together")
+    for name, v in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ApiError(400, f"{what}: {name} must be a non-negative integer")
+    return ShmRef(shm.get(region, what), offset, size)
