@@ -16,12 +16,13 @@ WORK=${EDGE_AARCH64_WORK:-build/aarch64}
 SMOKE=(tests/test_manifest.py tests/test_store.py tests/test_runtime.py
   "tests/test_agent_e2e.py::test_tflite_bundle_served_over_kserve_v2_and_tf_serving"
   "tests/test_agent_e2e.py::test_onnx_over_tcp_needs_the_bearer_token_and_serves_a_standard_client"
-  "tests/test_fleet_mqtt.py::test_a_signed_deploy_is_downloaded_verified_activated_and_committed")
+  "tests/test_fleet_mqtt.py::test_a_signed_deploy_is_downloaded_verified_activated_and_committed"
+  tests/test_h1.py "tests/test_shm.py::test_inputs_and_outputs_pass_through_registered_regions")
 FULL=(tests/test_manifest.py tests/test_trust_attacks.py tests/test_trust_commands.py
   tests/test_store.py tests/test_oip.py tests/test_admission.py tests/test_scheduler.py
   tests/test_agent_e2e.py tests/test_runtime.py tests/test_outbox.py tests/test_detectors.py
   tests/test_fetch.py tests/test_mqtt_link.py tests/test_fleet_mqtt.py tests/test_deploy_flow.py
-  tests/test_install.py tests/test_config.py tests/test_logs.py)
+  tests/test_install.py tests/test_config.py tests/test_logs.py tests/test_h1.py tests/test_shm.py)
 t0=$(date +%s)
 base=$(bash scripts/debian-rootfs.sh arm64)
 [ -d build/test-artifacts ] || .venv/bin/python tests/artifacts.py build/test-artifacts >/dev/null

@@ -59,7 +59,7 @@ DEVICE_TESTS=(tests/test_layering.py tests/test_profiles.py tests/test_manifest.
   tests/test_agent_e2e.py tests/test_systemd.py tests/test_runtime.py tests/test_outbox.py
   tests/test_detectors.py tests/test_fetch.py tests/test_mqtt_link.py tests/test_fleet_mqtt.py
   tests/test_deploy_flow.py tests/test_install.py tests/test_config.py tests/test_cli_pipes.py
-  tests/test_logs.py tests/test_monitoring.py)
+  tests/test_logs.py tests/test_monitoring.py tests/test_h1.py tests/test_shm.py)
 # (the operator's fleet tools are tested in the full environment only)
 for venv in .venv-device .venv-tflite; do
   log "$venv: $("$venv/bin/python" -c 'import numpy, sys; print("Python", sys.version.split()[0], "numpy", numpy.__version__)')"
