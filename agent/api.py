@@ -116,6 +116,7 @@ class Api:
         self.agent = agent
         self.token = token
         self._errors = RateLimited(log, interval_s=60.0)
+        self._http: HttpServer | None = None
         api = agent.config.api
         self.shm = (SharedMemory(max_regions=api.shared_memory_max_regions,
                                  max_region_bytes=api.shared_memory_max_region_bytes)
@@ -152,13 +153,14 @@ class Api:
 
     def server(self) -> HttpServer:
         api = self.agent.config.api
-        return HttpServer(self.router, max_body_bytes=api.max_body_bytes,
-                          middleware=self.guard, authorize=self.authorize,
-                          max_connections=api.max_connections,
-                          head_timeout_s=api.head_timeout_s,
-                          body_timeout_s=api.body_timeout_s,
-                          idle_timeout_s=api.idle_timeout_s, on_response=self.answered,
-                          parser=api.http_parser)
+        self._http = HttpServer(self.router, max_body_bytes=api.max_body_bytes,
+                                middleware=self.guard, authorize=self.authorize,
+                                max_connections=api.max_connections,
+                                head_timeout_s=api.head_timeout_s,
+                                body_timeout_s=api.body_timeout_s,
+                                idle_timeout_s=api.idle_timeout_s,
+                                on_response=self.answered, parser=api.http_parser)
+        return self._http
 
     def metrics_server(self) -> HttpServer:
         """The metrics listener (`api.metrics_port`): /metrics and health, no token, no
@@ -237,8 +239,11 @@ class Api:
 
     async def _run(self, name: str, x: Any, priority: str, timeout_ms: float | None) -> Any:
         timeout = (timeout_ms or self.agent.config.scheduler.default_deadline_ms) / 1000
+        # Inline only for a lone client: with other connections open, running the model on
+        # the event loop would keep their requests unread (no batching, no overlap).
+        lone = self._http is None or self._http.open_connections <= 1
         fut = self.agent.scheduler.submit(name, x, priority=PRIORITY[priority],
-                                          timeout_s=timeout)
+                                          timeout_s=timeout, inline=lone)
         if fut.done():  # ran inline: no need for the loop's thread-safe wake-up
             return fut.result()
         return await asyncio.wrap_future(fut)

@@ -34,6 +34,7 @@ from agent.serving.admission import Budget, Thermal, ThermalLimits
 from agent.serving.metrics import Metrics, build_info, process_samples
 from agent.serving.runtime import (
     LoadedModel,
+    import_runtime,
     load_tflite_delegates,
     open_model,
     with_preprocessing,
@@ -152,7 +153,9 @@ class Agent:
     # -- loading -------------------------------------------------------------------------
     def load(self, bundle_dir: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
         """Load a model in a new session (`ModelHost`), behind the manifest's preprocessing;
-        returns it and the resident bytes it added."""
+        returns it and the resident bytes it added (the process's RSS growth, the runtime's
+        library imported before it is measured; at least the model file's size)."""
+        import_runtime(manifest.runtime)
         rss = psutil.Process().memory_info().rss
         source = model_source(bundle_dir, manifest, device_key=self.device_key)
         model = open_model(source, manifest.runtime, threads=self.threads_for(manifest),

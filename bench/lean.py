@@ -4,6 +4,9 @@ the agent adds to a request without the measuring tools' own cost hiding it.
 - `LeanClient`: one raw socket with keep-alive; requests are prebuilt bytes; a response is
   read by its Content-Length. No http.client (whose header parsing and object churn cost
   about as much as the server under test).
+- `load`: N keep-alive connections driven from one thread with `selectors` (a request
+  out on each, the next as soon as its answer is in): concurrency N for the server under
+  test at a fraction of a core, where N client threads would fight it for the CPU;
 - the null server (`python bench/lean.py null-server PATH`): asyncio, one Protocol, answers
   every request with a fixed 200 once its head and Content-Length body are in: the floor of
   an HTTP round trip through a Python asyncio server on this machine. The agent minus it,
@@ -65,6 +68,57 @@ class LeanClient:
         if not chunk:
             raise ConnectionError("server closed the connection")
         self.buf += chunk
+
+
+def load(path: str | Path, raw: bytes, *, clients: int, seconds: float) -> tuple[float, int]:
+    """Closed-loop load at concurrency `clients` for `seconds`: (answers per second,
+    answers that were not 200)."""
+    import selectors  # noqa: PLC0415  # only the load generator needs it
+
+    sel = selectors.DefaultSelector()
+    conns = [LeanClient(path) for _ in range(clients)]
+    for c in conns:
+        c.sock.setblocking(False)
+        c.sock.sendall(raw)
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    done = bad = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while time.perf_counter() < deadline:
+        for key, _ in sel.select(timeout=0.5):
+            c = key.data
+            chunk = c.sock.recv(RECV)
+            if not chunk:
+                raise ConnectionError("server closed a connection under load")
+            c.buf += chunk
+            while (status := _complete(c.buf)) is not None:
+                done += 1
+                bad += status != 200
+                c.sock.setblocking(True)  # a request is small: send it whole
+                c.sock.sendall(raw)
+                c.sock.setblocking(False)
+    took = time.perf_counter() - t0
+    for c in conns:
+        sel.unregister(c.sock)
+        c.close()
+    return done / took, bad
+
+
+def _complete(buf: bytearray) -> int | None:
+    """The status of the first whole response in `buf` (removed from it), or None."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buf[:end]).lower()
+    at = head.find(b"content-length:")
+    length = 0
+    if at >= 0:
+        stop = head.find(b"\r\n", at)
+        length = int(head[at + 15:stop if stop > 0 else len(head)])
+    if len(buf) < end + 4 + length:
+        return None
+    del buf[:end + 4 + length]
+    return int(head[9:12])
 
 
 def timed(client: LeanClient, raw: bytes, n: int, warmup: int = 200) -> list[float]:

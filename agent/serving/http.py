@@ -180,6 +180,11 @@ class HttpServer:
         self._idle: set[asyncio.StreamReader] = set()
         self._draining = False
 
+    @property
+    def open_connections(self) -> int:
+        """Connections being served now (every listener of this server)."""
+        return len(self._connections)
+
     async def start_unix(self, path: str, *, admin: bool = False) -> asyncio.AbstractServer:
         return await asyncio.start_unix_server(
             lambda r, w: self._track(r, w, unix=True, admin=admin), path=path)

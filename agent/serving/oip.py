@@ -100,8 +100,9 @@ def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
     """
     if header_length is not None and not 0 < header_length <= len(body):
         raise ApiError(400, "Inference-Header-Content-Length is outside the body")
-    head, binary = (body, b"") if header_length is None else (body[:header_length],
-                                                              body[header_length:])
+    # The binary part is a view of the body: no copy of the tensor bytes before decoding.
+    head, binary = ((body, memoryview(b"")) if header_length is None else
+                    (body[:header_length], memoryview(body)[header_length:]))
     req = _json(head)
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ApiError(400, "request must be an object with an 'inputs' list")
@@ -176,13 +177,14 @@ def _output_shm(req: dict[str, Any], manifest: Manifest,
 
 
 def _tensor_from_binary(spec: TensorSpec, shape: list[int], datatype: str, size: Any,
-                        binary: bytes) -> F32:
+                        binary: memoryview) -> F32:
     dtype = np.dtype(DATATYPES[datatype])
     expected = math.prod(shape) * dtype.itemsize
     if not isinstance(size, int) or size != expected or len(binary) != expected:
         raise ApiError(400, f"input {spec.name}: binary_data_size must be {expected} bytes "
                        f"and match the binary part ({len(binary)} bytes)")
-    out = np.frombuffer(binary, dtype=dtype).reshape(shape).astype(np.float32)
+    # FP32 stays a read-only view of the request's bytes (no copy); other types convert.
+    out = np.frombuffer(binary, dtype=dtype).reshape(shape).astype(np.float32, copy=False)
     if not np.isfinite(out).all():
         raise ApiError(400, f"input {spec.name}: values must be finite")
     return out

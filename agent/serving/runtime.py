@@ -67,14 +67,18 @@ def _label(source: Path | bytes) -> str:
     return source.name if isinstance(source, Path) else f"model ({len(source)} bytes in memory)"
 
 
-def open_onnx(source: Path | bytes, *, threads: int = 1,
-              providers: list[str] | None = None) -> OnnxModel:
+def _onnxruntime() -> Any:
     try:
         import onnxruntime as ort  # noqa: PLC0415  # heavy or optional: loaded only when used
     except ImportError as exc:
         raise RuntimeLoadError("no ONNX Runtime here: install it (pip install "
                                "'edgekeeper[onnx]') or ship this model for TFLite") from exc
+    return ort
 
+
+def open_onnx(source: Path | bytes, *, threads: int = 1,
+              providers: list[str] | None = None) -> OnnxModel:
+    ort = _onnxruntime()
     if hasattr(ort, "disable_telemetry_events"):  # no usage telemetry from the device
         ort.disable_telemetry_events()
     opts = ort.SessionOptions()
@@ -102,6 +106,19 @@ def _tflite_module() -> Any:
             raise RuntimeLoadError("no TFLite runtime: install ai-edge-litert "
                                    "(pip install 'edgekeeper[tflite]') or tflite-runtime") from exc
     return mod
+
+
+def import_runtime(runtime: Literal["onnx", "tflite"]) -> None:
+    """Import the runtime's library (once per process), so that measuring what a model
+    adds does not charge the library to the first model loaded (LiteRT: about 9 MiB).
+
+    Raises:
+        RuntimeLoadError: the runtime is not installed.
+    """
+    if runtime == "tflite":
+        _tflite_module()
+    else:
+        _onnxruntime()
 
 
 def tflite_interpreter_class() -> Any:

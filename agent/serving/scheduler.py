@@ -10,10 +10,13 @@ batch dimension), drops jobs whose deadline passed, runs one batch and completes
 
 Fast path: a request for an idle model with an empty queue whose runs take less than
 `inline_max_s` runs at once on the caller's thread, skipping the hand-off to the worker
-(~130 µs of thread wake-ups, more than a small int8 model takes to run). Under load the
-queue is not empty, so requests queue and batch as above. Micro-batches wait for more
-jobs only when there is evidence of concurrency (a non-empty queue or a last batch above
-one), so a lone client never pays `max_wait_s`.
+(~130 µs of thread wake-ups, more than a small int8 model takes to run), unless the caller
+says other requests are coming (`inline=False`: the HTTP server has more than one
+connection open). That matters: run inline, a request holds the event loop, the next one
+is not even read until it is done, the queue never fills and nothing batches or overlaps;
+handed off, the loop parses the next requests while the worker runs, and they batch.
+Micro-batches wait for more jobs only when there is evidence of concurrency (a non-empty
+queue or a last batch above one), so a lone client never pays `max_wait_s`.
 
 Hot swap: `load` replaces a model's entry under the lock. A worker reads the entry once per
 batch, so a batch that started on the old model finishes on it, the next one runs on the
@@ -325,8 +328,9 @@ class Scheduler:
                     arena_in_flight_bytes=self._arena_in_flight)
 
     def submit(self, name: str, x: F32, *, priority: Priority = Priority.NORMAL,
-               timeout_s: float = 1.0) -> Future[F32]:
-        """Queue a batch of inputs for `name`; the future gets its outputs.
+               timeout_s: float = 1.0, inline: bool = True) -> Future[F32]:
+        """Queue a batch of inputs for `name`; the future gets its outputs. `inline`: the
+        fast path may run it on the caller's thread (see the module's docstring).
 
         Raises:
             UnknownModel: no such model resident.
@@ -348,21 +352,21 @@ class Scheduler:
                 self.metrics.inc("edge_agent_refusals_total", reason=verdict.reason)
                 raise Refused(verdict.reason, verdict.status, verdict.detail)
             fut: Future[F32] = Future()
-            if (not q.heap and entry.run_s is not None
+            fast: _Job | None = None
+            if (inline and not q.heap and entry.run_s is not None
                     and entry.run_s * len(x) <= self.inline_max_s
                     and entry.lock.acquire(blocking=False)):
-                inline = _Job(int(priority), req.deadline, next(self._seq), x, arena, fut, now)
+                fast = _Job(int(priority), req.deadline, next(self._seq), x, arena, fut, now)
             else:
-                inline = None
                 heapq.heappush(q.heap, _Job(int(priority), req.deadline, next(self._seq), x,
                                             arena, fut, now))
             self._arena_in_flight += arena
-            if inline is None:
+            if fast is None:
                 self.metrics.set("edge_agent_queue_depth", load.queue_depth + 1)
                 self._cv.notify_all()
                 return fut
         try:  # the fast path, outside the scheduler lock, holding only the model's lock
-            self._run(entry, [inline], locked=True)
+            self._run(entry, [fast], locked=True)
         finally:
             entry.lock.release()
             with self._cv:
