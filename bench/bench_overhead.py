@@ -17,10 +17,8 @@ validation, admission, scheduling, serialisation). Also the daemon's RSS serving
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,37 +29,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_agent import converted
 from fixture_agent import AgentProcess, make_keys, release, write_config
-from lean import LeanClient, null_server, p50_us, p99_us, request_bytes, timed
-
-from agent.serving.runtime import open_model
+from lean import (
+    LeanClient,
+    bare_times,
+    infer_binary,
+    infer_json,
+    null_server,
+    p50_us,
+    p99_us,
+    request_bytes,
+    timed,
+)
 
 
 def infer_requests(name: str, input_name: str, x: np.ndarray) -> dict[str, bytes]:
     """Prebuilt JSON and binary-extension infer requests for one sample."""
-    path = f"/v2/models/{name}/infer"
-    body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
-                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
-    head = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
-                                   "datatype": "FP32",
-                                   "parameters": {"binary_data_size": x.nbytes}}],
-                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
-    return {
-        "json": request_bytes("POST", path, body, {"Content-Type": "application/json"}),
-        "binary": request_bytes("POST", path, head + x.tobytes(),
-                                {"Inference-Header-Content-Length": str(len(head))}),
-    }
-
-
-def bare(model_path: Path, runtime: str, x: np.ndarray, n: int) -> list[float]:
-    model = open_model(model_path, runtime)  # type: ignore[arg-type]
-    for _ in range(200):
-        model.run(x)
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        model.run(x)
-        out.append(time.perf_counter() - t)
-    return out
+    return {"json": infer_json(name, input_name, x),
+            "binary": infer_binary(name, input_name, x)}
 
 
 def overhead_rows(agent: AgentProcess, null_sock: Path, model_path: Path, runtime: str,
@@ -81,7 +65,7 @@ def overhead_rows(agent: AgentProcess, null_sock: Path, model_path: Path, runtim
     for _ in range(rounds):
         for label, (where, raw) in cases.items():
             if raw is None:
-                samples = bare(where, runtime, x, n)
+                samples = bare_times(where, runtime, x, n)
             else:
                 client = LeanClient(where)
                 samples = timed(client, raw, n)

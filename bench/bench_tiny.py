@@ -50,7 +50,17 @@ from bench_fleet import certify, rollout_run, sim_settings
 from bench_fleet import releases as fleet_releases
 from fixture_agent import AgentProcess, make_keys, onnx_release, write_config
 from fixture_mqtt import SecureBroker
-from lean import LeanClient, load, null_server, p50_us, request_bytes, timed
+from lean import (
+    LeanClient,
+    bare_times,
+    infer_binary,
+    infer_json,
+    load,
+    null_server,
+    p50_us,
+    request_bytes,
+    timed,
+)
 
 from agent.serving.runtime import open_model
 from agent.serving.scheduler import planned_bytes
@@ -182,33 +192,8 @@ def sample(case: str, n: int = 1) -> np.ndarray:
         return np.asarray(npz["x"][:n], dtype=np.float32)
 
 
-def binary_request(name: str, input_name: str, x: np.ndarray) -> bytes:
-    head = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
-                                   "datatype": "FP32",
-                                   "parameters": {"binary_data_size": x.nbytes}}],
-                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
-                      ).encode()
-    return request_bytes("POST", f"/v2/models/{name}/infer", head + x.tobytes(),
-                         {"Inference-Header-Content-Length": str(len(head))})
-
-
-def json_request(name: str, input_name: str, x: np.ndarray) -> bytes:
-    body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
-                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
-    return request_bytes("POST", f"/v2/models/{name}/infer", body,
-                         {"Content-Type": "application/json"})
-
-
 def bare_us(path: Path, runtime: str, x: np.ndarray, n: int) -> float:
-    model = open_model(path, runtime)  # type: ignore[arg-type]
-    for _ in range(20):
-        model.run(x)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        model.run(x)
-        times.append(time.perf_counter() - t)
-    return p50_us(times)
+    return p50_us(bare_times(path, runtime, x, n, warmup=20))
 
 
 def agent_us(sock: Path, raw: bytes, n: int) -> float:
@@ -239,7 +224,7 @@ def table_latency(cases: list[str], where: Path, keys: Path, null: Path, n: int)
             m = read_manifest(pi4 / "bundle")
             x = sample(case)
             bare = bare_us(pi4 / "model_int8.tflite", "tflite", x, n)
-            through = agent_us(agent.socket, binary_request(m.name, m.inputs[0].name, x), n)
+            through = agent_us(agent.socket, infer_binary(m.name, m.inputs[0].name, x), n)
             assert agent.proc is not None
             rss = psutil.Process(agent.proc.pid).memory_info().rss / 2**20
         finally:
@@ -277,7 +262,7 @@ def table_batching(cases: list[str], where: Path, keys: Path, seconds: float) ->
             try:
                 assert agent.install(archive)[0] == 200
                 rate, failed = load(agent.socket,
-                                    binary_request(m.name, m.inputs[0].name, x),
+                                    infer_binary(m.name, m.inputs[0].name, x),
                                     clients=8, seconds=seconds)
                 assert failed == 0, f"{failed} refused"
                 rates.append(rate)
@@ -362,8 +347,8 @@ def table_transport(cases: list[str], where: Path, keys: Path, null: Path, n: in
             bare = bare_us(model_file, "tflite" if profile != "x86_64-generic" else "onnx",
                            x, n)
             got = {kind: agent_us(agent.socket, raw, n) - null_us - bare for kind, raw in (
-                ("json", json_request(name, input_name, x)),
-                ("binary", binary_request(name, input_name, x)),
+                ("json", infer_json(name, input_name, x)),
+                ("binary", infer_binary(name, input_name, x)),
                 ("shm", shm_request(name, input_name, x, "frame")))}
             say(f"   {label:36} {x.nbytes:8,} {bare:6.0f} | {got['json']:7.0f} "
                 f"{got['binary']:7.0f} {got['shm']:7.0f} | {got['shm'] / got['binary']:9.2f}x")
@@ -411,7 +396,7 @@ def section_budget(cases: list[str], where: Path, keys: Path) -> None:
                 f" {resident_kib(agent)}")
         x = np.repeat(sample(second.removeprefix("tiny-")), 100, axis=0)
         client = LeanClient(agent.socket)
-        status, body = client.request(binary_request(second, manifests[second].inputs[0].name,
+        status, body = client.request(infer_binary(second, manifests[second].inputs[0].name,
                                                      x))
         client.close()
         say(f"   a batch of {len(x)} to {second} ({x.nbytes / 2**20:.0f} MiB of input) -> "

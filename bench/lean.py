@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -68,6 +69,41 @@ class LeanClient:
         if not chunk:
             raise ConnectionError("server closed the connection")
         self.buf += chunk
+
+
+def infer_binary(name: str, input_name: str, x: np.ndarray) -> bytes:
+    """A v2 infer request carrying `x` in the binary tensor extension, output binary too."""
+    head = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
+                                   "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+                      ).encode()
+    return request_bytes("POST", f"/v2/models/{name}/infer", head + x.tobytes(),
+                         {"Inference-Header-Content-Length": str(len(head))})
+
+
+def infer_json(name: str, input_name: str, x: np.ndarray) -> bytes:
+    """A v2 infer request carrying `x` as JSON numbers."""
+    body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
+                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
+    return request_bytes("POST", f"/v2/models/{name}/infer", body,
+                         {"Content-Type": "application/json"})
+
+
+def bare_times(path: Path, runtime: str, x: np.ndarray, n: int, warmup: int = 200
+               ) -> list[float]:
+    """Seconds per `model.run(x)` of the bare runtime in this process, after a warm-up."""
+    from agent.serving.runtime import open_model  # noqa: PLC0415  # the bench's runtime
+
+    model = open_model(path, runtime)  # type: ignore[arg-type]
+    for _ in range(warmup):
+        model.run(x)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        model.run(x)
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def load(path: str | Path, raw: bytes, *, clients: int, seconds: float) -> tuple[float, int]:

@@ -116,7 +116,8 @@ def _stage_model(ctx: Context) -> None:
         src = Path(m.onnx)
         try:
             loaded = open_onnx(src)
-            out = np.concatenate([loaded.run(x[i:i + 256]) for i in range(0, len(x), 256)])
+            step = 1 if loaded.inputs[0].shape[0] == 1 else 256  # a fixed batch of one
+            out = np.concatenate([loaded.run(x[i:i + step]) for i in range(0, len(x), step)])
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise TeacherError(f"model {src} does not run on the data's samples "
                                f"{ctx.data.sample_shape}: {str(exc).splitlines()[0][:200]}"

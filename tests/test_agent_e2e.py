@@ -591,3 +591,44 @@ def test_the_readme_inference_example_runs_as_written(
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["model_name"] == "digits" and out["outputs"][0]["shape"] == [1, 10], out
+
+
+def _metric(agent: AgentProcess, family: str) -> float:
+    """The digits model's sample of a counter family (0 before its first increment)."""
+    line = next((ln for ln in agent.call("GET", "/metrics")[1].splitlines()
+                 if ln.startswith(f'{family}{{model="digits"}}')), None)
+    return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
+
+
+@needs_onnxruntime
+def test_concurrent_clients_are_batched_not_run_one_by_one_on_the_event_loop(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """Eight connections each send a request at once, eight rounds. Run inline, each
+    request would hold the event loop until its answer, the others would not even be read:
+    one batch per request. Handed off (more than one connection is open), the loop reads
+    them while the worker runs, and they batch."""
+    agent = agent_factory(X86)
+    installed(agent, releases["onnx1"])
+    body = json.dumps(infer_body(IN_ONNX)).encode()
+    raw = (f"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-type: "
+           f"application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode() + body
+    conns = []
+    for _ in range(8):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(agent.socket))
+        conns.append(s)
+    before = _metric(agent, "edge_agent_batches_total")
+    for _ in range(8):
+        for s in conns:
+            s.sendall(raw)
+        for s in conns:
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+                    data.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+                data += s.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    for s in conns:
+        s.close()
+    batches = _metric(agent, "edge_agent_batches_total") - before
+    assert batches <= 0.75 * 64, f"{batches:.0f} batches for 64 requests"

@@ -10,7 +10,7 @@ Two parsers, the same events:
 A connection's parser takes bytes (`feed`) and gives events (`next_event`): `Head` (method,
 target, lower-cased headers, whether the connection stays open after this request),
 `Body` chunks, `END` for a complete request, `NEED_DATA`. Malformed input raises
-`ProtocolError` with the status to answer. A request head is bounded while it arrives: past
+`agent.errors.ApiError` with the status to answer. A request head is bounded while it arrives: past
 `max_head_bytes` (plus one read) it is refused with 431 before it is complete, so a header
 that never ends cannot grow without bound in either parser.
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
+
+from agent.errors import ApiError
 
 try:  # the C parser where a wheel exists
     import httptools
@@ -56,14 +58,6 @@ END: Final = _Marker("END")  # the request is complete
 NEED_DATA: Final = _Marker("NEED_DATA")
 CLOSED: Final = _Marker("CLOSED")  # the peer closed, or the server stops waiting
 Event = Head | Body | _Marker
-
-
-class ProtocolError(Exception):
-    """Malformed or refused input; `status` is the answer (400, 431, ...)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _join(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -118,11 +112,11 @@ class _Httptools:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            raise ProtocolError(400, "protocol upgrades are not supported") from exc
+            raise ApiError(400, "protocol upgrades are not supported") from exc
         except httptools.HttpParserError as exc:
-            raise ProtocolError(400, f"malformed request: {exc}") from exc
+            raise ApiError(400, f"malformed request: {exc}") from exc
         if self._in_head and not self._events and self._head_raw > self.max_head_bytes:
-            raise ProtocolError(431, f"request head over {self.max_head_bytes} bytes")
+            raise ApiError(431, f"request head over {self.max_head_bytes} bytes")
 
     def eof(self) -> None:
         """The peer closed its side; nothing more will come."""
@@ -150,7 +144,7 @@ class _H11:
         try:
             self._conn.receive_data(data)
         except h11.RemoteProtocolError as exc:
-            raise ProtocolError(exc.error_status_hint, str(exc)) from exc
+            raise ApiError(exc.error_status_hint, str(exc)) from exc
 
     def eof(self) -> None:
         self.feed(b"")
@@ -160,7 +154,7 @@ class _H11:
         try:
             event: Any = self._conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise ProtocolError(exc.error_status_hint, str(exc)) from exc
+            raise ApiError(exc.error_status_hint, str(exc)) from exc
         if event is h11.NEED_DATA or event is h11.PAUSED:
             return NEED_DATA
         if isinstance(event, h11.Request):
@@ -176,7 +170,7 @@ class _H11:
             # h11 wants its own response sent before the next cycle: it is not, so play
             # one to it (the bytes go nowhere; the server writes its own).
             return END
-        raise ProtocolError(400, "connection closed mid-request")
+        raise ApiError(400, "connection closed mid-request")
 
     def next_cycle(self) -> None:
         h11, conn = self._h11, self._conn
@@ -187,7 +181,7 @@ class _H11:
         try:
             conn.start_next_cycle()
         except h11.LocalProtocolError as exc:  # the request said close: none follows
-            raise ProtocolError(400, "no further request on this connection") from exc
+            raise ApiError(400, "no further request on this connection") from exc
 
 
 Parser = _Httptools | _H11

@@ -4,7 +4,7 @@ Why not a framework: on the device every MiB counts and armv7 wheels are not a g
 aiohttp alone added 20 MiB of RSS at import. Parsing is the careful part and is left to a
 parser (`agent.serving.h1`): httptools (llhttp, in C) where its wheel exists, h11 (pure
 Python) elsewhere; this module keeps routing and limits, and writes responses itself.
-Untrusted bytes meet the parser, whose one error (`ProtocolError`) becomes its status
+Untrusted bytes meet the parser, whose one error (`ApiError`) becomes its status
 (400, 431) and a closed connection.
 
 Limits, each answered with a status and a closed connection, never a silent drop:
@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.errors import ApiError
 from agent.serving import h1
 
 MAX_HEADER_BYTES = 16 * 1024
@@ -79,7 +80,7 @@ class BodyStream:
             try:
                 part = await self._server._next(self._conn, self._reader, deadline,
                                                 "request body")
-            except h1.ProtocolError as exc:
+            except ApiError as exc:
                 raise _HttpError(400, f"malformed body: {exc}") from exc
             if isinstance(part, h1.Body):
                 self.size += len(part.data)
@@ -230,7 +231,7 @@ class HttpServer:
         while True:
             try:
                 request = await self._read_request(conn, reader, writer, unix)
-            except h1.ProtocolError as exc:
+            except ApiError as exc:
                 await self._send_error(writer, exc.status, str(exc))
                 return
             except _HttpError as exc:
@@ -250,7 +251,7 @@ class HttpServer:
                 return
             try:
                 conn.next_cycle()
-            except h1.ProtocolError:
+            except ApiError:
                 return
 
     async def _next(self, conn: h1.Parser, reader: asyncio.StreamReader,
