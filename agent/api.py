@@ -242,8 +242,15 @@ class Api:
         # Inline only for a lone client: with other connections open, running the model on
         # the event loop would keep their requests unread (no batching, no overlap).
         lone = self._http is None or self._http.open_connections <= 1
-        fut = self.agent.scheduler.submit(name, x, priority=PRIORITY[priority],
-                                          timeout_s=timeout, inline=lone)
+        submit = functools.partial(self.agent.scheduler.submit, name, x,
+                                   priority=PRIORITY[priority], timeout_s=timeout, inline=lone)
+        try:
+            fut = submit()
+        except UnknownModel:  # unloaded to make room since `_model` found it: load, retry
+            loop = asyncio.get_running_loop()
+            if not await loop.run_in_executor(None, self.agent.ensure_loaded, name):
+                raise
+            fut = submit()
         if fut.done():  # ran inline: no need for the loop's thread-safe wake-up
             return fut.result()
         return await asyncio.wrap_future(fut)

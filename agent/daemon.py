@@ -102,6 +102,11 @@ class Agent:
             sensor_interval_s=thermal.poll_s,
             on_unknown=Thermal[thermal.on_unknown.upper()])
         self._load_lock = threading.Lock()
+        # The largest RSS growth each model (name, version) has shown at a load. A reload
+        # reuses memory the process freed at the unload and grows less: the first load
+        # is the honest figure (LiteRT's XNNPACK, for one, keeps its own packed copy of
+        # the weights), so later loads are charged at least that.
+        self._measured: dict[tuple[str, int], int] = {}
         self._loaded_delegates: list[Any] | None = None
         self.installer: Installer[tuple[LoadedModel, int]] = Installer(
             self.store, self, root=lambda: self.root, device=lambda: self.device,
@@ -154,7 +159,8 @@ class Agent:
     def load(self, bundle_dir: Path, manifest: Manifest) -> tuple[LoadedModel, int]:
         """Load a model in a new session (`ModelHost`), behind the manifest's preprocessing;
         returns it and the resident bytes it added (the process's RSS growth, the runtime's
-        library imported before it is measured; at least the model file's size)."""
+        library imported before it is measured; at least the model file's size and the
+        largest growth this model showed before)."""
         import_runtime(manifest.runtime)
         rss = psutil.Process().memory_info().rss
         source = model_source(bundle_dir, manifest, device_key=self.device_key)
@@ -163,7 +169,10 @@ class Agent:
                            delegates=self._delegates(manifest))
         model = with_preprocessing(model, manifest)
         grown = psutil.Process().memory_info().rss - rss
-        return model, max(grown, manifest.resources.model_bytes)
+        key = (manifest.name, manifest.version)
+        self._measured[key] = max(grown, manifest.resources.model_bytes,
+                                  self._measured.get(key, 0))
+        return model, self._measured[key]
 
     def _delegates(self, manifest: Manifest) -> list[Any] | None:
         """The profile's TFLite delegates, loaded once; a missing one is a start note, or an

@@ -10,13 +10,17 @@ sockets with the lean keep-alive client of `bench/lean.py`:
 
 added = agent - null - bare runtime: the agent's own work per request (parsing,
 validation, admission, scheduling, serialisation). Also the daemon's RSS serving the model.
+`--before REV` runs a second agent from the agent package as it was at git revision REV,
+in the same rounds: the table before and after a change, side by side.
 
-    .venv/bin/python bench/bench_overhead.py [--requests 5000] [--rounds 3]
+    .venv/bin/python bench/bench_overhead.py [--requests 5000] [--rounds 3] [--before REV]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +31,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_agent import converted
+from bench_agent import ROOT, converted
 from fixture_agent import AgentProcess, make_keys, release, write_config
 from lean import (
     LeanClient,
@@ -48,19 +52,21 @@ def infer_requests(name: str, input_name: str, x: np.ndarray) -> dict[str, bytes
             "binary": infer_binary(name, input_name, x)}
 
 
-def overhead_rows(agent: AgentProcess, null_sock: Path, model_path: Path, runtime: str,
-                  name: str, input_name: str, x: np.ndarray, n: int, rounds: int
-                  ) -> list[tuple[str, float, float]]:
-    """(label, p50 µs, p99 µs) per path, the median of `rounds` interleaved rounds."""
+def overhead_rows(agents: dict[str, AgentProcess], null_sock: Path, model_path: Path,
+                  runtime: str, name: str, input_name: str, x: np.ndarray, n: int,
+                  rounds: int) -> list[tuple[str, float, float]]:
+    """(label, p50 µs, p99 µs) per path and agent, the median of `rounds` interleaved
+    rounds."""
     reqs = infer_requests(name, input_name, x)
     live = request_bytes("GET", "/v2/health/live")
     cases: dict[str, tuple[Path, bytes | None]] = {
         f"bare {runtime}": (model_path, None),
         "null HTTP server": (null_sock, reqs["binary"]),
-        "agent GET /v2/health/live": (agent.socket, live),
-        "agent infer, JSON": (agent.socket, reqs["json"]),
-        "agent infer, binary tensors": (agent.socket, reqs["binary"]),
     }
+    for tag, agent in agents.items():
+        cases |= {f"{tag}agent GET /v2/health/live": (agent.socket, live),
+                  f"{tag}agent infer, JSON": (agent.socket, reqs["json"]),
+                  f"{tag}agent infer, binary tensors": (agent.socket, reqs["binary"])}
     got: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     for _ in range(rounds):
         for label, (where, raw) in cases.items():
@@ -81,14 +87,23 @@ def print_rows(rows: list[tuple[str, float, float]]) -> dict[str, float]:
     floor = p50["null HTTP server"]
     runtime = next(v for k, v in p50.items() if k.startswith("bare"))
     added: dict[str, float] = {}
-    print(f"   {'path':34} {'p50':>8} {'p99':>8} {'added p50':>10}")
+    print(f"   {'path':44} {'p50':>8} {'p99':>8} {'added p50':>10}")
     for label, p, q in rows:
         extra = ""
-        if label.startswith("agent infer"):
+        if "agent infer" in label:
             added[label] = p - floor - runtime
             extra = f"{added[label]:10.0f}"
-        print(f"   {label:34} {p:8.0f} {q:8.0f} {extra}")
+        print(f"   {label:44} {p:8.0f} {q:8.0f} {extra}")
     return added
+
+
+def old_agent_tree(rev: str, where: Path) -> Path:
+    """The agent package as it was at `rev`, extracted from git into `where`."""
+    where.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "agent"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
 
 
 def main() -> None:
@@ -96,30 +111,43 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--before", metavar="REV",
+                    help="also run the agent as it was at this git revision, side by side")
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         where = Path(tmp)
         run = converted(where)
         keys = make_keys(where / "keys")
         archive = release(run, where, keys, version=1, profile="raspberry-pi-4")
-        d = where / "agent"
-        d.mkdir()
-        agent = AgentProcess(write_config(d, keys, profile="raspberry-pi-4")).start()
+        agents: dict[str, AgentProcess] = {}
+        trees = {"": None}
+        if ns.before:
+            trees[f"before ({ns.before[:7]}): "] = old_agent_tree(ns.before, where / "old")
         try:
-            assert agent.install(archive)[0] == 200
+            for tag, tree in trees.items():
+                d = where / f"agent{len(agents)}"
+                d.mkdir()
+                env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
+                agent = AgentProcess(write_config(d, keys, profile="raspberry-pi-4"),
+                                     env=env).start()
+                agents[tag] = agent
+                assert agent.install(archive)[0] == 200
             x = np.random.default_rng(0).uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
             print(f"bench_overhead on {psutil.cpu_count()} CPU(s): digits int8 TFLite, "
                   f"{ns.requests} requests x {ns.rounds} rounds per row (µs; median of "
                   "rounds)")
             with null_server(where / "null.sock") as null_sock:
-                rows = overhead_rows(agent, null_sock, run / "model_int8.tflite", "tflite",
+                rows = overhead_rows(agents, null_sock, run / "model_int8.tflite", "tflite",
                                      "digits", "serving_default_args_0", x, ns.requests,
                                      ns.rounds)
             print_rows(rows)
-            rss = psutil.Process(agent.proc.pid).memory_info().rss / 2**20
-            print(f"\n   agent RSS serving the TFLite model: {rss:.1f} MiB")
+            for tag, agent in agents.items():
+                assert agent.proc is not None
+                rss = psutil.Process(agent.proc.pid).memory_info().rss / 2**20
+                print(f"\n   {tag}agent RSS serving the TFLite model: {rss:.1f} MiB")
         finally:
-            agent.stop()
+            for agent in agents.values():
+                agent.stop()
 
 
 if __name__ == "__main__":

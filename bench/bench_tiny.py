@@ -368,16 +368,29 @@ def section_budget(cases: list[str], where: Path, keys: Path) -> None:
     outs = {c: converted(c, "raspberry-pi-4")[0] for c in cases}
     manifests = {f"tiny-{c}": read_manifest(out / "bundle") for c, out in outs.items()
                  if out is not None}
-    weights = {n: m.resources.model_bytes for n, m in manifests.items()}
-    order = sorted(weights, key=lambda n: weights[n], reverse=True)
+    probe_dir = where / "budget-probe"
+    probe_dir.mkdir()
+    probe = AgentProcess(write_config(probe_dir, keys, profile="raspberry-pi-4")).start()
+    try:  # each model's resident bytes as the agent measures them at a first load
+        for c, out in outs.items():
+            assert out is not None
+            assert probe.install(release(out, keys, where, f"{c}-probe"))[0] == 200
+        resident = {ln.split(chr(34))[1]: int(float(ln.rsplit(" ", 1)[1]))
+                    for ln in probe.call("GET", "/metrics")[1].splitlines()
+                    if ln.startswith("edge_agent_resident_model_bytes{")}
+    finally:
+        probe.stop()
+    order = sorted(resident, key=lambda n: resident[n], reverse=True)
     big, second, small = order[0], order[1], order[-1]
     request = max(planned_bytes(m, [1, *[d or 1 for d in m.inputs[0].shape[1:]]])
                   for m in manifests.values())
-    budget = weights[big] + weights[small] + request + 64 * 1024
-    say(f"   weights: {', '.join(f'{n} {w / 1024:.0f} KiB' for n, w in weights.items())}; "
-        f"largest one-sample request {request / 1024:.0f} KiB; budget {budget / 1024:.0f} KiB "
-        f"({big} + {second} = {(weights[big] + weights[second]) / 1024:.0f} KiB do not fit "
-        "with a request)")
+    budget = resident[big] + resident[small] + request + 64 * 1024
+    say(f"   resident at first load (KiB): "
+        f"{', '.join(f'{n} {b / 1024:.0f}' for n, b in resident.items())} (weights "
+        f"{', '.join(f'{n} {m.resources.model_bytes / 1024:.0f}' for n, m in manifests.items())}"
+        f"); largest one-sample request {request / 1024:.0f} KiB; budget {budget / 1024:.0f} "
+        f"KiB: {big} + {second} = {(resident[big] + resident[second]) / 1024:.0f} KiB do not "
+        "fit with a request")
     d = where / "budget"
     d.mkdir()
     agent = AgentProcess(write_config(d, keys, profile="raspberry-pi-4", scheduler={
@@ -394,13 +407,15 @@ def section_budget(cases: list[str], where: Path, keys: Path) -> None:
                 "data": x.ravel().tolist()}]})
             say(f"   request {name:9} -> {status}; loaded now (KiB, as the agent counts them):"
                 f" {resident_kib(agent)}")
-        x = np.repeat(sample(second.removeprefix("tiny-")), 100, axis=0)
+        m = manifests[big]
+        one = planned_bytes(m, [1, *[d or 1 for d in m.inputs[0].shape[1:]]])
+        x = np.repeat(sample(big.removeprefix("tiny-")), budget // one + 1, axis=0)
         client = LeanClient(agent.socket)
-        status, body = client.request(infer_binary(second, manifests[second].inputs[0].name,
-                                                     x))
+        status, body = client.request(infer_binary(big, m.inputs[0].name, x))
         client.close()
-        say(f"   a batch of {len(x)} to {second} ({x.nbytes / 2**20:.0f} MiB of input) -> "
-            f"{status} {json.loads(body).get('reason', '')}")
+        reason = json.loads(body).get("reason", "") if status != 200 else ""
+        say(f"   a batch of {len(x)} to {big} ({x.nbytes / 1024:.0f} KiB of input, "
+            f"{len(x) * one / 1024:.0f} KiB with outputs and arena) -> {status} {reason}")
         counters = [ln for ln in agent.call("GET", "/metrics")[1].splitlines()
                     if ln.startswith(("edge_agent_model_unloads_total",
                                       "edge_agent_model_reloads_total",

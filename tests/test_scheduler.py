@@ -141,6 +141,35 @@ def test_least_recently_used_model_is_unloaded_to_stay_in_budget(onnx) -> None: 
     s.stop()
 
 
+def test_idle_models_make_room_for_a_request_that_fits_beside_its_own_model(onnx) -> None:  # type: ignore[no-untyped-def]
+    """A big batch for b fits the budget with b alone, not with a resident too: a, idle,
+    is unloaded (it loads again on its next request) and the batch runs. A model busy with
+    a request is never unloaded for another's: then the batch is refused."""
+    model, m = onnx
+    size = 2000
+    batch = request_bytes(m, x(8))
+    s = sched(memory_budget_bytes=2 * size + batch - 1)
+    s.load(Resident("a", m, model, size, batchable=True))
+    s.load(Resident("b", m, model, size, batchable=True))
+    assert set(s.models()) == {"a", "b"}
+    assert s.submit("b", x(8)).result(5).shape == (8, 10)
+    assert set(s.models()) == {"b"}
+    assert s.metrics.counter("edge_agent_model_unloads_total", model="a") == 1
+    gated = Gated(model)
+    s.load(Resident("a", m, gated, size, batchable=True))  # back, and busy
+    s.unload("b")
+    s.load(Resident("b", m, model, size, batchable=True))
+    busy = s.submit("a", x(), timeout_s=10)
+    assert gated.entered.wait(5)
+    with pytest.raises(Refused) as err:
+        s.submit("b", x(8))
+    assert err.value.reason in ("too_large", "memory")
+    assert set(s.models()) == {"a", "b"}
+    gated.gate.set()
+    busy.result(5)
+    s.stop()
+
+
 def test_a_request_is_charged_its_real_bytes_not_a_fixed_arena(onnx) -> None:  # type: ignore[no-untyped-def]
     """A batch of 10,000 samples holds 2.6 MB of input, 400 KB of outputs and, onnxruntime
     running the batch at once, 10,000 samples' activations: charged as such, it cannot

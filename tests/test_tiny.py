@@ -227,3 +227,16 @@ def test_a_non_classifier_task_needs_a_trained_model(tmp_path: Path,
                                                      ) -> None:
     assert convert(["run", "--model-task", "reconstruct", "--out", str(tmp_path / "o")]) == 2
     assert "distillation is for classifiers" in capsys.readouterr().err
+
+
+def test_the_anomaly_auc_is_the_roc_auc_ties_included() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from converter.task import roc_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        score = rng.integers(0, 6, 200).astype(float)  # many ties
+        labels = rng.random(200) < 0.3
+        assert roc_auc(score, labels) == pytest.approx(roc_auc_score(labels, score), abs=1e-12)
+    assert roc_auc(np.ones(5), np.zeros(5, bool)) is None

@@ -46,6 +46,7 @@ from agent.serving.admission import (
     Budget,
     Load,
     Priority,
+    Refusal,
     Request,
     Thermal,
     ThermalLimits,
@@ -318,9 +319,32 @@ class Scheduler:
             req = Request(priority=Priority.NORMAL, deadline=math.inf,
                           arena_bytes=planned_bytes(entry.manifest, shape))
             verdict = memory_verdict(req, self._load(), self.budget, self.reading)
+            if verdict is not None and self._evict_for(entry, req.arena_bytes):
+                verdict = memory_verdict(req, self._load(), self.budget, self.reading)
         if verdict is not None:
             self.metrics.inc("edge_agent_refusals_total", reason=verdict.reason)
             raise Refused(verdict.reason, verdict.status, verdict.detail)
+
+    def _evict_for(self, entry: Resident, arena_bytes: int) -> bool:
+        """Unload idle models other than `entry` (least recently used first; none with
+        queued work or a run in progress) until `arena_bytes` more fit the budget; they
+        load again on their next request. True when one was unloaded. Under the lock."""
+        evicted = False
+        others = sorted((m for m in self._models.values() if m.name != entry.name),
+                        key=lambda m: m.last_used)
+        for victim in others:
+            load = self._load()
+            if (load.resident_bytes + load.arena_in_flight_bytes + arena_bytes
+                    <= self.budget.memory_budget_bytes):
+                break
+            if self._queues[victim.name].heap or victim.lock.locked():
+                continue
+            del self._models[victim.name]
+            self.metrics.inc("edge_agent_model_unloads_total", model=victim.name)
+            evicted = True
+        if evicted:
+            self._gauges()
+        return evicted
 
     def _load(self) -> Load:
         return Load(queue_depth=sum(len(qq.heap) for qq in self._queues.values()),
@@ -348,6 +372,11 @@ class Scheduler:
             load = self._load()
             verdict = admit(req, load=load, budget=self.budget, reading=self.reading,
                             thermal=self.thermal, now=now)
+            if (isinstance(verdict, Refusal) and verdict.reason in ("too_large", "memory")
+                    and self._evict_for(entry, arena)):
+                load = self._load()
+                verdict = admit(req, load=load, budget=self.budget, reading=self.reading,
+                                thermal=self.thermal, now=now)
             if not isinstance(verdict, Admit):
                 self.metrics.inc("edge_agent_refusals_total", reason=verdict.reason)
                 raise Refused(verdict.reason, verdict.status, verdict.detail)
