@@ -98,9 +98,11 @@ def print_rows(rows: list[tuple[str, float, float]]) -> dict[str, float]:
 
 
 def old_agent_tree(rev: str, where: Path) -> Path:
-    """The agent package as it was at `rev`, extracted from git into `where`."""
+    """The agent package (and the profiles it reads) as it was at `rev`, extracted from
+    git into `where`."""
     where.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "agent"], check=True,
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "agent",
+                              "firmware_profiles"], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
     return where
@@ -127,9 +129,11 @@ def main() -> None:
             for tag, tree in trees.items():
                 d = where / f"agent{len(agents)}"
                 d.mkdir()
+                # -P: the working directory (this tree) must not shadow PYTHONPATH's
                 env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
+                command = [sys.executable, "-P", "-m", "agent.cli"] if tree else None
                 agent = AgentProcess(write_config(d, keys, profile="raspberry-pi-4"),
-                                     env=env).start()
+                                     env=env, command=command).start()
                 agents[tag] = agent
                 assert agent.install(archive)[0] == 200
             x = np.random.default_rng(0).uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
@@ -143,6 +147,10 @@ def main() -> None:
             print_rows(rows)
             for tag, agent in agents.items():
                 assert agent.proc is not None
+                where_from = subprocess.run(
+                    [sys.executable, "-P", "-c", "import agent; print(agent.__file__)"],
+                    env=agent.env, capture_output=True, text=True, check=True).stdout.strip()
+                print(f"\n   {tag or 'this tree: '}agent package {where_from}", end="")
                 rss = psutil.Process(agent.proc.pid).memory_info().rss / 2**20
                 print(f"\n   {tag}agent RSS serving the TFLite model: {rss:.1f} MiB")
         finally:

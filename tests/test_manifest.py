@@ -24,6 +24,18 @@ def test_canonical_json_is_sorted_compact_and_round_trips(tmp_path: Path) -> Non
     assert data["schema"] == 1
 
 
+def test_a_classifier_manifest_has_no_field_older_agents_do_not_know(tmp_path: Path) -> None:
+    """`task` and `reference.output.score` came after schema 1 shipped; a classifier's
+    manifest leaves them out (older agents refuse unknown fields) and reads back as a
+    classifier."""
+    raw = canonical_json(read_manifest(make_bundle(tmp_path)))
+    data = json.loads(raw)
+    assert "task" not in data and "score" not in data["reference"]["output"]
+    m = parse_manifest(raw)
+    assert m.task == "classify" and m.reference.output.score is None
+    assert canonical_json(m) == raw
+
+
 def test_an_intact_bundle_checks_out(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path)
     check_files(bundle, read_manifest(bundle))

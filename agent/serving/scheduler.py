@@ -21,7 +21,8 @@ queue or a last batch above one), so a lone client never pays `max_wait_s`.
 Hot swap: `load` replaces a model's entry under the lock. A worker reads the entry once per
 batch, so a batch that started on the old model finishes on it, the next one runs on the
 new model, and no request fails during the swap. Several models stay resident within the
-memory budget; loading past it unloads the least recently used first.
+memory budget; loading past it unloads the least recently used first, and so does a
+request that would fit beside its own model but not beside the idle others.
 """
 
 from __future__ import annotations

@@ -273,8 +273,17 @@ class Manifest(_Wire):
 
 
 def canonical_json(manifest: Manifest) -> bytes:
-    """The exact bytes that signatures cover."""
-    return canonical(manifest.model_dump(mode="json", by_alias=True))
+    """The exact bytes that signatures cover. Fields added to schema 1 after it shipped
+    (`task`, `reference.output.score`) are written only when they say something: a
+    classifier's manifest stays readable by agents that predate them, which refuse unknown
+    fields."""
+    data = manifest.model_dump(mode="json", by_alias=True)
+    if data.get("task") == "classify":
+        del data["task"]
+    output = data["reference"]["output"]
+    if output.get("score") is None:
+        output.pop("score", None)
+    return canonical(data)
 
 
 def parse_manifest(raw: bytes) -> Manifest:
