@@ -71,15 +71,22 @@ def x(n: int = 1) -> F32:
 
 
 def test_concurrent_requests_share_a_micro_batch_and_get_their_own_rows(onnx) -> None:  # type: ignore[no-untyped-def]
+    """The worker is held on a first request; three more arrive meanwhile and run as one
+    batch once it is free (a timing-free version: before, whether the worker woke between
+    submits decided the batches)."""
     model, m = onnx
     s = sched()
-    s.load(Resident("digits", m, model, 1000, batchable=True))
+    gated = Gated(model)
+    s.load(Resident("digits", m, gated, 1000, batchable=True))
     inputs = [x(1) + i for i in range(4)]
-    futs: list[Future[F32]] = [s.submit("digits", xi) for xi in inputs]
+    futs: list[Future[F32]] = [s.submit("digits", inputs[0])]
+    assert gated.entered.wait(5)  # the worker runs the first and holds the model
+    futs += [s.submit("digits", xi) for xi in inputs[1:]]
+    gated.gate.set()
     outs = [f.result(5) for f in futs]
     for xi, yi in zip(inputs, outs, strict=True):
         np.testing.assert_allclose(yi, model.run(xi), atol=1e-5)
-    assert s.metrics.counter("edge_agent_batches_total", model="digits") < 4
+    assert s.metrics.counter("edge_agent_batches_total", model="digits") == 2
     s.stop()
 
 
