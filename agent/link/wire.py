@@ -168,20 +168,32 @@ def dump(payload: BaseModel) -> bytes:
     return payload.model_dump_json(by_alias=True).encode()
 
 
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """The JSON Schema of every topic's payload, keyed by topic suffix."""
-    envelope = {"type": "object", "required": ["signed", "signatures"],
-                "properties": {"signed": COMMAND_ADAPTER.json_schema(),
-                               "signatures": {"type": "array", "items": {
-                                   "type": "object", "properties": {
-                                       "keyid": {"type": "string"},
-                                       "sig": {"type": "string"}}}}}}
-    return {
+    """The JSON Schema (draft 2020-12, declared in `$schema`) of every topic's payload,
+    keyed by topic suffix. Every `$ref` points into its own document: the command's
+    definitions sit at the envelope's root, where its references look for them."""
+    command = COMMAND_ADAPTER.json_schema()
+    defs = command.pop("$defs", {})
+    envelope: dict[str, Any] = {
+        "type": "object", "required": ["signed", "signatures"],
+        "properties": {"signed": command,
+                       "signatures": {"type": "array", "items": {
+                           "type": "object", "properties": {
+                               "keyid": {"type": "string"},
+                               "sig": {"type": "string"}}}}}}
+    if defs:
+        envelope["$defs"] = defs
+    schemas = {
         "state": StatePayload.model_json_schema(by_alias=True),
         "telemetry": Telemetry.model_json_schema(by_alias=True),
         "event": Event.model_json_schema(by_alias=True),
         "cmd": envelope,
         "cmd/result": CommandResult.model_json_schema(by_alias=True),
     }
+    return {topic: {"$schema": JSON_SCHEMA_DIALECT, **schema}
+            for topic, schema in schemas.items()}
 
 
