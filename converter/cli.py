@@ -148,7 +148,7 @@ def _dispatch(ns: argparse.Namespace, *, verbose: bool) -> int:
         return 0
     recipe = load_recipe(ns.recipe, _overrides(ns))
     if ns.command == "run":
-        out = pipeline.run(recipe, _say, force=ns.force)
+        out = pipeline.run(recipe, _say, force=ns.force, check_stop=_check_stop)
         _say(f"done: {out}/report.md, bundle in {out}/bundle")
         return 0
     ctx = open_context(recipe, ns.work, _say)
@@ -236,8 +236,18 @@ class _Terminated(BaseException):  # a signal, not an error
     pass
 
 
+_STOP = threading.Event()  # SIGTERM arrived (its exception may have been swallowed)
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    _STOP.set()
     raise _Terminated
+
+
+def _check_stop() -> None:
+    """Between stages: a SIGTERM whose exception a library caught still stops the run."""
+    if _STOP.is_set():
+        raise _Terminated
 
 
 if __name__ == "__main__":

@@ -504,8 +504,11 @@ def run_stage(name: str, ctx: Context) -> None:
     ctx.save()
 
 
-def run(recipe: Recipe, say: Callable[[str], None] = print, *, force: bool = False) -> Path:
+def run(recipe: Recipe, say: Callable[[str], None] = print, *, force: bool = False,
+        check_stop: Callable[[], None] = lambda: None) -> Path:
     """Run every stage into a temporary directory, then move it to `recipe.out`.
+    `check_stop` runs before each stage and before the move, and raises to stop (the CLI:
+    a SIGTERM whose exception a library caught mid-stage).
 
     Raises:
         ConvertError: any stage failed; nothing is left at `recipe.out`.
@@ -520,9 +523,11 @@ def run(recipe: Recipe, say: Callable[[str], None] = print, *, force: bool = Fal
         ctx = open_context(recipe, tmp, say)
         ctx.results["recipe"] = recipe.model_dump(mode="json")
         for name in STAGES:
+            check_stop()
             run_stage(name, ctx)
         ctx.results["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
         ctx.save()
+        check_stop()
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -143,3 +143,27 @@ def test_sigterm_during_run_cleans_up_like_ctrl_c(example: Path, tmp_path: Path)
     finally:
         proc.kill()
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_a_stop_between_stages_leaves_nothing_behind(example: Path, tmp_path: Path) -> None:
+    """A SIGTERM whose exception a library swallowed mid-stage still stops the run at the
+    next stage boundary (the CLI's check_stop), and `run` removes its temporary directory."""
+    from converter import pipeline
+    from converter.recipe import load_recipe
+
+    class Stop(BaseException):
+        pass
+
+    calls = []
+
+    def check_stop() -> None:
+        calls.append(1)
+        if len(calls) == 3:  # before the third stage
+            raise Stop
+
+    out = tmp_path / "out"
+    recipe = load_recipe(example / "recipe.toml", {(None, "out"): str(out)})
+    with pytest.raises(Stop):
+        pipeline.run(recipe, lambda _: None, check_stop=check_stop)
+    assert len(calls) == 3
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
