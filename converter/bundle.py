@@ -20,6 +20,7 @@ import numpy as np
 
 from agent import __version__ as agent_version
 from agent.serving.runtime import LoadedModel, open_onnx, open_tflite
+from agent.serving.scheduler import reconstruction_error
 from agent.trust.bundle import file_entry
 from agent.trust.manifest import (
     MANIFEST_FILE,
@@ -37,7 +38,6 @@ from agent.trust.manifest import (
 from converter.context import INT8_ONNX, INT8_TFLITE, Context
 from converter.errors import ConvertError
 from converter.normalize import layout_for
-from converter.task import reconstruction_error
 
 INPUT_BINS = 20
 CONFIDENCE_BINS = 10

@@ -54,6 +54,7 @@ from converter.task import Quality, classification, output_error, value_scores
 from converter.teacher import (
     import_factory,
     load_torch_model,
+    onnx_parameters,
     run_onnx_teacher,
     run_torch_model,
     run_torch_teacher,
@@ -123,7 +124,7 @@ def _stage_model(ctx: Context) -> None:
                                f"{ctx.data.sample_shape}: {str(exc).splitlines()[0][:200]}"
                                ) from exc
         shutil.copyfile(src, ctx.work / FP32_ONNX)
-        params = int(_onnx_parameters(src))
+        params = onnx_parameters(src)
         description, kind = f"ONNX {src.name}", "onnx"
     out = np.asarray(out, dtype=np.float32)
     if m.task == "reconstruct" and out.shape[1:] != x.shape[1:]:
@@ -156,12 +157,6 @@ def _stage_model(ctx: Context) -> None:
 
 def _labels(ctx: Context, idx: np.ndarray) -> np.ndarray | None:
     return None if ctx.data.y is None else np.asarray(ctx.data.y[idx])
-
-
-def _onnx_parameters(path: Path) -> int:
-    import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
-
-    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
 
 
 def _teacher_gate(ctx: Context, logits: np.ndarray, description: str) -> dict[str, Any]:

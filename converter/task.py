@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The anomaly score is the device's own formula, so the threshold the bundle carries is
+# computed exactly as the agent will score live samples.
+from agent.serving.scheduler import reconstruction_error
 from converter.data import F32, I64
 
 EPS = 1e-12
@@ -26,13 +29,6 @@ def nrmse(out: F32, reference: F32) -> float:
     """RMS of (out - reference) over the reference's standard deviation."""
     diff = np.asarray(out, np.float64) - np.asarray(reference, np.float64)
     return float(np.sqrt(np.mean(diff * diff)) / max(float(np.std(reference)), EPS))
-
-
-def reconstruction_error(x: F32, out: F32) -> np.ndarray:
-    """Per-sample mean squared difference between input and output."""
-    d = np.asarray(out, np.float64).reshape(len(x), -1) - np.asarray(x, np.float64).reshape(
-        len(x), -1)
-    return np.asarray((d * d).mean(axis=1))
 
 
 def roc_auc(score: np.ndarray, anomalous: np.ndarray) -> float | None:
@@ -87,7 +83,7 @@ def value_scores(task: str, x: F32, out: F32, reference: F32,
     output error against the fp32 reference and, for an autoencoder, the anomaly AUC."""
     row: dict[str, float | None] = {"accuracy": None, "output_error": nrmse(out, reference)}
     if task == "reconstruct":
-        err = reconstruction_error(x, out)
+        err = reconstruction_error(np.asarray(x, np.float32), np.asarray(out, np.float32))
         row["reconstruction_error_mean"] = float(err.mean())
         row["anomaly_auc"] = None if y is None else roc_auc(err, y != 0)
     return row

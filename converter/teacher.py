@@ -184,13 +184,11 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int,
         TeacherError: missing or corrupt file, inputs that do not fit the model, or no
             unambiguous output of class scores.
     """
-    import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
-
     if not path.is_file():
         raise TeacherError(f"teacher file {path} does not exist")
     try:
         teacher = OnnxTeacher(path)
-        params = sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
+        params = onnx_parameters(path)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise TeacherError(f"teacher file {path} is not a valid ONNX model: "
                            f"{str(exc).splitlines()[0][:200]}") from exc
@@ -213,6 +211,13 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int,
         outs.append(teacher.run(chunk))
     logits, probs = _as_logits(np.concatenate(outs).astype(np.float32), len(x), path.name)
     return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx", probs)
+
+
+def onnx_parameters(path: Path) -> int:
+    """Elements in an ONNX model's initializers (its weights)."""
+    import onnx  # noqa: PLC0415  # heavy or optional: loaded only when used
+
+    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer)
 
 
 def run_torch_teacher(factory: str, weights: Path, x: F32, batch_size: int) -> TeacherOutputs:

@@ -232,16 +232,28 @@ class Scheduler:
             return old
 
     def _make_room(self, entry: Resident) -> None:
-        others = [m for m in self._models.values() if m.name != entry.name]
-        total = sum(m.resident_bytes for m in others) + entry.resident_bytes
-        for victim in sorted(others, key=lambda m: m.last_used):
-            if total <= self.budget.memory_budget_bytes:
+        """Before `entry` is served: unload the least recently used others until the
+        resident models fit the budget beside it."""
+        def fits() -> bool:
+            return (sum(m.resident_bytes for m in self._models.values() if m.name != entry.name)
+                    + entry.resident_bytes <= self.budget.memory_budget_bytes)
+        self._unload_lru(entry.name, fits, spare_running=False)
+
+    def _unload_lru(self, keep: str, fits: Callable[[], bool], *, spare_running: bool) -> bool:
+        """Unload models other than `keep`, least recently used first, until `fits()`;
+        never one with queued work, nor (`spare_running`) one with a run in progress. True
+        when one was unloaded. Under the lock."""
+        evicted = False
+        for victim in sorted((m for m in self._models.values() if m.name != keep),
+                             key=lambda m: m.last_used):
+            if fits():
                 break
-            if self._queues[victim.name].heap:
-                continue  # never unload a model with queued work
+            if self._queues[victim.name].heap or (spare_running and victim.lock.locked()):
+                continue
             del self._models[victim.name]
-            total -= victim.resident_bytes
             self.metrics.inc("edge_agent_model_unloads_total", model=victim.name)
+            evicted = True
+        return evicted
 
     def unload(self, name: str) -> None:
         with self._cv:
@@ -327,22 +339,14 @@ class Scheduler:
             raise Refused(verdict.reason, verdict.status, verdict.detail)
 
     def _evict_for(self, entry: Resident, arena_bytes: int) -> bool:
-        """Unload idle models other than `entry` (least recently used first; none with
-        queued work or a run in progress) until `arena_bytes` more fit the budget; they
-        load again on their next request. True when one was unloaded. Under the lock."""
-        evicted = False
-        others = sorted((m for m in self._models.values() if m.name != entry.name),
-                        key=lambda m: m.last_used)
-        for victim in others:
+        """Unload idle models other than `entry` (`_unload_lru`, sparing any with a run in
+        progress) until `arena_bytes` more fit the budget; they load again on their next
+        request. True when one was unloaded. Under the lock."""
+        def fits() -> bool:
             load = self._load()
-            if (load.resident_bytes + load.arena_in_flight_bytes + arena_bytes
-                    <= self.budget.memory_budget_bytes):
-                break
-            if self._queues[victim.name].heap or victim.lock.locked():
-                continue
-            del self._models[victim.name]
-            self.metrics.inc("edge_agent_model_unloads_total", model=victim.name)
-            evicted = True
+            return (load.resident_bytes + load.arena_in_flight_bytes + arena_bytes
+                    <= self.budget.memory_budget_bytes)
+        evicted = self._unload_lru(entry.name, fits, spare_running=True)
         if evicted:
             self._gauges()
         return evicted

@@ -203,7 +203,8 @@ def train_model(case: str, x: F32, y: I64, *, epochs: int, seed: int = 0
     make = {"ic": ic, "kws": kws, "vww": vww, "ad": ad}[case]
     if case != "ad":
         return fit_teacher(make, x, y, epochs=epochs, lr=3e-3, seed=seed)
-    from converter.task import reconstruction_error, roc_auc  # noqa: PLC0415  # when used
+    from agent.serving.scheduler import reconstruction_error  # noqa: PLC0415  # when used
+    from converter.task import roc_auc  # noqa: PLC0415  # when used
 
     torch.manual_seed(seed)
     model = make()
