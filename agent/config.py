@@ -133,6 +133,9 @@ class MqttSection(_Section):
     cert_file: Path | None = None  # client certificate for mutual TLS
     key_file: Path | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    # A persistent MQTT session: commands sent while the device is away wait this long at
+    # the broker (each also expires on its own). 0: a clean session every connect.
+    session_expiry_s: int = Field(default=7 * 86_400, ge=0, le=0xFFFFFFFE)
     telemetry_interval_s: float = Field(default=10.0, gt=0)
     outbox_cap: int = Field(default=10_000, ge=10)
     # After a deploy activates, anomalies of the new model within this window roll it back.

@@ -9,9 +9,11 @@ certificate or password is an error, never an empty fleet.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from agent.errors import ConfigError
 from agent.link.mqtt import Broker, TlsFiles, authenticate
 from fleet.errors import FleetError
 
+log = logging.getLogger("edge_fleet.mqtt")
 #: The environment variable names of each connection option (flags win).
 ENV = {"broker": "EDGE_FLEET_BROKER", "ca_file": "EDGE_FLEET_CA_FILE",
        "cert_file": "EDGE_FLEET_CERT_FILE", "key_file": "EDGE_FLEET_KEY_FILE",
@@ -140,6 +143,7 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
                        properties=props)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise FleetError(f"cannot connect to {where}: {exc}") from exc
+    client.reconnect_delay_set(min_delay=1, max_delay=10)  # after an outage: soon, capped
     client.loop_start()
     if not answered.wait(timeout_s) or outcome[:1] != ["ok"]:
         client.loop_stop()
@@ -147,3 +151,27 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
         why = outcome[0] if outcome else f"no answer within {timeout_s:g} s"
         raise FleetError(f"cannot connect to {where}: {why}")
     return client, subscribed
+
+
+def connect_patiently(broker: BrokerAuth | str, client_id: str, *, wait_s: float,
+                      **kw: Any) -> tuple[paho.Client, threading.Event]:
+    """`connect`, tried again with a capped backoff for up to `wait_s` while the broker
+    cannot be reached (a controller started during a broker outage waits it out; a
+    refused certificate or password is not retried).
+
+    Raises:
+        FleetError: as `connect`, once `wait_s` has passed.
+    """
+    end = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            return connect(broker, client_id, **kw)
+        except FleetError as exc:
+            said_no = any(m in str(exc) for m in (": refused: ", "closed before the broker",
+                                                  "TLS files unusable"))
+            if said_no or time.monotonic() + delay > end:
+                raise
+            log.warning("fleet.connect_retry %s (again in %.1f s)", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

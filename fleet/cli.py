@@ -26,6 +26,10 @@
     edge-fleet simulate --devices N --faulty P  simulated devices on the agent's protocol code
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
 
+`rollout start|run|abort` exit with what became of the rollout: 0 completed, 4 halted,
+5 aborted, 6 paused, 7 still running when --timeout ran out; 2 is an error (as for every
+command), 3 a rejected bundle or command.
+
 Passphrase-protected keys read the passphrase from the environment variable named by
 --passphrase-env (default EDGE_FLEET_PASSPHRASE), or prompt when a terminal is attached.
 """
@@ -307,18 +311,34 @@ def cmd_recover(ns: argparse.Namespace) -> None:
         raise FleetError(f"{len(summary.failed)} failed, {len(summary.silent)} silent")
 
 
-def cmd_rollout(ns: argparse.Namespace) -> None:
-    from fleet.rollout import Controller, Rollouts  # noqa: PLC0415  # when used
+#: `edge-fleet rollout start|run|abort` exit codes: what became of the rollout (an error
+#: before or while driving it is 2, as for every command).
+ROLLOUT_EXIT = {"completed": 0, "halted": 4, "aborted": 5, "paused": 6, "running": 7}
+
+
+def cmd_rollout(ns: argparse.Namespace) -> int:
+    from fleet.rollout import LOCK_STALE_S, Controller, Rollouts  # noqa: PLC0415  # when used
     from fleet.state import FleetDB  # noqa: PLC0415  # each command loads only what it needs
 
     db = FleetDB(ns.db)
     rollouts = Rollouts(db)
+    if ns.id is None and ns.action != "start":
+        if not (ids := rollouts.ids()):
+            raise FleetError(f"{ns.db} has no rollout yet")
+        ns.id = ids[-1]
     if ns.action == "status":
         print("\n".join(rollouts.status_lines(ns.id, every_device=ns.every_device)))
-        return
+        return 0
     if ns.action in ("pause", "resume"):
         print(f"rollout {ns.id}: {rollouts.move(ns.id, ns.action).value}")
-        return
+        return 0
+    if ns.action == "abort" and ns.id:
+        ro = rollouts.get(ns.id)
+        if ro.owner and ro.owner_beat and time.time() - ro.owner_beat < LOCK_STALE_S:
+            rollouts.move(ns.id, "abort", "aborted by the operator")
+            print(f"rollout {ns.id}: aborted; its controller ({ro.owner}) sends the "
+                  "rollbacks")
+            return ROLLOUT_EXIT["aborted"]
     if not (ns.key and ns.root):
         raise FleetError(f"rollout {ns.action} needs --broker, --key and --root")
     fleet = load_pinned_root(ns.root.read_bytes()).fleet
@@ -329,32 +349,51 @@ def cmd_rollout(ns: argparse.Namespace) -> None:
         if ns.action == "abort":
             controller.abort(rid)
         elif ns.action == "start":
-            rid = _start_rollout(ns, db, fleet, rollouts, Criteria(
+            rid = _start_rollout(ns, db, rollouts, Criteria(
                 **{f.name: getattr(ns, f.name) for f in fields(Criteria)}))
-        if ns.action in ("start", "run", "abort"):
-            status = controller.run(rid, timeout_s=ns.timeout)
-            print(f"rollout {rid}: {status}")
+        status = controller.run(rid, timeout_s=ns.timeout)
+        print(f"rollout {rid}: {status}")
         print("\n".join(rollouts.status_lines(rid)))
     finally:
         controller.close()
+    return ROLLOUT_EXIT[status.value]
 
 
-def _start_rollout(ns: argparse.Namespace, db: Any, fleet: str, rollouts: Any,
-                   criteria: Any) -> str:
-    from fleet.state import FleetWatcher  # noqa: PLC0415  # each command loads only what it needs
+def _waves(text: str) -> list[float]:
+    """`1,10,50,100` (cumulative percentages) or `exp:1,2` (from 1 %, doubling)."""
+    from fleet.policy import exponential_fractions  # noqa: PLC0415  # when used
+
+    try:
+        if text.startswith("exp:"):
+            start, factor = (float(x) for x in text[4:].split(","))
+            return exponential_fractions(start, factor)
+        return [float(f) / 100 for f in text.split(",")]
+    except ValueError as exc:
+        raise FleetError(f"--waves {text!r}: {exc}") from exc
+
+
+def _start_rollout(ns: argparse.Namespace, db: Any, rollouts: Any, criteria: Any) -> str:
+    from fleet.policy import RetryPolicy  # noqa: PLC0415  # when used
 
     if not (ns.bundle and ns.url_base and ns.group):
         raise FleetError("rollout start needs --bundle, --url-base and --group")
-    watcher = FleetWatcher(db, _auth(ns), fleet).start()
-    time.sleep(ns.wait)
-    watcher.stop()
-    devices = [r.device for r in db.devices(group=ns.group) if r.online]
+    time.sleep(ns.wait)  # the controller's watcher gathers the retained states meanwhile
+    members = db.devices(group=ns.group)
+    # Online devices first: the first waves are canaries that can answer; devices away
+    # come last and are sent the release when they come back.
+    devices = [r.device for r in sorted(members, key=lambda r: (not r.online, r.device))]
+    fractions = _waves(ns.waves)
     rid: str = rollouts.create(
         archive=ns.bundle, urls=[f"{ns.url_base.rstrip('/')}/{ns.bundle.name}"],
-        group=ns.group, devices=devices,
-        fractions=[float(f) / 100 for f in ns.waves.split(",")], criteria=criteria,
-        wave_timeout_s=ns.wave_timeout, health_window_s=ns.health_window)
-    print(f"rollout {rid}: {len(devices)} device(s) in group {ns.group}", flush=True)
+        group=ns.group, devices=devices, fractions=fractions, criteria=criteria,
+        wave_timeout_s=ns.wave_timeout, health_window_s=ns.health_window,
+        retry=RetryPolicy(backoff_s=ns.retry_backoff) if ns.retry_backoff is not None
+        else RetryPolicy(), command_ttl_s=ns.command_ttl, max_per_minute=ns.max_per_minute,
+        continuous=ns.continuous)
+    online = sum(r.online for r in members)
+    print(f"rollout {rid}: {len(devices)} device(s) in group {ns.group}"
+          + (f" ({len(devices) - online} away)" if online < len(devices) else ""),
+          flush=True)
     return rid
 
 
@@ -541,9 +580,21 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("--bundle", type=Path, help="the signed archive")
     ro.add_argument("--url-base", help="where devices download it, e.g. http://host:8080")
     ro.add_argument("--group")
-    ro.add_argument("--waves", default="1,10,50,100", help="cumulative percentages")
+    ro.add_argument("--waves", default="1,10,50,100",
+                    help="cumulative percentages, or exp:START,FACTOR (e.g. exp:1,2)")
     ro.add_argument("--wave-timeout", type=float, default=300.0,
-                    help="seconds before silent devices count as offline")
+                    help="seconds a device may take to answer a deploy before its "
+                         "execution times out (not a failure; retried per policy)")
+    ro.add_argument("--max-per-minute", type=int, default=0,
+                    help="deploys sent per minute at most (0: no limit)")
+    ro.add_argument("--command-ttl", type=float, default=3600.0,
+                    help="seconds a deploy stays valid, also while queued for a device "
+                         "that is away")
+    ro.add_argument("--retry-backoff", type=float, default=None,
+                    help="seconds before the first retry of a failed deploy (doubles)")
+    ro.add_argument("--continuous", action="store_true",
+                    help="after the last wave keep deploying to devices that come back "
+                         "or join the group, until aborted")
     ro.add_argument("--health-window", type=float, default=60.0,
                     help="seconds each wave is watched before the next one")
     criteria = Criteria()  # the defaults are Criteria's own
@@ -841,7 +892,7 @@ def _add_command(sub: Subparsers) -> None:  # type: ignore[type-arg]
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
-        ns.func(ns)
+        rc = ns.func(ns)
     except RejectedError as exc:
         print(f"edge-fleet: rejected ({exc.check}): {exc}", file=sys.stderr)
         return 3
@@ -850,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AgentError, FleetError, OSError) as exc:
         print(f"edge-fleet: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -88,5 +88,7 @@ def sign_command(cmd: Command, keys: Iterable[SigningKey]) -> bytes:
     wrong = [k.name for k in keys if k.role != "command"]
     if wrong:
         raise FleetError(f"commands are signed with command keys; {', '.join(wrong)} are not")
-    signed: Mapping[str, Any] = cmd.model_dump(mode="json", by_alias=True, exclude_none=False)
+    signed: dict[str, Any] = cmd.model_dump(mode="json", by_alias=True, exclude_none=False)
+    if signed.get("kind") == "rollback" and signed.get("version") is None:
+        del signed["version"]  # a plain rollback reads as before to agents without it
     return sign_envelope(signed, keys)

@@ -17,6 +17,7 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
+from fleet.policy import DONE
 from fleet.rollout import Rollouts
 from fleet.state import FleetDB
 
@@ -109,7 +110,7 @@ class Dashboard:
                         "group": ro.group, "status": ro.status.value,
                         "wave": ro.wave + 1, "waves": len(ro.sizes),
                         "total": len(devs), "reason": ro.reason,
-                        "committed": sum(d.outcome == "committed" for d in devs)})
+                        "committed": sum(d.status in DONE for d in devs)})
         return out
 
 

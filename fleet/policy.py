@@ -4,15 +4,20 @@ A rollout of a group goes in waves of cumulative fractions (default 1 %, 10 %, 5
 100 %; every wave has at least one device). After each wave's deploys, the controller
 waits for results; the wave's verdict compares what happened with the criteria:
 
-* any device that rolled back or failed its deploy counts against `max_failed_share`;
-* devices that have not answered are `pending` until the wave deadline, then `offline`
-  (retried in the next wave, not counted as failures);
+* each device's execution moves along `EXEC_TRANSITIONS` (queued -> to_send -> sent ->
+  in_progress -> committed / already_current / failed / rolled_back / timed_out); a
+  failure counts against `max_failed_share` only once it is final (`RetryPolicy`), a
+  device that rolled back in its health window counts at once; a timeout is not a
+  failure, and a late success after it is a success;
+* devices that are away (offline, not sent yet) are neither waited for nor counted;
+  they are sent the release when they come back;
 * the share of updated devices that reported an anomaly during the wave must not exceed
   the rest of the group's (the baseline: devices the rollout has not reached) by more than
   `max_anomalous_excess`, and their median p95 latency must not exceed the baseline's by
   more than `max_latency_ratio` (no baseline left in the last wave: the anomalous share is
   compared with zero and latency is not compared);
-* when all online devices of the wave answered and nothing failed, the wave may advance;
+* when every device of the wave reached has answered, timed out or is away, the wave may
+  advance;
   the controller then watches the updated devices for the wave's health window first.
 
 A rollout's own status moves only along `STATUS_TRANSITIONS` (one table; `fleet.rollout`
@@ -65,12 +70,98 @@ def next_status(status: Status, action: str) -> Status:
         raise ValueError(f"a {status.value}{final} rollout cannot {action}") from None
 
 
-class Outcome(StrEnum):
-    PENDING = "pending"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
-    OFFLINE = "offline"
+class Exec(StrEnum):
+    """Where one device's execution of a rollout stands (its record in `rollout_devices`,
+    with every change in `rollout_history`)."""
+
+    QUEUED = "queued"  # its wave has not come, it is away, or a retry waits
+    TO_SEND = "to_send"  # a command is recorded; the broker has not acknowledged it
+    SENT = "sent"  # the broker acknowledged the command (QoS 1 PUBACK)
+    IN_PROGRESS = "in_progress"  # the device reported progress on it
+    COMMITTED = "committed"  # the device serves the release, committed
+    ALREADY_CURRENT = "already_current"  # it served the release (or a later one) already
+    FAILED = "failed"  # the device refused or failed it (final once no retry is left)
+    ROLLED_BACK = "rolled_back"  # undone: by its health window, or by the fleet's rollback
+    TIMED_OUT = "timed_out"  # no answer within the execution timeout (not a failure)
+
+
+#: Statuses where the device may serve the release or still start serving it.
+MAY_SERVE = frozenset({Exec.TO_SEND, Exec.SENT, Exec.IN_PROGRESS, Exec.COMMITTED,
+                       Exec.TIMED_OUT})
+DONE = frozenset({Exec.COMMITTED, Exec.ALREADY_CURRENT})
+OPEN = frozenset({Exec.TO_SEND, Exec.SENT, Exec.IN_PROGRESS})
+_ANSWERED = frozenset({Exec.QUEUED, Exec.TO_SEND, Exec.SENT, Exec.IN_PROGRESS,
+                       Exec.TIMED_OUT, Exec.FAILED})
+#: Every change of an execution's status: (status, event) -> status. Events come from an
+#: authenticated device report ("progress", "committed", "already", "failed",
+#: "rolled_back", a retained state seen: "serves_release", "serves_older") or from the
+#: controller ("send", "acked", "timeout", "retry", "fleet_rollback", "unsent_expired").
+#: Anything not in the table is refused and logged; late truths are in it on purpose: a
+#: success after a timeout or after a retry was queued is a success.
+EXEC_TRANSITIONS: dict[tuple[Exec, str], Exec] = {
+    (Exec.QUEUED, "send"): Exec.TO_SEND,
+    (Exec.TO_SEND, "acked"): Exec.SENT,
+    (Exec.TO_SEND, "unsent_expired"): Exec.QUEUED,
+    **{(s, "progress"): Exec.IN_PROGRESS for s in (Exec.TO_SEND, Exec.SENT, Exec.TIMED_OUT)},
+    **{(s, "committed"): Exec.COMMITTED for s in _ANSWERED | {Exec.ROLLED_BACK}},
+    **{(s, "serves_release"): Exec.COMMITTED for s in _ANSWERED | {Exec.ROLLED_BACK}},
+    **{(s, "already"): Exec.ALREADY_CURRENT for s in _ANSWERED},
+    **{(s, "failed"): Exec.FAILED for s in (Exec.TO_SEND, Exec.SENT, Exec.IN_PROGRESS,
+                                             Exec.TIMED_OUT)},
+    **{(s, "rolled_back"): Exec.ROLLED_BACK for s in (Exec.TO_SEND, Exec.SENT,
+                                                       Exec.IN_PROGRESS, Exec.TIMED_OUT,
+                                                       Exec.COMMITTED)},
+    **{(s, "timeout"): Exec.TIMED_OUT for s in (Exec.SENT, Exec.IN_PROGRESS)},
+    **{(s, "retry"): Exec.QUEUED for s in (Exec.FAILED, Exec.TIMED_OUT)},
+    **{(s, "fleet_rollback"): Exec.ROLLED_BACK for s in MAY_SERVE | {Exec.QUEUED}},
+    (Exec.COMMITTED, "serves_older"): Exec.ROLLED_BACK,
+}
+
+
+def next_exec(status: Exec, event: str) -> Exec:
+    """The execution status after `event`.
+
+    Raises:
+        ValueError: the table has no such step (e.g. a failure reported after a commit).
+    """
+    try:
+        return EXEC_TRANSITIONS[(status, event)]
+    except KeyError:
+        raise ValueError(f"a {status.value} execution cannot take {event!r}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How often a failed or timed-out execution is tried again, per kind of failure (the
+    device's `check`; "timeout" for no answer). Kinds not listed are final at once: a bad
+    signature, a manifest pin or a self-test does not get better by asking again."""
+
+    retries: tuple[tuple[str, int], ...] = (("busy", 3), ("download", 2), ("install", 1),
+                                           ("timeout", 1))
+    backoff_s: float = 5.0  # before the first retry; doubles for each one after
+
+    def allows(self, kind: str, attempts: int) -> bool:
+        """True when an execution that failed with `kind` after `attempts` sends may be
+        sent again."""
+        return attempts <= dict(self.retries).get(kind, 0)
+
+    def delay_s(self, attempts: int) -> float:
+        return float(self.backoff_s * 2 ** max(0, attempts - 1))
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def exponential_fractions(start_percent: float, factor: float) -> list[float]:
+    """Cumulative wave fractions growing by `factor` from `start_percent` up to 100 %
+    (IoT Jobs' exponential rollout rate, as waves)."""
+    if not (0 < start_percent <= 100 and factor > 1):
+        raise ValueError("exponential waves need 0 < start <= 100 and factor > 1")
+    out, f = [], start_percent
+    while f < 100:
+        out.append(f / 100)
+        f *= factor
+    return [*out, 1.0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,38 +200,47 @@ def wave_sizes(total: int, fractions: list[float]) -> list[int]:
     return sizes
 
 
-def judge(outcomes: dict[str, Outcome], *, deadline_passed: bool, criteria: Criteria,
+def judge(statuses: dict[str, Exec], *, criteria: Criteria, away: frozenset[str] = frozenset(),
           health: Health = Health()) -> Verdict:
-    """The verdict on one wave.
+    """The verdict on the devices of the waves reached so far.
 
     Args:
-        outcomes: device -> what it reported for this wave's deploy.
-        deadline_passed: pending devices now count as offline.
+        statuses: device -> its execution's status. A `failed` one is final (the
+            controller turns a failure it will retry back into `queued` at once).
+        away: queued devices that are offline: not waited for, not counted (they are
+            sent the release when they come back).
         health: anomalies and latency of updated devices and of the baseline.
     """
-    if (worse := _halt_now(outcomes, health, criteria)) is not None:
+    if (worse := _halt_now(statuses, health, criteria)) is not None:
         return worse
-    n = len(outcomes)
-    pending = [d for d, o in outcomes.items() if o == Outcome.PENDING]
-    if pending and not deadline_passed:
-        return Verdict("wait", f"{len(pending)} device(s) have not answered yet")
-    answered = [d for d, o in outcomes.items() if o not in (Outcome.PENDING, Outcome.OFFLINE)]
-    committed = [d for d, o in outcomes.items() if o == Outcome.COMMITTED]
-    if answered and len(committed) / len(answered) < criteria.min_committed_share:
-        return Verdict("halt", f"only {len(committed)} of {len(answered)} committed")
+    waiting = [d for d, s in statuses.items()
+               if s in OPEN or (s is Exec.QUEUED and d not in away)]
+    if waiting:
+        return Verdict("wait", f"{len(waiting)} device(s) have not answered yet")
+    answered = [d for d, s in statuses.items() if s in DONE or s in _BAD]
+    done = [d for d, s in statuses.items() if s in DONE]
+    timed_out = sum(s is Exec.TIMED_OUT for s in statuses.values())
+    left = len(statuses) - len(answered)
+    if answered and len(done) / len(answered) < criteria.min_committed_share:
+        return Verdict("halt", f"only {len(done)} of {len(answered)} committed")
     if not answered:
-        return Verdict("halt", "no device of this wave answered before the deadline")
-    return Verdict("advance", f"{len(committed)} committed, {n - len(answered)} offline")
+        if timed_out:
+            return Verdict("halt", f"none of {len(statuses)} device(s) answered in time")
+        return Verdict("wait", f"all {len(statuses)} device(s) are away")
+    return Verdict("advance", f"{len(done)} committed or current"
+                   + (f", {left} timed out or away" if left else ""))
 
 
-def _halt_now(outcomes: dict[str, Outcome], h: Health, criteria: Criteria
-              ) -> Verdict | None:
-    """A halt, without waiting for the rest of the wave: too many devices failed, or the
-    updated ones are worse than the baseline."""
-    bad = [d for d, o in outcomes.items() if o in (Outcome.ROLLED_BACK, Outcome.FAILED)]
-    if outcomes and len(bad) / len(outcomes) > criteria.max_failed_share:
+_BAD = frozenset({Exec.ROLLED_BACK, Exec.FAILED})
+
+
+def _halt_now(statuses: dict[str, Exec], h: Health, criteria: Criteria) -> Verdict | None:
+    """A halt, without waiting for the rest of the wave: too many devices failed for good
+    or rolled back, or the updated ones are worse than the baseline."""
+    bad = [d for d, s in statuses.items() if s in _BAD]
+    if statuses and len(bad) / len(statuses) > criteria.max_failed_share:
         shown = ", ".join(sorted(bad)[:10]) + (", …" if len(bad) > 10 else "")
-        return Verdict("halt", f"{len(bad)} of {len(outcomes)} device(s) failed or rolled "
+        return Verdict("halt", f"{len(bad)} of {len(statuses)} device(s) failed or rolled "
                        f"back: {shown}")
     if h.updated_anomalous - h.baseline_anomalous > criteria.max_anomalous_excess:
         return Verdict("halt", f"{h.updated_anomalous:.0%} of updated devices reported "

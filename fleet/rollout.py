@@ -1,37 +1,76 @@
 """Staged rollouts: signed deploys to a group in waves, judged by `fleet.policy`, halted
 with signed rollbacks to every device touched when the criteria fail.
 
-All state lives in the fleet database (tables `rollouts`, `rollout_devices`), and every
-step reads it afresh: the controller can be killed at any point and started again, and it
-goes on from where the database says. Results arrive on `+/cmd/result` through a
-persistent MQTT session (fixed client id, session expiry), so results published while the
-controller was down are delivered when it returns.
+The ground truth is a per-device execution record, as AWS IoT Jobs and Mender keep one:
+
+    rollouts           one row per rollout: status, wave, criteria, its controller's lock
+    rollout_devices    one row per device: its execution's status, attempts, the command
+                       in flight, the rollback sent and its answer
+    rollout_history    every change of an execution's status, with its cause
+    rollout_commands   every signed command, recorded *to send* before it is published
+                       and marked *sent* only when the broker acknowledged it
+
+Every status change goes through `fleet.policy.EXEC_TRANSITIONS` (`Rollouts.transition`),
+caused by an authenticated device report (a signed result or event, its retained state)
+or an explicit controller decision (send, broker ack, timeout, retry, fleet rollback).
+
+Faults: the controller can be killed at any point and started again, and it goes on from
+what the database says: commands recorded and never acknowledged are published again
+(the device's nonce store refuses a second copy; that refusal is recognised and ignored).
+Results arrive through a persistent MQTT session per rollout (client id
+`edge-fleet-rollout-{id}`; only the holder of the rollout's lock uses it), so results
+published while no controller ran are delivered when one returns; the devices' retained
+state settles what a lost result leaves open. A broker outage is waited out (paho
+reconnects; nothing is published while disconnected; nothing uncaught).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
 import sqlite3
 import statistics
-import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.link.wire import PREFIX, CommandResult, device_topic, fleet_topic
-from fleet._mqtt import BrokerAuth, connect
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.link.wire import PREFIX, CommandResult, Event, device_topic, fleet_topic
+from fleet._mqtt import BrokerAuth, connect_patiently
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
-from fleet.ingest import ReportGate
+from fleet.ingest import Report, ReportGate
 from fleet.keys import SigningKey
-from fleet.policy import Criteria, Health, Outcome, Status, judge, next_status, wave_sizes
+from fleet.policy import (
+    DEFAULT_RETRY,
+    DONE,
+    FINAL,
+    MAY_SERVE,
+    OPEN,
+    Criteria,
+    Exec,
+    Health,
+    RetryPolicy,
+    Status,
+    judge,
+    next_exec,
+    next_status,
+    wave_sizes,
+)
 from fleet.publish import HEARTBEAT_EVERY_S, heartbeat
-from fleet.state import FleetDB, FleetWatcher
+from fleet.state import CONTROLLER_GROUP, FleetDB, FleetWatcher
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -43,11 +82,43 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
   rollout TEXT, device TEXT, wave INTEGER, command_id TEXT, outcome TEXT, sent_at REAL,
   rollback_id TEXT, rollback_result TEXT, detail TEXT, PRIMARY KEY (rollout, device));
 CREATE INDEX IF NOT EXISTS rollout_devices_device ON rollout_devices (device);
+CREATE TABLE IF NOT EXISTS rollout_history (
+  rollout TEXT NOT NULL, device TEXT NOT NULL, at REAL NOT NULL, from_status TEXT,
+  to_status TEXT NOT NULL, event TEXT NOT NULL, cause TEXT);
+CREATE INDEX IF NOT EXISTS rollout_history_device ON rollout_history (rollout, device);
+CREATE TABLE IF NOT EXISTS rollout_commands (
+  id TEXT PRIMARY KEY, rollout TEXT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
+  attempt INTEGER NOT NULL, created REAL NOT NULL, expires REAL NOT NULL,
+  state TEXT NOT NULL, sent_at REAL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS rollout_commands_state ON rollout_commands (rollout, state);
 """
 log = logging.getLogger("edge_fleet.rollout")
 # Columns added after the first release of these tables: (table, column, declaration).
 ADDED = [("rollouts", "health_window_s", "REAL NOT NULL DEFAULT 0"),
-         ("rollouts", "settled_at", "REAL"), ("rollout_devices", "detail", "TEXT")]
+         ("rollouts", "settled_at", "REAL"), ("rollout_devices", "detail", "TEXT"),
+         ("rollouts", "retry_json", "TEXT"), ("rollouts", "command_ttl_s", "REAL"),
+         ("rollouts", "max_per_minute", "INTEGER NOT NULL DEFAULT 0"),
+         ("rollouts", "continuous", "INTEGER NOT NULL DEFAULT 0"),
+         ("rollouts", "culprits_json", "TEXT"), ("rollouts", "owner", "TEXT"),
+         ("rollouts", "owner_beat", "REAL"), ("rollouts", "ended", "REAL"),
+         ("rollout_devices", "status", "TEXT"),
+         ("rollout_devices", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+         ("rollout_devices", "updated", "REAL"), ("rollout_devices", "retry_at", "REAL"),
+         ("rollout_devices", "failure", "TEXT")]
+#: Statuses of rows written before the execution record (their `outcome` column).
+LEGACY = {"pending": "CASE WHEN command_id IS NULL THEN 'queued' ELSE 'sent' END",
+          "committed": "'committed'", "rolled_back": "'rolled_back'", "failed": "'failed'",
+          "offline": "'timed_out'"}
+#: A controller that has not written its beat for this long has lost its lock, and its
+#: running rollout shows as stalled.
+LOCK_STALE_S = 15.0
+#: A retained state counts against a recorded commit or rollback only when it arrived
+#: this long after that record changed (the state and the result travel on different
+#: connections).
+STATE_MARGIN_S = 2.0
+#: Devices' failure checks that mean "the device is on this release or ahead of it",
+#: settled against its retained state.
+VERSION_CHECKS = ("equal_version", "rollback")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,14 +136,25 @@ class Rollout:
     status: Status
     wave: int  # 0-based
     wave_started: float | None
-    wave_timeout_s: float
+    wave_timeout_s: float  # per execution: sent and no answer for this long = timed out
     reason: str
     created: float
     health_window_s: float
     settled_at: float | None
+    retry: RetryPolicy
+    command_ttl_s: float
+    max_per_minute: int  # 0: no limit
+    continuous: bool  # after the last wave, keep targeting devices that come or join
+    culprits: list[str]  # the devices whose failure halted it
+    owner: str | None  # the controller holding its lock
+    owner_beat: float | None
+    ended: float | None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Rollout:
+        retry = json.loads(row["retry_json"]) if row["retry_json"] else {}
+        if "retries" in retry:
+            retry["retries"] = tuple(tuple(r) for r in retry["retries"])
         return cls(id=row["id"], model=row["model"], version=row["version"],
                    group=row["group_name"], archive=Path(row["archive"]),
                    urls=json.loads(row["urls_json"]), sizes=json.loads(row["sizes_json"]),
@@ -80,33 +162,54 @@ class Rollout:
                    status=Status(row["status"]), wave=row["wave"],
                    wave_started=row["wave_started"], wave_timeout_s=row["wave_timeout_s"],
                    reason=row["reason"], created=row["created"],
-                   health_window_s=row["health_window_s"], settled_at=row["settled_at"])
+                   health_window_s=row["health_window_s"], settled_at=row["settled_at"],
+                   retry=RetryPolicy(**retry), command_ttl_s=row["command_ttl_s"] or 3600.0,
+                   max_per_minute=row["max_per_minute"], continuous=bool(row["continuous"]),
+                   culprits=json.loads(row["culprits_json"] or "[]"), owner=row["owner"],
+                   owner_beat=row["owner_beat"], ended=row["ended"])
+
+    def shown_status(self, now: float | None = None) -> str:
+        """Its status, except that a running rollout whose controller has not written for
+        `LOCK_STALE_S` shows as stalled."""
+        now = time.time() if now is None else now
+        if self.status is Status.RUNNING and (self.owner_beat is None
+                                              or now - self.owner_beat > LOCK_STALE_S):
+            return "stalled"
+        return self.status.value
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutDevice:
-    """One row of `rollout_devices`: a device's part in a rollout."""
+    """One row of `rollout_devices`: a device's execution of a rollout."""
 
     rollout: str
     device: str
     wave: int
-    command_id: str | None  # the deploy sent, None before
-    outcome: Outcome
+    status: Exec
+    attempts: int  # deploy commands recorded for it
+    command_id: str | None  # the newest deploy command, None before the first
     sent_at: float | None
+    updated: float | None
+    retry_at: float | None
+    failure: str | None  # the check of the last failure (or "timeout")
+    detail: str | None
     rollback_id: str | None  # the rollback sent, None before
     rollback_result: str | None
-    detail: str | None
 
     @property
     def may_serve_release(self) -> bool:
-        """Sent the release and not known to have refused or undone it: committed, or
-        still pending (possibly serving it in its health window)."""
-        return self.command_id is not None and self.outcome in (Outcome.COMMITTED,
-                                                                Outcome.PENDING)
+        """Sent the release and not known to have refused or undone it (a queued retry
+        counts: an earlier attempt may still land)."""
+        return self.status in MAY_SERVE or (self.status is Exec.QUEUED and self.attempts > 0)
 
-    @property
-    def shown_outcome(self) -> str:
-        return "not sent" if self.command_id is None else self.outcome.value
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: float
+    from_status: str | None
+    to_status: str
+    event: str
+    cause: str
 
 
 class Rollouts:
@@ -115,58 +218,113 @@ class Rollouts:
     def __init__(self, db: FleetDB) -> None:
         self.db = db
         self.sql: sqlite3.Connection = db.connection
+        self._lock = db.lock  # one lock for the one connection (watcher writes too)
         self.sql.executescript(TABLES)
         for table, column, decl in ADDED:  # databases made by an earlier version
             have = {r[1] for r in self.sql.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self.sql.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        cases = " ".join(f"WHEN '{k}' THEN {v}" for k, v in LEGACY.items())
+        self.sql.execute(f"UPDATE rollout_devices SET status = CASE outcome {cases} "
+                         "ELSE 'queued' END, attempts = (command_id IS NOT NULL) "
+                         "WHERE status IS NULL")
+
+    @contextmanager
+    def _tx(self) -> Iterator[None]:
+        """One write transaction (a record and its history change together)."""
+        with self._lock:
+            self.sql.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.sql.execute("ROLLBACK")
+                raise
+            self.sql.execute("COMMIT")
 
     def create(self, *, archive: Path, urls: list[str], group: str, devices: list[str],
                fractions: list[float], criteria: Criteria, wave_timeout_s: float,
-               health_window_s: float = 0.0) -> str:
+               health_window_s: float = 0.0, retry: RetryPolicy = DEFAULT_RETRY,
+               command_ttl_s: float = 3600.0, max_per_minute: int = 0,
+               continuous: bool = False) -> str:
+        """A running rollout of `archive` to `devices` (every known member of `group`,
+        online or not: those away are sent the release when they come back)."""
         fields = deploy_fields(archive, urls)
         if not devices:
-            raise FleetError(f"group {group} has no known online device")
+            raise FleetError(f"group {group} has no known device")
         rid = uuid.uuid4().hex[:12]
         sizes = wave_sizes(len(devices), fractions)
-        self.sql.execute("INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
-            rid, fields["model"], fields["version"], group, str(archive), json.dumps(urls),
-            json.dumps(sizes), json.dumps(asdict(criteria)), Status.RUNNING.value, 0, None,
-            wave_timeout_s, "", time.time(), health_window_s, None))
-        order = sorted(devices)
-        for i, d in enumerate(order):
-            wave = next(w for w, n in enumerate(sizes) if i < n)
-            self.sql.execute("INSERT INTO rollout_devices VALUES (?,?,?,?,?,?,?,?,?)",
-                             (rid, d, wave, None, Outcome.PENDING.value, None, None, None,
-                              None))
+        now = time.time()
+        with self._tx():
+            self.sql.execute(
+                "INSERT INTO rollouts (id, model, version, group_name, archive, urls_json, "
+                "sizes_json, criteria_json, status, wave, wave_started, wave_timeout_s, "
+                "reason, created, health_window_s, settled_at, retry_json, command_ttl_s, "
+                "max_per_minute, continuous) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (rid, fields["model"], fields["version"], group, str(archive),
+                 json.dumps(urls), json.dumps(sizes), json.dumps(asdict(criteria)),
+                 Status.RUNNING.value, 0, None, wave_timeout_s, "", now, health_window_s,
+                 None, json.dumps(asdict(retry)), command_ttl_s, max_per_minute,
+                 int(continuous)))
+            for i, d in enumerate(devices):  # in the caller's order (canaries first)
+                self._add_device(rid, d, next(w for w, n in enumerate(sizes) if i < n),
+                                 "in the group when the rollout started", now)
         return rid
+
+    def _add_device(self, rid: str, device: str, wave: int, cause: str, now: float) -> None:
+        self.sql.execute("INSERT INTO rollout_devices (rollout, device, wave, status, "
+                         "attempts, updated) VALUES (?,?,?,?,0,?)",
+                         (rid, device, wave, Exec.QUEUED.value, now))
+        self.sql.execute("INSERT INTO rollout_history VALUES (?,?,?,?,?,?,?)",
+                         (rid, device, now, None, Exec.QUEUED.value, "queued", cause))
+
+    def add_member(self, rid: str, device: str) -> None:
+        """A device that joined the group (or was first seen) during the rollout: queued
+        in the last wave (a newcomer is not a canary)."""
+        ro = self.get(rid)
+        with self._tx():
+            self._add_device(rid, device, len(ro.sizes) - 1, "joined the group", time.time())
 
     def ids(self) -> list[str]:
         return [r[0] for r in self.sql.execute("SELECT id FROM rollouts ORDER BY created")]
 
     def get(self, rid: str) -> Rollout:
-        cur = self.sql.execute("SELECT * FROM rollouts WHERE id = ?", (rid,))
-        row = cur.fetchone()
-        if row is None:
-            raise FleetError(f"no rollout {rid}")
-        return Rollout.from_row(dict(zip([c[0] for c in cur.description], row, strict=True)))
+        with self._lock:
+            cur = self.sql.execute("SELECT * FROM rollouts WHERE id = ?", (rid,))
+            row = cur.fetchone()
+            if row is None:
+                raise FleetError(f"no rollout {rid}")
+            return Rollout.from_row(dict(zip([c[0] for c in cur.description], row,
+                                             strict=True)))
 
     def devices(self, rid: str) -> list[RolloutDevice]:
-        cur = self.sql.execute("SELECT * FROM rollout_devices WHERE rollout = ? ORDER BY "
-                               "wave, device", (rid,))
-        cols = [c[0] for c in cur.description]
-        out = []
-        for r in cur.fetchall():
-            row = dict(zip(cols, r, strict=True))
-            out.append(RolloutDevice(**{**row, "outcome": Outcome(row["outcome"])}))
-        return out
+        with self._lock:
+            cur = self.sql.execute(
+                "SELECT rollout, device, wave, status, attempts, command_id, sent_at, "
+                "updated, retry_at, failure, detail, rollback_id, rollback_result FROM "
+                "rollout_devices WHERE rollout = ? ORDER BY wave, device", (rid,))
+            cols = [c[0] for c in cur.description]
+            rows = cur.fetchall()
+        return [RolloutDevice(**{**(r := dict(zip(cols, row, strict=True))),
+                                 "status": Exec(r["status"])}) for row in rows]
+
+    def device(self, rid: str, device: str) -> RolloutDevice | None:
+        return next((d for d in self.devices(rid) if d.device == device), None)
+
+    def history(self, rid: str, device: str) -> list[HistoryEntry]:
+        with self._lock:
+            rows = self.sql.execute("SELECT at, from_status, to_status, event, cause FROM "
+                                    "rollout_history WHERE rollout = ? AND device = ? "
+                                    "ORDER BY rowid", (rid, device)).fetchall()
+        return [HistoryEntry(*r) for r in rows]
 
     def set(self, rid: str, **fields: Any) -> None:
         """Progress fields of a rollout; its status changes only through `move`."""
         if "status" in fields:
             raise TypeError("a rollout's status changes through Rollouts.move")
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self.sql.execute(f"UPDATE rollouts SET {cols} WHERE id = ?", (*fields.values(), rid))
+        with self._lock:
+            self.sql.execute(f"UPDATE rollouts SET {cols} WHERE id = ?",
+                             (*fields.values(), rid))
 
     def move(self, rid: str, action: str, reason: str | None = None) -> Status:
         """Change a rollout's status along `fleet.policy.STATUS_TRANSITIONS`.
@@ -174,188 +332,493 @@ class Rollouts:
         Raises:
             FleetError: the table has no such step (e.g. resuming a halted rollout).
         """
-        # Read and write in one transaction: two shells cannot both move it.
-        self.sql.execute("BEGIN IMMEDIATE")
-        try:
+        with self._tx():  # read and write in one transaction: two shells cannot both move it
             ro = self.get(rid)
             try:
                 status = next_status(ro.status, action)
             except ValueError as exc:
                 raise FleetError(f"rollout {rid}: {exc}"
                                  + (f" ({ro.reason})" if ro.reason else "")) from exc
-            self.sql.execute("UPDATE rollouts SET status = ?, reason = ? WHERE id = ?",
-                             (status.value, ro.reason if reason is None else reason, rid))
-        except BaseException:
-            self.sql.execute("ROLLBACK")
-            raise
-        self.sql.execute("COMMIT")
+            self.sql.execute("UPDATE rollouts SET status = ?, reason = ?, ended = ? "
+                             "WHERE id = ?", (status.value, ro.reason if reason is None
+                                              else reason,
+                                              time.time() if status in FINAL else None, rid))
         return status
 
+    # -- the lock: one controller drives a rollout -----------------------------------------
+    def acquire(self, rid: str, owner: str) -> None:
+        """Take the rollout's lock for `owner`, or renew it.
+
+        Raises:
+            FleetError: another controller holds it and wrote within `LOCK_STALE_S`.
+        """
+        now = time.time()
+        with self._tx():
+            ro = self.get(rid)
+            if (ro.owner not in (None, owner) and ro.owner_beat is not None
+                    and now - ro.owner_beat < LOCK_STALE_S and _alive(ro.owner)):
+                raise FleetError(f"rollout {rid} is driven by controller {ro.owner} "
+                                 f"(seen {now - ro.owner_beat:.0f} s ago); stop it first")
+            self.sql.execute("UPDATE rollouts SET owner = ?, owner_beat = ? WHERE id = ?",
+                             (owner, now, rid))
+
+    def release(self, rid: str, owner: str) -> None:
+        with self._lock:
+            self.sql.execute("UPDATE rollouts SET owner = NULL WHERE id = ? AND owner = ?",
+                             (rid, owner))
+
+    # -- executions ------------------------------------------------------------------------
+    def transition(self, rid: str, device: str, event: str, cause: str,
+                   **fields: Any) -> Exec | None:
+        """Move one execution along `EXEC_TRANSITIONS` and write the change to its history,
+        together with `fields`; None (and nothing written) when the table has no such
+        step (logged: a report that arrives after a truer one)."""
+        with self._tx():
+            row = self.sql.execute("SELECT status FROM rollout_devices WHERE rollout = ? AND "
+                                   "device = ?", (rid, device)).fetchone()
+            if row is None:
+                return None
+            old = Exec(row[0])
+            try:
+                new = next_exec(old, event)
+            except ValueError:
+                log.info("rollout.transition_refused rollout=%s device=%s status=%s "
+                         "event=%s cause=%.200s", rid, device, old, event, cause)
+                return None
+            now = time.time()
+            values = {"status": new.value, "updated": now, **fields}
+            cols = ", ".join(f"{k} = ?" for k in values)
+            self.sql.execute(f"UPDATE rollout_devices SET {cols} WHERE rollout = ? AND "
+                             "device = ?", (*values.values(), rid, device))
+            self.sql.execute("INSERT INTO rollout_history VALUES (?,?,?,?,?,?,?)",
+                             (rid, device, now, old.value, new.value, event, cause[:500]))
+        return new
+
     def set_device(self, rid: str, device: str, **fields: Any) -> None:
+        """Fields of an execution other than its status (which `transition` writes)."""
+        if "status" in fields:
+            raise TypeError("an execution's status changes through Rollouts.transition")
         cols = ", ".join(f"{k} = ?" for k in fields)
-        self.sql.execute(f"UPDATE rollout_devices SET {cols} WHERE rollout = ? AND device = ?",
-                         (*fields.values(), rid, device))
+        with self._lock:
+            self.sql.execute(f"UPDATE rollout_devices SET {cols} WHERE rollout = ? AND "
+                             "device = ?", (*fields.values(), rid, device))
 
-    def record_result(self, r: CommandResult) -> None:
-        """Match a command result to the rollout device it answers."""
-        if r.command_id is None:
-            return
-        row = self.sql.execute("SELECT rollout FROM rollout_devices WHERE device = ? AND "
-                               "command_id = ?", (r.device, r.command_id)).fetchone()
-        if row is not None:
-            outcome = (Outcome.COMMITTED if r.ok else Outcome.ROLLED_BACK
-                       if r.check in ("health", "cancelled") else Outcome.FAILED)
-            self.set_device(row[0], r.device, outcome=outcome.value, detail=r.result[:300])
-            return
-        row = self.sql.execute("SELECT rollout FROM rollout_devices WHERE device = ? AND "
-                               "rollback_id = ?", (r.device, r.command_id)).fetchone()
-        if row is not None:
-            self.set_device(row[0], r.device,
-                            rollback_result=("ok: " if r.ok else "failed: ") + r.result)
+    # -- commands --------------------------------------------------------------------------
+    def record_command(self, rid: str, device: str, kind: str, cmd_id: str, attempt: int,
+                       expires: float, payload: bytes) -> None:
+        with self._lock:
+            self.sql.execute("INSERT INTO rollout_commands VALUES (?,?,?,?,?,?,?,?,?,?)",
+                             (cmd_id, rid, device, kind, attempt, time.time(), expires,
+                              "to_send", None, payload))
 
+    def unsent(self, rid: str) -> list[tuple[str, str, str, float, bytes]]:
+        """(id, device, kind, expires, payload) of the commands never acknowledged."""
+        with self._lock:
+            return self.sql.execute("SELECT id, device, kind, expires, payload FROM "
+                                    "rollout_commands WHERE rollout = ? AND state = "
+                                    "'to_send' ORDER BY created", (rid,)).fetchall()
+
+    def command(self, cmd_id: str) -> tuple[str, str, str, int] | None:
+        """(rollout, device, kind, attempt) of a command this database sent."""
+        with self._lock:
+            row = self.sql.execute("SELECT rollout, device, kind, attempt FROM "
+                                   "rollout_commands WHERE id = ?", (cmd_id,)).fetchone()
+        return None if row is None else (row[0], row[1], row[2], int(row[3]))
+
+    def mark_sent(self, cmd_id: str) -> None:
+        with self._lock:
+            self.sql.execute("UPDATE rollout_commands SET state = 'sent', sent_at = ? "
+                             "WHERE id = ? AND state = 'to_send'", (time.time(), cmd_id))
+
+    def drop_unsent(self, cmd_id: str) -> None:
+        with self._lock:
+            self.sql.execute("UPDATE rollout_commands SET state = 'expired' WHERE id = ? "
+                             "AND state = 'to_send'", (cmd_id,))
+
+    # -- reading ---------------------------------------------------------------------------
     def status_lines(self, rid: str, *, every_device: bool = False) -> list[str]:
-        """The rollout, then its devices: each one for small rollouts (or `every_device`),
-        otherwise a count per wave and outcome and only the devices that did not commit."""
+        """The rollout, the versions its group runs, then its devices: each one for small
+        rollouts (or `every_device`), otherwise a count per wave and status, and only the
+        devices that are not done."""
         ro = self.get(rid)
-        sizes = ro.sizes
-        out = [f"rollout {rid}: {ro.model} v{ro.version} to group {ro.group}, "
-               f"{ro.status}, wave {ro.wave + 1} of {len(sizes)}"
-               + (f" — {ro.reason}" if ro.reason else "")]
         devices = self.devices(rid)
-        every_device = every_device or len(devices) <= 20
+        states = {r.device: r for r in self.db.devices()}
+        out = [f"rollout {rid}: {ro.model} v{ro.version} to group {ro.group}, "
+               f"{ro.shown_status()}, wave {ro.wave + 1} of {len(ro.sizes)}"
+               + (f" — {ro.reason}" if ro.reason else "")]
+        if ro.culprits:
+            out.append("  caused by: " + ", ".join(ro.culprits[:20])
+                       + (", …" if len(ro.culprits) > 20 else ""))
+        versions = Counter(_running(states.get(d.device), ro.model) for d in devices)
+        out.append("  group runs: " + ", ".join(f"{n} on {v}" for v, n in
+                                                sorted(versions.items())))
+
+        def shown(d: RolloutDevice) -> str:
+            s = states.get(d.device)
+            if d.status is Exec.QUEUED and (s is None or not s.online):
+                return "offline"
+            return d.status.value
 
         def line(d: RolloutDevice) -> str:
-            return (f"  wave {d.wave + 1}  {d.device:14} {d.shown_outcome:12}"
-                    + (f" {d.detail}" if d.detail and d.outcome != "committed"
-                       else "")
+            return (f"  wave {d.wave + 1}  {d.device:14} {shown(d):15} "
+                    f"{_running(states.get(d.device), ro.model):6}"
+                    + (f" {d.detail}" if d.detail and d.status not in DONE else "")
                     + (f"; rollback {d.rollback_result or 'sent'}" if d.rollback_id
                        else ""))
-        if every_device:
+        if every_device or len(devices) <= 20:
             return out + [line(d) for d in devices]
-        for w in range(len(sizes)):
+        for w in range(len(ro.sizes)):
             mine = [d for d in devices if d.wave == w]
-            counts = Counter(d.shown_outcome for d in mine)
+            counts = Counter(shown(d) for d in mine)
             rolled = sum(1 for d in mine if d.rollback_id)
             out.append(f"  wave {w + 1}: {len(mine)} device(s): "
                        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
                        + (f"; {rolled} sent a rollback" if rolled else ""))
         return out + [line(d) for d in devices
-                      if d.outcome not in ("committed", "pending") or (d.rollback_result
-                      and not d.rollback_result.startswith("ok"))]
+                      if d.status not in DONE and (d.attempts or d.status is not Exec.QUEUED)]
+
+
+def _alive(owner: str) -> bool:
+    """False when `owner` ("host:pid:tag") was a process of this host that is gone (a
+    controller killed a moment ago need not wait for its lock to go stale)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _running(state: Any, model: str) -> str:
+    """The version a device's retained state says it serves: "v2", or "-"."""
+    m = (state.models.get(model) if state is not None else None) or {}
+    return f"v{m['version']}" if "version" in m else "-"
 
 
 class Controller:
     """Carries out rollouts: sends deploys, listens for results, judges waves.
 
-    Telemetry and events reach the same database through a `FleetWatcher` on a shared
-    subscription: two controllers on one database split that load between them."""
+    Its `FleetWatcher` keeps device state, telemetry and events current in the database,
+    on the controllers' shared subscription (two controllers on one database split that
+    load); monitoring tools read on their own."""
 
     def __init__(self, db: FleetDB, broker_url: BrokerAuth | str, fleet: str,
-                 keys: Iterable[SigningKey],
-                 *, client_id: str = "edge-fleet-controller") -> None:
-        self.db = db
+                 keys: Iterable[SigningKey], *, connect_wait_s: float = 60.0) -> None:
+        self.db, self.broker = db, broker_url
         self.rollouts = Rollouts(db)
-        self.watcher = FleetWatcher(db, broker_url, fleet).start()
         self.fleet, self.keys = fleet, list(keys)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.gate = ReportGate(db, fleet)
-        self._lock = threading.Lock()
-        self.client, _ = connect(broker_url, client_id,
-                                 topics=[f"{PREFIX}/{fleet}/+/cmd/result"],
-                                 on_message=self._message, session_expiry_s=24 * 3600)
+        self.connect_wait_s = connect_wait_s
+        self.watcher = FleetWatcher(db, broker_url, fleet, share_group=CONTROLLER_GROUP,
+                                    on_report=self._report, connect_wait_s=connect_wait_s)
+        self.watcher.synced()  # the devices' retained states first: who is online
+        self._sessions: dict[str, paho.Client] = {}
+        # command id -> (rollout, paho's message info): handed to paho, not acknowledged
+        self._publishing: dict[str, tuple[str, paho.MQTTMessageInfo]] = {}
+        self._sends: deque[float] = deque()  # publish times in the last minute (pace)
 
     def close(self) -> None:
         self.watcher.stop()
-        self.client.loop_stop()
-        self.client.disconnect()
+        for rid, client in self._sessions.items():
+            self.rollouts.release(rid, self.owner)
+            client.loop_stop()
+            client.disconnect()
+        self._sessions.clear()
+
+    # -- MQTT ------------------------------------------------------------------------------
+    def _session(self, rid: str) -> paho.Client:
+        """The rollout's results session, opened once this controller holds its lock."""
+        self.rollouts.acquire(rid, self.owner)
+        client = self._sessions.get(rid)
+        if client is None:
+            client, _ = connect_patiently(
+                self.broker, f"edge-fleet-rollout-{rid}",
+                topics=[f"{PREFIX}/{self.fleet}/+/cmd/result"],
+                on_message=self._message, session_expiry_s=24 * 3600,
+                max_inflight=1000, wait_s=self.connect_wait_s)
+            self._sessions[rid] = client
+        return client
 
     def _message(self, client: Any, userdata: Any, msg: Any) -> None:
         """A command result: believed only when its device signed it (`fleet.ingest`);
         an error while recording one is counted and logged, never fatal."""
         try:
             report = self.gate.open(msg.topic, bytes(msg.payload))
-            if report is None or not isinstance(report.payload, CommandResult):
-                return
-            with self._lock:
-                self.rollouts.record_result(report.payload)
+            if report is not None:
+                self._report(report)
         except Exception:  # one bad message must never stop the results
             self.db.bump("ingest_errors")
             log.exception("rollout.result_crashed topic=%.200s", msg.topic)
 
-    def _send(self, rid: str, kind: str, devices: list[str], **fields: Any) -> None:
-        """Signed commands to `devices`: their ids are recorded first (a result can come
-        back before the broker's PUBACK), then all are published, then the PUBACKs are
-        awaited, outside the lock (the network thread takes it to record results)."""
-        cmds = [build_command(kind, fleet=self.fleet, device=d, **fields) for d in devices]
-        with self._lock:
-            for d, cmd in zip(devices, cmds, strict=True):
-                if kind == "deploy":
-                    self.rollouts.set_device(rid, d, command_id=cmd.id, sent_at=time.time(),
-                                             outcome=Outcome.PENDING.value)
-                else:
-                    self.rollouts.set_device(rid, d, rollback_id=cmd.id)
-        sent = [self.client.publish(device_topic(self.fleet, d, "cmd"),
-                                    sign_command(cmd, self.keys), qos=1)
-                for d, cmd in zip(devices, cmds, strict=True)]
-        for info in sent:
-            info.wait_for_publish(30)
+    def _report(self, report: Report) -> None:
+        """A device's signed result or event about a command of a rollout."""
+        p = report.payload
+        if isinstance(p, CommandResult) and p.command_id:
+            self.record_result(p)
+        elif isinstance(p, Event) and p.command_id and p.kind.startswith("deploy."):
+            sent = self.rollouts.command(p.command_id)
+            if sent is not None and sent[2] == "deploy" and sent[1] == p.device:
+                self.rollouts.transition(sent[0], p.device, "progress", f"event {p.kind}")
 
+    def _collect_acks(self, rid: str) -> None:
+        """Commands the broker acknowledged since the last step: marked sent, and their
+        executions moved from to_send to sent. (paho keeps what was in flight across a
+        reconnect and sends it again itself.)"""
+        for cmd_id, (r, info) in list(self._publishing.items()):
+            if r != rid or not info.is_published():
+                continue
+            del self._publishing[cmd_id]
+            self.rollouts.mark_sent(cmd_id)
+            sent = self.rollouts.command(cmd_id)
+            if sent is None or sent[2] != "deploy":
+                continue
+            d = self.rollouts.device(rid, sent[1])
+            if d is not None and d.command_id == cmd_id and d.status is Exec.TO_SEND:
+                self.rollouts.transition(rid, sent[1], "acked", "the broker acknowledged "
+                                         f"deploy {cmd_id[:8]}", sent_at=time.time())
+
+    # -- device reports --------------------------------------------------------------------
+    def record_result(self, r: CommandResult) -> None:
+        """Match a signed result to the command it answers (any attempt of it: a late
+        answer to an earlier attempt is still the truth) and move the execution."""
+        assert r.command_id is not None
+        sent = self.rollouts.command(r.command_id)
+        if sent is None or sent[1] != r.device:
+            return
+        rid, device, kind, attempt = sent
+        if r.check == "replay":
+            return  # a copy of a command re-sent after a crash; the first one answers
+        why = f"{kind} {r.command_id[:8]}: {r.result[:200]}"
+        if kind == "rollback":
+            self.rollouts.set_device(rid, device, rollback_result=("ok: " if r.ok
+                                                                   else "failed: ") + r.result)
+            if r.ok and r.check != "not_serving":
+                self.rollouts.transition(rid, device, "fleet_rollback", why)
+            return
+        d = self.rollouts.device(rid, device)
+        if d is None:
+            return
+        if r.ok:
+            event = "already" if r.check == "already" else "committed"
+        elif r.check in ("health", "cancelled"):
+            event = "rolled_back"
+        elif r.check in VERSION_CHECKS and self._serves(rid, device, at_least=True):
+            event = "already"
+        else:
+            event = "failed"
+        if event == "failed" and attempt < d.attempts:
+            log.info("rollout.stale_failure rollout=%s device=%s %s", rid, device, why)
+            return  # a newer attempt is under way; this one's failure is history
+        new = self.rollouts.transition(rid, device, event, why, detail=r.result[:300],
+                                       **({"failure": r.check or "failed"}
+                                          if event == "failed" else {}))
+        if new is Exec.FAILED:
+            self._maybe_retry(rid, device, r.check or "failed")
+        if new is Exec.COMMITTED and self.rollouts.get(rid).status is not Status.RUNNING:
+            # committed after a halt or abort: it needs a rollback of its own
+            self.rollouts.set_device(rid, device, rollback_id=None, rollback_result=None)
+
+    def _maybe_retry(self, rid: str, device: str, kind: str) -> None:
+        ro, d = self.rollouts.get(rid), self.rollouts.device(rid, device)
+        if d is None or ro.status is not Status.RUNNING or not ro.retry.allows(kind, d.attempts):
+            return
+        self.rollouts.transition(rid, device, "retry", f"{kind}: attempt {d.attempts + 1} "
+                                 f"of {dict(ro.retry.retries).get(kind, 0) + 1}",
+                                 retry_at=time.time() + ro.retry.delay_s(d.attempts))
+
+    def _serves(self, rid: str, device: str, *, at_least: bool) -> bool:
+        ro = self.rollouts.get(rid)
+        m = self.db.models_of(device).get(ro.model) or {}
+        v = m.get("version")
+        return v is not None and (v >= ro.version if at_least else v == ro.version)
+
+    def _reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> None:
+        """What the devices' retained states say settles what reports left open: a device
+        on the release (committed) or ahead of it is done; one that no longer serves a
+        release recorded as committed was rolled back."""
+        states = self.db.state_rows()
+        for d in devices:
+            s = states.get(d.device)
+            if s is None:
+                continue
+            m = s["models"].get(ro.model) or {}
+            v, floor = m.get("version"), m.get("committed")
+            if v is None:
+                continue
+            fresh = s["received"] is not None and s["received"] > (d.updated or 0) + \
+                STATE_MARGIN_S
+            committed = floor is not None and floor >= v
+            if v > ro.version and d.status not in DONE:
+                self.rollouts.transition(ro.id, d.device, "already",
+                                         f"its state: serves v{v}, ahead of v{ro.version}")
+            elif v == ro.version and committed and d.status not in DONE:
+                if d.attempts == 0:
+                    self.rollouts.transition(ro.id, d.device, "already",
+                                             f"its state: serves v{v} committed")
+                elif fresh:
+                    self.rollouts.transition(ro.id, d.device, "serves_release",
+                                             f"its state: serves v{v} committed")
+            elif v < ro.version and d.status is Exec.COMMITTED and fresh:
+                self.rollouts.transition(ro.id, d.device, "serves_older",
+                                         f"its state: serves v{v}")
+
+    # -- sending ---------------------------------------------------------------------------
+    def _record(self, rid: str, kind: str, devices: list[RolloutDevice], ttl_s: float,
+                **fields: Any) -> None:
+        """Signed commands recorded *to send* (with the execution's transition for a
+        deploy); `_flush` publishes them."""
+        for d in devices:
+            cmd = build_command(kind, fleet=self.fleet, device=d.device,
+                                ttl=timedelta(seconds=ttl_s), **fields)
+            raw = sign_command(cmd, self.keys)
+            expires = cmd.expires.timestamp()
+            if kind == "deploy":
+                self.rollouts.record_command(rid, d.device, kind, cmd.id, d.attempts + 1,
+                                             expires, raw)
+                self.rollouts.transition(rid, d.device, "send", f"deploy {cmd.id[:8]}, "
+                                         f"attempt {d.attempts + 1}", command_id=cmd.id,
+                                         attempts=d.attempts + 1, retry_at=None)
+            else:
+                self.rollouts.record_command(rid, d.device, kind, cmd.id, 1, expires, raw)
+                self.rollouts.set_device(rid, d.device, rollback_id=cmd.id,
+                                         rollback_result=None)
+
+    def _flush(self, rid: str, *, deploys: bool) -> int:
+        """Publish what is recorded and not acknowledged (QoS 1, expiring with the command)
+        while connected; returns how many were handed to the broker."""
+        client = self._session(rid)
+        if not client.is_connected():
+            return 0
+        n, now = 0, time.time()
+        for cmd_id, device, kind, expires, payload in self.rollouts.unsent(rid):
+            if cmd_id in self._publishing or (kind == "deploy" and not deploys):
+                continue
+            if expires <= now + 1:
+                self.rollouts.drop_unsent(cmd_id)
+                if kind == "deploy":
+                    self.rollouts.transition(rid, device, "unsent_expired",
+                                             f"command {cmd_id[:8]} expired unsent")
+                continue
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho
+            props.MessageExpiryInterval = int(expires - now)
+            info = client.publish(device_topic(self.fleet, device, "cmd"), payload, qos=1,
+                                  properties=props)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                break  # disconnected meanwhile: the next step tries again
+            self._publishing[cmd_id] = (rid, info)
+            n += 1
+        deadline = time.monotonic() + 2.0  # most acks come at once: record them now
+        for r, info in list(self._publishing.values()):
+            if r == rid and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(RuntimeError, ValueError):  # disconnected: later
+                    info.wait_for_publish(left)
+        self._collect_acks(rid)
+        return n
+
+    def _room(self, ro: Rollout) -> int:
+        """Deploys the pace allows now (`max_per_minute`, as IoT Jobs' rate)."""
+        if ro.max_per_minute <= 0:
+            return 1 << 30
+        now = time.monotonic()
+        while self._sends and now - self._sends[0] > 60:
+            self._sends.popleft()
+        return max(0, ro.max_per_minute - len(self._sends))
+
+    # -- stepping --------------------------------------------------------------------------
     def step(self, rid: str) -> Status:
         """One pass over a rollout; returns its status."""
-        with self._lock:
-            ro = self.rollouts.get(rid)
+        self._session(rid)  # the lock first: a second controller stops here
+        self._collect_acks(rid)
+        ro = self.rollouts.get(rid)
+        devices = self.rollouts.devices(rid)
+        self._reconcile(ro, devices)
         if ro.status in (Status.HALTED, Status.ABORTED):
             self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
+            self._flush(rid, deploys=False)
             return ro.status
         if ro.status is not Status.RUNNING:
             return ro.status
-        with self._lock:
-            devices = [d for d in self.rollouts.devices(rid) if d.wave <= ro.wave]
-            unsent = [d.device for d in devices if d.command_id is None
-                      or d.outcome is Outcome.OFFLINE]
-        if unsent:
-            self._send(rid, "deploy", unsent, **deploy_fields(ro.archive, ro.urls))
-        with self._lock:
-            if ro.wave_started is None or unsent:
-                self.rollouts.set(rid, wave_started=ro.wave_started or time.time())
-                ro = self.rollouts.get(rid)
-            status = self._judge(rid, ro, self.rollouts.devices(rid))
+        self._join_newcomers(ro, devices)
+        now = time.time()
+        devices = self.rollouts.devices(rid)
+        for d in devices:  # timeouts, then their retries
+            if d.status in (Exec.SENT, Exec.IN_PROGRESS) and d.sent_at is not None \
+                    and now - d.sent_at > ro.wave_timeout_s:
+                self.rollouts.transition(rid, d.device, "timeout", f"no answer in "
+                                         f"{ro.wave_timeout_s:g} s", failure="timeout")
+                self._maybe_retry(rid, d.device, "timeout")
+        online = self.db.online()
+        last = len(ro.sizes) - 1
+        due = [d for d in self.rollouts.devices(rid)
+               if (d.wave <= ro.wave or (ro.continuous and ro.wave == last))
+               and d.status is Exec.QUEUED and d.device in online
+               and (d.retry_at is None or d.retry_at <= now)]
+        due = due[:self._room(ro)]
+        if due:
+            self._record(rid, "deploy", due, ro.command_ttl_s,
+                         **deploy_fields(ro.archive, ro.urls))
+            self._sends.extend([time.monotonic()] * len(due))
+            if ro.wave_started is None:
+                self.rollouts.set(rid, wave_started=time.time())
+        self._flush(rid, deploys=True)
+        ro = self.rollouts.get(rid)
+        if ro.wave_started is None:
+            self.rollouts.set(rid, wave_started=time.time())
+            ro = self.rollouts.get(rid)
+        status = self._judge(ro, self.rollouts.devices(rid), online)
         if status is Status.HALTED:
             self._roll_back_touched(rid)
+            self._flush(rid, deploys=False)
         return status
 
-    def _judge(self, rid: str, ro: Rollout, devices: list[RolloutDevice]) -> Status:
-        wave_devs = [d for d in devices if d.wave <= ro.wave]
-        outcomes = {d.device: d.outcome for d in wave_devs}
-        now = time.time()
+    def _join_newcomers(self, ro: Rollout, devices: list[RolloutDevice]) -> None:
+        known = {d.device for d in devices}
+        for r in self.db.devices(group=ro.group):
+            if r.device not in known and self.db.registered_key(r.device) is not None:
+                self.rollouts.add_member(ro.id, r.device)
+
+    def _judge(self, ro: Rollout, devices: list[RolloutDevice], online: set[str]) -> Status:
+        reached = [d for d in devices if d.wave <= ro.wave]
+        statuses = {d.device: d.status for d in reached}
+        away = frozenset(d.device for d in reached
+                         if d.status is Exec.QUEUED and d.device not in online)
         assert ro.wave_started is not None  # step sets it before judging
-        verdict = judge(outcomes, deadline_passed=now - ro.wave_started > ro.wave_timeout_s,
-                        criteria=ro.criteria,
+        verdict = judge(statuses, criteria=ro.criteria, away=away,
                         health=self._health(ro, devices, ro.wave_started))
+        now = time.time()
         if verdict.action == "wait":
             return Status.RUNNING
         if verdict.action == "halt":
-            return self.rollouts.move(rid, "halt", verdict.reason)
+            bad = sorted(d.device for d in reached
+                         if d.status in (Exec.FAILED, Exec.ROLLED_BACK, Exec.TIMED_OUT))
+            self.rollouts.set(ro.id, culprits_json=json.dumps(bad))
+            return self.rollouts.move(ro.id, "halt", verdict.reason)
         # advance: every device answered; watch them for the wave's health window first
         if ro.settled_at is None:
-            self.rollouts.set(rid, settled_at=now)
+            self.rollouts.set(ro.id, settled_at=now)
             ro = replace(ro, settled_at=now)
         assert ro.settled_at is not None
         if now - ro.settled_at < ro.health_window_s:
             return Status.RUNNING
-        for d in wave_devs:  # late devices: retried in the next wave
-            if d.outcome is Outcome.PENDING:
-                self.rollouts.set_device(rid, d.device, outcome=Outcome.OFFLINE.value)
         if ro.wave + 1 >= len(ro.sizes):
-            return self.rollouts.move(rid, "complete", verdict.reason)
-        self.rollouts.set(rid, wave=ro.wave + 1, wave_started=None, settled_at=None,
+            if ro.continuous:
+                return Status.RUNNING  # targets devices that come back or join, until aborted
+            return self.rollouts.move(ro.id, "complete", verdict.reason)
+        self.rollouts.set(ro.id, wave=ro.wave + 1, wave_started=None, settled_at=None,
                           reason=verdict.reason)
         return Status.RUNNING
 
     def _health(self, ro: Rollout, devices: list[RolloutDevice], since: float) -> Health:
         """Updated devices (sent this release, not failed) against the baseline (devices
         of the rollout not reached yet) since the wave started."""
-        updated = [d.device for d in devices if d.may_serve_release]
-        baseline = [d.device for d in devices if d.command_id is None]
+        updated = [d.device for d in devices if d.status in MAY_SERVE]
+        baseline = [d.device for d in devices if d.attempts == 0 and d.status is Exec.QUEUED]
         anomalies = self.db.anomalies_since(since)
         latency = self.db.latency_p95_since(ro.model, since)
 
@@ -376,16 +839,17 @@ class Controller:
 
     def _roll_back_touched(self, rid: str) -> None:
         """Signed rollbacks to every device this rollout may have changed and that has
-        not been sent one. Failed deploys never activated and health-window rollbacks
-        undid themselves; committed ones, and pending ones that may be in their window
-        (the agent cancels a deploy in progress), go back."""
-        with self._lock:
-            ro = self.rollouts.get(rid)
-            targets = [d.device for d in self.rollouts.devices(rid)
-                       if d.may_serve_release and d.rollback_id is None]
+        not been sent one: committed, in progress, sent, not yet acknowledged, timed out,
+        or waiting for a retry. Each rollback names the release's version: a device that
+        does not serve it (its deploy never arrived or expired) answers that there is
+        nothing to undo, and one still deploying it cancels."""
+        ro = self.rollouts.get(rid)
+        targets = [d for d in self.rollouts.devices(rid)
+                   if d.may_serve_release and d.rollback_id is None]
         if targets:
-            self._send(rid, "rollback", targets, model=ro.model,
-                       reason=f"rollout {rid} {ro.status}: {ro.reason}")
+            self._record(rid, "rollback", targets, ro.command_ttl_s, model=ro.model,
+                         version=ro.version,
+                         reason=f"rollout {rid} {ro.status}: {ro.reason}"[:500])
 
     def abort(self, rid: str, reason: str = "aborted by the operator") -> None:
         """Abort a running or paused rollout and roll back every device it touched.
@@ -393,30 +857,38 @@ class Controller:
         Raises:
             FleetError: the rollout already ended.
         """
-        with self._lock:
-            self.rollouts.move(rid, "abort", reason)
+        self.rollouts.move(rid, "abort", reason)
         self._roll_back_touched(rid)
+
+    def outstanding(self, rid: str) -> list[RolloutDevice]:
+        """After a halt or abort: devices whose rollback has not been answered, or whose
+        deploy may still land."""
+        return [d for d in self.rollouts.devices(rid)
+                if (d.rollback_id and not d.rollback_result) or d.status in OPEN]
 
     def run(self, rid: str, *, poll_s: float = 0.5, timeout_s: float = 3600,
             rollback_wait_s: float = 30.0) -> Status:
-        """Step until the rollout ends or pauses; after a halt or abort, wait up to
-        `rollback_wait_s` for the rollbacks' results, so the summary shows them."""
+        """Step until the rollout ends or pauses; after a halt or abort, keep stepping up
+        to `rollback_wait_s` until every rollback is answered, so the record shows them
+        (a device that commits meanwhile is sent its rollback too). A broker outage or a
+        publish that fails is waited out, never fatal."""
         end = time.monotonic() + timeout_s
         status = Status.RUNNING
-        beat = 0.0
+        beat = -1e9
         while time.monotonic() < end:
             if time.monotonic() - beat >= HEARTBEAT_EVERY_S:  # freshness for every device
-                beat = time.monotonic()
-                self.client.publish(fleet_topic(self.fleet, "heartbeat"),
-                                    heartbeat(self.fleet, self.keys), qos=1, retain=True)
+                client = self._session(rid)
+                if client.is_connected():
+                    beat = time.monotonic()
+                    client.publish(fleet_topic(self.fleet, "heartbeat"),
+                                   heartbeat(self.fleet, self.keys), qos=1, retain=True)
             status = self.step(rid)
             if status is not Status.RUNNING:
                 break
             time.sleep(poll_s)
         if status in (Status.HALTED, Status.ABORTED):
-            until = time.monotonic() + rollback_wait_s
-            while time.monotonic() < until and any(
-                    d.rollback_id and not d.rollback_result
-                    for d in self.rollouts.devices(rid)):
+            until = min(end, time.monotonic() + rollback_wait_s)
+            while time.monotonic() < until and self.outstanding(rid):
                 time.sleep(poll_s)
+                self.step(rid)
         return status

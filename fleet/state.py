@@ -8,8 +8,9 @@ publishes without a registered key is listed as unknown, never stored as a devic
 exception while storing one message is caught, counted and logged: the watcher lives on.
 
 `retained state` is subscribed normally (the broker does not deliver retained messages to
-shared subscriptions); telemetry and events use a shared subscription (`$share/{group}/...`)
-so several controllers can split the load.
+shared subscriptions); the rollout controllers take telemetry and events on a shared
+subscription of their own (`CONTROLLER_GROUP`) so several can split the load, and every
+monitoring tool subscribes without one (it sees every message and takes none from them).
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ import logging
 import sqlite3
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.link.wire import PREFIX, Event, StatePayload, Telemetry
 from agent.trust.signatures import PublicKey
-from fleet._mqtt import BrokerAuth, connect
-from fleet.ingest import ReportGate
+from fleet._mqtt import BrokerAuth, connect_patiently
+from fleet.ingest import Report, ReportGate
 
 log = logging.getLogger("edge_fleet.state")
+#: The shared-subscription group of the rollout controllers (and only theirs).
+CONTROLLER_GROUP = "edge-fleet-controllers"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -38,7 +42,7 @@ CREATE TABLE IF NOT EXISTS devices (
   agent_version TEXT, groups_json TEXT NOT NULL, models_json TEXT NOT NULL,
   state_at TEXT, telemetry_at REAL, telemetry_json TEXT,
   last_anomaly TEXT, last_anomaly_at TEXT, events INTEGER NOT NULL DEFAULT 0,
-  trust_json TEXT);
+  trust_json TEXT, state_received REAL, last_seen REAL, offline_at REAL, started_at TEXT);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS anomalies (
   device TEXT NOT NULL, received REAL NOT NULL, model TEXT, detector TEXT, message TEXT);
@@ -84,7 +88,7 @@ class DeviceRow:
 
 class FleetDB:
     def __init__(self, path: Path | str) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # Durable against a killed process (the controller resumes from here); a power cut
@@ -92,8 +96,17 @@ class FleetDB:
         # (persistent session) bring back.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        if "trust_json" not in {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}:
-            self._db.execute("ALTER TABLE devices ADD COLUMN trust_json TEXT")  # older files
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+        for column, decl in (("trust_json", "TEXT"), ("state_received", "REAL"),
+                             ("last_seen", "REAL"), ("offline_at", "REAL"),
+                             ("started_at", "TEXT")):
+            if column not in have:  # files made by an earlier version
+                self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {decl}")
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held around every write of this connection (the rollout tables take it too)."""
+        return self._lock
 
     @property
     def connection(self) -> sqlite3.Connection:
@@ -152,27 +165,41 @@ class FleetDB:
             "ORDER BY name")}
 
     # -- what devices report ---------------------------------------------------------------
-    def put_state(self, s: StatePayload) -> None:
+    def put_state(self, s: StatePayload, received: float | None = None) -> None:
+        """A device's retained state, stamped with when it arrived: a birth is a sign of
+        life; a Last Will (offline) keeps the models it last reported, and its arrival
+        time is when the broker noticed the device gone (about 1.5 keepalives after it
+        went silent), which is all a Will can tell."""
+        received = time.time() if received is None else received
         models = {n: m.model_dump() for n, m in s.models.items()}
         with self._lock:
             self._db.execute(
                 "INSERT INTO devices (device, fleet, online, profile, agent_version, "
-                "groups_json, models_json, state_at, trust_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "groups_json, models_json, state_at, trust_json, state_received, "
+                "last_seen, offline_at, started_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(device) DO UPDATE SET online = excluded.online, "
                 "profile = excluded.profile, agent_version = excluded.agent_version, "
                 "groups_json = excluded.groups_json, state_at = excluded.state_at, "
                 "models_json = CASE WHEN excluded.online THEN excluded.models_json "
                 "ELSE devices.models_json END, trust_json = COALESCE(excluded.trust_json, "
-                "devices.trust_json)",
+                "devices.trust_json), state_received = excluded.state_received, "
+                "last_seen = CASE WHEN excluded.online THEN excluded.last_seen "
+                "ELSE MAX(COALESCE(devices.last_seen, 0), COALESCE(excluded.last_seen, 0)) "
+                "END, offline_at = excluded.offline_at, "
+                "started_at = COALESCE(excluded.started_at, devices.started_at)",
                 (s.device, s.fleet, int(s.online), s.profile, s.agent_version,
                  json.dumps(s.groups), json.dumps(models), s.at.isoformat(),
-                 s.trust.model_dump_json() if s.trust else None))
+                 s.trust.model_dump_json() if s.trust else None, received,
+                 received if s.online else (s.seen_at.timestamp() if s.seen_at else None),
+                 None if s.online else received,
+                 s.started_at.isoformat() if s.started_at else None))
 
     def put_telemetry(self, t: Telemetry, received: float) -> None:
         with self._lock:
-            self._db.execute("UPDATE devices SET telemetry_at = ?, telemetry_json = ? "
-                             "WHERE device = ?", (received, t.model_dump_json(), t.device))
+            self._db.execute("UPDATE devices SET telemetry_at = ?, telemetry_json = ?, "
+                             "last_seen = ? WHERE device = ?",
+                             (received, t.model_dump_json(), received, t.device))
 
     def put_event(self, e: Event, received: float) -> None:
         with self._lock:
@@ -202,6 +229,26 @@ class FleetDB:
                 out[dev] = float(m["latency_p95_ms"])
         return out
 
+    def online(self) -> set[str]:
+        """Devices whose retained state says online."""
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT device FROM devices WHERE online")}
+
+    def models_of(self, device: str) -> dict[str, Any]:
+        """The models a device last reported serving: name -> {version, committed, ...}."""
+        with self._lock:
+            row = self._db.execute("SELECT models_json FROM devices WHERE device = ?",
+                                   (device,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    def state_rows(self) -> dict[str, dict[str, Any]]:
+        """device -> {"online", "models", "received"} from the retained states."""
+        with self._lock:
+            rows = self._db.execute("SELECT device, online, models_json, state_received "
+                                    "FROM devices").fetchall()
+        return {d: {"online": bool(o), "models": json.loads(m), "received": r}
+                for d, o, m, r in rows}
+
     def devices(self, *, group: str | None = None, now: float | None = None
                 ) -> list[DeviceRow]:
         now = time.time() if now is None else now
@@ -225,33 +272,60 @@ def _text(evidence: dict[str, Any], key: str) -> str | None:
 
 
 class FleetWatcher:
-    """Subscribes to a fleet's topics and keeps a `FleetDB` up to date."""
+    """Subscribes to a fleet's topics and keeps a `FleetDB` up to date.
+
+    `share_group`: the rollout controllers share telemetry and events
+    (`CONTROLLER_GROUP`); a monitoring tool (status, watch, dashboard) passes None and
+    subscribes on its own, so it never takes a message from a controller or another tool.
+    The client id is unique per instance; paho reconnects after a broker outage and the
+    subscriptions are made again (retained states arrive again with them)."""
 
     def __init__(self, db: FleetDB, broker_url: BrokerAuth | str, fleet: str, *,
-                 share_group: str = "edge-fleet", client_id: str | None = None) -> None:
+                 share_group: str | None = None, client_id: str | None = None,
+                 on_report: Callable[[Report], None] | None = None,
+                 connect_wait_s: float = 0.0) -> None:
         self.db, self.fleet = db, fleet
         self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
         self.errors = 0  # messages whose handling raised (logged, counted, survived)
         self.gate = ReportGate(db, fleet)
+        self.on_report = on_report
         base = f"{PREFIX}/{fleet}"
-        self.client, _ = connect(
-            broker_url, client_id or f"edge-fleet-{time.time_ns()}",
-            topics=[f"{base}/+/state", f"$share/{share_group}/{base}/+/telemetry",
-                    f"$share/{share_group}/{base}/+/event"], on_message=self._message)
+        share = f"$share/{share_group}/" if share_group else ""
+        self._last_message = time.monotonic()
+        self.client, self.subscribed = connect_patiently(
+            broker_url, client_id or f"edge-fleet-{uuid.uuid4().hex[:12]}",
+            topics=[f"{base}/+/state", f"{share}{base}/+/telemetry",
+                    f"{share}{base}/+/event"], on_message=self._message,
+            wait_s=connect_wait_s)
+
+    def synced(self, *, quiet_s: float = 0.3, max_s: float = 5.0) -> bool:
+        """Wait until the subscriptions are acknowledged and the retained states they
+        bring have stopped arriving (nothing for `quiet_s`), at most `max_s`."""
+        end = time.monotonic() + max_s
+        if not self.subscribed.wait(max_s):
+            return False
+        while time.monotonic() < end:
+            if time.monotonic() - self._last_message >= quiet_s:
+                return True
+            time.sleep(quiet_s / 3)
+        return False
 
     def _message(self, client: Any, userdata: Any, msg: Any) -> None:
+        self._last_message = time.monotonic()
         try:
             report = self.gate.open(msg.topic, bytes(msg.payload))
             if report is None:
                 return
             p = report.payload
             if isinstance(p, StatePayload):
-                self.db.put_state(p)
+                self.db.put_state(p, time.time())
             elif isinstance(p, Telemetry):
                 self.db.put_telemetry(p, time.time())
             elif isinstance(p, Event):
                 self.db.put_event(p, time.time())
             self.ingested[report.kind] += 1
+            if self.on_report is not None:
+                self.on_report(report)
         except Exception:  # one bad message must never stop ingest
             self.errors += 1
             self.db.bump("ingest_errors")
@@ -266,6 +340,18 @@ class FleetWatcher:
         self.client.disconnect()
 
 
+def shown_models(models: Mapping[str, Any]) -> str:
+    """"digits v2" for a committed version, "digits v2*" for one in its health window
+    (above the committed floor), "digits v1 (rolled back from v2)" below it."""
+    out = []
+    for n, m in models.items():
+        v, floor = m["version"], m.get("committed")
+        mark = ("*" if floor is None or v > floor
+                else f" (rolled back from v{floor})" if v < floor else "")
+        out.append(f"{n} v{v}{mark}")
+    return ", ".join(out) or "-"
+
+
 def status_lines(rows: list[DeviceRow], *, unknown: Sequence[tuple[str, int]] = (),
                  ignored: Mapping[str, int] | None = None) -> list[str]:
     """The `edge-fleet status` table: devices, then devices that published without a
@@ -274,19 +360,16 @@ def status_lines(rows: list[DeviceRow], *, unknown: Sequence[tuple[str, int]] = 
             f"{'health':12} last anomaly")
     out = [head, "-" * len(head)]
     for r in rows:
-        models = ", ".join(f"{n} v{m['version']}" + ("*" if m.get("committed") != m["version"]
-                                                      else "")
-                           for n, m in r.models.items()) or "-"
         out.append(f"{r.device:16} {'yes' if r.online else 'no':7} {r.profile or '-':18} "
-                   f"{models:22} {r.root:17} {r.health:12} {r.last_anomaly or '-'}")
+                   f"{shown_models(r.models):22} {r.root:17} {r.health:12} "
+                   f"{r.last_anomaly or '-'}")
     for dev, n in unknown:
         out.append(f"{dev:16} {'?':7} {'-':18} {'-':22} {'-':17} {'unknown':12} "
                    "no registered key; "
                    f"{n} message(s) ignored")
     out.append(f"{len(rows)} device(s), {sum(r.online for r in rows)} online; "
-               "* = not committed yet (health window)"
+               "* = in its health window, not committed yet"
                + (f"; {len(unknown)} unknown" if unknown else ""))
     if ignored:
         out.append("ignored messages: " + ", ".join(f"{n} {k}" for k, n in ignored.items()))
     return out
-

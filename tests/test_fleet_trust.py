@@ -102,7 +102,7 @@ def test_a_keyless_client_cannot_complete_a_release_every_device_refused(
         c.close()
         rogue.close()
     assert rogue.sent >= 8
-    assert [d.outcome.value for d in rollouts.devices(rid)] == ["failed"] * 3
+    assert [d.status.value for d in rollouts.devices(rid)] == ["failed"] * 3
     ignored = db.ignored()
     assert ignored.get("format", 0) >= 3 and ignored.get("threshold", 0) >= 3, ignored
     assert [a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"]
@@ -132,7 +132,7 @@ def test_a_keyless_client_cannot_halt_a_good_release(
     finally:
         c.close()
         rogue.close()
-    assert [d.outcome.value for d in rollouts.devices(rid)] == ["committed"] * 3
+    assert [d.status.value for d in rollouts.devices(rid)] == ["committed"] * 3
     assert not db.anomalies_since(0)
     assert db.ignored().get("format", 0) >= 6
 

@@ -48,6 +48,7 @@ class Deployer:
         self._cv = threading.Condition()
         self._flow = Flow(Phase.ALREADY)  # no deploy yet: as if the last one were done
         self._model: str | None = None
+        self._version: int | None = None
         self._done = True  # the deploy thread has finished all its I/O
 
     # -- from the command thread ----------------------------------------------------------
@@ -61,7 +62,8 @@ class Deployer:
             if not self._done:
                 busy = True
             else:
-                busy, self._flow, self._model, self._done = False, Flow(), cmd.model, False
+                busy, self._flow, self._done = False, Flow(), False
+                self._model, self._version = cmd.model, cmd.version
         if busy:
             self.report.event("deploy.refused", "warning", "a deploy is already in progress",
                               command_id=cmd.id)
@@ -69,6 +71,11 @@ class Deployer:
                                "later", "busy")
             return
         threading.Thread(target=self._run, args=(cmd,), name="deploy", daemon=True).start()
+
+    def deploying(self, model: str, version: int) -> bool:
+        """True while a deploy of `model` v`version` runs."""
+        with self._cv:
+            return not self._done and (self._model, self._version) == (model, version)
 
     def cancel(self, model: str, timeout_s: float) -> Phase | None:
         """Cancel the deploy of `model` in progress and wait until it has undone its work.
@@ -117,18 +124,24 @@ class Deployer:
                 self._done = True
                 self._cv.notify_all()
 
-    def _already_serving(self, cmd: DeployCommand) -> bool:
+    def _already_serving(self, cmd: DeployCommand) -> str | None:
+        """"v2" when the device serves this release committed, or a later version
+        committed; else None."""
         store = self.agent.store
         committed = store.slots(cmd.model).committed
-        return (committed is not None and committed >= cmd.version
-                and store.active_manifest_sha256(cmd.model) == cmd.manifest_sha256)
+        serving = self.agent.serving.models().get(cmd.model)
+        if committed is None or serving is None or committed < serving.manifest.version:
+            return None
+        v = serving.manifest.version
+        same = store.active_manifest_sha256(cmd.model) == cmd.manifest_sha256
+        return f"v{v}" if v > cmd.version or (v == cmd.version and same) else None
 
     def _deploy(self, cmd: DeployCommand) -> None:
         ev = {"model": cmd.model, "version": cmd.version}
-        if self._already_serving(cmd):
+        if (current := self._already_serving(cmd)) is not None:
             self._to(Step.ALREADY_SERVING)
-            self.report.result(cmd, True, f"{cmd.model} v{cmd.version} already serves, "
-                               "committed", "already")
+            self.report.result(cmd, True, f"{cmd.model} {current} already serves, "
+                               f"committed (asked for v{cmd.version})", "already")
             return
         self._to(Step.BEGIN)
         self.report.event("deploy.downloading", "info", f"{cmd.model} v{cmd.version} from "

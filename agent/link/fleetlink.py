@@ -95,6 +95,7 @@ class FleetLink:
             poll_s: see `MqttLink`.
         """
         self.agent, self.cfg = agent, cfg
+        self._started_at = datetime.now(UTC)
         d = agent.config.device
         state = agent.config.paths.state_dir
         self.report = Reporter(Addressee(fleet=d.fleet, device=d.id,
@@ -129,14 +130,14 @@ class FleetLink:
         self.link = MqttLink(
             brokers=cfg.brokers, client_id=f"{d.fleet}-{d.id}",
             state_topic=topic("state"), birth=lambda: self.report.seal(self.state(online=True)),
-            will=self.report.seal(self.state(online=False)),
+            will=lambda: self.report.seal(self.state(online=False)),
             subscriptions=[topic("cmd"), *([topic("infer")] if scheduler else []),
                            fleet_topic(d.fleet, "root"), fleet_topic(d.fleet, "heartbeat"),
                            *(group_cmd_topic(d.fleet, g) for g in d.groups)],
             on_message=self._received, outbox=self.outbox,
             tls=TlsFiles(ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file),
             username=cfg.username, password=password, keepalive_s=cfg.keepalive_s,
-            poll_s=poll_s)
+            poll_s=poll_s, session_expiry_s=cfg.session_expiry_s)
         self.remote = (RemoteInference(scheduler, self.link.reply,
                                        reply_prefix=infer_reply_prefix(d.fleet))
                        if scheduler else None)
@@ -188,10 +189,12 @@ class FleetLink:
         models = {n: ModelState(version=r.manifest.version, runtime=r.manifest.runtime,
                                 committed=self.agent.store.slots(n).committed)
                   for n, r in self.agent.serving.models().items()} if online else {}
+        now = datetime.now(UTC)
         return StatePayload(device=d.id, fleet=d.fleet, online=online,
                             agent_version=__version__, profile=d.profile, groups=d.groups,
                             models=models, trust=self.trust.state if online else None,
-                            at=datetime.now(UTC))
+                            at=now, started_at=self._started_at,
+                            seen_at=None if online else now)
 
     def _tick(self, ticks: int) -> None:
         """Every telemetry interval: the trust checks; every `STATE_REFRESH_TICKS`, the
@@ -292,7 +295,17 @@ class FleetLink:
 
     # -- commands -------------------------------------------------------------------------
     def _rollback(self, cmd: RollbackCommand) -> None:
+        """Cancel the deploy of the model in progress, or serve its previous version. A
+        rollback that names a version undoes only that one: a device that does not serve
+        it (its deploy never arrived, or expired) answers ok, "not_serving"."""
         timeout_s = self.settings.mqtt.download_timeout_s + 60
+        if cmd.version is not None and not self.deployer.deploying(cmd.model, cmd.version):
+            serving = self.agent.serving.models().get(cmd.model)
+            if serving is None or serving.manifest.version != cmd.version:
+                now = f"v{serving.manifest.version}" if serving else "nothing"
+                self.report.result(cmd, True, f"{cmd.model}: {now} serves, not "
+                                   f"v{cmd.version}; nothing to roll back", "not_serving")
+                return
         try:
             ended = self.deployer.cancel(cmd.model, timeout_s)
         except TimeoutError as exc:

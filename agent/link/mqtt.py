@@ -5,7 +5,9 @@
   backoff (`backoff_delay`, pure);
 * TLS and mutual TLS (CA, client certificate and key), optional username/password;
 * birth and Last Will: the retained `state` topic says online on connect, and the broker
-  publishes the Will (offline) if the agent vanishes;
+  publishes the Will (offline, built at each connect) if the agent vanishes;
+* a persistent session (`session_expiry_s` > 0, clean start off): commands sent at QoS 1
+  while the device is away wait at the broker and arrive when it returns;
 * subscriptions are made again on every connect;
 * the outbox (`agent.link.outbox`) is pumped while connected: QoS 1, a bounded number in
   flight, each message deleted only when its PUBACK arrives; after a disconnect the
@@ -99,11 +101,11 @@ MessageHandler = Callable[[str, bytes, Any], None]
 
 class MqttLink:
     def __init__(self, *, brokers: list[str], client_id: str, state_topic: str,
-                 birth: Callable[[], bytes], will: bytes, subscriptions: list[str],
+                 birth: Callable[[], bytes], will: Callable[[], bytes], subscriptions: list[str],
                  on_message: MessageHandler, outbox: Outbox, tls: TlsFiles | None = None,
                  username: str | None = None, password: str | None = None,
                  keepalive_s: int = 30, backoff: Backoff = Backoff(),
-                 poll_s: float = 0.05) -> None:
+                 poll_s: float = 0.05, session_expiry_s: int = 0) -> None:
         self.brokers = [Broker.parse(u) for u in brokers]
         if not self.brokers:
             raise ConfigError("mqtt.brokers is empty")
@@ -112,6 +114,9 @@ class MqttLink:
         self.on_message, self.outbox = on_message, outbox
         self.tls, self.username, self.password = tls, username, password
         self.keepalive_s, self.backoff = keepalive_s, backoff
+        # > 0: a persistent session (clean start off): the broker keeps the subscriptions
+        # and queues QoS 1 commands while the device is away, for this long.
+        self.session_expiry_s = session_expiry_s
         # How long the loop waits on the socket before pumping the outbox again: the
         # delay of a message enqueued while the link is idle (the simulator, running a
         # thousand links in one process, trades latency for wake-ups).
@@ -142,7 +147,7 @@ class MqttLink:
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                         protocol=paho.MQTTv5)
         authenticate(c, broker, self.tls, self.username, self.password)
-        c.will_set(self.state_topic, self.will, qos=1, retain=True)
+        c.will_set(self.state_topic, self.will(), qos=1, retain=True)  # stamped now
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
@@ -157,7 +162,12 @@ class MqttLink:
             self._client_now = client
             before = self.connects
             try:
-                client.connect(broker.host, broker.port, keepalive=self.keepalive_s)
+                props = None
+                if self.session_expiry_s > 0:
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    props.SessionExpiryInterval = self.session_expiry_s
+                client.connect(broker.host, broker.port, keepalive=self.keepalive_s,
+                               clean_start=self.session_expiry_s <= 0, properties=props)
                 self._serve(client)
                 if self.connects == before and not self._stop.is_set():
                     # With TLS 1.3 a refused client certificate shows up only now.
@@ -189,7 +199,7 @@ class MqttLink:
     def _goodbye(self, client: paho.Client) -> None:
         """A clean stop: say offline ourselves (the broker sends the Will only if we vanish)."""
         try:
-            client.publish(self.state_topic, self.will, qos=1, retain=True)
+            client.publish(self.state_topic, self.will(), qos=1, retain=True)
             client.loop(timeout=0.2)
             client.disconnect()
         except (OSError, ValueError):

@@ -96,6 +96,14 @@ class StatePayload(_Wire):
     models: dict[Name, ModelState] = Field(default_factory=dict, max_length=256)
     trust: TrustState | None = None
     at: AwareDatetime
+    started_at: AwareDatetime | None = Field(
+        default=None, description="when the agent process started")
+    seen_at: AwareDatetime | None = Field(
+        default=None, description="Last Will only: the device was last known alive at "
+                                  "least until then (the connection this Will belongs to "
+                                  "was made then; a Will is fixed when it is registered). "
+                                  "When the broker noticed it gone is when the Will "
+                                  "arrives, about 1.5 keepalives after it went silent.")
 
 
 class ModelTelemetry(_Wire):

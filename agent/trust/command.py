@@ -107,6 +107,9 @@ class DeployCommand(_CommandBase):
 class RollbackCommand(_CommandBase):
     kind: Literal["rollback"] = "rollback"
     model: Name
+    version: int | None = Field(default=None, ge=1, description=(
+        "undo only this version: a device that does not serve it (or deploy it) answers "
+        "ok with check not_serving"))
     reason: str = Field(default="", max_length=500)
 
 
