@@ -291,6 +291,7 @@ class SimDevice(FleetLink):
                                            "key_file": sim.certs_dir / f"{name}.key"})
         super().__init__(self.standin, mqtt, in_memory=True, poll_s=sim.poll_s)
         self.sim = sim
+        self.stalled_until = 0.0  # monotonic: a stalled device does nothing until then
 
     def start(self) -> None:
         """The link without its own threads: commands on the simulator's pool, telemetry
@@ -302,13 +303,32 @@ class SimDevice(FleetLink):
             self._sim_tick)
 
     def enqueue(self, raw: bytes) -> None:
+        if (until := self.stalled_until) > time.monotonic():  # held, as by a stopped process
+            self.sim.ticker.call_at(until, lambda: self.enqueue(raw))
+            return
         self.sim.pool.submit(self.handle_safely, raw)
+
+    # -- faults the chaos runs inject (`SimulatedFleet.inject`) ---------------------------
+    def go_offline(self) -> None:
+        """Leave the broker (its session stays: commands wait there)."""
+        self.link.stop()
+
+    def come_back(self) -> None:
+        self.link.start()
+
+    def stall(self, seconds: float) -> None:
+        """Stop working for `seconds`: commands and telemetry wait (the connection stays
+        up, as for a process stopped with SIGSTOP)."""
+        self.stalled_until = time.monotonic() + seconds
 
     def trust_message(self, kind: str, payload: bytes) -> None:
         self.sim.pool.submit(self.trust.handle, kind, payload)
 
     def _sim_tick(self) -> None:
         if self.stopping:
+            return
+        if self.stalled_until > time.monotonic():
+            self.sim.ticker.call_at(self.stalled_until, self._sim_tick)
             return
         self.standin.run_load(self.settings.interval_s, self.sim.requests_per_s)
         self.telemetry.tick(self.sim.process)
@@ -409,6 +429,19 @@ class Simulator:
     def versions(self) -> dict[str, dict[str, int]]:
         return {n: d.versions for n, d in self.devices.items()}
 
+    def inject(self, fault: str, names: list[str], seconds: float = 0.0) -> None:
+        """`offline`, `online` or `stall` (for `seconds`) the named devices of this process."""
+        for n in names:
+            d = self.devices.get(n)
+            if d is None:
+                continue
+            if fault == "offline":
+                d.go_offline()
+            elif fault == "online":
+                d.come_back()
+            elif fault == "stall":
+                d.stall(seconds)
+
 
 def _worker(settings: SimSettings, names: list[str], faults: dict[str, str],
             conn: Connection) -> None:
@@ -421,6 +454,8 @@ def _worker(settings: SimSettings, names: list[str], faults: dict[str, str],
         while (msg := conn.recv()) != "stop":
             if msg == "versions":
                 conn.send(sim.versions())
+            elif isinstance(msg, tuple):  # (fault, names, seconds)
+                sim.inject(*msg)
     except (EOFError, KeyboardInterrupt):
         pass
     finally:
@@ -484,6 +519,14 @@ class SimulatedFleet:
             conn.send("versions")
             out.update(conn.recv())
         return out
+
+    def inject(self, fault: str, names: list[str], seconds: float = 0.0) -> None:
+        """Take devices `offline` (they leave the broker; their sessions keep commands),
+        bring them back `online`, or `stall` them for `seconds`."""
+        for chunk, (_, conn) in zip(self._chunks, self._workers, strict=True):
+            mine = [n for n in names if n in chunk]
+            if mine:
+                conn.send((fault, mine, seconds))
 
     def stop(self) -> None:
         for _, conn in self._workers:

@@ -5,7 +5,6 @@ serves the previous release again."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

@@ -135,6 +135,8 @@ class MqttLink:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        """Connect (again, after a `stop`) on a thread of its own."""
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self._thread.start()
 

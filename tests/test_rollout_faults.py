@@ -1,0 +1,267 @@
+"""Rollouts under faults, one named case each, over real agents and a real mosquitto: a
+late device, a device away at the start, a command sent while a device is away, a broker
+outage across a wave change, commands recorded and never published, two controllers, and
+monitoring tools beside a controller; plus the pure execution table."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixture_agent import command_controller, register
+from fixture_mqtt import Broker, Subscriber
+from polling import wait_until
+from test_rollout import controller, rollout_argv, signing, versions
+
+from fleet.commands import build_command, deploy_fields, sign_command
+from fleet.errors import FleetError
+from fleet.keys import KeyDir
+from fleet.policy import (
+    EXEC_TRANSITIONS,
+    Criteria,
+    Exec,
+    RetryPolicy,
+    exponential_fractions,
+    next_exec,
+)
+from fleet.rollout import Rollout, Rollouts
+from fleet.state import CONTROLLER_GROUP, FleetDB, FleetWatcher, shown_models
+
+
+def test_the_execution_table_takes_late_truths_and_refuses_stale_failures() -> None:
+    assert next_exec(Exec.TIMED_OUT, "committed") is Exec.COMMITTED  # late success
+    assert next_exec(Exec.QUEUED, "committed") is Exec.COMMITTED  # while a retry waits
+    assert next_exec(Exec.FAILED, "already") is Exec.ALREADY_CURRENT
+    for event in ("failed", "timeout", "send"):
+        with pytest.raises(ValueError):
+            next_exec(Exec.COMMITTED, event)  # a commit is never undone by a stale report
+    assert next_exec(Exec.COMMITTED, "fleet_rollback") is Exec.ROLLED_BACK
+    # timing out needs an acknowledged send: an unsent command is no device's fault
+    assert (Exec.TO_SEND, "timeout") not in EXEC_TRANSITIONS
+    policy = RetryPolicy()
+    assert policy.allows("busy", 1) and not policy.allows("selftest", 1)
+    assert policy.allows("timeout", 1) and not policy.allows("timeout", 2)
+    assert exponential_fractions(1, 2) == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0]
+
+
+def test_status_shows_the_version_a_rolled_back_device_runs() -> None:
+    assert shown_models({"digits": {"version": 1, "committed": 2}}) == \
+        "digits v1 (rolled back from v2)"
+    assert shown_models({"digits": {"version": 2, "committed": 1}}) == "digits v2*"
+    assert shown_models({"digits": {"version": 2, "committed": 2}}) == "digits v2"
+
+
+def test_a_running_rollout_without_a_live_controller_shows_as_stalled(
+        releases: dict[str, Path], tmp_path: Path) -> None:
+    rollouts = Rollouts(FleetDB(tmp_path / "fleet.sqlite"))
+    rid = rollouts.create(archive=releases["onnx2"], urls=["http://127.0.0.1:9/a"],
+                          group="lab", devices=["dev-1"], fractions=[1.0],
+                          criteria=Criteria(), wave_timeout_s=60)
+    assert rollouts.get(rid).shown_status() == "stalled"  # nobody drives it
+    rollouts.acquire(rid, "host:1:a")
+    ro: Rollout = rollouts.get(rid)
+    assert ro.shown_status() == "running"
+    assert ro.shown_status(now=time.time() + 60) == "stalled"
+
+
+def test_a_late_device_commits_late_and_the_rollout_completes_without_a_rollback(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """dev-1 is stopped (SIGSTOP) past its execution timeout: it times out (not a
+    failure), is retried, then commits when it resumes. That late success is recorded as
+    committed, nothing is rolled back, and the rollout completes."""
+    broker, agents, url = group
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    rollouts = Rollouts(db)
+    archive = releases["onnx2"]
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=["dev-1", "dev-2", "dev-3"], fractions=[0.6, 1.0],
+                          criteria=Criteria(), wave_timeout_s=2.0, health_window_s=0.5,
+                          retry=RetryPolicy(backoff_s=0.5))
+    assert agents[0].proc is not None
+    agents[0].proc.send_signal(signal.SIGSTOP)
+    c = controller(db, broker, releases)
+    try:
+        try:
+            wait_until(lambda: c.step(rid) and rollouts.device(rid, "dev-1").attempts == 2,  # type: ignore[union-attr]
+                       timeout_s=30, every_s=0.2, what="dev-1 timed out and retried")
+        finally:
+            agents[0].proc.send_signal(signal.SIGCONT)
+        assert c.run(rid, timeout_s=90) == "completed"
+    finally:
+        c.close()
+    assert versions(agents) == [2, 2, 2]
+    dev1 = rollouts.device(rid, "dev-1")
+    assert dev1 is not None and dev1.status is Exec.COMMITTED and dev1.rollback_id is None
+    events = [h.event for h in rollouts.history(rid, "dev-1")]
+    assert "timeout" in events and "retry" in events and events[-1] == "committed", events
+    assert all(d.status is Exec.COMMITTED and d.rollback_id is None
+               for d in rollouts.devices(rid))
+
+
+def test_a_device_away_at_the_start_is_deployed_when_it_comes_back(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, agents, url = group
+    agents[2].stop()  # dev-3 leaves: its retained state says offline
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    rollouts = Rollouts(db)
+    archive = releases["onnx2"]
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
+                          criteria=Criteria(), wave_timeout_s=30, health_window_s=0.5,
+                          continuous=True)
+    c = controller(db, broker, releases)
+    try:
+        wait_until(lambda: c.step(rid) and all(
+            d.status is Exec.COMMITTED for d in rollouts.devices(rid)[:2]),
+            timeout_s=60, every_s=0.2, what="dev-1 and dev-2 committed")
+        assert rollouts.device(rid, "dev-3").status is Exec.QUEUED  # type: ignore[union-attr]
+        assert any("dev-3" in ln and "offline" in ln for ln in rollouts.status_lines(rid))
+        agents[2].start()
+        wait_until(lambda: c.step(rid) and rollouts.device(rid, "dev-3").status  # type: ignore[union-attr]
+                   is Exec.COMMITTED, timeout_s=60, every_s=0.2, what="dev-3 committed")
+    finally:
+        c.close()
+    assert versions(agents) == [2, 2, 2]
+
+
+def test_a_command_sent_while_the_agent_is_away_is_delivered_when_it_returns(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """The agent's persistent session: a QoS 1 deploy published while it is stopped waits
+    at the broker and is carried out when it starts again."""
+    broker, agents, url = group
+    agents[0].stop()
+    archive = releases["onnx2"]
+    kd = KeyDir(releases["keys"])
+    cmd = build_command("deploy", fleet="acme", device="dev-1",
+                        **deploy_fields(archive, [f"{url}/{archive.name}"]))
+    operator = Subscriber(broker, [], client_id="operator")
+    try:
+        operator.publish("edge/v1/acme/dev-1/cmd",
+                         sign_command(cmd, kd.keys_of(kd.root(), "command", None)))
+    finally:
+        operator.close()
+    assert versions(agents[1:]) == [1, 1]
+    agents[0].start()
+    wait_until(lambda: versions(agents)[0] == 2, timeout_s=60, what="dev-1 on v2")
+
+
+def test_the_controller_outlives_a_broker_outage_across_a_wave_change(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, agents, url = group
+    db_path = tmp_path / "fleet.sqlite"
+    rollouts = Rollouts(FleetDB(db_path))
+    archive = releases["onnx2"]
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
+                          criteria=Criteria(), wave_timeout_s=30, health_window_s=1.0)
+    run = subprocess.Popen(rollout_argv(db_path, "run", rid, *signing(broker, releases)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: rollouts.get(rid).settled_at is not None, timeout_s=60,
+                   what="wave 1 settled, in its health window")
+        assert broker.proc is not None
+        broker.proc.kill()  # across the wave change
+        broker.proc.wait(10)
+        time.sleep(3)  # the outage's length (a fault's duration, not a wait for state)
+        broker.start()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    assert f"rollout {rid}: completed" in out
+    assert "Traceback" not in err
+    assert versions(agents) == [2, 2, 2]
+    assert [d.status for d in rollouts.devices(rid)] == [Exec.COMMITTED] * 3
+
+
+def test_commands_recorded_but_never_published_are_sent_by_the_next_controller(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """As after a controller killed between recording a wave's commands and publishing
+    them: they are in the database as to_send; the next controller publishes exactly
+    those (same ids), and the devices carry them out once."""
+    broker, agents, url = group
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    rollouts = Rollouts(db)
+    archive = releases["onnx2"]
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=["dev-1", "dev-2", "dev-3"], fractions=[1.0],
+                          criteria=Criteria(), wave_timeout_s=30, health_window_s=0.5)
+    first = controller(db, broker, releases)
+    first._record(rid, "deploy", rollouts.devices(rid), 3600,
+                  **deploy_fields(archive, [f"{url}/{archive.name}"]))
+    first.close()
+    recorded = {d.device: d.command_id for d in rollouts.devices(rid)}
+    assert all(d.status is Exec.TO_SEND for d in rollouts.devices(rid))
+    assert len(rollouts.unsent(rid)) == 3
+    assert versions(agents) == [1, 1, 1]  # nothing was published
+    second = controller(db, broker, releases)
+    try:
+        assert second.run(rid, timeout_s=90) == "completed"
+    finally:
+        second.close()
+    assert {d.device: d.command_id for d in rollouts.devices(rid)} == recorded
+    assert all(d.attempts == 1 for d in rollouts.devices(rid))
+    assert rollouts.unsent(rid) == []
+    assert versions(agents) == [2, 2, 2]
+
+
+def test_two_controllers_never_drive_one_rollout(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    broker, _, url = group
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    rollouts = Rollouts(db)
+    archive = releases["onnx2"]
+    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
+                          devices=["dev-1", "dev-2", "dev-3"], fractions=[1.0],
+                          criteria=Criteria(), wave_timeout_s=30, health_window_s=30)
+    a = controller(db, broker, releases)
+    b = command_controller(FleetDB(tmp_path / "fleet.sqlite"), broker.url, releases["keys"])
+    try:
+        a.step(rid)
+        with pytest.raises(FleetError, match="driven by controller"):
+            b.step(rid)
+        assert a.owner != b.owner
+        a.close()  # releases the lock
+        b.step(rid)
+        assert rollouts.get(rid).owner == b.owner
+    finally:
+        a.close()
+        b.close()
+
+
+def test_monitoring_tools_see_every_message_and_take_none_from_the_controller(
+        group: Any, broker: Broker, tmp_path: Path) -> None:
+    """A controller's watcher (the controllers' shared group) and two monitoring
+    watchers (no group) each receive every telemetry message the agents publish."""
+    topic = "edge/v1/acme/+/telemetry"
+    raw = Subscriber(broker, [topic], client_id="raw")
+
+    def db(name: str) -> FleetDB:
+        d = FleetDB(tmp_path / f"{name}.sqlite")
+        register(d, *(tmp_path / f"dev-{i}" for i in (1, 2, 3)))
+        return d
+    ctl = FleetWatcher(db("a"), broker.url, "acme", share_group=CONTROLLER_GROUP)
+    tools = [FleetWatcher(db(n), broker.url, "acme") for n in ("b", "c")]
+    watchers = [ctl, *tools]
+    try:
+        for w in watchers:
+            assert w.subscribed.wait(10)
+        raw.wait_for(lambda: len(raw.on("/telemetry")) >= 3, timeout=30)
+        start = [w.ingested["telemetry"] for w in watchers]
+        base = len(raw.on("/telemetry"))
+        raw.wait_for(lambda: len(raw.on("/telemetry")) >= base + 30, timeout=60)
+        for w in watchers:
+            w.stop()
+        seen = len(raw.on("/telemetry")) - base
+        got = [w.ingested["telemetry"] - s for w, s in zip(watchers, start, strict=True)]
+        # each saw all of them (give or take the messages in flight at the two edges)
+        assert all(abs(g - seen) <= 6 for g in got), (got, seen)
+    finally:
+        raw.close()
+        for w in watchers:
+            w.stop()
