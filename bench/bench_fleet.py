@@ -61,8 +61,7 @@ def releases(where: Path) -> tuple[Path, Path, Path]:
 def controller(db: FleetDB, broker: SecureBroker, keys: Path) -> Controller:
     kd = KeyDir(keys)
     return Controller(db, broker.auth("fleet-controller"), "acme",
-                      kd.keys_of(kd.root(), "command", None),
-                      client_id=f"bench-{time.time_ns()}")
+                      kd.keys_of(kd.root(), "command", None))
 
 
 def sim_settings(broker: SecureBroker, keys: Path, **kw: Any) -> SimSettings:

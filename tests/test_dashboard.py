@@ -58,8 +58,7 @@ def test_the_dashboard_shows_devices_and_rollout_progress(
                                   fractions=[0.5, 1.0], criteria=Criteria(),
                                   wave_timeout_s=60)
         kd = KeyDir(releases["keys"])
-        c = Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None),
-                       client_id="dash-controller")
+        c = Controller(db, broker.url, "acme", kd.keys_of(kd.root(), "command", None))
         assert c.step(rid) == "running"
         during = browse(url, "--dump-dom")
         assert f'data-id="{rid}"' in during
