@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS devices (
   agent_version TEXT, groups_json TEXT NOT NULL, models_json TEXT NOT NULL,
   state_at TEXT, telemetry_at REAL, telemetry_json TEXT,
   last_anomaly TEXT, last_anomaly_at TEXT, events INTEGER NOT NULL DEFAULT 0,
-  trust_json TEXT, state_received REAL, last_seen REAL, offline_at REAL, started_at TEXT);
+  trust_json TEXT, state_received REAL, last_seen REAL, offline_at REAL, started_at TEXT,
+  anomaly_received REAL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS anomalies (
   device TEXT NOT NULL, received REAL NOT NULL, model TEXT, detector TEXT, message TEXT);
@@ -53,6 +54,8 @@ CREATE TABLE IF NOT EXISTS unknown_devices (
   device TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
   messages INTEGER NOT NULL);
 """
+#: A device that reported an anomaly this recently is "anomalous", not "ok".
+ANOMALY_RECENT_S = 600.0
 #: Unknown devices listed at most (their ids come from whoever publishes).
 MAX_UNKNOWN = 1000
 
@@ -67,6 +70,9 @@ class DeviceRow:
     telemetry_age_s: float | None
     last_anomaly: str | None
     trust: dict[str, Any] | None = None
+    last_anomaly_at: str | None = None  # the device's time of its last anomaly
+    anomaly_age_s: float | None = None  # since the fleet received it
+    last_seen_age_s: float | None = None  # since any report of it arrived
 
     @property
     def health(self) -> str:
@@ -76,7 +82,11 @@ class DeviceRow:
             return "no telemetry"
         if self.trust and self.trust.get("stale"):
             return "frozen"  # its fleet heartbeat expired: messages are withheld
-        return "stale" if self.telemetry_age_s > 60 else "ok"
+        if self.telemetry_age_s > 60:
+            return "stale"
+        if self.anomaly_age_s is not None and self.anomaly_age_s < ANOMALY_RECENT_S:
+            return "anomalous"  # an anomaly in the last minutes is not "ok"
+        return "ok"
 
     @property
     def root(self) -> str:
@@ -99,7 +109,7 @@ class FleetDB:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
         for column, decl in (("trust_json", "TEXT"), ("state_received", "REAL"),
                              ("last_seen", "REAL"), ("offline_at", "REAL"),
-                             ("started_at", "TEXT")):
+                             ("started_at", "TEXT"), ("anomaly_received", "REAL")):
             if column not in have:  # files made by an earlier version
                 self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {decl}")
 
@@ -206,8 +216,9 @@ class FleetDB:
             self._db.execute("UPDATE devices SET events = events + 1 WHERE device = ?",
                              (e.device,))
             if e.kind == "anomaly":
-                self._db.execute("UPDATE devices SET last_anomaly = ?, last_anomaly_at = ? "
-                                 "WHERE device = ?", (e.message, e.at.isoformat(), e.device))
+                self._db.execute("UPDATE devices SET last_anomaly = ?, last_anomaly_at = ?, "
+                                 "anomaly_received = ? WHERE device = ?",
+                                 (e.message, e.at.isoformat(), received, e.device))
                 self._db.execute("INSERT INTO anomalies VALUES (?, ?, ?, ?, ?)",
                                  (e.device, received, e.model or _text(e.evidence, "model"),
                                   _text(e.evidence, "detector"), e.message))
@@ -252,16 +263,21 @@ class FleetDB:
     def devices(self, *, group: str | None = None, now: float | None = None
                 ) -> list[DeviceRow]:
         now = time.time() if now is None else now
-        rows = self._db.execute("SELECT device, online, profile, groups_json, models_json, "
-                                "telemetry_at, last_anomaly, trust_json FROM devices "
-                                "ORDER BY device")
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT device, online, profile, groups_json, models_json, telemetry_at, "
+                "last_anomaly, trust_json, last_anomaly_at, anomaly_received, last_seen "
+                "FROM devices ORDER BY device").fetchall()
         out = []
-        for dev, online, profile, groups, models, t_at, anomaly, trust in rows.fetchall():
+        for (dev, online, profile, groups, models, t_at, anomaly, trust, a_at, a_rx,
+             seen) in rows:
             g = json.loads(groups)
             if group is None or group in g:
                 out.append(DeviceRow(dev, bool(online), profile, g, json.loads(models),
                                      None if t_at is None else now - t_at, anomaly,
-                                     json.loads(trust) if trust else None))
+                                     json.loads(trust) if trust else None, a_at,
+                                     None if a_rx is None else now - a_rx,
+                                     None if seen is None else now - seen))
         return out
 
 

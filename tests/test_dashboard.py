@@ -4,16 +4,20 @@ live data, a rollout's progress shows up and changes, and a screenshot is saved.
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import shutil
 import subprocess
 import threading
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fixture_agent import AgentProcess, start_group
 from fixture_mqtt import Broker
 from polling import wait_until
 
+from agent.link.wire import Event, Memory, ModelState, ModelTelemetry, StatePayload, Telemetry
 from fleet.artifacts import serve_in_thread
 from fleet.dashboard import Dashboard, make_server
 from fleet.keys import KeyDir
@@ -83,3 +87,82 @@ def test_the_dashboard_shows_devices_and_rollout_progress(
     finally:
         for a in agents:
             a.stop()
+
+
+def table_rows(page: str) -> list[str]:
+    """The device ids of the table's rendered rows."""
+    body = page[page.index('<tbody id="devices">'):]
+    return re.findall(r'<tr data-device="([^"]+)"', body[:body.index("</tbody>")])
+
+
+def test_the_dashboard_of_a_thousand_devices_pages_sorts_filters_and_shows_a_halt(
+        tmp_path: Path, releases: dict[str, Path]) -> None:
+    """1,000 devices in the fleet database (stored by the same calls the watcher makes),
+    a halted rollout over them; the page renders one page of the table, the version
+    distribution, the per-wave breakdown and the devices that caused the halt, and the
+    URL's sort, filter and health choices apply."""
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    now = datetime.now(UTC)
+    names = [f"dev-{i:04d}" for i in range(1000)]
+    dash = Dashboard(db, "acme")
+    for i, n in enumerate(names):
+        version, committed = (2, 2) if i < 600 else (1, 2) if i < 620 else (1, 1)
+        db.put_state(StatePayload(device=n, fleet="acme", online=i % 50 != 7,
+                                  agent_version="0.1.0", profile="x86_64-generic",
+                                  groups=["lab"], at=now, models={"digits": ModelState(
+                                      version=version, runtime="onnx", committed=committed)}))
+    for k in range(3):  # three telemetry rounds, each seen by the dashboard
+        for i, n in enumerate(names):
+            db.put_telemetry(Telemetry(
+                seq=k + 1, device=n, at=now, interval_s=10, uptime_s=100, cpu_percent=5,
+                memory=Memory(process_rss_bytes=1, system_available_bytes=1,
+                              system_total_bytes=2),
+                temperature_c=None, throttle="normal", queue_depth=0,
+                models={"digits": ModelTelemetry(requests=10, errors=0,
+                                                 latency_p50_ms=0.5 + k * 0.1 + i / 1e4,
+                                                 throughput_per_s=1)}), time.time())
+        dash.snapshot()
+    for n in names[:5]:
+        db.put_event(Event(seq=1, device=n, at=now, kind="anomaly", severity="warning",
+                           message="output_drift psi 0.4 > 0.25"), time.time())
+    rollouts = Rollouts(db)
+    rid = rollouts.create(archive=releases["onnx2"], urls=["http://127.0.0.1:9/a"],
+                          group="lab", devices=names, fractions=[0.1, 1.0],
+                          criteria=Criteria(), wave_timeout_s=60)
+    for n in names[:100]:
+        rollouts.transition(rid, n, "send", "test")
+        rollouts.transition(rid, n, "acked", "test")
+        rollouts.transition(rid, n, "failed" if n in names[:3] else "committed", "test")
+    rollouts.set(rid, culprits_json=json.dumps(names[:3]))
+    rollouts.move(rid, "halt", "3 of 100 device(s) failed or rolled back")
+    t0 = time.perf_counter()
+    dash.snapshot()
+    snapshot_ms = (time.perf_counter() - t0) * 1000
+    server = make_server(dash)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        t0 = time.perf_counter()
+        page = browse(url, "--dump-dom")
+        load_s = time.perf_counter() - t0
+        assert len(table_rows(page)) == 50  # one page, not a thousand rows
+        assert "page 1 of 20" in page and "1000 of 1000" in page
+        assert 'data-version="digits v2"' in page and "digits v2: 600" in page
+        assert "digits v1 (rolled back from v2): 20" in page
+        assert "halted" in page and "caused by: dev-0000, dev-0001, dev-0002" in page
+        assert re.search(r"wave 1</td><td>100 device\(s\)</td>\s*<td>97 committed, 3 failed",
+                         page), page[page.index('class="waves"'):][:400]
+        assert "980 online" in page and "5 anomalous" in page
+        assert re.search(r"\(0\.5\d–0\.7\d\)", page)  # the sparkline's scale
+        render_ms = float(re.search(r'data-render-ms="([\d.]+)"', page).group(1))  # type: ignore[union-attr]
+        desc = browse(url + "?sort=device&dir=desc", "--dump-dom")
+        assert table_rows(desc)[:2] == ["dev-0999", "dev-0998"]
+        found = browse(url + "?q=dev-012", "--dump-dom")
+        assert table_rows(found) == [f"dev-012{i}" for i in range(10)]
+        assert "10 of 1000" in found
+        bad = browse(url + "?health=anomalous", "--dump-dom")
+        assert table_rows(bad) == names[:5] and "output_drift" in bad
+        print(f"1,000 devices: snapshot {snapshot_ms:.0f} ms, page load (headless Chromium, "
+              f"process included) {load_s:.2f} s, first render {render_ms:.0f} ms")
+    finally:
+        server.shutdown()
