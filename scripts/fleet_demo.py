@@ -123,9 +123,23 @@ class Demo:
         while time.monotonic() < end:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
                                                                          0.2):
+                self.capture(port)
                 return f"mqtts://127.0.0.1:{port}"
             time.sleep(0.05)
         raise SystemExit("demo: mosquitto did not start (see build/demo/fleet/mosquitto.log)")
+
+    def capture(self, port: int) -> None:
+        """With EDGE_DEMO_CAPTURE=FILE, every message of the fleet's topics as mosquitto_sub
+        (MQTT 5, the read-only fleet-monitor identity) sees it: one line per message,
+        the topic and the payload in hex (the schema test validates them)."""
+        if not (out := os.environ.get("EDGE_DEMO_CAPTURE")):
+            return
+        with Path(out).open("wb") as f:  # handed to the child
+            self.start(["stdbuf", "-oL", "mosquitto_sub", "-V", "mqttv5", "-h", "127.0.0.1",
+                        "-p", port, "--cafile", self.pki / "ca.crt",
+                        "--cert", self.pki / "fleet-monitor.crt",
+                        "--key", self.pki / "fleet-monitor.key", "-q", "1",
+                        "-t", "edge/v1/demo/#", "-F", "%t %x"], stdout=f)
 
     def artifacts(self) -> str:
         p, url = serve_in_process(self.work / "releases")

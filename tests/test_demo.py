@@ -5,14 +5,19 @@ started is left running."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import psutil
 import pytest
+from jsonschema import Draft202012Validator
+
+from agent.link.wire import json_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +28,8 @@ def test_the_demo_in_short_mode(example: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
     shutil.copytree(example, out / "example")  # the trained teacher: step 1 is done
     p = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), "--short"],
-                       env={**os.environ, "EDGE_DEMO_OUT": str(out)}, cwd=ROOT,
+                       env={**os.environ, "EDGE_DEMO_OUT": str(out),
+                            "EDGE_DEMO_CAPTURE": str(tmp_path / "traffic.txt")}, cwd=ROOT,
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
                        check=False)
     log = p.stdout + p.stderr
@@ -44,3 +50,30 @@ def test_the_demo_in_short_mode(example: Path, tmp_path: Path) -> None:
     leftovers = [q.info["cmdline"] for q in psutil.process_iter(["cmdline"])
                  if str(out) in " ".join(q.info["cmdline"] or [])]
     assert leftovers == []
+    _every_message_validates(tmp_path / "traffic.txt")
+
+
+def _every_message_validates(capture: Path) -> None:
+    """Every message the demo's broker carried on the fleet's topics (captured by
+    mosquitto_sub -V mqttv5) validates against the schema `edge-agent schema` exports
+    for its topic."""
+    schemas = json_schemas()
+    validators = {t: Draft202012Validator(s) for t, s in schemas.items()}
+    seen: Counter[str] = Counter()
+    errors: list[str] = []
+    for line in capture.read_text().splitlines():
+        topic, _, hex_payload = line.partition(" ")
+        if not hex_payload:
+            continue  # a retained message cleared
+        rest = topic.removeprefix("edge/v1/demo/")
+        kind = (rest if rest in ("root", "heartbeat") else "cmd"
+                if rest.startswith("group/") else rest.partition("/")[2])
+        if kind not in validators:
+            seen[f"(no schema) {kind}"] += 1
+            continue
+        seen[kind] += 1
+        message = json.loads(bytes.fromhex(hex_payload))
+        errors += [f"{topic}: {e.message} at {list(e.absolute_path)}"
+                   for e in validators[kind].iter_errors(message)]
+    assert errors == [], errors[:20]
+    assert set(schemas) <= set(seen), seen  # every schema met real traffic

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from agent.trust.command import COMMAND_ADAPTER
+from agent.trust.heartbeat import Heartbeat
 from agent.trust.signatures import Name
 
 PREFIX = "edge/v1"
@@ -179,29 +180,41 @@ def dump(payload: BaseModel) -> bytes:
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
-def json_schemas() -> dict[str, dict[str, Any]]:
-    """The JSON Schema (draft 2020-12, declared in `$schema`) of every topic's payload,
-    keyed by topic suffix. Every `$ref` points into its own document: the command's
-    definitions sit at the envelope's root, where its references look for them."""
-    command = COMMAND_ADAPTER.json_schema()
-    defs = command.pop("$defs", {})
-    envelope: dict[str, Any] = {
+def _envelope(payload: dict[str, Any], *, signed_by: str) -> dict[str, Any]:
+    """The signed envelope around a payload's schema, with the payload's definitions at
+    the envelope's root (where its `$ref`s point)."""
+    payload = dict(payload)
+    defs = payload.pop("$defs", {})
+    out: dict[str, Any] = {
         "type": "object", "required": ["signed", "signatures"],
-        "properties": {"signed": command,
+        "additionalProperties": False,
+        "description": f"signed by {signed_by}; the payload is `signed`",
+        "properties": {"signed": payload,
                        "signatures": {"type": "array", "items": {
-                           "type": "object", "properties": {
-                               "keyid": {"type": "string"},
-                               "sig": {"type": "string"}}}}}}
+                           "type": "object", "required": ["keyid", "sig"],
+                           "properties": {"keyid": {"type": "string"},
+                                          "sig": {"type": "string"}}}}}}
     if defs:
-        envelope["$defs"] = defs
+        out["$defs"] = defs
+    return out
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema (draft 2020-12, declared in `$schema`) of every topic's message as
+    it is on the wire, keyed by topic suffix: the signed envelope with the payload under
+    `signed` (the retained `root` announcement is not enveloped: the root inside carries
+    its own signatures). Every `$ref` points into its own document."""
+    device = "the device's report key"
     schemas = {
-        "state": StatePayload.model_json_schema(by_alias=True),
-        "telemetry": Telemetry.model_json_schema(by_alias=True),
-        "event": Event.model_json_schema(by_alias=True),
-        "cmd": envelope,
-        "cmd/result": CommandResult.model_json_schema(by_alias=True),
+        "state": _envelope(StatePayload.model_json_schema(by_alias=True), signed_by=device),
+        "telemetry": _envelope(Telemetry.model_json_schema(by_alias=True), signed_by=device),
+        "event": _envelope(Event.model_json_schema(by_alias=True), signed_by=device),
+        "cmd": _envelope(COMMAND_ADAPTER.json_schema(), signed_by="command keys"),
+        "cmd/result": _envelope(CommandResult.model_json_schema(by_alias=True),
+                                signed_by=device),
+        "heartbeat": _envelope(Heartbeat.model_json_schema(by_alias=True),
+                               signed_by="command keys"),
+        "root": RootAnnouncement.model_json_schema(by_alias=True),
     }
     return {topic: {"$schema": JSON_SCHEMA_DIALECT, **schema}
             for topic, schema in schemas.items()}
-
-
