@@ -296,19 +296,23 @@ class Rollouts:
             return Rollout.from_row(dict(zip([c[0] for c in cur.description], row,
                                              strict=True)))
 
-    def devices(self, rid: str) -> list[RolloutDevice]:
+    def devices(self, rid: str, device: str | None = None) -> list[RolloutDevice]:
+        """The rollout's executions (one device's, with `device`), by wave and device."""
+        where = "rollout = ?" + (" AND device = ?" if device is not None else "")
         with self._lock:
             cur = self.sql.execute(
                 "SELECT rollout, device, wave, status, attempts, command_id, sent_at, "
                 "updated, retry_at, failure, detail, rollback_id, rollback_result FROM "
-                "rollout_devices WHERE rollout = ? ORDER BY wave, device", (rid,))
+                f"rollout_devices WHERE {where} ORDER BY wave, device",
+                (rid,) if device is None else (rid, device))
             cols = [c[0] for c in cur.description]
             rows = cur.fetchall()
         return [RolloutDevice(**{**(r := dict(zip(cols, row, strict=True))),
                                  "status": Exec(r["status"])}) for row in rows]
 
     def device(self, rid: str, device: str) -> RolloutDevice | None:
-        return next((d for d in self.devices(rid) if d.device == device), None)
+        found = self.devices(rid, device)
+        return found[0] if found else None
 
     def history(self, rid: str, device: str) -> list[HistoryEntry]:
         with self._lock:
