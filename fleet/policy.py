@@ -34,6 +34,7 @@ rollout (of a fixed release) is the way on.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -150,6 +151,27 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+
+
+class Pace:
+    """At most `per_minute` sends in any sliding minute (0: no limit), as IoT Jobs'
+    maximum rate."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._sent: deque[float] = deque()
+
+    def room(self, now: float) -> int:
+        """How many may be sent at `now` (monotonic seconds)."""
+        if self.per_minute <= 0:
+            return 1 << 30
+        while self._sent and now - self._sent[0] >= 60:
+            self._sent.popleft()
+        return max(0, self.per_minute - len(self._sent))
+
+    def spent(self, n: int, now: float) -> None:
+        if self.per_minute > 0:
+            self._sent.extend([now] * n)
 
 
 def exponential_fractions(start_percent: float, factor: float) -> list[float]:

@@ -35,7 +35,7 @@ import sqlite3
 import statistics
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -62,6 +62,7 @@ from fleet.policy import (
     Criteria,
     Exec,
     Health,
+    Pace,
     RetryPolicy,
     Status,
     judge,
@@ -219,15 +220,16 @@ class Rollouts:
         self.db = db
         self.sql: sqlite3.Connection = db.connection
         self._lock = db.lock  # one lock for the one connection (watcher writes too)
-        self.sql.executescript(TABLES)
-        for table, column, decl in ADDED:  # databases made by an earlier version
-            have = {r[1] for r in self.sql.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                self.sql.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        cases = " ".join(f"WHEN '{k}' THEN {v}" for k, v in LEGACY.items())
-        self.sql.execute(f"UPDATE rollout_devices SET status = CASE outcome {cases} "
-                         "ELSE 'queued' END, attempts = (command_id IS NOT NULL) "
-                         "WHERE status IS NULL")
+        with self._lock:  # executescript commits whatever transaction is open: not another's
+            self.sql.executescript(TABLES)
+            for table, column, decl in ADDED:  # databases made by an earlier version
+                have = {r[1] for r in self.sql.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self.sql.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            cases = " ".join(f"WHEN '{k}' THEN {v}" for k, v in LEGACY.items())
+            self.sql.execute(f"UPDATE rollout_devices SET status = CASE outcome {cases} "
+                             "ELSE 'queued' END, attempts = (command_id IS NOT NULL) "
+                             "WHERE status IS NULL")
 
     @contextmanager
     def _tx(self) -> Iterator[None]:
@@ -525,7 +527,7 @@ class Controller:
         self._sessions: dict[str, paho.Client] = {}
         # command id -> (rollout, paho's message info): handed to paho, not acknowledged
         self._publishing: dict[str, tuple[str, paho.MQTTMessageInfo]] = {}
-        self._sends: deque[float] = deque()  # publish times in the last minute (pace)
+        self._pace: dict[str, Pace] = {}  # per rollout: `max_per_minute`
 
     def close(self) -> None:
         self.watcher.stop()
@@ -725,15 +727,6 @@ class Controller:
         self._collect_acks(rid)
         return n
 
-    def _room(self, ro: Rollout) -> int:
-        """Deploys the pace allows now (`max_per_minute`, as IoT Jobs' rate)."""
-        if ro.max_per_minute <= 0:
-            return 1 << 30
-        now = time.monotonic()
-        while self._sends and now - self._sends[0] > 60:
-            self._sends.popleft()
-        return max(0, ro.max_per_minute - len(self._sends))
-
     # -- stepping --------------------------------------------------------------------------
     def step(self, rid: str) -> Status:
         """One pass over a rollout; returns its status."""
@@ -763,11 +756,12 @@ class Controller:
                if (d.wave <= ro.wave or (ro.continuous and ro.wave == last))
                and d.status is Exec.QUEUED and d.device in online
                and (d.retry_at is None or d.retry_at <= now)]
-        due = due[:self._room(ro)]
+        pace = self._pace.setdefault(rid, Pace(ro.max_per_minute))
+        due = due[:pace.room(time.monotonic())]
         if due:
             self._record(rid, "deploy", due, ro.command_ttl_s,
                          **deploy_fields(ro.archive, ro.urls))
-            self._sends.extend([time.monotonic()] * len(due))
+            pace.spent(len(due), time.monotonic())
             if ro.wave_started is None:
                 self.rollouts.set(rid, wave_started=time.time())
         self._flush(rid, deploys=True)

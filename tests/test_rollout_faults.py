@@ -24,6 +24,7 @@ from fleet.policy import (
     EXEC_TRANSITIONS,
     Criteria,
     Exec,
+    Pace,
     RetryPolicy,
     exponential_fractions,
     next_exec,
@@ -46,6 +47,17 @@ def test_the_execution_table_takes_late_truths_and_refuses_stale_failures() -> N
     assert policy.allows("busy", 1) and not policy.allows("selftest", 1)
     assert policy.allows("timeout", 1) and not policy.allows("timeout", 2)
     assert exponential_fractions(1, 2) == [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0]
+
+
+def test_the_pace_allows_so_many_sends_in_any_minute() -> None:
+    pace = Pace(10)
+    assert pace.room(0.0) == 10
+    pace.spent(7, 0.0)
+    assert pace.room(30.0) == 3
+    pace.spent(3, 30.0)
+    assert pace.room(59.9) == 0
+    assert pace.room(60.0) == 7  # the first seven left the window
+    assert Pace(0).room(0.0) > 10**6  # no limit
 
 
 def test_status_shows_the_version_a_rolled_back_device_runs() -> None:
