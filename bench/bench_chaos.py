@@ -1,6 +1,7 @@
 """Rollouts under injected faults, several seeds (`tests/chaos.py`; the suite runs one).
 
     .venv/bin/python bench/bench_chaos.py [--seeds 1,2,3] [--devices 300] [--agents 2]
+                                          [--faulty 2]
 
 Prints per seed: the faults injected by kind, the outcome and exit code, how many
 controllers ran, the execution statuses, and the mismatches between the rollout's record
@@ -46,6 +47,9 @@ def main() -> int:
     ap.add_argument("--agents", type=int, default=2, help="real agents")
     ap.add_argument("--extra-faults", type=int, default=6,
                     help="faults beyond one of each kind")
+    ap.add_argument("--faulty", type=float, default=0.0,
+                    help="percent of simulated devices whose self-test fails the release "
+                         "(the rollout must halt and every device end on the old one)")
     ns = ap.parse_args()
     results: list[ChaosResult] = []
     with tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp:
@@ -56,7 +60,8 @@ def main() -> int:
             print(f"seed {seed}: {ns.devices} simulated devices + {ns.agents} agents",
                   flush=True)
             chaos = Chaos(where, rel, devices=ns.devices, agents=ns.agents, seed=seed,
-                          extra_faults=ns.extra_faults, say=lambda s: print(s, flush=True))
+                          extra_faults=ns.extra_faults, faulty_percent=ns.faulty,
+                          say=lambda s: print(s, flush=True))
             try:
                 r = chaos.run()
             finally:

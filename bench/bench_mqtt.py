@@ -100,7 +100,8 @@ def telemetry(seq: int) -> bytes:
 
 def link(broker: Broker, box: Outbox) -> MqttLink:
     return MqttLink(brokers=[broker.url], client_id="dev-1", state_topic=f"{BASE}/state",
-                    birth=lambda: b"{}", will=b"{}", subscriptions=[], on_message=lambda *a: None,
+                    birth=lambda: b"{}", will=lambda: b"{}", subscriptions=[],
+                    on_message=lambda *a: None,
                     outbox=box, backoff=Backoff(initial_s=0.2, max_s=2.0))
 
 

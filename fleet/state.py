@@ -178,8 +178,9 @@ class FleetDB:
     def put_state(self, s: StatePayload, received: float | None = None) -> None:
         """A device's retained state, stamped with when it arrived: a birth is a sign of
         life; a Last Will (offline) keeps the models it last reported, and its arrival
-        time is when the broker noticed the device gone (about 1.5 keepalives after it
-        went silent), which is all a Will can tell."""
+        time is when the broker noticed the device gone (at once when its connection
+        closed, 1.5 keepalives after it went silent otherwise), which is all a Will can
+        tell."""
         received = time.time() if received is None else received
         models = {n: m.model_dump() for n, m in s.models.items()}
         with self._lock:

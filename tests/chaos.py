@@ -64,12 +64,14 @@ class ChaosResult:
     statuses: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
 
+    expected: str = "completed"  # "halted" with faulty devices
+
     def problems(self) -> list[str]:
         """Every broken invariant, in words."""
         out = [f"record != device: {m}" for m in self.mismatches]
-        if self.status != "completed":
-            out.append(f"the rollout ended {self.status}, not completed (no device is faulty)")
-        if self.rollbacks_sent:
+        if self.status != self.expected:
+            out.append(f"the rollout ended {self.status}, not {self.expected}")
+        if self.rollbacks_sent and self.expected == "completed":
             out.append(f"{self.rollbacks_sent} rollback(s) sent to healthy devices")
         if self.exit_code != ROLLOUT_EXIT.get(self.status):
             out.append(f"exit code {self.exit_code} for a {self.status} rollout")
@@ -80,12 +82,13 @@ class ChaosResult:
 class Chaos:
     def __init__(self, where: Path, releases: dict[str, Path], *, devices: int, seed: int,
                  agents: int = 1, extra_faults: int = 4, say: Any = print,
-                 run_timeout_s: float = 240.0) -> None:
+                 run_timeout_s: float = 240.0, faulty_percent: float = 0.0) -> None:
         self.where, self.releases, self.seed = where, releases, seed
         self.run_timeout_s = run_timeout_s  # each controller's --timeout
         self.rng = random.Random(seed)
         self.say = say
-        self.result = ChaosResult(seed=seed, devices=devices + agents)
+        self.result = ChaosResult(seed=seed, devices=devices + agents,
+                                  expected="halted" if faulty_percent else "completed")
         self.broker = Broker(where / "mosquitto").start()
         self.server, self.url = serve_in_thread(releases["onnx1"].parent)
         self.agents = start_group(where, releases["keys"], self.broker.url,
@@ -99,7 +102,10 @@ class Chaos:
                                profile="x86_64-generic", initial=releases["onnx1"],
                                telemetry_interval_s=1.0, health_window_s=1.0,
                                requests_per_s=20, poll_s=0.1)
-        self.sims = SimulatedFleet(settings, devices)
+        # Faulty devices fail the new release's self-test: the rollout must halt, and every
+        # device it touched must end on the old release, whatever else happens.
+        self.sims = SimulatedFleet(settings, devices, faulty_percent=faulty_percent,
+                                   fault_kinds=("selftest",))
         for name, key in self.sims.inventory().items():
             self.db.register(name, key)
         assert self.sims.start() == devices

@@ -535,7 +535,7 @@ def test_edge_agent_status_unit_and_schema_commands(agent_factory: Any,
     names = sorted(p.name for p in out.iterdir())
     assert "telemetry.schema.json" in names and "event.schema.json" in names, names
     telemetry = json.loads((out / "telemetry.schema.json").read_text())
-    assert "interval_s" in telemetry["properties"]
+    assert "interval_s" in telemetry["properties"]["signed"]["properties"]  # the envelope
     agent.stop()
     gone = cli("status", "--config", str(agent.config))
     assert gone.returncode == 2 and "cannot reach the agent" in gone.stderr

@@ -21,7 +21,7 @@ STATE = "edge/v1/acme/dev-1/state"
 def link(urls: list[str], outbox: Outbox, received: list[tuple[str, bytes]],
          tls: TlsFiles | None = None) -> MqttLink:
     return MqttLink(brokers=urls, client_id="dev-1", state_topic=STATE,
-                    birth=lambda: b'{"online":true}', will=b'{"online":false}',
+                    birth=lambda: b'{"online":true}', will=lambda: b'{"online":false}',
                     subscriptions=["edge/v1/acme/dev-1/cmd"],
                     on_message=lambda t, p, props: received.append((t, p)), outbox=outbox,
                     backoff=Backoff(initial_s=0.1, max_s=0.5), tls=tls)

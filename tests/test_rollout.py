@@ -119,6 +119,18 @@ def rollout_cli(db: Path, *args: object) -> subprocess.CompletedProcess[str]:
                           timeout=180, check=False)
 
 
+def lab_rollout(rollouts: Rollouts, releases: dict[str, Path], url: str, *,
+                devices: tuple[str, ...] = ("dev-1", "dev-2", "dev-3"),
+                fractions: tuple[float, ...] = (0.3, 1.0), archive: str = "onnx2",
+                criteria: Criteria | None = None, **kw: Any) -> str:
+    """A rollout of `archive` to group "lab" served from `url` (wave timeout 60 s unless
+    given)."""
+    a = releases[archive]
+    return rollouts.create(archive=a, urls=[f"{url}/{a.name}"], group="lab",
+                           devices=list(devices), fractions=list(fractions),
+                           criteria=criteria or Criteria(), **{"wave_timeout_s": 60, **kw})
+
+
 def versions(agents: list[AgentProcess]) -> list[int]:
     return [a.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] for a in agents]
 

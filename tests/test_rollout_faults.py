@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixture_agent import command_controller, register
+from fixture_agent import command_controller, register, start_group
 from fixture_mqtt import Broker, Subscriber
 from polling import wait_until
-from test_rollout import controller, rollout_argv, signing, versions
+from test_rollout import controller, lab_rollout, rollout_argv, signing, versions
 
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
@@ -120,11 +120,8 @@ def test_a_device_away_at_the_start_is_deployed_when_it_comes_back(
     agents[2].stop()  # dev-3 leaves: its retained state says offline
     db = FleetDB(tmp_path / "fleet.sqlite")
     rollouts = Rollouts(db)
-    archive = releases["onnx2"]
-    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
-                          devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
-                          criteria=Criteria(), wave_timeout_s=30, health_window_s=0.5,
-                          continuous=True)
+    rid = lab_rollout(rollouts, releases, url, wave_timeout_s=30, health_window_s=0.5,
+                      continuous=True)
     c = controller(db, broker, releases)
     try:
         wait_until(lambda: c.step(rid) and all(
@@ -161,17 +158,23 @@ def test_a_command_sent_while_the_agent_is_away_is_delivered_when_it_returns(
     wait_until(lambda: versions(agents)[0] == 2, timeout_s=60, what="dev-1 on v2")
 
 
+def background_run(db_path: Path, releases: dict[str, Path], group: Any, **kw: Any
+                   ) -> tuple[Rollouts, str, subprocess.Popen[str]]:
+    """A lab rollout, and `edge-fleet rollout run` driving it in a subprocess."""
+    broker, _, url = group
+    rollouts = Rollouts(FleetDB(db_path))
+    rid = lab_rollout(rollouts, releases, url, **kw)
+    return rollouts, rid, subprocess.Popen(
+        rollout_argv(db_path, "run", rid, *signing(broker, releases)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_the_controller_outlives_a_broker_outage_across_a_wave_change(
         group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
-    broker, agents, url = group
+    broker, agents, _ = group
     db_path = tmp_path / "fleet.sqlite"
-    rollouts = Rollouts(FleetDB(db_path))
-    archive = releases["onnx2"]
-    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
-                          devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
-                          criteria=Criteria(), wave_timeout_s=30, health_window_s=1.0)
-    run = subprocess.Popen(rollout_argv(db_path, "run", rid, *signing(broker, releases)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rollouts, rid, run = background_run(db_path, releases, group,
+                                        wave_timeout_s=30, health_window_s=1.0)
     try:
         wait_until(lambda: rollouts.get(rid).settled_at is not None, timeout_s=60,
                    what="wave 1 settled, in its health window")
@@ -199,10 +202,9 @@ def test_commands_recorded_but_never_published_are_sent_by_the_next_controller(
     broker, agents, url = group
     db = FleetDB(tmp_path / "fleet.sqlite")
     rollouts = Rollouts(db)
+    rid = lab_rollout(rollouts, releases, url, fractions=(1.0,), wave_timeout_s=30,
+                      health_window_s=0.5)
     archive = releases["onnx2"]
-    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
-                          devices=["dev-1", "dev-2", "dev-3"], fractions=[1.0],
-                          criteria=Criteria(), wave_timeout_s=30, health_window_s=0.5)
     first = controller(db, broker, releases)
     first._record(rid, "deploy", rollouts.devices(rid), 3600,
                   **deploy_fields(archive, [f"{url}/{archive.name}"]))
@@ -227,10 +229,8 @@ def test_two_controllers_never_drive_one_rollout(
     broker, _, url = group
     db = FleetDB(tmp_path / "fleet.sqlite")
     rollouts = Rollouts(db)
-    archive = releases["onnx2"]
-    rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
-                          devices=["dev-1", "dev-2", "dev-3"], fractions=[1.0],
-                          criteria=Criteria(), wave_timeout_s=30, health_window_s=30)
+    rid = lab_rollout(rollouts, releases, url, fractions=(1.0,), wave_timeout_s=30,
+                      health_window_s=30)
     a = controller(db, broker, releases)
     b = command_controller(FleetDB(tmp_path / "fleet.sqlite"), broker.url, releases["keys"])
     try:
@@ -277,3 +277,90 @@ def test_monitoring_tools_see_every_message_and_take_none_from_the_controller(
         raw.close()
         for w in watchers:
             w.stop()
+
+
+def test_a_device_that_joins_the_group_during_a_continuous_rollout_is_deployed(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """dev-3 is not among the devices the rollout started with; it is a registered member
+    of the group, so the running rollout takes it into its last wave and deploys it."""
+    broker, agents, url = group
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    rollouts = Rollouts(db)
+    rid = lab_rollout(rollouts, releases, url, devices=("dev-1", "dev-2"),
+                      fractions=(0.5, 1.0), wave_timeout_s=30, health_window_s=0.5,
+                      continuous=True)
+    c = controller(db, broker, releases)
+    try:
+        wait_until(lambda: c.step(rid) and len(rollouts.devices(rid)) == 3
+                   and all(d.status is Exec.COMMITTED for d in rollouts.devices(rid)),
+                   timeout_s=60, every_s=0.2, what="all three committed")
+    finally:
+        c.close()
+    joined = rollouts.device(rid, "dev-3")
+    assert joined is not None and joined.wave == 1
+    assert rollouts.history(rid, "dev-3")[0].cause == "joined the group"
+    assert rollouts.get(rid).status == "running"  # continuous: it goes on until aborted
+    assert versions(agents) == [2, 2, 2]
+
+
+def test_an_abort_from_a_second_shell_is_carried_out_by_the_running_controller(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """`rollout abort` while `rollout run` drives the rollout: the abort records itself
+    and leaves the broker alone (no second controller, no session takeover); the running
+    controller sends the rollbacks and exits 5 (aborted)."""
+    broker, agents, _ = group
+    db_path = tmp_path / "fleet.sqlite"
+    rollouts, rid, run = background_run(db_path, releases, group,
+                                        wave_timeout_s=60, health_window_s=60)
+    try:
+        wait_until(lambda: versions(agents) == [2, 1, 1], timeout_s=60, what="dev-1 on v2")
+        abort = subprocess.run(rollout_argv(db_path, "abort", rid), capture_output=True,
+                               text=True, timeout=60, check=False)
+        assert abort.returncode == 5, abort.stderr
+        assert "its controller" in abort.stdout and "sends the rollbacks" in abort.stdout
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 5, err
+    assert f"rollout {rid}: aborted" in out
+    assert versions(agents) == [1, 1, 1]
+    dev1 = rollouts.device(rid, "dev-1")
+    assert dev1 is not None and dev1.status is Exec.ROLLED_BACK
+    assert (dev1.rollback_result or "").startswith("ok")
+    log = (broker.dir / "mosquitto.log").read_text()
+    assert "already connected, closing old connection" not in log  # no takeover
+
+
+def test_the_last_will_says_when_the_device_was_last_known_alive(
+        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
+    """An agent that goes silent with its connection open (SIGSTOP, as a device whose
+    network drops): after 1.5 keepalives the broker publishes its Will, which carries when
+    the agent started and when its connection was made; the fleet database records when
+    the Will arrived and when the device was last heard from, well before that."""
+    agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1"],
+                         [releases["onnx1"]], keepalive_s=5, telemetry_interval_s=0.5)
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    watcher = FleetWatcher(db, broker.url, "acme")
+    proc = agents[0].proc
+    assert proc is not None
+    try:
+        wait_until(lambda: db.online() == {"dev-1"}, timeout_s=30, what="dev-1 online")
+        wait_until(lambda: db.devices()[0].telemetry_age_s is not None, timeout_s=30,
+                   what="dev-1's telemetry")
+        stopped = time.time()
+        proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: db.online() == set(), timeout_s=30, what="the Will")
+        with db.lock:
+            state_at, started_at, last_seen, offline_at = db.connection.execute(
+                "SELECT state_at, started_at, last_seen, offline_at FROM devices").fetchone()
+        assert started_at is not None and state_at >= started_at  # the Will: connect time
+        assert last_seen <= stopped + 1.0  # its last telemetry, around the stop
+        assert offline_at >= stopped + 5  # the broker waited out the keepalive first
+        seen = db.devices()[0].last_seen_age_s
+        assert seen is not None and seen >= 5
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        watcher.stop()
+        for a in agents:
+            a.stop()

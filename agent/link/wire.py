@@ -104,7 +104,8 @@ class StatePayload(_Wire):
                                   "least until then (the connection this Will belongs to "
                                   "was made then; a Will is fixed when it is registered). "
                                   "When the broker noticed it gone is when the Will "
-                                  "arrives, about 1.5 keepalives after it went silent.")
+                                  "arrives: at once when its connection closed, 1.5 "
+                                  "keepalives after it went silent otherwise.")
 
 
 class ModelTelemetry(_Wire):
