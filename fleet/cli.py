@@ -328,6 +328,14 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
         ns.id = ids[-1]
     if ns.action == "status":
         print("\n".join(rollouts.status_lines(ns.id, every_device=ns.every_device)))
+        if ns.device:
+            history = rollouts.history(ns.id, ns.device)
+            if not history:
+                raise FleetError(f"{ns.device} is not part of rollout {ns.id}")
+            print(f"history of {ns.device}:")
+            print("\n".join(f"  {datetime.fromtimestamp(h.at, UTC):%H:%M:%S.%f}"[:-3]
+                             + f"  {h.from_status or '-':>15} -> {h.to_status:15} "
+                             f"{h.event:15} {h.cause}" for h in history))
         return 0
     if ns.action in ("pause", "resume"):
         print(f"rollout {ns.id}: {rollouts.move(ns.id, ns.action).value}")
@@ -574,6 +582,8 @@ def _parser() -> argparse.ArgumentParser:
     ro.add_argument("--db", type=Path, default=Path("fleet.sqlite"))
     ro.add_argument("--every-device", action="store_true",
                     help="status: one line per device even for large rollouts")
+    ro.add_argument("--device", help="status: also this device's execution history "
+                                     "(every status change and its cause)")
     _add_broker(ro, required=False)
     ro.add_argument("--key", type=Path, action="append")
     ro.add_argument("--root", type=Path)

@@ -431,6 +431,13 @@ class Rollouts:
                                    "rollout_commands WHERE id = ?", (cmd_id,)).fetchone()
         return None if row is None else (row[0], row[1], row[2], int(row[3]))
 
+    def sent_at(self, cmd_id: str) -> float | None:
+        """When the broker acknowledged a command (None: not yet, or unknown)."""
+        with self._lock:
+            row = self.sql.execute("SELECT sent_at FROM rollout_commands WHERE id = ?",
+                                   (cmd_id,)).fetchone()
+        return None if row is None else row[0]
+
     def mark_sent(self, cmd_id: str) -> None:
         with self._lock:
             self.sql.execute("UPDATE rollout_commands SET state = 'sent', sent_at = ? "
@@ -604,7 +611,12 @@ class Controller:
         if kind == "rollback":
             self.rollouts.set_device(rid, device, rollback_result=("ok: " if r.ok
                                                                    else "failed: ") + r.result)
-            if r.ok and r.check != "not_serving":
+            d = self.rollouts.device(rid, device)
+            # "not_serving" from a device that never reported starting the deploy: it
+            # stays what it was (it never ran the release); otherwise the release is undone
+            never_started = r.check == "not_serving" and d is not None and \
+                d.status is not Exec.IN_PROGRESS and d.status is not Exec.COMMITTED
+            if r.ok and not never_started:
                 self.rollouts.transition(rid, device, "fleet_rollback", why)
             return
         d = self.rollouts.device(rid, device)
@@ -838,12 +850,22 @@ class Controller:
     def _roll_back_touched(self, rid: str) -> None:
         """Signed rollbacks to every device this rollout may have changed and that has
         not been sent one: committed, in progress, sent, not yet acknowledged, timed out,
-        or waiting for a retry. Each rollback names the release's version: a device that
-        does not serve it (its deploy never arrived or expired) answers that there is
-        nothing to undo, and one still deploying it cancels."""
+        or waiting for a retry; again to one whose rollback went unanswered for a
+        timeout. Each rollback names the release's version: a device that does not serve
+        it (its deploy never arrived or expired) answers that there is nothing to undo,
+        and one still deploying it cancels."""
         ro = self.rollouts.get(rid)
-        targets = [d for d in self.rollouts.devices(rid)
-                   if d.may_serve_release and d.rollback_id is None]
+        now = time.time()
+
+        def unanswered(d: RolloutDevice) -> bool:
+            """Its rollback was acknowledged by the broker a timeout ago and never
+            answered (a broker killed before it saved the session loses such messages)."""
+            if d.rollback_id is None or d.rollback_result:
+                return False
+            sent = self.rollouts.sent_at(d.rollback_id)
+            return sent is not None and now - sent > ro.wave_timeout_s
+        targets = [d for d in self.rollouts.devices(rid) if d.may_serve_release
+                   and (d.rollback_id is None or unanswered(d))]
         if targets:
             self._record(rid, "rollback", targets, ro.command_ttl_s, model=ro.model,
                          version=ro.version,

@@ -69,6 +69,8 @@ class ChaosResult:
     def problems(self) -> list[str]:
         """Every broken invariant, in words."""
         out = [f"record != device: {m}" for m in self.mismatches]
+        if in_flight := sum(self.statuses[s] for s in ("to_send", "sent", "in_progress")):
+            out.append(f"{in_flight} execution(s) still in flight at the end")
         if self.status != self.expected:
             out.append(f"the rollout ended {self.status}, not {self.expected}")
         if self.rollbacks_sent and self.expected == "completed":

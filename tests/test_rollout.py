@@ -219,6 +219,10 @@ def test_the_rollout_command_line(group: Any, releases: dict[str, Path], tmp_pat
     assert len(re.findall(r"dev-\d +committed +v2", status.stdout)) == 3
     assert "completed" in status.stdout.splitlines()[0]
     assert "group runs: 3 on v2" in status.stdout
+    history = cli("status", rid, "--device", "dev-1").stdout
+    steps = re.findall(r"(\S+) -> (\S+) +(\S+)", history)
+    assert steps[0] == ("-", "queued", "queued") and steps[-1][1:] == ("committed", "committed")
+    assert ("queued", "to_send", "send") in steps, history
     assert versions(agents) == [2, 2, 2]
 
 
