@@ -117,6 +117,9 @@ LOCK_STALE_S = 15.0
 #: this long after that record changed (the state and the result travel on different
 #: connections).
 STATE_MARGIN_S = 2.0
+#: A command handed to paho and not acknowledged for this long is published again (a
+#: copy that arrives twice is refused by the device as a replay, and that is ignored).
+UNACKED_S = 60.0
 #: Devices' failure checks that mean "the device is on this release or ahead of it",
 #: settled against its retained state.
 VERSION_CHECKS = ("equal_version", "rollback")
@@ -533,7 +536,7 @@ class Controller:
         self.watcher.synced()  # the devices' retained states first: who is online
         self._sessions: dict[str, paho.Client] = {}
         # command id -> (rollout, paho's message info): handed to paho, not acknowledged
-        self._publishing: dict[str, tuple[str, paho.MQTTMessageInfo]] = {}
+        self._publishing: dict[str, tuple[str, paho.MQTTMessageInfo, float]] = {}
         self._pace: dict[str, Pace] = {}  # per rollout: `max_per_minute`
 
     def close(self) -> None:
@@ -583,8 +586,13 @@ class Controller:
         """Commands the broker acknowledged since the last step: marked sent, and their
         executions moved from to_send to sent. (paho keeps what was in flight across a
         reconnect and sends it again itself.)"""
-        for cmd_id, (r, info) in list(self._publishing.items()):
-            if r != rid or not info.is_published():
+        now = time.monotonic()
+        for cmd_id, (r, info, handed) in list(self._publishing.items()):
+            if r != rid:
+                continue
+            if not info.is_published():
+                if now - handed > UNACKED_S:  # paho lost it (a reconnect): publish again
+                    del self._publishing[cmd_id]
                 continue
             del self._publishing[cmd_id]
             self.rollouts.mark_sent(cmd_id)
@@ -592,9 +600,13 @@ class Controller:
             if sent is None or sent[2] != "deploy":
                 continue
             d = self.rollouts.device(rid, sent[1])
-            if d is not None and d.command_id == cmd_id and d.status is Exec.TO_SEND:
+            if d is None or d.command_id != cmd_id:
+                continue
+            if d.status is Exec.TO_SEND:
                 self.rollouts.transition(rid, sent[1], "acked", "the broker acknowledged "
                                          f"deploy {cmd_id[:8]}", sent_at=time.time())
+            elif d.sent_at is None:  # the device answered before the ack was collected
+                self.rollouts.set_device(rid, sent[1], sent_at=time.time())
 
     # -- device reports --------------------------------------------------------------------
     def record_result(self, r: CommandResult) -> None:
@@ -701,7 +713,8 @@ class Controller:
                                              expires, raw)
                 self.rollouts.transition(rid, d.device, "send", f"deploy {cmd.id[:8]}, "
                                          f"attempt {d.attempts + 1}", command_id=cmd.id,
-                                         attempts=d.attempts + 1, retry_at=None)
+                                         attempts=d.attempts + 1, retry_at=None,
+                                         sent_at=None)
             else:
                 self.rollouts.record_command(rid, d.device, kind, cmd.id, 1, expires, raw)
                 self.rollouts.set_device(rid, d.device, rollback_id=cmd.id,
@@ -729,10 +742,10 @@ class Controller:
                                   properties=props)
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 break  # disconnected meanwhile: the next step tries again
-            self._publishing[cmd_id] = (rid, info)
+            self._publishing[cmd_id] = (rid, info, time.monotonic())
             n += 1
         deadline = time.monotonic() + 2.0  # most acks come at once: record them now
-        for r, info in list(self._publishing.values()):
+        for r, info, _ in list(self._publishing.values()):
             if r == rid and (left := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(RuntimeError, ValueError):  # disconnected: later
                     info.wait_for_publish(left)
