@@ -494,6 +494,12 @@ class Rollouts:
                       if d.status not in DONE and (d.attempts or d.status is not Exec.QUEUED)]
 
 
+def printable(text: str, limit: int) -> str:
+    """`text` cut to `limit` with every control character (terminal escapes, newlines)
+    replaced by "?": what a device says is shown in operators' terminals."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 def _alive(owner: str) -> bool:
     """False when `owner` ("host:pid:tag") was a process of this host that is gone (a
     controller killed a moment ago need not wait for its lock to go stale)."""
@@ -619,10 +625,11 @@ class Controller:
         rid, device, kind, attempt = sent
         if r.check == "replay":
             return  # a copy of a command re-sent after a crash; the first one answers
-        why = f"{kind} {r.command_id[:8]}: {r.result[:200]}"
+        said = printable(r.result, 300)  # a device's words, shown in terminals
+        why = f"{kind} {r.command_id[:8]}: {said[:200]}"
         if kind == "rollback":
             self.rollouts.set_device(rid, device, rollback_result=("ok: " if r.ok
-                                                                   else "failed: ") + r.result)
+                                                                   else "failed: ") + said)
             d = self.rollouts.device(rid, device)
             # "not_serving" from a device that never reported starting the deploy: it
             # stays what it was (it never ran the release); otherwise the release is undone
@@ -645,7 +652,7 @@ class Controller:
         if event == "failed" and attempt < d.attempts:
             log.info("rollout.stale_failure rollout=%s device=%s %s", rid, device, why)
             return  # a newer attempt is under way; this one's failure is history
-        new = self.rollouts.transition(rid, device, event, why, detail=r.result[:300],
+        new = self.rollouts.transition(rid, device, event, why, detail=said,
                                        **({"failure": r.check or "failed"}
                                           if event == "failed" else {}))
         if new is Exec.FAILED:

@@ -29,7 +29,7 @@ from fleet.policy import (
     exponential_fractions,
     next_exec,
 )
-from fleet.rollout import Rollout, Rollouts
+from fleet.rollout import Rollout, Rollouts, printable
 from fleet.state import CONTROLLER_GROUP, FleetDB, FleetWatcher, shown_models
 
 
@@ -58,6 +58,12 @@ def test_the_pace_allows_so_many_sends_in_any_minute() -> None:
     assert pace.room(59.9) == 0
     assert pace.room(60.0) == 7  # the first seven left the window
     assert Pace(0).room(0.0) > 10**6  # no limit
+
+
+def test_what_a_device_says_reaches_the_record_without_terminal_escapes() -> None:
+    assert printable("rolled back\x1b[2J\x1b]0;owned\x07\nok", 300) == \
+        "rolled back?[2J?]0;owned??ok"
+    assert printable("x" * 500, 300) == "x" * 300
 
 
 def test_status_shows_the_version_a_rolled_back_device_runs() -> None:
