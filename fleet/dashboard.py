@@ -204,8 +204,7 @@ class Dashboard:
             waves = []
             for w, size in enumerate(ro.sizes):
                 mine = [d for d in devs if d.wave == w]
-                counts = Counter("offline" if d.status == "queued" and d.device not in online
-                                 else d.status.value for d in mine)
+                counts = Counter(d.shown(online) for d in mine)
                 waves.append({"wave": w + 1, "size": len(mine),
                               "counts": dict(sorted(counts.items())), "cumulative": size})
             out.append({"id": rid, "model": ro.model, "version": ro.version,

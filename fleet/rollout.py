@@ -206,6 +206,13 @@ class RolloutDevice:
         counts: an earlier attempt may still land)."""
         return self.status in MAY_SERVE or (self.status is Exec.QUEUED and self.attempts > 0)
 
+    def shown(self, online: set[str]) -> str:
+        """Its status as status and the dashboard show it: `offline` for a queued device
+        that is away."""
+        if self.status is Exec.QUEUED and self.device not in online:
+            return "offline"
+        return self.status.value
+
 
 @dataclass(frozen=True)
 class HistoryEntry:
@@ -279,8 +286,13 @@ class Rollouts:
         self.sql.execute("INSERT INTO rollout_devices (rollout, device, wave, status, "
                          "attempts, updated) VALUES (?,?,?,?,0,?)",
                          (rid, device, wave, Exec.QUEUED.value, now))
+        self._history(rid, device, now, None, Exec.QUEUED, "queued", cause)
+
+    def _history(self, rid: str, device: str, at: float, old: Exec | None, new: Exec,
+                 event: str, cause: str) -> None:
         self.sql.execute("INSERT INTO rollout_history VALUES (?,?,?,?,?,?,?)",
-                         (rid, device, now, None, Exec.QUEUED.value, "queued", cause))
+                         (rid, device, at, old.value if old else None, new.value, event,
+                          cause[:500]))
 
     def add_member(self, rid: str, device: str) -> None:
         """A device that joined the group (or was first seen) during the rollout: queued
@@ -399,8 +411,7 @@ class Rollouts:
             cols = ", ".join(f"{k} = ?" for k in values)
             self.sql.execute(f"UPDATE rollout_devices SET {cols} WHERE rollout = ? AND "
                              "device = ?", (*values.values(), rid, device))
-            self.sql.execute("INSERT INTO rollout_history VALUES (?,?,?,?,?,?,?)",
-                             (rid, device, now, old.value, new.value, event, cause[:500]))
+            self._history(rid, device, now, old, new, event, cause)
         return new
 
     def set_device(self, rid: str, device: str, **fields: Any) -> None:
@@ -459,6 +470,7 @@ class Rollouts:
         ro = self.get(rid)
         devices = self.devices(rid)
         states = {r.device: r for r in self.db.devices()}
+        online = {d for d, r in states.items() if r.online}
         out = [f"rollout {rid}: {ro.model} v{ro.version} to group {ro.group}, "
                f"{ro.shown_status()}, wave {ro.wave + 1} of {len(ro.sizes)}"
                + (f" — {ro.reason}" if ro.reason else "")]
@@ -469,14 +481,8 @@ class Rollouts:
         out.append("  group runs: " + ", ".join(f"{n} on {v}" for v, n in
                                                 sorted(versions.items())))
 
-        def shown(d: RolloutDevice) -> str:
-            s = states.get(d.device)
-            if d.status is Exec.QUEUED and (s is None or not s.online):
-                return "offline"
-            return d.status.value
-
         def line(d: RolloutDevice) -> str:
-            return (f"  wave {d.wave + 1}  {d.device:14} {shown(d):15} "
+            return (f"  wave {d.wave + 1}  {d.device:14} {d.shown(online):15} "
                     f"{_running(states.get(d.device), ro.model):6}"
                     + (f" {d.detail}" if d.detail and d.status not in DONE else "")
                     + (f"; rollback {d.rollback_result or 'sent'}" if d.rollback_id
@@ -485,7 +491,7 @@ class Rollouts:
             return out + [line(d) for d in devices]
         for w in range(len(ro.sizes)):
             mine = [d for d in devices if d.wave == w]
-            counts = Counter(shown(d) for d in mine)
+            counts = Counter(d.shown(online) for d in mine)
             rolled = sum(1 for d in mine if d.rollback_id)
             out.append(f"  wave {w + 1}: {len(mine)} device(s): "
                        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
@@ -645,7 +651,7 @@ class Controller:
             event = "already" if r.check == "already" else "committed"
         elif r.check in ("health", "cancelled"):
             event = "rolled_back"
-        elif r.check in VERSION_CHECKS and self._serves(rid, device, at_least=True):
+        elif r.check in VERSION_CHECKS and self._serves_at_least(rid, device):
             event = "already"
         else:
             event = "failed"
@@ -669,11 +675,12 @@ class Controller:
                                  f"of {dict(ro.retry.retries).get(kind, 0) + 1}",
                                  retry_at=time.time() + ro.retry.delay_s(d.attempts))
 
-    def _serves(self, rid: str, device: str, *, at_least: bool) -> bool:
+    def _serves_at_least(self, rid: str, device: str) -> bool:
+        """Its retained state says it serves the rollout's version or a later one."""
         ro = self.rollouts.get(rid)
         m = self.db.models_of(device).get(ro.model) or {}
         v = m.get("version")
-        return v is not None and (v >= ro.version if at_least else v == ro.version)
+        return v is not None and v >= ro.version
 
     def _reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> None:
         """What the devices' retained states say settles what reports left open: a device
@@ -794,13 +801,10 @@ class Controller:
             self._record(rid, "deploy", due, ro.command_ttl_s,
                          **deploy_fields(ro.archive, ro.urls))
             pace.spent(len(due), time.monotonic())
-            if ro.wave_started is None:
-                self.rollouts.set(rid, wave_started=time.time())
+        if ro.wave_started is None:  # the wave's clock starts with its first pass
+            self.rollouts.set(rid, wave_started=time.time())
         self._flush(rid, deploys=True)
         ro = self.rollouts.get(rid)
-        if ro.wave_started is None:
-            self.rollouts.set(rid, wave_started=time.time())
-            ro = self.rollouts.get(rid)
         status = self._judge(ro, self.rollouts.devices(rid), online)
         if status is Status.HALTED:
             self._roll_back_touched(rid)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -164,24 +166,29 @@ def test_a_command_sent_while_the_agent_is_away_is_delivered_when_it_returns(
     wait_until(lambda: versions(agents)[0] == 2, timeout_s=60, what="dev-1 on v2")
 
 
+@contextmanager
 def background_run(db_path: Path, releases: dict[str, Path], group: Any, **kw: Any
-                   ) -> tuple[Rollouts, str, subprocess.Popen[str]]:
-    """A lab rollout, and `edge-fleet rollout run` driving it in a subprocess."""
+                   ) -> Iterator[tuple[Rollouts, str, subprocess.Popen[str]]]:
+    """A lab rollout, and `edge-fleet rollout run` driving it in a subprocess (killed on
+    the way out if it is still running)."""
     broker, _, url = group
     rollouts = Rollouts(FleetDB(db_path))
     rid = lab_rollout(rollouts, releases, url, **kw)
-    return rollouts, rid, subprocess.Popen(
-        rollout_argv(db_path, "run", rid, *signing(broker, releases)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(rollout_argv(db_path, "run", rid, *signing(broker, releases)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield rollouts, rid, run
+    finally:
+        if run.poll() is None:
+            run.kill()
 
 
 def test_the_controller_outlives_a_broker_outage_across_a_wave_change(
         group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     broker, agents, _ = group
     db_path = tmp_path / "fleet.sqlite"
-    rollouts, rid, run = background_run(db_path, releases, group,
-                                        wave_timeout_s=30, health_window_s=1.0)
-    try:
+    with background_run(db_path, releases, group, wave_timeout_s=30,
+                        health_window_s=1.0) as (rollouts, rid, run):
         wait_until(lambda: rollouts.get(rid).settled_at is not None, timeout_s=60,
                    what="wave 1 settled, in its health window")
         assert broker.proc is not None
@@ -190,9 +197,6 @@ def test_the_controller_outlives_a_broker_outage_across_a_wave_change(
         time.sleep(3)  # the outage's length (a fault's duration, not a wait for state)
         broker.start()
         out, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert run.returncode == 0, err
     assert f"rollout {rid}: completed" in out
     assert "Traceback" not in err
@@ -316,18 +320,14 @@ def test_an_abort_from_a_second_shell_is_carried_out_by_the_running_controller(
     controller sends the rollbacks and exits 5 (aborted)."""
     broker, agents, _ = group
     db_path = tmp_path / "fleet.sqlite"
-    rollouts, rid, run = background_run(db_path, releases, group,
-                                        wave_timeout_s=60, health_window_s=60)
-    try:
+    with background_run(db_path, releases, group, wave_timeout_s=60,
+                        health_window_s=60) as (rollouts, rid, run):
         wait_until(lambda: versions(agents) == [2, 1, 1], timeout_s=60, what="dev-1 on v2")
         abort = subprocess.run(rollout_argv(db_path, "abort", rid), capture_output=True,
                                text=True, timeout=60, check=False)
         assert abort.returncode == 5, abort.stderr
         assert "its controller" in abort.stdout and "sends the rollbacks" in abort.stdout
         out, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
     assert run.returncode == 5, err
     assert f"rollout {rid}: aborted" in out
     assert versions(agents) == [1, 1, 1]
