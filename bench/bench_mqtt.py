@@ -93,7 +93,7 @@ def _since(at: str, t0: datetime) -> float:
     return (datetime.fromisoformat(at) - t0).total_seconds()
 
 
-def telemetry(seq: int) -> bytes:
+def telemetry(seq: int, _order: object = None) -> bytes:
     return json.dumps({"schema": 1, "seq": seq, "device": "dev-1", "models": {
         "digits": {"requests": 1000, "latency_p50_ms": 0.25}}, "pad": "x" * 400}).encode()
 

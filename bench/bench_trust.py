@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.link.outbox import Outbox
-from agent.link.wire import Memory, ModelTelemetry, Telemetry, dump
+from agent.link.wire import Memory, ModelTelemetry, ReportOrder, Telemetry, dump
 from agent.trust.identity import ReportSigner
 from fleet.ingest import ReportGate
 from fleet.state import FleetDB
@@ -31,7 +31,8 @@ from fleet.state import FleetDB
 def telemetry(seq: int) -> Telemetry:
     m = ModelTelemetry(requests=400, errors=0, latency_p50_ms=3.1, latency_p95_ms=4.8,
                        latency_p99_ms=6.0, throughput_per_s=40.0)
-    return Telemetry(seq=seq, device="pi-0001", at=datetime.now(UTC), interval_s=10.0,
+    return Telemetry(seq=seq, order=ReportOrder(epoch=1, seq=seq), device="pi-0001",
+                     at=datetime.now(UTC), interval_s=10.0,
                      uptime_s=3600.0, cpu_percent=12.5,
                      memory=Memory(process_rss_bytes=96 << 20, system_available_bytes=1 << 30,
                                    system_total_bytes=4 << 30),
@@ -57,9 +58,9 @@ def main() -> None:
         plain_box, signed_box = Outbox(where / "a.sqlite"), Outbox(where / "b.sqlite")
         topic = "edge/v1/acme/pi-0001/telemetry"
         plain = per_call_s(lambda i: plain_box.enqueue(
-            "telemetry", topic, lambda seq: dump(telemetry(seq))), ns.n)
+            "telemetry", topic, lambda seq, _o: dump(telemetry(seq))), ns.n)
         signed = per_call_s(lambda i: signed_box.enqueue(
-            "telemetry", topic, lambda seq: signer.seal(telemetry(seq))), ns.n)
+            "telemetry", topic, lambda seq, _o: signer.seal(telemetry(seq))), ns.n)
         sign_only = per_call_s(lambda i: signer.seal(telemetry(i)), ns.n)
         print(f"device, one telemetry message built and queued in the outbox (CPU time, "
               f"{ns.n} messages):")

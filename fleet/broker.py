@@ -24,6 +24,7 @@ class BrokerConfig:
     data_dir: Path = Path("/var/lib/mosquitto")
     log_dest: str = "syslog"
     user: str | None = None  # mosquitto drops to this user when started as root
+    autosave_s: int = 5  # persistence saved this often (a crash loses at most this much)
 
 
 def _template(name: str) -> str:
@@ -37,7 +38,7 @@ def render(cfg: BrokerConfig, out: Path) -> tuple[Path, Path]:
     acl.write_text(_template("acl.in").replace("{fleet}", cfg.fleet))
     conf = out / "mosquitto.conf"
     conf.write_text(_template("mosquitto.conf.in").format(
-        acl_file=acl, data_dir=cfg.data_dir, log_dest=cfg.log_dest,
+        acl_file=acl, data_dir=cfg.data_dir, log_dest=cfg.log_dest, autosave_s=cfg.autosave_s,
         user_line=f"user {cfg.user}" if cfg.user else "", port=cfg.port, bind=cfg.bind,
         ca_file=cfg.pki / "ca.crt", cert_file=cfg.pki / "server.crt",
         key_file=cfg.pki / "server.key"))

@@ -503,6 +503,7 @@ HELP = {
     "broker-config --bind": "address the broker listens on",
     "broker-config --data-dir": "mosquitto's persistence directory",
     "broker-config --log-dest": "mosquitto's log_dest line (default stderr)",
+    "broker-config --autosave": "seconds between mosquitto's persistence saves",
     "heartbeat --root": "the root.json the heartbeat announces",
     "devices list": "registered devices and their report keys",
     "devices add id": "the device id (CN of its certificate, device.id in its config)",
@@ -761,7 +762,8 @@ def cmd_broker_config(ns: argparse.Namespace) -> None:
 
     conf, acl = render(BrokerConfig(fleet=ns.fleet, pki=ns.pki.resolve(), port=ns.port,
                                     bind=ns.bind, data_dir=ns.data_dir,
-                                    log_dest=ns.log_dest, user=ns.user), ns.out)
+                                    log_dest=ns.log_dest, user=ns.user,
+                                    autosave_s=ns.autosave), ns.out)
     print(f"{conf} and {acl}: mutual TLS on {ns.bind}:{ns.port}, per-device ACL for fleet "
           f"{ns.fleet}; start with: mosquitto -c {conf}")
 
@@ -789,6 +791,9 @@ def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]
     bc.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"))
     bc.add_argument("--log-dest", default="syslog")
     bc.add_argument("--user", help="the user mosquitto drops to when started as root")
+    bc.add_argument("--autosave", type=int, default=5,
+                    help="seconds between saves of sessions, queued commands and retained "
+                         "messages (a crash loses at most this much; default 5)")
 
     root = sub.add_parser("root", help="announce the current root to every device")
     root.set_defaults(func=cmd_root)

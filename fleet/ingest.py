@@ -14,6 +14,11 @@ ignored (never stored, never judged):
     device        signed, but the payload names another device
     invalid       the payload does not validate against its wire model
     fleet         a state for another fleet
+    unordered     no `order` (an agent older than the device order): its replays could
+                  not be told from the truth (`fleet.ordering`)
+
+What passes is then put in its device's order by the database (`FleetDB.admit`): a
+report older than one applied is `stale`.
 """
 
 from __future__ import annotations
@@ -88,8 +93,10 @@ class ReportGate:
         except ValidationError:
             self._ignore("invalid", topic)
             return None
-        if isinstance(model, StatePayload) and model.fleet != self.fleet:
-            self._ignore("fleet", topic)
+        refused = ("fleet" if isinstance(model, StatePayload) and model.fleet != self.fleet
+                   else "unordered" if getattr(model, "order", None) is None else None)
+        if refused is not None:
+            self._ignore(refused, topic)
             return None
         return Report(kind, device, model)
 

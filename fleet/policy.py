@@ -138,7 +138,7 @@ class RetryPolicy:
     signature, a manifest pin or a self-test does not get better by asking again."""
 
     retries: tuple[tuple[str, int], ...] = (("busy", 3), ("download", 2), ("install", 1),
-                                           ("timeout", 1))
+                                           ("timeout", 1), ("interrupted", 2))
     backoff_s: float = 5.0  # before the first retry; doubles for each one after
 
     def allows(self, kind: str, attempts: int) -> bool:

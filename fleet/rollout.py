@@ -36,8 +36,7 @@ import statistics
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -105,7 +104,8 @@ ADDED = [("rollouts", "health_window_s", "REAL NOT NULL DEFAULT 0"),
          ("rollout_devices", "status", "TEXT"),
          ("rollout_devices", "attempts", "INTEGER NOT NULL DEFAULT 0"),
          ("rollout_devices", "updated", "REAL"), ("rollout_devices", "retry_at", "REAL"),
-         ("rollout_devices", "failure", "TEXT")]
+         ("rollout_devices", "failure", "TEXT"), ("rollout_devices", "report_epoch", "INTEGER"),
+         ("rollout_devices", "report_seq", "INTEGER")]
 #: Statuses of rows written before the execution record (their `outcome` column).
 LEGACY = {"pending": "CASE WHEN command_id IS NULL THEN 'queued' ELSE 'sent' END",
           "committed": "'committed'", "rolled_back": "'rolled_back'", "failed": "'failed'",
@@ -113,10 +113,6 @@ LEGACY = {"pending": "CASE WHEN command_id IS NULL THEN 'queued' ELSE 'sent' END
 #: A controller that has not written its beat for this long has lost its lock, and its
 #: running rollout shows as stalled.
 LOCK_STALE_S = 15.0
-#: A retained state counts against a recorded commit or rollback only when it arrived
-#: this long after that record changed (the state and the result travel on different
-#: connections).
-STATE_MARGIN_S = 2.0
 #: A command handed to paho and not acknowledged for this long is published again (a
 #: copy that arrives twice is refused by the device as a replay, and that is ignored).
 UNACKED_S = 60.0
@@ -199,6 +195,7 @@ class RolloutDevice:
     detail: str | None
     rollback_id: str | None  # the rollback sent, None before
     rollback_result: str | None
+    report_order: tuple[int, int] | None = None  # of the device report that last moved it
 
     @property
     def may_serve_release(self) -> bool:
@@ -241,17 +238,9 @@ class Rollouts:
                              "ELSE 'queued' END, attempts = (command_id IS NOT NULL) "
                              "WHERE status IS NULL")
 
-    @contextmanager
-    def _tx(self) -> Iterator[None]:
+    def _tx(self) -> contextlib.AbstractContextManager[None]:
         """One write transaction (a record and its history change together)."""
-        with self._lock:
-            self.sql.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.sql.execute("ROLLBACK")
-                raise
-            self.sql.execute("COMMIT")
+        return self.db.tx()
 
     def create(self, *, archive: Path, urls: list[str], group: str, devices: list[str],
                fractions: list[float], criteria: Criteria, wave_timeout_s: float,
@@ -319,13 +308,20 @@ class Rollouts:
         with self._lock:
             cur = self.sql.execute(
                 "SELECT rollout, device, wave, status, attempts, command_id, sent_at, "
-                "updated, retry_at, failure, detail, rollback_id, rollback_result FROM "
+                "updated, retry_at, failure, detail, rollback_id, rollback_result, "
+                "report_epoch, report_seq FROM "
                 f"rollout_devices WHERE {where} ORDER BY wave, device",
                 (rid,) if device is None else (rid, device))
             cols = [c[0] for c in cur.description]
             rows = cur.fetchall()
-        return [RolloutDevice(**{**(r := dict(zip(cols, row, strict=True))),
-                                 "status": Exec(r["status"])}) for row in rows]
+        out = []
+        for row in rows:
+            r = dict(zip(cols, row, strict=True))
+            epoch, seq = r.pop("report_epoch"), r.pop("report_seq")
+            out.append(RolloutDevice(**{**r, "status": Exec(r["status"]),
+                                        "report_order": None if epoch is None
+                                        else (int(epoch), int(seq))}))
+        return out
 
     def device(self, rid: str, device: str) -> RolloutDevice | None:
         found = self.devices(rid, device)
@@ -389,11 +385,15 @@ class Rollouts:
                              (rid, owner))
 
     # -- executions ------------------------------------------------------------------------
-    def transition(self, rid: str, device: str, event: str, cause: str,
-                   **fields: Any) -> Exec | None:
+    def transition(self, rid: str, device: str, event: str, cause: str, *,
+                   order: tuple[int, int] | None = None, **fields: Any) -> Exec | None:
         """Move one execution along `EXEC_TRANSITIONS` and write the change to its history,
         together with `fields`; None (and nothing written) when the table has no such
-        step (logged: a report that arrives after a truer one)."""
+        step (logged: a report that arrives after a truer one). `order`: the (epoch, seq)
+        of the device report that caused it (`fleet.ordering`), kept on the execution so a
+        retained state older than that report never overrides it."""
+        if order is not None:
+            fields = {**fields, "report_epoch": order[0], "report_seq": order[1]}
         with self._tx():
             row = self.sql.execute("SELECT status FROM rollout_devices WHERE rollout = ? AND "
                                    "device = ?", (rid, device)).fetchone()
@@ -522,6 +522,12 @@ def _alive(owner: str) -> bool:
     return True
 
 
+def _order(payload: Any) -> tuple[int, int] | None:
+    """The (epoch, seq) of a device report (`fleet.ordering`)."""
+    o = getattr(payload, "order", None)
+    return None if o is None else (o.epoch, o.seq)
+
+
 def _running(state: Any, model: str) -> str:
     """The version a device's retained state says it serves: "v2", or "-"."""
     m = (state.models.get(model) if state is not None else None) or {}
@@ -565,34 +571,46 @@ class Controller:
         self.rollouts.acquire(rid, self.owner)
         client = self._sessions.get(rid)
         if client is None:
+            def on_message(client: Any, userdata: Any, msg: Any) -> None:
+                self._message(rid, msg)
             client, _ = connect_patiently(
                 self.broker, f"edge-fleet-rollout-{rid}",
                 topics=[f"{PREFIX}/{self.fleet}/+/cmd/result"],
-                on_message=self._message, session_expiry_s=24 * 3600,
+                on_message=on_message, session_expiry_s=24 * 3600,
                 max_inflight=1000, wait_s=self.connect_wait_s)
             self._sessions[rid] = client
         return client
 
-    def _message(self, client: Any, userdata: Any, msg: Any) -> None:
-        """A command result: believed only when its device signed it (`fleet.ingest`);
-        an error while recording one is counted and logged, never fatal."""
+    def _message(self, rid: str, msg: Any) -> None:
+        """A command result on rollout `rid`'s session: believed only when its device
+        signed it (`fleet.ingest`), applied only when it answers one of this rollout's
+        commands (every rollout's session receives every result) and is new in its
+        device's order (`fleet.ordering`: a duplicate or a replay is counted stale); an
+        error while recording one is counted and logged, never fatal."""
         try:
             report = self.gate.open(msg.topic, bytes(msg.payload))
-            if report is not None:
-                self._report(report)
+            p = None if report is None else report.payload
+            if report is None or not isinstance(p, CommandResult) or not p.command_id:
+                return
+            sent = self.rollouts.command(p.command_id)
+            if sent is None or sent[0] != rid or sent[1] != p.device:
+                return
+            with self.db.tx():
+                if self.db.admit(report):
+                    self.record_result(p)
         except Exception:  # one bad message must never stop the results
             self.db.bump("ingest_errors")
             log.exception("rollout.result_crashed topic=%.200s", msg.topic)
 
     def _report(self, report: Report) -> None:
-        """A device's signed result or event about a command of a rollout."""
+        """A device's signed event about a deploy command of a rollout (from the watcher,
+        which admitted it in its device's order)."""
         p = report.payload
-        if isinstance(p, CommandResult) and p.command_id:
-            self.record_result(p)
-        elif isinstance(p, Event) and p.command_id and p.kind.startswith("deploy."):
+        if isinstance(p, Event) and p.command_id and p.kind.startswith("deploy."):
             sent = self.rollouts.command(p.command_id)
             if sent is not None and sent[2] == "deploy" and sent[1] == p.device:
-                self.rollouts.transition(sent[0], p.device, "progress", f"event {p.kind}")
+                self.rollouts.transition(sent[0], p.device, "progress", f"event {p.kind}",
+                                         order=_order(p))
 
     def _collect_acks(self, rid: str) -> None:
         """Commands the broker acknowledged since the last step: marked sent, and their
@@ -642,23 +660,17 @@ class Controller:
             never_started = r.check == "not_serving" and d is not None and \
                 d.status is not Exec.IN_PROGRESS and d.status is not Exec.COMMITTED
             if r.ok and not never_started:
-                self.rollouts.transition(rid, device, "fleet_rollback", why)
+                self.rollouts.transition(rid, device, "fleet_rollback", why, order=_order(r))
             return
         d = self.rollouts.device(rid, device)
         if d is None:
             return
-        if r.ok:
-            event = "already" if r.check == "already" else "committed"
-        elif r.check in ("health", "cancelled"):
-            event = "rolled_back"
-        elif r.check in VERSION_CHECKS and self._serves_at_least(rid, device):
-            event = "already"
-        else:
-            event = "failed"
+        event = self._result_event(rid, device, r)
         if event == "failed" and attempt < d.attempts:
             log.info("rollout.stale_failure rollout=%s device=%s %s", rid, device, why)
             return  # a newer attempt is under way; this one's failure is history
         new = self.rollouts.transition(rid, device, event, why, detail=said,
+                                       order=_order(r),
                                        **({"failure": r.check or "failed"}
                                           if event == "failed" else {}))
         if new is Exec.FAILED:
@@ -666,6 +678,20 @@ class Controller:
         if new is Exec.COMMITTED and self.rollouts.get(rid).status is not Status.RUNNING:
             # committed after a halt or abort: it needs a rollback of its own
             self.rollouts.set_device(rid, device, rollback_id=None, rollback_result=None)
+
+    def _result_event(self, rid: str, device: str, r: CommandResult) -> str:
+        """The execution event a deploy's result stands for."""
+        if r.ok and r.check == "already" and r.installed_by is not None and (
+                (by := self.rollouts.command(r.installed_by)) is not None
+                and by[0] == rid and by[1] == device):
+            return "committed"  # an earlier attempt of this rollout installed it
+        if r.ok:
+            return "already" if r.check == "already" else "committed"
+        if r.check in ("health", "cancelled"):
+            return "rolled_back"
+        if r.check in VERSION_CHECKS and self._serves_at_least(rid, device):
+            return "already"
+        return "failed"
 
     def _maybe_retry(self, rid: str, device: str, kind: str) -> None:
         ro, d = self.rollouts.get(rid), self.rollouts.device(rid, device)
@@ -685,32 +711,35 @@ class Controller:
     def _reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> None:
         """What the devices' retained states say settles what reports left open: a device
         on the release (committed) or ahead of it is done; one that no longer serves a
-        release recorded as committed was rolled back."""
+        release recorded as committed was rolled back. A state counts against what a
+        device report recorded only when it is newer in the device's order (never by
+        when it arrived: a late retained state from before a commit changes nothing)."""
         states = self.db.state_rows()
         for d in devices:
             s = states.get(d.device)
-            if s is None:
+            if s is None or s["order"] is None:
                 continue
             m = s["models"].get(ro.model) or {}
             v, floor = m.get("version"), m.get("committed")
             if v is None:
                 continue
-            fresh = s["received"] is not None and s["received"] > (d.updated or 0) + \
-                STATE_MARGIN_S
+            newer = d.report_order is None or s["order"] > d.report_order
             committed = floor is not None and floor >= v
+            order = s["order"]
             if v > ro.version and d.status not in DONE:
                 self.rollouts.transition(ro.id, d.device, "already",
-                                         f"its state: serves v{v}, ahead of v{ro.version}")
+                                         f"its state: serves v{v}, ahead of v{ro.version}",
+                                         order=order)
             elif v == ro.version and committed and d.status not in DONE:
                 if d.attempts == 0:
                     self.rollouts.transition(ro.id, d.device, "already",
-                                             f"its state: serves v{v} committed")
-                elif fresh:
+                                             f"its state: serves v{v} committed", order=order)
+                elif newer:
                     self.rollouts.transition(ro.id, d.device, "serves_release",
-                                             f"its state: serves v{v} committed")
-            elif v < ro.version and d.status is Exec.COMMITTED and fresh:
+                                             f"its state: serves v{v} committed", order=order)
+            elif v < ro.version and d.status is Exec.COMMITTED and newer:
                 self.rollouts.transition(ro.id, d.device, "serves_older",
-                                         f"its state: serves v{v}")
+                                         f"its state: serves v{v}", order=order)
 
     # -- sending ---------------------------------------------------------------------------
     def _record(self, rid: str, kind: str, devices: list[RolloutDevice], ttl_s: float,

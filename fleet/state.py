@@ -22,7 +22,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from agent.link.wire import PREFIX, Event, StatePayload, Telemetry
 from agent.trust.signatures import PublicKey
 from fleet._mqtt import BrokerAuth, connect_patiently
 from fleet.ingest import Report, ReportGate
+from fleet.ordering import Mark, admit
 
 log = logging.getLogger("edge_fleet.state")
 #: The shared-subscription group of the rollout controllers (and only theirs).
@@ -53,6 +55,10 @@ CREATE TABLE IF NOT EXISTS device_keys (
 CREATE TABLE IF NOT EXISTS unknown_devices (
   device TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
   messages INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS report_marks (
+  device TEXT NOT NULL, kind TEXT NOT NULL, epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
+  connection INTEGER NOT NULL, will INTEGER NOT NULL, window INTEGER NOT NULL,
+  PRIMARY KEY (device, kind));
 """
 #: A device that reported an anomaly this recently is "anomalous", not "ok".
 ANOMALY_RECENT_S = 600.0
@@ -109,9 +115,59 @@ class FleetDB:
         have = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
         for column, decl in (("trust_json", "TEXT"), ("state_received", "REAL"),
                              ("last_seen", "REAL"), ("offline_at", "REAL"),
-                             ("started_at", "TEXT"), ("anomaly_received", "REAL")):
+                             ("started_at", "TEXT"), ("anomaly_received", "REAL"),
+                             ("state_epoch", "INTEGER"), ("state_seq", "INTEGER")):
             if column not in have:  # files made by an earlier version
                 self._db.execute(f"ALTER TABLE devices ADD COLUMN {column} {decl}")
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        """One write transaction; inside one already open on this thread, part of it (the
+        outer one commits or rolls back everything)."""
+        with self._lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- the device's order (`fleet.ordering`) ----------------------------------------------
+    def admit(self, report: Report) -> bool:
+        """Whether `report` is new in its device's order; if so its mark is stored (call
+        inside `tx`, with what applies it). Stale: counted under `ignored_stale`."""
+        p = report.payload
+        order = getattr(p, "order", None)
+        assert order is not None  # the gate refuses unordered reports
+        with self._lock:
+            row = self._db.execute("SELECT epoch, seq, connection, will, window FROM "
+                                   "report_marks WHERE device = ? AND kind = ?",
+                                   (report.device, report.kind)).fetchone()
+            mark = None if row is None else Mark(row[0], row[1], row[2], bool(row[3]), row[4])
+            state = p if isinstance(p, StatePayload) else None
+            new = admit(report.kind, mark, order.epoch, order.seq,
+                        connection=state.connection if state else None,
+                        will=state is not None and not state.online)
+            if new is None:
+                self.bump("ignored_stale")
+                return False
+            self._db.execute("INSERT INTO report_marks VALUES (?,?,?,?,?,?,?) ON CONFLICT"
+                             "(device, kind) DO UPDATE SET epoch = excluded.epoch, seq = "
+                             "excluded.seq, connection = excluded.connection, will = "
+                             "excluded.will, window = excluded.window",
+                             (report.device, report.kind, new.epoch, new.seq, new.connection,
+                              int(new.will), new.window))
+            return True
+
+    def forget_order(self, device: str) -> None:
+        """A device registered again (a new key, or a reset device whose clock went back):
+        its next reports start its order afresh."""
+        with self._lock:
+            self._db.execute("DELETE FROM report_marks WHERE device = ?", (device,))
 
     @property
     def lock(self) -> threading.RLock:
@@ -142,6 +198,7 @@ class FleetDB:
                              "DO UPDATE SET public = excluded.public, added = excluded.added",
                              (device, key.public, time.time()))
             self._db.execute("DELETE FROM unknown_devices WHERE device = ?", (device,))
+            self._db.execute("DELETE FROM report_marks WHERE device = ?", (device,))
         return old is None or old[0] != key.public
 
     def registered_key(self, device: str) -> PublicKey | None:
@@ -187,8 +244,8 @@ class FleetDB:
             self._db.execute(
                 "INSERT INTO devices (device, fleet, online, profile, agent_version, "
                 "groups_json, models_json, state_at, trust_json, state_received, "
-                "last_seen, offline_at, started_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "last_seen, offline_at, started_at, state_epoch, state_seq) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(device) DO UPDATE SET online = excluded.online, "
                 "profile = excluded.profile, agent_version = excluded.agent_version, "
                 "groups_json = excluded.groups_json, state_at = excluded.state_at, "
@@ -198,13 +255,17 @@ class FleetDB:
                 "last_seen = CASE WHEN excluded.online THEN excluded.last_seen "
                 "ELSE MAX(COALESCE(devices.last_seen, 0), COALESCE(excluded.last_seen, 0)) "
                 "END, offline_at = excluded.offline_at, "
-                "started_at = COALESCE(excluded.started_at, devices.started_at)",
+                "started_at = COALESCE(excluded.started_at, devices.started_at), "
+                "state_epoch = CASE WHEN excluded.online THEN excluded.state_epoch "
+                "ELSE devices.state_epoch END, state_seq = CASE WHEN excluded.online THEN "
+                "excluded.state_seq ELSE devices.state_seq END",
                 (s.device, s.fleet, int(s.online), s.profile, s.agent_version,
                  json.dumps(s.groups), json.dumps(models), s.at.isoformat(),
                  s.trust.model_dump_json() if s.trust else None, received,
                  received if s.online else (s.seen_at.timestamp() if s.seen_at else None),
                  None if s.online else received,
-                 s.started_at.isoformat() if s.started_at else None))
+                 s.started_at.isoformat() if s.started_at else None,
+                 s.order.epoch if s.order else None, s.order.seq if s.order else None))
 
     def put_telemetry(self, t: Telemetry, received: float) -> None:
         with self._lock:
@@ -254,12 +315,15 @@ class FleetDB:
         return json.loads(row[0]) if row else {}
 
     def state_rows(self) -> dict[str, dict[str, Any]]:
-        """device -> {"online", "models", "received"} from the retained states."""
+        """device -> {"online", "models", "order"} from the retained states: `order` is
+        the (epoch, seq) of the state its models came from (None before one with an
+        order)."""
         with self._lock:
-            rows = self._db.execute("SELECT device, online, models_json, state_received "
-                                    "FROM devices").fetchall()
-        return {d: {"online": bool(o), "models": json.loads(m), "received": r}
-                for d, o, m, r in rows}
+            rows = self._db.execute("SELECT device, online, models_json, state_epoch, "
+                                    "state_seq FROM devices").fetchall()
+        return {d: {"online": bool(o), "models": json.loads(m),
+                    "order": None if e is None else (int(e), int(q))}
+                for d, o, m, e, q in rows}
 
     def devices(self, *, group: str | None = None, now: float | None = None
                 ) -> list[DeviceRow]:
@@ -304,6 +368,7 @@ class FleetWatcher:
         self.db, self.fleet = db, fleet
         self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
         self.errors = 0  # messages whose handling raised (logged, counted, survived)
+        self.stale = 0  # verified reports older than what was applied (`fleet.ordering`)
         self.gate = ReportGate(db, fleet)
         self.on_report = on_report
         base = f"{PREFIX}/{fleet}"
@@ -334,12 +399,16 @@ class FleetWatcher:
             if report is None:
                 return
             p = report.payload
-            if isinstance(p, StatePayload):
-                self.db.put_state(p, time.time())
-            elif isinstance(p, Telemetry):
-                self.db.put_telemetry(p, time.time())
-            elif isinstance(p, Event):
-                self.db.put_event(p, time.time())
+            with self.db.tx():
+                if not self.db.admit(report):
+                    self.stale += 1
+                    return
+                if isinstance(p, StatePayload):
+                    self.db.put_state(p, time.time())
+                elif isinstance(p, Telemetry):
+                    self.db.put_telemetry(p, time.time())
+                elif isinstance(p, Event):
+                    self.db.put_event(p, time.time())
             self.ingested[report.kind] += 1
             if self.on_report is not None:
                 self.on_report(report)

@@ -265,7 +265,7 @@ class WriterCuts:
             proc.kill()
             lines = proc.stdout.read().split("\n")  # everything printed before the stop
             proc.wait(10)
-        acked = {"o": 0, "n": 0}
+        acked = {"o": 0, "n": 0, "r": 0}
         for line in lines:
             kind, _, n = line.partition(" ")
             if kind in acked and n.isdigit():
@@ -295,6 +295,8 @@ def _check_written(state: Path, acked: dict[str, int], outcome: Outcome) -> None
             outcome.broken.append("acknowledged telemetry lost")
         if any(f"nonce-{i:08d}" not in nonces for i in range(1, acked["n"] + 1)):
             outcome.broken.append("accepted nonces forgotten")
+        if (after := outbox.reserve().seq) <= acked["r"]:  # the fleet would call it stale
+            outcome.broken.append(f"the report order went back: {after} after {acked['r']}")
         outcome.result = "ok"
     finally:
         outbox.close()

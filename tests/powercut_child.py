@@ -33,8 +33,11 @@ def writer(state: Path) -> None:
     i = 0
     while True:
         i += 1
+        orders = []
         outbox.enqueue("telemetry", "edge/v1/acme/dev-1/telemetry",
-                       lambda seq, i=i: f'{{"i":{i},"seq":{seq}}}'.encode())
+                       lambda seq, order, i=i, orders=orders: orders.append(order.seq) or
+                       f'{{"i":{i},"seq":{seq}}}'.encode())
+        print(f"r {orders[0]}", flush=True)  # the report order the message took
         print(f"o {i}", flush=True)
         nonces.record(f"nonce-{i:08d}", datetime.now(UTC))
         print(f"n {i}", flush=True)

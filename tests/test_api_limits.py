@@ -227,3 +227,20 @@ def test_admin_routes_answer_on_the_admin_socket_only(agent: Any) -> None:
         assert status == 403 and b"admin socket" in body, (path, status)
     assert agent.call("GET", "/v1/admin/status")[0] == 200  # the fixture uses the admin one
     assert stat.S_IMODE(agent.admin_socket.stat().st_mode) == 0o600
+
+
+def test_an_early_refusal_reaches_a_client_still_sending_its_body(agent: Any) -> None:
+    """An install answered 415 before its body is read (a JSON path is not an archive):
+    the client sent all 512 KiB before reading, and still gets the 415, every time. The
+    daemon reads and drops the rest before it closes (a lingering close); closing on
+    unread bytes reset the connection and destroyed the answer (1 run in 6 of
+    test_admin_install_of_what_is_not_a_bundle…)."""
+    body = b'{"path": "/tmp/x.tar"' + b" " * (512 * 1024) + b"}"
+    for _ in range(5):
+        s = unix(agent, admin=True)
+        s.sendall(b"POST /v1/admin/install HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+        status, out = answer(s)
+        s.close()
+        assert status == 415 and b"paths" in out

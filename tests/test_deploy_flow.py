@@ -64,3 +64,43 @@ def test_final_phases_have_no_way_out_but_a_no_op_cancel() -> None:
     for (phase, step, _), to in TRANSITIONS.items():
         if phase in FINAL:
             assert (step, to) == (Step.CANCEL, phase)
+
+
+# Every (phase, cancelled, step) pair, written out: the phase it leads to, "+cancel" for a
+# cancel recorded to take effect when the phase's work ends, "-" for a step refused.
+# Columns: begin, already_serving, downloaded, installed, failed, anomaly, window_over,
+# cancel.
+COLUMNS = (Step.BEGIN, Step.ALREADY_SERVING, Step.DOWNLOADED, Step.INSTALLED, Step.FAILED,
+           Step.ANOMALY, Step.WINDOW_OVER, Step.CANCEL)
+EXPECTED = {
+    ("start", False): "downloading already - - - - - cancelled",
+    ("downloading", False): "- - installing - failed - - +cancel",
+    ("installing", False): "- - - watching failed - - +cancel",
+    ("watching", False): "- - - - - rolled_back committed rolled_back",
+    ("committed", False): "- - - - - - - committed",
+    ("rolled_back", False): "- - - - - - - rolled_back",
+    ("failed", False): "- - - - - - - failed",
+    ("cancelled", False): "- - - - - - - cancelled",
+    ("already", False): "- - - - - - - already",
+    ("downloading", True): "- - cancelled - failed - - +cancel",
+    ("installing", True): "- - - rolled_back failed - - +cancel",
+}
+
+
+@pytest.mark.parametrize(("phase", "cancelled"), list(EXPECTED))
+def test_every_phase_and_step_pair_goes_where_the_written_table_says(
+        phase: str, cancelled: bool) -> None:
+    """A rollback (cancel) is taken in every phase, START included (it once crashed the
+    device's command handler: no transition from start on cancel)."""
+    assert {p.value for p in Phase} == {p for p, _ in EXPECTED}
+    for step, want in zip(COLUMNS, EXPECTED[(phase, cancelled)].split(), strict=True):
+        flow = Flow(Phase(phase), cancelled)
+        if want == "-":
+            with pytest.raises(ValueError, match="no transition"):
+                advance(flow, step)
+            continue
+        got = advance(flow, step)
+        if want == "+cancel":
+            assert got == Flow(Phase(phase), True), (phase, step)
+        else:
+            assert got == Flow(Phase(want), False), (phase, cancelled, step)

@@ -497,3 +497,40 @@ def test_what_the_outbox_cap_drops_is_counted_and_reported(
         sub.close()
     finally:
         agent.stop()
+
+
+@needs_onnxruntime
+def test_a_deploy_cut_short_by_a_crash_mid_download_is_answered_after_the_restart(
+        fleet: Any, releases: dict[str, Path]) -> None:
+    """kill -9 while the download is held half way: the agent started again publishes
+    the interrupted command's result (failed, check "interrupted": the fleet retries it),
+    leaves no partial download behind and still serves v1. (Before, no result ever came
+    and a `.part` stayed.)"""
+    agent, sub = fleet
+    archive = releases["onnx2"]
+    handler = type("H", (_Held,), {"archive": archive, "gate": threading.Event(),
+                                   "asked": threading.Event()})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/{archive.name}"
+    downloads = agent.dir / "state" / "downloads"
+    try:
+        deploy = command(releases, "deploy", **deploy_fields(archive, [url]))
+        sub.publish(f"{BASE}/cmd", deploy)
+        assert handler.asked.wait(20)  # downloading, held after 64 KiB
+        wait_until(lambda: list(downloads.glob("*.part")), what="a partial download")
+        agent.kill9()
+        assert list(downloads.glob("*.part"))  # what the crash left
+        agent.start()
+        sub.wait_for(lambda: len(results(sub)) == 1, timeout=30)
+    finally:
+        handler.gate.set()
+        srv.shutdown()
+    answer = results(sub)[0]
+    assert answer["command_id"] == json.loads(deploy)["signed"]["id"]
+    assert (answer["ok"], answer["check"]) == (False, "interrupted"), answer
+    assert "v1 serves" in answer["result"]
+    assert "deploy.interrupted" in [e["kind"] for e in events(sub)]
+    assert not list(downloads.glob("*.part"))
+    assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1

@@ -5,6 +5,7 @@ Each test names the attack it shows failing."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polling import wait_until
 
-from agent.link.wire import CommandResult, Event, StatePayload
+from agent.link.wire import CommandResult, Event, ReportOrder, StatePayload
 from agent.trust.identity import ReportSigner, load_report_signer
 from agent.trust.signatures import canonical
 from fleet.artifacts import serve_in_thread as serve
@@ -61,15 +62,23 @@ class Rogue:
         self.c.disconnect()
 
 
+ORDERS = itertools.count(1)  # forged reports each take a new place in a device's order
+
+
+def order() -> ReportOrder:
+    return ReportOrder(epoch=1, seq=next(ORDERS))
+
+
 def result(device: str, cid: str, ok: bool, check: str | None = None) -> CommandResult:
     return CommandResult(device=device, command_id=cid, kind="deploy", ok=ok, result="forged",
-                         check=check, at=datetime.now(UTC))
+                         check=check, at=datetime.now(UTC), order=order())
 
 
 def anomaly(device: str, seq: int = 1, **evidence: Any) -> Event:
     return Event(seq=seq, device=device, at=datetime.now(UTC), kind="anomaly",
                  severity="warning", message="latency: z_score 40 above 4",
-                 evidence={"detector": "latency", "model": "digits", **evidence})
+                 evidence={"detector": "latency", "model": "digits", **evidence},
+                 order=order())
 
 
 def plain(payload: Any) -> bytes:
@@ -181,7 +190,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers()
                     | st.text(max_size=50), lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
 FIELDS = ("device", "seq", "kind", "evidence", "model", "message", "models", "fleet",
-          "online", "groups", "command_id", "at", "severity")
+          "online", "groups", "command_id", "at", "severity", "order")
 
 
 def hostile_payloads(signer: ReportSigner) -> st.SearchStrategy[tuple[str, bytes]]:
@@ -192,7 +201,7 @@ def hostile_payloads(signer: ReportSigner) -> st.SearchStrategy[tuple[str, bytes
     base = anomaly("dev-1").model_dump(mode="json", by_alias=True)
 
     def signed(kind: str, changes: dict[str, Any], surrogate: bool) -> tuple[str, bytes]:
-        body = {**base, **changes}
+        body = {**base, "order": order().model_dump(), **changes}
         raw = canonical(body)
         sig = signer.key.sign(raw).signature.hex()
         env = {"signed": body, "signatures": [{"keyid": signer.public.keyid, "sig": sig}]}

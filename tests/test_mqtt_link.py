@@ -44,7 +44,7 @@ def test_birth_subscriptions_and_the_outbox_in_order(broker: Broker, tmp_path: P
     box, got = Outbox(tmp_path / "o.sqlite"), []
     for _ in range(50):
         box.enqueue("telemetry", "edge/v1/acme/dev-1/telemetry",
-                    lambda seq: json.dumps({"seq": seq}).encode())
+                    lambda seq, _order: json.dumps({"seq": seq}).encode())
     lk = link([broker.url], box, got)
     lk.start()
     assert wait_connected(lk, 10)
@@ -71,7 +71,7 @@ def test_nothing_is_lost_across_a_broker_outage(broker: Broker, tmp_path: Path) 
         nonlocal sent
         for _ in range(n):
             box.enqueue("telemetry", "edge/v1/acme/dev-1/telemetry",
-                        lambda seq: json.dumps({"seq": seq}).encode())
+                        lambda seq, _order: json.dumps({"seq": seq}).encode())
             sent += 1
             time.sleep(0.005)
 

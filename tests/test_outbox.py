@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.link.outbox import Outbox
+from agent.link.outbox import Order, Outbox
 
 
-def body(seq: int) -> bytes:
-    return json.dumps({"seq": seq}).encode()
+def body(seq: int, order: Order) -> bytes:
+    return json.dumps({"seq": seq, "order": [order.epoch, order.seq]}).encode()
 
 
 def test_sequence_numbers_per_stream_survive_a_restart(tmp_path: Path) -> None:
@@ -25,6 +25,29 @@ def test_sequence_numbers_per_stream_survive_a_restart(tmp_path: Path) -> None:
     assert again.enqueue("telemetry", "t", body) == 4
     assert [json.loads(m.payload)["seq"] for m in again.pending(10)
             if m.stream == "telemetry"] == [1, 2, 3, 4]
+
+
+def test_one_report_order_for_every_stream_survives_a_restart(tmp_path: Path) -> None:
+    """The device-wide order the fleet puts reports in: +1 for every message of any
+    stream and for every reserved one (birth, Last Will), kept across a restart under the
+    same epoch; a wiped state starts a later epoch."""
+    box = Outbox(tmp_path / "o.sqlite")
+    box.enqueue("telemetry", "t", body)
+    assert box.reserve() == Order(box.epoch, 2)
+    box.enqueue("event", "e", body)
+    box.enqueue("result", "r", body)
+    epoch = box.epoch
+    box.close()
+    again = Outbox(tmp_path / "o.sqlite")
+    assert again.epoch == epoch
+    again.enqueue("state", "s", body)
+    assert [json.loads(m.payload)["order"] for m in again.pending(10)] == [
+        [epoch, 1], [epoch, 3], [epoch, 4], [epoch, 5]]
+    assert again.reserve() == Order(epoch, 6)
+    (tmp_path / "o.sqlite").unlink()
+    wiped = Outbox(tmp_path / "o.sqlite")
+    assert wiped.epoch > epoch and wiped.reserve() == Order(wiped.epoch, 1)
+    assert Order(wiped.epoch, 1) > Order(epoch, 6)
 
 
 def test_only_an_acknowledgement_removes_a_message(tmp_path: Path) -> None:

@@ -253,3 +253,41 @@ def test_abort_rolls_back_what_the_rollout_touched_and_cannot_be_resumed(
     assert [d.command_id is None for d in rollouts.devices(rid)] == [False, True, True]
     with pytest.raises(FleetError, match="aborted"):
         rollouts.move(rid, "resume")
+
+
+def test_late_and_replayed_reports_never_flip_a_commit_and_are_counted(
+        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+    """The retained state dev-2 published before the rollout (v1), captured and published
+    again after dev-2 committed v2 (a late retained state, as a loaded controller would
+    receive it), and dev-2's genuine deploy result and events published again (replays):
+    the record does not change, no rollback is sent, and each is counted stale. Before
+    reports were put in their device's order, the old state flipped dev-2 to rolled_back."""
+    broker, agents, url = group
+    tap = Subscriber(broker, ["edge/v1/acme/dev-2/#"], client_id="tap")
+    tap.wait_for(lambda: tap.on("/dev-2/state"))
+    before = tap.on("/dev-2/state")[-1]  # retained: online, v1
+    assert b'"version":1' in before
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    rollouts = Rollouts(db)
+    rid = lab_rollout(rollouts, releases, url, fractions=(1.0,), health_window_s=0.5)
+    c = controller(db, broker, releases)
+    try:
+        assert c.run(rid, poll_s=0.2, timeout_s=90) == "completed"
+        tap.wait_for(lambda: tap.on("/dev-2/cmd/result") and tap.on("/dev-2/event"))
+        replays = [("state", before), ("cmd/result", tap.on("/dev-2/cmd/result")[-1]),
+                   *(("event", e) for e in tap.on("/dev-2/event"))]
+        stale = db.counter("ignored_stale")
+        for kind, raw in replays:
+            tap.publish(f"edge/v1/acme/dev-2/{kind}", raw, retain=kind == "state")
+        wait_until(lambda: db.counter("ignored_stale") >= stale + len(replays),
+                   what="every replay counted stale")
+        for _ in range(3):
+            assert c.step(rid) is Status.COMPLETED
+    finally:
+        c.close()
+        tap.close()
+    assert [(d.device, d.status.value, d.rollback_id) for d in rollouts.devices(rid)] == [
+        ("dev-1", "committed", None), ("dev-2", "committed", None),
+        ("dev-3", "committed", None)]
+    assert db.models_of("dev-2")["digits"]["version"] == 2  # the watcher kept the truth
+    assert versions(agents) == [2, 2, 2]

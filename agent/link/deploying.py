@@ -17,12 +17,15 @@ uncommitted, and the store rolls it back at start; so does a daemon stopping in 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from agent.durable import write_atomic
 from agent.errors import AgentError, BundleError, Busy, DownloadError, RejectedError
 from agent.link.detectors import Anomaly, rate_anomalies
 from agent.link.port import AgentPort
@@ -39,12 +42,71 @@ from agent.updates.install import InstallResult
 log = logging.getLogger("edge_agent.fleet")
 
 
+class DeployJournal:
+    """What must outlive the process (`deploy.json`, replaced atomically): the deploy
+    command in progress, so an agent restarted after a crash or power cut answers it
+    ("interrupted", or "committed" when the commit made it to disk), and which command
+    installed each model's committed release, so a retry of the same rollout is answered
+    with the command that installed it rather than as "already" current. `path` None: in
+    memory (the simulator)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._data: dict[str, Any] = {"running": None, "installed_by": {}}
+        if path is not None and path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+                if isinstance(loaded, dict):
+                    self._data.update(loaded)
+            except (OSError, ValueError) as exc:  # a torn file loses only this memory
+                log.warning("deploy.journal_unreadable %s: %s", path, exc)
+
+    def _save(self) -> None:
+        if self.path is not None:
+            write_atomic(self.path, json.dumps(self._data).encode())
+
+    def begin(self, cmd: DeployCommand) -> None:
+        self._data["running"] = {"command_id": cmd.id, "model": cmd.model,
+                                 "version": cmd.version,
+                                 "manifest_sha256": cmd.manifest_sha256}
+        self._save()
+
+    def committed(self, cmd: DeployCommand) -> None:
+        self.committed_id(cmd.model, cmd.version, cmd.manifest_sha256, cmd.id)
+
+    def committed_id(self, model: str, version: Any, manifest_sha256: Any,
+                     command_id: str) -> None:
+        self._data["installed_by"][model] = {"version": version,
+                                             "manifest_sha256": manifest_sha256,
+                                             "command_id": command_id}
+        self._save()
+
+    def end(self) -> None:
+        self._data["running"] = None
+        self._save()
+
+    def running(self) -> dict[str, Any] | None:
+        got = self._data.get("running")
+        return got if isinstance(got, dict) else None
+
+    def installed_by(self, model: str, version: int, manifest_sha256: str | None
+                     ) -> str | None:
+        """The command that installed `model` v`version` (with this manifest), if known."""
+        got = self._data.get("installed_by", {}).get(model)
+        if isinstance(got, dict) and got.get("version") == version and (
+                manifest_sha256 is None or got.get("manifest_sha256") == manifest_sha256):
+            cmd_id = got.get("command_id")
+            return cmd_id if isinstance(cmd_id, str) else None
+        return None
+
+
 class Deployer:
     def __init__(self, agent: AgentPort, reporter: Reporter, telemetry: TelemetryLoop,
                  settings: Callable[[], LinkSettings], *, downloads: Path,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, journal: DeployJournal | None = None) -> None:
         self.agent, self.report, self.telemetry = agent, reporter, telemetry
         self._settings, self.downloads, self._stop = settings, downloads, stop
+        self.journal = journal or DeployJournal(None)
         self._cv = threading.Condition()
         self._flow = Flow(Phase.ALREADY)  # no deploy yet: as if the last one were done
         self._model: str | None = None
@@ -113,6 +175,7 @@ class Deployer:
 
     def _run(self, cmd: DeployCommand) -> None:
         try:
+            self.journal.begin(cmd)
             self._deploy(cmd)
         except Exception as exc:  # the flow must end and the command get its result
             log.exception("deploy.crashed")
@@ -120,9 +183,50 @@ class Deployer:
                               command_id=cmd.id)
             self.report.result(cmd, False, f"unexpected error: {exc!r}", "install")
         finally:
+            if not self._stop.is_set():  # stopping in the window: answered at the restart
+                self.journal.end()
             with self._cv:
                 self._done = True
                 self._cv.notify_all()
+
+    def answer_interrupted(self) -> None:
+        """At start: a deploy the agent was running when it stopped (a crash, a power
+        cut, a stop during the health window) gets its result now, and partial downloads
+        go. The store has already rolled back what was not committed; a commit that
+        reached the disk is answered as committed."""
+        for part in self.downloads.glob("*.part"):
+            part.unlink(missing_ok=True)
+        running = self.journal.running()
+        if running is None:
+            return
+        cmd_id, model = str(running.get("command_id")), str(running.get("model"))
+        version = running.get("version")
+        serving = self.agent.serving.models().get(model)
+        committed = self.agent.store.slots(model).committed if serving else None
+        if (serving is not None and serving.manifest.version == version
+                and committed == version and self.agent.store.active_manifest_sha256(model)
+                == running.get("manifest_sha256")):
+            self.journal.committed_id(model, version, running.get("manifest_sha256"), cmd_id)
+            self.report.result_for(cmd_id, "deploy", True, f"{model} v{version} committed "
+                                   "(answered after the agent restarted)")
+        else:
+            now = f"v{serving.manifest.version}" if serving else "nothing"
+            self.report.event("deploy.interrupted", "warning", f"{model} v{version}: the "
+                              f"agent stopped during the deploy; {now} serves",
+                              command_id=cmd_id)
+            self.report.result_for(cmd_id, "deploy", False, f"interrupted: the agent stopped "
+                                   f"during the deploy of {model} v{version}; {now} serves",
+                                   "interrupted")
+        self.journal.end()
+
+    def _begin(self, step: Step) -> bool:
+        """The deploy's first step; False when a cancel came before it (nothing done)."""
+        with self._cv:
+            if self._flow.phase is Phase.CANCELLED:
+                return False
+            self._flow = advance(self._flow, step)
+            self._cv.notify_all()
+            return True
 
     def _already_serving(self, cmd: DeployCommand) -> str | None:
         """"v2" when the device serves this release committed, or a later version
@@ -138,12 +242,19 @@ class Deployer:
 
     def _deploy(self, cmd: DeployCommand) -> None:
         ev = {"model": cmd.model, "version": cmd.version}
-        if (current := self._already_serving(cmd)) is not None:
-            self._to(Step.ALREADY_SERVING)
-            self.report.result(cmd, True, f"{cmd.model} {current} already serves, "
-                               f"committed (asked for v{cmd.version})", "already")
+        current = self._already_serving(cmd)
+        if not self._begin(Step.BEGIN if current is None else Step.ALREADY_SERVING):
+            self.report.event("deploy.cancelled", "warning", f"{cmd.model} v{cmd.version}: "
+                              "cancelled by a rollback command before it started",
+                              command_id=cmd.id, evidence=ev)
+            self.report.result(cmd, False, "cancelled by a rollback command", "cancelled")
             return
-        self._to(Step.BEGIN)
+        if current is not None:
+            self.report.result(cmd, True, f"{cmd.model} {current} already serves, "
+                               f"committed (asked for v{cmd.version})", "already",
+                               installed_by=self.journal.installed_by(
+                                   cmd.model, cmd.version, cmd.manifest_sha256))
+            return
         self.report.event("deploy.downloading", "info", f"{cmd.model} v{cmd.version} from "
                           f"{cmd.archive.urls[0]}", command_id=cmd.id, evidence=ev)
         dest = self.downloads / f"{cmd.model}-v{cmd.version}-{cmd.archive.sha256[:8]}.tar"
@@ -245,6 +356,7 @@ class Deployer:
             self._cancelled_in_window(cmd)  # the cancel came first
             return
         version = self.agent.commit_pending(cmd.model)
+        self.journal.committed(cmd)
         self.report.event("deploy.committed", "info", f"{cmd.model} v{version} committed "
                           f"after a {settings.health_window_s:g} s health window",
                           command_id=cmd.id, evidence={"model": cmd.model, "version": version})

@@ -34,12 +34,12 @@ from typing import Any
 from agent import __version__
 from agent.config import MqttSection, load_config
 from agent.errors import AgentError, CommandError, ConfigError, RejectedError
-from agent.link.deploying import Deployer
+from agent.link.deploying import Deployer, DeployJournal
 from agent.link.mqtt import MqttLink, TlsFiles
-from agent.link.outbox import Outbox
+from agent.link.outbox import Order, Outbox
 from agent.link.port import AgentPort
 from agent.link.remote import RemoteInference
-from agent.link.reporting import Reporter
+from agent.link.reporting import Reporter, wire_order
 from agent.link.settings import LinkSettings, SettingsStore, initial_settings
 from agent.link.telemetry import TelemetryLoop
 from agent.link.trustfeed import TrustFeed
@@ -103,6 +103,7 @@ class FleetLink:
                                Outbox(":memory:" if in_memory else state / "outbox.sqlite",
                                       cap=cfg.outbox_cap), agent.report_signer)
         self.outbox = self.report.outbox
+        self._connection: int | None = None  # see `_will`
         self.nonces = NonceStore(":memory:" if in_memory else state / "nonces.sqlite")
         self._settings_store = SettingsStore(None if in_memory else state / "settings.json")
         self.settings, self._settings_notes = initial_settings(
@@ -120,7 +121,9 @@ class FleetLink:
             online=lambda: self.link.connected.is_set(),  # noqa: PLW0108  # made below
             on_tick=self._tick)
         self.deployer = Deployer(agent, self.report, self.telemetry, lambda: self.settings,
-                                 downloads=downloads, stop=self._stop)
+                                 downloads=downloads, stop=self._stop,
+                                 journal=DeployJournal(None if in_memory
+                                                       else state / "deploy.json"))
         self.trust = TrustFeed(agent, self.report,
                                heartbeat_file=None if in_memory else state / "heartbeat.json",
                                expiry_warning=timedelta(seconds=cfg.root_expiry_warning_s),
@@ -129,8 +132,7 @@ class FleetLink:
         topic = self.report.topic
         self.link = MqttLink(
             brokers=cfg.brokers, client_id=f"{d.fleet}-{d.id}",
-            state_topic=topic("state"), birth=lambda: self.report.seal(self.state(online=True)),
-            will=lambda: self.report.seal(self.state(online=False)),
+            state_topic=topic("state"), birth=self._birth, will=self._will,
             subscriptions=[topic("cmd"), *([topic("infer")] if scheduler else []),
                            fleet_topic(d.fleet, "root"), fleet_topic(d.fleet, "heartbeat"),
                            *(group_cmd_topic(d.fleet, g) for g in d.groups)],
@@ -167,12 +169,14 @@ class FleetLink:
                 ("edge_agent_outbox_dropped_total", {}, float(self.outbox.dropped_total))]
 
     def announce(self) -> None:
-        """Start notes become events; state is republished after every change."""
+        """Start notes become events, an interrupted deploy gets its result; state is
+        republished after every change."""
         for note in self.agent.notes:
             self.report.event("agent.start", "warning" if "fall" in note
                               or "interrupted" in note else "info", note)
         for note in self._settings_notes:
             self.report.event("agent.settings", "warning", note)
+        self.deployer.answer_interrupted()
         self.agent.listeners.append(self.publish_state)
 
     def stop(self) -> None:
@@ -184,7 +188,17 @@ class FleetLink:
         return self._stop.is_set()
 
     # -- outgoing -------------------------------------------------------------------------
-    def state(self, *, online: bool) -> StatePayload:
+    def _will(self) -> bytes:
+        """The Last Will of a new connection (and a clean stop's goodbye): its order's seq
+        names the connection every later state goes out on."""
+        order = self.outbox.reserve()
+        self._connection = order.seq
+        return self.report.seal(self.state(online=False, order=order))
+
+    def _birth(self) -> bytes:
+        return self.report.seal(self.state(online=True, order=self.outbox.reserve()))
+
+    def state(self, *, online: bool, order: Order | None = None) -> StatePayload:
         d = self.agent.config.device
         models = {n: ModelState(version=r.manifest.version, runtime=r.manifest.runtime,
                                 committed=self.agent.store.slots(n).committed)
@@ -194,7 +208,9 @@ class FleetLink:
                             agent_version=__version__, profile=d.profile, groups=d.groups,
                             models=models, trust=self.trust.state if online else None,
                             at=now, started_at=self._started_at,
-                            seen_at=None if online else now)
+                            seen_at=None if online else now,
+                            order=None if order is None else wire_order(order),
+                            connection=self._connection)
 
     def _tick(self, ticks: int) -> None:
         """Every telemetry interval: the trust checks; every `STATE_REFRESH_TICKS`, the
@@ -206,7 +222,8 @@ class FleetLink:
 
     def publish_state(self) -> None:
         self.outbox.enqueue("state", self.report.topic("state"),
-                            lambda _s: self.report.seal(self.state(online=True)),
+                            lambda _s, order: self.report.seal(self.state(online=True,
+                                                                          order=order)),
                             retain=True)
 
     # -- incoming -------------------------------------------------------------------------

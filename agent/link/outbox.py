@@ -5,6 +5,14 @@ cut; the MQTT link takes messages in order, publishes at QoS 1 and deletes each 
 when its PUBACK arrives (`ack`). Each message stream ("telemetry", "event") has its own
 sequence number, persisted, so a dashboard can tell a gap from a duplicate.
 
+Every report also takes the device's *report order* (`Order`): one sequence for all
+streams (state, telemetry, event, result, and the birth and Last Will the link publishes
+outside the outbox, `reserve`), persisted in the same synced transaction as the message,
+under an epoch fixed when this file's sequence began (microseconds since the Unix epoch).
+The fleet believes a report only when it is newer in this order than what it applied
+last, so late, duplicated and replayed messages change nothing; a device whose state was
+wiped starts a new, later epoch and is recognised as reset, not believed backwards.
+
 The outbox is bounded (`cap` messages). When full, the oldest telemetry goes first, then
 the oldest event; every drop is counted per stream, persisted, and handed to the link with
 `take_dropped()` so it can report the loss once it is connected again.
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +30,14 @@ from pathlib import Path
 from agent.durable import sqlite_synchronous
 
 STREAMS = ("telemetry", "event", "result", "state")
+
+
+@dataclass(frozen=True, order=True)
+class Order:
+    """Where a report stands among everything its device signed: (epoch, seq)."""
+
+    epoch: int
+    seq: int
 
 
 @dataclass(frozen=True)
@@ -47,18 +64,43 @@ class Outbox:
                     " stream TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,"
                     " payload BLOB NOT NULL, retain INTEGER NOT NULL)",
                     "CREATE TABLE IF NOT EXISTS counters (stream TEXT PRIMARY KEY,"
-                    " next_seq INTEGER NOT NULL DEFAULT 1, dropped INTEGER NOT NULL DEFAULT 0)"):
+                    " next_seq INTEGER NOT NULL DEFAULT 1, dropped INTEGER NOT NULL DEFAULT 0)",
+                    "CREATE TABLE IF NOT EXISTS report_order (one INTEGER PRIMARY KEY CHECK"
+                    " (one = 1), epoch INTEGER NOT NULL, next_seq INTEGER NOT NULL)"):
             self._db.execute(sql)
+        self._db.execute("INSERT OR IGNORE INTO report_order VALUES (1, ?, 1)",
+                         (time.time_ns() // 1000,))
+        self.epoch = int(self._db.execute("SELECT epoch FROM report_order").fetchone()[0])
         self._in_flight: set[int] = set()
         # Something may be waiting that was not handed out yet: set by enqueue and
         # requeue, cleared when `pending` hands out everything, so an idle link's poll
         # does not query the database (a thousand simulated links poll in one machine).
         self._maybe_waiting = True
 
-    def enqueue(self, stream: str, topic: str, build: Callable[[int], bytes], *,
+    def _next_order(self) -> Order:
+        """The next report order (inside the caller's transaction)."""
+        seq = self._db.execute("SELECT next_seq FROM report_order").fetchone()[0]
+        self._db.execute("UPDATE report_order SET next_seq = next_seq + 1")
+        return Order(self.epoch, int(seq))
+
+    def reserve(self) -> Order:
+        """A report order for a message published outside the outbox (the birth and the
+        Last Will), persisted before it is handed out."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                order = self._next_order()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return order
+
+    def enqueue(self, stream: str, topic: str, build: Callable[[int, Order], bytes], *,
                 retain: bool = False) -> int:
-        """Add a message whose payload `build(seq)` makes from its sequence number; returns
-        the sequence number. Drops the oldest (telemetry first) when at the cap."""
+        """Add a message whose payload `build(seq, order)` makes from its stream's
+        sequence number and its report order; returns the sequence number. Drops the
+        oldest (telemetry first) when at the cap."""
         if stream not in STREAMS:
             raise ValueError(f"unknown stream {stream!r}")
         with self._lock:
@@ -70,10 +112,11 @@ class Outbox:
                                        (stream,)).fetchone()[0]
                 self._db.execute("UPDATE counters SET next_seq = next_seq + 1 WHERE "
                                  "stream = ?", (stream,))
+                order = self._next_order()
                 self._make_room()
                 self._db.execute("INSERT INTO outbox (stream, seq, topic, payload, retain) "
                                  "VALUES (?, ?, ?, ?, ?)",
-                                 (stream, seq, topic, build(seq), int(retain)))
+                                 (stream, seq, topic, build(seq, order), int(retain)))
                 self._db.execute("COMMIT")
                 self._maybe_waiting = True
             except BaseException:

@@ -16,8 +16,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from agent.link.detectors import Anomaly
-from agent.link.outbox import Outbox
-from agent.link.wire import CommandResult, Event, Severity, device_topic
+from agent.link.outbox import Order, Outbox
+from agent.link.wire import CommandResult, Event, ReportOrder, Severity, device_topic
 from agent.trust.command import Addressee, Command
 from agent.trust.identity import ReportSigner
 from agent.trust.manifest import Manifest
@@ -69,8 +69,9 @@ class Reporter:
     def event(self, kind: str, severity: Severity, message: str, *,
               manifest: Manifest | None = None, command_id: str | None = None,
               evidence: dict[str, Any] | None = None) -> None:
-        def build(seq: int) -> bytes:
-            return self.seal(Event(seq=seq, device=self.me.device, at=datetime.now(UTC),
+        def build(seq: int, order: Order) -> bytes:
+            return self.seal(Event(seq=seq, order=wire_order(order), device=self.me.device,
+                                   at=datetime.now(UTC),
                               kind=kind, severity=severity, message=message[:4000],
                               model=manifest.name if manifest else None,
                               version=manifest.version if manifest else None,
@@ -78,12 +79,20 @@ class Reporter:
         self.outbox.enqueue("event", self.topic("event"), build)
         log.info("event %s %s", kind, message)
 
-    def result(self, cmd: Command | None, ok: bool, text: str, check: str | None = None
-               ) -> None:
-        payload = self.seal(CommandResult(device=self.me.device, command_id=cmd.id if cmd else None,
-                                     kind=cmd.kind if cmd else None, ok=ok, result=text[:4000],
-                                     check=check, at=datetime.now(UTC)))
-        self.outbox.enqueue("result", self.topic("cmd/result"), lambda _seq: payload)
+    def result(self, cmd: Command | None, ok: bool, text: str, check: str | None = None,
+               *, installed_by: str | None = None) -> None:
+        self.result_for(cmd.id if cmd else None, cmd.kind if cmd else None, ok, text, check,
+                        installed_by=installed_by)
+
+    def result_for(self, command_id: str | None, kind: str | None, ok: bool, text: str,
+                   check: str | None = None, *, installed_by: str | None = None) -> None:
+        """A result for a command known by its id (e.g. one answered after a restart)."""
+        def build(_seq: int, order: Order) -> bytes:
+            return self.seal(CommandResult(
+                device=self.me.device, command_id=command_id, kind=kind, ok=ok,
+                result=text[:4000], check=check, at=datetime.now(UTC),
+                order=wire_order(order), installed_by=installed_by))
+        self.outbox.enqueue("result", self.topic("cmd/result"), build)
 
     def anomaly(self, a: Anomaly, *, command_id: str | None = None) -> None:
         self.event("anomaly", "warning", f"{a.detector}: {a.statistic} {a.value:.4g} above "
@@ -112,6 +121,10 @@ class Reporter:
         out = dict(self.commands_dropped)
         self.commands_dropped.clear()
         return out
+
+
+def wire_order(order: Order) -> ReportOrder:
+    return ReportOrder(epoch=order.epoch, seq=order.seq)
 
 
 def jsonable(details: dict[str, Any]) -> dict[str, Any]:

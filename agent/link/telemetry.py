@@ -25,8 +25,9 @@ from agent.link.detectors import (
     rate_anomalies,
     temperature_anomaly,
 )
+from agent.link.outbox import Order
 from agent.link.port import AgentPort
-from agent.link.reporting import Reporter
+from agent.link.reporting import Reporter, wire_order
 from agent.link.settings import LinkSettings
 from agent.link.wire import Memory, ModelTelemetry, Telemetry
 from agent.serving.metrics import Snapshot, window_counter, window_quantile
@@ -163,9 +164,9 @@ class TelemetryLoop:
         me = self.report.me
         commands_dropped = self.report.take_commands_dropped()
 
-        def build(seq: int) -> bytes:
+        def build(seq: int, order: Order) -> bytes:
             return self.report.seal(Telemetry(
-                seq=seq, device=me.device, at=datetime.now(UTC),
+                seq=seq, order=wire_order(order), device=me.device, at=datetime.now(UTC),
                 interval_s=settings.interval_s, uptime_s=time.monotonic() - self._started,
                 cpu_percent=proc.cpu_percent(None),
                 memory=Memory(process_rss_bytes=rss, system_available_bytes=vm.available,

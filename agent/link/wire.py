@@ -84,6 +84,26 @@ class RootAnnouncement(_Wire):
         default_factory=list, max_length=8)
 
 
+class ReportOrder(_Wire):
+    """Where a report stands among everything its device signed (`agent.link.outbox`):
+    compared as (epoch, seq). The fleet applies a report only when it is newer in this
+    order than what it applied last from that device, so a late, duplicated or replayed
+    message changes nothing (`fleet.ordering`)."""
+
+    epoch: int = Field(ge=1, description="when this device's report sequence began "
+                                         "(microseconds since the Unix epoch); a device "
+                                         "whose state was wiped starts a later one")
+    seq: int = Field(ge=1, description="device-wide, +1 for every report the device "
+                                       "signs (state, telemetry, event, result), "
+                                       "persisted across restarts and power cuts")
+
+
+def order_field() -> Any:
+    return Field(default=None, description="the report's place in its device's order; "
+                                           "required by the fleet (a report without one "
+                                           "is refused as unordered)")
+
+
 class StatePayload(_Wire):
     """Retained on `state`: the birth message when connected, the Last Will when not."""
 
@@ -106,6 +126,12 @@ class StatePayload(_Wire):
                                   "When the broker noticed it gone is when the Will "
                                   "arrives: at once when its connection closed, 1.5 "
                                   "keepalives after it went silent otherwise.")
+    order: ReportOrder | None = order_field()
+    connection: int | None = Field(
+        default=None, ge=1, description="the order seq of the Last Will registered for the "
+                                        "connection this state went out on (the Will's own "
+                                        "seq in the Will): a Will closes its connection, so "
+                                        "it supersedes every state of that connection")
 
 
 class ModelTelemetry(_Wire):
@@ -144,6 +170,7 @@ class Telemetry(_Wire):
         default_factory=dict, description="messages on the cmd topics refused in the "
                                           "interval, by check (format, unsigned, threshold, "
                                           "replay, expired...)")
+    order: ReportOrder | None = order_field()
 
 
 class Event(_Wire):
@@ -159,6 +186,7 @@ class Event(_Wire):
     version: int | None = None
     command_id: str | None = None
     evidence: dict[str, Any] = Field(default_factory=dict)
+    order: ReportOrder | None = order_field()
 
 
 class CommandResult(_Wire):
@@ -172,6 +200,12 @@ class CommandResult(_Wire):
     check: str | None = Field(default=None, max_length=64,
                               description="the failed check, if rejected")
     at: AwareDatetime
+    order: ReportOrder | None = order_field()
+    installed_by: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{32}$",
+        description="an `already` answer to a deploy: the command that installed the "
+                    "version it serves, when the device knows it (a retry of a rollout "
+                    "whose first attempt landed is that rollout's commit, not 'already')")
 
 
 def dump(payload: BaseModel) -> bytes:

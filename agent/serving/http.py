@@ -39,6 +39,13 @@ from agent.serving import h1
 
 MAX_HEADER_BYTES = 16 * 1024
 READ_BYTES = 64 * 1024
+#: After answering a request whose body was left unread, the connection is closed only
+#: after the client's remaining bytes were read and dropped, up to this many and this
+#: long (a lingering close, as nginx's `lingering_close`; RFC 9112 §9.6): closing with
+#: unread data resets the connection, and the reset can destroy the answer before the
+#: client reads it.
+LINGER_BYTES = 1 << 20
+LINGER_S = 2.0
 log = logging.getLogger("edge_agent.http")
 #: Authorize a request from its head: None to go on, else the 401 message.
 Authorize = Callable[[dict[str, str], bool], str | None]
@@ -231,11 +238,9 @@ class HttpServer:
         while True:
             try:
                 request = await self._read_request(conn, reader, writer, unix)
-            except ApiError as exc:
+            except (ApiError, _HttpError) as exc:
                 await self._send_error(writer, exc.status, str(exc))
-                return
-            except _HttpError as exc:
-                await self._send_error(writer, exc.status, str(exc))
+                await _linger(reader, writer)
                 return
             if request is None:
                 return
@@ -248,6 +253,8 @@ class HttpServer:
             await self._send(writer, response, close=close,
                              head_only=request.method == "HEAD")
             if close:
+                if unread:
+                    await _linger(reader, writer)
                 return
             try:
                 conn.next_cycle()
@@ -390,3 +397,18 @@ class HttpServer:
             self.on_response("-", "-", status, body)
         with contextlib.suppress(Exception):
             await self._send(writer, Response(status, body), close=True)
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Stop writing, then read and drop what the client still sends (at most
+    `LINGER_BYTES` within `LINGER_S`), so the close that follows finds nothing unread."""
+    loop = asyncio.get_running_loop()
+    deadline, left = loop.time() + LINGER_S, LINGER_BYTES
+    with contextlib.suppress(Exception):  # the peer may be gone already: nothing to do
+        if writer.can_write_eof():
+            writer.write_eof()
+        while left > 0 and (timeout := deadline - loop.time()) > 0:
+            chunk = await asyncio.wait_for(reader.read(min(READ_BYTES, left)), timeout)
+            if not chunk:
+                return
+            left -= len(chunk)

@@ -14,6 +14,7 @@ effect at the next transition out of that phase:
     DOWNLOADING ──downloaded, cancelled──▶ CANCELLED     (nothing was installed)
     INSTALLING ──installed, cancelled──▶ ROLLED_BACK     (installed, then undone)
     WATCHING ──cancel──▶ ROLLED_BACK                      (at once)
+    START ──cancel──▶ CANCELLED                           (before it began: nothing done)
 
 COMMITTED, ROLLED_BACK, FAILED, CANCELLED and ALREADY are final; a `cancel` that meets a
 final flow changes nothing, and the caller rolls back the committed release as a plain
@@ -59,6 +60,7 @@ UNINTERRUPTIBLE = frozenset({P.DOWNLOADING, P.INSTALLING})
 TRANSITIONS: dict[tuple[Phase, Step, bool], Phase] = {
     (P.START, S.BEGIN, False): P.DOWNLOADING,
     (P.START, S.ALREADY_SERVING, False): P.ALREADY,
+    (P.START, S.CANCEL, False): P.CANCELLED,
     (P.DOWNLOADING, S.DOWNLOADED, False): P.INSTALLING,
     (P.DOWNLOADING, S.DOWNLOADED, True): P.CANCELLED,
     (P.INSTALLING, S.INSTALLED, False): P.WATCHING,
