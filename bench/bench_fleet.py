@@ -37,7 +37,7 @@ import nacl.signing
 from fixture_agent import make_keys, slow_release
 from fixture_mqtt import SecureBroker
 
-from agent.link.wire import Memory, ModelTelemetry, StatePayload, Telemetry
+from agent.link.wire import Memory, ModelTelemetry, ReportOrder, StatePayload, Telemetry
 from agent.trust.identity import ReportSigner
 from fleet._mqtt import connect
 from fleet.artifacts import serve_in_process
@@ -181,12 +181,16 @@ def _signer(dev: str) -> ReportSigner:
     return ReportSigner(dev, nacl.signing.SigningKey(seed))
 
 
-def _publish(auth: Any, count: int, offset: int, ready: Any, took: Any) -> None:
+def _publish(auth: Any, count: int, offset: int, armed: Any, ready: Any, took: Any) -> None:
+    """`count` telemetry messages of 200 devices, each a new report in its device's order
+    (the fleet counts a copy as stale, not as stored), signed before the clock starts."""
+    signers = [_signer(f"pub-{offset + i:04d}") for i in range(200)]
     payloads = []
-    for i in range(200):
-        dev = f"pub-{offset + i:04d}"
-        payloads.append((f"edge/v1/acme/{dev}/telemetry", _signer(dev).seal(Telemetry(
-            seq=1, device=dev, at=datetime.now(UTC), interval_s=1.0, uptime_s=10.0,
+    for i in range(count):
+        dev, seq = f"pub-{offset + i % 200:04d}", i // 200 + 1
+        payloads.append((f"edge/v1/acme/{dev}/telemetry", signers[i % 200].seal(Telemetry(
+            seq=seq, order=ReportOrder(epoch=1, seq=seq), device=dev, at=datetime.now(UTC),
+            interval_s=1.0, uptime_s=10.0,
             cpu_percent=12.0, memory=Memory(process_rss_bytes=1 << 26,
                                             system_available_bytes=1 << 30,
                                             system_total_bytes=1 << 32),
@@ -196,11 +200,11 @@ def _publish(auth: Any, count: int, offset: int, ready: Any, took: Any) -> None:
                                              throughput_per_s=40.0)}, dropped={}))))
     c, _ = connect(auth, f"pub-{offset}", topics=[], on_message=lambda *a: None,
                    max_inflight=1000)
+    armed.set()
     ready.wait()
     t0 = time.monotonic()
     last = None
-    for i in range(count):
-        topic, body = payloads[i % len(payloads)]
+    for topic, body in payloads:
         while (last := c.publish(topic, body, qos=1)).rc != 0:
             time.sleep(0.001)
     if last is not None:
@@ -240,12 +244,15 @@ def bench_ingest(where: Path, broker: SecureBroker, messages: int, consumers: in
     cons = [ctx.Process(target=_consume, args=(auth, where / f"ingest-{consumers}-{i}"
                                                ".sqlite", counts[i], stop))
             for i in range(consumers)]
-    pubs = [ctx.Process(target=_publish, args=(auth, messages // 2, k * 1000, ready,
-                                               pub_took[k]))
+    armed = [ctx.Event() for _ in range(2)]
+    pubs = [ctx.Process(target=_publish, args=(auth, messages // 2, k * 1000, armed[k],
+                                               ready, pub_took[k]))
             for k in range(2)]
     for p in (*cons, *pubs):
         p.start()
-    time.sleep(4)  # everyone imports, connects and subscribes
+    for a in armed:  # the publishers signed their messages and connected
+        a.wait(600)
+    time.sleep(2)  # the consumers import, connect and subscribe (they started first)
     ready.set()
     t0 = time.monotonic()
     while time.monotonic() - t0 < 300 and sum(c.value for c in counts) < messages:

@@ -1,10 +1,12 @@
 """A rollout under injected faults, for `tests/test_chaos.py` (one seed) and
 `bench/bench_chaos.py` (several seeds, more devices).
 
-What runs: a real mosquitto (persistence on), simulated devices (`fleet.simulate`) and
-real agents of group "lab", an artifact server, and the rollout controller as a real
-`edge-fleet rollout run` subprocess. While the rollout runs, a seeded schedule injects,
-each kind at least once:
+What runs: mosquitto as the project ships it (`edge-fleet broker-config`: mutual TLS, the
+per-device ACL, persistence saved every 5 s, nothing anonymous; every device, agent or
+simulated, with its own certificate), simulated devices (`fleet.simulate`) and real agents
+of group "lab", an artifact server, and the rollout controller as a real `edge-fleet
+rollout run` subprocess with the fleet-controller certificate. While the rollout runs, a
+seeded schedule injects every kind once (in a seeded order), then a few more:
 
     broker            SIGKILL mosquitto, start it again 1-4 s later
     broker_wave       the same, at the moment the rollout moves to its next wave
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fixture_agent import start_group
-from fixture_mqtt import Broker
+from fixture_mqtt import SecureBroker
 from polling import wait_until
 
 from fleet.artifacts import serve_in_thread
@@ -69,6 +71,8 @@ class ChaosResult:
     def problems(self) -> list[str]:
         """Every broken invariant, in words."""
         out = [f"record != device: {m}" for m in self.mismatches]
+        if missing := [k for k in KINDS if not self.faults[k]]:
+            out.append(f"fault kinds never injected (the rollout ended first): {missing}")
         if in_flight := sum(self.statuses[s] for s in ("to_send", "sent", "in_progress")):
             out.append(f"{in_flight} execution(s) still in flight at the end")
         if self.status != self.expected:
@@ -91,19 +95,22 @@ class Chaos:
         self.say = say
         self.result = ChaosResult(seed=seed, devices=devices + agents,
                                   expected="halted" if faulty_percent else "completed")
-        self.broker = Broker(where / "mosquitto").start()
+        self.broker = SecureBroker(where / "mosquitto").start()
         self.server, self.url = serve_in_thread(releases["onnx1"].parent)
         self.agents = start_group(where, releases["keys"], self.broker.url,
                                   [f"dev-{i + 1}" for i in range(agents)],
-                                  [releases["onnx1"]], health_window_s=0.5,
-                                  telemetry_interval_s=1.0)
+                                  [releases["onnx1"]], mqtt_for=self.broker.agent_mqtt,
+                                  health_window_s=0.5, telemetry_interval_s=1.0)
         self.db_path = where / "fleet.sqlite"
         self.db = FleetDB(self.db_path)
         settings = SimSettings(broker=self.broker.url,
                                root_file=releases["keys"] / "root.json", groups=("lab",),
                                profile="x86_64-generic", initial=releases["onnx1"],
                                telemetry_interval_s=1.0, health_window_s=1.0,
-                               requests_per_s=20, poll_s=0.1)
+                               requests_per_s=20, poll_s=0.1,
+                               ca_file=self.broker.pki / "ca.crt", certs_dir=self.broker.pki)
+        for i in range(devices):
+            self.broker.issue(f"sim-{i:04d}")
         # Faulty devices fail the new release's self-test: the rollout must halt, and every
         # device it touched must end on the old release, whatever else happens.
         self.sims = SimulatedFleet(settings, devices, faulty_percent=faulty_percent,
@@ -112,9 +119,11 @@ class Chaos:
             self.db.register(name, key)
         assert self.sims.start() == devices
         self.names = [*self.sims.names, *(f"dev-{i + 1}" for i in range(agents))]
-        schedule = [*KINDS, *self.rng.choices(KINDS, k=extra_faults)]
-        self.rng.shuffle(schedule)
-        self.schedule = schedule
+        # Every kind first (in a seeded order), then the extra ones: a rollout that ends
+        # early must not leave a kind out (seed 2 once never stalled the agent).
+        first = list(KINDS)
+        self.rng.shuffle(first)
+        self.schedule = [*first, *self.rng.choices(KINDS, k=extra_faults)]
         self.controller: subprocess.Popen[bytes] | None = None
         self.rollouts = Rollouts(self.db)
         self._timers: list[threading.Thread] = []
@@ -123,9 +132,11 @@ class Chaos:
     # -- the controller ---------------------------------------------------------------------
     def _argv(self, rid: str, timeout_s: float) -> list[str]:
         keys = self.releases["keys"]
+        auth = self.broker.auth("fleet-controller")
         return [sys.executable, "-m", "fleet.cli", "rollout", "run", rid, "--db",
-                str(self.db_path), "--broker", self.broker.url, "--key",
-                str(next((keys / "keys").glob("command-*.key"))), "--root",
+                str(self.db_path), "--broker", auth.url, "--ca-file", str(auth.ca_file),
+                "--cert-file", str(auth.cert_file), "--key-file", str(auth.key_file),
+                "--key", str(next((keys / "keys").glob("command-*.key"))), "--root",
                 str(keys / "root.json"), "--timeout", str(timeout_s)]
 
     def _start_controller(self, rid: str) -> None:
@@ -211,7 +222,7 @@ class Chaos:
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> ChaosResult:
         t0 = time.monotonic()
-        watcher = FleetWatcher(self.db, self.broker.url, "acme")
+        watcher = FleetWatcher(self.db, self.broker.auth("fleet-monitor"), "acme")
         wait_until(lambda: len(self.db.online()) == len(self.names), timeout_s=120,
                    every_s=0.2, what="every device online")
         watcher.stop()
@@ -223,7 +234,7 @@ class Chaos:
             retry=RetryPolicy(backoff_s=0.5))
         self._start_controller(rid)
         for kind in self.schedule:
-            time.sleep(self.rng.uniform(0.5, 3.0))  # the pause between faults
+            time.sleep(self.rng.uniform(0.3, 1.5))  # the pause between faults
             if self._controller_ended() is not None:
                 if self.rollouts.get(rid).status in FINAL:
                     break  # it finished under the faults so far

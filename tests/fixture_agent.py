@@ -150,9 +150,11 @@ class AgentProcess:
 
 
 def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
-                installs: list[Path], **mqtt: Any) -> list[AgentProcess]:
+                installs: list[Path], *, mqtt_for: Any = None,
+                **mqtt: Any) -> list[AgentProcess]:
     """Agents of group "lab" on one broker, each with `installs` installed in order; their
-    report keys are registered in the fleet database `where/fleet.sqlite`."""
+    report keys are registered in the fleet database `where/fleet.sqlite`. `mqtt_for`:
+    device -> its own `[mqtt]` settings (its certificate on a broker with mutual TLS)."""
     from fleet.state import FleetDB
 
     agents: list[AgentProcess] = []
@@ -162,7 +164,8 @@ def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
             d.mkdir()
             cfg = write_config(d, keys, profile="x86_64-generic",
                                device={"id": dev, "groups": ["lab"]},
-                               mqtt={"brokers": [broker_url], **mqtt})
+                               mqtt={"brokers": [broker_url], **mqtt,
+                                     **(mqtt_for(dev) if mqtt_for else {})})
             register(FleetDB(where / "fleet.sqlite"), d)
             agents.append(AgentProcess(cfg))
             agents[-1].start()

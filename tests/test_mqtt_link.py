@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -150,3 +151,24 @@ def test_a_broker_whose_certificate_another_ca_signed_is_refused(tmp_path: Path)
         lk.stop()
     finally:
         b.stop()
+
+
+def test_a_link_runs_one_connection_however_often_it_is_started(
+        broker: Broker, tmp_path: Path) -> None:
+    """start() on a running link changes nothing, and a start after a stop runs one new
+    thread; the simulator started every device again at the end of a chaos run, and two
+    connections of one client id took the session from each other until the broker
+    dropped the device (its deploy's result never arrived)."""
+    def mqtt_threads() -> int:
+        return sum(t.name == "mqtt" and t.is_alive() for t in threading.enumerate())
+    before = mqtt_threads()
+    lk = link([broker.url], Outbox(tmp_path / "o.sqlite"), [])
+    lk.start()
+    assert wait_connected(lk, 10)
+    lk.start()
+    assert mqtt_threads() == before + 1 and lk.connects == 1
+    lk.stop()
+    lk.start()
+    assert wait_connected(lk, 10)
+    assert mqtt_threads() == before + 1 and lk.connects == 2
+    lk.stop()

@@ -135,9 +135,16 @@ class MqttLink:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
-        """Connect (again, after a `stop`) on a thread of its own."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        """Connect (again, after a `stop`) on a thread of its own. Each start has its own
+        stop event: a thread a `stop` could not join in time (blocked in a connect) ends
+        when it wakes, instead of running on beside the new one with the same client id
+        (the two took the session from each other in a loop). A link already running is
+        left alone."""
+        if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
+            return
+        self._stop = stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(stop,), name="mqtt",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -156,9 +163,9 @@ class MqttLink:
         c.on_message = self._on_message
         return c
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         attempt = 0
-        while not self._stop.is_set():
+        while not stop.is_set():
             broker = self.brokers[attempt % len(self.brokers)]
             client = self._client(broker)
             self._client_now = client
@@ -170,8 +177,8 @@ class MqttLink:
                     props.SessionExpiryInterval = self.session_expiry_s
                 client.connect(broker.host, broker.port, keepalive=self.keepalive_s,
                                clean_start=self.session_expiry_s <= 0, properties=props)
-                self._serve(client)
-                if self.connects == before and not self._stop.is_set():
+                self._serve(client, stop)
+                if self.connects == before and not stop.is_set():
                     # With TLS 1.3 a refused client certificate shows up only now.
                     self.last_error = (f"{broker.host}:{broker.port}: closed before the "
                                        "broker accepted the connection (client certificate "
@@ -184,14 +191,14 @@ class MqttLink:
                                  self.last_error)
             finally:
                 self._disconnected()
-                if self._stop.is_set():
+                if stop.is_set() and stop is self._stop:  # not when a newer start runs
                     self._goodbye(client)
             attempt = 0 if self.connects > before else attempt + 1
-            if not self._stop.is_set():
-                self._stop.wait(backoff_delay(attempt, self.backoff, self._rng))
+            if not stop.is_set():
+                stop.wait(backoff_delay(attempt, self.backoff, self._rng))
 
-    def _serve(self, client: paho.Client) -> None:
-        while not self._stop.is_set():
+    def _serve(self, client: paho.Client, stop: threading.Event) -> None:
+        while not stop.is_set():
             rc = client.loop(timeout=self.poll_s)
             if rc != paho.MQTT_ERR_SUCCESS:
                 return
