@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -215,7 +216,10 @@ def _publish(auth: Any, count: int, offset: int, armed: Any, ready: Any, took: A
     c.disconnect()
 
 
-def _consume(auth: Any, db_path: Path, count: Any, stop: Any) -> None:
+STAGES = ("verify", "parse", "write")
+
+
+def _consume(auth: Any, db_path: Path, count: Any, cpu: Any, stop: Any) -> None:
     """One controller's consumer in its own process (as two controllers would run)."""
     db = FleetDB(db_path)
     for k in (0, 1000):
@@ -229,20 +233,25 @@ def _consume(auth: Any, db_path: Path, count: Any, stop: Any) -> None:
     # the controllers' shared subscription: two consumers split the messages
     watcher = FleetWatcher(db, auth, "acme", share_group=CONTROLLER_GROUP,
                            client_id=f"ingest-{db_path.stem}").start()
+    t0 = time.process_time()
     while not stop.wait(0.01):
         count.value = watcher.ingested["telemetry"]
-    count.value = watcher.ingested["telemetry"]
     watcher.stop()
+    count.value = watcher.ingested["telemetry"]
+    for i, stage in enumerate(STAGES):
+        cpu[i] = watcher.cpu[stage]
+    cpu[3] = time.process_time() - t0  # the whole process: paho's thread, TLS, queueing
 
 
 def bench_ingest(where: Path, broker: SecureBroker, messages: int, consumers: int) -> None:
     ctx = multiprocessing.get_context("spawn")
     stop, ready = ctx.Event(), ctx.Event()
     counts = [ctx.Value("q", 0) for _ in range(consumers)]
+    cpus = [ctx.Array("d", 4) for _ in range(consumers)]
     pub_took = [ctx.Value("d", 0.0) for _ in range(2)]
     auth = broker.auth("fleet-controller")
     cons = [ctx.Process(target=_consume, args=(auth, where / f"ingest-{consumers}-{i}"
-                                               ".sqlite", counts[i], stop))
+                                               ".sqlite", counts[i], cpus[i], stop))
             for i in range(consumers)]
     armed = [ctx.Event() for _ in range(2)]
     pubs = [ctx.Process(target=_publish, args=(auth, messages // 2, k * 1000, armed[k],
@@ -272,6 +281,13 @@ def bench_ingest(where: Path, broker: SecureBroker, messages: int, consumers: in
           f"signature, schema) and written in {took:.2f} s "
           f"= {got / took:,.0f} msg/s (split {split}); the publishers offered "
           f"{offered:,.0f} msg/s (all acknowledged by the broker), on the same 2 cores")
+    per = {stage: sum(c[i] for c in cpus) / max(got, 1) * 1e6 for i, stage in
+           enumerate(STAGES)}
+    whole = sum(c[3] for c in cpus) / max(got, 1) * 1e6
+    print("    consumer CPU per message: " + ", ".join(f"{k} {v:.0f} µs" for k, v in
+                                                      per.items())
+          + f"; the whole consumer process {whole:.0f} µs; load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 def main() -> None:

@@ -68,6 +68,8 @@ class ReportGate:
         self.keys, self.fleet = keys, fleet
         self.prefix = f"{PREFIX}/{fleet}/"
         self.ignored: Counter[str] = Counter()
+        self.cpu: dict[str, float] = {"verify": 0.0, "parse": 0.0, "write": 0.0}  # CPU s:
+        # verify (envelope, signature), parse (the wire model), write (`FleetWatcher`)
         self._cache: dict[str, tuple[PublicKey | None, float]] = {}
         self._logged: dict[str, float] = {}
 
@@ -83,16 +85,22 @@ class ReportGate:
             self.keys.note_unknown(device)
             self._ignore("unregistered", topic)
             return None
+        t0 = time.thread_time()
         try:
             signed = open_report(payload, device=device, key=key, what=f"{kind} of {device}")
         except ReportError as exc:
             self._ignore(exc.check, topic)
             return None
+        finally:
+            t1 = time.thread_time()
+            self.cpu["verify"] += t1 - t0
         try:
             model = MODELS[kind].model_validate(signed)
         except ValidationError:
             self._ignore("invalid", topic)
             return None
+        finally:
+            self.cpu["parse"] += time.thread_time() - t1
         refused = ("fleet" if isinstance(model, StatePayload) and model.fleet != self.fleet
                    else "unordered" if getattr(model, "order", None) is None else None)
         if refused is not None:

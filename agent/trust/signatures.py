@@ -166,7 +166,7 @@ def parse_envelope(raw: bytes, *, what: str, max_bytes: int,
                     check="format") from exc
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=16_384)  # a fleet's device keys: one per device, reused per report
 def _verify_key(public_hex: str) -> nacl.signing.VerifyKey:
     return nacl.signing.VerifyKey(bytes.fromhex(public_hex))
 
