@@ -43,7 +43,7 @@ from agent.trust.identity import ReportSigner
 from fleet._mqtt import connect
 from fleet.artifacts import serve_in_process
 from fleet.keys import KeyDir
-from fleet.policy import Criteria
+from fleet.policy import DONE, Criteria
 from fleet.rollout import Controller, Rollouts
 from fleet.simulate import SimSettings, SimulatedFleet
 from fleet.state import CONTROLLER_GROUP, FleetDB, FleetWatcher
@@ -118,6 +118,13 @@ def rollout_run(where: Path, broker: SecureBroker, keys: Path, url: str, archive
     for line in Rollouts(db).status_lines(rid)[1:]:
         if " committed " not in line:
             print("   ", line)
+    runs = sims.versions()  # asked of the devices themselves
+    wrong = [d.device for d in Rollouts(db).devices(rid)
+             if (d.status in DONE) != (runs.get(d.device, {}).get("digits") == ro.version)]
+    print(f"    record != device: {len(wrong)}" + (f" ({', '.join(wrong[:10])})"
+                                                    if wrong else "")
+          + f"; ignored as stale: {db.counter('ignored_stale')}; load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     c.close()
     return status, took, ro.reason, rid
 
