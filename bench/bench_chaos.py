@@ -11,6 +11,7 @@ and what each device runs (target 0); then the totals.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -71,7 +72,8 @@ def main() -> int:
                   + ", ".join(f"{k} {n}" for k, n in sorted(r.faults.items()))
                   + f"; {r.controller_runs} controller runs; statuses "
                   + ", ".join(f"{k} {n}" for k, n in sorted(r.statuses.items()))
-                  + f"; mismatches {len(r.mismatches)}; problems {r.problems()}",
+                  + f"; mismatches {len(r.mismatches)}; problems {r.problems()}; load "
+                  "average " + " ".join(f"{x:.2f}" for x in os.getloadavg()),
                   flush=True)
     faults: Counter[str] = Counter()
     for r in results:
