@@ -36,6 +36,7 @@ import contextlib
 import heapq
 import logging
 import multiprocessing
+import os
 import random
 import shutil
 import tempfile
@@ -370,6 +371,38 @@ class SimSettings:
     # and key `.key` (CN = the device id, `edge-fleet pki issue`).
     ca_file: Path | None = None
     certs_dir: Path | None = None
+    # Where the workers keep their devices' state; `SimulatedFleet` makes it and removes
+    # it however its workers end.
+    state_root: Path | None = None
+
+
+def _scratch(kind: str) -> Path:
+    """A new directory on tmpfs (where a thousand devices' fsyncs cost nothing) named for
+    this process, so a later run can remove what a killed one left."""
+    return Path(tempfile.mkdtemp(prefix=f"edge-sim-{kind}{os.getpid()}-",
+                                 dir=_SHM if _SHM.is_dir() else None))
+
+
+def remove_orphans() -> list[Path]:
+    """Remove the simulator's directories on tmpfs whose process is gone (a run killed
+    before it could clean up); returns them."""
+    gone = []
+    for d in (_SHM.glob("edge-sim-*") if _SHM.is_dir() else []):
+        pid = d.name.removeprefix("edge-sim-").removeprefix("keys").partition("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Simulator:
@@ -388,9 +421,8 @@ class Simulator:
         self.mqtt = MqttSection(brokers=[settings.broker], ca_file=settings.ca_file,
                                 telemetry_interval_s=settings.telemetry_interval_s,
                                 health_window_s=settings.health_window_s, keepalive_s=60)
-        # Stores on tmpfs: a thousand devices' fsyncs cost nothing.
-        self.state_dir = Path(tempfile.mkdtemp(prefix="edge-sim-",
-                                               dir=_SHM if _SHM.is_dir() else None))
+        self.state_dir = (Path(tempfile.mkdtemp(dir=settings.state_root))
+                          if settings.state_root is not None else _scratch(""))
         self.rng = random.Random(0)
         self.ticker = Ticker()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-cmd")
@@ -418,6 +450,8 @@ class Simulator:
 
     def stop(self) -> None:
         self.ticker.stop()  # no more ticks, then each device's link (FleetLink.stop)
+        for d in self.devices.values():  # every link told first, then each joined: one
+            d.stop(wait=False)  # poll interval in all, not one per device
         for d in self.devices.values():
             d.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -470,10 +504,12 @@ class SimulatedFleet:
     def __init__(self, settings: SimSettings, count: int, *, faulty_percent: float = 0,
                  fault_kinds: tuple[str, ...] = DEFAULT_FAULTS, prefix: str = "sim",
                  per_process: int = 250) -> None:
+        remove_orphans()
         self._own_keys = settings.keys_dir is None
         if settings.keys_dir is None:
-            settings = replace(settings, keys_dir=Path(tempfile.mkdtemp(
-                prefix="edge-sim-keys-", dir=_SHM if _SHM.is_dir() else None)))
+            settings = replace(settings, keys_dir=_scratch("keys"))
+        self.state_root = _scratch("")
+        settings = replace(settings, state_root=self.state_root)
         self.settings = settings
         self.names = [f"{prefix}-{i:04d}" for i in range(count)]
         self.keys_dir: Path = settings.keys_dir  # type: ignore[assignment]  # set above
@@ -537,6 +573,7 @@ class SimulatedFleet:
             if p.is_alive():
                 p.kill()
         self._workers = []
+        shutil.rmtree(self.state_root, ignore_errors=True)  # also what a killed worker left
         if self._own_keys:
             shutil.rmtree(self.keys_dir, ignore_errors=True)
 

@@ -5,6 +5,7 @@ serves the previous release again."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,29 @@ def test_a_device_that_is_away_is_neither_sent_nor_waited_for_nor_failed(
     assert not sent.on("/cmd")
     assert any(ghost in line and "offline" in line for line in Rollouts(db).status_lines(rid))
     sent.close()
+
+
+def test_the_simulator_removes_what_it_made_however_its_workers_end(
+        broker: Broker, releases: dict[str, Path], tmp_path: Path) -> None:
+    """A worker killed (SIGKILL) leaves its devices' state on tmpfs; the fleet's stop
+    removes it, and a run killed before it could stop is cleaned up by the next one.
+    (Seven such directories, 82 MB, were found in /dev/shm after a day of benches.)"""
+    import os
+    import subprocess
+    import sys
+
+    from fleet.simulate import remove_orphans
+
+    fleet = sim_fleet(broker, releases, FleetDB(tmp_path / "f.sqlite"), 4, per_process=2)
+    made = [fleet.state_root, fleet.keys_dir]
+    assert all(d.is_dir() for d in made) and any(fleet.state_root.iterdir())
+    os.kill(fleet._workers[0][0].pid, signal.SIGKILL)  # the fault
+    fleet.stop()
+    assert not any(d.exists() for d in made)
+    # a whole run killed: its directories stay until the next simulator starts
+    child = subprocess.run([sys.executable, "-c", "import fleet.simulate as s, sys; "
+                            "print(s._scratch('')); print(s._scratch('keys'))"],
+                           capture_output=True, text=True, check=True)
+    left = [Path(line) for line in child.stdout.split()]
+    assert all(d.is_dir() for d in left)
+    assert set(left) <= set(remove_orphans()) and not any(d.exists() for d in left)

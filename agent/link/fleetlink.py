@@ -179,9 +179,11 @@ class FleetLink:
         self.deployer.answer_interrupted()
         self.agent.listeners.append(self.publish_state)
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop; `wait` False only tells the threads (a simulator stops a thousand links
+        at once, then waits for each)."""
         self._stop.set()
-        self.link.stop()
+        self.link.stop(timeout_s=5.0 if wait else 0.0)
 
     @property
     def stopping(self) -> bool:

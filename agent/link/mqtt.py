@@ -148,8 +148,9 @@ class MqttLink:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread; wait for it up to `timeout_s` (0: only tell it)."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and timeout_s > 0:
             self._thread.join(timeout_s)
 
     def _client(self, broker: Broker) -> paho.Client:
