@@ -498,6 +498,8 @@ class FleetWatcher:
                 batch.append(item)
             try:
                 self._store(batch)
+            except Exception:  # the ingest thread must outlive any batch
+                self._crashed(f"a batch of {len(batch)}")
             finally:
                 with self._idle:
                     self._unstored -= len(batch)
