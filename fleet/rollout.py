@@ -48,6 +48,7 @@ from paho.mqtt.properties import Properties
 
 from agent.link.wire import PREFIX, CommandResult, Event, device_topic, fleet_topic
 from fleet._mqtt import BrokerAuth, connect_patiently
+from fleet._proc import pid_alive
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
 from fleet.ingest import Report, ReportGate
@@ -511,15 +512,7 @@ def _alive(owner: str) -> bool:
     controller killed a moment ago need not wait for its lock to go stale)."""
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))
 
 
 def _order(payload: Any) -> tuple[int, int] | None:
@@ -723,9 +716,9 @@ class Controller:
             v, floor = m.get("version"), m.get("committed")
             if v is None:
                 continue
-            newer = d.report_order is None or s["order"] > d.report_order
-            committed = floor is not None and floor >= v
             order = s["order"]
+            newer = d.report_order is None or order > d.report_order
+            committed = floor is not None and floor >= v
             if v > ro.version and d.status not in DONE:
                 self.rollouts.transition(ro.id, d.device, "already",
                                          f"its state: serves v{v}, ahead of v{ro.version}",

@@ -68,6 +68,7 @@ from agent.trust.signatures import PublicKey
 from agent.trust.verify import Device
 from agent.updates.install import Installer, InstallResult, OnStep
 from agent.updates.store import ModelStore
+from fleet._proc import pid_alive
 from fleet.errors import FleetError
 
 log = logging.getLogger("edge_fleet.simulate")
@@ -389,20 +390,10 @@ def remove_orphans() -> list[Path]:
     gone = []
     for d in (_SHM.glob("edge-sim-*") if _SHM.is_dir() else []):
         pid = d.name.removeprefix("edge-sim-").removeprefix("keys").partition("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)
     return gone
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Simulator:

@@ -142,21 +142,13 @@ class FleetDB:
     def admit(self, report: Report) -> bool:
         """Whether `report` is new in its device's order; if so its mark is stored (call
         inside `tx`, with what applies it). Stale: counted under `ignored_stale`."""
-        with self._lock:
-            row = self._db.execute("SELECT epoch, seq, connection, will, window FROM "
-                                   "report_marks WHERE device = ? AND kind = ?",
-                                   (report.device, report.kind)).fetchone()
-            mark = None if row is None else Mark(row[0], row[1], row[2], bool(row[3]), row[4])
-            new = self._admit_in(report, mark)
+        key = (report.device, report.kind)
+        with self.tx():
+            new = self._admit_in(report, self._marks({report.device}).get(key))
             if new is None:
                 self.bump("ignored_stale")
                 return False
-            self._db.execute("INSERT INTO report_marks VALUES (?,?,?,?,?,?,?) ON CONFLICT"
-                             "(device, kind) DO UPDATE SET epoch = excluded.epoch, seq = "
-                             "excluded.seq, connection = excluded.connection, will = "
-                             "excluded.will, window = excluded.window",
-                             (report.device, report.kind, new.epoch, new.seq, new.connection,
-                              int(new.will), new.window))
+            self._save_marks({key: new})
             return True
 
     def apply(self, batch: list[tuple[Report, float]]) -> list[Report]:
@@ -189,13 +181,17 @@ class FleetDB:
                 "UPDATE devices SET telemetry_at = ?, telemetry_json = ?, last_seen = ? "
                 "WHERE device = ?", [(rx, t.model_dump_json(), rx, dev)
                                      for dev, (t, rx) in newest.items()])
-            self._db.executemany(
-                "INSERT INTO report_marks VALUES (?,?,?,?,?,?,?) ON CONFLICT(device, kind) "
-                "DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq, connection = "
-                "excluded.connection, will = excluded.will, window = excluded.window",
-                [(d, k, m.epoch, m.seq, m.connection, int(m.will), m.window)
-                 for (d, k) in changed for m in (marks[(d, k)],)])
+            self._save_marks({key: marks[key] for key in changed})
         return applied
+
+    def _save_marks(self, marks: dict[tuple[str, str], Mark]) -> None:
+        """Write (device, kind) -> mark (call inside `tx`)."""
+        self._db.executemany(
+            "INSERT INTO report_marks VALUES (?,?,?,?,?,?,?) ON CONFLICT(device, kind) "
+            "DO UPDATE SET epoch = excluded.epoch, seq = excluded.seq, connection = "
+            "excluded.connection, will = excluded.will, window = excluded.window",
+            [(d, k, m.epoch, m.seq, m.connection, int(m.will), m.window)
+             for (d, k), m in marks.items()])
 
     def _marks(self, devices: set[str]) -> dict[tuple[str, str], Mark]:
         """The marks of these devices (call inside `tx`)."""
@@ -218,12 +214,6 @@ class FleetDB:
         return admit(report.kind, mark, order.epoch, order.seq,
                      connection=state.connection if state else None,
                      will=state is not None and not state.online)
-
-    def forget_order(self, device: str) -> None:
-        """A device registered again (a new key, or a reset device whose clock went back):
-        its next reports start its order afresh."""
-        with self._lock:
-            self._db.execute("DELETE FROM report_marks WHERE device = ?", (device,))
 
     @property
     def lock(self) -> threading.RLock:
@@ -254,6 +244,8 @@ class FleetDB:
                              "DO UPDATE SET public = excluded.public, added = excluded.added",
                              (device, key.public, time.time()))
             self._db.execute("DELETE FROM unknown_devices WHERE device = ?", (device,))
+            # registered again (a new key, or a reset device whose clock went back): its
+            # next reports start its order afresh
             self._db.execute("DELETE FROM report_marks WHERE device = ?", (device,))
         return old is None or old[0] != key.public
 
@@ -439,7 +431,7 @@ class FleetWatcher:
         self.stale = 0  # verified reports older than what was applied (`fleet.ordering`)
         self.batches = 0
         self.gate = ReportGate(db, fleet)
-        self.cpu = self.gate.cpu  # verify and parse (the gate's), write (here)
+        self._write_cpu_s = 0.0
         self.on_report = on_report
         self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(
             self.QUEUE_MAX)
@@ -455,6 +447,11 @@ class FleetWatcher:
             topics=[f"{base}/+/state", f"{share}{base}/+/telemetry",
                     f"{share}{base}/+/event"], on_message=self._message,
             wait_s=connect_wait_s)
+
+    @property
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds by stage: verify, parse (the gate's), write (the batches)."""
+        return {**self.gate.cpu, "write": self._write_cpu_s}
 
     def synced(self, *, quiet_s: float = 0.3, max_s: float = 5.0) -> bool:
         """Wait until the subscriptions are acknowledged and the retained states they
@@ -527,7 +524,7 @@ class FleetWatcher:
                     applied += self.db.apply([one])
                 except Exception:
                     self._crashed(f"{PREFIX}/{self.fleet}/{one[0].device}/{one[0].kind}")
-        self.cpu["write"] += time.thread_time() - t0
+        self._write_cpu_s += time.thread_time() - t0
         self.batches += 1
         self.stale += len(reports) - len(applied)
         for report in applied:

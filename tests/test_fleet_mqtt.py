@@ -441,17 +441,22 @@ class _Held(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data[65536:])
 
 
-@needs_onnxruntime
-def test_a_second_deploy_while_one_runs_is_refused_as_busy(
-        fleet: Any, releases: dict[str, Path]) -> None:
-    agent, sub = fleet
-    archive = releases["onnx2"]
+def held(archive: Path) -> tuple[type[_Held], http.server.ThreadingHTTPServer, str]:
+    """A server holding `archive`'s download after 64 KiB: its handler, itself, the URL."""
     handler = type("H", (_Held,), {"archive": archive, "gate": threading.Event(),
                                    "asked": threading.Event()})
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}/{archive.name}"
+    return handler, srv, f"http://127.0.0.1:{srv.server_address[1]}/{archive.name}"
+
+
+@needs_onnxruntime
+def test_a_second_deploy_while_one_runs_is_refused_as_busy(
+        fleet: Any, releases: dict[str, Path]) -> None:
+    agent, sub = fleet
+    archive = releases["onnx2"]
+    handler, srv, url = held(archive)
     try:
         first = command(releases, "deploy", **deploy_fields(archive, [url]))
         sub.publish(f"{BASE}/cmd", first)
@@ -508,12 +513,7 @@ def test_a_deploy_cut_short_by_a_crash_mid_download_is_answered_after_the_restar
     and a `.part` stayed.)"""
     agent, sub = fleet
     archive = releases["onnx2"]
-    handler = type("H", (_Held,), {"archive": archive, "gate": threading.Event(),
-                                   "asked": threading.Event()})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}/{archive.name}"
+    handler, srv, url = held(archive)
     downloads = agent.dir / "state" / "downloads"
     try:
         deploy = command(releases, "deploy", **deploy_fields(archive, [url]))
