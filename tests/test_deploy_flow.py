@@ -3,8 +3,11 @@ cancel at each phase, and the steps the table refuses."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from agent.link.deploying import DeployJournal
 from agent.updates.deploy import FINAL, TRANSITIONS, Flow, Phase, Step, advance
 
 
@@ -104,3 +107,15 @@ def test_every_phase_and_step_pair_goes_where_the_written_table_says(
             assert got == Flow(Phase(phase), True), (phase, step)
         else:
             assert got == Flow(Phase(want), False), (phase, cancelled, step)
+
+
+@pytest.mark.parametrize("text", ['{"installed_by": [1], "running": 5}', "[]", "{tor"])
+def test_a_malformed_deploy_journal_is_forgotten_not_fatal(tmp_path: Path, text: str) -> None:
+    """The journal is the device's own file, but a torn or odd one must not stop deploys:
+    it is read as empty, and written afresh."""
+    path = tmp_path / "deploy.json"
+    path.write_text(text)
+    journal = DeployJournal(path)
+    assert journal.running() is None and journal.installed_by("digits", 1, None) is None
+    journal.committed_id("digits", 2, "ab" * 32, "c" * 32)
+    assert DeployJournal(path).installed_by("digits", 2, "ab" * 32) == "c" * 32

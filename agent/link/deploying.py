@@ -56,10 +56,14 @@ class DeployJournal:
         if path is not None and path.exists():
             try:
                 loaded = json.loads(path.read_text())
-                if isinstance(loaded, dict):
-                    self._data.update(loaded)
             except (OSError, ValueError) as exc:  # a torn file loses only this memory
                 log.warning("deploy.journal_unreadable %s: %s", path, exc)
+                loaded = {}
+            if not isinstance(loaded, dict):
+                loaded = {}
+            running, by = loaded.get("running"), loaded.get("installed_by")
+            self._data = {"running": running if isinstance(running, dict) else None,
+                          "installed_by": by if isinstance(by, dict) else {}}
 
     def _save(self) -> None:
         if self.path is not None:
