@@ -752,8 +752,8 @@ def cmd_pki(ns: argparse.Namespace) -> None:
         print(f"CA {made['ca']}, broker certificate {made['server_crt']} for "
               f"{', '.join(ns.server_host)}")
         return
-    for name in ns.names:
-        crt, key = pki.issue(ns.dir, name, days=ns.days)
+    for name, (crt, key) in zip(ns.names, pki.issue_many(ns.dir, ns.names, days=ns.days),
+                                strict=True):
         print(f"{name}: {crt} {key}")
 
 

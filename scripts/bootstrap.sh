@@ -44,10 +44,10 @@ fi
 STAMP=.venv/.edge-installed
 WANT=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  log "installing edgekeeper[convert,tflite,onnx,dev] (editable)"
+  log "installing edgekeeper[convert,tflite,onnx,fleet,dev] (editable)"
   # The distribution was called edge-agent before (a name PyPI gives someone else).
   "$VPY" -m pip uninstall -q -y edge-agent 2>/dev/null || true
-  "$VPY" -m pip install -q -e ".[convert,tflite,onnx,dev]" "torch==2.13.0"
+  "$VPY" -m pip install -q -e ".[convert,tflite,onnx,fleet,dev]" "torch==2.13.0"
   echo "$WANT" > "$STAMP"
 fi
 log "ready: $("$VPY" --version), torch $("$VPY" -c 'import torch; print(torch.__version__)')"

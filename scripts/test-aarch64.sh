@@ -59,7 +59,7 @@ cp "$WORK"/wheel/*.whl "$root/work/"
 wheel=$(basename "$WORK"/wheel/*.whl)
 log "pip install $wheel[tflite,onnx] with PyPI's aarch64 wheels"
 in_root python3 -m venv /opt/v
-in_root /opt/v/bin/pip install -q "/work/$wheel[tflite,onnx]" pytest hypothesis \
+in_root /opt/v/bin/pip install -q "/work/$wheel[tflite,onnx]" pytest hypothesis cryptography \
   "tritonclient[http]"
 log "resolved: $(in_root /opt/v/bin/pip list --format=freeze 2>/dev/null |
   grep -iE '^(ai-edge-litert|onnxruntime|numpy|paho-mqtt|pynacl|psutil|pydantic|zstandard|h11|httptools)==' |

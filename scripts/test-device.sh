@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 log() { printf '[test-device] %s\n' "$*" >&2; }
 PY=$(command -v python3.11 || true)
 [ -z "$PY" ] && { log "python3.11 not found (tflite-runtime 2.14 has wheels up to 3.11)"; exit 1; }
-TOOLS=(pytest hypothesis "tritonclient[http]")
+TOOLS=(pytest hypothesis "tritonclient[http]" cryptography)
 stamp=$(sha256sum pyproject.toml scripts/test-device.sh | sha256sum | cut -c1-16)
 
 make_venv() {  # name, pip args...
