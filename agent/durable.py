@@ -12,6 +12,7 @@ fsync breaks.
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from agent.errors import ConfigError
@@ -28,6 +29,15 @@ def fsync(fd: int) -> None:
 def sqlite_synchronous() -> str:
     """The `PRAGMA synchronous` level for the agent's SQLite stores."""
     return "OFF" if _UNSAFE_NO_SYNC else "FULL"
+
+
+def open_sqlite(path: Path | str) -> sqlite3.Connection:
+    """One of the agent's SQLite stores (autocommit: callers open their transactions),
+    WAL, synchronous as `sqlite_synchronous()` says."""
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={sqlite_synchronous()}")
+    return db
 
 
 def fsync_dir(path: Path) -> None:

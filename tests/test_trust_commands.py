@@ -13,7 +13,7 @@ from fixture_trust import FLEET, KEYS, NOW, root
 
 from agent.errors import CommandError, RejectedError, RootError, SignatureError
 from agent.trust.command import Addressee, DeployCommand, ReplayPolicy, verify_command
-from agent.trust.nonces import NonceStore, accept_command
+from agent.trust.nonces import MemoryNonces, NonceStore, accept_command
 from fleet.commands import build_command, sign_command
 from fleet.keys import sign_envelope
 
@@ -88,8 +88,14 @@ def test_command_under_an_expired_root_is_refused() -> None:
         verify_command(root(expires=NOW), command(), me=ME, now=NOW, seen=set())
 
 
-def test_replayed_command_is_refused(tmp_path: Path) -> None:
-    store = NonceStore(tmp_path / "nonces.sqlite")
+@pytest.fixture(params=["sqlite", "memory"])
+def nonces(request: Any, tmp_path: Path) -> NonceStore | MemoryNonces:
+    """Either nonce store: the device's, or the simulator's (no durability)."""
+    return NonceStore(tmp_path / "nonces.sqlite") if request.param == "sqlite" else MemoryNonces()
+
+
+def test_replayed_command_is_refused(nonces: NonceStore | MemoryNonces) -> None:
+    store = nonces
     raw = command()
     accept_command(root(), raw, me=ME, now=NOW, store=store)
     with pytest.raises(CommandError) as err:
@@ -107,8 +113,9 @@ def test_replayed_command_is_refused_after_an_agent_restart(tmp_path: Path) -> N
         accept_command(root(), raw, me=ME, now=NOW, store=again)
 
 
-def test_a_forged_command_does_not_burn_the_nonce_of_a_real_one(tmp_path: Path) -> None:
-    store = NonceStore(tmp_path / "nonces.sqlite")
+def test_a_forged_command_does_not_burn_the_nonce_of_a_real_one(
+        nonces: NonceStore | MemoryNonces) -> None:
+    store = nonces
     raw = command()
     forged = json.loads(raw)
     forged["signatures"] = []
@@ -117,8 +124,8 @@ def test_a_forged_command_does_not_burn_the_nonce_of_a_real_one(tmp_path: Path) 
     accept_command(root(), raw, me=ME, now=NOW, store=store)
 
 
-def test_nonces_older_than_the_window_are_pruned(tmp_path: Path) -> None:
-    store = NonceStore(tmp_path / "nonces.sqlite")
+def test_nonces_older_than_the_window_are_pruned(nonces: NonceStore | MemoryNonces) -> None:
+    store = nonces
     accept_command(root(), command(), me=ME, now=NOW, store=store)
     accept_command(root(), command(issued=NOW + timedelta(days=2)), me=ME,
                    now=NOW + timedelta(days=2), store=store)

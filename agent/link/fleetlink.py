@@ -36,7 +36,7 @@ from agent.config import MqttSection, load_config
 from agent.errors import AgentError, CommandError, ConfigError, RejectedError
 from agent.link.deploying import Deployer, DeployJournal
 from agent.link.mqtt import MqttLink, TlsFiles
-from agent.link.outbox import Order, Outbox
+from agent.link.outbox import MemoryOutbox, Order, Outbox
 from agent.link.port import AgentPort
 from agent.link.remote import RemoteInference
 from agent.link.reporting import Reporter, wire_order
@@ -61,7 +61,7 @@ from agent.trust.command import (
     check_signed,
     verify_command,
 )
-from agent.trust.nonces import NonceStore, accept_command
+from agent.trust.nonces import MemoryNonces, NonceStore, accept_command
 
 log = logging.getLogger("edge_agent.fleet")
 #: Commands waiting for the command thread; past this, dropped with an event.
@@ -100,11 +100,13 @@ class FleetLink:
         state = agent.config.paths.state_dir
         self.report = Reporter(Addressee(fleet=d.fleet, device=d.id,
                                          groups=frozenset(d.groups)),
-                               Outbox(":memory:" if in_memory else state / "outbox.sqlite",
-                                      cap=cfg.outbox_cap), agent.report_signer)
+                               MemoryOutbox(cap=cfg.outbox_cap) if in_memory
+                               else Outbox(state / "outbox.sqlite", cap=cfg.outbox_cap),
+                               agent.report_signer)
         self.outbox = self.report.outbox
         self._connection: int | None = None  # see `_will`
-        self.nonces = NonceStore(":memory:" if in_memory else state / "nonces.sqlite")
+        self.nonces = (MemoryNonces() if in_memory
+                       else NonceStore(state / "nonces.sqlite"))
         self._settings_store = SettingsStore(None if in_memory else state / "settings.json")
         self.settings, self._settings_notes = initial_settings(
             cfg, agent.config.detectors, self._settings_store)

@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import ConfigError
-from agent.link.outbox import Outbox
+from agent.link.outbox import AnyOutbox
 from agent.logs import RateLimited
 
 log = logging.getLogger("edge_agent.mqtt")
@@ -102,7 +102,7 @@ MessageHandler = Callable[[str, bytes, Any], None]
 class MqttLink:
     def __init__(self, *, brokers: list[str], client_id: str, state_topic: str,
                  birth: Callable[[], bytes], will: Callable[[], bytes], subscriptions: list[str],
-                 on_message: MessageHandler, outbox: Outbox, tls: TlsFiles | None = None,
+                 on_message: MessageHandler, outbox: AnyOutbox, tls: TlsFiles | None = None,
                  username: str | None = None, password: str | None = None,
                  keepalive_s: int = 30, backoff: Backoff = Backoff(),
                  poll_s: float = 0.05, session_expiry_s: int = 0) -> None:

@@ -13,6 +13,12 @@ The fleet believes a report only when it is newer in this order than what it app
 last, so late, duplicated and replayed messages change nothing; a device whose state was
 wiped starts a new, later epoch and is recognised as reset, not believed backwards.
 
+`MemoryOutbox` has the same contract without the durability, for the fleet simulator (ten
+thousand devices in one machine: an SQLite outbox in use holds ~80 KiB of memory, a
+memory one ~1 KiB, and a simulated device keeps nothing across runs anyway); the tests
+of the contract run against both. Both call `on_enqueue` (when set) after a message is
+stored, so a link waiting on its socket can be told there is something to send.
+
 The outbox is bounded (`cap` messages). When full, the oldest telemetry goes first, then
 the oldest event; every drop is counted per stream, persisted, and handed to the link with
 `take_dropped()` so it can report the loss once it is connected again.
@@ -20,14 +26,14 @@ the oldest event; every drop is counted per stream, persisted, and handed to the
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.durable import sqlite_synchronous
+from agent.durable import open_sqlite
 
 STREAMS = ("telemetry", "event", "result", "state")
 
@@ -58,9 +64,8 @@ class Outbox:
         self.dropped_total = 0  # since this process started (the metric; reports use
         # the per-stream counters, kept across restarts until reported)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        for sql in ("PRAGMA journal_mode=WAL", f"PRAGMA synchronous={sqlite_synchronous()}",
-                    "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        self._db = open_sqlite(path)
+        for sql in ("CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY AUTOINCREMENT,"
                     " stream TEXT NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,"
                     " payload BLOB NOT NULL, retain INTEGER NOT NULL)",
                     "CREATE TABLE IF NOT EXISTS counters (stream TEXT PRIMARY KEY,"
@@ -72,6 +77,7 @@ class Outbox:
                          (time.time_ns() // 1000,))
         self.epoch = int(self._db.execute("SELECT epoch FROM report_order").fetchone()[0])
         self._in_flight: set[int] = set()
+        self.on_enqueue: Callable[[], None] | None = None
         # Something may be waiting that was not handed out yet: set by enqueue and
         # requeue, cleared when `pending` hands out everything, so an idle link's poll
         # does not query the database (a thousand simulated links poll in one machine).
@@ -122,7 +128,9 @@ class Outbox:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            return int(seq)
+        if (told := self.on_enqueue) is not None:
+            told()
+        return int(seq)
 
     def _make_room(self) -> None:
         count = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
@@ -179,3 +187,90 @@ class Outbox:
 
     def close(self) -> None:
         self._db.close()
+
+
+class MemoryOutbox:
+    """`Outbox`'s contract in memory: nothing survives the process (the simulator's)."""
+
+    def __init__(self, *, cap: int = 10_000) -> None:
+        if cap < 1:
+            raise ValueError("cap must be at least 1")
+        self.cap = cap
+        self.dropped_total = 0
+        self.epoch = time.time_ns() // 1000
+        self.on_enqueue: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+        self._next_order = 1
+        self._next_id = 1
+        self._next_seq: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+        self._queued: deque[Message] = deque()  # in id order
+        self._in_flight: set[int] = set()
+
+    def _order(self) -> Order:
+        order = Order(self.epoch, self._next_order)
+        self._next_order += 1
+        return order
+
+    def reserve(self) -> Order:
+        with self._lock:
+            return self._order()
+
+    def enqueue(self, stream: str, topic: str, build: Callable[[int, Order], bytes], *,
+                retain: bool = False) -> int:
+        if stream not in STREAMS:
+            raise ValueError(f"unknown stream {stream!r}")
+        with self._lock:
+            seq = self._next_seq.get(stream, 1)
+            payload = build(seq, self._order())
+            self._next_seq[stream] = seq + 1
+            while len(self._queued) >= self.cap:
+                victim = next((m for m in self._queued if m.stream == "telemetry"),
+                              self._queued[0])
+                self._queued.remove(victim)
+                self._in_flight.discard(victim.id)
+                self._dropped[victim.stream] = self._dropped.get(victim.stream, 0) + 1
+                self.dropped_total += 1
+            self._queued.append(Message(self._next_id, stream, seq, topic, payload, retain))
+            self._next_id += 1
+        if (told := self.on_enqueue) is not None:
+            told()
+        return seq
+
+    def pending(self, limit: int = 100) -> list[Message]:
+        with self._lock:
+            out: list[Message] = []
+            for m in self._queued:
+                if len(out) >= limit:
+                    break
+                if m.id not in self._in_flight:
+                    out.append(m)
+            self._in_flight.update(m.id for m in out)
+            return out
+
+    def ack(self, message_id: int) -> None:
+        with self._lock:
+            self._in_flight.discard(message_id)
+            for m in self._queued:  # acknowledgements come mostly in order: the first
+                if m.id == message_id:
+                    self._queued.remove(m)
+                    break
+
+    def requeue_in_flight(self) -> None:
+        with self._lock:
+            self._in_flight.clear()
+
+    def take_dropped(self) -> dict[str, int]:
+        with self._lock:
+            out, self._dropped = self._dropped, {}
+            return out
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def close(self) -> None:
+        pass
+
+
+#: Either outbox: the device's (durable) or the simulator's.
+AnyOutbox = Outbox | MemoryOutbox

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from agent.link.detectors import Anomaly
-from agent.link.outbox import Order, Outbox
+from agent.link.outbox import AnyOutbox, Order
 from agent.link.wire import CommandResult, Event, ReportOrder, Severity, device_topic
 from agent.trust.command import Addressee, Command
 from agent.trust.identity import ReportSigner
@@ -55,7 +55,7 @@ class Reporter:
     """Every message is signed by the device's report key (`agent.trust.identity`) as it
     is built, so the fleet can tell this device's reports from anyone else's."""
 
-    def __init__(self, me: Addressee, outbox: Outbox, signer: ReportSigner) -> None:
+    def __init__(self, me: Addressee, outbox: AnyOutbox, signer: ReportSigner) -> None:
         self.me, self.outbox, self.signer = me, outbox, signer
         self.commands_dropped: Counter[str] = Counter()
         self._limit = RateLimit(REJECTED_PER_MINUTE, 60.0)

@@ -7,12 +7,11 @@ are pruned: `agent.trust.command` refuses commands issued before the window anyw
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from datetime import datetime
 from pathlib import Path
 
-from agent.durable import sqlite_synchronous
+from agent.durable import open_sqlite
 from agent.errors import CommandError
 from agent.trust.command import DEFAULT_REPLAY, Addressee, Command, ReplayPolicy, verify_command
 from agent.trust.root import Root
@@ -24,9 +23,7 @@ class NonceStore:
     def __init__(self, path: Path | str) -> None:
         # Asked from the MQTT thread (screening) while the command thread records.
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={sqlite_synchronous()}")
+        self._db = open_sqlite(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS nonces "
                          "(nonce TEXT PRIMARY KEY, issued_at REAL NOT NULL)")
 
@@ -57,8 +54,43 @@ class NonceStore:
         self._db.close()
 
 
+class MemoryNonces:
+    """`NonceStore`'s contract in memory: nothing survives the process (the fleet
+    simulator's devices; an SQLite store in use holds ~25 KiB, ten thousand of them in one
+    machine)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, float] = {}
+
+    def __contains__(self, nonce: object) -> bool:
+        return nonce in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def record(self, nonce: str, issued_at: datetime) -> bool:
+        with self._lock:
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = issued_at.timestamp()
+            return True
+
+    def prune(self, before: datetime) -> int:
+        cut = before.timestamp()
+        with self._lock:
+            old = [n for n, t in self._seen.items() if t < cut]
+            for n in old:
+                del self._seen[n]
+            return len(old)
+
+    def close(self) -> None:
+        pass
+
+
 def accept_command(root: Root, raw: bytes, *, me: Addressee, now: datetime,
-                   store: NonceStore, policy: ReplayPolicy = DEFAULT_REPLAY) -> Command:
+                   store: NonceStore | MemoryNonces,
+                   policy: ReplayPolicy = DEFAULT_REPLAY) -> Command:
     """Verify a command and record its nonce, so the same bytes are refused next time.
 
     Raises:
