@@ -44,7 +44,7 @@ from fleet.artifacts import serve_in_thread
 from fleet.cli import ROLLOUT_EXIT
 from fleet.policy import DONE, FINAL, Criteria, RetryPolicy
 from fleet.rollout import Rollouts
-from fleet.simulate import SimSettings, SimulatedFleet
+from fleet.simulate import SimSettings, SimulatedFleet, device_names
 from fleet.state import FleetDB, FleetWatcher
 
 KINDS = ("broker", "broker_wave", "controller", "controller_send", "stall_agent",
@@ -107,10 +107,9 @@ class Chaos:
                                root_file=releases["keys"] / "root.json", groups=("lab",),
                                profile="x86_64-generic", initial=releases["onnx1"],
                                telemetry_interval_s=1.0, health_window_s=1.0,
-                               requests_per_s=20, poll_s=0.1,
+                               requests_per_s=20,
                                ca_file=self.broker.pki / "ca.crt", certs_dir=self.broker.pki)
-        for i in range(devices):
-            self.broker.issue(f"sim-{i:04d}")
+        self.broker.issue_many(device_names(devices))
         # Faulty devices fail the new release's self-test: the rollout must halt, and every
         # device it touched must end on the old release, whatever else happens.
         self.sims = SimulatedFleet(settings, devices, faulty_percent=faulty_percent,

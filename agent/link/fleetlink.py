@@ -35,6 +35,7 @@ from agent import __version__
 from agent.config import MqttSection, load_config
 from agent.errors import AgentError, CommandError, ConfigError, RejectedError
 from agent.link.deploying import Deployer, DeployJournal
+from agent.link.hub import LinkHub
 from agent.link.mqtt import MqttLink, TlsFiles
 from agent.link.outbox import MemoryOutbox, Order, Outbox
 from agent.link.port import AgentPort
@@ -85,14 +86,15 @@ class _Seen:
 class FleetLink:
     def __init__(self, agent: AgentPort, cfg: MqttSection, *,
                  scheduler: Scheduler | None = None, in_memory: bool = False,
-                 poll_s: float = 0.05) -> None:
+                 hub: LinkHub | None = None) -> None:
         """Args:
             scheduler: serve remote inference requests through it (the daemon's); None
                 leaves the `infer` topic unsubscribed (the simulator).
             in_memory: keep the outbox, the seen nonces and the settings in memory instead
                 of the state directory (the simulator: hundreds of devices in one process
                 must not hold six files each, and nothing of theirs has to survive).
-            poll_s: see `MqttLink`.
+            hub: the `LinkHub` that drives the MQTT connection (the simulator's thousands
+                of links in one process) instead of a thread of its own.
         """
         self.agent, self.cfg = agent, cfg
         self._started_at = datetime.now(UTC)
@@ -141,7 +143,7 @@ class FleetLink:
             on_message=self._received, outbox=self.outbox,
             tls=TlsFiles(ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file),
             username=cfg.username, password=password, keepalive_s=cfg.keepalive_s,
-            poll_s=poll_s, session_expiry_s=cfg.session_expiry_s)
+            session_expiry_s=cfg.session_expiry_s, hub=hub)
         self.remote = (RemoteInference(scheduler, self.link.reply,
                                        reply_prefix=infer_reply_prefix(d.fleet))
                        if scheduler else None)

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -37,6 +37,9 @@ from paho.mqtt.properties import Properties
 from agent.errors import ConfigError
 from agent.link.outbox import AnyOutbox
 from agent.logs import RateLimited
+
+if TYPE_CHECKING:
+    from agent.link.hub import LinkHub
 
 log = logging.getLogger("edge_agent.mqtt")
 MAX_IN_FLIGHT = 100
@@ -105,7 +108,8 @@ class MqttLink:
                  on_message: MessageHandler, outbox: AnyOutbox, tls: TlsFiles | None = None,
                  username: str | None = None, password: str | None = None,
                  keepalive_s: int = 30, backoff: Backoff = Backoff(),
-                 poll_s: float = 0.05, session_expiry_s: int = 0) -> None:
+                 poll_s: float = 0.05, session_expiry_s: int = 0,
+                 hub: LinkHub | None = None) -> None:
         self.brokers = [Broker.parse(u) for u in brokers]
         if not self.brokers:
             raise ConfigError("mqtt.brokers is empty")
@@ -132,6 +136,12 @@ class MqttLink:
         # A broker that stays down: the first failure is a warning, then one a minute
         # saying how many were held back, not one per retry.
         self._outage = RateLimited(log, interval_s=60.0)
+        # Driven by a hub (`agent.link.hub`, the simulator's thousands of links) instead
+        # of a thread of its own: told when the outbox has something new, no polling.
+        self.hub = hub
+        self._stopped = threading.Event()  # a hub let go of this link
+        if hub is not None:
+            outbox.on_enqueue = lambda: hub.kick(self)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,6 +150,12 @@ class MqttLink:
         when it wakes, instead of running on beside the new one with the same client id
         (the two took the session from each other in a loop). A link already running is
         left alone."""
+        if self.hub is not None:
+            if not self.hub.running(self):
+                self._stop = threading.Event()
+                self._stopped.clear()
+                self.hub.start(self)
+            return
         if self._thread is not None and self._thread.is_alive() and not self._stop.is_set():
             return
         self._stop = stop = threading.Event()
@@ -150,7 +166,11 @@ class MqttLink:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the thread; wait for it up to `timeout_s` (0: only tell it)."""
         self._stop.set()
-        if self._thread is not None and timeout_s > 0:
+        if self.hub is not None:
+            self.hub.stop(self)
+            if timeout_s > 0:
+                self._stopped.wait(timeout_s)
+        elif self._thread is not None and timeout_s > 0:
             self._thread.join(timeout_s)
 
     def _client(self, broker: Broker) -> paho.Client:
@@ -169,34 +189,54 @@ class MqttLink:
         while not stop.is_set():
             broker = self.brokers[attempt % len(self.brokers)]
             client = self._client(broker)
-            self._client_now = client
             before = self.connects
             try:
-                props = None
-                if self.session_expiry_s > 0:
-                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                    props.SessionExpiryInterval = self.session_expiry_s
-                client.connect(broker.host, broker.port, keepalive=self.keepalive_s,
-                               clean_start=self.session_expiry_s <= 0, properties=props)
+                self._connect(client, broker)
                 self._serve(client, stop)
-                if self.connects == before and not stop.is_set():
-                    # With TLS 1.3 a refused client certificate shows up only now.
-                    self.last_error = (f"{broker.host}:{broker.port}: closed before the "
-                                       "broker accepted the connection (client certificate "
-                                       "or credentials refused?)")
-                    self._outage.log(logging.WARNING, "connect", "mqtt.connect_failed %s",
-                                     self.last_error)
+                if not stop.is_set():
+                    self._ended(broker, before)
             except (OSError, ssl.SSLError, ValueError) as exc:
-                self.last_error = f"{broker.host}:{broker.port}: {exc}"
-                self._outage.log(logging.WARNING, "connect", "mqtt.connect_failed %s",
-                                 self.last_error)
+                self._failed(broker, exc)
             finally:
                 self._disconnected()
                 if stop.is_set() and stop is self._stop:  # not when a newer start runs
                     self._goodbye(client)
-            attempt = 0 if self.connects > before else attempt + 1
+            attempt = self._next_attempt(attempt, before)
             if not stop.is_set():
                 stop.wait(backoff_delay(attempt, self.backoff, self._rng))
+
+    # -- one connection, whoever drives it (this link's thread or a `LinkHub`) ------------
+    def _connect(self, client: paho.Client, broker: Broker) -> None:
+        """TCP, TLS and the CONNECT packet (blocking up to paho's connect timeout).
+
+        Raises:
+            OSError, ssl.SSLError, ValueError: no connection.
+        """
+        self._client_now = client
+        props = None
+        if self.session_expiry_s > 0:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.session_expiry_s
+        client.connect(broker.host, broker.port, keepalive=self.keepalive_s,
+                       clean_start=self.session_expiry_s <= 0, properties=props)
+
+    def _failed(self, broker: Broker, exc: Exception) -> None:
+        self.last_error = f"{broker.host}:{broker.port}: {exc}"
+        self._outage.log(logging.WARNING, "connect", "mqtt.connect_failed %s", self.last_error)
+
+    def _ended(self, broker: Broker, before: int) -> None:
+        """A connection ended that was not stopped: if the broker never accepted it, say
+        why that may be (with TLS 1.3 a refused client certificate shows up only now)."""
+        if self.connects == before:
+            self.last_error = (f"{broker.host}:{broker.port}: closed before the broker "
+                               "accepted the connection (client certificate or "
+                               "credentials refused?)")
+            self._outage.log(logging.WARNING, "connect", "mqtt.connect_failed %s",
+                             self.last_error)
+
+    def _next_attempt(self, attempt: int, before: int) -> int:
+        """The attempt counter after a connection ended: back to 0 once it was accepted."""
+        return 0 if self.connects > before else attempt + 1
 
     def _serve(self, client: paho.Client, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -206,11 +246,14 @@ class MqttLink:
             if self.connected.is_set():
                 self._pump(client)
 
-    def _goodbye(self, client: paho.Client) -> None:
-        """A clean stop: say offline ourselves (the broker sends the Will only if we vanish)."""
+    def _goodbye(self, client: paho.Client, *, flush_s: float = 0.2) -> None:
+        """A clean stop: say offline ourselves (the broker sends the Will only if we
+        vanish), then disconnect. Outside a callback paho writes at once; `flush_s`
+        lets this thread's loop read the acknowledgement."""
         try:
             client.publish(self.state_topic, self.will(), qos=1, retain=True)
-            client.loop(timeout=0.2)
+            if flush_s > 0:
+                client.loop(timeout=flush_s)
             client.disconnect()
         except (OSError, ValueError):
             pass

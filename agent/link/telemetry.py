@@ -132,9 +132,11 @@ class TelemetryLoop:
             self._drift(name, interval_s)
         return models
 
-    def tick(self, proc: ProcessStats) -> None:
+    def tick(self, proc: ProcessStats, system: Callable[[], Any] = psutil.virtual_memory
+             ) -> None:
         """One interval: the link's own checks (`on_tick`), detectors, then the telemetry
-        message into the outbox."""
+        message into the outbox. `system` tells the machine's memory (`available`,
+        `total`): psutil's, or the simulator's device figures."""
         self._ticks += 1
         self._on_tick(self._ticks)
         settings = self._settings()
@@ -150,7 +152,7 @@ class TelemetryLoop:
         if loaded != self._loaded:  # a load or unload moves memory by design: new trend
             self._loaded, self._memory = loaded, MemoryTrend(settings.thresholds)
         rss = proc.memory_info().rss
-        vm = psutil.virtual_memory()
+        vm = system()
         for a in filter(None, [self._memory.observe(time.monotonic(), rss),
                                temperature_anomaly(s.reading.temperature_c,
                                                    s.thermal_limits.throttle_c,
