@@ -69,7 +69,7 @@ def controller(db: FleetDB, broker: SecureBroker, keys: Path) -> Controller:
 def sim_settings(broker: SecureBroker, keys: Path, **kw: Any) -> SimSettings:
     return SimSettings(broker=broker.url, root_file=keys / "root.json",
                        profile="x86_64-generic", ca_file=broker.pki / "ca.crt",
-                       certs_dir=broker.pki, keys_dir=broker.dir / "device-keys", **kw)
+                       certs_dir=broker.pki, **kw)
 
 
 def certify(broker: SecureBroker, n: int) -> None:

@@ -119,3 +119,19 @@ def test_the_converters_reference_matches_what_the_agent_samples(
     shifted = np.clip(x + 0.5 * (hi - lo), lo, hi).astype(np.float32)
     found = drift_anomalies(window(shifted), ref, T)
     assert "input_drift" in {a.detector for a in found}, found
+
+
+def test_many_latencies_at_once_fill_the_buckets_as_one_by_one() -> None:
+    """The simulator records a device's synthetic latencies in one call; the histogram
+    must be the one `observe` builds, bounds included (a value on a bound belongs to
+    that bucket: Prometheus' `le`)."""
+    from agent.serving.metrics import BUCKETS, Histogram
+
+    values = np.concatenate([np.array(BUCKETS), np.array(BUCKETS) * 1.01, [0.0, 9.0],
+                             np.random.default_rng(1).lognormal(-5, 1, 500)])
+    one, many = Histogram(), Histogram()
+    for v in values:
+        one.observe(float(v))
+    many.observe_many(values)
+    assert many.counts == one.counts and many.count == one.count
+    assert many.sum == pytest.approx(one.sum)
