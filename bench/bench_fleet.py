@@ -12,11 +12,15 @@ one MQTT connection each, in worker processes):
    the fleet database) takes in, fed by two publisher processes as fast as they go (their
    own rate printed beside it); and the same with two controllers sharing the
    subscription;
-3. halts: with 5 % faulty devices (the first device of the first wave is one), for each
+3. scale: N devices connected (time, memory per device, CPU of simulator, broker and
+   controller), then a steady period: CPU per second and how fresh each device's
+   telemetry row in the controller's database is;
+4. halts: with 5 % faulty devices (the first device of the first wave is one), for each
    fault kind alone: the time from `rollout start` to the halt, against one health window,
    and the share of touched devices that serve the previous release afterwards.
 
     .venv/bin/python bench/bench_fleet.py [--devices 1000] [--messages 100000]
+        [--only rollout|ingest|scale|halts] [--interval 10]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import nacl.signing
+import psutil
 from fixture_agent import make_keys, slow_release
 from fixture_mqtt import SecureBroker
 
@@ -127,24 +132,92 @@ def rollout_run(where: Path, broker: SecureBroker, keys: Path, url: str, archive
     return status, took, ro.reason, rid
 
 
-def bench_rollout(where: Path, broker: SecureBroker, n: int, window_s: float) -> None:
+def bench_rollout(where: Path, broker: SecureBroker, n: int, window_s: float,
+                  interval_s: float = 2.0) -> None:
     keys, v1, v2 = releases(where)
     server, url = serve_in_process(v1.parent)
     certify(broker, n)
-    settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=2.0,
+    settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=interval_s,
                             health_window_s=window_s)
     t0 = time.monotonic()
     with SimulatedFleet(settings, n) as sims:
         connected = sims.start()
         print(f"{connected} of {n} simulated devices up (v1 installed, connected) in "
               f"{time.monotonic() - t0:.1f} s")
+        mosq, me = psutil.Process(broker.proc.pid), psutil.Process()  # type: ignore[union-attr]
+        b0, c0, (_, s0) = _cpu(mosq), _cpu(me), sims.usage()
         status, took, reason, _ = rollout_run(where, broker, keys, url, v2, sims, window_s)
         served = sum(v == {"digits": 2} for v in sims.versions().values())
+        rss, s1 = sims.usage()
+        print(f"    during the rollout: CPU-s simulator {s1 - s0:.0f}, broker "
+              f"{_cpu(mosq) - b0:.0f}, controller (this process) {_cpu(me) - c0:.0f}; RSS "
+              f"simulator {rss / 2**20:,.0f} MiB, broker {mosq.memory_info().rss / 2**20:,.0f}"
+              f" MiB, controller {me.memory_info().rss / 2**20:,.0f} MiB")
     server.terminate()
     print(f"rollout to {n} devices, waves {'/'.join(f'{w:.0%}' for w in WAVES)}, health "
-          f"window {window_s:g} s per wave (device and controller), telemetry every 2 s: "
+          f"window {window_s:g} s per wave (device and controller), telemetry every "
+          f"{interval_s:g} s: "
           f"{status} in "
-          f"{took:.1f} s (target <= 60 s); {served} of {n} serve v2; {reason}")
+          f"{took:.1f} s (targets: 1,000 devices <= 45 s, 10,000 <= 180 s); {served} of {n} "
+          f"serve v2; {reason}")
+
+
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return float(t.user + t.system)
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def bench_scale(where: Path, broker: SecureBroker, n: int, interval_s: float) -> None:
+    """N secured devices connected, then a steady period: memory and CPU of simulator,
+    broker and controller, and how fresh the controller's telemetry row of each device
+    is (target: every one no older than two intervals)."""
+    keys, v1, _ = releases(where)
+    t0 = time.monotonic()
+    certify(broker, n)
+    settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=interval_s,
+                            health_window_s=3.0)
+    db = FleetDB(where / "scale.sqlite")
+    watcher = FleetWatcher(db, broker.auth("fleet-controller"), "acme",
+                           share_group=CONTROLLER_GROUP, client_id="scale-controller")
+    mosq = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
+    me = psutil.Process()
+    cpu = _cpu
+
+    with SimulatedFleet(settings, n) as sims:
+        registered(db, sims)
+        watcher.start()
+        b0, c0 = cpu(mosq), cpu(me)
+        connected = sims.start()
+        took = time.monotonic() - t0
+        rss, sim_cpu = sims.usage()
+        print(f"{connected} of {n} secured simulated devices up (keys, certificates, v1 "
+              f"installed, TLS connected) in {took:.1f} s (target for 10,000: <= 120 s); "
+              f"simulator RSS {rss / 2**20:,.0f} MiB, {(rss - sims.base_rss) / 1024 / n:.1f} "
+              f"KiB per device beyond its workers' base (target <= 100); CPU-s to get there: "
+              f"simulator {sim_cpu:.0f}, broker {cpu(mosq) - b0:.0f}, controller "
+              f"{cpu(me) - c0:.0f}; {_load()}")
+        steady = 4 * interval_s
+        b0, c0, s0, i0 = cpu(mosq), cpu(me), sim_cpu, watcher.ingested["telemetry"]
+        time.sleep(steady)
+        _, s1 = sims.usage()
+        got = watcher.ingested["telemetry"] - i0
+        now = datetime.now(UTC)
+        ages = sorted((now - Telemetry.model_validate_json(t).at).total_seconds()
+                      for (t,) in db._db.execute("SELECT telemetry_json FROM devices "
+                                                 "WHERE telemetry_json IS NOT NULL"))
+        fresh = sum(a <= 2 * interval_s for a in ages)
+        print(f"  steady, telemetry every {interval_s:g} s, over {steady:g} s: CPU per second "
+              f"simulator {(s1 - s0) / steady:.2f}, broker {(cpu(mosq) - b0) / steady:.2f}, "
+              f"controller {(cpu(me) - c0) / steady:.2f}; the controller stored "
+              f"{got / steady:,.0f} telemetry msg/s; its row of {fresh} of {n} devices is at "
+              f"most two intervals old (oldest {ages[-1] if ages else float('nan'):.1f} s, "
+              f"{n - len(ages)} without one); broker RSS {mosq.memory_info().rss / 2**20:,.0f} "
+              f"MiB; {_load()}")
+    watcher.stop()
 
 
 def bench_halts(where: Path, broker: SecureBroker, n: int, window_s: float) -> None:
@@ -300,14 +373,18 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--window", type=float, default=3.0)
-    ap.add_argument("--only", choices=["rollout", "ingest", "halts"])
+    ap.add_argument("--only", choices=["rollout", "ingest", "halts", "scale"])
+    ap.add_argument("--interval", type=float,
+                    help="telemetry interval (s); default 2 in the rollout, 10 at scale")
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(tmp)
         broker = SecureBroker(where / "mosq").start()
         try:
             if ns.only in (None, "rollout"):
-                bench_rollout(where / "r", broker, ns.devices, ns.window)
+                bench_rollout(where / "r", broker, ns.devices, ns.window, ns.interval or 2.0)
+            if ns.only in (None, "scale"):
+                bench_scale(where / "s", broker, ns.devices, ns.interval or 10.0)
             if ns.only in (None, "ingest"):
                 print("\ncontroller ingest (publishers: 2 processes, QoS 1):")
                 for consumers in (1, 2):
