@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import paho.mqtt.client as paho
@@ -62,7 +62,6 @@ class _Conn:
     dialing: bool = False  # a connector thread has it
     stopping: bool = False
     timer: int = 0  # the generation of the reconnect timer that counts
-    kicked: bool = field(default=False)
 
 
 class LinkHub:
@@ -77,7 +76,8 @@ class LinkHub:
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
-        self._todo: deque[tuple[str, MqttLink, object]] = deque()
+        self._todo: deque[tuple[str, MqttLink, object]] = deque()  # starts, stops, dials
+        self._kicked: set[MqttLink] = set()  # at most one entry per link
         self._woken = False
         self._conns: dict[MqttLink, _Conn] = {}
         self._timers: list[tuple[float, int, int, _Conn]] = []  # (when, n, generation, conn)
@@ -95,8 +95,13 @@ class LinkHub:
         self._post("stop", link)
 
     def kick(self, link: MqttLink) -> None:
-        """`link`'s outbox has something new: pump it on the hub's next turn."""
-        self._post("kick", link)
+        """`link`'s outbox has something new: pump it on the hub's next turn (a link
+        told many times before that turn is pumped once)."""
+        with self._lock:
+            if link in self._kicked:
+                return
+            self._kicked.add(link)
+        self._wake()
 
     def running(self, link: MqttLink) -> bool:
         c = self._conns.get(link)
@@ -105,6 +110,10 @@ class LinkHub:
     def _post(self, what: str, link: MqttLink, arg: object = None) -> None:
         with self._lock:
             self._todo.append((what, link, arg))
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._lock:
             if self._woken:
                 return
             self._woken = True
@@ -114,7 +123,7 @@ class LinkHub:
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the hub (links still running are dropped without a goodbye)."""
         self._closed = True
-        self._post("close", None)  # type: ignore[arg-type]
+        self._wake()
         self._thread.join(timeout_s)
         self._connectors.shutdown(wait=False, cancel_futures=True)
 
@@ -143,6 +152,8 @@ class LinkHub:
                 next_misc = now + self.misc_s
                 self._misc()
         for conn in list(self._conns.values()):
+            if conn.client is not None and (sock := conn.client.socket()) is not None:
+                sock.close()  # dropped: the broker publishes its Will
             self._forget(conn)
         self._sel.close()
         self._wake_r.close()
@@ -151,6 +162,7 @@ class LinkHub:
     def _drain(self) -> None:
         with self._lock:
             todo, self._todo = self._todo, deque()
+            kicked, self._kicked = self._kicked, set()
             self._woken = False
         try:
             while self._wake_r.recv(4096):
@@ -162,6 +174,13 @@ class LinkHub:
                 self._handle(what, link, arg)
             except Exception:
                 log.exception("hub.%s_failed", what)
+        for link in kicked:
+            conn = self._conns.get(link)
+            if conn is not None and conn.client is not None:
+                try:
+                    self._turn(conn)
+                except Exception:
+                    log.exception("hub.pump_failed %s", link.client_id)
 
     def _handle(self, what: str, link: MqttLink, arg: object) -> None:
         conn = self._conns.get(link)
@@ -176,8 +195,6 @@ class LinkHub:
             conn.stopping = True
             if not conn.dialing:  # else the connector's "dialed" finishes it
                 self._goodbye(conn)
-        elif what == "kick" and conn is not None and conn.client is not None:
-            self._turn(conn)
         elif what == "dialed":
             dialer, client = cast(tuple[_Conn, "paho.Client | None"], arg)
             if dialer is conn:
