@@ -121,6 +121,11 @@ def test_one_hub_thread_drives_every_link(secure: SecureBroker) -> None:
         first.start()  # a running link ignores start
         wait_until(first.connected.is_set, timeout_s=20, what="hub-00 back")
         assert first.connects == 3  # start, broker restart, start again
+        second = links[1]
+        second.stop(timeout_s=0)  # and a start right after a stop the hub has not
+        second.start()  # reached yet reconnects (it is not taken for a running link)
+        wait_until(lambda: second.connects == 3 and second.connected.is_set(),
+                   timeout_s=20, what="hub-01 back after a quick stop and start")
     finally:
         for lk in links:
             lk.stop(timeout_s=0)

@@ -161,8 +161,8 @@ class MqttLink:
         when it wakes, instead of running on beside the new one with the same client id
         (the two took the session from each other in a loop). A link already running is
         left alone."""
-        if self.hub is not None:
-            if not self.hub.running(self):
+        if self.hub is not None:  # a start after a stop the hub has not reached yet
+            if self._stop.is_set() or not self.hub.running(self):  # goes after that stop
                 self._stop = threading.Event()
                 self._stopped.clear()
                 self.hub.start(self)
