@@ -150,7 +150,8 @@ class MqttLink:
         # Driven by a hub (`agent.link.hub`, the simulator's thousands of links) instead
         # of a thread of its own: told when the outbox has something new, no polling.
         self.hub = hub
-        self._stopped = threading.Event()  # a hub let go of this link
+        self._stopped = threading.Event()  # a hub let go of this link (or never had it)
+        self._stopped.set()
         if hub is not None:
             outbox.on_enqueue = lambda: hub.kick(self)
 
