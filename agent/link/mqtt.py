@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import paho.mqtt.client as paho
@@ -39,11 +39,18 @@ from agent.errors import ConfigError
 from agent.link.outbox import AnyOutbox
 from agent.logs import RateLimited
 
-if TYPE_CHECKING:
-    from agent.link.hub import LinkHub
-
 log = logging.getLogger("edge_agent.mqtt")
 MAX_IN_FLIGHT = 100
+
+
+class LinkHub(Protocol):
+    """What a link needs of the loop that drives it instead of its own thread
+    (`agent.link.hub.LinkHub`; a protocol here so the hub imports the link, never back)."""
+
+    def start(self, link: MqttLink) -> None: ...
+    def stop(self, link: MqttLink) -> None: ...
+    def kick(self, link: MqttLink) -> None: ...
+    def running(self, link: MqttLink) -> bool: ...
 
 
 @dataclass(frozen=True)
