@@ -182,7 +182,7 @@ def bench_scale(where: Path, broker: SecureBroker, n: int, interval_s: float) ->
                             health_window_s=3.0)
     db = FleetDB(where / "scale.sqlite")
     watcher = FleetWatcher(db, broker.auth("fleet-controller"), "acme",
-                           share_group=CONTROLLER_GROUP, client_id="scale-controller")
+                           share_group=CONTROLLER_GROUP, client_id="edge-fleet-scale-controller")
     mosq = psutil.Process(broker.proc.pid)  # type: ignore[union-attr]
     me = psutil.Process()
     cpu = _cpu
@@ -277,7 +277,7 @@ def _publish(auth: Any, count: int, offset: int, armed: Any, ready: Any, took: A
             models={"digits": ModelTelemetry(requests=40, errors=0, latency_p50_ms=4.0,
                                              latency_p95_ms=6.0, latency_p99_ms=8.0,
                                              throughput_per_s=40.0)}, dropped={}))))
-    c, _ = connect(auth, f"pub-{offset}", topics=[], on_message=lambda *a: None,
+    c, _ = connect(auth, f"edge-fleet-pub-{offset}", topics=[], on_message=lambda *a: None,
                    max_inflight=1000)
     armed.set()
     ready.wait()
@@ -310,7 +310,7 @@ def _consume(auth: Any, db_path: Path, count: Any, cpu: Any, stop: Any) -> None:
                                       groups=["sim"], at=datetime.now(UTC)))
     # the controllers' shared subscription: two consumers split the messages
     watcher = FleetWatcher(db, auth, "acme", share_group=CONTROLLER_GROUP,
-                           client_id=f"ingest-{db_path.stem}").start()
+                           client_id=f"edge-fleet-ingest-{db_path.stem}").start()
     t0 = time.process_time()
     while not stop.wait(0.01):
         count.value = watcher.ingested["telemetry"]

@@ -5,14 +5,32 @@ What it enforces (docs/telemetry.md, "Broker and ACL"): no anonymous client; a d
 (certificate CN = device id) publishes only its own state, telemetry, events and results
 and reads only its own commands, its groups' commands and the fleet's root and heartbeat;
 `fleet-controller` may do anything under the fleet's topics, `fleet-monitor` only read.
-`deploy/mosquitto/` holds a rendered example.
+What mosquitto 2.0's ACL file cannot say is said by a small plugin built here from
+`fleet/mosquitto/edge_fleet_guard.c`: the username is the certificate's common name, a
+device connects only with its own client id (`<fleet>-<CN>`, so no certificate takes over
+another's session), only `fleet-controller` joins a shared subscription, and a device
+retains nothing but its own state. `deploy/mosquitto/` holds a rendered example.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from fleet.errors import FleetError
+
+#: Certificate names that are operators' tools, not devices (the ACL's `user` lines):
+#: their client ids begin "edge-fleet-" and they are never taken for a device.
+OPERATORS = ("fleet-controller", "fleet-monitor")
+#: Who may join a shared subscription (the controllers' group, `fleet.state`).
+SHARE_USERS = ("fleet-controller",)
+GUARD = "edge_fleet_guard"
+#: What building the plugin needs on Debian/Ubuntu.
+BUILD_PACKAGES = "gcc libc6-dev libssl-dev libmosquitto-dev mosquitto-dev"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,8 +49,39 @@ def _template(name: str) -> str:
     return resources.files("fleet").joinpath("mosquitto", name).read_text()
 
 
-def render(cfg: BrokerConfig, out: Path) -> tuple[Path, Path]:
-    """Write `out/mosquitto.conf` and `out/acl`; returns their paths."""
+def build_guard(out: Path) -> Path:
+    """Compile the guard plugin into `out/edge_fleet_guard.so` (again only when its source
+    changed); returns its path.
+
+    Raises:
+        FleetError: no C compiler, or the headers are missing (naming the packages).
+    """
+    source = resources.files("fleet").joinpath("mosquitto", f"{GUARD}.c").read_bytes()
+    lib, stamp = out / f"{GUARD}.so", out / f"{GUARD}.c"
+    if lib.exists() and stamp.exists() and stamp.read_bytes() == source:
+        return lib
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise FleetError(f"building the broker's {GUARD} plugin needs a C compiler: "
+                         f"apt-get install {BUILD_PACKAGES}")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        src, built = Path(tmp) / f"{GUARD}.c", Path(tmp) / f"{GUARD}.so"
+        src.write_bytes(source)
+        done = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-o", str(built),
+                               str(src), "-lcrypto"], capture_output=True, text=True,
+                              check=False, timeout=120)
+        if done.returncode != 0:
+            raise FleetError(f"building the broker's {GUARD} plugin failed (apt-get install "
+                             f"{BUILD_PACKAGES}): " + done.stderr.strip()[-600:])
+        built.replace(lib)  # atomic: a running broker keeps the file it loaded
+        src.replace(stamp)
+    return lib
+
+
+def render(cfg: BrokerConfig, out: Path, *, plugin: Path | None = None) -> tuple[Path, Path]:
+    """Write `out/mosquitto.conf` and `out/acl`, and build the guard plugin into `out`
+    (unless `plugin` names where it is); returns the conf and ACL paths."""
     out.mkdir(parents=True, exist_ok=True)
     acl = out / "acl"
     acl.write_text(_template("acl.in").replace("{fleet}", cfg.fleet))
@@ -41,5 +90,6 @@ def render(cfg: BrokerConfig, out: Path) -> tuple[Path, Path]:
         acl_file=acl, data_dir=cfg.data_dir, log_dest=cfg.log_dest, autosave_s=cfg.autosave_s,
         user_line=f"user {cfg.user}" if cfg.user else "", port=cfg.port, bind=cfg.bind,
         ca_file=cfg.pki / "ca.crt", cert_file=cfg.pki / "server.crt",
-        key_file=cfg.pki / "server.key"))
+        key_file=cfg.pki / "server.key", plugin=plugin or build_guard(out),
+        fleet=cfg.fleet, operators=" ".join(OPERATORS), share_users=" ".join(SHARE_USERS)))
     return conf, acl

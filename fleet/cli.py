@@ -498,7 +498,7 @@ HELP = {
     "keys show": "the roles, keys, thresholds and expiry of root.json",
     "pki issue names": "device ids (or fleet-controller, fleet-monitor), one certificate each",
     "broker-config --fleet": "the fleet whose topic tree the ACL covers",
-    "broker-config --out": "directory for mosquitto.conf and its ACL file",
+    "broker-config --out": "directory for mosquitto.conf, its ACL file and the guard plugin",
     "broker-config --port": "the broker's TLS port (default 8883)",
     "broker-config --bind": "address the broker listens on",
     "broker-config --data-dir": "mosquitto's persistence directory",
@@ -764,8 +764,9 @@ def cmd_broker_config(ns: argparse.Namespace) -> None:
                                     bind=ns.bind, data_dir=ns.data_dir,
                                     log_dest=ns.log_dest, user=ns.user,
                                     autosave_s=ns.autosave), ns.out)
-    print(f"{conf} and {acl}: mutual TLS on {ns.bind}:{ns.port}, per-device ACL for fleet "
-          f"{ns.fleet}; start with: mosquitto -c {conf}")
+    print(f"{conf}, {acl} and the guard plugin {conf.parent / 'edge_fleet_guard.so'}: "
+          f"mutual TLS on {ns.bind}:{ns.port}, per-device ACL for fleet {ns.fleet}; start "
+          f"with: mosquitto -c {conf}")
 
 
 def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]

@@ -13,7 +13,10 @@ source scripts/lib.sh
 # e2fsprogs, mount: the power-cut harness (ext4 on a loop device, tests/powercut.py);
 # prometheus: promtool and a real Prometheus scraping the agent (tests/test_monitoring.py);
 # systemd-container: the packaged agent booted under a real systemd (tests/test_systemd_boot.py)
-APT_PKGS=(mosquitto mosquitto-clients systemd chromium e2fsprogs mount prometheus curl systemd-container)
+# gcc, libc6-dev, libssl-dev, libmosquitto-dev, mosquitto-dev: the broker's guard plugin
+# (fleet/mosquitto/edge_fleet_guard.c, built by `edge-fleet broker-config`)
+APT_PKGS=(mosquitto mosquitto-clients systemd chromium e2fsprogs mount prometheus curl systemd-container
+          gcc libc6-dev libssl-dev libmosquitto-dev mosquitto-dev)
 PY=""
 for cand in python3.11 python3.12 python3.13 python3; do
   if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then

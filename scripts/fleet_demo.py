@@ -139,6 +139,7 @@ class Demo:
                         "-p", port, "--cafile", self.pki / "ca.crt",
                         "--cert", self.pki / "fleet-monitor.crt",
                         "--key", self.pki / "fleet-monitor.key", "-q", "1",
+                        "-i", "edge-fleet-demo-capture",  # an operator's id (the guard)
                         "-t", "edge/v1/demo/#", "-F", "%t %x"], stdout=f)
 
     def artifacts(self) -> str:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -135,6 +137,10 @@ class Subscriber:
         self.c.disconnect()
 
 
+#: The broker's guard plugin, built once for every test broker of this user.
+GUARD_BUILD = Path(tempfile.gettempdir()) / f"edge-fleet-guard-{os.getuid()}"
+
+
 class SecureBroker(Broker):
     """mosquitto with the configuration the project ships (`edge-fleet broker-config`:
     mutual TLS, nothing anonymous, the per-device ACL), certificates from `fleet.pki`."""
@@ -142,7 +148,7 @@ class SecureBroker(Broker):
     def __init__(self, where: Path, *, fleet: str = "acme",
                  clients: tuple[str, ...] = ("fleet-controller", "fleet-monitor")) -> None:
         from fleet import pki
-        from fleet.broker import BrokerConfig, render
+        from fleet.broker import BrokerConfig, build_guard, render
 
         self.dir = where
         self.pki = where / "pki"
@@ -154,7 +160,7 @@ class SecureBroker(Broker):
         self.conf, _ = render(BrokerConfig(fleet=fleet, pki=self.pki, port=self.port,
                                            bind="127.0.0.1", data_dir=where,
                                            log_dest="stderr", user=getpass.getuser()),
-                              where)
+                              where, plugin=build_guard(GUARD_BUILD))
         self.proc = None
 
     def issue(self, name: str) -> tuple[Path, Path]:

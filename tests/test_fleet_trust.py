@@ -314,11 +314,11 @@ def secure(tmp_path: Path) -> Iterator[Any]:
 class Client:
     """A connected client of the secured broker, collecting what it receives."""
 
-    def __init__(self, auth: Any, name: str, topics: list[str]) -> None:
+    def __init__(self, auth: Any, client_id: str, topics: list[str]) -> None:
         from fleet._mqtt import connect
 
         self.got: list[tuple[str, bytes]] = []
-        self.c, subscribed = connect(auth, f"{name}-{id(self)}", topics=topics,
+        self.c, subscribed = connect(auth, client_id, topics=topics,
                                      on_message=lambda c, u, m: self.got.append(
                                          (m.topic, bytes(m.payload))))
         if topics:
@@ -338,10 +338,11 @@ class Client:
 def test_the_shipped_broker_config_confines_each_device_to_its_own_topics(secure: Any) -> None:
     from fleet.errors import FleetError
 
-    monitor = Client(secure.auth("fleet-monitor"), "monitor", ["edge/v1/acme/#"])
-    dev1 = Client(secure.auth("dev-1"), "dev-1", ["edge/v1/acme/dev-1/cmd",
+    monitor = Client(secure.auth("fleet-monitor"), "edge-fleet-test-monitor",
+                     ["edge/v1/acme/#"])
+    dev1 = Client(secure.auth("dev-1"), "acme-dev-1", ["edge/v1/acme/dev-1/cmd",
                                                   "edge/v1/acme/dev-2/cmd"])
-    controller_ = Client(secure.auth("fleet-controller"), "controller", [])
+    controller_ = Client(secure.auth("fleet-controller"), "edge-fleet-test-controller", [])
     try:
         # dev-1 may not speak for dev-2, nor publish commands; what it may do arrives after.
         for topic in ("edge/v1/acme/dev-2/state", "edge/v1/acme/dev-2/event",
@@ -370,6 +371,131 @@ def test_the_shipped_broker_config_confines_each_device_to_its_own_topics(secure
                             cert_file=other / "dev-1.crt", key_file=other / "dev-1.key")):
         with pytest.raises(FleetError, match="cannot connect"):
             connect(auth, "anon", topics=[], on_message=lambda *a: None, timeout_s=5)
+
+
+class Raw:
+    """A paho client with `name`'s certificate and any client id, as an attacker runs
+    one: what the broker answered to the CONNECT and each SUBSCRIBE, and how often this
+    connection was closed by the broker."""
+
+    def __init__(self, secure: Any, name: str, client_id: str) -> None:
+        from agent.link.mqtt import Broker as Url
+        from agent.link.mqtt import TlsFiles, authenticate
+
+        self.connack: list[str] = []
+        self.suback: list[list[str]] = []
+        self.dropped = 0
+        self.got: list[tuple[str, bytes, bool]] = []
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=paho.MQTTv5)
+        a = secure.auth(name)
+        authenticate(self.c, Url.parse(a.url), TlsFiles(ca_file=a.ca_file,
+                                                        cert_file=a.cert_file,
+                                                        key_file=a.key_file), None, None)
+        self.c.on_connect = lambda c, u, f, rc, p: self.connack.append(str(rc))
+        self.c.on_subscribe = lambda c, u, mid, rcs, p: self.suback.append(
+            [str(r) for r in rcs])
+        self.c.on_disconnect = self._gone
+        self.c.on_message = lambda c, u, m: self.got.append((m.topic, bytes(m.payload),
+                                                             bool(m.retain)))
+        self.c.reconnect_delay_set(min_delay=1, max_delay=1)
+        self.c.connect("127.0.0.1", secure.port)
+        self.c.loop_start()
+
+    def _gone(self, c: Any, u: Any, f: Any, reason: Any, p: Any) -> None:
+        self.dropped += 1
+
+    def subscribe(self, topic: str) -> list[str]:
+        n = len(self.suback)
+        self.c.subscribe(topic, qos=1)
+        wait_until(lambda: len(self.suback) > n, what=f"the SUBACK for {topic}")
+        return self.suback[n]
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def test_a_device_certificate_cannot_join_the_controllers_shared_subscription(
+        secure: Any) -> None:
+    """dev-1 joining the controllers' group (or any `$share/` group) is refused at the
+    SUBSCRIBE, and so is the read-only monitor: every one of dev-2's reports reaches the
+    controller. Before the guard, dev-1's sessions in the group took their turn of the
+    round robin and the broker dropped what they could not read: a controller received
+    2 of 12."""
+    from fleet.state import CONTROLLER_GROUP
+
+    base = "edge/v1/acme"
+    controller_ = Client(secure.auth("fleet-controller"), "edge-fleet-test-controller",
+                         [f"$share/{CONTROLLER_GROUP}/{base}/+/telemetry"])
+    dev1 = Raw(secure, "dev-1", "acme-dev-1")
+    monitor = Raw(secure, "fleet-monitor", "edge-fleet-test-monitor")
+    dev2 = Client(secure.auth("dev-2"), "acme-dev-2", [])
+    try:
+        wait_until(lambda: dev1.connack == ["Success"] and monitor.connack == ["Success"],
+                   what="both connected")
+        for who in (dev1, monitor):
+            for group in (CONTROLLER_GROUP, "anything"):
+                assert who.subscribe(f"$share/{group}/{base}/+/telemetry") == [
+                    "Not authorized"], group
+        for i in range(12):
+            dev2.send(f"{base}/dev-2/telemetry", f"t{i}".encode())
+        wait_until(lambda: len(controller_.got) == 12, what="all 12 at the controller")
+        assert dev1.got == [] and monitor.got == []
+    finally:
+        for c in (controller_, dev1, monitor, dev2):
+            c.close()
+
+
+def test_a_device_certificate_cannot_take_over_another_devices_session(secure: Any) -> None:
+    """dev-1's certificate connecting as `acme-dev-2`, again and again, is refused at
+    CONNECT and dev-2 stays connected (before: kicked every time, its Will flipping it
+    offline and online); a device cannot take an operator tool's id either, and an
+    operator's tools connect only under ids beginning `edge-fleet-`."""
+    dev2 = Raw(secure, "dev-2", "acme-dev-2")
+    try:
+        wait_until(lambda: dev2.connack == ["Success"], what="dev-2 connected")
+        for cert, client_id in (("dev-1", "acme-dev-2"), ("dev-1", "acme-dev-2"),
+                                ("dev-1", "dev-2"), ("dev-1", "edge-fleet-rollout-x"),
+                                ("dev-1", "dev-1"), ("fleet-controller", "acme-dev-2"),
+                                ("fleet-monitor", "controller")):
+            attacker = Raw(secure, cert, client_id)
+            try:
+                wait_until(lambda a=attacker: a.connack, what=f"{cert} as {client_id}")
+                assert attacker.connack[0] == "Not authorized", (cert, client_id)
+            finally:
+                attacker.close()
+        dev2.c.publish("edge/v1/acme/dev-2/event", b"still here", qos=1).wait_for_publish(5)
+        assert dev2.connack == ["Success"] and dev2.dropped == 0
+    finally:
+        dev2.close()
+
+
+def test_a_device_certificate_retains_nothing_but_its_own_state(secure: Any) -> None:
+    """dev-1 may not leave a retained reply under another requester's `infer-replies/`
+    (nor anywhere else but its own state): a later subscriber finds dev-1's retained
+    state and nothing else. Before, a retained forged reply was delivered to dev-2."""
+    base = "edge/v1/acme"
+    dev1 = Raw(secure, "dev-1", "acme-dev-1")
+    try:
+        wait_until(lambda: dev1.connack == ["Success"], what="dev-1 connected")
+        for topic in (f"{base}/infer-replies/dev-2/forged", f"{base}/dev-1/event",
+                      f"{base}/dev-1/state"):
+            dev1.c.publish(topic, b"retained by dev-1", qos=1,
+                           retain=True).wait_for_publish(5)
+    finally:
+        dev1.close()
+    reader = Raw(secure, "fleet-controller", "edge-fleet-test-reader")
+    try:
+        wait_until(lambda: reader.connack == ["Success"], what="the reader connected")
+        # one SUBSCRIBE: the broker sends each filter's retained messages in this order
+        reader.c.subscribe([(f"{base}/infer-replies/#", 1), (f"{base}/dev-1/event", 1),
+                            (f"{base}/dev-1/state", 1)])
+        wait_until(lambda: any(t.endswith("/state") for t, _, _ in reader.got),
+                   what="dev-1's retained state")
+        assert reader.got == [(f"{base}/dev-1/state", b"retained by dev-1", True)]
+    finally:
+        reader.close()
 
 
 def foreign_pki(secure: Any) -> Path:
@@ -448,4 +574,20 @@ def test_the_example_broker_config_in_deploy_is_what_broker_config_renders(
     shipped = Path(__file__).parent.parent / "deploy" / "mosquitto"
     assert (shipped / "acl").read_text() == acl.read_text()
     assert (shipped / "mosquitto.conf").read_text() == conf.read_text().replace(
-        f"acl_file {acl}", "acl_file /etc/mosquitto/edge-fleet/acl")
+        f"acl_file {acl}", "acl_file /etc/mosquitto/edge-fleet/acl").replace(
+        f"plugin {tmp_path}/", "plugin /etc/mosquitto/edge-fleet/")
+    assert (tmp_path / "edge_fleet_guard.so").is_file()  # built beside them
+
+
+def test_the_guard_plugin_is_built_once_and_a_missing_compiler_names_the_packages(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet import broker
+    from fleet.errors import FleetError
+
+    lib = broker.build_guard(tmp_path)
+    built = lib.stat().st_mtime_ns
+    assert broker.build_guard(tmp_path).stat().st_mtime_ns == built  # unchanged source
+    monkeypatch.setattr(broker.shutil, "which", lambda name: None)
+    assert broker.build_guard(tmp_path) == lib  # built already: no compiler needed
+    with pytest.raises(FleetError, match="libmosquitto-dev mosquitto-dev"):
+        broker.build_guard(tmp_path / "elsewhere")

@@ -44,7 +44,7 @@ class Monitor:
     def __init__(self, b: SecureBroker) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.lock = threading.Lock()
-        self.client, _ = connect(b.auth("fleet-monitor"), "test-monitor",
+        self.client, _ = connect(b.auth("fleet-monitor"), "edge-fleet-test-monitor",
                                  topics=["edge/v1/acme/+/state", "edge/v1/acme/+/telemetry"],
                                  on_message=self._msg, session_expiry_s=3600)
 
@@ -66,7 +66,7 @@ def hub_links(b: SecureBroker, hub: LinkHub, n: int) -> list[MqttLink]:
     for i in range(n):
         name = f"hub-{i:02d}"
         out.append(MqttLink(
-            brokers=[b.url], client_id=name,
+            brokers=[b.url], client_id=f"acme-{name}",  # the guard binds it to the CN
             state_topic=state(name), birth=lambda: b'{"online":true}',
             will=lambda: b'{"online":false}', subscriptions=[f"edge/v1/acme/{name}/cmd"],
             on_message=lambda t, p, props: None, outbox=MemoryOutbox(),
@@ -77,7 +77,8 @@ def hub_links(b: SecureBroker, hub: LinkHub, n: int) -> list[MqttLink]:
 
 
 def send(lk: MqttLink, seq: int) -> None:
-    lk.outbox.enqueue("telemetry", f"edge/v1/acme/{lk.client_id}/telemetry",
+    name = lk.client_id.removeprefix("acme-")
+    lk.outbox.enqueue("telemetry", f"edge/v1/acme/{name}/telemetry",
                       lambda _s, _o: json.dumps({"n": seq}).encode())
 
 
@@ -115,7 +116,7 @@ def test_one_hub_thread_drives_every_link(secure: SecureBroker) -> None:
         first = links[0]
         first.stop()
         assert first._stopped.is_set()
-        wait_until(lambda: sub.on(state(first.client_id))[-1:] == [b'{"online":false}'],
+        wait_until(lambda: sub.on(state("hub-00"))[-1:] == [b'{"online":false}'],
                    what="the goodbye")
         first.start()
         first.start()  # a running link ignores start
