@@ -322,17 +322,18 @@ class Api:
         return self.shm
 
     async def shm_status(self, request: Request) -> Response:
-        return json_response(self._shared_memory().status(request.params.get("region")))
+        return json_response(self._shared_memory().status(request.peer,
+                                                          request.params.get("region")))
 
     async def shm_register(self, request: Request) -> Response:
         shm = self._shared_memory()
-        shm.register(request.params["region"], self._json_body(request))
+        shm.register(request.peer, request.params["region"], self._json_body(request))
         return json_response({})
 
     async def shm_unregister(self, request: Request) -> Response:
         if request.body.strip():
             raise ApiError(400, "unregister takes an empty body")
-        self._shared_memory().unregister(request.params.get("region"))
+        self._shared_memory().unregister(request.peer, request.params.get("region"))
         return json_response({})
 
     async def metadata(self, request: Request) -> Response:
@@ -354,7 +355,7 @@ class Api:
         req = await _off_loop(len(request.body), parse_infer, request.body, entry.manifest,
                               header_length,
                               lambda shape: self.agent.scheduler.precheck(entry.name, shape),
-                              self.shm)
+                              None if self.shm is None else self.shm.of(request.peer))
         y = await self._run(entry.name, req.x, req.priority, req.timeout_ms)
         body, head_len = await _off_loop(
             y.nbytes, functools.partial(infer_response, request_id=req.id,

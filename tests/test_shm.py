@@ -181,3 +181,58 @@ def test_shared_memory_is_off_unless_configured(tmp_path: Path, releases: dict[s
         assert "system_shared_memory" not in a.call("GET", "/v2")[1]["extensions"]
     finally:
         assert a.stop() == 0
+
+
+def _as_nobody(socket_path: Path, method: str, path: str) -> tuple[int, str]:
+    """One request on the agent's Unix socket from another user (uid 65534): the child
+    opens the socket's path as root (the test's directories are root's alone), becomes
+    nobody, then connects through /proc/self/fd, so the kernel's peer credential is
+    nobody's."""
+    import subprocess
+    import sys
+
+    code = ("import os,socket,sys; fd=os.open(sys.argv[1], os.O_PATH); os.setgid(65534); "
+            "os.setuid(65534); s=socket.socket(socket.AF_UNIX); "
+            "s.connect(f'/proc/self/fd/{fd}'); "
+            "s.sendall(f'{sys.argv[2]} {sys.argv[3]} HTTP/1.1\\r\\nHost: x\\r\\n"
+            "Content-Length: 0\\r\\nConnection: close\\r\\n\\r\\n'.encode()); "
+            "b=b''\nwhile (c := s.recv(65536)): b += c\nsys.stdout.buffer.write(b)")
+    done = subprocess.run([sys.executable, "-c", code, str(socket_path), method, path],
+                          capture_output=True, timeout=30, check=True)
+    head, _, body = done.stdout.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a second user needs root to become it")
+def test_a_region_belongs_to_the_credential_that_registered_it(
+        agent: AgentProcess, client: Any, regions: dict[str, Any],
+        releases: dict[str, Path]) -> None:
+    """Regions registered with the TCP token are not seen, used, nor freed by a client on
+    the Unix socket (root) or by another user there (nobody): unregister-all frees only
+    one's own, a name the owner uses names another object for another owner, and the
+    owner's inference still reads its own object. Before, any client could unregister
+    every region and register its own object under a freed name."""
+    import tritonclient.http as triton
+
+    tag, x = regions["tag"], regions["x"]
+    client.register_system_shared_memory(f"{tag}_in", f"/{tag}_in", x.nbytes, headers=AUTH)
+    agent.socket.chmod(0o666)  # let the second user reach the socket at all
+    for method, path, status, text in (
+            ("GET", "/v2/systemsharedmemory/status", 200, "[]"),
+            ("POST", f"/v2/systemsharedmemory/region/{tag}_in/unregister", 400, "no region"),
+            ("POST", "/v2/systemsharedmemory/unregister", 200, "{}")):
+        got = _as_nobody(agent.socket, method, path)
+        assert got[0] == status and text in got[1], (path, got)
+    assert agent.call("GET", "/v2/systemsharedmemory/status") == (200, [])
+    assert agent.call("POST", "/v2/systemsharedmemory/unregister")[0] == 200
+    # root on the Unix socket takes the same name for another object (zeros)
+    assert _register(agent, f"{tag}_in", {"key": f"/{tag}_out", "byte_size": 64})[0] \
+        == 200
+    assert [r["name"] for r in client.get_system_shared_memory_status(headers=AUTH)] == [
+        f"{tag}_in"]
+    out_name = client.get_model_metadata("digits", headers=AUTH)["outputs"][0]["name"]
+    inp = triton.InferInput(IN, list(x.shape), "FP32")
+    inp.set_shared_memory(f"{tag}_in", x.nbytes)
+    got = client.infer("digits", [inp], headers=dict(AUTH)).as_numpy(out_name)
+    bundle_model = open_model(_model_file(agent), "tflite")
+    np.testing.assert_allclose(got, bundle_model.run(x), atol=1e-6)  # its own frame

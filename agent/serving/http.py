@@ -30,6 +30,8 @@ import contextlib
 import json
 import logging
 import re
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,9 @@ class Request:
     unix: bool  # arrived on a Unix socket (not TCP)
     params: dict[str, str] = field(default_factory=dict)
     admin: bool = False  # arrived on the admin socket
+    # The connection's credential: "uid N" (a Unix socket's peer user, SO_PEERCRED) or
+    # "token" (TCP, where the bearer token is the only credential).
+    peer: str = "token"
     # A streamed route's body, not read yet (`body` is then empty); None elsewhere.
     stream: BodyStream | None = None
     keep_alive: bool = True  # the client lets the connection serve another request
@@ -235,6 +240,7 @@ class HttpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      unix: bool, admin: bool = False) -> None:
         conn = h1.parser(MAX_HEADER_BYTES, prefer_c=self.prefer_c)
+        peer = _peer(writer) if unix else "token"
         while True:
             try:
                 request = await self._read_request(conn, reader, writer, unix)
@@ -244,7 +250,7 @@ class HttpServer:
                 return
             if request is None:
                 return
-            request.admin = admin
+            request.admin, request.peer = admin, peer
             response = await self._dispatch(request)
             if self.on_response is not None:
                 self.on_response(request.method, request.path, response.status, response.body)
@@ -412,3 +418,14 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             if not chunk:
                 return
             left -= len(chunk)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    """The user on the other end of a Unix socket ("uid N"), from the kernel."""
+    sock = writer.get_extra_info("socket")
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return "uid ?"  # no credential to be had: its own owner, apart from all others
+    return f"uid {uid}"

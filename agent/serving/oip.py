@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ApiError
-from agent.serving.shm import SharedMemory, ShmRef, shm_ref
+from agent.serving.shm import Regions, ShmRef, shm_ref
 from agent.trust.manifest import Manifest, TensorSpec
 
 F32 = npt.NDArray[np.float32]
@@ -90,7 +90,7 @@ def _tensor_from_json(spec: TensorSpec, shape: list[int], datatype: str, data: A
 
 def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
                 reserve: Callable[[list[int]], None] | None = None,
-                shm: SharedMemory | None = None) -> InferRequest:
+                shm: Regions | None = None) -> InferRequest:
     """Parse a v2 infer request (JSON, or JSON + binary tensors after `header_length`, or
     tensors in shared-memory regions of `shm`). `reserve` sees the declared shape before
     any tensor is decoded and may refuse it.
@@ -156,7 +156,7 @@ def _tensor_from_shm(spec: TensorSpec, shape: list[int], datatype: str, ref: Shm
 
 
 def _output_shm(req: dict[str, Any], manifest: Manifest,
-                shm: SharedMemory | None) -> ShmRef | None:
+                shm: Regions | None) -> ShmRef | None:
     """The region the requested output goes to, if its parameters name one."""
     outs = req.get("outputs") or []
     if not isinstance(outs, list):

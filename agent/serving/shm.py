@@ -13,7 +13,12 @@ The client is not trusted with the agent's memory, so nothing is mapped:
   afterwards gets a 400, where a mapping would have killed the daemon with SIGBUS;
 - at most `max_regions` regions of at most `max_region_bytes` each; names and keys are
   bounded and checked before any file is touched;
-- an object the agent can only read serves inputs; writing an output to it is refused.
+- an object the agent can only read serves inputs; writing an output to it is refused;
+- a region belongs to the credential of the connection that registered it (a Unix
+  socket's peer user, or the TCP bearer token): each owner sees, uses and unregisters
+  only its own regions, under names of its own (two owners may both call theirs "cam"),
+  so one client can neither free another's regions nor slip its own object in under a
+  name the other uses.
 
 On a device the camera process and the agent share the object through file permissions:
 create it with the agent's group and mode 0660 (the agent runs as `edge-agent`).
@@ -98,16 +103,21 @@ class Region:
 
 
 class SharedMemory:
-    """The registered regions of one agent."""
+    """The registered regions of one agent, each under its owner (a connection's
+    credential: `agent.serving.http.Request.peer`)."""
 
     def __init__(self, *, max_regions: int, max_region_bytes: int,
                  root: Path = SHM_ROOT) -> None:
         self.max_regions, self.max_region_bytes, self.root = (max_regions, max_region_bytes,
                                                               root)
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[tuple[str, str], Region] = {}
         self._lock = threading.Lock()
 
-    def register(self, name: str, body: Any) -> None:
+    def of(self, owner: str) -> Regions:
+        """The regions `owner` registered, as inference sees them."""
+        return Regions(self, owner)
+
+    def register(self, owner: str, name: str, body: Any) -> None:
         """Register `name` for {"key", "offset", "byte_size"} (Triton's request body).
 
         Raises:
@@ -131,13 +141,13 @@ class SharedMemory:
         if not 0 < size <= self.max_region_bytes:
             raise ApiError(400, f"byte_size must be 1..{self.max_region_bytes}")
         with self._lock:
-            if name in self._regions:
+            if (owner, name) in self._regions:
                 raise ApiError(400, f"region {name!r} is already registered; unregister it "
                                "first")
             if len(self._regions) >= self.max_regions:
                 raise ApiError(400, f"{self.max_regions} regions are registered already")
             region = self._open(name, key, offset, size)
-            self._regions[name] = region
+            self._regions[(owner, name)] = region
 
     def _open(self, name: str, key: str, offset: int, size: int) -> Region:
         path = self.root / key.lstrip("/")
@@ -167,37 +177,50 @@ class SharedMemory:
             raise
         return Region(name, key, offset, size, fd, writable)
 
-    def unregister(self, name: str | None) -> None:
-        """Unregister one region (400 if unknown) or, with None, all of them."""
+    def unregister(self, owner: str | None, name: str | None) -> None:
+        """Unregister `owner`'s region `name` (400 if it has none of that name) or, with
+        name None, all of `owner`'s regions (owner None: every region, at shutdown)."""
         with self._lock:
             if name is None:
-                regions, self._regions = list(self._regions.values()), {}
+                keys = [k for k in self._regions if owner is None or k[0] == owner]
+                regions = [self._regions.pop(k) for k in keys]
             else:
-                region = self._regions.pop(name, None)
+                region = self._regions.pop((owner or "", name), None)
                 if region is None:
                     raise ApiError(400, f"no region {name!r} is registered")
                 regions = [region]
         for r in regions:
             r.close()
 
-    def status(self, name: str | None) -> list[dict[str, Any]]:
+    def status(self, owner: str, name: str | None) -> list[dict[str, Any]]:
         with self._lock:
             if name is None:
-                return [r.status() for r in self._regions.values()]
-            region = self._regions.get(name)
+                return [r.status() for (o, _), r in self._regions.items() if o == owner]
+            region = self._regions.get((owner, name))
         if region is None:
             raise ApiError(400, f"no region {name!r} is registered")
         return [region.status()]
 
-    def get(self, name: Any, what: str) -> Region:
+    def get(self, owner: str, name: Any, what: str) -> Region:
         with self._lock:
-            region = self._regions.get(name) if isinstance(name, str) else None
+            region = self._regions.get((owner, name)) if isinstance(name, str) else None
         if region is None:
             raise ApiError(400, f"{what}: shared_memory_region {name!r} is not registered")
         return region
 
     def close(self) -> None:
-        self.unregister(None)
+        self.unregister(None, None)
+
+
+@dataclass(frozen=True)
+class Regions:
+    """One owner's regions (what an inference request may name)."""
+
+    shm: SharedMemory
+    owner: str
+
+    def get(self, name: Any, what: str) -> Region:
+        return self.shm.get(self.owner, name, what)
 
 
 @dataclass(frozen=True)
@@ -209,7 +232,7 @@ class ShmRef:
     byte_size: int
 
 
-def shm_ref(params: dict[str, Any], shm: SharedMemory | None, what: str) -> ShmRef | None:
+def shm_ref(params: dict[str, Any], shm: Regions | None, what: str) -> ShmRef | None:
     """The shared-memory reference in a tensor's parameters, or None when it has none.
 
     Raises:
