@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -145,6 +145,11 @@ class MqttSection(_Section):
     download_min_rate_bytes_per_s: float = Field(default=16 * 1024, ge=0)
     # A `trust.root_expiring` event (daily) once the trusted root expires within this.
     root_expiry_warning_s: float = Field(default=30 * 86_400.0, ge=0)
+    # Where missing roots are fetched from (`{url}{N}.root.json`). Empty: the URLs the
+    # announcement names (unsigned; each root is verified, and a fetch has a deadline).
+    # Set: only these, whatever an announcement says.
+    root_urls: list[Annotated[str, Field(pattern=r"^https?://\S+/$", max_length=1024)]] = \
+        Field(default_factory=list, max_length=8)
 
 
 class Thresholds(_Section):

@@ -716,7 +716,7 @@ def _auth(ns: argparse.Namespace) -> Any:
                                    username=ns.username)
 
 
-def cmd_root(ns: argparse.Namespace) -> None:
+def cmd_root(ns: argparse.Namespace) -> int:
     from fleet.publish import copy_roots, publish_root  # noqa: PLC0415  # paho only here
 
     kd = KeyDir(ns.dir)
@@ -726,6 +726,31 @@ def cmd_root(ns: argparse.Namespace) -> None:
     version = publish_root(_auth(ns), kd, ns.url_base)
     print(f"root v{version} announced on edge/v1/{kd.root().fleet}/root (retained); devices "
           f"fetch missing versions from {', '.join(ns.url_base) or 'nowhere (no --url-base)'}")
+    if ns.wait <= 0:
+        return 0
+    return _wait_for_root(argparse.Namespace(**{**vars(ns), "fleet": kd.root().fleet}),
+                          version)
+
+
+def _wait_for_root(ns: argparse.Namespace, version: int) -> int:
+    """Watch the devices' signed states until every online device runs root `version`
+    (or `ns.wait` seconds pass); print where each device is. 0 when every online device
+    runs it, 1 otherwise."""
+    from fleet.publish import root_reach  # noqa: PLC0415  # paho only here
+
+    db, watcher = _watcher(ns)
+    t0 = time.monotonic()
+    try:
+        watcher.synced(max_s=min(5.0, ns.wait))  # the retained states first
+        while not (reach := root_reach(db, version)).done and time.monotonic() - t0 < ns.wait:
+            time.sleep(0.2)
+    finally:
+        watcher.stop()
+    print("\n".join(reach.lines()))
+    print(f"after {time.monotonic() - t0:.1f} s" + ("" if reach.done else
+          f"; {len(reach.behind)} online device(s) still on an older root: a root they "
+          f"refused is a trust.root_refused event on edge/v1/{ns.fleet}/DEVICE/event"))
+    return 0 if reach.done else 1
 
 
 def cmd_heartbeat(ns: argparse.Namespace) -> None:
@@ -805,6 +830,12 @@ def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]
                      help="an artifact server that serves roots/N.root.json (repeatable)")
     pub.add_argument("--artifacts", type=Path,
                      help="copy roots/ into this directory served by serve-artifacts")
+    pub.add_argument("--wait", type=float, default=0.0,
+                     help="then watch up to this many seconds until every online device "
+                          "reports the new root, and print each device's root (exit 1 if "
+                          "some have not)")
+    pub.add_argument("--db", type=Path, default=Path("fleet.sqlite"),
+                     help="with --wait: the fleet database (registered devices)")
     _add_broker(pub)
     hb = sub.add_parser("heartbeat", help="the fleet's signed, retained heartbeat")
     hb.set_defaults(func=cmd_heartbeat)

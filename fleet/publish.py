@@ -11,16 +11,23 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
 
 from agent.link.trustfeed import announcement
 from agent.link.wire import fleet_topic
 from agent.trust.heartbeat import Heartbeat
 from fleet._mqtt import BrokerAuth, connect
+from fleet.errors import FleetError
 from fleet.keys import KeyDir, SigningKey, sign_envelope
+from fleet.state import FleetDB
 
 #: How long a heartbeat stays valid, and how often the controller sends one.
 HEARTBEAT_TTL = timedelta(minutes=10)
@@ -48,16 +55,39 @@ def heartbeat(fleet: str, keys: Iterable[SigningKey], *, ttl: timedelta = HEARTB
     return sign_envelope(hb.model_dump(mode="json", by_alias=True), keys)
 
 
-def publish_retained(broker: BrokerAuth | str, topic: str, payload: bytes) -> None:
-    """Publish one retained QoS 1 message and wait for the broker's acknowledgement.
+def publish_retained(broker: BrokerAuth | str, topic: str, payload: bytes, *,
+                     timeout_s: float = 10.0) -> None:
+    """Publish one retained QoS 1 message and wait for the broker's acknowledgement, which
+    must say it was taken: an MQTT 5 broker acknowledges a publish its ACL refuses too,
+    with a reason code ("Not authorized"), and the message goes nowhere.
 
     Raises:
-        FleetError: cannot connect (see `fleet._mqtt.connect`).
+        FleetError: cannot connect (see `fleet._mqtt.connect`), no acknowledgement within
+            `timeout_s`, or the broker refused the message (naming its reason).
     """
+    acks: dict[int, Any] = {}
+    acked = threading.Condition()
+
+    def on_publish(c: Any, u: Any, mid: int, reason: Any, p: Any) -> None:
+        with acked:
+            acks[mid] = reason
+            acked.notify_all()
+
     client, _ = connect(broker, f"edge-fleet-publish-{time.time_ns()}", topics=[],
                         on_message=lambda *a: None)
+    client.on_publish = on_publish
     try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+        info = client.publish(topic, payload, qos=1, retain=True)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise FleetError(f"{topic}: not sent ({paho.error_string(info.rc)})")
+        with acked:
+            if not acked.wait_for(lambda: info.mid in acks, timeout_s):
+                raise FleetError(f"{topic}: the broker did not acknowledge it within "
+                                 f"{timeout_s:g} s; it may not have been published")
+        reason = acks[info.mid]
+        if getattr(reason, "is_failure", False):
+            raise FleetError(f"{topic}: the broker refused it ({reason}); the fleet-controller "
+                             "certificate may publish here, fleet-monitor may not")
     finally:
         client.loop_stop()
         client.disconnect()
@@ -70,3 +100,51 @@ def publish_root(broker: BrokerAuth | str, kd: KeyDir, chain_urls: list[str]) ->
     publish_retained(broker, fleet_topic(root.fleet, "root"),
                      announcement(kd.root_file.read_bytes(), urls))
     return root.version
+
+
+@dataclass(frozen=True)
+class RootReach:
+    """Where a root version has got to in the fleet, from each device's signed state."""
+
+    version: int
+    adopted: list[str]  # reports this version (or a later one)
+    behind: dict[str, int | None]  # online, on an older root (None: reports none)
+    offline: dict[str, int | None]  # away: adopts the retained announcement on return
+    silent: list[str]  # registered, never reported a state
+
+    @property
+    def done(self) -> bool:
+        """Every device that is online runs the version (the offline ones cannot yet)."""
+        return not self.behind
+
+    def lines(self) -> list[str]:
+        def shown(v: int | None) -> str:
+            return "-" if v is None else f"v{v}"
+
+        out = [f"{'device':24} {'online':7} root"]
+        out += [f"{d:24} {'yes':7} v{self.version}+" for d in self.adopted]
+        out += [f"{d:24} {'yes':7} {shown(v)}  not yet" for d, v in self.behind.items()]
+        out += [f"{d:24} {'no':7} {shown(v)}  offline: adopts the retained announcement "
+                "when it reconnects" for d, v in self.offline.items()]
+        out += [f"{d:24} {'?':7} -   registered, never reported" for d in self.silent]
+        out.append(f"root v{self.version}: {len(self.adopted)} device(s) run it, "
+                   f"{len(self.behind)} online not yet, {len(self.offline)} offline, "
+                   f"{len(self.silent)} never reported")
+        return out
+
+
+def root_reach(db: FleetDB, version: int) -> RootReach:
+    """How far `version` has reached, from the fleet database a `FleetWatcher` fills."""
+    adopted, behind, offline = [], {}, {}
+    rows = {r.device: r for r in db.devices()}
+    for dev, row in rows.items():
+        have = row.trust.get("root_version") if row.trust else None
+        have = have if isinstance(have, int) else None
+        if have is not None and have >= version:
+            adopted.append(dev)
+        elif row.online:
+            behind[dev] = have
+        else:
+            offline[dev] = have
+    silent = [d for d in db.registered() if d not in rows]
+    return RootReach(version, adopted, behind, offline, silent)

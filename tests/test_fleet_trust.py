@@ -498,6 +498,19 @@ def test_a_device_certificate_retains_nothing_but_its_own_state(secure: Any) -> 
         reader.close()
 
 
+def test_a_publish_the_broker_refuses_is_an_error_not_a_success(secure: Any) -> None:
+    """`root publish` or `heartbeat` with a certificate the ACL does not let publish there
+    (the monitor's): mosquitto acknowledges the publish with "Not authorized" and drops
+    it; the tool now says so and fails, where it used to exit 0 with nothing retained. The
+    controller's certificate publishes."""
+    from fleet.errors import FleetError
+    from fleet.publish import publish_retained
+
+    with pytest.raises(FleetError, match=r"refused it .*Not authorized"):
+        publish_retained(secure.auth("fleet-monitor"), "edge/v1/acme/root", b"{}")
+    publish_retained(secure.auth("fleet-controller"), "edge/v1/acme/heartbeat", b"{}")
+
+
 def foreign_pki(secure: Any) -> Path:
     """A certificate for dev-1 from a CA the broker does not know."""
     from fleet import pki

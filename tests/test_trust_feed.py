@@ -207,3 +207,189 @@ def test_simulated_devices_follow_a_renewed_root(tmp_path: Path, broker: Broker,
             return {d for d, v in latest.items() if v == 2}
         wait_until(lambda: on_v2() == set(sims.names), what="every simulated device on v2")
     sub.close()
+
+
+class SlowChain:
+    """A chain server that answers `N.root.json` one byte every 2 s, for ever (as a
+    hostile URL in the unsigned announcement would): it counts the requests it got."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/roots/"
+        self.requests = 0
+        self.done = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.requests += 1
+            threading.Thread(target=self._dribble, args=(conn,), daemon=True).start()
+
+    def _dribble(self, conn: Any) -> None:
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not self.done.wait(2.0):
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self.done.set()
+        self.sock.close()
+
+
+def test_a_slow_chain_url_holds_neither_the_heartbeat_nor_a_newer_root(
+        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
+    """An announcement whose chain server sends a byte every 2 s: heartbeats are taken
+    meanwhile (they have their own thread), the fetch gives up at its total deadline
+    (`FETCH_DEADLINE_S`, not a per-read timeout the dribble never trips) with a
+    trust.root_refused event, and a good announcement published while another slow walk is
+    under way is adopted at once (it supersedes the walk). Before, one thread did both and
+    a read timeout never fired: the device stayed on its old root for as long as the
+    server dribbled."""
+    import time
+
+    from agent.link.trustfeed import FETCH_DEADLINE_S, announcement
+
+    kd = KeyDir(Path(shutil.copytree(releases["keys"], tmp_path / "keys")))
+    pinned = Path(shutil.copyfile(kd.root_file, tmp_path / "root-v1.json"))
+    rotate_keys(kd.path, expires_days=400)
+    rotate_keys(kd.path, expires_days=400)  # v3: the device must fetch v2
+    copy_roots(kd, tmp_path / "artifacts")
+    where = tmp_path / "dev"
+    where.mkdir()
+    cfg = write_config(where, kd.path, profile=X86, mqtt={
+        "brokers": [broker.url], "telemetry_interval_s": 0.2})
+    cfg.write_text(cfg.read_text().replace(str(kd.root_file), str(pinned)))
+    agent = AgentProcess(cfg).start()
+    sub = Subscriber(broker, [f"{BASE}/#"])
+    slow = SlowChain()
+    server, url = serve(tmp_path / "artifacts")
+    hb_keys = kd.keys_of(kd.root(), "command", None)  # renewals keep the keys v1 trusts
+    root_topic, hb_topic = "edge/v1/acme/root", "edge/v1/acme/heartbeat"
+    try:
+        wait_until(lambda: sub.on("/state"), what="the agent online")
+        t0 = time.monotonic()
+        publish_retained(broker.url, root_topic, announcement(kd.root_file.read_bytes(),
+                                                              [slow.url]))
+        wait_until(lambda: slow.requests == 1, what="the slow fetch under way")
+        publish_retained(broker.url, hb_topic, heartbeat("acme", hb_keys))
+        wait_until(lambda: (state(sub).get("trust") or {}).get("heartbeat_counter"),
+                   what="the heartbeat taken during the slow fetch")
+        wait_until(lambda: events(sub, "trust.root_refused"), timeout_s=FETCH_DEADLINE_S + 15,
+                   what="the fetch given up at its deadline")
+        refused = events(sub, "trust.root_refused")[0]
+        assert f"not fetched within {FETCH_DEADLINE_S:g} s" in refused["message"], refused
+        assert time.monotonic() - t0 < FETCH_DEADLINE_S + 10
+        assert state(sub)["trust"]["root_version"] == 1
+        # Another slow walk, then the good announcement: it wins at once.
+        publish_retained(broker.url, root_topic, announcement(kd.root_file.read_bytes(),
+                                                              [slow.url]))
+        wait_until(lambda: slow.requests == 2, what="the second slow fetch under way")
+        publish_retained(broker.url, root_topic, announcement(kd.root_file.read_bytes(),
+                                                              [f"{url}/roots/"]))
+        wait_until(lambda: (state(sub).get("trust") or {}).get("root_version") == 3,
+                   timeout_s=FETCH_DEADLINE_S / 2, what="root v3 from the good chain")
+    finally:
+        slow.close()
+        server.shutdown()
+        sub.close()
+        agent.stop()
+
+
+def test_pinned_root_urls_are_used_whatever_the_announcement_names(
+        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
+    """With `mqtt.root_urls`, the chain comes from the device's own bases: an announcement
+    naming a slow server is fetched from the pinned one, the slow one never asked."""
+    from agent.link.trustfeed import announcement
+
+    kd = KeyDir(Path(shutil.copytree(releases["keys"], tmp_path / "keys")))
+    pinned = Path(shutil.copyfile(kd.root_file, tmp_path / "root-v1.json"))
+    rotate_keys(kd.path, expires_days=400)
+    rotate_keys(kd.path, expires_days=400)
+    copy_roots(kd, tmp_path / "artifacts")
+    server, url = serve(tmp_path / "artifacts")
+    slow = SlowChain()
+    where = tmp_path / "dev"
+    where.mkdir()
+    cfg = write_config(where, kd.path, profile=X86, mqtt={
+        "brokers": [broker.url], "telemetry_interval_s": 0.2,
+        "root_urls": [f"{url}/roots/"]})
+    cfg.write_text(cfg.read_text().replace(str(kd.root_file), str(pinned)))
+    agent = AgentProcess(cfg).start()
+    sub = Subscriber(broker, [f"{BASE}/#"])
+    try:
+        publish_retained(broker.url, "edge/v1/acme/root",
+                         announcement(kd.root_file.read_bytes(), [slow.url]))
+        wait_until(lambda: (state(sub).get("trust") or {}).get("root_version") == 3,
+                   what="root v3 through the pinned chain")
+        assert slow.requests == 0
+    finally:
+        slow.close()
+        server.shutdown()
+        sub.close()
+        agent.stop()
+
+
+def test_root_publish_wait_shows_each_device_on_its_root(
+        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
+    """`edge-fleet root publish --wait`: the operator sees when a rotation has reached
+    the fleet (every online device's signed state names the new root: exit 0, the table
+    says who runs what) and when it has not (a root the device cannot reach, its chain
+    unserved: exit 1, the device listed "not yet"); a registered device that never
+    reported is listed as such."""
+    import os
+    import subprocess
+    import sys
+
+    from fixture_agent import register
+
+    from fleet.state import FleetDB
+
+    kd = KeyDir(Path(shutil.copytree(releases["keys"], tmp_path / "keys")))
+    pinned = Path(shutil.copyfile(kd.root_file, tmp_path / "root-v1.json"))
+    where = tmp_path / "dev"
+    where.mkdir()
+    cfg = write_config(where, kd.path, profile=X86, mqtt={
+        "brokers": [broker.url], "telemetry_interval_s": 0.2})
+    cfg.write_text(cfg.read_text().replace(str(kd.root_file), str(pinned)))
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    register(db, where)
+    db.register("ghost", next(iter(db.registered().values())))
+    agent = AgentProcess(cfg).start()
+
+    def publish(wait: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fleet.cli", "root", "publish", "--dir", str(kd.path),
+             "--broker", broker.url, "--wait", str(wait), "--db", str(tmp_path / "fleet.sqlite")],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, "EDGE_FLEET_CERT_FILE": "", "EDGE_FLEET_KEY_FILE": ""})
+    try:
+        rotate_keys(kd.path, expires_days=400)  # v2 follows v1: no chain needed
+        done = publish(30)
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = done.stdout.splitlines()
+        assert any(line.split()[:3] == ["dev-1", "yes", "v2+"] for line in lines), lines
+        assert any(line.startswith("ghost") and "never reported" in line for line in lines)
+        assert "root v2: 1 device(s) run it, 0 online not yet, 0 offline, 1 never reported" \
+            in done.stdout
+        rotate_keys(kd.path, expires_days=400)
+        rotate_keys(kd.path, expires_days=400)  # v4: v3 must come from a chain nobody serves
+        late = publish(3)
+        assert late.returncode == 1, late.stdout + late.stderr
+        assert any(line.split()[:4] == ["dev-1", "yes", "v2", "not"]
+                   for line in late.stdout.splitlines()), late.stdout
+        assert "1 online device(s) still on an older root" in late.stdout
+    finally:
+        agent.stop()

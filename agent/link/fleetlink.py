@@ -43,7 +43,7 @@ from agent.link.remote import RemoteInference
 from agent.link.reporting import Reporter, wire_order
 from agent.link.settings import LinkSettings, SettingsStore, initial_settings
 from agent.link.telemetry import TelemetryLoop
-from agent.link.trustfeed import TrustFeed
+from agent.link.trustfeed import KINDS, TrustFeed
 from agent.link.wire import (
     ModelState,
     StatePayload,
@@ -131,7 +131,8 @@ class FleetLink:
         self.trust = TrustFeed(agent, self.report,
                                heartbeat_file=None if in_memory else state / "heartbeat.json",
                                expiry_warning=timedelta(seconds=cfg.root_expiry_warning_s),
-                               changed=lambda: self.publish_state())  # noqa: PLW0108  # later
+                               changed=lambda: self.publish_state(),  # noqa: PLW0108  # later
+                               root_urls=cfg.root_urls)
         password = cfg.password_file.read_text().strip() if cfg.password_file else None
         topic = self.report.topic
         self.link = MqttLink(
@@ -159,7 +160,8 @@ class FleetLink:
         self.link.start()
         threads = [(self._commands, "commands"), (lambda: self.telemetry.run(self._stop),
                                                   "telemetry"),
-                   (lambda: self.trust.run(self._stop), "trust")]
+                   *((lambda k=k: self.trust.run(self._stop, k), f"trust-{k}")
+                     for k in KINDS)]
         if (remote := self.remote) is not None:
             threads.append((lambda: remote.run(self._stop), "infer"))
         for target, name in threads:

@@ -17,20 +17,28 @@
 * every telemetry interval, `tick`: a `trust.root_expiring` event when the root expires
   within `root_expiry_warning_s` (once a day), and the heartbeat's expiry.
 
-Messages are handled on a thread of their own (a fetch must not hold the MQTT thread); only
-the newest message per topic waits, so a flood cannot queue up.
+Roots and heartbeats are handled on a thread each (a fetch must not hold the MQTT thread,
+and a slow chain server must not hold the heartbeat); only the newest message per topic
+waits, so a flood cannot queue up. Each root fetch has a total deadline
+(`FETCH_DEADLINE_S`), not only a per-read timeout (a server sending a byte every few
+seconds never trips one), and a newer announcement abandons a walk in progress. Chain URLs
+come from the announcement, which is not signed (each root is), unless the device pins its
+own (`mqtt.root_urls`).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import ssl
 import threading
-import urllib.request
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -45,16 +53,26 @@ from agent.trust.signatures import canonical, strict_json
 
 log = logging.getLogger("edge_agent.trust")
 MAX_ANNOUNCEMENT_BYTES = MAX_ROOT_BYTES + 16 * 1024
-FETCH_TIMEOUT_S = 10.0
+#: A root server silent this long is given up (a newer announcement waits at most this).
+FETCH_TIMEOUT_S = 5.0
+#: The most one root's fetch may take in all, however slowly its server sends.
+FETCH_DEADLINE_S = 15.0
+KINDS = ("root", "heartbeat")
+
+
+class _Superseded(Exception):
+    """A newer root announcement arrived while a walk was fetching."""
 #: At most this many roots are fetched to catch up in one go.
 MAX_CHAIN = 64
 
 
 class TrustFeed:
     def __init__(self, agent: AgentPort, report: Reporter, *, heartbeat_file: Path | None,
-                 expiry_warning: timedelta, changed: Callable[[], None]) -> None:
+                 expiry_warning: timedelta, changed: Callable[[], None],
+                 root_urls: list[str] | None = None) -> None:
         self.agent, self.report, self.changed = agent, report, changed
         self.heartbeat_file, self.expiry_warning = heartbeat_file, expiry_warning
+        self.root_urls = list(root_urls or [])
         self._latest: dict[str, bytes] = {}
         self._cv = threading.Condition()
         self._hb_counter, self._hb_expires = self._load_heartbeat()
@@ -87,13 +105,18 @@ class TrustFeed:
             self._latest[kind] = payload
             self._cv.notify()
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, kind: str) -> None:
+        """The worker of one kind ("root" or "heartbeat"), until `stop`."""
         while not stop.is_set():
             with self._cv:
-                self._cv.wait_for(lambda: bool(self._latest) or stop.is_set(), timeout=0.5)
-                work, self._latest = self._latest, {}
-            for kind, payload in work.items():
+                self._cv.wait_for(lambda: kind in self._latest or stop.is_set(), timeout=0.5)
+                payload = self._latest.pop(kind, None)
+            if payload is not None:
                 self.handle(kind, payload)
+
+    def _newer_root_waits(self) -> bool:
+        with self._cv:
+            return "root" in self._latest
 
     def handle(self, kind: str, payload: bytes) -> None:
         """One message ("root" or "heartbeat"); never raises."""
@@ -131,9 +154,12 @@ class TrustFeed:
             if announced.version != ann.version:
                 raise RejectedError(f"the announcement says v{ann.version} but holds "
                                     f"v{announced.version}", check="version")
-            chain = [self._fetch(ann.chain, v) for v in range(trusted.version + 1,
-                                                               ann.version)]
+            bases = self.root_urls or ann.chain
+            chain = [self._fetch(bases, v) for v in range(trusted.version + 1, ann.version)]
             new = update_root_chain(trusted, [*chain, final], datetime.now(UTC))
+        except _Superseded:
+            log.info("trust.root_superseded v%d: a newer announcement arrived", ann.version)
+            return None
         except (RejectedError, OSError, ValueError) as exc:
             check = getattr(exc, "check", "fetch")
             self._refused(f"root v{ann.version} not accepted (trusted v{trusted.version}): "
@@ -151,21 +177,62 @@ class TrustFeed:
         return new
 
     def _fetch(self, bases: list[str], version: int) -> bytes:
-        """`roots/{version}.root.json` from the first base URL that has it."""
+        """`{base}{version}.root.json` from the first base URL that has it, all of them
+        within `FETCH_DEADLINE_S`.
+
+        Raises:
+            RejectedError: check "fetch", no base served it in time.
+            _Superseded: a newer announcement arrived meanwhile.
+        """
         errors = []
+        deadline = time.monotonic() + FETCH_DEADLINE_S
         for base in bases:
             url = f"{base}{version}.root.json"  # http(s) only: RootAnnouncement's pattern
             try:
-                with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT_S) as resp:
-                    raw = bytes(resp.read(MAX_ROOT_BYTES + 1))
-                if len(raw) > MAX_ROOT_BYTES:
-                    raise ValueError(f"{url} is larger than {MAX_ROOT_BYTES} bytes")
-                return raw
+                return self._get(url, deadline)
+            except TimeoutError as exc:
+                late = time.monotonic() >= deadline
+                errors.append(f"{url}: " + (f"not fetched within {FETCH_DEADLINE_S:g} s"
+                                            if late else str(exc)))
             except (OSError, ValueError) as exc:
                 errors.append(f"{url}: {exc}")
         raise RejectedError(f"root v{version} could not be fetched: "
                             + ("; ".join(errors)[:400] or "no chain URL announced"),
                             check="fetch", version=version)
+
+    def _get(self, url: str, deadline: float) -> bytes:
+        """The body at `url`, read in pieces, each read's timeout what is left before
+        `deadline`; at most `MAX_ROOT_BYTES`."""
+        def left() -> float:
+            if self._newer_root_waits():
+                raise _Superseded
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"not fetched within {FETCH_DEADLINE_S:g} s")
+            return min(remaining, FETCH_TIMEOUT_S)
+
+        u = urlsplit(url)
+        conn = (http.client.HTTPSConnection(u.netloc, timeout=left(),
+                                            context=ssl.create_default_context())
+                if u.scheme == "https" else http.client.HTTPConnection(u.netloc, timeout=left()))
+        try:
+            conn.request("GET", u.path or "/")
+            sock = conn.sock  # the response reads from it (the connection may let go)
+            assert sock is not None  # request() connected
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise ValueError(f"HTTP {resp.status} {resp.reason}")
+            body = bytearray()
+            while True:
+                sock.settimeout(left())
+                chunk = resp.read1(16 * 1024)
+                if not chunk:
+                    return bytes(body)
+                body += chunk
+                if len(body) > MAX_ROOT_BYTES:
+                    raise ValueError(f"{url} is larger than {MAX_ROOT_BYTES} bytes")
+        finally:
+            conn.close()
 
     def _refused(self, message: str, check: str) -> None:
         log.warning("trust.root_refused %s", message)
