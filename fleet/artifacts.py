@@ -2,7 +2,9 @@
 and tests. It answers GET and HEAD with single byte ranges (`Range: bytes=N-` and
 `bytes=N-M`), so devices resume interrupted downloads, and it serves only regular files
 directly inside DIR, and the root chain `roots/N.root.json` (`edge-fleet root publish
---artifacts DIR`); no directory listing, no path outside it.
+--artifacts DIR`); no directory listing, no path outside it, no symlink. A connection
+that sends or reads nothing for `timeout_s` is closed, and at most `max_connections` are
+served at once (one more gets 503), so slow clients cannot hold every thread.
 
 Large fleets put the archives on any static host or object store instead (nginx, S3,
 GCS...): the agent needs nothing but HTTP(S) GET with Range, and every byte is verified
@@ -11,6 +13,7 @@ on the device, so the host needs no trust.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import re
 import subprocess
@@ -37,7 +40,10 @@ class ArtifactHandler(http.server.BaseHTTPRequestHandler):
                 name and "/" not in name and not name.startswith("."))):
             return None
         path = self.root / name
-        return path if path.is_file() and not path.is_symlink() else None
+        if not path.is_file() or path.is_symlink():
+            return None
+        real = path.resolve()  # roots/ itself may be a link out of the directory
+        return path if real.parent in (self.root, self.root / "roots") else None
 
     def do_HEAD(self) -> None:
         self._serve(body=False)
@@ -84,12 +90,54 @@ class ArtifactHandler(http.server.BaseHTTPRequestHandler):
                 length -= len(chunk)
 
 
-def make_server(root: Path, host: str = "127.0.0.1", port: int = 0
+class _BoundedServer(http.server.ThreadingHTTPServer):
+    """A thread per connection, at most `limit` of them; one more gets 503 and is closed."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, limit: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.refused = 0
+        self.connections = 0  # being served now
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        self._count(+1)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done()
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.connections += n
+
+    def _done(self) -> None:
+        self._count(-1)
+        self._slots.release()
+
+
+def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *,
+                timeout_s: float = 30.0, max_connections: int = 256
                 ) -> http.server.ThreadingHTTPServer:
-    handler = type("Handler", (ArtifactHandler,), {"root": root.resolve()})
-    server = http.server.ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    handler = type("Handler", (ArtifactHandler,), {"root": root.resolve(),
+                                                  "timeout": timeout_s})
+    return _BoundedServer((host, port), handler, max_connections)
 
 
 def serve_in_thread(root: Path, host: str = "127.0.0.1", port: int = 0

@@ -55,6 +55,7 @@ from agent.trust.bundle import check_files, read_manifest
 from agent.trust.manifest import SIGNATURES_FILE, parse_manifest
 from agent.trust.root import ROLES, RoleName, load_pinned_root
 from agent.trust.verify import Device
+from fleet._terminal import Printable
 from fleet.commands import build_command, deploy_fields, parse_settings, sign_command
 from fleet.errors import FleetError
 from fleet.keys import KeyDir, init_keys, load_key, rotate_keys
@@ -279,8 +280,9 @@ def cmd_watch(ns: argparse.Namespace) -> None:
             time.sleep(ns.interval)
             table = "\n".join(status_lines(db.devices(group=ns.group), unknown=db.unknown(),
                                             ignored=db.ignored()))
-            print(f"\x1b[2J\x1b[H{datetime.now(UTC):%H:%M:%S} fleet {ns.fleet}\n{table}",
-                  flush=True)
+            screen = sys.stdout.raw if isinstance(sys.stdout, Printable) else sys.stdout
+            screen.write("\x1b[2J\x1b[H")  # ours: the one control that reaches the terminal
+            print(f"{datetime.now(UTC):%H:%M:%S} fleet {ns.fleet}\n{table}", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -938,6 +940,9 @@ def _add_command(sub: Subparsers) -> None:  # type: ignore[type-arg]
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    out, err = sys.stdout, sys.stderr
+    # Device-provided text is printed in tables and errors: never as terminal controls.
+    sys.stdout, sys.stderr = Printable(out), Printable(err)
     try:
         rc = ns.func(ns)
     except RejectedError as exc:
@@ -948,6 +953,8 @@ def main(argv: list[str] | None = None) -> int:
     except (AgentError, FleetError, OSError) as exc:
         print(f"edge-fleet: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        sys.stdout, sys.stderr = out, err
     return rc if isinstance(rc, int) else 0
 
 

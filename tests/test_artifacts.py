@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from agent.trust.command import ArchiveRef
 from agent.updates.fetch import fetch
@@ -29,6 +30,9 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (root / "sub" / "a").write_text("below the directory: not served")
     (tmp_path / "secret").write_text("not for devices")
     (root / "link").symlink_to(tmp_path / "secret")
+    (tmp_path / "elsewhere").mkdir()  # roots/ as a link out of the directory
+    (tmp_path / "elsewhere" / "1.root.json").write_text("not for devices")
+    (root / "roots").symlink_to(tmp_path / "elsewhere")
     server, url = serve_in_thread(root)
     yield url, root
     server.shutdown()
@@ -55,7 +59,9 @@ def test_ranges(served: tuple[str, Path]) -> None:
     assert get(url, "/a.tar.zst", {"Range": f"bytes={len(DATA)}-"})[0] == 416
 
 
-@pytest.mark.parametrize("path", ["/../secret", "/link", "/", "/.hidden", "/sub/a", "/sub"])
+@pytest.mark.parametrize("path", ["/../secret", "/link", "/", "/.hidden", "/sub/a", "/sub",
+                                  "/%2e%2e/secret", "/%2e%2e%2fsecret", "/roots/../../secret",
+                                  "//etc/passwd", "/roots/1.root.json", "/a.tar.zst%00.txt"])
 def test_nothing_outside_the_directory(served: tuple[str, Path], path: str) -> None:
     url, root = served
     assert (root / "a.tar.zst").is_file() and get(url, "/a.tar.zst")[0] == 200
@@ -84,3 +90,38 @@ def test_the_agent_resumes_a_partial_download(served: tuple[str, Path],
     finally:
         server.shutdown()
     assert asked == ["bytes=123456-"]  # only the missing bytes: the partial file was kept
+
+
+def test_slow_clients_are_cut_off_and_bounded(tmp_path: Path) -> None:
+    """Connections that send half a request line hold a thread each: they are closed after
+    the server's timeout, at most `max_connections` are served at once (one more: 503),
+    and a device's download is served once they are gone."""
+    import socket
+    import threading
+    import time
+
+    from fleet.artifacts import make_server
+
+    (tmp_path / "a.tar.zst").write_bytes(DATA)
+    server = make_server(tmp_path, timeout_s=1.0, max_connections=4)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        slow = []
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /a.tar")  # and nothing more
+            slow.append(s)
+        wait_until(lambda: server.connections == 4,  # type: ignore[attr-defined]
+                   what="four slow connections held")
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert extra.recv(64).startswith(b"HTTP/1.1 503")
+        extra.close()
+        t0 = time.monotonic()
+        for s in slow:
+            assert s.recv(64) == b""  # closed by the server, no answer
+            s.close()
+        assert time.monotonic() - t0 < 5  # at the 1-s timeout, not held for ever
+        assert get(f"http://127.0.0.1:{port}", "/a.tar.zst")[2] == DATA
+    finally:
+        server.shutdown()

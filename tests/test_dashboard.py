@@ -166,3 +166,30 @@ def test_the_dashboard_of_a_thousand_devices_pages_sorts_filters_and_shows_a_hal
               f"process included) {load_s:.2f} s, first render {render_ms:.0f} ms")
     finally:
         server.shutdown()
+
+
+def test_device_text_cannot_script_the_dashboard(tmp_path: Path) -> None:
+    """A device's own strings (its profile, a model name, an anomaly's message) holding
+    markup and a `</script>` meant to end the page's initial data: Chromium renders them
+    as text, no element they name exists, and the page's title is its own."""
+    db = FleetDB(tmp_path / "fleet.sqlite")
+    now = datetime.now(UTC)
+    attack = '<img src=x onerror="document.title=\'pwned\'">'
+    db.put_state(StatePayload(device="dev-1", fleet="acme", online=True,
+                              agent_version="0.1.0", profile=attack, groups=["lab"], at=now,
+                              models={"digits": ModelState(version=1, runtime="onnx",
+                                                           committed=1)}))
+    db.put_event(Event(seq=1, device="dev-1", at=now, kind="anomaly", severity="warning",
+                       message="</script><script>document.title='pwned'</script>" + attack,
+                       evidence={}), time.time())
+    server = make_server(Dashboard(db, "acme"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = browse(f"http://127.0.0.1:{server.server_address[1]}/", "--dump-dom")
+    finally:
+        server.shutdown()
+    assert "<title>edge-fleet</title>" in page and "pwned</title>" not in page
+    markup = re.sub(r"<script>.*?</script>", "", page, flags=re.S)  # the data, as JS text
+    assert page.count("<script") == 1 and "<img" not in markup  # the page's own script
+    assert "&lt;img src=x onerror=" in markup  # shown, as text
+    assert table_rows(page) == ["dev-1"]

@@ -77,3 +77,26 @@ def test_status_and_recover_a_group(fleet: Any, tmp_path: Path,
                       "rollback", "--model", "digits", "--key", command_key, "--root",
                       keys / "root.json", "--timeout", "10", "--db", tmp_path / "s.sqlite")
     assert again.returncode == 2 and "no previous version" in again.stdout
+
+
+def test_status_prints_device_text_as_text_not_terminal_controls(
+        broker: Broker, tmp_path: Path) -> None:
+    """A device's own strings (its profile here) carrying a clear-screen, a title-setting
+    OSC and a bidi override reach `edge-fleet status` as visible escapes, not as controls
+    for the operator's terminal; the table around them is untouched."""
+    from datetime import UTC, datetime
+
+    from agent.link.wire import StatePayload
+
+    db = FleetDB(tmp_path / "s.sqlite")
+    hostile = "\x1b[2J\x1b]0;pwned\x07pi\u202eevil"
+    db.put_state(StatePayload(device="dev-9", fleet="acme", online=True,
+                              agent_version="0.1.0", profile=hostile, groups=["lab"],
+                              at=datetime.now(UTC)))
+    status = fleet_cli("status", "--broker", broker.url, "--fleet", "acme", "--db",
+                       tmp_path / "s.sqlite", "--wait", "0")
+    assert status.returncode == 0, status.stderr
+    assert "\x1b" not in status.stdout and "\x07" not in status.stdout
+    assert "\u202e" not in status.stdout
+    assert "\\x1b[2J\\x1b]0;pwned\\x07pi\\u202eevil" in status.stdout, status.stdout
+    assert "1 device(s), 1 online" in status.stdout
