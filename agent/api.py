@@ -64,6 +64,8 @@ MODEL_NAME = re.compile(NAME_PATTERN)
 #: Above this many bytes, parsing a request or encoding a response runs in a worker thread:
 #: decoding 16 MB of JSON on the event loop stalled every other client for seconds.
 OFF_LOOP_BYTES = 64 * 1024
+#: Connections of the metrics listener (a scraper or two, health probes).
+METRICS_MAX_CONNECTIONS = 8
 T = TypeVar("T")
 
 
@@ -198,10 +200,12 @@ class Api:
         self._http = HttpServer(self.router, max_body_bytes=api.max_body_bytes,
                                 middleware=self.guard, authorize=self.authorize,
                                 max_connections=api.max_connections,
+                                caps={"admin": api.admin_max_connections},
                                 head_timeout_s=api.head_timeout_s,
                                 body_timeout_s=api.body_timeout_s,
                                 idle_timeout_s=api.idle_timeout_s,
                                 on_response=self.answered, parser=api.http_parser)
+        self.agent.metrics.add_collector(self._http.samples)
         return self._http
 
     def metrics_server(self) -> HttpServer:
@@ -212,7 +216,8 @@ class Api:
                               ("/v2/health/ready", self.ready)):
             router.add("GET", path, handler)
         return HttpServer(router, max_body_bytes=1024, middleware=self.guard,
-                          max_connections=8, head_timeout_s=5.0, body_timeout_s=5.0,
+                          max_connections=METRICS_MAX_CONNECTIONS, head_timeout_s=5.0,
+                          body_timeout_s=5.0,
                           idle_timeout_s=60.0, on_response=self.answered)
 
     def answered(self, method: str, path: str, status: int, body: bytes) -> None:

@@ -66,9 +66,13 @@ class ApiSection(_Section):
     # A bundle archive uploaded to the admin socket (`edge-agent install`), streamed to
     # staging as it arrives, never held in memory.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
-    # Connections open at once (Unix socket and TCP together); one more gets 503. Kept
+    # Connections open at once on each listener: the inference socket, and TCP (each its
+    # own cap, so neither starves the other); the admin socket has its own few, and the
+    # metrics listener 8. At a cap a newcomer takes the place of the longest-idle
+    # keep-alive connection, or gets 503 when none is idle. All of them together are kept
     # under the process's descriptor limit, which the agent raises to the unit's at start.
     max_connections: int = Field(default=64, ge=1, le=10_000)
+    admin_max_connections: int = Field(default=8, ge=1, le=1_000)
     head_timeout_s: float = Field(default=10.0, gt=0)  # from the head's first byte
     body_timeout_s: float = Field(default=30.0, gt=0)  # from the end of the head
     idle_timeout_s: float = Field(default=60.0, gt=0)  # a keep-alive connection, waiting

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from agent import logs
-from agent.api import Api
+from agent.api import METRICS_MAX_CONNECTIONS, Api
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.errors import StateLocked
@@ -121,8 +121,9 @@ def raise_fd_limit(max_connections: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
     if max_connections + FD_RESERVE > soft:
-        log.warning("api.max_connections=%d leaves less than %d of %d descriptors for the "
-                    "rest; lower it or raise LimitNOFILE", max_connections, FD_RESERVE, soft)
+        log.warning("%d connections on all listeners leave less than %d of %d descriptors "
+                    "for the rest; lower api.max_connections or raise LimitNOFILE",
+                    max_connections, FD_RESERVE, soft)
 
 
 def run(config: AgentConfig, config_path: Path | None = None, *,
@@ -130,7 +131,8 @@ def run(config: AgentConfig, config_path: Path | None = None, *,
     logs.configure(log_format, log_level)
     for line in preflight(config):  # every check check-config makes; ConfigError stops here
         log.info("config: %s", line)
-    raise_fd_limit(config.api.max_connections)
+    raise_fd_limit(2 * config.api.max_connections + config.api.admin_max_connections
+                   + METRICS_MAX_CONNECTIONS)
     lock = lock_state(config.paths.state_dir)
     fleet = None
     sensing = threading.Event()

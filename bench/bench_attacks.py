@@ -6,6 +6,10 @@ an RSS sampler (every 20 ms; the peak against the unit's MemoryMax for this conf
 1. a well-behaved client alone: JSON inference on a kept-alive connection, p50/p99;
 2. the same client while 50 slowloris connections trickle a header line every second
    (each is cut at `head_timeout_s` and comes back);
+2b. the same client under the mix of issue 26 at once: 40 slowloris connections, two
+   loops posting ~4 MiB JSON, two loops pipelining 32 requests per write, and 70 idle
+   connections on the inference socket, while an admin probe asks for the status every
+   50 ms (how many answers were not 200) and TCP with the token is tried once a second;
 3. the attacks, one after the other: tar header bombs uploaded to the admin socket, four
    250k-sample UINT8 requests at once, two 10,000-sample JSON requests (3 MB, within
    max_json_bytes and the budget: decoded and answered), 1,100 idle connections, 8
@@ -61,7 +65,8 @@ class Observers:
         self.stall_s, self.peak_rss, self.probe_errors = 0.0, 0, 0
         assert agent.proc is not None
         self.proc = psutil.Process(agent.proc.pid)
-        self.threads = [threading.Thread(target=self._probe), threading.Thread(target=self._rss)]
+        self.threads = [threading.Thread(target=self._probe, daemon=True),
+                        threading.Thread(target=self._rss, daemon=True)]
         for t in self.threads:
             t.start()
 
@@ -88,16 +93,25 @@ class Observers:
             t.join()
 
 
-def client_p50(agent: AgentProcess, n: int) -> tuple[float, float]:
-    conn = agent.connection()
+def client_p50(agent: AgentProcess, n: int, conn: Any = None) -> tuple[float, float]:
+    """p50 and p99 (µs) of `n` JSON inferences on one kept-alive connection; a connection
+    the daemon closes is opened again and counted (`client_p50.reconnects`)."""
+    conn = conn or agent.connection()
     body = json.dumps(BODY).encode()
     samples = []
-    for _ in range(n):
+    client_p50.reconnects = 0  # type: ignore[attr-defined]
+    while len(samples) < n:
         t = time.perf_counter()
-        status, _, _ = call(conn, "POST", "/v2/models/digits/infer", body,
-                            {"Content-Type": "application/json"})
+        try:
+            status, _, _ = call(conn, "POST", "/v2/models/digits/infer", body,
+                                {"Content-Type": "application/json"})
+        except OSError:
+            client_p50.reconnects += 1  # type: ignore[attr-defined]
+            conn.close()
+            conn = agent.connection()
+            continue
         samples.append(time.perf_counter() - t)
-        assert status == 200
+        assert status == 200, status
     conn.close()
     samples.sort()
     return 1e6 * statistics.median(samples), 1e6 * samples[int(0.99 * len(samples))]
@@ -117,6 +131,98 @@ def slowloris(agent: AgentProcess, n: int, stop: threading.Event) -> list[thread
     for t in threads:
         t.start()
     return threads
+
+
+class AttackMix:
+    """The mix (see the module docstring, 2b), running on threads until `stop`; `seen`
+    fills with what each part got."""
+
+    def __init__(self, agent: AgentProcess, port: int, stop: threading.Event) -> None:
+        self.agent, self.port, self.stop = agent, port, stop
+        self.seen: dict[str, Any] = {"admin": Counter(), "tcp": Counter(),
+                                     "json": Counter(), "pipelined": 0, "idle_held": 0}
+        rows = 6500  # ~4 MiB of JSON, under max_json_bytes
+        self.big = json.dumps({"inputs": [{"name": "input", "shape": [rows, 1, 8, 8],
+                                           "datatype": "FP32",
+                                           "data": [0.5] * (rows * 64)}]}).encode()
+        small = json.dumps(BODY).encode()
+        self.one = (b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                    b"application/json\r\ncontent-length: " + str(len(small)).encode()
+                    + b"\r\n\r\n" + small)
+        slowloris(agent, 40, stop)
+        for fn in (self.json_loop, self.json_loop, self.pipelined, self.pipelined,
+                   self.admin, self.tcp, self.idle):
+            threading.Thread(target=fn, daemon=True).start()
+
+    def json_loop(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError):
+                conn = self.agent.connection()
+                self.seen["json"][call(conn, "POST", "/v2/models/digits/infer", self.big,
+                                       {"Content-Type": "application/json"})[0]] += 1
+                conn.close()
+
+    def pipelined(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(str(self.agent.socket))
+                while not self.stop.is_set():
+                    s.sendall(self.one * 32)
+                    got = b""
+                    while got.count(b"HTTP/1.1 ") < 32:
+                        chunk = s.recv(1 << 16)
+                        if not chunk:
+                            raise OSError("closed")
+                        got += chunk
+                    self.seen["pipelined"] += 32
+
+    def admin(self) -> None:
+        while not self.stop.wait(0.05):
+            try:
+                self.seen["admin"][self.agent.call("GET", "/v1/admin/status")[0]] += 1
+            except OSError as exc:
+                self.seen["admin"][type(exc).__name__] += 1
+
+    def tcp(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+                    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nauthorization: "
+                              b"Bearer " + TOKEN.encode() + b"\r\nconnection: close\r\n\r\n")
+                    head = s.recv(64)
+                    self.seen["tcp"][head.split(b" ")[1].decode() if head else "closed"] += 1
+            except OSError as exc:
+                self.seen["tcp"][type(exc).__name__] += 1
+
+    def idle(self) -> None:
+        held: list[socket.socket] = []
+        while not self.stop.is_set():
+            while len(held) < 70 and not self.stop.is_set():
+                with contextlib.suppress(OSError):
+                    s = socket.socket(socket.AF_UNIX)
+                    s.connect(str(self.agent.socket))
+                    held.append(s)
+            self.seen["idle_held"] = len(held)
+            self.stop.wait(0.5)
+            held = [s for s in held if not _closed(s)]  # the daemon closes idle ones
+        for s in held:
+            s.close()
+
+
+def _closed(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        closed = s.recv(1 << 16) == b""
+    except BlockingIOError:
+        closed = False
+    except OSError:
+        closed = True
+    if closed:
+        s.close()
+    else:
+        s.setblocking(True)
+    return closed
 
 
 def raw(path: Path, data: bytes, timeout: float = 30.0) -> str:
@@ -259,6 +365,16 @@ def main() -> None:
         stop.set()
         for t in slow:
             t.join(15)
+        stop_mix = threading.Event()
+        client = agent.connection()  # the well-behaved client's kept-alive connection
+        call(client, "GET", "/v2/health/live")
+        mix_rss0 = watch.peak_rss
+        mix = AttackMix(agent, port, stop_mix).seen
+        time.sleep(3)  # the mix under way
+        under_mix = client_p50(agent, ns.requests, conn=client)
+        reconnects = client_p50.reconnects  # type: ignore[attr-defined]
+        stop_mix.set()
+        time.sleep(1)
         found = payload_attacks(agent, where) | connection_attacks(agent, port)
         live = agent.call("GET", "/v2/health/live")[0]
         watch.stop()
@@ -267,6 +383,14 @@ def main() -> None:
         print(f"well-behaved client, {ns.requests} JSON requests (µs): alone p50 {alone[0]:.0f} "
               f"p99 {alone[1]:.0f}; during 50 slowloris p50 {during[0]:.0f} p99 "
               f"{during[1]:.0f} ({during[0] / alone[0]:.2f}x)")
+        print(f"  under the mix (40 slowloris, 2 loops of 4 MiB JSON, 2 pipelined loops, 70 "
+              f"idle): p50 {under_mix[0]:.0f} p99 {under_mix[1]:.0f}, its connection closed "
+              f"{reconnects} time(s) "
+              f"({under_mix[0] / alone[0]:.2f}x; target <= 3x); admin status answers "
+              f"{dict(mix['admin'])}; TCP with the token {dict(mix['tcp'])}; 4 MiB JSON "
+              f"answers {dict(mix['json'])}; pipelined answers {mix['pipelined']}; idle "
+              f"connections held {mix['idle_held']}; peak RSS before the mix "
+              f"{mix_rss0 / 2**20:.1f} MiB")
         for name, result in found.items():
             print(f"  {name:46} {result}")
         print(f"peak RSS {watch.peak_rss / 2**20:.1f} MiB (MemoryMax {limit / 2**20:.0f} MiB); "

@@ -5,6 +5,7 @@ an answer for every malformed request. Raw sockets, as an attacker would use the
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -29,8 +30,10 @@ def agent(request: pytest.FixtureRequest, tmp_path: Path, releases: dict[str, Pa
     token.write_text("s3cret-s3cret-s3cret\n")
     token.chmod(0o600)
     port = free_port()
+    # A test that holds heads open while it looks around gets them for longer.
+    head_s = 30.0 if request.node.name.startswith("test_a_full_listener") else 1.0
     a = AgentProcess(write_config(tmp_path, releases["keys"], profile=X86, api={
-        "max_connections": 6, "head_timeout_s": 1.0, "body_timeout_s": 1.0,
+        "max_connections": 6, "head_timeout_s": head_s, "body_timeout_s": 1.0,
         "tcp_port": port, "token_file": str(token), "http_parser": request.param},
         scheduler={"memory_budget_bytes": 48 << 20})).start()
     a.port = port  # type: ignore[attr-defined]
@@ -76,17 +79,81 @@ def test_slowloris_connections_are_cut_off_and_others_are_served(agent: Any) -> 
     assert time.monotonic() - t0 < 5  # cut at head_timeout_s (1 s), not kept for ever
 
 
-def test_a_connection_past_the_cap_gets_503_and_the_held_ones_still_work(agent: Any) -> None:
-    held = [unix(agent) for _ in range(6)]
+def tcp_live(a: Any) -> int:
+    """GET /v2/health/live over TCP with the token: its status."""
+    s = socket.create_connection(("127.0.0.1", a.port), timeout=10)
+    s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+              b"s3cret-s3cret-s3cret\r\nconnection: close\r\n\r\n")
+    status = answer(s)[0]
+    s.close()
+    return status
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    finally:
+        s.setblocking(True)
+
+
+def connections(agent: Any, listener: str) -> dict[str, int]:
+    """The agent's open connections of `listener` by state, from /metrics (asked on the
+    admin socket, which has room of its own)."""
+    from agent.client import unix_call
+
+    text = unix_call(agent.admin_socket, "GET", "/metrics")[1]
+    return {state: int(n) for state, n in re.findall(
+        rf'^edge_agent_http_connections\{{listener="{listener}",state="(\w+)"\}} (\d+)$',
+        text, re.M)}
+
+
+def test_a_full_listener_refuses_with_503_and_starves_no_other(agent: Any) -> None:
+    """Six connections busy sending a head fill the inference socket (its cap): one more
+    there gets 503, while the admin socket and TCP (their own caps) answer at once. Before,
+    one cap for all: 70 idle connections on the inference socket made all three 503."""
+    busy = []
+    for _ in range(6):
+        s = unix(agent)
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n")  # never ends its head
+        busy.append(s)
+    wait_until(lambda: connections(agent, "unix") == {"busy": 6, "idle": 0},
+               what="six heads begun on the inference socket")
     extra = unix(agent)
     status, body = answer(extra)
-    assert status == 503 and b"too many connections" in body
-    held[0].sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    assert answer(held[0])[0] == 200
-    for s in held:
+    assert status == 503 and b"too many connections on this listener" in body
+    assert agent.call("GET", "/v1/admin/status")[0] == 200  # the admin socket
+    assert tcp_live(agent) == 200
+    for s in busy:
         s.close()
     wait_until(lambda: agent.call("GET", "/v2/health/live")[0] == 200,
                what="the cap freed again")
+
+
+def test_idle_connections_make_room_and_wait_less_the_fuller_the_listener(agent: Any) -> None:
+    """Six idle connections (connected, nothing sent) fill the inference socket: a new
+    client is served, in the place of the longest-idle one (closed by the daemon); and
+    the one that went idle when the listener was full waits `MIN_IDLE_S`, not the 60-s
+    idle timeout, while the first, idle since the listener was nearly empty, stays."""
+    idle = []
+    for _ in range(6):
+        idle.append(unix(agent))
+        time.sleep(0.05)  # an order of arrival (the daemon evicts the longest idle)
+    wait_until(lambda: closed_by_peer(idle[-1]), timeout_s=10,
+               what="the last idle connection closed at the short idle timeout")
+    assert not closed_by_peer(idle[1])
+    newcomer = unix(agent)  # five of six in use: room; then one more past the cap
+    newcomer.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert answer(newcomer)[0] == 200
+    late = unix(agent)
+    late.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert answer(late)[0] == 200  # at the cap: served, an idle one made room
+    wait_until(lambda: closed_by_peer(idle[0]), timeout_s=5,
+               what="the longest-idle connection closed for the newcomer")
+    for s in (*idle, newcomer, late):
+        s.close()
 
 
 def test_content_length_with_transfer_encoding_is_refused(agent: Any) -> None:
@@ -244,3 +311,20 @@ def test_an_early_refusal_reaches_a_client_still_sending_its_body(agent: Any) ->
         status, out = answer(s)
         s.close()
         assert status == 415 and b"paths" in out
+
+
+def test_a_method_not_allowed_names_the_allowed_ones(agent: Any) -> None:
+    """405 carries `Allow` (RFC 9110 §15.5.6), so a client learns what the path takes."""
+    for request, allow in ((b"POST /v2/health/live", b"GET"),
+                           (b"GET /v2/models/digits/infer", b"POST"),
+                           (b"PUT /v2/systemsharedmemory/region/r/register", b"POST")):
+        s = unix(agent)
+        s.sendall(request + b" HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n"
+                  b"connection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        head = data.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        assert head[0].split()[1] == b"405", data
+        assert b"allow: " + allow.lower() in head, (request, head)

@@ -9,7 +9,12 @@ Untrusted bytes meet the parser, whose one error (`ApiError`) becomes its status
 
 Limits, each answered with a status and a closed connection, never a silent drop:
 
-* connections: at most `max_connections` at once; one more gets 503 at once;
+* connections: each listener (the inference socket, the admin socket, TCP) has its own
+  cap (`caps`, else `max_connections`), so no listener can starve another; at its cap a
+  new connection takes the place of the listener's longest-idle keep-alive connection,
+  and gets 503 only when none is idle; idle keep-alive connections wait
+  `idle_timeout_s` while the listener is under half its cap, less the fuller it is
+  (down to `MIN_IDLE_S` at the cap);
 * the request head: `MAX_HEADER_BYTES` (target and header lines; 431 past it), complete
   within `head_timeout_s` of its first byte (408: a slowloris trickle is cut off);
 * `authorize(headers, unix)` runs on the head alone, before routing and before any body
@@ -150,6 +155,10 @@ class Router:
                 allowed = True
         return 405 if allowed else 404
 
+    def allowed(self, path: str) -> list[str]:
+        """The methods `path` answers to (a 405's `Allow`, RFC 9110 §15.5.6)."""
+        return sorted({m for m, regex, _ in self._routes if regex.match(path)})
+
 
 class _HttpError(Exception):
     """A refusal answered with its status (and the connection closed when raised before
@@ -164,11 +173,17 @@ def _too_large(cap: int) -> _HttpError:
     return _HttpError(413, f"body larger than {cap} bytes")
 
 
+#: The shortest idle keep-alive wait, at a listener's cap.
+MIN_IDLE_S = 1.0
+LISTENERS = ("unix", "admin", "tcp")
+
+
 class HttpServer:
     def __init__(self, router: Router, *, max_body_bytes: int,
                  middleware: Callable[[Request, Handler], Awaitable[Response]],
                  authorize: Authorize = lambda headers, unix: None,
-                 max_connections: int = 64, head_timeout_s: float = 10.0,
+                 max_connections: int = 64, caps: dict[str, int] | None = None,
+                 head_timeout_s: float = 10.0,
                  body_timeout_s: float = 30.0, idle_timeout_s: float = 60.0,
                  server_name: str = "edge-agent",
                  on_response: Callable[[str, str, int, bytes], None] | None = None,
@@ -183,20 +198,43 @@ class HttpServer:
         self.middleware = middleware
         self.authorize = authorize
         self.max_connections = max_connections
+        self.caps = {name: (caps or {}).get(name, max_connections) for name in LISTENERS}
         self.head_timeout_s, self.body_timeout_s = head_timeout_s, body_timeout_s
         self.idle_timeout_s = idle_timeout_s
-        self.refused_connections = 0
+        # by listener: refused with 503; idle ones closed to admit a newcomer
+        self.refused: dict[str, int] = dict.fromkeys(LISTENERS, 0)
+        self.evicted_idle: dict[str, int] = dict.fromkeys(LISTENERS, 0)
         self.server_header = server_name.encode()
-        self._connections: set[asyncio.Task[None]] = set()
-        # Connections waiting for the first byte of their next request (keep-alive, idle):
-        # a drain closes them at once instead of waiting out their idle timeout.
-        self._idle: set[asyncio.StreamReader] = set()
+        self._connections: dict[str, set[asyncio.Task[None]]] = {n: set() for n in LISTENERS}
+        self._listener_of: dict[asyncio.StreamReader, str] = {}
+        # Connections waiting for the first byte of their next request (keep-alive, idle),
+        # per listener, longest idle first: a drain closes them at once instead of waiting
+        # out their idle timeout, and a listener at its cap closes the oldest for a newcomer.
+        self._idle: dict[str, dict[asyncio.StreamReader, None]] = {n: {} for n in LISTENERS}
         self._draining = False
 
     @property
     def open_connections(self) -> int:
         """Connections being served now (every listener of this server)."""
-        return len(self._connections)
+        return sum(len(c) for c in self._connections.values())
+
+    @property
+    def refused_connections(self) -> int:
+        return sum(self.refused.values())
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """Per listener: connections busy and idle, refusals and idle ones closed."""
+        out: list[tuple[str, dict[str, str], float]] = []
+        for name in LISTENERS:
+            idle = len(self._idle[name])
+            out += [("edge_agent_http_connections", {"listener": name, "state": "idle"}, idle),
+                    ("edge_agent_http_connections", {"listener": name, "state": "busy"},
+                     len(self._connections[name]) - idle),
+                    ("edge_agent_http_connections_refused_total", {"listener": name},
+                     self.refused[name]),
+                    ("edge_agent_http_idle_closed_total", {"listener": name},
+                     self.evicted_idle[name])]
+        return out
 
     async def start_unix(self, path: str, *, admin: bool = False) -> asyncio.AbstractServer:
         return await asyncio.start_unix_server(
@@ -210,32 +248,55 @@ class HttpServer:
                      unix: bool, admin: bool = False) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= self.max_connections:
-            self.refused_connections += 1
-            await self._send_error(writer, 503,
-                                   f"too many connections ({self.max_connections})",
-                                   count=False)  # counted in refused_connections
-            writer.close()
-            return
-        self._connections.add(task)
+        listener = "admin" if admin else "unix" if unix else "tcp"
+        pool, cap = self._connections[listener], self.caps[listener]
+        if len(pool) >= cap:
+            idle = self._idle[listener]
+            if not idle:
+                self.refused[listener] += 1
+                await self._send_error(writer, 503, f"too many connections on this listener "
+                                       f"({cap})", count=False)  # in refused_connections
+                writer.close()
+                return
+            oldest = next(iter(idle))  # its pending read returns b"": a clean close
+            del idle[oldest]
+            oldest.feed_eof()
+            self.evicted_idle[listener] += 1
+        pool.add(task)
+        self._listener_of[reader] = listener
         try:
             await self._serve(reader, writer, unix, admin)
         finally:
-            self._connections.discard(task)
+            pool.discard(task)
+            self._listener_of.pop(reader, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _idle_limit(self, reader: asyncio.StreamReader) -> float:
+        """How long a connection of this reader's listener may wait idle now: the full
+        idle timeout under half the cap, shrinking to `MIN_IDLE_S` at the cap."""
+        listener = self._listener_of.get(reader)
+        if listener is None:
+            return self.idle_timeout_s
+        used = len(self._connections[listener]) / self.caps[listener]
+        if used <= 0.5:
+            return self.idle_timeout_s
+        return max(MIN_IDLE_S, min(self.idle_timeout_s, self.idle_timeout_s * 2 * (1 - used)))
 
     async def drain(self, timeout_s: float) -> None:
         """Close idle keep-alive connections now; let the others finish their current
         request (answered with `Connection: close`), up to `timeout_s`; then close them."""
         self._draining = True
-        for reader in list(self._idle):  # the pending read returns b"": a clean close
-            reader.feed_eof()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=timeout_s)
-        for task in list(self._connections):  # still busy after timeout_s: the last resort
-            task.cancel()
+        for idle in self._idle.values():
+            for reader in list(idle):  # the pending read returns b"": a clean close
+                reader.feed_eof()
+        tasks = [t for pool in self._connections.values() for t in pool]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+        for task in tasks:  # still busy after timeout_s: the last resort
+            if not task.done():
+                task.cancel()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      unix: bool, admin: bool = False) -> None:
@@ -278,7 +339,7 @@ class HttpServer:
             if event is not h1.NEED_DATA:
                 return event
             if deadline is None:
-                limit = self.idle_timeout_s
+                limit = self._idle_limit(reader)
             else:
                 limit = deadline - loop.time()
                 if limit <= 0:
@@ -305,15 +366,16 @@ class HttpServer:
         """Up to READ_BYTES within `limit` seconds; an idle read (waiting for a request's
         first byte) is one a drain ends (end of stream: the connection closes cleanly; a
         cancelled connection task would make asyncio log a traceback)."""
-        if idle:
-            self._idle.add(reader)
+        pool = self._idle.get(self._listener_of.get(reader, ""), {}) if idle else None
+        if pool is not None:
+            pool[reader] = None
         try:
             # asyncio.timeout, not wait_for: no extra task per read on the hot path.
             async with asyncio.timeout(limit):
                 return await reader.read(READ_BYTES)
         finally:
-            if idle:
-                self._idle.discard(reader)
+            if pool is not None:
+                pool.pop(reader, None)
 
     async def _read_request(self, conn: h1.Parser, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter, unix: bool) -> Request | None:
@@ -370,7 +432,10 @@ class HttpServer:
         found = self.router.match(request.method, request.path)
         if isinstance(found, int):
             what = "no such route" if found == 404 else f"{request.method} not allowed here"
-            return json_response({"error": f"{what}: {request.path}"}, found)
+            response = json_response({"error": f"{what}: {request.path}"}, found)
+            if found == 405:
+                response.headers["Allow"] = ", ".join(self.router.allowed(request.path))
+            return response
         handler, request.params = found
         try:
             return await self.middleware(request, handler)

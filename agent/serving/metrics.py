@@ -42,6 +42,15 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "counter", "Requests refused by admission, by reason (queue_full, deadline, memory, "
         "thermal, too_large, stopping)."),
     "edge_agent_http_responses_total": ("counter", "HTTP answers sent, by status code."),
+    "edge_agent_http_connections": (
+        "gauge", "Connections open now, by listener (unix, admin, tcp) and state (idle: "
+        "waiting for a request; busy)."),
+    "edge_agent_http_connections_refused_total": (
+        "counter", "Connections refused with 503 at a full listener, none of its "
+        "connections idle, by listener."),
+    "edge_agent_http_idle_closed_total": (
+        "counter", "Idle keep-alive connections closed to admit a new one at a full "
+        "listener, by listener."),
     "edge_agent_updates_total": (
         "counter", "Bundle installs, by result (committed, failed, rejected_<check>)."),
     "edge_agent_model_reloads_total": (
