@@ -264,3 +264,27 @@ def test_a_pax_header_at_its_cap_is_read_and_one_byte_more_refused() -> None:
     assert _read(_pax_member(filler + b"16 path=pax.bin\n")) == {"pax.bin": b"DATA"}
     with pytest.raises(BundleError, match=r"pax header of 8193 bytes \(at most 8192\)"):
         _read(_pax_member(filler + b"17 path=pax.bin2\n"))
+
+
+def test_a_threshold_equal_to_its_key_count_and_a_role_of_one_key_are_valid() -> None:
+    """The validators' edges from the other side: all of a role's keys may be required,
+    and one key is a role (the mutation run's survivors `>` → `>=` and `min_length` 2)."""
+    def all_and_one(s: dict[str, Any]) -> None:
+        s["roles"]["release"]["threshold"] = len(s["roles"]["release"]["keyids"])
+        s["roles"]["command"]["keyids"] = s["roles"]["command"]["keyids"][:1]
+        s["roles"]["command"]["threshold"] = 1
+
+    parsed, _, _ = parse_root(_with(all_and_one))
+    assert parsed.roles["release"].threshold == 3 and len(parsed.roles["command"].keyids) == 1
+
+
+@pytest.mark.parametrize("where", ["root", "role"])
+def test_a_root_with_a_field_it_does_not_define_is_refused(where: str) -> None:
+    """An unknown field is refused, not ignored: a signer and a verifier that disagree on
+    what a root says must not both accept it."""
+    def extra(s: dict[str, Any]) -> None:
+        (s if where == "root" else s["roles"]["root"])["delegations"] = {}
+
+    with pytest.raises(RootError, match=r"[Ee]xtra") as exc:
+        parse_root(_with(extra))
+    assert exc.value.check == "format"
