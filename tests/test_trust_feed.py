@@ -308,10 +308,31 @@ def test_a_slow_chain_url_holds_neither_the_heartbeat_nor_a_newer_root(
         agent.stop()
 
 
+def redirector(to: str) -> Any:
+    """An HTTP server answering every GET with 302 to the same path under `to`."""
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # http.server's name
+            self.send_response(302)
+            self.send_header("Location", to + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def test_pinned_root_urls_are_used_whatever_the_announcement_names(
         tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
     """With `mqtt.root_urls`, the chain comes from the device's own bases: an announcement
-    naming a slow server is fetched from the pinned one, the slow one never asked."""
+    naming a slow server is fetched from the pinned one (which redirects, as a static host
+    may), the slow one never asked."""
     from agent.link.trustfeed import announcement
 
     kd = KeyDir(Path(shutil.copytree(releases["keys"], tmp_path / "keys")))
@@ -319,7 +340,8 @@ def test_pinned_root_urls_are_used_whatever_the_announcement_names(
     rotate_keys(kd.path, expires_days=400)
     rotate_keys(kd.path, expires_days=400)
     copy_roots(kd, tmp_path / "artifacts")
-    server, url = serve(tmp_path / "artifacts")
+    server, target = serve(tmp_path / "artifacts")
+    hop, url = redirector(target)
     slow = SlowChain()
     where = tmp_path / "dev"
     where.mkdir()
@@ -337,6 +359,7 @@ def test_pinned_root_urls_are_used_whatever_the_announcement_names(
         assert slow.requests == 0
     finally:
         slow.close()
+        hop.shutdown()
         server.shutdown()
         sub.close()
         agent.stop()

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from pydantic import ValidationError
 
@@ -200,9 +200,10 @@ class TrustFeed:
                             + ("; ".join(errors)[:400] or "no chain URL announced"),
                             check="fetch", version=version)
 
-    def _get(self, url: str, deadline: float) -> bytes:
+    def _get(self, url: str, deadline: float, redirects: int = 3) -> bytes:
         """The body at `url`, read in pieces, each read's timeout what is left before
-        `deadline`; at most `MAX_ROOT_BYTES`."""
+        `deadline`; at most `MAX_ROOT_BYTES`; up to `redirects` http(s) redirects
+        followed (a static host may answer 301/302), all within the same deadline."""
         def left() -> float:
             if self._newer_root_waits():
                 raise _Superseded
@@ -220,6 +221,12 @@ class TrustFeed:
             sock = conn.sock  # the response reads from it (the connection may let go)
             assert sock is not None  # request() connected
             resp = conn.getresponse()
+            target = resp.getheader("Location", "")
+            if resp.status in (301, 302, 303, 307, 308) and redirects > 0:
+                target = urljoin(url, target)
+                if urlsplit(target).scheme not in ("http", "https"):
+                    raise ValueError(f"redirected to {target[:200]!r}")
+                return self._get(target, deadline, redirects - 1)
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status} {resp.reason}")
             body = bytearray()

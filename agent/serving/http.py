@@ -11,8 +11,9 @@ Limits, each answered with a status and a closed connection, never a silent drop
 
 * connections: each listener (the inference socket, the admin socket, TCP) has its own
   cap (`caps`, else `max_connections`), so no listener can starve another; at its cap a
-  new connection takes the place of the listener's longest-idle keep-alive connection,
-  and gets 503 only when none is idle; idle keep-alive connections wait
+  new connection takes the place of the listener's longest-idle keep-alive connection
+  (idle for at least `IDLE_GRACE_S`: an active client's connection between two requests
+  is not taken), and gets 503 when there is none; idle keep-alive connections wait
   `idle_timeout_s` while the listener is under half its cap, less the fuller it is
   (down to `MIN_IDLE_S` at the cap);
 * the request head: `MAX_HEADER_BYTES` (target and header lines; 431 past it), complete
@@ -37,6 +38,7 @@ import logging
 import re
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +177,9 @@ def _too_large(cap: int) -> _HttpError:
 
 #: The shortest idle keep-alive wait, at a listener's cap.
 MIN_IDLE_S = 1.0
+#: A connection idle for less than this is between two requests of an active client: it
+#: is never closed to make room (a newcomer then gets 503).
+IDLE_GRACE_S = 0.5
 LISTENERS = ("unix", "admin", "tcp")
 
 
@@ -210,7 +215,7 @@ class HttpServer:
         # Connections waiting for the first byte of their next request (keep-alive, idle),
         # per listener, longest idle first: a drain closes them at once instead of waiting
         # out their idle timeout, and a listener at its cap closes the oldest for a newcomer.
-        self._idle: dict[str, dict[asyncio.StreamReader, None]] = {n: {} for n in LISTENERS}
+        self._idle: dict[str, dict[asyncio.StreamReader, float]] = {n: {} for n in LISTENERS}
         self._draining = False
 
     @property
@@ -252,15 +257,15 @@ class HttpServer:
         pool, cap = self._connections[listener], self.caps[listener]
         if len(pool) >= cap:
             idle = self._idle[listener]
-            if not idle:
+            oldest = next(iter(idle), None)  # longest idle first (insertion order)
+            if oldest is None or time.monotonic() - idle[oldest] < IDLE_GRACE_S:
                 self.refused[listener] += 1
                 await self._send_error(writer, 503, f"too many connections on this listener "
                                        f"({cap})", count=False)  # in refused_connections
                 writer.close()
                 return
-            oldest = next(iter(idle))  # its pending read returns b"": a clean close
             del idle[oldest]
-            oldest.feed_eof()
+            oldest.feed_eof()  # its pending read returns b"": a clean close
             self.evicted_idle[listener] += 1
         pool.add(task)
         self._listener_of[reader] = listener
@@ -368,7 +373,7 @@ class HttpServer:
         cancelled connection task would make asyncio log a traceback)."""
         pool = self._idle.get(self._listener_of.get(reader, ""), {}) if idle else None
         if pool is not None:
-            pool[reader] = None
+            pool[reader] = time.monotonic()
         try:
             # asyncio.timeout, not wait_for: no extra task per read on the hot path.
             async with asyncio.timeout(limit):
