@@ -223,10 +223,6 @@ class HttpServer:
         """Connections being served now (every listener of this server)."""
         return sum(len(c) for c in self._connections.values())
 
-    @property
-    def refused_connections(self) -> int:
-        return sum(self.refused.values())
-
     def samples(self) -> list[tuple[str, dict[str, str], float]]:
         """Per listener: connections busy and idle, refusals and idle ones closed."""
         out: list[tuple[str, dict[str, str], float]] = []
@@ -261,7 +257,7 @@ class HttpServer:
             if oldest is None or time.monotonic() - idle[oldest] < IDLE_GRACE_S:
                 self.refused[listener] += 1
                 await self._send_error(writer, 503, f"too many connections on this listener "
-                                       f"({cap})", count=False)  # in refused_connections
+                                       f"({cap})", count=False)  # counted in `refused`
                 writer.close()
                 return
             del idle[oldest]
