@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS rollout_commands (
 CREATE INDEX IF NOT EXISTS rollout_commands_state ON rollout_commands (rollout, state);
 """
 log = logging.getLogger("edge_fleet.rollout")
+_EXEC = {e.value: e for e in Exec}
 # Columns added after the first release of these tables: (table, column, declaration).
 ADDED = [("rollouts", "health_window_s", "REAL NOT NULL DEFAULT 0"),
          ("rollouts", "settled_at", "REAL"), ("rollout_devices", "detail", "TEXT"),
@@ -307,22 +308,32 @@ class Rollouts:
         """The rollout's executions (one device's, with `device`), by wave and device."""
         where = "rollout = ?" + (" AND device = ?" if device is not None else "")
         with self._lock:
-            cur = self.sql.execute(
+            rows = self.sql.execute(
                 "SELECT rollout, device, wave, status, attempts, command_id, sent_at, "
                 "updated, retry_at, failure, detail, rollback_id, rollback_result, "
                 "report_epoch, report_seq FROM "
                 f"rollout_devices WHERE {where} ORDER BY wave, device",
-                (rid,) if device is None else (rid, device))
-            cols = [c[0] for c in cur.description]
-            rows = cur.fetchall()
-        out = []
-        for row in rows:
-            r = dict(zip(cols, row, strict=True))
-            epoch, seq = r.pop("report_epoch"), r.pop("report_seq")
-            out.append(RolloutDevice(**{**r, "status": Exec(r["status"]),
-                                        "report_order": None if epoch is None
-                                        else (int(epoch), int(seq))}))
-        return out
+                (rid,) if device is None else (rid, device)).fetchall()
+        # built directly, statuses looked up: a controller reads every execution of a
+        # rollout a few times a step (dicts per row and Exec(...) were a third of a step)
+        status = _EXEC
+        return [RolloutDevice(rollout=r, device=dev, wave=wave, status=status[st],
+                              attempts=attempts, command_id=cmd, sent_at=sent, updated=upd,
+                              retry_at=retry, failure=failure, detail=detail,
+                              rollback_id=rb, rollback_result=rbr,
+                              report_order=None if epoch is None else (int(epoch), int(seq)))
+                for (r, dev, wave, st, attempts, cmd, sent, upd, retry, failure, detail, rb,
+                     rbr, epoch, seq) in rows]
+
+    def outsiders(self, rid: str) -> list[tuple[str, str]]:
+        """(device, groups_json) of each registered device with a state that is not in
+        the rollout (one indexed lookup each: a controller asks every step)."""
+        with self._lock:
+            return self.sql.execute(
+                "SELECT d.device, d.groups_json FROM devices d "
+                "JOIN device_keys k ON k.device = d.device WHERE NOT EXISTS (SELECT 1 FROM "
+                "rollout_devices r WHERE r.rollout = ? AND r.device = d.device) "
+                "ORDER BY d.device", (rid,)).fetchall()
 
     def device(self, rid: str, device: str) -> RolloutDevice | None:
         found = self.devices(rid, device)
@@ -701,38 +712,36 @@ class Controller:
         v = m.get("version")
         return v is not None and v >= ro.version
 
-    def _reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> None:
+    def _reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> int:
         """What the devices' retained states say settles what reports left open: a device
         on the release (committed) or ahead of it is done; one that no longer serves a
         release recorded as committed was rolled back. A state counts against what a
         device report recorded only when it is newer in the device's order (never by
-        when it arrived: a late retained state from before a commit changes nothing)."""
-        states = self.db.state_rows()
+        when it arrived: a late retained state from before a commit changes nothing).
+        Returns how many executions it moved."""
+        moved = 0
+        states = self.db.model_states(ro.model)
         for d in devices:
             s = states.get(d.device)
-            if s is None or s["order"] is None:
+            if s is None or s.version is None:
                 continue
-            m = s["models"].get(ro.model) or {}
-            v, floor = m.get("version"), m.get("committed")
-            if v is None:
-                continue
-            order = s["order"]
+            v, floor, order = s.version, s.committed, s.order
             newer = d.report_order is None or order > d.report_order
             committed = floor is not None and floor >= v
+            event, cause = None, ""
             if v > ro.version and d.status not in DONE:
-                self.rollouts.transition(ro.id, d.device, "already",
-                                         f"its state: serves v{v}, ahead of v{ro.version}",
-                                         order=order)
+                event, cause = "already", f"its state: serves v{v}, ahead of v{ro.version}"
             elif v == ro.version and committed and d.status not in DONE:
                 if d.attempts == 0:
-                    self.rollouts.transition(ro.id, d.device, "already",
-                                             f"its state: serves v{v} committed", order=order)
+                    event, cause = "already", f"its state: serves v{v} committed"
                 elif newer:
-                    self.rollouts.transition(ro.id, d.device, "serves_release",
-                                             f"its state: serves v{v} committed", order=order)
+                    event, cause = "serves_release", f"its state: serves v{v} committed"
             elif v < ro.version and d.status is Exec.COMMITTED and newer:
-                self.rollouts.transition(ro.id, d.device, "serves_older",
-                                         f"its state: serves v{v}", order=order)
+                event, cause = "serves_older", f"its state: serves v{v}"
+            if event is not None:
+                self.rollouts.transition(ro.id, d.device, event, cause, order=order)
+                moved += 1
+        return moved
 
     # -- sending ---------------------------------------------------------------------------
     def _record(self, rid: str, kind: str, devices: list[RolloutDevice], ttl_s: float,
@@ -795,25 +804,29 @@ class Controller:
         self._collect_acks(rid)
         ro = self.rollouts.get(rid)
         devices = self.rollouts.devices(rid)
-        self._reconcile(ro, devices)
+        moved = self._reconcile(ro, devices)
         if ro.status in (Status.HALTED, Status.ABORTED):
             self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
             self._flush(rid, deploys=False)
             return ro.status
         if ro.status is not Status.RUNNING:
             return ro.status
-        self._join_newcomers(ro, devices)
+        moved += self._join_newcomers(ro)
         now = time.time()
-        devices = self.rollouts.devices(rid)
+        if moved:  # the executions are read again only when this step changed them
+            devices = self.rollouts.devices(rid)
         for d in devices:  # timeouts, then their retries
             if d.status in (Exec.SENT, Exec.IN_PROGRESS) and d.sent_at is not None \
                     and now - d.sent_at > ro.wave_timeout_s:
                 self.rollouts.transition(rid, d.device, "timeout", f"no answer in "
                                          f"{ro.wave_timeout_s:g} s", failure="timeout")
                 self._maybe_retry(rid, d.device, "timeout")
+                moved += 1
+        if moved:
+            devices = self.rollouts.devices(rid)
         online = self.db.online()
         last = len(ro.sizes) - 1
-        due = [d for d in self.rollouts.devices(rid)
+        due = [d for d in devices
                if (d.wave <= ro.wave or (ro.continuous and ro.wave == last))
                and d.status is Exec.QUEUED and d.device in online
                and (d.retry_at is None or d.retry_at <= now)]
@@ -827,17 +840,22 @@ class Controller:
             self.rollouts.set(rid, wave_started=time.time())
         self._flush(rid, deploys=True)
         ro = self.rollouts.get(rid)
+        # read again: the reports that arrived during this step moved executions
         status = self._judge(ro, self.rollouts.devices(rid), online)
         if status is Status.HALTED:
             self._roll_back_touched(rid)
             self._flush(rid, deploys=False)
         return status
 
-    def _join_newcomers(self, ro: Rollout, devices: list[RolloutDevice]) -> None:
-        known = {d.device for d in devices}
-        for r in self.db.devices(group=ro.group):
-            if r.device not in known and self.db.registered_key(r.device) is not None:
-                self.rollouts.add_member(ro.id, r.device)
+    def _join_newcomers(self, ro: Rollout) -> int:
+        """Queue the group's registered devices the rollout does not have yet; returns
+        how many."""
+        joined = 0
+        for device, groups in self.rollouts.outsiders(ro.id):
+            if ro.group in json.loads(groups):
+                self.rollouts.add_member(ro.id, device)
+                joined += 1
+        return joined
 
     def _judge(self, ro: Rollout, devices: list[RolloutDevice], online: set[str]) -> Status:
         reached = [d for d in devices if d.wave <= ro.wave]
