@@ -49,7 +49,7 @@ from fleet._mqtt import connect
 from fleet.artifacts import serve_in_process
 from fleet.keys import KeyDir
 from fleet.policy import DONE, Criteria
-from fleet.rollout import Controller, Rollouts
+from fleet.rollout import Controller, Rollouts, pause_after
 from fleet.simulate import SimSettings, SimulatedFleet, device_names
 from fleet.state import CONTROLLER_GROUP, FleetDB, FleetWatcher
 
@@ -109,12 +109,13 @@ def rollout_run(where: Path, broker: SecureBroker, keys: Path, url: str, archive
     t0 = time.monotonic()
     status, wave, marks = "running", 0, []
     while status == "running" and time.monotonic() - t0 < 300:
+        started = time.monotonic()
         status = c.step(rid)
         now = Rollouts(db).get(rid).wave
         if now != wave or status != "running":
             marks.append(f"{time.monotonic() - t0:.1f}")
             wave = now
-        time.sleep(0.1)
+        time.sleep(pause_after(time.monotonic() - started, 0.1))  # as Controller.run
     took = time.monotonic() - t0
     print(f"    waves ended at {', '.join(marks)} s")
     ro = Rollouts(db).get(rid)

@@ -512,6 +512,13 @@ class Rollouts:
                       if d.status not in DONE and (d.attempts or d.status is not Exec.QUEUED)]
 
 
+def pause_after(step_s: float, poll_s: float) -> float:
+    """How long a controller waits before its next step: `poll_s`, or as long as the step
+    took when that was longer, so stepping a large rollout (its cost grows with the
+    fleet) takes at most half of a core from ingest and from everything else."""
+    return max(poll_s, step_s)
+
+
 def printable(text: str, limit: int) -> str:
     """`text` cut to `limit` with every control character (terminal escapes, newlines)
     replaced by "?": what a device says is shown in operators' terminals."""
@@ -966,10 +973,11 @@ class Controller:
                     beat = time.monotonic()
                     client.publish(fleet_topic(self.fleet, "heartbeat"),
                                    heartbeat(self.fleet, self.keys), qos=1, retain=True)
+            started = time.monotonic()
             status = self.step(rid)
             if status is not Status.RUNNING:
                 break
-            time.sleep(poll_s)
+            time.sleep(pause_after(time.monotonic() - started, poll_s))
         if status in (Status.HALTED, Status.ABORTED):
             until = min(end, time.monotonic() + rollback_wait_s)
             while time.monotonic() < until and self.outstanding(rid):

@@ -29,7 +29,7 @@ from fleet.policy import (
     next_status,
     wave_sizes,
 )
-from fleet.rollout import Controller, Rollouts
+from fleet.rollout import Controller, Rollouts, pause_after
 from fleet.state import FleetDB
 
 
@@ -291,3 +291,9 @@ def test_late_and_replayed_reports_never_flip_a_commit_and_are_counted(
         ("dev-3", "committed", None)]
     assert db.models_of("dev-2")["digits"]["version"] == 2  # the watcher kept the truth
     assert versions(agents) == [2, 2, 2]
+
+
+def test_a_controller_waits_its_poll_or_as_long_as_its_last_step_took() -> None:
+    assert pause_after(0.01, 0.5) == 0.5
+    assert pause_after(0.5, 0.5) == 0.5
+    assert pause_after(2.25, 0.5) == 2.25  # a step that took long: at most half a core
