@@ -94,13 +94,19 @@ class AgentProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> AgentProcess:
+    def start(self, wait: bool = True, timeout: float = 30.0) -> AgentProcess:
+        """Start it; with `wait`, until it answers live. A start that fails kills the
+        process first (a test that fails in its setup leaves nothing running)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([*self.command, "run", "--config",
                                           str(self.config)], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, env=self.env)
         if wait:
-            self.wait_live()
+            try:
+                self.wait_live(timeout)
+            except BaseException:
+                self.kill9()
+                raise
         return self
 
     def wait_live(self, timeout: float = 30.0) -> None:
@@ -134,7 +140,8 @@ class AgentProcess:
 
     def kill9(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
     def stop(self) -> int:

@@ -80,17 +80,23 @@ class Broker:
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
-    def start(self) -> Broker:
+    def start(self, timeout: float = 10.0) -> Broker:
+        """Start it and wait until it listens; one that does not is killed first."""
         with (self.dir / "mosquitto.log").open("ab") as log:  # the broker keeps its own copy
             self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
                                          stdout=subprocess.DEVNULL, stderr=log)
-        end = time.monotonic() + 10
+        end = time.monotonic() + timeout
         while time.monotonic() < end:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1",
                                                                          self.port), 0.2):
                 return self
+            if self.proc.poll() is not None:
+                break  # it exited: its log says why
             time.sleep(0.05)
-        raise AssertionError("mosquitto did not start")
+        self.proc.kill()  # a broker that never listened must not outlive the test
+        self.proc.wait(10)
+        raise AssertionError("mosquitto did not start: "
+                             + (self.dir / "mosquitto.log").read_text(errors="replace")[-2000:])
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -139,11 +139,12 @@ class InstallCuts:
                                    paths={"state_dir": str(self.mnt / "state")})
         make_image(self.base)
         with mounted(self.base, self.mnt):  # v1 installed, then a clean unmount
-            agent = self._agent()
-            agent.start()
-            status, body = agent.install(v1)
-            assert status == 200, body
-            assert agent.stop() == 0
+            agent = self._agent().start()
+            try:
+                status, body = agent.install(v1)
+                assert status == 200, body
+            finally:  # nothing left running on an image about to be unmounted
+                assert agent.stop() == 0
         self.window_s = self._measure()
 
     def _agent(self) -> AgentProcess:
@@ -157,10 +158,12 @@ class InstallCuts:
             shutil.copyfile(self.base, work)
             with mounted(work, self.mnt):
                 agent = self._agent().start()
-                t = time.perf_counter()
-                assert agent.install(self.v2)[0] == 200
-                spans.append(time.perf_counter() - t)
-                agent.stop()
+                try:
+                    t = time.perf_counter()
+                    assert agent.install(self.v2)[0] == 200
+                    spans.append(time.perf_counter() - t)
+                finally:
+                    agent.stop()
         return sorted(spans)[1]
 
     def once(self, at_s: float) -> Outcome:
@@ -172,11 +175,13 @@ class InstallCuts:
             client = threading.Thread(target=_quietly, args=(agent, self.v2, answers))
             t0 = time.perf_counter()
             client.start()
-            time.sleep(max(0.0, at_s - (time.perf_counter() - t0)))  # the cut's moment
-            assert agent.proc is not None
-            agent.proc.send_signal(signal.SIGSTOP)  # no write reaches the disk from here
-            cut(work, copy)
-            agent.kill9()
+            try:
+                time.sleep(max(0.0, at_s - (time.perf_counter() - t0)))  # the cut's moment
+                assert agent.proc is not None
+                agent.proc.send_signal(signal.SIGSTOP)  # no write reaches the disk from here
+                cut(work, copy)
+            finally:
+                agent.kill9()
             client.join(30)
         # A 200 read by the client was written before the stop: the install was promised.
         outcome = Outcome(at_s, acknowledged=bool(answers) and answers[0][0] == 200)
@@ -257,12 +262,14 @@ class WriterCuts:
             state.mkdir()
             proc = subprocess.Popen([*self.command, str(state)], stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, text=True)
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "ready"
-            time.sleep(at_s)  # the cut's moment
-            proc.send_signal(signal.SIGSTOP)
-            cut(work, copy)
-            proc.kill()
+            try:
+                assert proc.stdout is not None
+                assert proc.stdout.readline().strip() == "ready"
+                time.sleep(at_s)  # the cut's moment
+                proc.send_signal(signal.SIGSTOP)
+                cut(work, copy)
+            finally:  # whatever failed, the writer goes before its image is unmounted
+                proc.kill()
             lines = proc.stdout.read().split("\n")  # everything printed before the stop
             proc.wait(10)
         acked = {"o": 0, "n": 0, "r": 0}
