@@ -1,8 +1,12 @@
 """Schemathesis against a live daemon, from the OpenAPI document it serves
 (docs/openapi.json): every route, on the socket it belongs to (admin routes on the admin
-socket), with generated bodies, headers and parameters. Every request gets an answer, no
-answer is a 5xx, each status, content type and JSON body is one the document declares, and
-the daemon is live and within its memory budget afterwards."""
+socket), with generated bodies, headers and parameters, valid and invalid, then the
+stateful phase (sequences along the links Schemathesis infers between operations). Every
+check runs: every request gets an answer, no answer is a 5xx, each status, content type,
+header and JSON body is one the document declares, invalid data is refused and valid data
+accepted (except where acceptance depends on what no schema can say, written out in
+`REFUSED_ALTHOUGH_VALID`), and the daemon is live and within its memory budget
+afterwards."""
 
 from __future__ import annotations
 
@@ -19,12 +23,8 @@ import schemathesis
 from fixture_agent import AgentProcess, write_config
 from hypothesis import HealthCheck, given, settings
 from requests.adapters import HTTPAdapter
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.config import SchemathesisConfig
+from schemathesis.generation import GenerationMode
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
@@ -32,7 +32,21 @@ from agent.config import load_config
 from agent.unit import memory_max_bytes
 
 BUDGET = 96 << 20
-EXAMPLES = 60  # per operation; 24 operations
+EXAMPLES = 40  # per operation and generation mode; 24 operations
+STATEFUL_EXAMPLES = 30
+#: Routes that refuse some requests the document allows, with the statuses and why: whether
+#: a body fits the served model (its input names, datatypes, shapes), whether a key names a
+#: shared-memory object that exists and is big enough, and whether an upload is a signed
+#: bundle archive are facts of the device, not of the request's form.
+REFUSED_ALTHOUGH_VALID = {
+    "/v2/models/{name}/infer": ("400",),
+    "/v2/models/{name}/versions/{version}/infer": ("400",),
+    "/v1/models/{name}:predict": ("400",),
+    "/v1/models/{name}/versions/{version}:predict": ("400",),
+    "/v2/systemsharedmemory/region/{region}/register": ("400",),
+    "/v1/admin/install": ("400", "415", "422"),
+}
+ACCEPTED = ("2xx", "3xx", "401", "403", "404", "409", "429", "5xx")  # Schemathesis' own
 
 
 class _UnixConnection(HTTPConnection):
@@ -103,17 +117,31 @@ def _document(agent: AgentProcess) -> dict[str, Any]:
     return doc
 
 
-def _fuzz(operation: Any, session: requests.Session, checks: list[Any]) -> int:
-    """Run one operation's generated cases; how many requests were sent."""
+def _config() -> SchemathesisConfig:
+    return SchemathesisConfig.from_dict({"operations": [
+        {"include-path": path, "checks": {"positive_data_acceptance": {
+            "expected-statuses": [*ACCEPTED, *statuses]}}}
+        for path, statuses in REFUSED_ALTHOUGH_VALID.items()]})
+
+
+def _has_inputs(operation: Any) -> bool:
+    """Whether there is anything to make invalid (a route with no parameters and no body
+    has no negative case)."""
+    return any(len(getattr(operation, part)) for part in ("path_parameters", "query",
+                                                          "headers", "body"))
+
+
+def _fuzz(operation: Any, session: requests.Session, mode: GenerationMode) -> int:
+    """Run one operation's generated cases under every check; how many requests were sent."""
     calls = 0
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
-    @given(case=operation.as_strategy())
+    @given(case=operation.as_strategy(generation_mode=mode))
     def fuzz(case: Any) -> None:
         nonlocal calls
         calls += 1  # a dropped connection raises requests.ConnectionError here
-        case.call_and_validate(base_url="http://localhost", session=session, checks=checks)
+        case.call_and_validate(base_url="http://localhost", session=session)
 
     fuzz()
     return calls
@@ -121,17 +149,35 @@ def _fuzz(operation: Any, session: requests.Session, checks: list[Any]) -> int:
 
 def test_schemathesis_finds_no_5xx_no_dropped_connection_and_no_undocumented_answer(
         agent: AgentProcess) -> None:
-    schema = schemathesis.openapi.from_dict(_document(agent))
+    schema = schemathesis.openapi.from_dict(_document(agent), config=_config())
     sessions = {False: _session(agent.socket), True: _session(agent.admin_socket)}
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
-              response_schema_conformance]
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) == 24
-    calls = sum(_fuzz(op, sessions[op.path.startswith("/v1/admin/")], checks)
-                for op in operations)
+    assert {op.path for op in operations} >= set(REFUSED_ALTHOUGH_VALID)
+    calls = sum(_fuzz(op, sessions[op.path.startswith("/v1/admin/")], mode)
+                for op in operations for mode in GenerationMode
+                if mode is GenerationMode.POSITIVE or _has_inputs(op))
+    assert calls >= 2 * 19 * 10
+
+    steps: list[str] = []
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]  # Schemathesis' class
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"base_url": "http://localhost",
+                    "session": sessions[case.path.startswith("/v1/admin/")]}
+
+        def after_call(self, response: Any, case: Any) -> None:
+            super().after_call(response, case)
+            steps.append(case.path)
+
+    Workflow.run(settings=settings(max_examples=STATEFUL_EXAMPLES, deadline=None,
+                                   database=None, derandomize=True,
+                                   suppress_health_check=list(HealthCheck)))
+    assert len(steps) >= STATEFUL_EXAMPLES, steps  # sequences ran, each checked
+    assert len(set(steps)) >= 2, steps  # along the links inferred (a model's infer routes)
+    assert len(set(steps)) >= 2, set(steps)  # along links between operations
     for session in sessions.values():
         session.close()  # no keep-alive connection left to hold the daemon's shutdown
-    assert calls >= 19 * 10
     assert agent.call("GET", "/v2/health/live")[0] == 200
     assert agent.call("GET", "/v1/admin/status")[1]["models"]["digits"]["version"] == 1
     assert agent.proc is not None

@@ -142,7 +142,7 @@ def test_hostile_registrations_are_refused_naming_the_problem(
     assert status == 400 and "4 regions" in reply["error"]
     status, reply = _register(agent, "r0", {"key": f"/{tag}_in", "byte_size": 4})
     assert status == 400 and "already registered" in reply["error"]
-    assert agent.call("POST", "/v2/systemsharedmemory/region/nope/unregister")[0] == 400
+    assert agent.call("POST", "/v2/systemsharedmemory/region/nope/unregister")[0] == 404
 
 
 def test_an_object_shrunk_after_registration_is_a_400_not_a_crash(
@@ -219,7 +219,7 @@ def test_a_region_belongs_to_the_credential_that_registered_it(
     agent.socket.chmod(0o666)  # let the second user reach the socket at all
     for method, path, status, text in (
             ("GET", "/v2/systemsharedmemory/status", 200, "[]"),
-            ("POST", f"/v2/systemsharedmemory/region/{tag}_in/unregister", 400, "no region"),
+            ("POST", f"/v2/systemsharedmemory/region/{tag}_in/unregister", 404, "no region"),
             ("POST", "/v2/systemsharedmemory/unregister", 200, "{}")):
         got = _as_nobody(agent.socket, method, path)
         assert got[0] == status and text in got[1], (path, got)

@@ -178,7 +178,7 @@ class SharedMemory:
         return Region(name, key, offset, size, fd, writable)
 
     def unregister(self, owner: str | None, name: str | None) -> None:
-        """Unregister `owner`'s region `name` (400 if it has none of that name) or, with
+        """Unregister `owner`'s region `name` (404 if it has none of that name) or, with
         name None, all of `owner`'s regions (owner None: every region, at shutdown)."""
         with self._lock:
             if name is None:
@@ -187,7 +187,7 @@ class SharedMemory:
             else:
                 region = self._regions.pop((owner or "", name), None)
                 if region is None:
-                    raise ApiError(400, f"no region {name!r} is registered")
+                    raise ApiError(404, f"no region {name!r} is registered")
                 regions = [region]
         for r in regions:
             r.close()
@@ -198,7 +198,7 @@ class SharedMemory:
                 return [r.status() for (o, _), r in self._regions.items() if o == owner]
             region = self._regions.get((owner, name))
         if region is None:
-            raise ApiError(400, f"no region {name!r} is registered")
+            raise ApiError(404, f"no region {name!r} is registered")
         return [region.status()]
 
     def get(self, owner: str, name: Any, what: str) -> Region:
