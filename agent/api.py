@@ -32,7 +32,15 @@ from typing import Any, TypeVar
 
 from agent import __version__
 from agent.daemon import Agent
-from agent.errors import AgentError, ApiError, Busy, Refused, RejectedError, UnknownModel
+from agent.errors import (
+    AgentError,
+    ApiError,
+    Busy,
+    Refused,
+    RejectedError,
+    StoreError,
+    UnknownModel,
+)
 from agent.logs import RateLimited
 from agent.serving.admission import PRIORITY
 from agent.serving.http import (
@@ -475,6 +483,8 @@ class Api:
             raise
         except Busy as exc:
             return _error(409, str(exc), reason="busy")
+        except StoreError as exc:  # the device's storage, not the bundle: try again later
+            return _error(503, str(exc), reason="store")
         except RejectedError as exc:
             return _error(422, str(exc), reason="rejected", check=exc.check)
         except AgentError as exc:

@@ -107,6 +107,12 @@ class RuntimeLoadError(AgentError):
     """A model file could not be loaded by its runtime."""
 
 
+class StoreError(AgentError):
+    """The model store cannot record an update: its journal cannot be written (the
+    device's storage) or does not allow the step (a journal changed under the agent).
+    Nothing about the bundle; the model that served before keeps serving."""
+
+
 class Busy(AgentError):
     """Another update is in progress; this one was refused, not queued."""
 

@@ -632,3 +632,25 @@ def test_concurrent_clients_are_batched_not_run_one_by_one_on_the_event_loop(
         s.close()
     batches = _metric(agent, "edge_agent_batches_total") - before
     assert batches <= 0.75 * 64, f"{batches:.0f} batches for 64 requests"
+
+
+@needs_onnxruntime
+def test_an_install_the_journal_cannot_record_is_503_and_the_daemon_goes_on(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """The update journal cannot be written (here: a directory where its file was): the
+    install answers 503 naming the journal, never 500, leaves nothing staged, the model
+    that served keeps serving, and once the journal is writable again an install works."""
+    agent = agent_factory(X86)
+    installed(agent, releases["onnx1"])
+    journal = agent.dir / "state" / "store" / "journal.jsonl"
+    kept = journal.read_bytes()
+    journal.unlink()
+    journal.mkdir()
+    status, body = agent.install(releases["onnx2"])
+    assert status == 503 and body["reason"] == "store" and "journal" in body["error"], body
+    assert not any((agent.dir / "state" / "store" / "staging").iterdir())
+    assert agent.call("POST", "/v2/models/digits/infer",
+                      infer_body(IN_ONNX))[1]["model_version"] == "1"
+    journal.rmdir()
+    journal.write_bytes(kept)
+    installed(agent, releases["onnx2"])

@@ -27,7 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.durable import fsync, fsync_dir, write_atomic
-from agent.errors import BundleError
+from agent.errors import BundleError, StoreError
 from agent.trust.archive import unpack_bundle
 from agent.trust.bundle import check_files, read_capped, verify_bundle_dir
 from agent.trust.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURES_FILE, Manifest
@@ -140,13 +140,24 @@ class ModelStore:
         return next((e for e in reversed(self.journal()) if e.update == update), None)
 
     def record(self, staged: Staged, event: str, reason: str = "") -> State:
-        """Journal a transition of `staged`'s update (checked against the table)."""
-        last = self._last(staged.update)
-        state = advance(last.state if last else None, event)
-        self._append(JournalEntry(update=staged.update, model=staged.manifest.name,
-                                  version=staged.manifest.version,
-                                  dir=staged.path.name, state=state, at=self.clock(),
-                                  reason=reason))
+        """Journal a transition of `staged`'s update (checked against the table).
+
+        Raises:
+            StoreError: the journal cannot be read or written, or has no such transition.
+        """
+        try:
+            last = self._last(staged.update)
+            state = advance(last.state if last else None, event)
+            self._append(JournalEntry(update=staged.update, model=staged.manifest.name,
+                                      version=staged.manifest.version,
+                                      dir=staged.path.name, state=state, at=self.clock(),
+                                      reason=reason))
+        except ValueError as exc:
+            raise StoreError(f"the update journal cannot advance update "
+                             f"{staged.update[:8]} on {event!r}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"the update journal {self.journal_path} cannot be read or "
+                             f"written: {exc.strerror or exc}") from exc
         return state
 
     def _append(self, entry: JournalEntry) -> None:
@@ -190,7 +201,11 @@ class ModelStore:
         if final.exists():  # left by an install interrupted after its rename
             shutil.rmtree(final)
         staged = Staged(uuid.uuid4().hex, m, final)
-        self.record(staged, "verified")
+        try:
+            self.record(staged, "verified")
+        except StoreError:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing verified is left behind
+            raise
         os.replace(tmp, final)
         fsync_dir(final.parent)
         fsync_dir(tmp.parent)
