@@ -13,6 +13,8 @@ does next.
     │   └── ReportError           a device's report: malformed, or not signed by its key
     ├── DownloadError             transport failure (refused, timed out, too slow): retry later
     ├── RuntimeLoadError          a model file its runtime cannot load: the update fails
+    ├── StoreError                the update journal cannot be written or advanced (the
+    │                             device's storage): the update fails, try again later
     ├── Busy                      another update is in progress: send it again later
     ├── Refused                   the scheduler refused a request (budget, thermal, queue,
     │                             deadline): back off; carries `reason` and an HTTP `status`

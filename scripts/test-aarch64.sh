@@ -6,8 +6,10 @@
 # mosquitto inside).
 #   scripts/test-aarch64.sh            every device test (slow: ~10x under emulation)
 #   scripts/test-aarch64.sh --smoke    a smaller part (scripts/test.sh runs it, so CI does)
-# Prints which versions resolved, the wall time, a TFLite-only install's size and package
-# count, and the agent's RSS idle and serving (under qemu, which adds its own).
+# Prints which versions resolved and the wall time; the full mode also a TFLite-only
+# install's size and package count, and the agent's RSS idle and serving (under qemu, which
+# adds its own). The root with its packages and dependencies is kept between runs
+# (EDGE_AARCH64_CACHE, /var/cache/edgekeeper-test by default) until they change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[test-aarch64] %s\n' "$*" >&2; }
@@ -33,7 +35,17 @@ cleanup() {
 trap cleanup EXIT
 cleanup
 rm -rf --one-file-system "$WORK"; mkdir -p "$WORK"
-cp -a --reflink=auto "$base" "$root"
+# The root with apt's packages and the venv's dependencies installed is kept between runs,
+# keyed by what decides them (pyproject.toml and this script): installing them under
+# emulation took about five minutes a run. Only the project's own wheel goes in afresh.
+key=$(cat pyproject.toml "$0" "$base/etc/debian_version" | sha256sum | cut -c1-16)
+prepared="${EDGE_AARCH64_CACHE:-/var/cache/edgekeeper-test}/aarch64-prepared-$key"
+if [ -d "$prepared" ]; then
+  cp -a --reflink=auto "$prepared" "$root"
+else
+  cp -a --reflink=auto "$base" "$root"
+fi
+mkdir -p "$root/proc" "$root/dev"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 # This machine's CA bundle (a registry proxy may sign with its own CA), for pip inside.
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
@@ -44,10 +56,12 @@ mount --bind /dev "$root/dev"; mount --bind /dev/pts "$root/dev/pts"
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
   LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
   PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$@"; }
-log "apt: python3, venv, mosquitto, curl (arm64, emulated)"
-in_root apt-get update -qq
-in_root apt-get install -y -qq --no-install-recommends python3 python3-venv mosquitto curl \
-  >/dev/null
+if [ ! -d "$prepared" ]; then
+  log "apt: python3, venv, mosquitto, curl (arm64, emulated)"
+  in_root apt-get update -qq
+  in_root apt-get install -y -qq --no-install-recommends python3 python3-venv mosquitto curl \
+    >/dev/null
+fi
 log "the project's wheel, built here from the tracked files"
 mkdir -p "$WORK/src"
 git ls-files -z | xargs -0 cp --parents -t "$WORK/src"
@@ -57,10 +71,21 @@ git ls-files -z tests firmware_profiles systemd README.md | xargs -0 cp --parent
 cp -a build/test-artifacts "$root/work/artifacts"
 cp "$WORK"/wheel/*.whl "$root/work/"
 wheel=$(basename "$WORK"/wheel/*.whl)
-log "pip install $wheel[tflite,onnx] with PyPI's aarch64 wheels"
-in_root python3 -m venv /opt/v
-in_root /opt/v/bin/pip install -q "/work/$wheel[tflite,onnx]" pytest hypothesis cryptography \
-  "tritonclient[http]"
+if [ -d "$prepared" ]; then
+  log "pip install $wheel alone (its dependencies are in the kept root $prepared)"
+  in_root /opt/v/bin/pip install -q --no-deps --force-reinstall "/work/$wheel"
+else
+  log "pip install $wheel[tflite,onnx] with PyPI's aarch64 wheels"
+  in_root python3 -m venv /opt/v
+  in_root /opt/v/bin/pip install -q "/work/$wheel[tflite,onnx]" pytest hypothesis cryptography \
+    "tritonclient[http]"
+  log "keeping the prepared root for the next run: $prepared"
+  rm -rf --one-file-system "$prepared.tmp" "${prepared%-*}"-*
+  mkdir -p "$(dirname "$prepared")"
+  cp -a -x --reflink=auto "$root" "$prepared.tmp"  # -x: not the mounted /proc and /dev
+  rm -rf "$prepared.tmp/work"
+  mv "$prepared.tmp" "$prepared"
+fi
 log "resolved: $(in_root /opt/v/bin/pip list --format=freeze 2>/dev/null |
   grep -iE '^(ai-edge-litert|onnxruntime|numpy|paho-mqtt|pynacl|psutil|pydantic|zstandard|h11|httptools)==' |
   tr '\n' ' ')"
@@ -72,6 +97,9 @@ in_root /usr/bin/env EDGE_TEST_ARTIFACTS=/work/artifacts sh -c \
   "cd /work && /opt/v/bin/pytest -q -p no:cacheprovider $(printf '%q ' "${tests[@]}")"
 log "tests took $(( $(date +%s) - t1 )) s under emulation; $(( $(date +%s) - t0 )) s in all"
 
+if [ "$MODE" = "--smoke" ]; then
+  exit 0  # the figures below are the full mode's (a second install under emulation)
+fi
 log "figures: a TFLite-only install (its own venv) and the agent's RSS, under emulation"
 in_root python3 -m venv /opt/lean
 in_root /opt/lean/bin/pip install -q "/work/$wheel[tflite]"
