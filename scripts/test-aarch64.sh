@@ -38,7 +38,7 @@ rm -rf --one-file-system "$WORK"; mkdir -p "$WORK"
 # The root with apt's packages and the venv's dependencies installed is kept between runs,
 # keyed by what decides them (pyproject.toml and this script): installing them under
 # emulation took about five minutes a run. Only the project's own wheel goes in afresh.
-key=$(cat pyproject.toml "$0" "$base/etc/debian_version" | sha256sum | cut -c1-16)
+key=$(cat pyproject.toml scripts/test-aarch64.sh "$base/etc/debian_version" | sha256sum | cut -c1-16)
 prepared="${EDGE_AARCH64_CACHE:-/var/cache/edgekeeper-test}/aarch64-prepared-$key"
 if [ -d "$prepared" ]; then
   cp -a --reflink=auto "$prepared" "$root"
