@@ -316,8 +316,7 @@ class Rollouts:
                 (rid,) if device is None else (rid, device)).fetchall()
         # built directly, statuses looked up: a controller reads every execution of a
         # rollout a few times a step (dicts per row and Exec(...) were a third of a step)
-        status = _EXEC
-        return [RolloutDevice(rollout=r, device=dev, wave=wave, status=status[st],
+        return [RolloutDevice(rollout=r, device=dev, wave=wave, status=_EXEC[st],
                               attempts=attempts, command_id=cmd, sent_at=sent, updated=upd,
                               retry_at=retry, failure=failure, detail=detail,
                               rollback_id=rb, rollback_result=rbr,

@@ -81,6 +81,9 @@ from fleet.errors import FleetError
 log = logging.getLogger("edge_fleet.simulate")
 DEFAULT_FAULTS = ("selftest", "latency", "drift")
 _SHM = Path("/dev/shm")
+#: Devices a worker process gets at least before another process (up to one per core) is
+#: worth its own interpreter.
+MIN_PER_PROCESS = 250
 FAULTS = (*DEFAULT_FAULTS, "errors")
 
 
@@ -552,8 +555,8 @@ class SimulatedFleet:
             if not (self.keys_dir / f"{name}.key").exists():
                 generate_device_key(name, self.keys_dir)
         self.faults = fault_plan(self.names, faulty_percent, fault_kinds)
-        # at least one process per core once there are enough devices to share
-        n = max(min(os.cpu_count() or 1, -(-count // 250)), -(-count // per_process))
+        n = max(min(os.cpu_count() or 1, -(-count // MIN_PER_PROCESS)),
+                -(-count // per_process))
         self._chunks = [self.names[i::n] for i in range(n)]
         self._workers: list[tuple[Any, Connection]] = []
         self.base_rss = 0  # the workers' resident memory before their devices were made

@@ -70,7 +70,7 @@ MAX_UNKNOWN = 1000
 MODEL_NAME = re.compile(NAME_PATTERN)
 
 
-class ModelState(NamedTuple):
+class StateOfModel(NamedTuple):
     """What a device's retained state says of one model, and the state's device order."""
 
     version: int | None  # None: it does not serve the model
@@ -371,7 +371,7 @@ class FleetDB:
                                    (device,)).fetchone()
         return json.loads(row[0]) if row else {}
 
-    def model_states(self, model: str) -> dict[str, ModelState]:
+    def model_states(self, model: str) -> dict[str, StateOfModel]:
         """device -> what its retained state says of `model`, for each device whose state
         carries a device order (read by SQLite's JSON functions: a controller asks every
         step, and parsing every device's models in Python was most of a step at 1,000
@@ -382,7 +382,7 @@ class FleetDB:
                 "SELECT device, json_extract(models_json, ?), json_extract(models_json, ?), "
                 "state_epoch, state_seq FROM devices WHERE state_epoch IS NOT NULL",
                 (f"$.{label}.version", f"$.{label}.committed")).fetchall()
-        return {d: ModelState(v, c, (int(e), int(q))) for d, v, c, e, q in rows}
+        return {d: StateOfModel(v, c, (int(e), int(q))) for d, v, c, e, q in rows}
 
     def devices(self, *, group: str | None = None, now: float | None = None
                 ) -> list[DeviceRow]:

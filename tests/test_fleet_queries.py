@@ -21,7 +21,7 @@ from agent.trust.signatures import PublicKey
 from fleet.ingest import Report
 from fleet.rollout import Rollouts
 from fleet.state import FleetDB
-from fleet.state import ModelState as Said
+from fleet.state import StateOfModel as Said
 
 KEY = PublicKey(public="11" * 32)
 

@@ -147,14 +147,15 @@ class ModelStore:
         """
         try:
             last = self._last(staged.update)
-            state = advance(last.state if last else None, event)
+            try:
+                state = advance(last.state if last else None, event)
+            except ValueError as exc:
+                raise StoreError(f"the update journal cannot advance update "
+                                 f"{staged.update[:8]} on {event!r}: {exc}") from exc
             self._append(JournalEntry(update=staged.update, model=staged.manifest.name,
                                       version=staged.manifest.version,
                                       dir=staged.path.name, state=state, at=self.clock(),
                                       reason=reason))
-        except ValueError as exc:
-            raise StoreError(f"the update journal cannot advance update "
-                             f"{staged.update[:8]} on {event!r}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"the update journal {self.journal_path} cannot be read or "
                              f"written: {exc.strerror or exc}") from exc
