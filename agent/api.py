@@ -43,6 +43,7 @@ from agent.errors import (
 )
 from agent.logs import RateLimited
 from agent.serving.admission import PRIORITY
+from agent.serving.heavy import HeavyGate, in_thread
 from agent.serving.http import (
     BodyStream,
     Handler,
@@ -69,18 +70,13 @@ log = logging.getLogger("edge_agent.api")
 MODEL_NAME = re.compile(NAME_PATTERN)
 
 
-#: Above this many bytes, parsing a request or encoding a response runs in a worker thread:
-#: decoding 16 MB of JSON on the event loop stalled every other client for seconds.
+#: Above this many bytes, parsing a request or encoding a response runs in a worker thread
+#: (decoding 16 MB of JSON on the event loop stalled every other client for seconds), and
+#: when that many bytes are JSON, through the heavy gate too (`agent.serving.heavy`).
 OFF_LOOP_BYTES = 64 * 1024
 #: Connections of the metrics listener (a scraper or two, health probes).
 METRICS_MAX_CONNECTIONS = 8
 T = TypeVar("T")
-
-
-async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
-    if size <= OFF_LOOP_BYTES:  # the common small request: no thread hand-off
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 @functools.cache
@@ -173,6 +169,8 @@ class Api:
         self.shm = (SharedMemory(max_regions=api.shared_memory_max_regions,
                                  max_region_bytes=api.shared_memory_max_region_bytes)
                     if api.shared_memory else None)
+        self.heavy = HeavyGate(api.heavy_json_share, on_wait=functools.partial(
+            agent.metrics.inc, "edge_agent_http_heavy_wait_seconds_total"))
         self.router = Router()
         for method, path, handler in (
                 ("GET", "/v2/health/live", self.live),
@@ -363,17 +361,18 @@ class Api:
             header_length = int(header) if header is not None else None
         except ValueError as exc:
             raise ApiError(400, "Inference-Header-Content-Length must be an integer") from exc
-        self._json_cap(len(request.body) if header_length is None else
-                       min(max(0, header_length), len(request.body)))
-        req = await _off_loop(len(request.body), parse_infer, request.body, entry.manifest,
-                              header_length,
-                              lambda shape: self.agent.scheduler.precheck(entry.name, shape),
-                              None if self.shm is None else self.shm.of(request.peer))
+        json_bytes = (len(request.body) if header_length is None else
+                      min(max(0, header_length), len(request.body)))
+        self._json_cap(json_bytes)
+        req = await self._work(json_bytes, len(request.body), parse_infer, request.body,
+                               entry.manifest, header_length,
+                               lambda shape: self.agent.scheduler.precheck(entry.name, shape),
+                               None if self.shm is None else self.shm.of(request.peer))
         y = await self._run(entry.name, req.x, req.priority, req.timeout_ms)
-        body, head_len = await _off_loop(
-            y.nbytes, functools.partial(infer_response, request_id=req.id,
-                                        binary=req.binary_output,
-                                        output_shm=req.output_shm), entry.manifest, y)
+        body, head_len = await self._work(
+            0 if req.binary_output or req.output_shm else y.nbytes, y.nbytes,
+            functools.partial(infer_response, request_id=req.id, binary=req.binary_output,
+                              output_shm=req.output_shm), entry.manifest, y)
         if head_len is None:
             return Response(200, body)
         return Response(200, body, "application/octet-stream",
@@ -422,6 +421,16 @@ class Api:
             "version": str(entry.manifest.version), "state": "AVAILABLE",
             "status": {"error_code": "OK", "error_message": ""}}]})
 
+    async def _work(self, json_bytes: int, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, parsing or encoding `size` bytes of which `json_bytes` are JSON:
+        on the loop when small, in a worker thread when large, and through the heavy gate
+        when the JSON is large (it holds the GIL throughout, wherever it runs)."""
+        if size <= OFF_LOOP_BYTES:  # the common small request: no thread hand-off
+            return fn(*args)
+        if json_bytes <= OFF_LOOP_BYTES:  # binary tensors: numpy, which is quick
+            return await in_thread(fn, *args)
+        return await self.heavy.run(functools.partial(in_thread, fn, *args))
+
     def _json_cap(self, size: int) -> None:
         cap = self.agent.config.api.max_json_bytes
         if size > cap:
@@ -432,10 +441,10 @@ class Api:
     async def predict(self, request: Request) -> Response:
         entry = await self._model(request)
         self._json_cap(len(request.body))
-        x, rows = await _off_loop(len(request.body), parse_predict, request.body,
-                                  entry.manifest)
+        x, rows = await self._work(len(request.body), len(request.body), parse_predict,
+                                   request.body, entry.manifest)
         y = await self._run(entry.name, x, "normal", None)
-        return Response(200, await _off_loop(y.nbytes, predict_response, y, rows))
+        return Response(200, await self._work(y.nbytes, y.nbytes, predict_response, y, rows))
 
     async def openapi(self, request: Request) -> Response:
         """This API described in OpenAPI 3 (docs/openapi.json, shipped in the package)."""

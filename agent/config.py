@@ -63,6 +63,10 @@ class ApiSection(_Section):
     # `json.loads` holds the GIL and so stalls every client, 77 ms for 6 MB. Larger
     # tensors travel in the binary tensor extension.
     max_json_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Large JSON (over 64 KiB) is parsed and encoded one request at a time and at most this
+    # share of the wall time (agent.serving.heavy): small requests keep their latency
+    # while others send megabytes of JSON; those are slowed, not refused.
+    heavy_json_share: float = Field(default=0.25, gt=0, le=1)
     # A bundle archive uploaded to the admin socket (`edge-agent install`), streamed to
     # staging as it arrives, never held in memory.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)

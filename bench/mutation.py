@@ -116,9 +116,12 @@ def mutants(source: str) -> Iterator[tuple[int, str, str]]:
 
 
 def _docstring_or_annotation(tree: ast.AST, node: ast.AST) -> bool:
-    """Constants in annotations and type aliases change nothing at run time."""
+    """Constants in annotations and type aliases change nothing at run time; a decorator's
+    arguments (`@dataclass(frozen=True, kw_only=True)`) declare how a class may be used,
+    and no caller that uses it as declared can tell them apart: both are left alone."""
     for parent in ast.walk(tree):
-        for ann in (getattr(parent, "annotation", None), getattr(parent, "returns", None)):
+        for ann in (getattr(parent, "annotation", None), getattr(parent, "returns", None),
+                    *getattr(parent, "decorator_list", ())):
             if ann is not None and any(n is node for n in ast.walk(ann)):
                 return True
     return False
@@ -134,16 +137,26 @@ def run(module: str, tests: list[str], limit: int | None) -> tuple[int, int, lis
     killed = total = 0
     survivors: list[str] = []
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def passes() -> bool:
+        """The tests pass; a mutant that hangs them past 600 s is caught (killed)."""
+        try:
+            return subprocess.run([sys.executable, "-m", "pytest", "-x", "-q",
+                                   "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env,
+                                  capture_output=True, timeout=600, check=False
+                                  ).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
     try:
+        if not passes():  # else every mutant would look killed
+            raise SystemExit(f"{module}: its tests fail on the unmutated code: {tests}")
         for line, kind, mutated in mutants(original):
             if limit is not None and total >= limit:
                 break
             total += 1
             path.write_text(mutated)
-            rc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q",
-                                 "-p", "no:cacheprovider", *tests], cwd=ROOT, env=env,
-                                capture_output=True, timeout=600, check=False).returncode
-            if rc != 0:
+            if not passes():
                 killed += 1
             else:
                 text = original.splitlines()[line - 1].strip() if line else "?"

@@ -146,8 +146,8 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
     client.reconnect_delay_set(min_delay=1, max_delay=10)  # after an outage: soon, capped
     client.loop_start()
     if not answered.wait(timeout_s) or outcome[:1] != ["ok"]:
+        client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
         client.loop_stop()
-        client.disconnect()
         why = outcome[0] if outcome else f"no answer within {timeout_s:g} s"
         raise FleetError(f"cannot connect to {where}: {why}")
     return client, subscribed

@@ -89,8 +89,8 @@ def publish_retained(broker: BrokerAuth | str, topic: str, payload: bytes, *,
             raise FleetError(f"{topic}: the broker refused it ({reason}); the fleet-controller "
                              "certificate may publish here, fleet-monitor may not")
     finally:
+        client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
         client.loop_stop()
-        client.disconnect()
 
 
 def publish_root(broker: BrokerAuth | str, kd: KeyDir, chain_urls: list[str]) -> int:

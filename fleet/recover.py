@@ -78,8 +78,8 @@ def recover(broker_url: BrokerAuth | str, fleet: str, keys: Iterable[SigningKey]
         client.publish(topic, raw, qos=1).wait_for_publish(10)
         done.wait(timeout_s) if expected else time.sleep(min(timeout_s, 2.0))
     finally:
+        client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
         client.loop_stop()
-        client.disconnect()
     return summary
 
 

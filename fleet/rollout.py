@@ -571,8 +571,8 @@ class Controller:
         self.watcher.stop()
         for rid, client in self._sessions.items():
             self.rollouts.release(rid, self.owner)
+            client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
             client.loop_stop()
-            client.disconnect()
         self._sessions.clear()
 
     # -- MQTT ------------------------------------------------------------------------------

@@ -565,8 +565,8 @@ class FleetWatcher:
 
     def stop(self) -> None:
         """Disconnect, then store what was received before returning."""
+        self.client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
         self.client.loop_stop()
-        self.client.disconnect()
         self.drained(10.0)
         self._queue.put(None)
         self._thread.join(10.0)

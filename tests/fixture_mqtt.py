@@ -130,8 +130,11 @@ class Subscriber:
     def wait_for(self, predicate: Any, timeout: float = 15.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if predicate():
-                return
+            try:
+                if predicate():
+                    return
+            except IndexError:  # it read the last of messages that have not come yet
+                pass
             time.sleep(0.05)
         raise AssertionError(f"timed out; got {len(self.messages)} messages")
 

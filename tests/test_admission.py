@@ -107,6 +107,61 @@ def test_critical_without_a_temperature_is_a_refusal_not_a_type_error() -> None:
     assert isinstance(r, Refusal) and r.reason == "thermal" and "unknown" in r.detail
 
 
+def test_the_levels_and_priorities_are_pinned() -> None:
+    """Thermal levels are exported as numbers (the thermal gauge); priorities are served
+    lowest value first, each strictly before the next."""
+    assert [(t.name, int(t)) for t in Thermal] == [("NORMAL", 0), ("THROTTLED", 1),
+                                                   ("CRITICAL", 2)]
+    assert [(p.name, int(p)) for p in Priority] == [("HIGH", 0), ("NORMAL", 1), ("LOW", 2)]
+
+
+@pytest.mark.parametrize(("previous", "t", "expected"), [
+    # falling: the level holds while the reading is above threshold - hysteresis, exactly
+    # at that point it falls
+    (Thermal.CRITICAL, 79.0, Thermal.THROTTLED), (Thermal.CRITICAL, 79.25, Thermal.CRITICAL),
+    (Thermal.THROTTLED, 73.0, Thermal.NORMAL), (Thermal.THROTTLED, 73.25, Thermal.THROTTLED),
+    (Thermal.CRITICAL, 73.0, Thermal.NORMAL),
+    # rising: at the threshold itself
+    (Thermal.NORMAL, 78.0, Thermal.THROTTLED), (Thermal.NORMAL, 77.75, Thermal.NORMAL),
+    (Thermal.NORMAL, 84.0, Thermal.CRITICAL), (Thermal.THROTTLED, 83.75, Thermal.THROTTLED),
+])
+def test_thermal_boundaries_are_exact(previous: Thermal, t: float, expected: Thermal) -> None:
+    assert thermal_state(previous, t, LIMITS) == expected
+
+
+def test_throttling_halves_queue_and_batch_but_never_below_one() -> None:
+    from agent.serving.admission import limits_for
+
+    odd = Budget(memory_budget_bytes=1, min_available_bytes=0, queue_max=9, max_batch=5)
+    one = Budget(memory_budget_bytes=1, min_available_bytes=0, queue_max=1, max_batch=1)
+    assert limits_for(Thermal.NORMAL, odd) == (9, 5)
+    assert limits_for(Thermal.THROTTLED, odd) == (4, 2)
+    assert limits_for(Thermal.CRITICAL, odd) == (4, 2)
+    assert limits_for(Thermal.THROTTLED, one) == (1, 1)
+
+
+def test_admission_boundaries_are_exact() -> None:
+    """A deadline reached is passed; a request that fills the budget or leaves exactly the
+    minimum free is admitted; every refusal's status and detail written out."""
+    clock = FakeClock()
+    req = Request(priority=Priority.NORMAL, deadline=clock() + 0.005, arena_bytes=0)
+    clock.jump(0.005)
+    r = admit(req, load=IDLE, budget=BUDGET, reading=FakeSensors().read(),
+              thermal=Thermal.NORMAL, now=clock() + 0.005)
+    assert r == Refusal("deadline", 503, "deadline passed 5.0 ms before admission")
+    r = admit(req, load=IDLE, budget=BUDGET, reading=FakeSensors().read(),
+              thermal=Thermal.NORMAL, now=req.deadline)
+    assert isinstance(r, Refusal) and r.reason == "deadline"
+    full = Load(queue_depth=0, resident_bytes=99_000, arena_in_flight_bytes=0)
+    assert decide(clock, FakeSensors(), load=full, arena=1000) == Admit(8)
+    assert decide(clock, FakeSensors(available_bytes=11_000), arena=1000) == Admit(8)
+    assert decide(clock, FakeSensors(available_bytes=10_999), arena=1000) == Refusal(
+        "memory", 503, "system has 10999 bytes available, keeping 10000 free")
+    assert decide(clock, FakeSensors(temperature_c=90.0), thermal=Thermal.CRITICAL) == Refusal(
+        "thermal", 503, "device at 90.0 °C, above its critical point; only high-priority "
+        "requests are served")
+
+
 def test_the_update_state_machine_is_a_table_with_one_path_to_commit() -> None:
     s = None
     for event in ("verified", "staged", "loaded", "self_tested", "activated", "committed"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,6 +246,48 @@ def test_json_past_max_json_bytes_is_413_and_the_binary_extension_carries_it(
         "Inference-Header-Content-Length": str(len(head))})
     conn.close()
     assert status == 200 and json.loads(out)["outputs"][0]["shape"] == [rows, 10], out[:300]
+
+
+def heavy_wait_s(agent: Any) -> float:
+    from agent.client import unix_call
+
+    text = unix_call(agent.admin_socket, "GET", "/metrics")[1]
+    found = re.search(r"^edge_agent_http_heavy_wait_seconds_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_large_json_takes_turns_at_the_heavy_gate_and_binary_tensors_do_not(
+        agent: Any) -> None:
+    """Three requests of ~330 KB of JSON at once go through the heavy gate one at a time,
+    each waiting out its share (so the gate reports waiting), and all are answered; a
+    binary-extension request of the same batch never waits there."""
+    rows = 400
+    body = {"inputs": [{"name": "input", "shape": [rows, 1, 8, 8], "datatype": "FP32",
+                        "data": [0.123456789] * (rows * 64)}]}
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(agent.call("POST", "/v2/models/digits/infer", body)[0])
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert results == [200, 200, 200]
+    waited = heavy_wait_s(agent)
+    assert waited > 0
+    raw = bytes(rows * 64 * 4)
+    head = json.dumps({"inputs": [{"name": "input", "shape": [rows, 1, 8, 8],
+                                   "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    for _ in range(3):
+        conn = agent.connection()
+        status, _, _ = call(conn, "POST", "/v2/models/digits/infer", head + raw, {
+            "Inference-Header-Content-Length": str(len(head))})
+        conn.close()
+        assert status == 200
+    assert heavy_wait_s(agent) == waited
 
 
 def _upload_head(size: int, **headers: str) -> bytes:

@@ -43,7 +43,9 @@ def events(sub: Subscriber, kind: str) -> list[dict[str, Any]]:
 
 
 def state(sub: Subscriber) -> dict[str, Any]:
-    return report(sub.on("/state")[-1])
+    """The device's latest state; {} before its first one arrived."""
+    got = sub.on("/state")
+    return report(got[-1]) if got else {}
 
 
 def serving(agent: AgentProcess) -> int:

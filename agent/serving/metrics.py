@@ -42,6 +42,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "counter", "Requests refused by admission, by reason (queue_full, deadline, memory, "
         "thermal, too_large, stopping)."),
     "edge_agent_http_responses_total": ("counter", "HTTP answers sent, by status code."),
+    "edge_agent_http_heavy_wait_seconds_total": (
+        "counter", "Time requests with large JSON waited for the heavy gate (api."
+                   "heavy_json_share of the wall time at most goes to large JSON)."),
     "edge_agent_http_connections": (
         "gauge", "Connections open now, by listener (unix, admin, tcp) and state (idle: "
         "waiting for a request; busy)."),
