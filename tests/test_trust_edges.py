@@ -7,6 +7,8 @@ out, and the tar reader's pax, GNU long-name and base-256 headers, valid and not
 from __future__ import annotations
 
 import io
+import json
+import re
 import tarfile
 from datetime import timedelta
 from pathlib import Path
@@ -95,6 +97,49 @@ def test_a_root_expires_at_its_expiry_instant_not_after() -> None:
     check_root_fresh(r, NOW - timedelta(microseconds=1))
 
 
+def test_a_root_past_its_size_cap_is_refused_at_the_byte() -> None:
+    from agent.trust.root import MAX_ROOT_BYTES
+
+    assert MAX_ROOT_BYTES == 262_144
+    with pytest.raises(RootError, match=r"root\.json is 262145 bytes, more than the 262144 "
+                                        r"allowed") as exc:
+        parse_root(b" " * (MAX_ROOT_BYTES + 1))
+    assert exc.value.check == "format"
+    with pytest.raises(RootError, match="not strict UTF-8 JSON"):  # at the cap: parsed
+        parse_root(b" " * MAX_ROOT_BYTES)
+
+
+def test_root_messages_name_a_key_by_its_first_twelve_hex_digits() -> None:
+    with pytest.raises(RootError) as exc:
+        parse_root(_with(_swap_key))
+    named = re.search(r"key id ([0-9a-f]+)… does not match its public key", str(exc.value))
+    assert named is not None and named.group(1) in {KEYS["root-1"].keyid[:12],
+                                                    KEYS["root-2"].keyid[:12]}, exc.value
+    with pytest.raises(RootError, match="role command names unknown key abababababab…"):
+        parse_root(_with(_unknown_key_in_a_role))
+
+
+def test_trust_records_are_frozen_and_built_by_field_name_or_wire_name() -> None:
+    """A parsed root, its roles, keys and signature files cannot be changed after the
+    checks; the fleet's tools build them by field name (`schema_version`), the wire says
+    `schema`."""
+    from pydantic import ValidationError
+
+    from agent.trust.root import Root
+    from agent.trust.signatures import Signature, SignatureFile
+
+    r = root()
+    for obj, field, value in ((r, "version", 9), (r.roles["root"], "threshold", 1),
+                              (next(iter(r.keys.values())), "public", "00" * 32)):
+        with pytest.raises(ValidationError, match="frozen"):
+            setattr(obj, field, value)
+    by_name = Root(schema_version=1, **{k: v for k, v in root_signed().items()
+                                        if k != "schema"})
+    assert by_name == r and by_name.model_dump(by_alias=True)["schema"] == 1
+    sig = Signature(keyid="ab" * 32, sig="cd" * 64)
+    assert SignatureFile(schema_version=1, signatures=[sig]).signatures == [sig]
+
+
 # -- strict and canonical JSON --------------------------------------------------------------
 
 
@@ -113,6 +158,47 @@ def test_strict_json_takes_exactly_its_cap_and_refuses_one_byte_more() -> None:
     assert strict_json(raw, what="m", max_bytes=100, error=RejectedError, check="c")
     with pytest.raises(RejectedError, match="101 bytes, more than the 100 allowed"):
         strict_json(raw + b" ", what="m", max_bytes=100, error=RejectedError, check="c")
+
+
+def test_signature_files_hold_at_most_64_signatures_and_64_kib() -> None:
+    from agent.trust.signatures import (
+        MAX_SIGNATURES,
+        MAX_SIGNATURES_BYTES,
+        parse_signature_file,
+    )
+
+    assert (MAX_SIGNATURES, MAX_SIGNATURES_BYTES) == (64, 65_536)
+
+    def file(n: int) -> bytes:
+        return json.dumps({"schema": 1, "signatures": [
+            {"keyid": f"{i:064x}", "sig": "cd" * 64} for i in range(n)]}).encode()
+
+    assert len(parse_signature_file(file(64)).signatures) == 64
+    with pytest.raises(SignatureError, match="at most 64 items") as exc:
+        parse_signature_file(file(65))
+    assert exc.value.check == "signatures"
+    with pytest.raises(SignatureError, match="65537 bytes, more than the 65536 allowed"):
+        parse_signature_file(b" " * (MAX_SIGNATURES_BYTES + 1))
+    with pytest.raises(SignatureError, match="not strict UTF-8 JSON"):  # at the cap: parsed
+        parse_signature_file(b" " * MAX_SIGNATURES_BYTES)
+
+
+def test_strict_json_messages_say_where_and_what() -> None:
+    """A wrong top level is `<root>`; an out-of-range number is quoted to 40 characters;
+    a lone surrogate (no UTF-8 form) is named, not a crash."""
+    from agent.trust.signatures import parse_envelope, parse_signature_file
+
+    with pytest.raises(SignatureError, match=r"signatures\.json invalid at <root>: "):
+        parse_signature_file(b"[]")
+    number = "1" + "0" * 44 + "e400"
+    with pytest.raises(RejectedError) as exc:
+        strict_json(f"[{number}]".encode(), what="m", max_bytes=100, error=RejectedError,
+                    check="c")
+    assert str(exc.value) == f"m is not strict UTF-8 JSON: number {number[:40]} is out of range"
+    with pytest.raises(RootError, match=r"root\.json holds a lone UTF-16 surrogate") as err:
+        parse_envelope(b'{"signed": {"a": "\\ud800"}, "signatures": []}', what="root.json",
+                       max_bytes=1000, error=RootError)
+    assert err.value.check == "format"
 
 
 def test_canonical_json_is_these_exact_bytes() -> None:
