@@ -447,6 +447,7 @@ class FleetWatcher:
         self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
         self.errors = 0  # messages whose handling raised (logged, counted, survived)
         self.stale = 0  # verified reports older than what was applied (`fleet.ordering`)
+        self.superseded = 0  # telemetry a later one of its device's in the batch replaced
         self.batches = 0
         self.gate = ReportGate(db, fleet)
         self._write_cpu_s = 0.0
@@ -520,18 +521,47 @@ class FleetWatcher:
                     self._unstored -= len(batch)
                     self._idle.notify_all()
 
+    def _open(self, topic: str, payload: bytes) -> Report | None:
+        try:
+            return self.gate.open(topic, payload)
+        except Exception:  # one bad message must never stop ingest
+            self._crashed(topic)
+            return None
+
+    def _verified(self, batch: list[tuple[str, bytes, float]]) -> list[tuple[Report, float]]:
+        """The batch's reports that pass the gate, with when each arrived.
+
+        Telemetry is folded into one row per device (`FleetDB.apply`), so of a device's
+        telemetry in one batch only the last to arrive is verified (the broker keeps one
+        publisher's order on a topic); the ones before it are `superseded`, never opened,
+        unless it fails its checks (then the one before it is tried, and so on). A backlog
+        of N reports per device costs one verification per device and batch, not N."""
+        earlier: dict[str, list[int]] = {}  # topic -> its telemetry before the last
+        last: dict[str, int] = {}
+        for i, (topic, _, _) in enumerate(batch):
+            if topic.endswith("/telemetry"):
+                if topic in last:
+                    earlier.setdefault(topic, []).append(last[topic])
+                last[topic] = i
+        skip = {i for older in earlier.values() for i in older}
+        reports = []
+        for i, (topic, payload, received) in enumerate(batch):
+            if i in skip:
+                continue
+            report, at = self._open(topic, payload), received
+            older = earlier.get(topic, [])
+            while report is None and older:  # it failed its checks: the one before it
+                j = older.pop()
+                report, at = self._open(topic, batch[j][1]), batch[j][2]
+            self.superseded += len(older)
+            if report is not None:
+                reports.append((report, at))
+        return reports
+
     def _store(self, batch: list[tuple[str, bytes, float]]) -> None:
         """Verify, then store the batch in one transaction; a batch that fails to store
         is stored again message by message, so one bad message costs only itself."""
-        reports = []
-        for topic, payload, received in batch:
-            try:
-                report = self.gate.open(topic, payload)
-            except Exception:  # one bad message must never stop ingest
-                self._crashed(topic)
-                continue
-            if report is not None:
-                reports.append((report, received))
+        reports = self._verified(batch)
         t0 = time.thread_time()
         try:
             applied = self.db.apply(reports)
