@@ -88,7 +88,7 @@ class ApiSection(_Section):
     # Triton (--allow-client-shm): a client can make the agent read and write any object
     # under /dev/shm that the agent's user may open.
     shared_memory: bool = False
-    shared_memory_max_regions: int = Field(default=16, ge=1, le=1024)
+    shared_memory_max_regions: int = Field(default=16, ge=1, le=1024)  # per client
     shared_memory_max_region_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
 
     @model_validator(mode="after")

@@ -11,8 +11,9 @@ The client is not trusted with the agent's memory, so nothing is mapped:
 - every use checks the object's size again and reads with `preadv` straight into the
   tensor's buffer (one copy) and writes with `pwrite`: a client that shrinks its object
   afterwards gets a 400, where a mapping would have killed the daemon with SIGBUS;
-- at most `max_regions` regions of at most `max_region_bytes` each; names and keys are
-  bounded and checked before any file is touched;
+- at most `max_regions` regions per owner (below) and `MAX_OWNERS` owners, of at most
+  `max_region_bytes` each (so one client cannot take every region, and the descriptors
+  held stay bounded); names and keys are bounded and checked before any file is touched;
 - an object the agent can only read serves inputs; writing an output to it is refused;
 - a region belongs to the credential of the connection that registered it (a Unix
   socket's peer user, or the TCP bearer token): each owner sees, uses and unregisters
@@ -102,6 +103,10 @@ class Region:
                 os.close(self.fd)
 
 
+#: Credentials holding regions at once (each with up to `max_regions`).
+MAX_OWNERS = 8
+
+
 class SharedMemory:
     """The registered regions of one agent, each under its owner (a connection's
     credential: `agent.serving.http.Request.peer`)."""
@@ -144,8 +149,12 @@ class SharedMemory:
             if (owner, name) in self._regions:
                 raise ApiError(400, f"region {name!r} is already registered; unregister it "
                                "first")
-            if len(self._regions) >= self.max_regions:
-                raise ApiError(400, f"{self.max_regions} regions are registered already")
+            owners = {o for o, _ in self._regions}
+            if sum(o == owner for o, _ in self._regions) >= self.max_regions:
+                raise ApiError(400, f"{self.max_regions} regions are registered by this "
+                               "client already")
+            if owner not in owners and len(owners) >= MAX_OWNERS:
+                raise ApiError(400, f"{MAX_OWNERS} clients hold regions already")
             region = self._open(name, key, offset, size)
             self._regions[(owner, name)] = region
 
