@@ -211,6 +211,45 @@ def test_canonical_json_is_these_exact_bytes() -> None:
         canonical({"n": float("nan")})
 
 
+# -- installed bundles and their files -------------------------------------------------------
+
+
+def test_an_installed_bundle_is_rechecked_by_its_release_signatures(tmp_path: Path) -> None:
+    """At start a bundle on disk gives back its manifest when the release role's threshold
+    of signatures holds, and none without them."""
+    from fixture_trust import sign_dir, signed_bundle
+
+    from agent.trust.verify import verify_installed
+
+    b = signed_bundle(tmp_path)
+    raw, sigs = (b / "manifest.json").read_bytes(), (b / "signatures.json").read_bytes()
+    m = verify_installed(root(), raw, sigs)
+    assert (m.name, m.version) == ("digits", 3)
+    with pytest.raises(SignatureError) as exc:
+        verify_installed(root(), raw, None)
+    assert exc.value.check == "unsigned"
+    sign_dir(b, ("release-1",))  # one of the two the role needs
+    with pytest.raises(SignatureError, match="threshold"):
+        verify_installed(root(), raw, (b / "signatures.json").read_bytes())
+
+
+def test_the_files_present_are_exactly_the_listed_ones(tmp_path: Path) -> None:
+    from fixture_trust import signed_bundle
+
+    from agent.trust.manifest import parse_manifest
+    from agent.trust.verify import check_file_set
+
+    m = parse_manifest((signed_bundle(tmp_path) / "manifest.json").read_bytes())
+    listed = ["manifest.json", "signatures.json", "model.tflite", "selftest.npz"]
+    check_file_set(m, listed)
+    with pytest.raises(BundleError) as exc:
+        check_file_set(m, [f for f in listed if f != "selftest.npz"])
+    assert (exc.value.check, exc.value.path) == ("missing", "selftest.npz")
+    with pytest.raises(BundleError) as exc:
+        check_file_set(m, [*listed, "extra.bin"])
+    assert (exc.value.check, exc.value.path) == ("unlisted", "extra.bin")
+
+
 # -- manifests ------------------------------------------------------------------------------
 
 
