@@ -69,7 +69,8 @@ TRANSITIONS: dict[tuple[Phase, Step, bool], Phase] = {
     (P.WATCHING, S.ANOMALY, False): P.ROLLED_BACK,
     (P.WATCHING, S.CANCEL, False): P.ROLLED_BACK,
     **{(p, S.FAILED, c): P.FAILED for p in UNINTERRUPTIBLE for c in (False, True)},
-    **{(p, S.CANCEL, c): p for p in FINAL for c in (False, True)},  # too late: no-op
+    # too late: a no-op (a final phase never carries a cancel: `advance` clears it)
+    **{(p, S.CANCEL, False): p for p in FINAL},
 }
 
 
