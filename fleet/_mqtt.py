@@ -83,13 +83,13 @@ class BrokerAuth:
         return auth
 
 
-def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
+def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str | tuple[str, int]],
             on_message: Callable[[Any, Any, Any], None],
             session_expiry_s: int | None = None, timeout_s: float = 10.0,
             max_inflight: int = 20) -> tuple[paho.Client, threading.Event]:
     """A client whose network loop runs and whom the broker accepted; it subscribes to
-    `topics` at QoS 1 on each connect. Also returns an event set once the broker
-    acknowledged the subscriptions.
+    `topics` on each connect (at QoS 1, or a `(topic, qos)` pair's own). Also returns an
+    event set once the broker acknowledged the subscriptions.
 
     Args:
         session_expiry_s: keep the session (and messages queued for it) this long while
@@ -122,7 +122,7 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str],
         outcome.append(f"refused: {reason}" if reason.is_failure else "ok")
         answered.set()
         if topics and not reason.is_failure:
-            c.subscribe([(t, 1) for t in topics])
+            c.subscribe([t if isinstance(t, tuple) else (t, 1) for t in topics])
 
     def on_disconnect(c: Any, u: Any, f: Any, reason: Any, p: Any) -> None:
         if not answered.is_set():

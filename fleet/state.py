@@ -40,6 +40,12 @@ from fleet.ordering import Mark, admit
 log = logging.getLogger("edge_fleet.state")
 #: The shared-subscription group of the rollout controllers (and only theirs).
 CONTROLLER_GROUP = "edge-fleet-controllers"
+#: Telemetry reaches the fleet's consumers at QoS 0: the broker forwards each message once
+#: and no acknowledgement goes back (devices still publish it at QoS 1 from their outbox).
+#: A message lost between broker and controller is replaced by the next within an
+#: interval, and the broker keeps none for a controller that is away; states, events and
+#: results stay at QoS 1.
+TELEMETRY_QOS = 0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -463,7 +469,7 @@ class FleetWatcher:
         self._last_message = time.monotonic()
         self.client, self.subscribed = connect_patiently(
             broker_url, client_id or f"edge-fleet-{uuid.uuid4().hex[:12]}",
-            topics=[f"{base}/+/state", f"{share}{base}/+/telemetry",
+            topics=[f"{base}/+/state", (f"{share}{base}/+/telemetry", TELEMETRY_QOS),
                     f"{share}{base}/+/event"], on_message=self._message,
             wait_s=connect_wait_s)
 
