@@ -14,7 +14,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ class BrokerAuth:
         return auth
 
 
-def connect(broker: BrokerAuth | str, client_id: str, *, topics: list[str | tuple[str, int]],
+def connect(broker: BrokerAuth | str, client_id: str, *, topics: Sequence[str | tuple[str, int]],
             on_message: Callable[[Any, Any, Any], None],
             session_expiry_s: int | None = None, timeout_s: float = 10.0,
             max_inflight: int = 20) -> tuple[paho.Client, threading.Event]:
