@@ -125,6 +125,12 @@ def test_the_prefix_counts_only_in_a_ustar_header() -> None:
     assert read(bytes(h) + END) == {"base.bin": b"P"}
 
 
+def test_the_limits_are_these() -> None:
+    """The tests below read the limits from the module: pinned here, so a changed limit
+    is a failing test and not a test that follows it."""
+    assert (MAX_NAME_BYTES, MAX_HEADERS, MAX_NUMBER_DIGITS) == (1024, 4096, 20)
+
+
 def test_a_name_of_the_cap_is_taken_and_one_byte_more_refused() -> None:
     def pax_named(name: str) -> bytes:
         record = f" path={name}\n".encode()
