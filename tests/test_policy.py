@@ -194,3 +194,30 @@ def test_pace_counts_a_sliding_minute() -> None:
     assert pace.room(60.0) == 2  # the first two left the window
     assert pace.room(90.0) == 3
     assert Pace(0).room(0.0) >= 1 << 30  # no limit
+
+
+def test_a_pace_of_one_per_minute_and_no_pace_at_all() -> None:
+    one = Pace(1)
+    assert one.room(0.0) == 1
+    one.spent(1, 0.0)
+    assert one.room(59.0) == 0 and one.room(60.0) == 1
+    unlimited = Pace(0)
+    unlimited.spent(100_000, 0.0)
+    assert unlimited.room(1.0) >= 1 << 30
+    assert not unlimited._sent  # keeps no history it would never trim
+
+
+def test_exponential_waves_start_at_most_at_100_percent() -> None:
+    assert exponential_fractions(100, 2) == [1.0]
+    with pytest.raises(ValueError, match="0 < start <= 100"):
+        exponential_fractions(100.5, 2)
+
+
+def test_a_halt_names_at_most_ten_devices() -> None:
+    ten = {f"d{i:02d}": E.FAILED for i in range(10)}
+    v = judge(ten, criteria=STRICT)
+    assert v.reason == ("10 of 10 device(s) failed or rolled back: "
+                        + ", ".join(f"d{i:02d}" for i in range(10)))
+    v = judge({**ten, "d10": E.FAILED}, criteria=STRICT)
+    assert v.reason == ("11 of 11 device(s) failed or rolled back: "
+                        + ", ".join(f"d{i:02d}" for i in range(10)) + ", …")
