@@ -94,24 +94,33 @@ class Observers:
 
 
 def client_p50(agent: AgentProcess, n: int, conn: Any = None) -> tuple[float, float]:
-    """p50 and p99 (µs) of `n` JSON inferences on one kept-alive connection; a connection
-    the daemon closes is opened again and counted (`client_p50.reconnects`)."""
+    """p50 and p99 (µs) of `n` answered JSON inferences on one kept-alive connection; a
+    connection the daemon closes is opened again and counted (`client_p50.reconnects`), and
+    a refusal (a status other than 200, with its reason) is counted, not timed
+    (`client_p50.refused`)."""
     conn = conn or agent.connection()
     body = json.dumps(BODY).encode()
     samples = []
     client_p50.reconnects = 0  # type: ignore[attr-defined]
+    client_p50.refused = Counter()  # type: ignore[attr-defined]
     while len(samples) < n:
         t = time.perf_counter()
         try:
-            status, _, _ = call(conn, "POST", "/v2/models/digits/infer", body,
-                                {"Content-Type": "application/json"})
+            status, _, out = call(conn, "POST", "/v2/models/digits/infer", body,
+                                  {"Content-Type": "application/json"})
         except OSError:
             client_p50.reconnects += 1  # type: ignore[attr-defined]
             conn.close()
             conn = agent.connection()
             continue
+        if status != 200:
+            try:
+                reason = json.loads(out).get("reason") or json.loads(out).get("error", "")
+            except ValueError:
+                reason = out[:60].decode(errors="replace")
+            client_p50.refused[f"{status} {str(reason)[:60]}"] += 1  # type: ignore[attr-defined]
+            continue
         samples.append(time.perf_counter() - t)
-        assert status == 200, status
     conn.close()
     samples.sort()
     return 1e6 * statistics.median(samples), 1e6 * samples[int(0.99 * len(samples))]
@@ -373,6 +382,7 @@ def main() -> None:
         time.sleep(3)  # the mix under way
         under_mix = client_p50(agent, ns.requests, conn=client)
         reconnects = client_p50.reconnects  # type: ignore[attr-defined]
+        refused = dict(client_p50.refused)  # type: ignore[attr-defined]
         stop_mix.set()
         time.sleep(1)
         found = payload_attacks(agent, where) | connection_attacks(agent, port)
@@ -385,7 +395,7 @@ def main() -> None:
               f"{during[1]:.0f} ({during[0] / alone[0]:.2f}x)")
         print(f"  under the mix (40 slowloris, 2 loops of 4 MiB JSON, 2 pipelined loops, 70 "
               f"idle): p50 {under_mix[0]:.0f} p99 {under_mix[1]:.0f}, its connection closed "
-              f"{reconnects} time(s) "
+              f"{reconnects} time(s), refused {refused or 'never'} "
               f"({under_mix[0] / alone[0]:.2f}x; target <= 3x); admin status answers "
               f"{dict(mix['admin'])}; TCP with the token {dict(mix['tcp'])}; 4 MiB JSON "
               f"answers {dict(mix['json'])}; pipelined answers {mix['pipelined']}; idle "
