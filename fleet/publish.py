@@ -24,7 +24,7 @@ import paho.mqtt.client as paho
 from agent.link.trustfeed import announcement
 from agent.link.wire import fleet_topic
 from agent.trust.heartbeat import Heartbeat
-from fleet._mqtt import BrokerAuth, connect
+from fleet._mqtt import BrokerAuth, close, connect
 from fleet.errors import FleetError
 from fleet.keys import KeyDir, SigningKey, sign_envelope
 from fleet.state import FleetDB
@@ -89,8 +89,7 @@ def publish_retained(broker: BrokerAuth | str, topic: str, payload: bytes, *,
             raise FleetError(f"{topic}: the broker refused it ({reason}); the fleet-controller "
                              "certificate may publish here, fleet-monitor may not")
     finally:
-        client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
-        client.loop_stop()
+        close(client)
 
 
 def publish_root(broker: BrokerAuth | str, kd: KeyDir, chain_urls: list[str]) -> int:

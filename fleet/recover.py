@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from agent.link.wire import PREFIX, CommandResult, device_topic, group_cmd_topic
-from fleet._mqtt import BrokerAuth, connect
+from fleet._mqtt import BrokerAuth, close, connect
 from fleet.commands import build_command, sign_command
 from fleet.ingest import KeySource, ReportGate
 from fleet.keys import SigningKey
@@ -78,8 +78,7 @@ def recover(broker_url: BrokerAuth | str, fleet: str, keys: Iterable[SigningKey]
         client.publish(topic, raw, qos=1).wait_for_publish(10)
         done.wait(timeout_s) if expected else time.sleep(min(timeout_s, 2.0))
     finally:
-        client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
-        client.loop_stop()
+        close(client)
     return summary
 
 

@@ -47,7 +47,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.link.wire import PREFIX, CommandResult, Event, device_topic, fleet_topic
-from fleet._mqtt import BrokerAuth, connect_patiently
+from fleet._mqtt import BrokerAuth, close, connect_patiently
 from fleet._proc import pid_alive
 from fleet.commands import build_command, deploy_fields, sign_command
 from fleet.errors import FleetError
@@ -571,8 +571,7 @@ class Controller:
         self.watcher.stop()
         for rid, client in self._sessions.items():
             self.rollouts.release(rid, self.owner)
-            client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
-            client.loop_stop()
+            close(client)
         self._sessions.clear()
 
     # -- MQTT ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 from agent.link.wire import PREFIX, Event, StatePayload, Telemetry
 from agent.trust.signatures import NAME_PATTERN, PublicKey
-from fleet._mqtt import BrokerAuth, connect_patiently
+from fleet._mqtt import BrokerAuth, close, connect_patiently
 from fleet.ingest import Report, ReportGate
 from fleet.ordering import Mark, admit
 
@@ -601,8 +601,7 @@ class FleetWatcher:
 
     def stop(self) -> None:
         """Disconnect, then store what was received before returning."""
-        self.client.disconnect()  # first: loop_stop alone waits out the loop's 1-s select
-        self.client.loop_stop()
+        close(self.client)
         self.drained(10.0)
         self._queue.put(None)
         self._thread.join(10.0)
