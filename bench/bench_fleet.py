@@ -2,7 +2,7 @@
 project ships it (`edge-fleet broker-config`: mutual TLS, a certificate per device, the
 per-device ACL), every report signed by its device and verified by the controller, with
 simulated
-devices (`fleet.simulate`: the agent's fleet link and model store over a stand-in runtime,
+devices (`fleet.sim`: the agent's fleet link and model store over a stand-in runtime,
 one MQTT connection each, in worker processes):
 
 1. rollout time: a release to all N devices in waves 1/10/50/100 %, with short health
@@ -49,12 +49,16 @@ from fixture_mqtt import SecureBroker
 from agent.link.wire import Memory, ModelTelemetry, ReportOrder, StatePayload, Telemetry
 from agent.trust.identity import ReportSigner
 from fleet._mqtt import connect
-from fleet.artifacts import serve_in_process
-from fleet.keys import KeyDir
-from fleet.policy import DONE, Criteria
-from fleet.rollout import Controller, Rollouts, pause_after
-from fleet.simulate import SimSettings, SimulatedFleet, device_names
-from fleet.state import CONTROLLER_GROUP, FleetDB, FleetWatcher
+from fleet.devices.registry import FleetDB
+from fleet.devices.watcher import CONTROLLER_GROUP, FleetWatcher
+from fleet.rollout.controller import Controller
+from fleet.rollout.policy import DONE, Criteria
+from fleet.rollout.record import Rollouts, pause_after
+from fleet.rollout.status import rollout_lines
+from fleet.sim.processes import SimulatedFleet
+from fleet.sim.settings import SimSettings, device_names
+from fleet.trust.artifacts import serve_in_process
+from fleet.trust.keys import KeyDir
 
 WAVES = [0.01, 0.1, 0.5, 1.0]
 
@@ -122,7 +126,7 @@ def rollout_run(where: Path, broker: SecureBroker, keys: Path, url: str, archive
     took = time.monotonic() - t0
     print(f"    waves ended at {', '.join(marks)} s")
     ro = Rollouts(db).get(rid)
-    for line in Rollouts(db).status_lines(rid)[1:]:
+    for line in rollout_lines(Rollouts(db), rid)[1:]:
         if " committed " not in line:
             print("   ", line)
     runs = sims.versions()  # asked of the devices themselves
@@ -211,7 +215,7 @@ def bench_scale(where: Path, broker: SecureBroker, n: int, interval_s: float) ->
         got = watcher.ingested["telemetry"] - i0
         now = datetime.now(UTC)
         ages = sorted((now - Telemetry.model_validate_json(t).at).total_seconds()
-                      for (t,) in db._db.execute("SELECT telemetry_json FROM devices "
+                      for (t,) in db.store.all("SELECT telemetry_json FROM devices "
                                                  "WHERE telemetry_json IS NOT NULL"))
         fresh = sum(a <= 2 * interval_s for a in ages)
         print(f"  steady, telemetry every {interval_s:g} s, over {steady:g} s: CPU per second "

@@ -34,8 +34,8 @@ from fixture_mqtt import Broker, Subscriber
 
 from agent.link.mqtt import Backoff, MqttLink, wait_connected
 from agent.link.outbox import Outbox
-from fleet.commands import build_command, deploy_fields, sign_command
-from fleet.keys import KeyDir
+from fleet.trust.commands import build_command, deploy_fields, sign_command
+from fleet.trust.keys import KeyDir
 
 BASE = "edge/v1/acme/dev-1"
 WIDTHS = (1024, 1024)  # ~4.5 MB of fp32 weights

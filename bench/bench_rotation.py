@@ -37,11 +37,14 @@ from bench_chaos import releases  # the digits releases the suite uses
 from fixture_agent import start_group  # tests/ holds the harness
 from fixture_mqtt import SecureBroker
 
-from fleet.artifacts import serve_in_thread
-from fleet.keys import KeyDir, rotate_keys
-from fleet.publish import copy_roots, publish_root, root_reach
-from fleet.simulate import SimSettings, SimulatedFleet, device_names
-from fleet.state import FleetDB, FleetWatcher
+from fleet.devices.registry import FleetDB
+from fleet.devices.status import root_reach
+from fleet.devices.watcher import FleetWatcher
+from fleet.sim.processes import SimulatedFleet
+from fleet.sim.settings import SimSettings, device_names
+from fleet.trust.artifacts import serve_in_thread
+from fleet.trust.keys import KeyDir, rotate_keys
+from fleet.trust.publish import copy_roots, publish_root
 
 TARGET_S = 10.0
 

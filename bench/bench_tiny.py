@@ -68,10 +68,10 @@ from agent.trust.bundle import read_manifest
 from converter import tiny
 from converter.cli import main as convert
 from converter.examples import tiny as examples
-from fleet.artifacts import serve_in_process
-from fleet.keys import KeyDir
-from fleet.release import pack_bundle, sign_bundle
-from fleet.simulate import SimulatedFleet
+from fleet.sim.processes import SimulatedFleet
+from fleet.trust.artifacts import serve_in_process
+from fleet.trust.keys import KeyDir
+from fleet.trust.release import pack_bundle, sign_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "build/bench-tiny"

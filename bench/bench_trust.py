@@ -6,7 +6,7 @@ end-to-end figures over TLS are in bench_fleet.py's ingest).
    as the agent does), unsigned against signed by the device's Ed25519 report key; the
    CPU share of one core at the default 10 s interval, and messages/s one agent can sign;
 2. controller: take one telemetry message in: parse and validate (unsigned) against the
-   ingest gate (`fleet.ingest.ReportGate`: topic, registered key, signature, payload
+   ingest gate (`fleet.devices.gate.ReportGate`: topic, registered key, signature, payload
    device, schema), messages/s on one core.
 
     .venv/bin/python bench/bench_trust.py [--n 20000]
@@ -24,8 +24,8 @@ from pathlib import Path
 from agent.link.outbox import Outbox
 from agent.link.wire import Memory, ModelTelemetry, ReportOrder, Telemetry, dump
 from agent.trust.identity import ReportSigner
-from fleet.ingest import ReportGate
-from fleet.state import FleetDB
+from fleet.devices.gate import ReportGate
+from fleet.devices.registry import FleetDB
 
 
 def telemetry(seq: int) -> Telemetry:

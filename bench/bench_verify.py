@@ -32,8 +32,8 @@ from agent.trust.archive import unpack_bundle
 from agent.trust.bundle import CHUNK_BYTES, verify_bundle_dir
 from agent.trust.command import Addressee, verify_command
 from agent.trust.signatures import Role, verify_threshold
-from fleet.commands import build_command, sign_command
-from fleet.release import pack_bundle
+from fleet.trust.commands import build_command, sign_command
+from fleet.trust.release import pack_bundle
 
 MB = 1_000_000
 

@@ -43,7 +43,7 @@ SUITES: dict[str, list[str]] = {
     "agent/serving/admission.py": ["tests/test_admission.py"],
     "agent/updates/deploy.py": ["tests/test_deploy_flow.py", "tests/test_trust_edges.py"],
     "agent/updates/lifecycle.py": ["tests/test_trust_edges.py", "tests/test_store.py"],
-    "fleet/policy.py": ["tests/test_policy.py"],
+    "fleet/rollout/policy.py": ["tests/test_policy.py"],
 }
 COMPARE_SWAP: dict[type[ast.cmpop], type[ast.cmpop]] = {
     ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,

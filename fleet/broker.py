@@ -26,7 +26,7 @@ from fleet.errors import FleetError
 #: Certificate names that are operators' tools, not devices (the ACL's `user` lines):
 #: their client ids begin "edge-fleet-" and they are never taken for a device.
 OPERATORS = ("fleet-controller", "fleet-monitor")
-#: Who may join a shared subscription (the controllers' group, `fleet.state`).
+#: Who may join a shared subscription (the controllers' group, `fleet.devices.watcher`).
 SHARE_USERS = ("fleet-controller",)
 GUARD = "edge_fleet_guard"
 #: What building the plugin needs on Debian/Ubuntu.

@@ -3,7 +3,7 @@
 Served by the standard library: `/` is a self-contained page (no build step, no CDN),
 `/api/fleet` the current snapshot as JSON, `/events` the same snapshot every
 `EVERY_S` seconds as Server-Sent Events, so the page updates without reload. The snapshot
-comes from the fleet database (`fleet.state`, kept current by a monitoring
+comes from the fleet database (`fleet.devices.watcher`, kept current by a monitoring
 `FleetWatcher` of its own) and the rollout tables.
 
 Made for a fleet, not a list: a summary (devices, online, health counts), the version
@@ -25,9 +25,10 @@ from collections import Counter, defaultdict, deque
 from typing import Any
 from urllib.parse import urlsplit
 
-from fleet.policy import DONE
-from fleet.rollout import Rollouts
-from fleet.state import FleetDB, shown_models
+from fleet.devices.registry import FleetDB
+from fleet.devices.status import shown_models
+from fleet.rollout.policy import DONE
+from fleet.rollout.record import Rollouts
 
 EVERY_S = 2.0
 
@@ -165,8 +166,8 @@ class Dashboard:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            with self.db.lock:
-                rows = self.db.connection.execute(
+            with self.db.store.lock:
+                rows = self.db.store.execute(
                     "SELECT device, telemetry_json FROM devices").fetchall()
             for device, tel in rows:
                 if tel and self._seen.get(device) != tel:

@@ -14,9 +14,11 @@ source scripts/lib.sh
 # prometheus: promtool and a real Prometheus scraping the agent (tests/test_monitoring.py);
 # systemd-container: the packaged agent booted under a real systemd (tests/test_systemd_boot.py)
 # gcc, libc6-dev, libssl-dev, libmosquitto-dev, mosquitto-dev: the broker's guard plugin
-# (fleet/mosquitto/edge_fleet_guard.c, built by `edge-fleet broker-config`)
+# (fleet/mosquitto/edge_fleet_guard.c, built by `edge-fleet broker-config`);
+# postgresql: the fleet record on PostgreSQL (fleet/postgres.py starts a cluster of its own, as
+# the postgres user on a free loopback port; the distribution's own cluster is not used)
 APT_PKGS=(mosquitto mosquitto-clients systemd chromium e2fsprogs mount prometheus curl systemd-container
-          gcc libc6-dev libssl-dev libmosquitto-dev mosquitto-dev)
+          gcc libc6-dev libssl-dev libmosquitto-dev mosquitto-dev postgresql)
 PY=""
 for cand in python3.11 python3.12 python3.13 python3; do
   if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then

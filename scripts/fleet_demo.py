@@ -35,8 +35,8 @@ import numpy as np
 
 from agent.client import unix_call
 from agent.trust.bundle import read_manifest
-from fleet.artifacts import serve_in_process
-from fleet.release import break_golden_outputs
+from fleet.trust.artifacts import serve_in_process
+from fleet.trust.release import break_golden_outputs
 
 BIN = Path(sys.executable).parent
 

@@ -3,7 +3,7 @@
 
 What runs: mosquitto as the project ships it (`edge-fleet broker-config`: mutual TLS, the
 per-device ACL, persistence saved every 5 s, nothing anonymous; every device, agent or
-simulated, with its own certificate), simulated devices (`fleet.simulate`) and real agents
+simulated, with its own certificate), simulated devices (`fleet.sim`) and real agents
 of group "lab", an artifact server, and the rollout controller as a real `edge-fleet
 rollout run` subprocess with the fleet-controller certificate. While the rollout runs, a
 seeded schedule injects every kind once (in a seeded order), then a few more:
@@ -40,12 +40,14 @@ from fixture_agent import start_group
 from fixture_mqtt import SecureBroker
 from polling import wait_until
 
-from fleet.artifacts import serve_in_thread
-from fleet.cli import ROLLOUT_EXIT
-from fleet.policy import DONE, FINAL, Criteria, RetryPolicy
-from fleet.rollout import Rollouts
-from fleet.simulate import SimSettings, SimulatedFleet, device_names
-from fleet.state import FleetDB, FleetWatcher
+from fleet.cli.rollout import ROLLOUT_EXIT
+from fleet.devices.registry import FleetDB
+from fleet.devices.watcher import FleetWatcher
+from fleet.rollout.policy import DONE, FINAL, Criteria, RetryPolicy
+from fleet.rollout.record import Rollouts
+from fleet.sim.processes import SimulatedFleet
+from fleet.sim.settings import SimSettings, device_names
+from fleet.trust.artifacts import serve_in_thread
 
 KINDS = ("broker", "broker_wave", "controller", "controller_send", "stall_agent",
          "stall_sims", "offline_sims")
@@ -215,7 +217,7 @@ class Chaos:
         self.say(f"  fault {kind}")
 
     def _commands(self, rid: str) -> int:
-        return int(self.db.connection.execute(
+        return int(self.db.store.execute(
             "SELECT COUNT(*) FROM rollout_commands WHERE rollout = ?", (rid,)).fetchone()[0])
 
     # -- the run ----------------------------------------------------------------------------
@@ -286,7 +288,7 @@ class Chaos:
             if (d.status in DONE) != on_release:
                 self.result.mismatches.append(f"{d.device}: record {d.status.value}, runs "
                                               f"v{running.get(d.device)}")
-        self.result.rollbacks_sent = int(self.db.connection.execute(
+        self.result.rollbacks_sent = int(self.db.store.execute(
             "SELECT COUNT(*) FROM rollout_commands WHERE rollout = ? AND kind = 'rollback'",
             (rid,)).fetchone()[0])
 

@@ -71,20 +71,47 @@ def releases(onnx_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 @pytest.fixture
-def group(tmp_path: Path, broker: Any, releases: dict[str, Path]) -> Iterator[Any]:
+def group(request: pytest.FixtureRequest, tmp_path: Path, broker: Any,
+          releases: dict[str, Path]) -> Iterator[Any]:
     """Three real agents of group "lab" (dev-1..3) serving v1 on `broker`, and an artifact
-    server for the releases: (broker, agents, url)."""
+    server for the releases: (broker, agents, url). Their keys are registered in the
+    test's `fleet_db` when it takes one, else in tmp_path/fleet.sqlite."""
     from fixture_agent import start_group
 
-    from fleet.artifacts import serve_in_thread
+    from fleet.trust.artifacts import serve_in_thread
 
+    db = request.getfixturevalue("fleet_db") if "fleet_db" in request.fixturenames else None
     agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1", "dev-2", "dev-3"],
-                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.25)
+                         [releases["onnx1"]], health_window_s=0.5, telemetry_interval_s=0.25,
+                         db=db)
     server, url = serve_in_thread(releases["onnx1"].parent)
     yield broker, agents, url
     server.shutdown()
     for a in agents:
         a.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A PostgreSQL cluster of the session's own (`fleet.postgres`: Debian's binaries, the
+    postgres user, a password, a free loopback port), removed at the end."""
+    import tempfile
+
+    from fleet.postgres import LocalPostgres
+
+    with LocalPostgres(Path(tempfile.mkdtemp(prefix="edge-pg-", dir="/var/tmp"))) as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet_db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty fleet record on each engine: an SQLite file's path, or the URL of a
+    new database on the session's PostgreSQL. A test that takes it runs on both."""
+    if request.param == "sqlite":
+        return str(tmp_path / "fleet.sqlite")
+    import uuid
+
+    return str(request.getfixturevalue("postgres").create_database(f"t_{uuid.uuid4().hex}"))
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from agent.client import UnixHTTPConnection, call, unix_call, upload
 from agent.trust.bundle import file_entry
 from agent.trust.identity import generate_device_key
 from agent.trust.manifest import canonical_json
-from fleet.keys import KeyDir, init_keys
-from fleet.release import break_golden_outputs, pack_bundle, sign_bundle
+from fleet.trust.keys import KeyDir, init_keys
+from fleet.trust.release import break_golden_outputs, pack_bundle, sign_bundle
 
 ONE_OF_ONE: Any = {"root": (1, 1), "release": (1, 1), "command": (1, 1)}
 
@@ -157,12 +157,13 @@ class AgentProcess:
 
 
 def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
-                installs: list[Path], *, mqtt_for: Any = None,
+                installs: list[Path], *, mqtt_for: Any = None, db: str | Path | None = None,
                 **mqtt: Any) -> list[AgentProcess]:
     """Agents of group "lab" on one broker, each with `installs` installed in order; their
-    report keys are registered in the fleet database `where/fleet.sqlite`. `mqtt_for`:
-    device -> its own `[mqtt]` settings (its certificate on a broker with mutual TLS)."""
-    from fleet.state import FleetDB
+    report keys are registered in the fleet record `db` (default `where/fleet.sqlite`).
+    `mqtt_for`: device -> its own `[mqtt]` settings (its certificate on a broker with
+    mutual TLS)."""
+    from fleet.devices.registry import FleetDB
 
     agents: list[AgentProcess] = []
     try:
@@ -173,7 +174,7 @@ def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
                                device={"id": dev, "groups": ["lab"]},
                                mqtt={"brokers": [broker_url], **mqtt,
                                      **(mqtt_for(dev) if mqtt_for else {})})
-            register(FleetDB(where / "fleet.sqlite"), d)
+            register(FleetDB(db or where / "fleet.sqlite"), d)
             agents.append(AgentProcess(cfg))
             agents[-1].start()
             for archive in installs:
@@ -190,8 +191,8 @@ def start_group(where: Path, keys: Path, broker_url: str, devices: list[str],
 def command_controller(db: Any, broker: Any, keys: Path, **kw: Any) -> Any:
     """A rollout controller for fleet "acme" with the command keys of the key dir `keys`;
     `broker` a URL or `BrokerAuth`."""
-    from fleet.keys import KeyDir
-    from fleet.rollout import Controller
+    from fleet.rollout.controller import Controller
+    from fleet.trust.keys import KeyDir
 
     kd = KeyDir(keys)
     return Controller(db, broker, "acme", kd.keys_of(kd.root(), "command", None), **kw)

@@ -29,8 +29,8 @@ def free_port() -> int:
 
 def make_pki(where: Path) -> dict[str, Path]:
     """A CA with a server certificate for 127.0.0.1 and a client certificate for device
-    dev-1 (`fleet.pki`), and another CA with its own dev-1 certificate (the wrong one)."""
-    from fleet import pki
+    dev-1 (`fleet.trust.pki`), and another CA with its own dev-1 certificate (the wrong one)."""
+    from fleet.trust import pki
 
     pki.init_ca(where / "ca", server_hosts=["127.0.0.1"], days=2)
     pki.issue(where / "ca", "dev-1", days=2)
@@ -152,12 +152,12 @@ GUARD_BUILD = Path(tempfile.gettempdir()) / f"edge-fleet-guard-{os.getuid()}"
 
 class SecureBroker(Broker):
     """mosquitto with the configuration the project ships (`edge-fleet broker-config`:
-    mutual TLS, nothing anonymous, the per-device ACL), certificates from `fleet.pki`."""
+    mutual TLS, nothing anonymous, the per-device ACL), certificates from `fleet.trust.pki`."""
 
     def __init__(self, where: Path, *, fleet: str = "acme",
                  clients: tuple[str, ...] = ("fleet-controller", "fleet-monitor")) -> None:
-        from fleet import pki
         from fleet.broker import BrokerConfig, build_guard, render
+        from fleet.trust import pki
 
         self.dir = where
         self.pki = where / "pki"
@@ -173,13 +173,13 @@ class SecureBroker(Broker):
         self.proc = None
 
     def issue(self, name: str) -> tuple[Path, Path]:
-        from fleet import pki
+        from fleet.trust import pki
 
         return pki.issue(self.pki, name, days=2)
 
     def issue_many(self, names: list[str]) -> None:
         """A certificate for each name that has none yet, the CA key loaded once."""
-        from fleet import pki
+        from fleet.trust import pki
 
         pki.issue_many(self.pki, [n for n in names if not (self.pki / f"{n}.crt").exists()],
                        days=2)

@@ -26,7 +26,7 @@ from agent.trust.manifest import (
 from agent.trust.root import RoleKeys, Root
 from agent.trust.signatures import SignatureFile, canonical
 from agent.trust.verify import Device
-from fleet.keys import SigningKey, sign_envelope
+from fleet.trust.keys import SigningKey, sign_envelope
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 FLEET = "test-fleet"

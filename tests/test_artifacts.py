@@ -15,7 +15,7 @@ from polling import wait_until
 
 from agent.trust.command import ArchiveRef
 from agent.updates.fetch import fetch
-from fleet.artifacts import ArtifactHandler, serve_in_thread
+from fleet.trust.artifacts import ArtifactHandler, serve_in_thread
 
 DATA = bytes(range(256)) * 2000
 
@@ -100,7 +100,7 @@ def test_slow_clients_are_cut_off_and_bounded(tmp_path: Path) -> None:
     import threading
     import time
 
-    from fleet.artifacts import make_server
+    from fleet.trust.artifacts import make_server
 
     (tmp_path / "a.tar.zst").write_bytes(DATA)
     server = make_server(tmp_path, timeout_s=1.0, max_connections=4)

@@ -18,12 +18,14 @@ from fixture_mqtt import Broker
 from polling import wait_until
 
 from agent.link.wire import Event, Memory, ModelState, ModelTelemetry, StatePayload, Telemetry
-from fleet.artifacts import serve_in_thread
 from fleet.dashboard import Dashboard, make_server
-from fleet.keys import KeyDir
-from fleet.policy import Criteria
-from fleet.rollout import Controller, Rollouts
-from fleet.state import FleetDB, FleetWatcher
+from fleet.devices.registry import FleetDB
+from fleet.devices.watcher import FleetWatcher
+from fleet.rollout.controller import Controller
+from fleet.rollout.policy import Criteria
+from fleet.rollout.record import Rollouts
+from fleet.trust.artifacts import serve_in_thread
+from fleet.trust.keys import KeyDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -20,8 +20,8 @@ from fixture_agent import AgentProcess, infer_body, write_config
 from fixture_mqtt import Broker, Subscriber, report
 from polling import wait_until
 
-from fleet.commands import build_command, deploy_fields, sign_command
-from fleet.keys import KeyDir
+from fleet.trust.commands import build_command, deploy_fields, sign_command
+from fleet.trust.keys import KeyDir
 
 X86 = "x86_64-generic"
 BASE = "edge/v1/acme/dev-1"

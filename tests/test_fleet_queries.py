@@ -18,10 +18,10 @@ from agent.link.wire import (
     Telemetry,
 )
 from agent.trust.signatures import PublicKey
-from fleet.ingest import Report
-from fleet.rollout import Rollouts
-from fleet.state import FleetDB
-from fleet.state import StateOfModel as Said
+from fleet.devices.gate import Report
+from fleet.devices.registry import FleetDB
+from fleet.devices.registry import StateOfModel as Said
+from fleet.rollout.record import Rollouts
 
 KEY = PublicKey(public="11" * 32)
 
@@ -46,8 +46,8 @@ def telemetry(device: str, seq: int, p95: dict[str, float]) -> Report:
                 for m, v in p95.items()}))
 
 
-def test_what_each_state_says_of_one_model_with_its_device_order(tmp_path: Path) -> None:
-    db = FleetDB(tmp_path / "f.sqlite")
+def test_what_each_state_says_of_one_model_with_its_device_order(fleet_db: str) -> None:
+    db = FleetDB(fleet_db)
     db.put_state(state("a", {"digits": ModelState(version=2, runtime="onnx", committed=2),
                              "other": ModelState(version=7, runtime="tflite")}, (3, 41)))
     db.put_state(state("b", {"digits": ModelState(version=1, runtime="onnx")}, (1, 5)))
@@ -63,8 +63,8 @@ def test_what_each_state_says_of_one_model_with_its_device_order(tmp_path: Path)
         db.model_states('x"')
 
 
-def test_latency_of_one_model_from_telemetry_since_a_time(tmp_path: Path) -> None:
-    db = FleetDB(tmp_path / "f.sqlite")
+def test_latency_of_one_model_from_telemetry_since_a_time(tmp_path: Path, fleet_db: str) -> None:
+    db = FleetDB(fleet_db)
     for d in ("a", "b", "c"):
         db.register(d, KEY)
         db.put_state(state(d, {}, (1, 1)))
@@ -78,8 +78,8 @@ def test_latency_of_one_model_from_telemetry_since_a_time(tmp_path: Path) -> Non
 
 
 def test_outsiders_are_registered_devices_with_a_state_not_in_the_rollout(
-        tmp_path: Path) -> None:
-    db = FleetDB(tmp_path / "f.sqlite")
+        tmp_path: Path, fleet_db: str) -> None:
+    db = FleetDB(fleet_db)
     for d in ("m1", "m2", "new", "unregistered"):
         db.put_state(state(d, {}, (1, 1), groups=("lab", "x") if d == "new" else ("lab",)))
     for d in ("m1", "m2", "new", "no-state"):
@@ -87,9 +87,9 @@ def test_outsiders_are_registered_devices_with_a_state_not_in_the_rollout(
     rollouts = Rollouts(db)
     rid = "r1"
     with db.tx():
-        rollouts.sql.execute("INSERT INTO rollouts (id, status) VALUES (?, 'running')", (rid,))
+        rollouts.store.execute("INSERT INTO rollouts (id, status) VALUES (?, 'running')", (rid,))
         for d in ("m1", "m2"):
-            rollouts.sql.execute("INSERT INTO rollout_devices (rollout, device, wave, status, "
+            rollouts.store.execute("INSERT INTO rollout_devices (rollout, device, wave, status, "
                                  "attempts) VALUES (?, ?, 0, 'queued', 0)", (rid, d))
     assert rollouts.outsiders(rid) == [("new", '["lab", "x"]')]
     assert [d for d, _ in rollouts.outsiders("another")] == ["m1", "m2", "new"]

@@ -15,7 +15,8 @@ from fixture_agent import start_group
 from fixture_mqtt import Broker, Subscriber
 from polling import wait_until
 
-from fleet.state import FleetDB, FleetWatcher
+from fleet.devices.registry import FleetDB
+from fleet.devices.watcher import FleetWatcher
 
 
 @pytest.fixture

@@ -25,11 +25,14 @@ from polling import wait_until
 from agent.link.wire import CommandResult, Event, ReportOrder, StatePayload
 from agent.trust.identity import ReportSigner, load_report_signer
 from agent.trust.signatures import canonical
-from fleet.artifacts import serve_in_thread as serve
-from fleet.policy import Criteria
-from fleet.rollout import Controller, Rollouts
-from fleet.simulate import SimSettings, SimulatedFleet
-from fleet.state import FleetDB, FleetWatcher
+from fleet.devices.registry import FleetDB
+from fleet.devices.watcher import FleetWatcher
+from fleet.rollout.controller import Controller
+from fleet.rollout.policy import Criteria
+from fleet.rollout.record import Rollouts
+from fleet.sim.processes import SimulatedFleet
+from fleet.sim.settings import SimSettings
+from fleet.trust.artifacts import serve_in_thread as serve
 
 DEVICES = ["dev-1", "dev-2", "dev-3"]
 
@@ -423,7 +426,7 @@ def test_a_device_certificate_cannot_join_the_controllers_shared_subscription(
     controller. Before the guard, dev-1's sessions in the group took their turn of the
     round robin and the broker dropped what they could not read: a controller received
     2 of 12."""
-    from fleet.state import CONTROLLER_GROUP
+    from fleet.devices.watcher import CONTROLLER_GROUP
 
     base = "edge/v1/acme"
     controller_ = Client(secure.auth("fleet-controller"), "edge-fleet-test-controller",
@@ -504,7 +507,7 @@ def test_a_publish_the_broker_refuses_is_an_error_not_a_success(secure: Any) -> 
     it; the tool now says so and fails, where it used to exit 0 with nothing retained. The
     controller's certificate publishes."""
     from fleet.errors import FleetError
-    from fleet.publish import publish_retained
+    from fleet.trust.publish import publish_retained
 
     with pytest.raises(FleetError, match=r"refused it .*Not authorized"):
         publish_retained(secure.auth("fleet-monitor"), "edge/v1/acme/root", b"{}")
@@ -513,7 +516,7 @@ def test_a_publish_the_broker_refuses_is_an_error_not_a_success(secure: Any) -> 
 
 def foreign_pki(secure: Any) -> Path:
     """A certificate for dev-1 from a CA the broker does not know."""
-    from fleet import pki
+    from fleet.trust import pki
 
     other = secure.dir / "other-pki"
     pki.init_ca(other, server_hosts=["127.0.0.1"], days=2)

@@ -12,7 +12,8 @@ import nacl.signing
 from test_fleet_queries import state, telemetry
 
 from agent.trust.identity import ReportSigner
-from fleet.state import FleetDB, FleetWatcher
+from fleet.devices.registry import FleetDB
+from fleet.devices.watcher import FleetWatcher
 
 
 def signer(dev: str) -> ReportSigner:
@@ -28,8 +29,8 @@ def sealed(dev: str, seq: int, p95: float, *, forged: bool = False) -> tuple[str
 
 
 def test_only_the_last_telemetry_of_a_device_in_a_batch_is_verified_unless_it_fails(
-        tmp_path: Path, broker: Any) -> None:
-    db = FleetDB(tmp_path / "f.sqlite")
+        tmp_path: Path, broker: Any, fleet_db: str) -> None:
+    db = FleetDB(fleet_db)
     for dev in ("a", "b", "c"):
         db.register(dev, signer(dev).public)
         db.put_state(state(dev, {}, (1, 1)))

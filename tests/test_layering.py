@@ -27,6 +27,20 @@ LAYERS = {
     "agent.updates": {"agent.trust", "agent.serving"},
     "agent.link": {"agent.trust", "agent.serving", "agent.updates"},
 }
+# fleet/: the foundation (errors, the MQTT and process helpers, the broker's config) is
+# open to all; the command line and the dashboard (process-level) to none.
+FLEET_FOUNDATION = {"fleet", "fleet.errors", "fleet._mqtt", "fleet._proc", "fleet._terminal",
+                    "fleet.broker", "fleet.postgres"}
+FLEET_LAYERS = {
+    "fleet.trust": set(),
+    "fleet.store": set(),
+    "fleet.sim": set(),
+    "fleet.devices": {"fleet.trust", "fleet.store"},
+    "fleet.rollout": {"fleet.trust", "fleet.store", "fleet.devices"},
+}
+#: The fleet's size limits (issue 27): a module a reader takes in at once, a class with
+#: one job.
+MAX_MODULE_LINES, MAX_CLASS_LINES = 400, 250
 
 
 def module_name(path: Path) -> str:
@@ -102,6 +116,38 @@ def test_agent_subpackages_import_only_downwards() -> None:
         offenders += [f"{module} -> {d}" for d in deps
                       if d.startswith("agent") and d not in FOUNDATION
                       and _part(d) not in allowed]
+    assert offenders == []
+
+
+def test_fleet_subpackages_import_only_downwards() -> None:
+    offenders = []
+    g = graph()
+    for module, deps in g.items():
+        part = _part(module)
+        if not module.startswith("fleet"):
+            continue
+        if part not in FLEET_LAYERS and module not in FLEET_FOUNDATION:
+            continue  # the command line and the dashboard may import any part
+        allowed = FLEET_FOUNDATION | FLEET_LAYERS.get(part, set()) | {part}
+        offenders += [f"{module} -> {d}" for d in deps
+                      if d.startswith("fleet") and d not in FLEET_FOUNDATION
+                      and _part(d) not in allowed]
+    assert offenders == []
+    # every part of fleet/ is placed: a new subpackage needs its row above
+    parts = {_part(m) for m in g if m.startswith("fleet.")} - FLEET_FOUNDATION
+    assert parts <= {*FLEET_LAYERS, "fleet.cli", "fleet.dashboard"}, parts
+
+
+def test_fleet_modules_and_classes_stay_readable() -> None:
+    offenders = []
+    for path in (REPO / "fleet").rglob("*.py"):
+        text = path.read_text()
+        if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+            offenders.append(f"{path.relative_to(REPO)}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and (
+                    n := node.end_lineno - node.lineno + 1) > MAX_CLASS_LINES:  # type: ignore[operator]
+                offenders.append(f"{path.relative_to(REPO)}: class {node.name} {n} lines")
     assert offenders == []
 
 

@@ -1,4 +1,4 @@
-"""Reports in their device's order (`fleet.ordering`), pure: the newest state and
+"""Reports in their device's order (`fleet.devices.ordering`), pure: the newest state and
 telemetry win, events and results are each applied once inside an anti-replay window, a
 Will closes its connection, a later epoch starts afresh and an earlier one is stale."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.ordering import WINDOW, Mark, admit
+from fleet.devices.ordering import WINDOW, Mark, admit
 
 
 def feed(kind: str, seqs: list[int], epoch: int = 7) -> list[bool]:

@@ -22,8 +22,8 @@ from agent.trust.manifest import TensorSpec, parse_manifest
 from converter.cli import main as convert
 from converter.examples.series import LABELS, make_series, train_teacher
 from converter.examples.tabular import write_case
-from fleet.keys import KeyDir
-from fleet.release import pack_bundle, sign_bundle
+from fleet.trust.keys import KeyDir
+from fleet.trust.release import pack_bundle, sign_bundle
 
 PROFILE = "x86_64-generic"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.policy import (
+from fleet.rollout.policy import (
     DEFAULT_RETRY,
     Criteria,
     Exec,

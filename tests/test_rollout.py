@@ -16,8 +16,10 @@ from fixture_agent import AgentProcess, command_controller
 from fixture_mqtt import Broker, Subscriber, report
 from polling import wait_until
 
+from fleet.devices.registry import FleetDB
 from fleet.errors import FleetError
-from fleet.policy import (
+from fleet.rollout.controller import Controller
+from fleet.rollout.policy import (
     FINAL,
     OPEN,
     STATUS_TRANSITIONS,
@@ -29,8 +31,8 @@ from fleet.policy import (
     next_status,
     wave_sizes,
 )
-from fleet.rollout import Controller, Rollouts, pause_after
-from fleet.state import FleetDB
+from fleet.rollout.record import Rollouts, pause_after
+from fleet.rollout.status import rollout_lines
 
 
 def test_waves_are_cumulative_and_never_empty() -> None:
@@ -74,9 +76,9 @@ def test_a_rollouts_status_table_has_one_way_back_to_running_and_final_ends() ->
 
 
 def test_pause_resume_and_a_halted_rollout_that_cannot_be_resumed(
-        releases: dict[str, Path], tmp_path: Path) -> None:
+        releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """Through the command line, as an operator types it; no broker is needed to pause."""
-    db_path = tmp_path / "fleet.sqlite"
+    db_path = fleet_db
     rollouts = Rollouts(FleetDB(db_path))
     rid = rollouts.create(archive=releases["onnx2"], urls=["http://127.0.0.1:9/a"],
                           group="lab", devices=["dev-1", "dev-2"], fractions=[1.0],
@@ -137,18 +139,18 @@ def versions(agents: list[AgentProcess]) -> list[int]:
 
 
 def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """`edge-fleet rollout run` is killed (SIGKILL) while the first wave's device is in
     its health window; the device commits while no controller runs; a new controller
     takes the result from the persistent session and finishes the rollout."""
     broker, agents, url = group
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     archive = releases["onnx2"]
     rollouts = Rollouts(db)
     rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
                           devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
                           criteria=Criteria(), wave_timeout_s=60)
-    run = subprocess.Popen(rollout_argv(tmp_path / "fleet.sqlite", "run", rid,
+    run = subprocess.Popen(rollout_argv(fleet_db, "run", rid,
                                         *signing(broker, releases)),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -183,14 +185,14 @@ def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
     # dev-1's result is the one it sent while no controller ran (the persistent session
     # kept it), not the answer to a second deploy after the wave timed out
     assert rollouts.devices(rid)[0].command_id == first.command_id
-    lines = rollouts.status_lines(rid)
+    lines = rollout_lines(rollouts, rid)
     assert "completed" in lines[0] and sum("committed" in ln for ln in lines[1:]) == 3
 
 
 def test_a_failing_first_wave_halts_and_nothing_else_changes(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     broker, agents, url = group
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     archive = releases["onnx3_bad"]  # fails its self-test on the device
     rollouts = Rollouts(db)
     rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
@@ -206,11 +208,11 @@ def test_a_failing_first_wave_halts_and_nothing_else_changes(
     assert versions(agents) == [1, 1, 1]
 
 
-def test_the_rollout_command_line(group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+def test_the_rollout_command_line(group: Any, releases: dict[str, Path], fleet_db: str) -> None:
     broker, agents, url = group
 
     def cli(*args: object) -> subprocess.CompletedProcess[str]:
-        return rollout_cli(tmp_path / "fleet.sqlite", *args)
+        return rollout_cli(fleet_db, *args)
 
     start = cli("start", "--bundle", releases["onnx2"], "--url-base", url, "--group", "lab",
                 *signing(broker, releases), "--waves", "30,100", "--health-window", "0.5")
@@ -229,9 +231,9 @@ def test_the_rollout_command_line(group: Any, releases: dict[str, Path], tmp_pat
 
 
 def test_abort_rolls_back_what_the_rollout_touched_and_cannot_be_resumed(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     broker, agents, url = group
-    db_path = tmp_path / "fleet.sqlite"
+    db_path = fleet_db
     rollouts = Rollouts(FleetDB(db_path))
     archive = releases["onnx2"]
     rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
@@ -256,7 +258,7 @@ def test_abort_rolls_back_what_the_rollout_touched_and_cannot_be_resumed(
 
 
 def test_late_and_replayed_reports_never_flip_a_commit_and_are_counted(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """The retained state dev-2 published before the rollout (v1), captured and published
     again after dev-2 committed v2 (a late retained state, as a loaded controller would
     receive it), and dev-2's genuine deploy result and events published again (replays):
@@ -267,7 +269,7 @@ def test_late_and_replayed_reports_never_flip_a_commit_and_are_counted(
     tap.wait_for(lambda: tap.on("/dev-2/state"))
     before = tap.on("/dev-2/state")[-1]  # retained: online, v1
     assert b'"version":1' in before
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     rollouts = Rollouts(db)
     rid = lab_rollout(rollouts, releases, url, fractions=(1.0,), health_window_s=0.5)
     c = controller(db, broker, releases)

@@ -19,10 +19,11 @@ from fixture_mqtt import Broker, Subscriber
 from polling import wait_until
 from test_rollout import controller, lab_rollout, rollout_argv, signing, versions
 
-from fleet.commands import build_command, deploy_fields, sign_command
+from fleet.devices.registry import FleetDB
+from fleet.devices.status import shown_models
+from fleet.devices.watcher import CONTROLLER_GROUP, FleetWatcher
 from fleet.errors import FleetError
-from fleet.keys import KeyDir
-from fleet.policy import (
+from fleet.rollout.policy import (
     EXEC_TRANSITIONS,
     Criteria,
     Exec,
@@ -31,8 +32,11 @@ from fleet.policy import (
     exponential_fractions,
     next_exec,
 )
-from fleet.rollout import Rollout, Rollouts, printable
-from fleet.state import CONTROLLER_GROUP, FleetDB, FleetWatcher, shown_models
+from fleet.rollout.record import Rollouts, printable
+from fleet.rollout.rows import Rollout
+from fleet.rollout.status import rollout_lines
+from fleet.trust.commands import build_command, deploy_fields, sign_command
+from fleet.trust.keys import KeyDir
 
 
 def test_the_execution_table_takes_late_truths_and_refuses_stale_failures() -> None:
@@ -76,8 +80,8 @@ def test_status_shows_the_version_a_rolled_back_device_runs() -> None:
 
 
 def test_a_running_rollout_without_a_live_controller_shows_as_stalled(
-        releases: dict[str, Path], tmp_path: Path) -> None:
-    rollouts = Rollouts(FleetDB(tmp_path / "fleet.sqlite"))
+        releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
+    rollouts = Rollouts(FleetDB(fleet_db))
     rid = rollouts.create(archive=releases["onnx2"], urls=["http://127.0.0.1:9/a"],
                           group="lab", devices=["dev-1"], fractions=[1.0],
                           criteria=Criteria(), wave_timeout_s=60)
@@ -89,12 +93,12 @@ def test_a_running_rollout_without_a_live_controller_shows_as_stalled(
 
 
 def test_a_late_device_commits_late_and_the_rollout_completes_without_a_rollback(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """dev-1 is stopped (SIGSTOP) past its execution timeout: it times out (not a
     failure), is retried, then commits when it resumes. That late success is recorded as
     committed, nothing is rolled back, and the rollout completes."""
     broker, agents, url = group
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     rollouts = Rollouts(db)
     archive = releases["onnx2"]
     rid = rollouts.create(archive=archive, urls=[f"{url}/{archive.name}"], group="lab",
@@ -123,10 +127,10 @@ def test_a_late_device_commits_late_and_the_rollout_completes_without_a_rollback
 
 
 def test_a_device_away_at_the_start_is_deployed_when_it_comes_back(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     broker, agents, url = group
     agents[2].stop()  # dev-3 leaves: its retained state says offline
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     rollouts = Rollouts(db)
     rid = lab_rollout(rollouts, releases, url, wave_timeout_s=30, health_window_s=0.5,
                       continuous=True)
@@ -136,7 +140,7 @@ def test_a_device_away_at_the_start_is_deployed_when_it_comes_back(
             d.status is Exec.COMMITTED for d in rollouts.devices(rid)[:2]),
             timeout_s=60, every_s=0.2, what="dev-1 and dev-2 committed")
         assert rollouts.device(rid, "dev-3").status is Exec.QUEUED  # type: ignore[union-attr]
-        assert any("dev-3" in ln and "offline" in ln for ln in rollouts.status_lines(rid))
+        assert any("dev-3" in ln and "offline" in ln for ln in rollout_lines(rollouts, rid))
         agents[2].start()
         wait_until(lambda: c.step(rid) and rollouts.device(rid, "dev-3").status  # type: ignore[union-attr]
                    is Exec.COMMITTED, timeout_s=60, every_s=0.2, what="dev-3 committed")
@@ -184,9 +188,9 @@ def background_run(db_path: Path, releases: dict[str, Path], group: Any, **kw: A
 
 
 def test_the_controller_outlives_a_broker_outage_across_a_wave_change(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     broker, agents, _ = group
-    db_path = tmp_path / "fleet.sqlite"
+    db_path = fleet_db
     with background_run(db_path, releases, group, wave_timeout_s=30,
                         health_window_s=1.0) as (rollouts, rid, run):
         wait_until(lambda: rollouts.get(rid).settled_at is not None, timeout_s=60,
@@ -205,18 +209,18 @@ def test_the_controller_outlives_a_broker_outage_across_a_wave_change(
 
 
 def test_commands_recorded_but_never_published_are_sent_by_the_next_controller(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """As after a controller killed between recording a wave's commands and publishing
     them: they are in the database as to_send; the next controller publishes exactly
     those (same ids), and the devices carry them out once."""
     broker, agents, url = group
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     rollouts = Rollouts(db)
     rid = lab_rollout(rollouts, releases, url, fractions=(1.0,), wave_timeout_s=30,
                       health_window_s=0.5)
     archive = releases["onnx2"]
     first = controller(db, broker, releases)
-    first._record(rid, "deploy", rollouts.devices(rid), 3600,
+    first.sender.record(rid, "deploy", rollouts.devices(rid), 3600,
                   **deploy_fields(archive, [f"{url}/{archive.name}"]))
     first.close()
     recorded = {d.device: d.command_id for d in rollouts.devices(rid)}
@@ -235,14 +239,14 @@ def test_commands_recorded_but_never_published_are_sent_by_the_next_controller(
 
 
 def test_two_controllers_never_drive_one_rollout(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     broker, _, url = group
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     rollouts = Rollouts(db)
     rid = lab_rollout(rollouts, releases, url, fractions=(1.0,), wave_timeout_s=30,
                       health_window_s=30)
     a = controller(db, broker, releases)
-    b = command_controller(FleetDB(tmp_path / "fleet.sqlite"), broker.url, releases["keys"])
+    b = command_controller(FleetDB(fleet_db), broker.url, releases["keys"])
     try:
         a.step(rid)
         with pytest.raises(FleetError, match="driven by controller"):
@@ -291,11 +295,11 @@ def test_monitoring_tools_see_every_message_and_take_none_from_the_controller(
 
 
 def test_a_device_that_joins_the_group_during_a_continuous_rollout_is_deployed(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """dev-3 is not among the devices the rollout started with; it is a registered member
     of the group, so the running rollout takes it into its last wave and deploys it."""
     broker, agents, url = group
-    db = FleetDB(tmp_path / "fleet.sqlite")
+    db = FleetDB(fleet_db)
     rollouts = Rollouts(db)
     rid = lab_rollout(rollouts, releases, url, devices=("dev-1", "dev-2"),
                       fractions=(0.5, 1.0), wave_timeout_s=30, health_window_s=0.5,
@@ -315,12 +319,12 @@ def test_a_device_that_joins_the_group_during_a_continuous_rollout_is_deployed(
 
 
 def test_an_abort_from_a_second_shell_is_carried_out_by_the_running_controller(
-        group: Any, releases: dict[str, Path], tmp_path: Path) -> None:
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """`rollout abort` while `rollout run` drives the rollout: the abort records itself
     and leaves the broker alone (no second controller, no session takeover); the running
     controller sends the rollbacks and exits 5 (aborted)."""
     broker, agents, _ = group
-    db_path = tmp_path / "fleet.sqlite"
+    db_path = fleet_db
     with background_run(db_path, releases, group, wave_timeout_s=60,
                         health_window_s=60) as (rollouts, rid, run):
         wait_until(lambda: versions(agents) == [2, 1, 1], timeout_s=60, what="dev-1 on v2")
@@ -340,14 +344,15 @@ def test_an_abort_from_a_second_shell_is_carried_out_by_the_running_controller(
 
 
 def test_the_last_will_says_when_the_device_was_last_known_alive(
-        tmp_path: Path, broker: Broker, releases: dict[str, Path]) -> None:
+        tmp_path: Path, broker: Broker, releases: dict[str, Path], fleet_db: str) -> None:
     """An agent that goes silent with its connection open (SIGSTOP, as a device whose
     network drops): after 1.5 keepalives the broker publishes its Will, which carries when
     the agent started and when its connection was made; the fleet database records when
     the Will arrived and when the device was last heard from, well before that."""
     agents = start_group(tmp_path, releases["keys"], broker.url, ["dev-1"],
-                         [releases["onnx1"]], keepalive_s=5, telemetry_interval_s=0.5)
-    db = FleetDB(tmp_path / "fleet.sqlite")
+                         [releases["onnx1"]], keepalive_s=5, telemetry_interval_s=0.5,
+                         db=fleet_db)
+    db = FleetDB(fleet_db)
     watcher = FleetWatcher(db, broker.url, "acme")
     proc = agents[0].proc
     assert proc is not None
@@ -358,8 +363,8 @@ def test_the_last_will_says_when_the_device_was_last_known_alive(
         stopped = time.time()
         proc.send_signal(signal.SIGSTOP)
         wait_until(lambda: db.online() == set(), timeout_s=30, what="the Will")
-        with db.lock:
-            state_at, started_at, last_seen, offline_at = db.connection.execute(
+        with db.store.lock:
+            state_at, started_at, last_seen, offline_at = db.store.execute(
                 "SELECT state_at, started_at, last_seen, offline_at FROM devices").fetchone()
         assert started_at is not None and state_at >= started_at  # the Will: connect time
         assert last_seen <= stopped + 1.0  # its last telemetry, around the stop

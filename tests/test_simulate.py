@@ -15,12 +15,15 @@ from fixture_agent import command_controller, start_group
 from fixture_mqtt import Broker, Subscriber
 from polling import wait_until
 
-from fleet.artifacts import serve_in_thread as serve
+from fleet.devices.registry import FleetDB
 from fleet.errors import FleetError
-from fleet.policy import Criteria
-from fleet.rollout import Controller, Rollouts
-from fleet.simulate import SimSettings, SimulatedFleet, fault_plan
-from fleet.state import FleetDB
+from fleet.rollout.controller import Controller
+from fleet.rollout.policy import Criteria
+from fleet.rollout.record import Rollouts
+from fleet.rollout.status import rollout_lines
+from fleet.sim.processes import SimulatedFleet
+from fleet.sim.settings import SimSettings, fault_plan
+from fleet.trust.artifacts import serve_in_thread as serve
 
 
 def test_faults_are_spread_and_the_first_device_is_one() -> None:
@@ -202,7 +205,7 @@ def test_a_device_that_is_away_is_neither_sent_nor_waited_for_nor_failed(
     assert rows[ghost].status == "queued" and rows[ghost].attempts == 0
     assert all(rows[n].status == "committed" for n in sims.names)
     assert not sent.on("/cmd")
-    assert any(ghost in line and "offline" in line for line in Rollouts(db).status_lines(rid))
+    assert any(ghost in line and "offline" in line for line in rollout_lines(Rollouts(db), rid))
     sent.close()
 
 
@@ -215,7 +218,7 @@ def test_the_simulator_removes_what_it_made_however_its_workers_end(
     import subprocess
     import sys
 
-    from fleet.simulate import remove_orphans
+    from fleet.sim.settings import remove_orphans
 
     fleet = sim_fleet(broker, releases, FleetDB(tmp_path / "f.sqlite"), 4, per_process=2)
     made = [fleet.state_root, fleet.keys_dir]
@@ -224,8 +227,8 @@ def test_the_simulator_removes_what_it_made_however_its_workers_end(
     fleet.stop()
     assert not any(d.exists() for d in made)
     # a whole run killed: its directories stay until the next simulator starts
-    child = subprocess.run([sys.executable, "-c", "import fleet.simulate as s, sys; "
-                            "print(s._scratch('')); print(s._scratch('keys'))"],
+    child = subprocess.run([sys.executable, "-c", "import fleet.sim.settings as s, sys; "
+                            "print(s.scratch_dir('')); print(s.scratch_dir('keys'))"],
                            capture_output=True, text=True, check=True)
     left = [Path(line) for line in child.stdout.split()]
     assert all(d.is_dir() for d in left)

@@ -25,8 +25,8 @@ from converter import tiny
 from converter.cli import main as convert
 from converter.examples import tiny as examples
 from converter.students import fold_batchnorm, param_count
-from fleet.keys import KeyDir
-from fleet.release import pack_bundle, sign_bundle
+from fleet.trust.keys import KeyDir
+from fleet.trust.release import pack_bundle, sign_bundle
 
 PROFILE = "x86_64-generic"
 QUICK = ["--evaluate-latency-runs", "10", "--data-calibration-samples", "64"]

@@ -14,8 +14,8 @@ from fixture_trust import FLEET, KEYS, NOW, root
 from agent.errors import CommandError, RejectedError, RootError, SignatureError
 from agent.trust.command import Addressee, DeployCommand, ReplayPolicy, verify_command
 from agent.trust.nonces import MemoryNonces, NonceStore, accept_command
-from fleet.commands import build_command, sign_command
-from fleet.keys import sign_envelope
+from fleet.trust.commands import build_command, sign_command
+from fleet.trust.keys import sign_envelope
 
 ME = Addressee(fleet=FLEET, device="pi-0007", groups=frozenset({"lab", "eu-west"}))
 
@@ -153,7 +153,7 @@ def test_a_command_names_exactly_one_addressee(target: dict[str, str]) -> None:
 
 
 def test_config_settings_are_typed_and_survive_signing() -> None:
-    from fleet.commands import parse_settings
+    from fleet.trust.commands import parse_settings
 
     settings = parse_settings(["telemetry_interval_s=15", "latency_z=3.5", "drift=true",
                                "log_level=debug"])

@@ -24,7 +24,7 @@ from agent.trust.signatures import canonical, strict_json
 from agent.trust.tar import MAX_EXTENSION_BYTES, TarReader
 from agent.trust.verify import check_policy, verify_manifest
 from agent.updates import deploy, lifecycle
-from fleet.keys import sign_envelope
+from fleet.trust.keys import sign_envelope
 
 # -- roots ----------------------------------------------------------------------------------
 

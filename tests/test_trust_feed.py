@@ -16,11 +16,11 @@ from fixture_agent import ONE_OF_ONE, AgentProcess, write_config
 from fixture_mqtt import Broker, Subscriber, report
 from polling import wait_until
 
-from fleet.artifacts import serve_in_thread as serve
-from fleet.commands import build_command, deploy_fields, sign_command
-from fleet.keys import KeyDir, init_keys, rotate_keys
-from fleet.publish import copy_roots, heartbeat, publish_retained, publish_root
-from fleet.release import pack_bundle, sign_bundle
+from fleet.trust.artifacts import serve_in_thread as serve
+from fleet.trust.commands import build_command, deploy_fields, sign_command
+from fleet.trust.keys import KeyDir, init_keys, rotate_keys
+from fleet.trust.publish import copy_roots, heartbeat, publish_retained, publish_root
+from fleet.trust.release import pack_bundle, sign_bundle
 
 X86 = "x86_64-generic"
 BASE = "edge/v1/acme/dev-1"
@@ -135,7 +135,7 @@ def test_an_expired_root_is_renewed_remotely(tmp_path: Path, broker: Broker) -> 
         assert report(sub.on("/cmd/result")[0])["check"] == "expired"
         old = shutil.copy(kd.root_file, tmp_path / "expired.json")
         assert old
-        from fleet.keys import rotate_keys as renew  # `edge-fleet keys renew` is this
+        from fleet.trust.keys import rotate_keys as renew  # `edge-fleet keys renew` is this
 
         renew(kd.path, expires_days=365)
         publish_root(broker.url, kd, [])  # v2 follows v1 directly: no chain needed
@@ -190,7 +190,8 @@ def test_a_withheld_heartbeat_makes_the_device_stale_and_a_fresh_one_clears_it(
 
 def test_simulated_devices_follow_a_renewed_root(tmp_path: Path, broker: Broker,
                                                  releases: dict[str, Path]) -> None:
-    from fleet.simulate import SimSettings, SimulatedFleet
+    from fleet.sim.processes import SimulatedFleet
+    from fleet.sim.settings import SimSettings
 
     kd = KeyDir(Path(shutil.copytree(releases["keys"], tmp_path / "keys")))
     pinned = Path(shutil.copyfile(kd.root_file, tmp_path / "root-v1.json"))
@@ -380,7 +381,7 @@ def test_root_publish_wait_shows_each_device_on_its_root(
 
     from fixture_agent import register
 
-    from fleet.state import FleetDB
+    from fleet.devices.registry import FleetDB
 
     kd = KeyDir(Path(shutil.copytree(releases["keys"], tmp_path / "keys")))
     pinned = Path(shutil.copyfile(kd.root_file, tmp_path / "root-v1.json"))

@@ -19,8 +19,8 @@ from agent.trust.command import Addressee, verify_command
 from agent.trust.root import parse_root, update_root
 from agent.trust.signatures import parse_signature_file
 from agent.trust.verify import FileCheck, check_file_set, verify_manifest
-from fleet.commands import build_command, sign_command
-from fleet.keys import sign_envelope
+from fleet.trust.commands import build_command, sign_command
+from fleet.trust.keys import sign_envelope
 
 ME = Addressee(fleet=FLEET, device="pi-0007", groups=frozenset({"lab"}))
 

@@ -1,7 +1,7 @@
 """`AgentPort`: what the fleet link needs of an agent, and nothing more.
 
 Two classes implement it: the daemon (`agent.daemon.Agent`) and the fleet simulator's
-stand-in (`fleet.simulate.StandInAgent`). Both install through the same sequence
+stand-in (`fleet.sim.standin.StandInAgent`). Both install through the same sequence
 (`agent.updates.install.Installer`), so a simulated device stages, journals, switches slots
 and commits exactly as a real one; only the runtime differs. mypy checks both against this
 Protocol where they are handed to `FleetLink`.

@@ -1,6 +1,6 @@
 """What a device says to the fleet: events, command results and anomalies, into the
 outbox with the wire models (`agent.link.wire`). Shared by the daemon's fleet link and the
-fleet simulator (`fleet.simulate`), so a simulated device speaks exactly like a real one."""
+fleet simulator (`fleet.sim`), so a simulated device speaks exactly like a real one."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ class ReportOrder(_Wire):
     """Where a report stands among everything its device signed (`agent.link.outbox`):
     compared as (epoch, seq). The fleet applies a report only when it is newer in this
     order than what it applied last from that device, so a late, duplicated or replayed
-    message changes nothing (`fleet.ordering`)."""
+    message changes nothing (`fleet.devices.ordering`)."""
 
     epoch: int = Field(ge=1, description="when this device's report sequence began "
                                          "(microseconds since the Unix epoch); a device "

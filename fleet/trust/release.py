@@ -57,7 +57,7 @@ from agent.trust.signatures import (
 )
 from agent.trust.verify import Device, Verified
 from fleet.errors import FleetError
-from fleet.keys import SigningKey
+from fleet.trust.keys import SigningKey
 
 Compression = Literal["zst", "gz"]
 

@@ -1,6 +1,6 @@
 """`edge-fleet recover`: a signed rollback, restart or reload to a device or a group, with
 every device's result collected and summarised. A result counts only when its device
-signed it with its registered key (`fleet.ingest`).
+signed it with its registered key (`fleet.devices.gate`).
 
 The expected devices of a group are the members the fleet state knows (from their
 retained `state`); a device that does not answer within the timeout is listed as such,
@@ -18,9 +18,9 @@ from typing import Any
 
 from agent.link.wire import PREFIX, CommandResult, device_topic, group_cmd_topic
 from fleet._mqtt import BrokerAuth, close, connect
-from fleet.commands import build_command, sign_command
-from fleet.ingest import KeySource, ReportGate
-from fleet.keys import SigningKey
+from fleet.devices.gate import KeySource, ReportGate
+from fleet.trust.commands import build_command, sign_command
+from fleet.trust.keys import SigningKey
 
 
 @dataclass

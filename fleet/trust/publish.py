@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,7 @@ from agent.link.wire import fleet_topic
 from agent.trust.heartbeat import Heartbeat
 from fleet._mqtt import BrokerAuth, close, connect
 from fleet.errors import FleetError
-from fleet.keys import KeyDir, SigningKey, sign_envelope
-from fleet.state import FleetDB
+from fleet.trust.keys import KeyDir, SigningKey, sign_envelope
 
 #: How long a heartbeat stays valid, and how often the controller sends one.
 HEARTBEAT_TTL = timedelta(minutes=10)
@@ -99,51 +97,3 @@ def publish_root(broker: BrokerAuth | str, kd: KeyDir, chain_urls: list[str]) ->
     publish_retained(broker, fleet_topic(root.fleet, "root"),
                      announcement(kd.root_file.read_bytes(), urls))
     return root.version
-
-
-@dataclass(frozen=True)
-class RootReach:
-    """Where a root version has got to in the fleet, from each device's signed state."""
-
-    version: int
-    adopted: list[str]  # reports this version (or a later one)
-    behind: dict[str, int | None]  # online, on an older root (None: reports none)
-    offline: dict[str, int | None]  # away: adopts the retained announcement on return
-    silent: list[str]  # registered, never reported a state
-
-    @property
-    def done(self) -> bool:
-        """Every device that is online runs the version (the offline ones cannot yet)."""
-        return not self.behind
-
-    def lines(self) -> list[str]:
-        def shown(v: int | None) -> str:
-            return "-" if v is None else f"v{v}"
-
-        out = [f"{'device':24} {'online':7} root"]
-        out += [f"{d:24} {'yes':7} v{self.version}+" for d in self.adopted]
-        out += [f"{d:24} {'yes':7} {shown(v)}  not yet" for d, v in self.behind.items()]
-        out += [f"{d:24} {'no':7} {shown(v)}  offline: adopts the retained announcement "
-                "when it reconnects" for d, v in self.offline.items()]
-        out += [f"{d:24} {'?':7} -   registered, never reported" for d in self.silent]
-        out.append(f"root v{self.version}: {len(self.adopted)} device(s) run it, "
-                   f"{len(self.behind)} online not yet, {len(self.offline)} offline, "
-                   f"{len(self.silent)} never reported")
-        return out
-
-
-def root_reach(db: FleetDB, version: int) -> RootReach:
-    """How far `version` has reached, from the fleet database a `FleetWatcher` fills."""
-    adopted, behind, offline = [], {}, {}
-    rows = {r.device: r for r in db.devices()}
-    for dev, row in rows.items():
-        have = row.trust.get("root_version") if row.trust else None
-        have = have if isinstance(have, int) else None
-        if have is not None and have >= version:
-            adopted.append(dev)
-        elif row.online:
-            behind[dev] = have
-        else:
-            offline[dev] = have
-    silent = [d for d in db.registered() if d not in rows]
-    return RootReach(version, adopted, behind, offline, silent)

@@ -22,8 +22,8 @@ from agent.trust.command import COMMAND_ADAPTER, Command, SettingValue
 from agent.trust.manifest import parse_manifest
 from agent.trust.signatures import validation_message
 from fleet.errors import FleetError
-from fleet.keys import SigningKey, sign_envelope
-from fleet.release import sha256_file
+from fleet.trust.keys import SigningKey, sign_envelope
+from fleet.trust.release import sha256_file
 
 
 def build_command(kind: str, *, fleet: str, device: str | None = None,

@@ -15,7 +15,7 @@ ignored (never stored, never judged):
     invalid       the payload does not validate against its wire model
     fleet         a state for another fleet
     unordered     no `order` (an agent older than the device order): its replays could
-                  not be told from the truth (`fleet.ordering`)
+                  not be told from the truth (`fleet.devices.ordering`)
 
 What passes is then put in its device's order by the database (`FleetDB.admit`): a
 report older than one applied is `stale`.
