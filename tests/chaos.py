@@ -52,6 +52,8 @@ from fleet.trust.artifacts import serve_in_thread
 KINDS = ("broker", "broker_wave", "controller", "controller_send", "stall_agent",
          "stall_sims", "offline_sims")
 EXEC_TIMEOUT_S = 6.0
+#: Each controller's lease (the next one takes over at most this long after a kill).
+CONTROLLER_LEASE_S = 3.0
 
 
 @dataclass
@@ -138,7 +140,9 @@ class Chaos:
                 str(self.db_path), "--broker", auth.url, "--ca-file", str(auth.ca_file),
                 "--cert-file", str(auth.cert_file), "--key-file", str(auth.key_file),
                 "--key", str(next((keys / "keys").glob("command-*.key"))), "--root",
-                str(keys / "root.json"), "--timeout", str(timeout_s)]
+                str(keys / "root.json"), "--timeout", str(timeout_s),
+                # a controller started after a kill waits out the killed one's lease
+                "--lease", str(CONTROLLER_LEASE_S)]
 
     def _start_controller(self, rid: str) -> None:
         self.result.controller_runs += 1

@@ -142,7 +142,8 @@ def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
         group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """`edge-fleet rollout run` is killed (SIGKILL) while the first wave's device is in
     its health window; the device commits while no controller runs; a new controller
-    takes the result from the persistent session and finishes the rollout."""
+    takes the result from the persistent session and finishes the rollout (once the killed
+    one's lease ran out: nothing local, such as its process id, tells it is gone)."""
     broker, agents, url = group
     db = FleetDB(fleet_db)
     archive = releases["onnx2"]
@@ -151,7 +152,7 @@ def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
                           devices=["dev-1", "dev-2", "dev-3"], fractions=[0.3, 1.0],
                           criteria=Criteria(), wave_timeout_s=60)
     run = subprocess.Popen(rollout_argv(fleet_db, "run", rid,
-                                        *signing(broker, releases)),
+                                        *signing(broker, releases), "--lease", "3"),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def slot(agent: AgentProcess) -> tuple[int, int | None]:

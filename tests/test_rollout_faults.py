@@ -86,7 +86,7 @@ def test_a_running_rollout_without_a_live_controller_shows_as_stalled(
                           group="lab", devices=["dev-1"], fractions=[1.0],
                           criteria=Criteria(), wave_timeout_s=60)
     assert rollouts.get(rid).shown_status() == "stalled"  # nobody drives it
-    rollouts.acquire(rid, "host:1:a")
+    rollouts.leases.acquire(rid, "host:1:a")
     ro: Rollout = rollouts.get(rid)
     assert ro.shown_status() == "running"
     assert ro.shown_status(now=time.time() + 60) == "stalled"

@@ -83,6 +83,11 @@ class Backoff:
     jitter: float = 0.5  # up to this fraction is taken off at random
 
 
+#: Reconnect jitter for every link of the process (a Random of its own is 2.5 KiB per link:
+#: the simulator runs thousands).
+_JITTER = random.Random()
+
+
 def backoff_delay(attempt: int, b: Backoff, rng: random.Random) -> float:
     """Delay before reconnect attempt `attempt` (0-based): capped exponential, jittered."""
     base = min(b.max_s, b.initial_s * b.factor ** attempt)
@@ -150,7 +155,7 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._mids: dict[int, int] = {}  # paho mid -> outbox id
         self._client_now: paho.Client | None = None
-        self._rng = random.Random()
+        self._rng = _JITTER
         # A broker that stays down: the first failure is a warning, then one a minute
         # saying how many were held back, not one per retry.
         self._outage = RateLimited(log, interval_s=60.0)

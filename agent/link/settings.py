@@ -48,6 +48,8 @@ class LinkSettings:
             CommandError: check "settings": an unknown setting or a value the models
                 refuse; the message names each.
         """
+        if not changes:
+            return self  # nothing stored (frozen: shared, not copied)
         known = set(LINK_FIELDS) | set(Thresholds.model_fields)
         if unknown := sorted(set(changes) - known):
             raise CommandError(f"unknown settings: {', '.join(unknown)}", check="settings",

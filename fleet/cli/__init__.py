@@ -27,8 +27,11 @@
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
 
 `rollout start|run|abort` exit with what became of the rollout: 0 completed, 4 halted,
-5 aborted, 6 paused, 7 still running when --timeout ran out; 2 is an error (as for every
-command), 3 a rejected bundle or command.
+5 aborted, 6 paused, 7 still running when --timeout ran out, 8 this controller's lease was
+taken by another while it was stopped or cut off (it wrote nothing after); 2 is an error
+(as for every command), 3 a rejected bundle or command. `rollout run` on a second host is
+a standby: it waits for the lease of the controller that drives the rollout to run out
+(--lease, 15 s after its last step), then carries the rollout on from the record.
 
 Passphrase-protected keys read the passphrase from the environment variable named by
 --passphrase-env (default EDGE_FLEET_PASSPHRASE), or prompt when a terminal is attached.

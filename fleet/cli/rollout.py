@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -11,19 +12,21 @@ from typing import Any
 
 from agent.trust.root import load_pinned_root
 from fleet.cli.common import Subparsers, add_broker, auth, default_db, passphrase
-from fleet.errors import FleetError
+from fleet.errors import FleetError, LeaseLost
+from fleet.rollout.lease import LEASE_S
 from fleet.rollout.policy import Criteria
 from fleet.trust.keys import load_key
 
 #: `edge-fleet rollout start|run|abort` exit codes: what became of the rollout (an error
 #: before or while driving it is 2, as for every command).
 ROLLOUT_EXIT = {"completed": 0, "halted": 4, "aborted": 5, "paused": 6, "running": 7}
+#: `rollout run` whose lease another controller took while it was stopped or cut off.
+LEASE_LOST_EXIT = 8
 
 def cmd_rollout(ns: argparse.Namespace) -> int:
     from fleet.devices.registry import FleetDB  # noqa: PLC0415  # each command loads only what it needs
     from fleet.rollout.controller import Controller  # noqa: PLC0415
     from fleet.rollout.record import Rollouts  # noqa: PLC0415
-    from fleet.rollout.rows import LOCK_STALE_S  # noqa: PLC0415  # when used
     from fleet.rollout.status import rollout_lines  # noqa: PLC0415
 
     db = FleetDB(ns.db)
@@ -46,18 +49,16 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
     if ns.action in ("pause", "resume"):
         print(f"rollout {ns.id}: {rollouts.move(ns.id, ns.action).value}")
         return 0
-    if ns.action == "abort" and ns.id:
-        ro = rollouts.get(ns.id)
-        if ro.owner and ro.owner_beat and time.time() - ro.owner_beat < LOCK_STALE_S:
-            rollouts.move(ns.id, "abort", "aborted by the operator")
-            print(f"rollout {ns.id}: aborted; its controller ({ro.owner}) sends the "
-                  "rollbacks")
-            return ROLLOUT_EXIT["aborted"]
+    holder = rollouts.leases.holder(ns.id) if ns.action == "abort" and ns.id else None
+    if holder is not None:  # a controller drives it: the status moves, it sends rollbacks
+        rollouts.move(ns.id, "abort", "aborted by the operator")
+        print(f"rollout {ns.id}: aborted; its controller ({holder}) sends the rollbacks")
+        return ROLLOUT_EXIT["aborted"]
     if not (ns.key and ns.root):
         raise FleetError(f"rollout {ns.action} needs --broker, --key and --root")
     fleet = load_pinned_root(ns.root.read_bytes()).fleet
     controller = Controller(db, auth(ns), fleet,
-                            [load_key(k, passphrase(ns)) for k in ns.key])
+                            [load_key(k, passphrase(ns)) for k in ns.key], lease_s=ns.lease)
     try:
         rid = ns.id
         if ns.action == "abort":
@@ -65,7 +66,12 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
         elif ns.action == "start":
             rid = _start_rollout(ns, db, rollouts, Criteria(
                 **{f.name: getattr(ns, f.name) for f in fields(Criteria)}))
-        status = controller.run(rid, timeout_s=ns.timeout)
+        try:
+            status = controller.run(rid, timeout_s=ns.timeout)
+        except LeaseLost as exc:
+            print(f"edge-fleet: {exc}; this controller stops (it wrote nothing after)",
+                  file=sys.stderr)
+            return LEASE_LOST_EXIT
         print(f"rollout {rid}: {status}")
         print("\n".join(rollout_lines(rollouts, rid)))
     finally:
@@ -151,5 +157,8 @@ def add_parsers(sub: Subparsers) -> None:  # type: ignore[type-arg]
             ("max_latency_ratio", "updated devices' median p95 latency over the baseline's")):
         ro.add_argument(f"--{name.replace('_', '-')}", type=float,
                         default=getattr(criteria, name), help=f"{text} (%(default)s)")
+    ro.add_argument("--lease", type=float, default=LEASE_S,
+                    help="seconds this controller's lease lasts after each step; a standby "
+                         "takes the rollout over that long after it stopped (%(default)s)")
     ro.add_argument("--wait", type=float, default=2.0)
     ro.add_argument("--timeout", type=float, default=3600.0)

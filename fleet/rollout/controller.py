@@ -10,6 +10,7 @@ published while disconnected; nothing uncaught).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import statistics
@@ -23,7 +24,9 @@ from fleet._mqtt import BrokerAuth
 from fleet.devices.gate import ReportGate
 from fleet.devices.registry import FleetDB
 from fleet.devices.watcher import CONTROLLER_GROUP, FleetWatcher
-from fleet.rollout.policy import DONE, MAY_SERVE, OPEN, Exec, Health, Pace, Status, judge
+from fleet.errors import LeaseHeld
+from fleet.rollout.lease import LEASE_S
+from fleet.rollout.policy import MAY_SERVE, OPEN, Exec, Health, Pace, Status, judge
 from fleet.rollout.record import Rollouts, pause_after
 from fleet.rollout.results import Results
 from fleet.rollout.rows import Rollout, RolloutDevice
@@ -31,6 +34,8 @@ from fleet.rollout.sending import Sender
 from fleet.trust.commands import deploy_fields
 from fleet.trust.keys import SigningKey
 from fleet.trust.publish import HEARTBEAT_EVERY_S, heartbeat
+
+log = logging.getLogger("edge_fleet.rollout")
 
 
 class Controller:
@@ -41,14 +46,17 @@ class Controller:
     load); monitoring tools read on their own."""
 
     def __init__(self, db: FleetDB, broker_url: BrokerAuth | str, fleet: str,
-                 keys: Iterable[SigningKey], *, connect_wait_s: float = 60.0) -> None:
+                 keys: Iterable[SigningKey], *, connect_wait_s: float = 60.0,
+                 lease_s: float = LEASE_S) -> None:
         self.db, self.broker = db, broker_url
         self.rollouts = Rollouts(db)
         self.fleet, self.keys = fleet, list(keys)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.results = Results(db, self.rollouts, ReportGate(db, fleet))
+        self.lease_s = lease_s
         self.sender = Sender(self.rollouts, broker_url, fleet, self.keys, owner=self.owner,
-                             connect_wait_s=connect_wait_s, on_result=self.results.message)
+                             connect_wait_s=connect_wait_s, on_result=self.results.message,
+                             lease_s=lease_s)
         self.watcher = FleetWatcher(db, broker_url, fleet, share_group=CONTROLLER_GROUP,
                                     on_report=self.results.event,
                                     connect_wait_s=connect_wait_s)
@@ -63,44 +71,13 @@ class Controller:
         """Apply a device's signed result (`Results.record_result`)."""
         self.results.record_result(r)
 
-    def _reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> int:
-        """What the devices' retained states say settles what reports left open: a device
-        on the release (committed) or ahead of it is done; one that no longer serves a
-        release recorded as committed was rolled back. A state counts against what a
-        device report recorded only when it is newer in the device's order (never by
-        when it arrived: a late retained state from before a commit changes nothing).
-        Returns how many executions it moved."""
-        moved = 0
-        states = self.db.model_states(ro.model)
-        for d in devices:
-            s = states.get(d.device)
-            if s is None or s.version is None:
-                continue
-            v, floor, order = s.version, s.committed, s.order
-            newer = d.report_order is None or order > d.report_order
-            committed = floor is not None and floor >= v
-            event, cause = None, ""
-            if v > ro.version and d.status not in DONE:
-                event, cause = "already", f"its state: serves v{v}, ahead of v{ro.version}"
-            elif v == ro.version and committed and d.status not in DONE:
-                if d.attempts == 0:
-                    event, cause = "already", f"its state: serves v{v} committed"
-                elif newer:
-                    event, cause = "serves_release", f"its state: serves v{v} committed"
-            elif v < ro.version and d.status is Exec.COMMITTED and newer:
-                event, cause = "serves_older", f"its state: serves v{v}"
-            if event is not None:
-                self.rollouts.transition(ro.id, d.device, event, cause, order=order)
-                moved += 1
-        return moved
-
     def step(self, rid: str) -> Status:
         """One pass over a rollout; returns its status."""
-        self.sender.session(rid)  # the lock first: a second controller stops here
+        self.sender.session(rid)  # the lease first: LeaseHeld, or LeaseLost when taken
         self.sender.collect_acks(rid)
         ro = self.rollouts.get(rid)
         devices = self.rollouts.devices(rid)
-        moved = self._reconcile(ro, devices)
+        moved = self.results.reconcile(ro, devices)
         if ro.status in (Status.HALTED, Status.ABORTED):
             self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
             self.sender.flush(rid, deploys=False)
@@ -251,8 +228,18 @@ class Controller:
         """Step until the rollout ends or pauses; after a halt or abort, keep stepping up
         to `rollback_wait_s` until every rollback is answered, so the record shows them
         (a device that commits meanwhile is sent its rollback too). A broker outage or a
-        publish that fails is waited out, never fatal."""
+        publish that fails is waited out, never fatal.
+
+        A standby: while another controller's lease runs, it waits (up to `timeout_s`),
+        then takes the lease and carries the rollout on from its record.
+
+        Raises:
+            LeaseHeld: another controller still held the lease at `timeout_s`.
+            LeaseLost: another controller took the lease while this one was stopped or cut
+                off; this one wrote nothing after that.
+        """
         end = time.monotonic() + timeout_s
+        self._take_lease(rid, end)
         status = Status.RUNNING
         beat = -1e9
         while time.monotonic() < end:
@@ -273,3 +260,16 @@ class Controller:
                 time.sleep(poll_s)
                 self.step(rid)
         return status
+
+    def _take_lease(self, rid: str, end: float) -> None:
+        """Wait until this controller holds the rollout's lease (a standby waits for the
+        holder's lease to run out), or raise `LeaseHeld` at `end`."""
+        while True:
+            try:
+                self.sender.session(rid)
+                return
+            except LeaseHeld as exc:
+                if time.monotonic() >= end:
+                    raise
+                log.info("rollout.standby rollout=%s: %s", rid, exc)
+                time.sleep(min(1.0, self.lease_s / 5, max(0.0, end - time.monotonic())))

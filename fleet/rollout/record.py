@@ -23,16 +23,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fleet._proc import pid_alive
 from fleet.devices.registry import FleetDB
 from fleet.errors import FleetError
+from fleet.rollout.lease import Leases
 from fleet.rollout.policy import (
     DEFAULT_RETRY,
     FINAL,
@@ -44,7 +44,7 @@ from fleet.rollout.policy import (
     next_status,
     wave_sizes,
 )
-from fleet.rollout.rows import LOCK_STALE_S, HistoryEntry, Rollout, RolloutDevice
+from fleet.rollout.rows import HistoryEntry, Rollout, RolloutDevice
 from fleet.trust.commands import deploy_fields
 
 log = logging.getLogger("edge_fleet.rollout")
@@ -57,10 +57,20 @@ class Rollouts:
     def __init__(self, db: FleetDB) -> None:
         self.db = db
         self.store = db.store  # the schema is the store's (`fleet.store.schema`)
+        self.leases = Leases(self.store)  # what this instance's controller holds
 
     def _tx(self) -> contextlib.AbstractContextManager[None]:
-        """One write transaction (a record and its history change together)."""
+        """One write transaction of an operator's (not fenced: a rollout's creation, its
+        status moved from the command line)."""
         return self.db.tx()
+
+    @contextlib.contextmanager
+    def _write(self, rid: str) -> Iterator[None]:
+        """One write transaction on rollout `rid`; a controller's only while its lease
+        is its own (`Leases.check`: else `LeaseLost`, and nothing is written)."""
+        with self.db.tx():
+            self.leases.check(rid)
+            yield
 
     def create(self, *, archive: Path, urls: list[str], group: str, devices: list[str],
                fractions: list[float], criteria: Criteria, wave_timeout_s: float,
@@ -108,7 +118,7 @@ class Rollouts:
         """A device that joined the group (or was first seen) during the rollout: queued
         in the last wave (a newcomer is not a canary)."""
         ro = self.get(rid)
-        with self._tx():
+        with self._write(rid):
             self._add_device(rid, device, len(ro.sizes) - 1, "joined the group", time.time())
 
     def ids(self) -> list[str]:
@@ -117,8 +127,9 @@ class Rollouts:
     def get(self, rid: str, *, for_update: bool = False) -> Rollout:
         """`for_update`: inside a transaction that changes it (PostgreSQL locks the row)."""
         with self.store.lock:
-            cur = self.store.execute("SELECT * FROM rollouts WHERE id = ?"
-                                     + (self.store.for_update if for_update else ""), (rid,))
+            cur = self.store.execute(
+                f"SELECT *, lease_until > {self.store.now} AS leased FROM rollouts WHERE id "
+                "= ?" + (self.store.for_update if for_update else ""), (rid,))
             row = cur.fetchone()
             if row is None:
                 raise FleetError(f"no rollout {rid}")
@@ -171,7 +182,7 @@ class Rollouts:
         if "status" in fields:
             raise TypeError("a rollout's status changes through Rollouts.move")
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self.store.lock:
+        with self._write(rid):
             self.store.execute(f"UPDATE rollouts SET {cols} WHERE id = ?",
                              (*fields.values(), rid))
 
@@ -181,7 +192,7 @@ class Rollouts:
         Raises:
             FleetError: the table has no such step (e.g. resuming a halted rollout).
         """
-        with self._tx():  # read and write in one transaction: two shells cannot both move it
+        with self._write(rid):  # read and write in one transaction: two cannot both move it
             ro = self.get(rid, for_update=True)
             try:
                 status = next_status(ro.status, action)
@@ -194,28 +205,6 @@ class Rollouts:
                                               time.time() if status in FINAL else None, rid))
         return status
 
-    # -- the lock: one controller drives a rollout -----------------------------------------
-    def acquire(self, rid: str, owner: str) -> None:
-        """Take the rollout's lock for `owner`, or renew it.
-
-        Raises:
-            FleetError: another controller holds it and wrote within `LOCK_STALE_S`.
-        """
-        now = time.time()
-        with self._tx():
-            ro = self.get(rid, for_update=True)
-            if (ro.owner not in (None, owner) and ro.owner_beat is not None
-                    and now - ro.owner_beat < LOCK_STALE_S and _alive(ro.owner)):
-                raise FleetError(f"rollout {rid} is driven by controller {ro.owner} "
-                                 f"(seen {now - ro.owner_beat:.0f} s ago); stop it first")
-            self.store.execute("UPDATE rollouts SET owner = ?, owner_beat = ? WHERE id = ?",
-                             (owner, now, rid))
-
-    def release(self, rid: str, owner: str) -> None:
-        with self.store.lock:
-            self.store.execute("UPDATE rollouts SET owner = NULL WHERE id = ? AND owner = ?",
-                             (rid, owner))
-
     # -- executions ------------------------------------------------------------------------
     def transition(self, rid: str, device: str, event: str, cause: str, *,
                    order: tuple[int, int] | None = None, **fields: Any) -> Exec | None:
@@ -226,7 +215,7 @@ class Rollouts:
         retained state older than that report never overrides it."""
         if order is not None:
             fields = {**fields, "report_epoch": order[0], "report_seq": order[1]}
-        with self._tx():
+        with self._write(rid):
             row = self.store.one("SELECT status FROM rollout_devices WHERE rollout = ? AND "
                                  "device = ?" + self.store.for_update, (rid, device))
             if row is None:
@@ -251,14 +240,14 @@ class Rollouts:
         if "status" in fields:
             raise TypeError("an execution's status changes through Rollouts.transition")
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self.store.lock:
+        with self._write(rid):
             self.store.execute(f"UPDATE rollout_devices SET {cols} WHERE rollout = ? AND "
                              "device = ?", (*fields.values(), rid, device))
 
     # -- commands --------------------------------------------------------------------------
     def record_command(self, rid: str, device: str, kind: str, cmd_id: str, attempt: int,
                        expires: float, payload: bytes) -> None:
-        with self.store.lock:
+        with self._write(rid):
             self.store.execute("INSERT INTO rollout_commands VALUES (?,?,?,?,?,?,?,?,?,?)",
                              (cmd_id, rid, device, kind, attempt, time.time(), expires,
                               "to_send", None, payload))
@@ -284,13 +273,13 @@ class Rollouts:
                                    (cmd_id,)).fetchone()
         return None if row is None else row[0]
 
-    def mark_sent(self, cmd_id: str) -> None:
-        with self.store.lock:
+    def mark_sent(self, rid: str, cmd_id: str) -> None:
+        with self._write(rid):
             self.store.execute("UPDATE rollout_commands SET state = 'sent', sent_at = ? "
                              "WHERE id = ? AND state = 'to_send'", (time.time(), cmd_id))
 
-    def drop_unsent(self, cmd_id: str) -> None:
-        with self.store.lock:
+    def drop_unsent(self, rid: str, cmd_id: str) -> None:
+        with self._write(rid):
             self.store.execute("UPDATE rollout_commands SET state = 'expired' WHERE id = ? "
                              "AND state = 'to_send'", (cmd_id,))
 
@@ -306,11 +295,3 @@ def printable(text: str, limit: int) -> str:
     """`text` cut to `limit` with every control character (terminal escapes, newlines)
     replaced by "?": what a device says is shown in operators' terminals."""
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
-
-
-def _alive(owner: str) -> bool:
-    """False when `owner` ("host:pid:tag") was a process of this host that is gone (a
-    controller killed a moment ago need not wait for its lock to go stale)."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    return host != socket.gethostname() or not pid.isdigit() or pid_alive(int(pid))

@@ -12,8 +12,9 @@ from typing import Any
 from agent.link.wire import CommandResult, Event
 from fleet.devices.gate import Report, ReportGate
 from fleet.devices.registry import FleetDB
-from fleet.rollout.policy import Exec, Status
+from fleet.rollout.policy import DONE, Exec, Status
 from fleet.rollout.record import Rollouts, printable
+from fleet.rollout.rows import Rollout, RolloutDevice
 
 log = logging.getLogger("edge_fleet.rollout")
 #: Devices' failure checks that mean "the device is on this release or ahead of it",
@@ -131,3 +132,34 @@ class Results:
         m = self.db.models_of(device).get(ro.model) or {}
         v = m.get("version")
         return v is not None and v >= ro.version
+
+    def reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> int:
+        """What the devices' retained states say settles what reports left open: a device
+        on the release (committed) or ahead of it is done; one that no longer serves a
+        release recorded as committed was rolled back. A state counts against what a
+        device report recorded only when it is newer in the device's order (never by
+        when it arrived: a late retained state from before a commit changes nothing).
+        Returns how many executions it moved."""
+        moved = 0
+        states = self.db.model_states(ro.model)
+        for d in devices:
+            s = states.get(d.device)
+            if s is None or s.version is None:
+                continue
+            v, floor, order = s.version, s.committed, s.order
+            newer = d.report_order is None or order > d.report_order
+            committed = floor is not None and floor >= v
+            event, cause = None, ""
+            if v > ro.version and d.status not in DONE:
+                event, cause = "already", f"its state: serves v{v}, ahead of v{ro.version}"
+            elif v == ro.version and committed and d.status not in DONE:
+                if d.attempts == 0:
+                    event, cause = "already", f"its state: serves v{v} committed"
+                elif newer:
+                    event, cause = "serves_release", f"its state: serves v{v} committed"
+            elif v < ro.version and d.status is Exec.COMMITTED and newer:
+                event, cause = "serves_older", f"its state: serves v{v}"
+            if event is not None:
+                self.rollouts.transition(ro.id, d.device, event, cause, order=order)
+                moved += 1
+        return moved

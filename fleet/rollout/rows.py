@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fleet.rollout.policy import MAY_SERVE, Criteria, Exec, RetryPolicy, Status
-
-#: A controller that has not written its beat for this long has lost its lock, and its
-#: running rollout shows as stalled.
-LOCK_STALE_S = 15.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,9 +35,12 @@ class Rollout:
     max_per_minute: int  # 0: no limit
     continuous: bool  # after the last wave, keep targeting devices that come or join
     culprits: list[str]  # the devices whose failure halted it
-    owner: str | None  # the controller holding its lock
-    owner_beat: float | None
+    owner: str | None  # the controller that took its lease last (`fleet.rollout.lease`)
+    owner_beat: float | None  # when it renewed it, by the database's clock
     ended: float | None
+    lease_until: float | None = None  # by the database's clock
+    lease_token: int = 0
+    leased: bool = False  # its lease was running when the row was read (database clock)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Rollout:
@@ -60,14 +58,15 @@ class Rollout:
                    retry=RetryPolicy(**retry), command_ttl_s=row["command_ttl_s"] or 3600.0,
                    max_per_minute=row["max_per_minute"], continuous=bool(row["continuous"]),
                    culprits=json.loads(row["culprits_json"] or "[]"), owner=row["owner"],
-                   owner_beat=row["owner_beat"], ended=row["ended"])
+                   owner_beat=row["owner_beat"], ended=row["ended"],
+                   lease_until=row.get("lease_until"), lease_token=row.get("lease_token") or 0,
+                   leased=bool(row.get("leased")))
 
     def shown_status(self, now: float | None = None) -> str:
-        """Its status, except that a running rollout whose controller has not written for
-        `LOCK_STALE_S` shows as stalled."""
-        now = time.time() if now is None else now
-        if self.status is Status.RUNNING and (self.owner_beat is None
-                                              or now - self.owner_beat > LOCK_STALE_S):
+        """Its status, except that a running rollout whose controller's lease has run out
+        (when the row was read, by the database's clock; or at `now`) shows as stalled."""
+        leased = self.leased if now is None else (self.lease_until or 0) > now
+        if self.status is Status.RUNNING and not leased:
             return "stalled"
         return self.status.value
 

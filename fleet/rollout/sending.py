@@ -22,6 +22,7 @@ from paho.mqtt.properties import Properties
 
 from agent.link.wire import PREFIX, device_topic
 from fleet._mqtt import BrokerAuth, close, connect_patiently
+from fleet.rollout.lease import LEASE_S
 from fleet.rollout.policy import Exec
 from fleet.rollout.record import Rollouts
 from fleet.rollout.rows import RolloutDevice
@@ -39,8 +40,9 @@ class Sender:
 
     def __init__(self, rollouts: Rollouts, broker: BrokerAuth | str, fleet: str,
                  keys: list[SigningKey], *, owner: str, connect_wait_s: float,
-                 on_result: Callable[[str, Any], None]) -> None:
+                 on_result: Callable[[str, Any], None], lease_s: float = LEASE_S) -> None:
         self.rollouts, self.broker, self.fleet, self.keys = rollouts, broker, fleet, keys
+        self.lease_s = lease_s
         self.owner, self.connect_wait_s, self.on_result = owner, connect_wait_s, on_result
         self.sessions: dict[str, paho.Client] = {}
         # command id -> (rollout, paho's message info, when handed): not acknowledged
@@ -48,14 +50,14 @@ class Sender:
 
     def close(self) -> None:
         for rid, client in self.sessions.items():
-            self.rollouts.release(rid, self.owner)
+            self.rollouts.leases.release(rid, self.owner)
             close(client)
         self.sessions.clear()
 
     def session(self, rid: str) -> paho.Client:
-        """The rollout's results session, opened once this controller holds its lock
-        (taken or renewed here: a second controller stops at this call)."""
-        self.rollouts.acquire(rid, self.owner)
+        """The rollout's results session, opened once this controller holds its lease
+        (taken or renewed here: `LeaseHeld` while another controller's runs)."""
+        self.rollouts.leases.acquire(rid, self.owner, self.lease_s)
         client = self.sessions.get(rid)
         if client is None:
             def on_message(client: Any, userdata: Any, msg: Any) -> None:
@@ -81,7 +83,7 @@ class Sender:
                     del self._publishing[cmd_id]
                 continue
             del self._publishing[cmd_id]
-            self.rollouts.mark_sent(cmd_id)
+            self.rollouts.mark_sent(rid, cmd_id)
             sent = self.rollouts.command(cmd_id)
             if sent is None or sent[2] != "deploy":
                 continue
@@ -126,7 +128,7 @@ class Sender:
             if cmd_id in self._publishing or (kind == "deploy" and not deploys):
                 continue
             if expires <= now + 1:
-                self.rollouts.drop_unsent(cmd_id)
+                self.rollouts.drop_unsent(rid, cmd_id)
                 if kind == "deploy":
                     self.rollouts.transition(rid, device, "unsent_expired",
                                              f"command {cmd_id[:8]} expired unsent")

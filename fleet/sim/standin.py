@@ -99,7 +99,6 @@ class StandInAgent:
         self.config_path: Path | None = None
         self.base_latency_s = 0.004 * rng.uniform(0.8, 1.25)
         self.faults = True  # off while the initial release is installed
-        self._rng = rng
         self.installer: Installer[Manifest] = Installer(
             self.store, self, root=lambda: self.root, device=lambda: self.device,
             metrics=self.metrics, changed=self._changed)

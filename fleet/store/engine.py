@@ -54,6 +54,9 @@ class Store:
     for_update = ""
     #: A column that orders a table's rows as they were inserted.
     insertion_order = "rowid"
+    #: The database's clock, in seconds since the epoch (leases are timed by it, never by
+    #: a controller's own clock).
+    now = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -186,6 +189,7 @@ class PostgresStore(Store):
     greatest = "GREATEST"
     for_update = " FOR UPDATE"
     insertion_order = "id"
+    now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
     def __init__(self, url: str) -> None:
         super().__init__()

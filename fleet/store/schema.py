@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS rollout_commands (
   state TEXT NOT NULL, sent_at REAL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS rollout_commands_state ON rollout_commands (rollout, state)
 """),
+    (2, "rollout leases timed by the database's clock, with a fencing token", """
+ALTER TABLE rollouts ADD COLUMN lease_until REAL;
+ALTER TABLE rollouts ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0
+"""),
 ]
 LATEST = MIGRATIONS[-1][0]
 
