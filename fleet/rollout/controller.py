@@ -88,13 +88,14 @@ class Controller:
         now = time.time()
         if moved:  # the executions are read again only when this step changed them
             devices = self.rollouts.devices(rid)
-        for d in devices:  # timeouts, then their retries
-            if d.status in (Exec.SENT, Exec.IN_PROGRESS) and d.sent_at is not None \
-                    and now - d.sent_at > ro.wave_timeout_s:
+        timed_out = [d for d in devices if d.status in (Exec.SENT, Exec.IN_PROGRESS)
+                     and d.sent_at is not None and now - d.sent_at > ro.wave_timeout_s]
+        with self.rollouts.batch(rid):  # timeouts, then their retries
+            for d in timed_out:
                 self.rollouts.transition(rid, d.device, "timeout", f"no answer in "
                                          f"{ro.wave_timeout_s:g} s", failure="timeout")
                 self.results.maybe_retry(rid, d.device, "timeout")
-                moved += 1
+        moved += len(timed_out)
         if moved:
             devices = self.rollouts.devices(rid)
         online = self.db.online()

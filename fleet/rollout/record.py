@@ -58,6 +58,7 @@ class Rollouts:
         self.db = db
         self.store = db.store  # the schema is the store's (`fleet.store.schema`)
         self.leases = Leases(self.store)  # what this instance's controller holds
+        self._checked: set[str] = set()  # rollouts whose open batch checked the lease
 
     def _tx(self) -> contextlib.AbstractContextManager[None]:
         """One write transaction of an operator's (not fenced: a rollout's creation, its
@@ -67,10 +68,28 @@ class Rollouts:
     @contextlib.contextmanager
     def _write(self, rid: str) -> Iterator[None]:
         """One write transaction on rollout `rid`; a controller's only while its lease
-        is its own (`Leases.check`: else `LeaseLost`, and nothing is written)."""
+        is its own (`Leases.check`: else `LeaseLost`, and nothing is written). Inside a
+        `batch` of the same rollout, part of it: checked once, committed together."""
         with self.db.tx():
-            self.leases.check(rid)
+            if rid not in self._checked:
+                self.leases.check(rid)
             yield
+
+    @contextlib.contextmanager
+    def batch(self, rid: str) -> Iterator[None]:
+        """Many writes on rollout `rid` in one transaction with one lease check (a step's
+        deploys, acknowledgements, settled states): the check and the writes are one
+        transaction, so no other controller can take the lease between them."""
+        with self.db.tx():
+            if rid in self._checked:
+                yield
+                return
+            self.leases.check(rid)
+            self._checked.add(rid)
+            try:
+                yield
+            finally:
+                self._checked.discard(rid)
 
     def create(self, *, archive: Path, urls: list[str], group: str, devices: list[str],
                fractions: list[float], criteria: Criteria, wave_timeout_s: float,

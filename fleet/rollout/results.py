@@ -142,24 +142,25 @@ class Results:
         Returns how many executions it moved."""
         moved = 0
         states = self.db.model_states(ro.model)
-        for d in devices:
-            s = states.get(d.device)
-            if s is None or s.version is None:
-                continue
-            v, floor, order = s.version, s.committed, s.order
-            newer = d.report_order is None or order > d.report_order
-            committed = floor is not None and floor >= v
-            event, cause = None, ""
-            if v > ro.version and d.status not in DONE:
-                event, cause = "already", f"its state: serves v{v}, ahead of v{ro.version}"
-            elif v == ro.version and committed and d.status not in DONE:
-                if d.attempts == 0:
-                    event, cause = "already", f"its state: serves v{v} committed"
-                elif newer:
-                    event, cause = "serves_release", f"its state: serves v{v} committed"
-            elif v < ro.version and d.status is Exec.COMMITTED and newer:
-                event, cause = "serves_older", f"its state: serves v{v}"
-            if event is not None:
-                self.rollouts.transition(ro.id, d.device, event, cause, order=order)
-                moved += 1
+        with self.rollouts.batch(ro.id):  # one transaction, one lease check
+            for d in devices:
+                s = states.get(d.device)
+                if s is None or s.version is None:
+                    continue
+                v, floor, order = s.version, s.committed, s.order
+                newer = d.report_order is None or order > d.report_order
+                committed = floor is not None and floor >= v
+                event, cause = None, ""
+                if v > ro.version and d.status not in DONE:
+                    event, cause = "already", f"its state: serves v{v}, ahead of v{ro.version}"
+                elif v == ro.version and committed and d.status not in DONE:
+                    if d.attempts == 0:
+                        event, cause = "already", f"its state: serves v{v} committed"
+                    elif newer:
+                        event, cause = "serves_release", f"its state: serves v{v} committed"
+                elif v < ro.version and d.status is Exec.COMMITTED and newer:
+                    event, cause = "serves_older", f"its state: serves v{v}"
+                if event is not None:
+                    self.rollouts.transition(ro.id, d.device, event, cause, order=order)
+                    moved += 1
         return moved

@@ -75,6 +75,7 @@ class Sender:
         executions moved from to_send to sent. (paho keeps what was in flight across a
         reconnect and sends it again itself.)"""
         now = time.monotonic()
+        acked = []
         for cmd_id, (r, info, handed) in list(self._publishing.items()):
             if r != rid:
                 continue
@@ -82,40 +83,52 @@ class Sender:
                 if now - handed > UNACKED_S:  # paho lost it (a reconnect): publish again
                     del self._publishing[cmd_id]
                 continue
-            del self._publishing[cmd_id]
-            self.rollouts.mark_sent(rid, cmd_id)
-            sent = self.rollouts.command(cmd_id)
-            if sent is None or sent[2] != "deploy":
-                continue
-            d = self.rollouts.device(rid, sent[1])
-            if d is None or d.command_id != cmd_id:
-                continue
-            if d.status is Exec.TO_SEND:
-                self.rollouts.transition(rid, sent[1], "acked", "the broker acknowledged "
-                                         f"deploy {cmd_id[:8]}", sent_at=time.time())
-            elif d.sent_at is None:  # the device answered before the ack was collected
-                self.rollouts.set_device(rid, sent[1], sent_at=time.time())
+            acked.append(cmd_id)
+        if acked:
+            with self.rollouts.batch(rid):
+                for cmd_id in acked:
+                    self._acked(rid, cmd_id)
+
+    def _acked(self, rid: str, cmd_id: str) -> None:
+        del self._publishing[cmd_id]
+        self.rollouts.mark_sent(rid, cmd_id)
+        sent = self.rollouts.command(cmd_id)
+        if sent is None or sent[2] != "deploy":
+            return
+        d = self.rollouts.device(rid, sent[1])
+        if d is None or d.command_id != cmd_id:
+            return
+        if d.status is Exec.TO_SEND:
+            self.rollouts.transition(rid, sent[1], "acked", "the broker acknowledged "
+                                     f"deploy {cmd_id[:8]}", sent_at=time.time())
+        elif d.sent_at is None:  # the device answered before the ack was collected
+            self.rollouts.set_device(rid, sent[1], sent_at=time.time())
 
     def record(self, rid: str, kind: str, devices: list[RolloutDevice], ttl_s: float,
                **fields: Any) -> None:
         """Signed commands recorded *to send* (with the execution's transition for a
-        deploy); `flush` publishes them."""
-        for d in devices:
-            cmd = build_command(kind, fleet=self.fleet, device=d.device,
-                                ttl=timedelta(seconds=ttl_s), **fields)
-            raw = sign_command(cmd, self.keys)
-            expires = cmd.expires.timestamp()
-            if kind == "deploy":
-                self.rollouts.record_command(rid, d.device, kind, cmd.id, d.attempts + 1,
-                                             expires, raw)
-                self.rollouts.transition(rid, d.device, "send", f"deploy {cmd.id[:8]}, "
-                                         f"attempt {d.attempts + 1}", command_id=cmd.id,
-                                         attempts=d.attempts + 1, retry_at=None,
-                                         sent_at=None)
-            else:
-                self.rollouts.record_command(rid, d.device, kind, cmd.id, 1, expires, raw)
-                self.rollouts.set_device(rid, d.device, rollback_id=cmd.id,
-                                         rollback_result=None)
+        deploy); `flush` publishes them. One transaction for them all."""
+        with self.rollouts.batch(rid):
+            for d in devices:
+                self._record_one(rid, kind, d, ttl_s, **fields)
+
+    def _record_one(self, rid: str, kind: str, d: RolloutDevice, ttl_s: float,
+                    **fields: Any) -> None:
+        cmd = build_command(kind, fleet=self.fleet, device=d.device,
+                            ttl=timedelta(seconds=ttl_s), **fields)
+        raw = sign_command(cmd, self.keys)
+        expires = cmd.expires.timestamp()
+        if kind == "deploy":
+            self.rollouts.record_command(rid, d.device, kind, cmd.id, d.attempts + 1,
+                                         expires, raw)
+            self.rollouts.transition(rid, d.device, "send", f"deploy {cmd.id[:8]}, "
+                                     f"attempt {d.attempts + 1}", command_id=cmd.id,
+                                     attempts=d.attempts + 1, retry_at=None,
+                                     sent_at=None)
+        else:
+            self.rollouts.record_command(rid, d.device, kind, cmd.id, 1, expires, raw)
+            self.rollouts.set_device(rid, d.device, rollback_id=cmd.id,
+                                     rollback_result=None)
 
     def flush(self, rid: str, *, deploys: bool) -> int:
         """Publish what is recorded and not acknowledged (QoS 1, expiring with the command)
