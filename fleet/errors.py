@@ -20,6 +20,10 @@ class FleetError(Exception):
 class LeaseHeld(FleetError):
     """Another controller drives the rollout and its lease has not run out."""
 
+    def __init__(self, message: str, *, remaining_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.remaining_s = remaining_s  # until it runs out, by the database's clock
+
 
 class LeaseLost(FleetError):
     """This controller no longer holds the rollout's lease; nothing was written."""

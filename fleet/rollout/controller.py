@@ -273,4 +273,6 @@ class Controller:
                 if time.monotonic() >= end:
                     raise
                 log.info("rollout.standby rollout=%s: %s", rid, exc)
-                time.sleep(min(1.0, self.lease_s / 5, max(0.0, end - time.monotonic())))
+                # until the holder's lease runs out (a renewal meanwhile: wait again)
+                time.sleep(min(max(0.02, exc.remaining_s + 0.02),
+                               max(0.0, end - time.monotonic())))

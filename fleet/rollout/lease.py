@@ -46,7 +46,7 @@ class Leases:
                     raise LeaseLost(f"rollout {rid}: this controller's lease was taken by "
                                     f"{holder}")
                 raise LeaseHeld(f"rollout {rid} is driven by controller {holder} (its lease "
-                                f"runs {until - now:.1f} s more)")
+                                f"runs {until - now:.1f} s more)", remaining_s=until - now)
             mine = self.held.get(rid)
             if mine is not None and mine != (holder, token):  # another drove it meanwhile
                 self.held.pop(rid)
