@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,32 @@ def test_outsiders_are_registered_devices_with_a_state_not_in_the_rollout(
                                  "attempts) VALUES (?, ?, 0, 'queued', 0)", (rid, d))
     assert rollouts.outsiders(rid) == [("new", '["lab", "x"]')]
     assert [d for d, _ in rollouts.outsiders("another")] == ["m1", "m2", "new"]
+
+
+def test_first_reports_of_a_device_through_two_consumers_stay_in_its_order(
+        postgres: Any) -> None:
+    """Two ingest consumers on PostgreSQL (two hosts' connections) get the very first
+    telemetry of a device, the newer one first: the second waits for the first's commit
+    and finds its report stale, instead of both inserting a mark and the older winning."""
+    import threading
+    import uuid
+
+    from polling import wait_until
+
+    url = postgres.create_database(f"t_{uuid.uuid4().hex}")
+    a, b, watch = FleetDB(url), FleetDB(url), FleetDB(url)
+    a.register("dev", KEY)
+    newer, older = telemetry("dev", 5, {"digits": 1.0}), telemetry("dev", 3, {"digits": 2.0})
+    got: list[list[Report]] = []
+    with a.tx():
+        assert a.apply([(newer, time.time())]) == [newer]
+        t = threading.Thread(target=lambda: got.append(b.apply([(older, time.time())])))
+        t.start()
+        wait_until(lambda: watch.store.one("SELECT COUNT(*) FROM pg_locks WHERE NOT "
+                                           "granted")[0] >= 1, timeout_s=10,
+                   what="the second consumer waiting on the first's transaction")
+    t.join(10)
+    assert got == [[]]  # stale: the newer one was applied first
+    assert watch.store.one("SELECT epoch, seq FROM report_marks WHERE device = 'dev' AND "
+                           "kind = 'telemetry'") == (1, 5)
+    assert b.counter("ignored_stale") == 1

@@ -99,7 +99,7 @@ class FleetDB(Keyring):
         inside `tx`, with what applies it). Stale: counted under `ignored_stale`."""
         key = (report.device, report.kind)
         with self.tx():
-            new = self._admit_in(report, self._marks({report.device}).get(key))
+            new = self._admit_in(report, self._marks({key}).get(key))
             if new is None:
                 self.bump("ignored_stale")
                 return False
@@ -114,7 +114,7 @@ class FleetDB(Keyring):
         applied: list[Report] = []
         newest: dict[str, tuple[Telemetry, float]] = {}
         with self.tx():
-            marks = self._marks({r.device for r, _ in batch})
+            marks = self._marks({(r.device, r.kind) for r, _ in batch})
             changed: set[tuple[str, str]] = set()
             for report, received in batch:
                 key = (report.device, report.kind)
@@ -148,17 +148,27 @@ class FleetDB(Keyring):
             [(d, k, m.epoch, m.seq, m.connection, int(m.will), m.window)
              for (d, k), m in marks.items()])
 
-    def _marks(self, devices: set[str]) -> dict[tuple[str, str], Mark]:
-        """The marks of these devices (call inside `tx`)."""
+    def _marks(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Mark]:
+        """The marks of these (device, kind) keys, locked until the transaction ends (call
+        inside `tx`). Where writers run concurrently (PostgreSQL: ingest consumers on
+        several hosts), a key without a mark gets a placeholder row first (epoch 0, which
+        no report carries), so the first reports of a device that reach two consumers at
+        once are ordered too: the second waits for the first's commit and reads its mark."""
+        st = self.store
+        ordered = sorted(keys)
+        if st.concurrent_writers:
+            st.executemany("INSERT INTO report_marks VALUES (?, ?, 0, 0, 0, 0, 0) "
+                           "ON CONFLICT (device, kind) DO NOTHING", ordered)
         out: dict[tuple[str, str], Mark] = {}
-        names = sorted(devices)
+        names = sorted({d for d, _ in ordered})
         for i in range(0, len(names), 500):  # bounded statement size
             part = names[i:i + 500]
-            for d, k, e, q, c, w, win in self.store.execute(
+            for d, k, e, q, c, w, win in st.all(
                     "SELECT device, kind, epoch, seq, connection, will, \"window\" FROM "
-                    f"report_marks WHERE device IN ({','.join('?' * len(part))})"
-                    + self.store.for_update, part):  # PostgreSQL: no other writer meanwhile
-                out[(d, k)] = Mark(e, q, c, bool(w), win)
+                    f"report_marks WHERE device IN ({','.join('?' * len(part))}) ORDER BY "
+                    "device, kind" + st.for_update, part):
+                if e > 0:  # 0: a placeholder, no mark yet
+                    out[(d, k)] = Mark(e, q, c, bool(w), win)
         return out
 
     @staticmethod

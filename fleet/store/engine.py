@@ -57,6 +57,9 @@ class Store:
     #: The database's clock, in seconds since the epoch (leases are timed by it, never by
     #: a controller's own clock).
     now = "((julianday('now') - 2440587.5) * 86400.0)"
+    #: Whether two connections' write transactions can run at once (SQLite's one writer
+    #: at a time orders whole transactions; PostgreSQL's writers lock rows).
+    concurrent_writers = False
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -189,6 +192,7 @@ class PostgresStore(Store):
     greatest = "GREATEST"
     for_update = " FOR UPDATE"
     insertion_order = "id"
+    concurrent_writers = True
     now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
     def __init__(self, url: str) -> None:
