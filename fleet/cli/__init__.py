@@ -132,6 +132,7 @@ HELP = {
     "bundle inspect dir": "an unpacked bundle directory",
 }
 
+
 def _fill_help(parser: argparse.ArgumentParser, path: str = "") -> None:
     """Give every option and subcommand without help its entry in HELP (the most
     specific first)."""
@@ -155,6 +156,7 @@ def _fill_help(parser: argparse.ArgumentParser, path: str = "") -> None:
                     action.help = HELP[key]
                     break
 
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-fleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_parsers(sub)
     _fill_help(parser)
     return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)

@@ -30,6 +30,7 @@ def passphrase(ns: argparse.Namespace, *, new: bool = False) -> str | None:
 
 Subparsers = argparse._SubParsersAction  # argparse exposes no public name
 
+
 def add_broker(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     """The connection options every command that speaks MQTT takes; each falls back to
     its environment variable (`fleet._mqtt.ENV`); the password is read only from
@@ -43,6 +44,7 @@ def add_broker(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     g.add_argument("--key-file", type=Path, help="its private key (EDGE_FLEET_KEY_FILE)")
     g.add_argument("--username", help="EDGE_FLEET_USERNAME; the password comes from "
                    "EDGE_FLEET_MQTT_PASSWORD")
+
 
 def auth(ns: argparse.Namespace) -> Any:
     from fleet._mqtt import BrokerAuth  # noqa: PLC0415  # paho only here

@@ -22,6 +22,7 @@ def _device_pubs(paths: list[Path]) -> list[Path]:
         out += sorted(p.glob("*.pub")) if p.is_dir() else [p]
     return out
 
+
 def cmd_devices(ns: argparse.Namespace) -> None:
     from agent.trust.identity import read_device_public  # noqa: PLC0415  # when used
     from fleet.devices.registry import FleetDB  # noqa: PLC0415  # each command loads only what it needs
@@ -47,6 +48,7 @@ def cmd_devices(ns: argparse.Namespace) -> None:
         changed += db.register(pub.device, pub.report_key)
     print(f"{len(files)} device key(s) registered in {db.store} ({changed} new or changed)")
 
+
 def cmd_status(ns: argparse.Namespace) -> None:
     from fleet.devices.status import status_lines  # noqa: PLC0415  # each command loads only what it needs
 
@@ -55,6 +57,7 @@ def cmd_status(ns: argparse.Namespace) -> None:
     watcher.stop()
     print("\n".join(status_lines(db.devices(group=ns.group), unknown=db.unknown(),
                                   ignored=db.ignored())))
+
 
 def cmd_watch(ns: argparse.Namespace) -> None:
     from fleet.devices.status import status_lines  # noqa: PLC0415  # each command loads only what it needs
@@ -72,6 +75,7 @@ def cmd_watch(ns: argparse.Namespace) -> None:
         pass
     finally:
         watcher.stop()
+
 
 def cmd_recover(ns: argparse.Namespace) -> None:
     from fleet.rollout.recover import recover  # noqa: PLC0415  # each command loads only what it needs
@@ -96,6 +100,7 @@ def cmd_recover(ns: argparse.Namespace) -> None:
     if summary.failed or summary.silent:
         raise FleetError(f"{len(summary.failed)} failed, {len(summary.silent)} silent")
 
+
 def cmd_dashboard(ns: argparse.Namespace) -> None:
     from fleet.dashboard import Dashboard, make_server  # noqa: PLC0415  # when used
 
@@ -110,6 +115,7 @@ def cmd_dashboard(ns: argparse.Namespace) -> None:
     finally:
         watcher.stop()
 
+
 def _add_devices(sub: Subparsers) -> None:  # type: ignore[type-arg]
     dev = sub.add_parser("devices", help="register devices' report keys")
     dev.set_defaults(func=cmd_devices)
@@ -123,6 +129,7 @@ def _add_devices(sub: Subparsers) -> None:  # type: ignore[type-arg]
     ls = da.add_parser("list")
     for p in (add, imp, ls):
         p.add_argument("--db", default=default_db())
+
 
 def _add_watching(sub: Subparsers) -> None:  # type: ignore[type-arg]
     for name, func in (("status", cmd_status), ("watch", cmd_watch), ("recover", cmd_recover),

@@ -48,6 +48,7 @@ def inspect_bundle(bundle: Path) -> list[str]:
         + (f", sealed to {len(m.sealed.recipients)} device(s)" if m.sealed else ""),
     ]
 
+
 def cmd_sign(ns: argparse.Namespace) -> None:
     root = load_pinned_root(ns.root.read_bytes()) if ns.root else None
     res = sign_bundle(ns.bundle, [load_key(k, passphrase(ns)) for k in ns.key], root)
@@ -57,6 +58,7 @@ def cmd_sign(ns: argparse.Namespace) -> None:
         more = max(0, res.threshold - res.valid)
         print(f"{ns.bundle}: {res.valid} of {res.threshold} release signature(s)"
               + (f"; {more} more needed" if more else "; threshold met"))
+
 
 def cmd_verify(ns: argparse.Namespace) -> None:
     root = load_pinned_root(ns.root.read_bytes())
@@ -73,6 +75,7 @@ def cmd_verify(ns: argparse.Namespace) -> None:
     verified = verify_release(ns.path, root, device=device, now=now,
                               new_roots=[p.read_bytes() for p in ns.new_root])
     print(describe(verified) + f"; for profile {profile}")
+
 
 def cmd_command(ns: argparse.Namespace) -> None:
     keys = [load_key(k, passphrase(ns)) for k in ns.key]
@@ -96,16 +99,19 @@ def cmd_command(ns: argparse.Namespace) -> None:
     else:
         sys.stdout.write(raw.decode() + "\n")
 
+
 def cmd_seal(ns: argparse.Namespace) -> None:
     m = seal_bundle(ns.bundle, [load_device_public(p) for p in ns.device_pub])
     assert m.sealed is not None
     print(f"{m.name} v{m.version}: {m.model_file} sealed to "
           f"{', '.join(sorted(m.sealed.recipients))}; now sign it")
 
+
 def cmd_pack(ns: argparse.Namespace) -> None:
     out = ns.out or ns.bundle.parent / archive_name(read_manifest(ns.bundle), ns.compression)
     pack_bundle(ns.bundle, out, ns.compression)
     print(f"{out} ({out.stat().st_size} bytes)")
+
 
 def cmd_serve_artifacts(ns: argparse.Namespace) -> None:
     from fleet.trust.artifacts import make_server  # noqa: PLC0415  # when used
@@ -116,9 +122,11 @@ def cmd_serve_artifacts(ns: argparse.Namespace) -> None:
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
 
+
 def cmd_bundle(ns: argparse.Namespace) -> None:
     for line in inspect_bundle(ns.dir):
         print(line)
+
 
 def _add_release(sub: Subparsers) -> None:  # type: ignore[type-arg]
     s = sub.add_parser("sign", help="append release signatures to a bundle")
@@ -146,6 +154,7 @@ def _add_release(sub: Subparsers) -> None:  # type: ignore[type-arg]
     pk.add_argument("bundle", type=Path)
     pk.add_argument("--out", type=Path)
     pk.add_argument("--compression", choices=["zst", "gz"], default="zst")
+
 
 def _add_command(sub: Subparsers) -> None:  # type: ignore[type-arg]
     c = sub.add_parser("command", help="build a signed command")

@@ -23,6 +23,7 @@ ROLLOUT_EXIT = {"completed": 0, "halted": 4, "aborted": 5, "paused": 6, "running
 #: `rollout run` whose lease another controller took while it was stopped or cut off.
 LEASE_LOST_EXIT = 8
 
+
 def cmd_rollout(ns: argparse.Namespace) -> int:
     from fleet.devices.registry import FleetDB  # noqa: PLC0415  # each command loads only what it needs
     from fleet.rollout.controller import Controller  # noqa: PLC0415
@@ -78,6 +79,7 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
         controller.close()
     return ROLLOUT_EXIT[status.value]
 
+
 def _waves(text: str) -> list[float]:
     """`1,10,50,100` (cumulative percentages) or `exp:1,2` (from 1 %, doubling)."""
     from fleet.rollout.policy import exponential_fractions  # noqa: PLC0415  # when used
@@ -89,6 +91,7 @@ def _waves(text: str) -> list[float]:
         return [float(f) / 100 for f in text.split(",")]
     except ValueError as exc:
         raise FleetError(f"--waves {text!r}: {exc}") from exc
+
 
 def _start_rollout(ns: argparse.Namespace, db: Any, rollouts: Any, criteria: Any) -> str:
     from fleet.rollout.policy import RetryPolicy  # noqa: PLC0415  # when used

@@ -44,6 +44,7 @@ def cmd_simulate(ns: argparse.Namespace) -> None:
         print("serving at exit: " + (", ".join(f"{k} on {n}" for k, n in sorted(
             served.items())) or "nothing"), flush=True)
 
+
 def add_parsers(sub: Subparsers) -> None:  # type: ignore[type-arg]
     from fleet.sim.settings import DEFAULT_FAULTS, FAULTS, SimSettings  # noqa: PLC0415  # numpy
 

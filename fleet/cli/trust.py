@@ -17,6 +17,7 @@ def _role_count(text: str) -> tuple[int, int]:
     n, _, t = text.partition("/")
     return int(n), int(t or n)
 
+
 def _role_numbers(pairs: list[str]) -> dict[RoleName, int]:
     out: dict[RoleName, int] = {}
     for pair in pairs:
@@ -25,6 +26,7 @@ def _role_numbers(pairs: list[str]) -> dict[RoleName, int]:
             raise FleetError(f"{pair!r}: expected ROLE=N with ROLE one of {', '.join(ROLES)}")
         out[role] = int(n)
     return out
+
 
 def cmd_keys(ns: argparse.Namespace) -> None:
     if ns.action == "init":
@@ -50,6 +52,7 @@ def cmd_keys(ns: argparse.Namespace) -> None:
         print(f"  {role:8} {r.threshold} of {len(r.keyids)}: "
               + ", ".join(f"{names.get(k, '?')} ({k[:10]})" for k in r.keyids))
 
+
 def cmd_root(ns: argparse.Namespace) -> int:
     from fleet.trust.publish import copy_roots, publish_root  # noqa: PLC0415  # paho only here
 
@@ -64,6 +67,7 @@ def cmd_root(ns: argparse.Namespace) -> int:
         return 0
     return _wait_for_root(argparse.Namespace(**{**vars(ns), "fleet": kd.root().fleet}),
                           version)
+
 
 def _wait_for_root(ns: argparse.Namespace, version: int) -> int:
     """Watch the devices' signed states until every online device runs root `version`
@@ -85,6 +89,7 @@ def _wait_for_root(ns: argparse.Namespace, version: int) -> int:
           f"refused is a trust.root_refused event on edge/v1/{ns.fleet}/DEVICE/event"))
     return 0 if reach.done else 1
 
+
 def cmd_heartbeat(ns: argparse.Namespace) -> None:
     from fleet.trust.publish import heartbeat, publish_retained  # noqa: PLC0415  # paho only here
 
@@ -100,6 +105,7 @@ def cmd_heartbeat(ns: argparse.Namespace) -> None:
             return
         time.sleep(ns.every)
 
+
 def cmd_pki(ns: argparse.Namespace) -> None:
     from fleet.trust import pki  # noqa: PLC0415  # each command loads only what it needs
 
@@ -112,6 +118,7 @@ def cmd_pki(ns: argparse.Namespace) -> None:
                                 strict=True):
         print(f"{name}: {crt} {key}")
 
+
 def cmd_broker_config(ns: argparse.Namespace) -> None:
     from fleet.broker import BrokerConfig, render  # noqa: PLC0415  # when used
 
@@ -122,6 +129,7 @@ def cmd_broker_config(ns: argparse.Namespace) -> None:
     print(f"{conf}, {acl} and the guard plugin {conf.parent / 'edge_fleet_guard.so'}: "
           f"mutual TLS on {ns.bind}:{ns.port}, per-device ACL for fleet {ns.fleet}; start "
           f"with: mosquitto -c {conf}")
+
 
 def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("pki", help="a CA and certificates for the broker's mutual TLS")
@@ -176,6 +184,7 @@ def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]
     hb.add_argument("--every", type=float, default=0.0,
                     help="send again every this many seconds (0: once)")
     add_broker(hb)
+
 
 def _add_keys(sub: Subparsers) -> None:  # type: ignore[type-arg]
     keys = sub.add_parser("keys", help="create, rotate and show the fleet's keys")

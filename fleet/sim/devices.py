@@ -64,6 +64,7 @@ class Ticker:
             self._cv.notify()
         self._thread.join(5)
 
+
 class SimDevice(FleetLink):
     """A simulated device: the agent's fleet link over a `StandInAgent`."""
 
@@ -131,6 +132,7 @@ class SimDevice(FleetLink):
     def versions(self) -> dict[str, int]:
         return {n: r.manifest.version for n, r in self.standin.scheduler.residents.items()}
 
+
 class _Process:
     """What telemetry reads of the process: plausible device figures, not the simulator's."""
 
@@ -145,9 +147,11 @@ class _Process:
         the simulator's CPU when every device asked it)."""
         return _Figures(available=3 << 30, total=4 << 30)
 
+
 class _Figures:
     def __init__(self, **figures: int) -> None:
         self.__dict__.update(figures)
+
 
 class Simulator:
     """The simulated devices of one process."""

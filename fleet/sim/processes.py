@@ -87,6 +87,7 @@ def _worker(settings: SimSettings, names: list[str], faults: dict[str, str],
     finally:
         sim.stop()
 
+
 class SimulatedFleet:
     """`count` simulated devices over worker processes of at most `per_process` devices
     (one process has one GIL: signing, verifying and the hub's turns of 2,500 devices

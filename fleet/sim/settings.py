@@ -24,6 +24,7 @@ MIN_PER_PROCESS = 250
 
 FAULTS = (*DEFAULT_FAULTS, "errors")
 
+
 def fault_plan(names: list[str], percent: float, kinds: tuple[str, ...] = DEFAULT_FAULTS
                ) -> dict[str, str]:
     """Which devices are faulty and how: `percent` of them, spread evenly over the sorted
@@ -37,10 +38,12 @@ def fault_plan(names: list[str], percent: float, kinds: tuple[str, ...] = DEFAUL
     step = len(order) / count
     return {order[int(i * step)]: kinds[i % len(kinds)] for i in range(count)}
 
+
 def device_names(count: int, prefix: str = "sim") -> list[str]:
     """`sim-0000`, `sim-0001`, …: as many digits as the largest needs, at least four."""
     width = max(4, len(str(count - 1)))
     return [f"{prefix}-{i:0{width}d}" for i in range(count)]
+
 
 @dataclass(frozen=True, kw_only=True)
 class SimSettings:
@@ -66,11 +69,13 @@ class SimSettings:
     # it however its workers end.
     state_root: Path | None = None
 
+
 def scratch_dir(kind: str) -> Path:
     """A new directory on tmpfs (where a thousand devices' fsyncs cost nothing) named for
     this process, so a later run can remove what a killed one left."""
     return Path(tempfile.mkdtemp(prefix=f"edge-sim-{kind}{os.getpid()}-",
                                  dir=_SHM if _SHM.is_dir() else None))
+
 
 def remove_orphans() -> list[Path]:
     """Remove the simulator's directories on tmpfs whose process is gone (a run killed

@@ -59,6 +59,7 @@ class StandInResident:
                            score_counts=scores * n, confidence_sum=max(confidence, 0.0) * n,
                            over_threshold=int(over * n), samples=n)
 
+
 @dataclass
 class StandInScheduler:
     residents: dict[str, StandInResident] = field(default_factory=dict)
@@ -79,6 +80,7 @@ def _shared(m: Manifest) -> Manifest:
     """One object for equal manifests in this process: each device verified and parsed
     its own (the real store's checks), and keeps the first equal one (~10 KiB each)."""
     return _MANIFESTS.setdefault(m.model_dump_json(), m)
+
 
 class StandInAgent:
     """An `AgentPort` with the real model store, trust checks and install sequence
