@@ -73,3 +73,25 @@ INSERT INTO rollout_devices VALUES ('r1', 'dev-4', 1, 'c4', 'offline', 1.0, NULL
         "running", 0, None, "stalled")
     assert [r.device for r in db.devices()] == ["dev-1"]
     assert {"state_epoch", "state_seq", "last_seen"} <= db.store.columns("devices")
+
+
+def test_controllers_starting_at_once_on_an_empty_database_migrate_it_once(
+        fleet_db: str) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            FleetDB(fleet_db)
+        except BaseException as exc:  # collected for the assertion
+            errors.append(exc)
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert [int(r[0]) for r in open_store(fleet_db).all(
+        "SELECT version FROM schema_migrations ORDER BY version")] == list(
+        range(1, LATEST + 1))

@@ -77,6 +77,9 @@ ALTER TABLE rollouts ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0
 """),
 ]
 LATEST = MIGRATIONS[-1][0]
+#: The key of PostgreSQL's advisory lock that orders migrators (two controllers starting
+#: at once on an empty database would otherwise race to create the same tables).
+_MIGRATION_LOCK = 0x6564676546_4C54
 
 # Columns the releases before versioned migrations added to their first tables, and the
 # statuses of execution rows written before the execution record (`outcome`).
@@ -125,11 +128,11 @@ def migrate(store: Store) -> int:
     Raises:
         FleetError: a newer release made this database (its version is above ours).
     """
-    with store.tx():  # one migrator at a time: the write lock (SQLite) or the table lock
+    with store.tx():  # one migrator at a time: SQLite's write lock, or PostgreSQL's
+        if store.kind == "postgresql":  # lock taken before any table exists
+            store.execute("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
         store.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER "
                       "PRIMARY KEY, applied REAL NOT NULL, description TEXT NOT NULL)")
-        if store.kind == "postgresql":
-            store.execute("LOCK TABLE schema_migrations IN EXCLUSIVE MODE")
         have = version(store)
         if have > LATEST:
             raise FleetError(f"the fleet database is at schema version {have}; this "
