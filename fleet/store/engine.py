@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ from fleet.errors import FleetError
 
 #: What `open_store` takes for PostgreSQL.
 PG_SCHEMES = ("postgresql://", "postgres://")
+#: How long an SQLite statement waits for another connection's write lock.
+BUSY_S = 10.0
 
 
 class Cursor(Protocol):
@@ -148,10 +151,17 @@ class SQLiteStore(Store):
     def __init__(self, path: Path | str) -> None:
         super().__init__()
         self.path = Path(path)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                                   timeout=BUSY_S)  # another process's write: wait
+        for attempt in range(1, 51):
+            try:  # needs the file to itself a moment: a lock that may not wait, so retry
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 50:
+                    raise
+                time.sleep(0.01 * attempt)  # another connection is opening it too
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")  # another process's write: wait
 
     def _execute(self, sql: str, params: Sequence[Any]) -> Cursor:
         return self._db.execute(sql, params)
