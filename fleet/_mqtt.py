@@ -83,10 +83,17 @@ class BrokerAuth:
         return auth
 
 
-def close(client: paho.Client) -> None:
+def close(client: paho.Client, *, end_session: bool = False) -> None:
     """Disconnect, then stop the network loop: in that order, because `loop_stop` alone
-    waits out the loop's 1-s select (every tool took a second longer to exit)."""
-    client.disconnect()
+    waits out the loop's 1-s select (every tool took a second longer to exit).
+
+    `end_session`: a session kept past a disconnect (`session_expiry_s`) ends now, so a
+    shared subscription's broker stops handing messages to a client that left."""
+    props = None
+    if end_session:
+        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]  # paho
+        props.SessionExpiryInterval = 0
+    client.disconnect(properties=props)
     client.loop_stop()
 
 

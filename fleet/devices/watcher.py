@@ -1,9 +1,10 @@
 """`FleetWatcher`: a fleet's topics into its `FleetDB`, batched (see the class).
 
 `retained state` is subscribed normally (the broker does not deliver retained messages to
-shared subscriptions); the rollout controllers take telemetry and events on a shared
-subscription of their own (`CONTROLLER_GROUP`) so several can split the load, and every
-monitoring tool subscribes without one (it sees every message and takes none from them).
+shared subscriptions); the rollout controllers take telemetry, events and command results
+on a shared subscription of their own (`CONTROLLER_GROUP`; the broker's guard lets no other
+identity join it) so several, on several hosts, split the load, and every monitoring tool
+subscribes without one (it sees every message and takes none from them).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ TELEMETRY_QOS = 0
 class FleetWatcher:
     """Subscribes to a fleet's topics and keeps a `FleetDB` up to date.
 
-    `share_group`: the rollout controllers share telemetry and events
-    (`CONTROLLER_GROUP`); a monitoring tool (status, watch, dashboard) passes None and
+    `share_group`: the rollout controllers share telemetry, events and (`on_result`:
+    handled as they arrive, on paho's thread) command results (`CONTROLLER_GROUP`); a
+    monitoring tool (status, watch, dashboard) passes None and
     subscribes on its own, so it never takes a message from a controller or another tool.
     The client id is unique per instance; paho reconnects after a broker outage and the
     subscriptions are made again (retained states arrive again with them).
@@ -58,6 +60,8 @@ class FleetWatcher:
     def __init__(self, db: FleetDB, broker_url: BrokerAuth | str, fleet: str, *,
                  share_group: str | None = None, client_id: str | None = None,
                  on_report: Callable[[Report], None] | None = None,
+                 on_result: Callable[[Any], None] | None = None,
+                 session_expiry_s: int | None = None,
                  connect_wait_s: float = 0.0) -> None:
         self.db, self.fleet = db, fleet
         self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
@@ -67,7 +71,7 @@ class FleetWatcher:
         self.batches = 0
         self.gate = ReportGate(db, fleet)
         self._write_cpu_s = 0.0
-        self.on_report = on_report
+        self.on_report, self.on_result = on_report, on_result
         self._queue: queue.Queue[tuple[str, bytes, float] | None] = queue.Queue(
             self.QUEUE_MAX)
         self._idle = threading.Condition()
@@ -77,10 +81,14 @@ class FleetWatcher:
         base = f"{PREFIX}/{fleet}"
         share = f"$share/{share_group}/" if share_group else ""
         self._last_message = time.monotonic()
+        topics: list[str | tuple[str, int]] = [
+            f"{base}/+/state", (f"{share}{base}/+/telemetry", TELEMETRY_QOS),
+            f"{share}{base}/+/event"]
+        if on_result is not None:
+            topics.append(f"{share}{base}/+/cmd/result")
         self.client, self.subscribed = connect_patiently(
             broker_url, client_id or f"edge-fleet-{uuid.uuid4().hex[:12]}",
-            topics=[f"{base}/+/state", (f"{share}{base}/+/telemetry", TELEMETRY_QOS),
-                    f"{share}{base}/+/event"], on_message=self._message,
+            topics=topics, on_message=self._message, session_expiry_s=session_expiry_s,
             wait_s=connect_wait_s)
 
     @property
@@ -108,6 +116,9 @@ class FleetWatcher:
 
     def _message(self, client: Any, userdata: Any, msg: Any) -> None:
         self._last_message = time.monotonic()
+        if self.on_result is not None and msg.topic.endswith("/cmd/result"):
+            self.on_result(msg)  # few, and each moves an execution: at once, in order
+            return
         with self._idle:
             self._unstored += 1
         self._queue.put((msg.topic, bytes(msg.payload), time.time()))
@@ -210,8 +221,9 @@ class FleetWatcher:
         return self
 
     def stop(self) -> None:
-        """Disconnect, then store what was received before returning."""
-        close(self.client)
+        """Disconnect (ending a kept session: the group's messages go to the controllers
+        still there), then store what was received before returning."""
+        close(self.client, end_session=True)
         self.drained(10.0)
         self._queue.put(None)
         self._thread.join(10.0)

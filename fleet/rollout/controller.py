@@ -51,14 +51,24 @@ class Controller:
         self.db, self.broker = db, broker_url
         self.rollouts = Rollouts(db)
         self.fleet, self.keys = fleet, list(keys)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.results = Results(db, self.rollouts, ReportGate(db, fleet))
+        #: This instance, unique across hosts and restarts: its MQTT client ids and the
+        #: owner its leases name.
+        self.instance = uuid.uuid4().hex[:12]
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{self.instance}"
+        # device reports are recorded without a lease (`fleet.rollout.results`)
+        self.results = Results(db, Rollouts(db), ReportGate(db, fleet))
         self.lease_s = lease_s
         self.sender = Sender(self.rollouts, broker_url, fleet, self.keys, owner=self.owner,
-                             connect_wait_s=connect_wait_s, on_result=self.results.message,
+                             instance=self.instance, connect_wait_s=connect_wait_s,
                              lease_s=lease_s)
+        # A session kept one lease past a disconnect: a broker restart loses no result,
+        # and a dead controller's share of results is lost for at most that long (then
+        # its retained state settles each execution).
         self.watcher = FleetWatcher(db, broker_url, fleet, share_group=CONTROLLER_GROUP,
+                                    client_id=f"edge-fleet-ctl-{self.instance}",
                                     on_report=self.results.event,
+                                    on_result=self.results.message,
+                                    session_expiry_s=max(5, int(lease_s)),
                                     connect_wait_s=connect_wait_s)
         self.watcher.synced()  # the devices' retained states first: who is online
         self._pace: dict[str, Pace] = {}  # per rollout: `max_per_minute`
@@ -77,7 +87,7 @@ class Controller:
         self.sender.collect_acks(rid)
         ro = self.rollouts.get(rid)
         devices = self.rollouts.devices(rid)
-        moved = self.results.reconcile(ro, devices)
+        moved = self.results.reconcile(ro, devices, self.rollouts)
         if ro.status in (Status.HALTED, Status.ABORTED):
             self._roll_back_touched(rid)  # resumes rollbacks a crash interrupted
             self.sender.flush(rid, deploys=False)

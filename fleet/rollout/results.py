@@ -1,7 +1,13 @@
 """What devices answer about a rollout's commands, moved into its execution record: a
 signed result matched to the command it answers (any attempt of it), a signed deploy
 event as progress. Every change goes through `Rollouts.transition`, in the device's order
-(`fleet.devices.ordering`)."""
+(`fleet.devices.ordering`).
+
+These are a device's facts, not a controller's decisions: results reach whichever
+controller of the group the broker hands them to (`fleet.devices.watcher`), whatever
+rollout they answer, and are recorded without a lease (`Results.rollouts` holds none);
+the device's order keeps a stale or replayed one out. What the controller decides from
+them (timeouts, settling by retained states, waves, halts) is written under its lease."""
 
 from __future__ import annotations
 
@@ -32,19 +38,19 @@ class Results:
     def __init__(self, db: FleetDB, rollouts: Rollouts, gate: ReportGate) -> None:
         self.db, self.rollouts, self.gate = db, rollouts, gate
 
-    def message(self, rid: str, msg: Any) -> None:
-        """A command result on rollout `rid`'s session: believed only when its device
-        signed it (`fleet.devices.gate`), applied only when it answers one of this
-        rollout's commands (every rollout's session receives every result) and is new in
-        its device's order (a duplicate or a replay is counted stale); an error while
-        recording one is counted and logged, never fatal."""
+    def message(self, msg: Any) -> None:
+        """A command result from the controllers' shared subscription: believed only when
+        its device signed it (`fleet.devices.gate`), applied only when it answers a
+        command a rollout sent to that device and is new in its device's order (a
+        duplicate or a replay is counted stale); an error while recording one is counted
+        and logged, never fatal."""
         try:
             report = self.gate.open(msg.topic, bytes(msg.payload))
             p = None if report is None else report.payload
             if report is None or not isinstance(p, CommandResult) or not p.command_id:
                 return
             sent = self.rollouts.command(p.command_id)
-            if sent is None or sent[0] != rid or sent[1] != p.device:
+            if sent is None or sent[1] != p.device:
                 return
             with self.db.tx():
                 if self.db.admit(report):
@@ -133,16 +139,17 @@ class Results:
         v = m.get("version")
         return v is not None and v >= ro.version
 
-    def reconcile(self, ro: Rollout, devices: list[RolloutDevice]) -> int:
+    def reconcile(self, ro: Rollout, devices: list[RolloutDevice], fenced: Rollouts) -> int:
         """What the devices' retained states say settles what reports left open: a device
         on the release (committed) or ahead of it is done; one that no longer serves a
         release recorded as committed was rolled back. A state counts against what a
         device report recorded only when it is newer in the device's order (never by
         when it arrived: a late retained state from before a commit changes nothing).
-        Returns how many executions it moved."""
+        Written through `fenced`, the controller's own record: under its lease. Returns
+        how many executions it moved."""
         moved = 0
         states = self.db.model_states(ro.model)
-        with self.rollouts.batch(ro.id):  # one transaction, one lease check
+        with fenced.batch(ro.id):  # one transaction, one lease check
             for d in devices:
                 s = states.get(d.device)
                 if s is None or s.version is None:
@@ -161,6 +168,6 @@ class Results:
                 elif v < ro.version and d.status is Exec.COMMITTED and newer:
                     event, cause = "serves_older", f"its state: serves v{v}"
                 if event is not None:
-                    self.rollouts.transition(ro.id, d.device, event, cause, order=order)
+                    fenced.transition(ro.id, d.device, event, cause, order=order)
                     moved += 1
         return moved

@@ -4,15 +4,15 @@
 these steps publishes again what was never acknowledged (the device's nonce store refuses
 a second copy; that refusal is recognised and ignored).
 
-Results come back on one persistent MQTT session per rollout (client id
-`edge-fleet-rollout-{id}`; only the holder of the rollout's lock opens it), so results
-published while no controller ran are delivered when one returns."""
+Each controller instance publishes on a client of its own (`edge-fleet-ctl-<instance>-send`:
+two controllers never take a session from each other); results come back on the
+controllers' shared subscription (`fleet.devices.watcher`), to whichever controller the
+broker picks."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.link.wire import PREFIX, device_topic
+from agent.link.wire import device_topic
 from fleet._mqtt import BrokerAuth, close, connect_patiently
 from fleet.rollout.lease import LEASE_S
 from fleet.rollout.policy import Exec
@@ -35,40 +35,49 @@ UNACKED_S = 60.0
 
 
 class Sender:
-    """The MQTT side of one controller: a results session per rollout it drives, and the
-    commands handed to paho and not yet acknowledged."""
+    """The MQTT side of one controller: the leases of the rollouts it drives, its
+    publishing client, and the commands handed to paho and not yet acknowledged."""
 
     def __init__(self, rollouts: Rollouts, broker: BrokerAuth | str, fleet: str,
-                 keys: list[SigningKey], *, owner: str, connect_wait_s: float,
-                 on_result: Callable[[str, Any], None], lease_s: float = LEASE_S) -> None:
+                 keys: list[SigningKey], *, owner: str, instance: str,
+                 connect_wait_s: float, lease_s: float = LEASE_S) -> None:
         self.rollouts, self.broker, self.fleet, self.keys = rollouts, broker, fleet, keys
-        self.lease_s = lease_s
-        self.owner, self.connect_wait_s, self.on_result = owner, connect_wait_s, on_result
-        self.sessions: dict[str, paho.Client] = {}
+        self.lease_s, self.owner, self.instance = lease_s, owner, instance
+        self.connect_wait_s = connect_wait_s
+        self._client: paho.Client | None = None
         # command id -> (rollout, paho's message info, when handed): not acknowledged
         self._publishing: dict[str, tuple[str, paho.MQTTMessageInfo, float]] = {}
 
     def close(self) -> None:
-        for rid, client in self.sessions.items():
-            self.rollouts.leases.release(rid, self.owner)
-            close(client)
-        self.sessions.clear()
+        for rid in list(self.rollouts.leases.held):
+            self.release(rid)
+        if self._client is not None:
+            close(self._client, end_session=True)
+            self._client = None
+
+    def release(self, rid: str) -> None:
+        """Give up rollout `rid`'s lease (it ended, or this controller stops)."""
+        self.rollouts.leases.release(rid, self.owner)
+        for cmd_id, (r, _, _) in list(self._publishing.items()):
+            if r == rid:
+                del self._publishing[cmd_id]
+
+    @property
+    def client(self) -> paho.Client:
+        """This controller's publishing client, connected at first use (an outage then is
+        paho's to wait out)."""
+        if self._client is None:
+            self._client, _ = connect_patiently(
+                self.broker, f"edge-fleet-ctl-{self.instance}-send", topics=[],
+                on_message=lambda *a: None, session_expiry_s=max(5, int(self.lease_s)),
+                max_inflight=1000, wait_s=self.connect_wait_s)
+        return self._client
 
     def session(self, rid: str) -> paho.Client:
-        """The rollout's results session, opened once this controller holds its lease
-        (taken or renewed here: `LeaseHeld` while another controller's runs)."""
+        """The publishing client, once this controller holds rollout `rid`'s lease (taken
+        or renewed here: `LeaseHeld` while another controller's runs)."""
         self.rollouts.leases.acquire(rid, self.owner, self.lease_s)
-        client = self.sessions.get(rid)
-        if client is None:
-            def on_message(client: Any, userdata: Any, msg: Any) -> None:
-                self.on_result(rid, msg)
-            client, _ = connect_patiently(
-                self.broker, f"edge-fleet-rollout-{rid}",
-                topics=[f"{PREFIX}/{self.fleet}/+/cmd/result"],
-                on_message=on_message, session_expiry_s=24 * 3600,
-                max_inflight=1000, wait_s=self.connect_wait_s)
-            self.sessions[rid] = client
-        return client
+        return self.client
 
     def collect_acks(self, rid: str) -> None:
         """Commands the broker acknowledged since the last step: marked sent, and their
@@ -132,8 +141,10 @@ class Sender:
 
     def flush(self, rid: str, *, deploys: bool) -> int:
         """Publish what is recorded and not acknowledged (QoS 1, expiring with the command)
-        while connected; returns how many were handed to the broker."""
-        client = self.session(rid)
+        while connected; returns how many were handed to the broker. (The lease is not
+        renewed here: what is published was recorded under it, and a copy that arrives
+        twice is refused by the device.)"""
+        client = self.client
         if not client.is_connected():
             return 0
         n, now = 0, time.time()
