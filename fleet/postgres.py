@@ -41,7 +41,12 @@ def _free_port() -> int:
 
 
 class LocalPostgres:
-    def __init__(self, where: Path, *, port: int | None = None) -> None:
+    def __init__(self, where: Path, *, port: int | None = None,
+                 hosts: tuple[str, ...] = ("127.0.0.1",),
+                 clients: tuple[str, ...] = ()) -> None:
+        """`hosts`: the addresses it listens on; `clients`: networks (CIDR) beyond
+        loopback allowed to connect, with the password (SCRAM), as on loopback."""
+        self.hosts, self.clients = hosts, clients
         self.dir = where
         self.data = where / "data"
         self.port = port or _free_port()
@@ -75,15 +80,18 @@ class LocalPostgres:
                       "--locale=C", "--no-instructions")
         finally:
             pwfile.unlink(missing_ok=True)
+        if self.clients:
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.writelines(f"host all all {c} scram-sha-256\n" for c in self.clients)
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
                   str(self.dir / "postgres.log"), "-w", "-t", str(int(timeout_s)), "-o",
-                  f"-p {self.port} -c listen_addresses=127.0.0.1 "
+                  f"-p {self.port} -c listen_addresses={','.join(self.hosts)} "
                   f"-c unix_socket_directories='{self.dir}' -c max_connections=200",
                   "start")
         return self
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{ROLE}:{self.password}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", host: str = "127.0.0.1") -> str:
+        return f"postgresql://{ROLE}:{self.password}@{host}:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         """A new, empty database; returns its URL."""

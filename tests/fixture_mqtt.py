@@ -155,19 +155,23 @@ class SecureBroker(Broker):
     mutual TLS, nothing anonymous, the per-device ACL), certificates from `fleet.trust.pki`."""
 
     def __init__(self, where: Path, *, fleet: str = "acme",
-                 clients: tuple[str, ...] = ("fleet-controller", "fleet-monitor")) -> None:
+                 clients: tuple[str, ...] = ("fleet-controller", "fleet-monitor"),
+                 hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
+        """`hosts`: the addresses clients reach it at (its certificate names them all;
+        beyond loopback it listens on every address)."""
         from fleet.broker import BrokerConfig, build_guard, render
         from fleet.trust import pki
 
         self.dir = where
         self.pki = where / "pki"
-        pki.init_ca(self.pki, server_hosts=["127.0.0.1"], days=2)
+        pki.init_ca(self.pki, server_hosts=list(hosts), days=2)
         for name in clients:
             pki.issue(self.pki, name, days=2)
         self.port = free_port()
         self.tls_port = self.port
         self.conf, _ = render(BrokerConfig(fleet=fleet, pki=self.pki, port=self.port,
-                                           bind="127.0.0.1", data_dir=where,
+                                           bind="127.0.0.1" if hosts == ("127.0.0.1",)
+                                           else "0.0.0.0", data_dir=where,
                                            log_dest="stderr", user=getpass.getuser()),
                               where, plugin=build_guard(GUARD_BUILD))
         self.proc = None
@@ -188,11 +192,12 @@ class SecureBroker(Broker):
     def url(self) -> str:
         return f"mqtts://127.0.0.1:{self.port}"
 
-    def auth(self, name: str) -> Any:
-        """Connection options of client `name` (a certificate issued by `issue`)."""
+    def auth(self, name: str, host: str = "127.0.0.1") -> Any:
+        """Connection options of client `name` (a certificate issued by `issue`)
+        reaching it at `host`."""
         from fleet._mqtt import BrokerAuth
 
-        return BrokerAuth(url=self.url, ca_file=self.pki / "ca.crt",
+        return BrokerAuth(url=f"mqtts://{host}:{self.port}", ca_file=self.pki / "ca.crt",
                           cert_file=self.pki / f"{name}.crt",
                           key_file=self.pki / f"{name}.key")
 

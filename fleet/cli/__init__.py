@@ -22,6 +22,7 @@
     edge-fleet recover --group G|--device D ... signed rollback/restart/reload, results
     edge-fleet rollout start --bundle A ...     waves to a group; halt and roll back on failure
     edge-fleet rollout status|run|pause|resume|abort ID
+    edge-fleet controller --db postgresql://... serve every rollout needing a controller
     edge-fleet dashboard --broker URL --fleet F a live web page of the fleet
     edge-fleet simulate --devices N --faulty P  simulated devices on the agent's protocol code
     edge-fleet bundle inspect BUNDLE            summarise a bundle and check its files
@@ -32,6 +33,9 @@ taken by another while it was stopped or cut off (it wrote nothing after); 2 is 
 (as for every command), 3 a rejected bundle or command. `rollout run` on a second host is
 a standby: it waits for the lease of the controller that drives the rollout to run out
 (--lease, 15 s after its last step), then carries the rollout on from the record.
+`edge-fleet controller` runs until stopped on as many hosts as wanted, all on one
+database: each claims rollouts without a live lease (`rollout start --detach` leaves one
+to them), so a dead controller's rollouts are carried on within one lease.
 
 Passphrase-protected keys read the passphrase from the environment variable named by
 --passphrase-env (default EDGE_FLEET_PASSPHRASE), or prompt when a terminal is attached.

@@ -37,16 +37,7 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
             raise FleetError(f"{db.store} has no rollout yet")
         ns.id = ids[-1]
     if ns.action == "status":
-        print("\n".join(rollout_lines(rollouts, ns.id, every_device=ns.every_device)))
-        if ns.device:
-            history = rollouts.history(ns.id, ns.device)
-            if not history:
-                raise FleetError(f"{ns.device} is not part of rollout {ns.id}")
-            print(f"history of {ns.device}:")
-            print("\n".join(f"  {datetime.fromtimestamp(h.at, UTC):%H:%M:%S.%f}"[:-3]
-                             + f"  {h.from_status or '-':>15} -> {h.to_status:15} "
-                             f"{h.event:15} {h.cause}" for h in history))
-        return 0
+        return _status(ns, rollouts, rollout_lines)
     if ns.action in ("pause", "resume"):
         print(f"rollout {ns.id}: {rollouts.move(ns.id, ns.action).value}")
         return 0
@@ -55,6 +46,10 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
         rollouts.move(ns.id, "abort", "aborted by the operator")
         print(f"rollout {ns.id}: aborted; its controller ({holder}) sends the rollbacks")
         return ROLLOUT_EXIT["aborted"]
+    if ns.action == "start" and ns.detach:  # the controllers serving the fleet drive it
+        rid = _start_rollout(ns, db, rollouts, _criteria(ns))
+        print(f"rollout {rid}: created; a controller (edge-fleet controller) drives it")
+        return 0
     if not (ns.key and ns.root):
         raise FleetError(f"rollout {ns.action} needs --broker, --key and --root")
     fleet = load_pinned_root(ns.root.read_bytes()).fleet
@@ -65,8 +60,7 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
         if ns.action == "abort":
             controller.abort(rid)
         elif ns.action == "start":
-            rid = _start_rollout(ns, db, rollouts, Criteria(
-                **{f.name: getattr(ns, f.name) for f in fields(Criteria)}))
+            rid = _start_rollout(ns, db, rollouts, _criteria(ns))
         try:
             status = controller.run(rid, timeout_s=ns.timeout)
         except LeaseLost as exc:
@@ -78,6 +72,55 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
     finally:
         controller.close()
     return ROLLOUT_EXIT[status.value]
+
+
+def _status(ns: argparse.Namespace, rollouts: Any, rollout_lines: Any) -> int:
+    print("\n".join(rollout_lines(rollouts, ns.id, every_device=ns.every_device)))
+    if ns.device:
+        history = rollouts.history(ns.id, ns.device)
+        if not history:
+            raise FleetError(f"{ns.device} is not part of rollout {ns.id}")
+        print(f"history of {ns.device}:")
+        print("\n".join(f"  {datetime.fromtimestamp(h.at, UTC):%H:%M:%S.%f}"[:-3]
+                         + f"  {h.from_status or '-':>15} -> {h.to_status:15} "
+                         f"{h.event:15} {h.cause}" for h in history))
+    return 0
+
+
+def cmd_controller(ns: argparse.Namespace) -> int:
+    """Serve every rollout that needs a controller until SIGTERM or SIGINT."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    from fleet.devices.registry import FleetDB  # noqa: PLC0415
+    from fleet.rollout.controller import Controller  # noqa: PLC0415
+    from fleet.rollout.service import serve  # noqa: PLC0415
+
+    if not (ns.key and ns.root):
+        raise FleetError("controller needs --broker, --key and --root")
+    fleet = load_pinned_root(ns.root.read_bytes()).fleet
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    controller = Controller(FleetDB(ns.db), auth(ns), fleet,
+                            [load_key(k, passphrase(ns)) for k in ns.key], lease_s=ns.lease)
+    print(f"controller {controller.owner}: serving the rollouts of fleet {fleet} "
+          f"in {controller.db.store}", flush=True)
+    try:
+        let_go = serve(controller, stop=stop, max_rollouts=ns.max_rollouts)
+    finally:
+        controller.close()  # gives its leases up: another controller carries on at once
+    for rid, how in let_go.items():
+        print(f"rollout {rid}: {how}")
+    w = controller.watcher
+    print(f"controller {controller.owner}: took " + ", ".join(
+        f"{w.ingested[k]} {k}" for k in ("state", "telemetry", "event"))
+        + f", {controller.results.received} result(s) from the broker; {w.stale} stale")
+    return 0
+
+
+def _criteria(ns: argparse.Namespace) -> Criteria:
+    return Criteria(**{f.name: getattr(ns, f.name) for f in fields(Criteria)})
 
 
 def _waves(text: str) -> list[float]:
@@ -163,5 +206,20 @@ def add_parsers(sub: Subparsers) -> None:  # type: ignore[type-arg]
     ro.add_argument("--lease", type=float, default=LEASE_S,
                     help="seconds this controller's lease lasts after each step; a standby "
                          "takes the rollout over that long after it stopped (%(default)s)")
+    ro.add_argument("--detach", action="store_true",
+                    help="start: create the rollout and exit; the controllers serving the "
+                         "fleet (edge-fleet controller) drive it")
     ro.add_argument("--wait", type=float, default=2.0)
     ro.add_argument("--timeout", type=float, default=3600.0)
+
+    co = sub.add_parser("controller", help="serve every rollout that needs a controller "
+                        "(run one or more, on any hosts, on one database)")
+    co.set_defaults(func=cmd_controller)
+    co.add_argument("--db", default=default_db())
+    add_broker(co, required=False)
+    co.add_argument("--key", type=Path, action="append")
+    co.add_argument("--root", type=Path)
+    co.add_argument("--lease", type=float, default=LEASE_S,
+                    help="seconds a lease lasts after each step (%(default)s)")
+    co.add_argument("--max-rollouts", type=int, default=16,
+                    help="rollouts this controller drives at once at most (%(default)s)")

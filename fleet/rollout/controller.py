@@ -148,7 +148,7 @@ class Controller:
                          if d.status is Exec.QUEUED and d.device not in online)
         assert ro.wave_started is not None  # step sets it before judging
         verdict = judge(statuses, criteria=ro.criteria, away=away,
-                        health=self._health(ro, devices, ro.wave_started))
+                        health=wave_health(self.db, ro, devices, ro.wave_started))
         now = time.time()
         if verdict.action == "wait":
             return Status.RUNNING
@@ -171,29 +171,6 @@ class Controller:
         self.rollouts.set(ro.id, wave=ro.wave + 1, wave_started=None, settled_at=None,
                           reason=verdict.reason)
         return Status.RUNNING
-
-    def _health(self, ro: Rollout, devices: list[RolloutDevice], since: float) -> Health:
-        """Updated devices (sent this release, not failed) against the baseline (devices
-        of the rollout not reached yet) since the wave started."""
-        updated = [d.device for d in devices if d.status in MAY_SERVE]
-        baseline = [d.device for d in devices if d.attempts == 0 and d.status is Exec.QUEUED]
-        anomalies = self.db.anomalies_since(since)
-        latency = self.db.latency_p95_since(ro.model, since)
-
-        def anomalous(names: list[str]) -> float:
-            return sum(n in anomalies for n in names) / len(names) if names else 0.0
-
-        def median(names: list[str]) -> float | None:
-            """The median p95 of a set, once enough of it reported (a few devices' p95
-            is noise, not a regression)."""
-            values = [latency[n] for n in names if n in latency]
-            enough = len(values) >= min(len(names), max(3, len(names) // 2))
-            return statistics.median(values) if values and enough else None
-
-        return Health(updated_anomalous=anomalous(updated),
-                      baseline_anomalous=anomalous(baseline),
-                      updated_latency_ms=median(updated),
-                      baseline_latency_ms=median(baseline) if baseline else None)
 
     def _roll_back_touched(self, rid: str) -> None:
         """Signed rollbacks to every device this rollout may have changed and that has
@@ -254,12 +231,8 @@ class Controller:
         status = Status.RUNNING
         beat = -1e9
         while time.monotonic() < end:
-            if time.monotonic() - beat >= HEARTBEAT_EVERY_S:  # freshness for every device
-                client = self.sender.session(rid)
-                if client.is_connected():
-                    beat = time.monotonic()
-                    client.publish(fleet_topic(self.fleet, "heartbeat"),
-                                   heartbeat(self.fleet, self.keys), qos=1, retain=True)
+            if time.monotonic() - beat >= HEARTBEAT_EVERY_S and self.publish_heartbeat():
+                beat = time.monotonic()
             started = time.monotonic()
             status = self.step(rid)
             if status is not Status.RUNNING:
@@ -271,6 +244,16 @@ class Controller:
                 time.sleep(poll_s)
                 self.step(rid)
         return status
+
+    def publish_heartbeat(self) -> bool:
+        """The fleet's signed heartbeat, retained (freshness for every device); False
+        while disconnected."""
+        client = self.sender.client
+        if not client.is_connected():
+            return False
+        client.publish(fleet_topic(self.fleet, "heartbeat"), heartbeat(self.fleet, self.keys),
+                       qos=1, retain=True)
+        return True
 
     def _take_lease(self, rid: str, end: float) -> None:
         """Wait until this controller holds the rollout's lease (a standby waits for the
@@ -286,3 +269,27 @@ class Controller:
                 # until the holder's lease runs out (a renewal meanwhile: wait again)
                 time.sleep(min(max(0.02, exc.remaining_s + 0.02),
                                max(0.0, end - time.monotonic())))
+
+
+def wave_health(db: FleetDB, ro: Rollout, devices: list[RolloutDevice], since: float) -> Health:
+    """Updated devices (sent this release, not failed) against the baseline (devices
+    of the rollout not reached yet) since the wave started."""
+    updated = [d.device for d in devices if d.status in MAY_SERVE]
+    baseline = [d.device for d in devices if d.attempts == 0 and d.status is Exec.QUEUED]
+    anomalies = db.anomalies_since(since)
+    latency = db.latency_p95_since(ro.model, since)
+
+    def anomalous(names: list[str]) -> float:
+        return sum(n in anomalies for n in names) / len(names) if names else 0.0
+
+    def median(names: list[str]) -> float | None:
+        """The median p95 of a set, once enough of it reported (a few devices' p95
+        is noise, not a regression)."""
+        values = [latency[n] for n in names if n in latency]
+        enough = len(values) >= min(len(names), max(3, len(names) // 2))
+        return statistics.median(values) if values and enough else None
+
+    return Health(updated_anomalous=anomalous(updated),
+                  baseline_anomalous=anomalous(baseline),
+                  updated_latency_ms=median(updated),
+                  baseline_latency_ms=median(baseline) if baseline else None)

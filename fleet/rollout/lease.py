@@ -60,6 +60,30 @@ class Leases:
         self.held[rid] = (owner, token)
         return token
 
+    def claim(self, owner: str, lease_s: float = LEASE_S, *, limit: int = 1,
+              ended_within_s: float = 60.0) -> list[str]:
+        """Take the leases of up to `limit` rollouts that need a controller and have none
+        (never taken, given up, or run out by the database's clock): running ones, and
+        halted or aborted ones that ended within `ended_within_s` (their rollbacks are
+        still being sent and answered), oldest first. Rows another controller is claiming
+        at this moment are passed over (`SELECT … FOR UPDATE SKIP LOCKED` on PostgreSQL;
+        SQLite's one writer at a time orders the claims), so controllers on several hosts
+        spread the rollouts among them and never take the same one. Returns their ids."""
+        st = self.store
+        with st.tx():
+            rows = st.all(
+                f"SELECT id, lease_token FROM rollouts WHERE (status = 'running' OR "
+                f"(status IN ('halted', 'aborted') AND ended > {st.now} - ?)) AND "
+                f"(lease_until IS NULL OR lease_until <= {st.now}) ORDER BY created, id "
+                f"LIMIT ?{st.skip_locked}", (ended_within_s, limit))
+            for rid, token in rows:
+                st.execute(f"UPDATE rollouts SET owner = ?, owner_beat = {st.now}, "
+                           f"lease_until = {st.now} + ?, lease_token = ? WHERE id = ?",
+                           (owner, lease_s, int(token or 0) + 1, rid))
+        for rid, token in rows:
+            self.held[rid] = (owner, int(token or 0) + 1)
+        return [rid for rid, _ in rows]
+
     def check(self, rid: str) -> None:
         """Inside a write transaction on rollout `rid`: raise `LeaseLost` unless this
         controller's lease is still its own and running (a no-op for a writer that took no

@@ -37,6 +37,7 @@ def report_order(payload: Any) -> tuple[int, int] | None:
 class Results:
     def __init__(self, db: FleetDB, rollouts: Rollouts, gate: ReportGate) -> None:
         self.db, self.rollouts, self.gate = db, rollouts, gate
+        self.received = 0  # result messages this controller was handed (any rollout's)
 
     def message(self, msg: Any) -> None:
         """A command result from the controllers' shared subscription: believed only when
@@ -44,6 +45,7 @@ class Results:
         command a rollout sent to that device and is new in its device's order (a
         duplicate or a replay is counted stale); an error while recording one is counted
         and logged, never fatal."""
+        self.received += 1
         try:
             report = self.gate.open(msg.topic, bytes(msg.payload))
             p = None if report is None else report.payload

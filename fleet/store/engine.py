@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from fleet.errors import FleetError
 
@@ -55,6 +55,9 @@ class Store:
     greatest = "MAX"
     #: Appended to a SELECT that reads a row to change it in the same transaction.
     for_update = ""
+    #: Rows another transaction holds locked are passed over, not waited for (one writer
+    #: at a time in SQLite: no row is ever locked by another transaction there).
+    skip_locked = ""
     #: A column that orders a table's rows as they were inserted.
     insertion_order = "rowid"
     #: The database's clock, in seconds since the epoch (leases are timed by it, never by
@@ -197,10 +200,15 @@ class SQLiteStore(Store):
 _PLACEHOLDER = re.compile(r"\?")
 
 
+#: PostgreSQL ends a transaction whose client said nothing inside it for this long.
+IDLE_IN_TX_S = 10.0
+
+
 class PostgresStore(Store):
     kind = "postgresql"
     greatest = "GREATEST"
     for_update = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
     insertion_order = "id"
     concurrent_writers = True
     now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
@@ -213,13 +221,28 @@ class PostgresStore(Store):
             raise FleetError("a PostgreSQL fleet database needs psycopg: pip install "
                              "'edge-agent[fleet]'") from exc
         self._psycopg = psycopg
-        try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise FleetError(f"cannot open the fleet database {_safe(url)}: "
-                             f"{str(exc).strip().splitlines()[0]}") from exc
         self.url = url
+        self._db = self._connect()
         self._sql: dict[str, str] = {}
+
+    def _connect(self) -> Any:
+        """A connection whose transactions the server ends when the client goes silent
+        inside one for `IDLE_IN_TX_S` (a controller whose host died mid-transaction holds
+        row locks a claim would pass over, or a writer wait for, until then), with TCP
+        keepalives (a server that vanished is noticed in seconds, not hours)."""
+        try:
+            return self._psycopg.connect(
+                self.url, autocommit=True, connect_timeout=10, keepalives=1,
+                keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                options=f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TX_S * 1000)}")
+        except self._psycopg.Error as exc:
+            raise FleetError(f"cannot open the fleet database {_safe(self.url)}: "
+                             f"{str(exc).strip().splitlines()[0]}") from exc
+
+    def _live(self) -> Any:
+        if self._db.closed or self._db.broken:  # lost (a server restart, a timeout)
+            self._db = self._connect()
+        return self._db
 
     def _pg(self, sql: str) -> str:
         """`?` placeholders as psycopg's `%s` (a literal `%` doubled)."""
@@ -229,10 +252,16 @@ class PostgresStore(Store):
         return got
 
     def _execute(self, sql: str, params: Sequence[Any]) -> Cursor:
-        return self._db.execute(self._pg(sql), params or None)
+        db = self._live()
+        try:
+            return cast(Cursor, db.execute(self._pg(sql), params or None))
+        except self._psycopg.OperationalError:
+            if not (db.closed or db.broken) or self._in_tx or sql in ("COMMIT", "ROLLBACK"):
+                raise  # a transaction is lost with its connection: the caller's to redo
+            return cast(Cursor, self._live().execute(self._pg(sql), params or None))  # anew
 
     def _executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
-        with self._db.cursor() as cur:
+        with self._live().cursor() as cur:
             cur.executemany(self._pg(sql), rows)
 
     def close(self) -> None:
