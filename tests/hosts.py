@@ -106,16 +106,24 @@ class Lan:
                 os.kill(pid, signal.SIGTERM)
         while self.pids(host) and time.monotonic() < end:
             time.sleep(0.05)
-        self.kill(host)
+        self._kill_all(host)
 
-    def kill(self, host: str) -> None:
-        """The host dies: every process on it is killed (SIGKILL), its link goes down."""
+    def _kill_all(self, host: str) -> None:
         for pid in self.pids(host):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    def kill(self, host: str) -> None:
+        """The host dies: every process on it is killed (SIGKILL), its link goes down."""
+        self._kill_all(host)
         subprocess.run(["ip", "-n", self.netns(host), "link", "set",
                         f"ev{self.tag}{self.names.index(host)}b", "down"],
                        capture_output=True, check=False)
+
+    def revive(self, host: str) -> None:
+        """A killed host back on the network (with nothing running on it)."""
+        _ip("-n", self.netns(host), "link", "set", f"ev{self.tag}{self.names.index(host)}b",
+            "up")
 
     def down(self) -> None:
         for host in self.names:
