@@ -22,6 +22,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+from fleet._proc import pid_alive
 from fleet.errors import FleetError
 
 ROLE = "edge_fleet"
@@ -65,7 +66,9 @@ class LocalPostgres:
         return p
 
     def start(self, timeout_s: float = 60.0) -> LocalPostgres:
+        remove_orphans(self.dir.parent)
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "started-by").write_text(str(os.getpid()))
         if self._as:
             user = pwd.getpwnam("postgres")
             os.chown(self.dir, user.pw_uid, user.pw_gid)
@@ -117,3 +120,19 @@ class LocalPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def remove_orphans(where: Path) -> list[Path]:
+    """Stop and remove the clusters under `where` whose starting process is gone (a test
+    session or bench killed before it could clean up); returns their directories."""
+    gone = []
+    for d in where.glob("edge-pg-*"):
+        try:
+            pid = int((d / "started-by").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or not started yet
+        if pid_alive(pid):
+            continue
+        LocalPostgres(d).remove()
+        gone.append(d)
+    return gone

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,45 @@ def test_a_standby_takes_over_a_stopped_controller_which_then_writes_nothing(
         for f in logs:
             f.close()
     assert "lease was taken by" in (tmp_path / "first.log").read_text()
+
+
+def test_controllers_as_a_service_claim_a_rollout_once_and_carry_on_a_killed_ones(
+        group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
+    """Two `edge-fleet controller` services on one record (one host; the same on several
+    is `test_hosts.py`): one claims the rollout; it is killed (SIGKILL) once dev-1 serves
+    v2; the other claims it once the lease ran out and completes it. The lease's token
+    counts the two claims: no controller took it twice, none took it while it ran."""
+    broker, agents, url = group
+    rollouts = Rollouts(FleetDB(fleet_db))
+    rid = lab_rollout(rollouts, releases, url, health_window_s=0.5)
+    argv = [sys.executable, "-m", "fleet.cli", "controller", "--db", fleet_db,
+            *map(str, signing(broker, releases)), "--lease", "2"]
+    logs = [(tmp_path / f"c{i}.log").open("w") for i in range(2)]
+    procs = [subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT) for f in logs]
+    try:
+        wait_until(lambda: rollouts.get(rid).owner is not None, timeout_s=60,
+                   what="a controller's claim")
+        assert rollouts.get(rid).lease_token == 1
+        owner = rollouts.get(rid).owner
+        wait_until(lambda: versions(agents)[0] == 2, timeout_s=60, every_s=0.01,
+                   what="dev-1 on v2")
+        first = next(p for p in procs if f":{p.pid}:" in str(owner))
+        first.kill()
+        first.wait(10)
+        wait_until(lambda: rollouts.get(rid).status is Status.COMPLETED, timeout_s=120,
+                   what="the rollout's completion by the other controller")
+        ro = rollouts.get(rid)
+        assert ro.lease_token == 2 and ro.owner is None  # claimed twice; given up at the end
+        assert [d.status for d in rollouts.devices(rid)] == [Exec.COMMITTED] * 3
+        assert versions(agents) == [2, 2, 2]
+        assert not any(d.rollback_id for d in rollouts.devices(rid))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(30)
+        for f in logs:
+            f.close()
+    survivor = next(p for p in procs if f":{p.pid}:" not in str(owner))
+    assert survivor.returncode == 0
+    assert f"rollout {rid}: completed" in (tmp_path / f"c{procs.index(survivor)}.log").read_text()

@@ -142,8 +142,9 @@ def test_a_rollout_in_waves_completes_and_survives_a_controller_killed_mid_wave(
         group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """`edge-fleet rollout run` is killed (SIGKILL) while the first wave's device is in
     its health window; the device commits while no controller runs; a new controller
-    takes the result from the persistent session and finishes the rollout (once the killed
-    one's lease ran out: nothing local, such as its process id, tells it is gone)."""
+    finishes the rollout once the killed one's lease ran out (nothing local, such as its
+    process id, tells it is gone), the device's result or its retained state settling
+    what happened meanwhile."""
     broker, agents, url = group
     db = FleetDB(fleet_db)
     archive = releases["onnx2"]
