@@ -10,6 +10,10 @@ What mosquitto 2.0's ACL file cannot say is said by a small plugin built here fr
 device connects only with its own client id (`<fleet>-<CN>`, so no certificate takes over
 another's session), only `fleet-controller` joins a shared subscription, and a device
 retains nothing but its own state. `deploy/mosquitto/` holds a rendered example.
+
+A site broker (`Bridge`) has the same configuration for its devices, plus a bridge to the
+core broker the controllers use, as `fleet-bridge`: devices' reports out, commands, root
+and heartbeat in.
 """
 
 from __future__ import annotations
@@ -25,12 +29,43 @@ from fleet.errors import FleetError
 
 #: Certificate names that are operators' tools, not devices (the ACL's `user` lines):
 #: their client ids begin "edge-fleet-" and they are never taken for a device.
-OPERATORS = ("fleet-controller", "fleet-monitor")
+OPERATORS = ("fleet-controller", "fleet-monitor", "fleet-bridge")
 #: Who may join a shared subscription (the controllers' group, `fleet.devices.watcher`).
 SHARE_USERS = ("fleet-controller",)
 GUARD = "edge_fleet_guard"
 #: What building the plugin needs on Debian/Ubuntu.
 BUILD_PACKAGES = "gcc libc6-dev libssl-dev libmosquitto-dev mosquitto-dev"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bridge:
+    """A site broker's bridge to the core broker the controllers use: devices' reports
+    out, commands, the root and the heartbeat in, over mutual TLS as `fleet-bridge` (a
+    certificate from the fleet's PKI; the core's ACL gives it those topics only)."""
+
+    name: str  # this site's name: the bridge's client ids
+    address: str  # the core broker, host:port
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    #: (topic under edge/v1/{fleet}/, direction) bridged; QoS 1 both ways.
+    TOPICS = (("+/state", "out"), ("+/telemetry", "out"), ("+/event", "out"),
+              ("+/cmd/result", "out"), ("+/cmd", "in"), ("group/+/cmd", "in"),
+              ("root", "in"), ("heartbeat", "in"))
+
+    def render(self, fleet: str) -> str:
+        if not self.name.replace("-", "").isalnum():
+            raise FleetError(f"bridge name {self.name!r}: letters, digits and - only")
+        lines = [f"connection edge-fleet-bridge-{self.name}", f"address {self.address}",
+                 "bridge_protocol_version mqttv50",
+                 f"remote_clientid edge-fleet-bridge-{self.name}",
+                 f"local_clientid edge-fleet-bridge-{self.name}-local",
+                 "cleansession false", "try_private true", "notifications false",
+                 "restart_timeout 1 10", f"bridge_cafile {self.ca_file}",
+                 f"bridge_certfile {self.cert_file}", f"bridge_keyfile {self.key_file}"]
+        lines += [f"topic edge/v1/{fleet}/{t} {d} 1" for t, d in self.TOPICS]
+        return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +78,7 @@ class BrokerConfig:
     log_dest: str = "syslog"
     user: str | None = None  # mosquitto drops to this user when started as root
     autosave_s: int = 5  # persistence saved this often (a crash loses at most this much)
+    bridge: Bridge | None = None  # a site broker: its bridge to the core broker
 
 
 def _template(name: str) -> str:
@@ -92,4 +128,8 @@ def render(cfg: BrokerConfig, out: Path, *, plugin: Path | None = None) -> tuple
         ca_file=cfg.pki / "ca.crt", cert_file=cfg.pki / "server.crt",
         key_file=cfg.pki / "server.key", plugin=plugin or build_guard(out),
         fleet=cfg.fleet, operators=" ".join(OPERATORS), share_users=" ".join(SHARE_USERS)))
+    if cfg.bridge is not None:
+        with conf.open("a") as f:
+            f.write("\n# The bridge to the core broker (`fleet.broker.Bridge`).\n"
+                    + cfg.bridge.render(cfg.fleet))
     return conf, acl

@@ -156,22 +156,32 @@ class SecureBroker(Broker):
 
     def __init__(self, where: Path, *, fleet: str = "acme",
                  clients: tuple[str, ...] = ("fleet-controller", "fleet-monitor"),
-                 hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
+                 hosts: tuple[str, ...] = ("127.0.0.1",),
+                 bridge_to: SecureBroker | None = None, site: str = "site") -> None:
         """`hosts`: the addresses clients reach it at (its certificate names them all;
-        beyond loopback it listens on every address)."""
-        from fleet.broker import BrokerConfig, build_guard, render
+        beyond loopback it listens on every address). `bridge_to`: a site broker, with
+        the core broker's PKI, bridged to it as `fleet-bridge`."""
+        from fleet.broker import Bridge, BrokerConfig, build_guard, render
         from fleet.trust import pki
 
         self.dir = where
-        self.pki = where / "pki"
-        pki.init_ca(self.pki, server_hosts=list(hosts), days=2)
-        for name in clients:
-            pki.issue(self.pki, name, days=2)
+        bridge = None
+        if bridge_to is None:
+            self.pki = where / "pki"
+            pki.init_ca(self.pki, server_hosts=list(hosts), days=2)
+            for name in (*clients, "fleet-bridge"):
+                pki.issue(self.pki, name, days=2)
+        else:
+            self.pki = bridge_to.pki
+            bridge = Bridge(name=site, address=f"127.0.0.1:{bridge_to.port}",
+                            ca_file=self.pki / "ca.crt",
+                            cert_file=self.pki / "fleet-bridge.crt",
+                            key_file=self.pki / "fleet-bridge.key")
         self.port = free_port()
         self.tls_port = self.port
         self.conf, _ = render(BrokerConfig(fleet=fleet, pki=self.pki, port=self.port,
                                            bind="127.0.0.1" if hosts == ("127.0.0.1",)
-                                           else "0.0.0.0", data_dir=where,
+                                           else "0.0.0.0", data_dir=where, bridge=bridge,
                                            log_dest="stderr", user=getpass.getuser()),
                               where, plugin=build_guard(GUARD_BUILD))
         self.proc = None

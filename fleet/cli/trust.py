@@ -120,15 +120,25 @@ def cmd_pki(ns: argparse.Namespace) -> None:
 
 
 def cmd_broker_config(ns: argparse.Namespace) -> None:
-    from fleet.broker import BrokerConfig, render  # noqa: PLC0415  # when used
+    from fleet.broker import Bridge, BrokerConfig, render  # noqa: PLC0415  # when used
 
-    conf, acl = render(BrokerConfig(fleet=ns.fleet, pki=ns.pki.resolve(), port=ns.port,
+    pki = ns.pki.resolve()
+    bridge = None
+    if ns.bridge_to:  # a site broker: its devices bridged to the core broker
+        cert = pki / "fleet-bridge.crt"
+        if not cert.exists():
+            raise FleetError(f"a bridge needs {cert}: edge-fleet pki issue --dir {ns.pki} "
+                             "fleet-bridge")
+        bridge = Bridge(name=ns.bridge_name, address=ns.bridge_to, ca_file=pki / "ca.crt",
+                        cert_file=cert, key_file=pki / "fleet-bridge.key")
+    conf, acl = render(BrokerConfig(fleet=ns.fleet, pki=pki, port=ns.port,
                                     bind=ns.bind, data_dir=ns.data_dir,
                                     log_dest=ns.log_dest, user=ns.user,
-                                    autosave_s=ns.autosave), ns.out)
+                                    autosave_s=ns.autosave, bridge=bridge), ns.out)
     print(f"{conf}, {acl} and the guard plugin {conf.parent / 'edge_fleet_guard.so'}: "
-          f"mutual TLS on {ns.bind}:{ns.port}, per-device ACL for fleet {ns.fleet}; start "
-          f"with: mosquitto -c {conf}")
+          f"mutual TLS on {ns.bind}:{ns.port}, per-device ACL for fleet {ns.fleet}"
+          + (f", bridged to {ns.bridge_to}" if bridge else "")
+          + f"; start with: mosquitto -c {conf}")
 
 
 def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]
@@ -154,6 +164,11 @@ def _add_trust(sub: Subparsers) -> None:  # type: ignore[type-arg]
     bc.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"))
     bc.add_argument("--log-dest", default="syslog")
     bc.add_argument("--user", help="the user mosquitto drops to when started as root")
+    bc.add_argument("--bridge-to", metavar="HOST:PORT",
+                    help="a site broker: bridge its devices to this core broker (as "
+                         "fleet-bridge, a certificate from --pki)")
+    bc.add_argument("--bridge-name", default="site",
+                    help="this site's name in the bridge's client ids (%(default)s)")
     bc.add_argument("--autosave", type=int, default=5,
                     help="seconds between saves of sessions, queued commands and retained "
                          "messages (a crash loses at most this much; default 5)")
