@@ -24,6 +24,7 @@ from fixture_mqtt import SecureBroker
 from polling import wait_until
 from test_rollout import versions
 
+from fleet._mqtt import close, connect
 from fleet.cli.rollout import ROLLOUT_EXIT
 from fleet.devices.registry import FleetDB
 from fleet.devices.watcher import FleetWatcher
@@ -105,6 +106,19 @@ def _run(sites: dict[str, Any], releases: dict[str, Path], rid: str) -> \
         capture_output=True, text=True, timeout=300, check=False)
 
 
+def _retained_heartbeat(broker: SecureBroker, site: str) -> bool:
+    """Whether a new subscriber at `broker` is given the heartbeat as retained."""
+    got: list[bool] = []
+    c, _ = connect(broker.auth("fleet-monitor"), f"edge-fleet-test-{site}",
+                   topics=["edge/v1/acme/heartbeat"],
+                   on_message=lambda c, u, m: got.append(bool(m.retain)))
+    try:
+        wait_until(lambda: got, timeout_s=10, what=f"the heartbeat at site {site}")
+    finally:
+        close(c)
+    return got[0]
+
+
 def _running(agents: list[Any], sims: list[SimulatedFleet]) -> dict[str, int]:
     out = {n: v.get("digits", 0) for s in sims for n, v in s.versions().items()}
     return out | dict(zip(["dev-a", "dev-b"], versions(agents), strict=True))
@@ -142,6 +156,10 @@ def test_a_rollout_across_two_bridged_sites_completes(
         causes = {d.device: [h.event for h in rollouts.history(rid, d.device)]
                   for d in rollouts.devices(rid)}
         assert all("committed" in c for c in causes.values()), causes
+        # the controller's heartbeat, published retained at the core, is retained at each
+        # site: a device connecting there later finds it
+        for site in ("a", "b"):
+            assert _retained_heartbeat(sites[site], site)
     finally:
         _stop(agents, sims)
 
