@@ -17,20 +17,24 @@ the time from the kill to the other host's claim.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fleet import WAVES, certify, registered, releases, sim_settings
+from bench_fleet import WAVES, _publish, _signer, certify, registered, releases, sim_settings
 from fixture_mqtt import SecureBroker
 from hosts import Lan
 
+from agent.link.wire import StatePayload
 from fleet.devices.registry import FleetDB
 from fleet.postgres import LocalPostgres
 from fleet.rollout.policy import DONE, Criteria, Status
@@ -108,11 +112,71 @@ def run_once(label: str, lan: Lan, hosts: list[str], db_local: str, db_hosts: st
     db.close()
 
 
+def ingest_once(label: str, lan: Lan, hosts: list[str], db_local: str, db_hosts: str,
+                broker: SecureBroker, keys: Path, messages: int, lease_s: float) -> None:
+    """A backlog of `messages` signed telemetry reports of 400 devices, published while
+    the hosts' controllers are stopped (SIGSTOP: connected, their share of the
+    controllers' group queued at the broker), then drained: the clock runs from SIGCONT
+    until every device's last report is stored in the record (its mark reached it)."""
+    db = FleetDB(db_local)
+    devices = [f"pub-{k + i:04d}" for k in (0, 1000) for i in range(200)]
+    for dev in devices:
+        db.register(dev, _signer(dev).public)
+        db.put_state(StatePayload(device=dev, fleet="acme", online=True, agent_version="0.1.0",
+                                  profile="x86_64-generic", groups=["ingest"],
+                                  at=datetime.now(UTC)))
+    for h in hosts:
+        _controller(lan, h, broker, keys, db_hosts, lease_s)
+    _poll(lambda: all("serving the rollouts" in (lan.dir(h) / "controller.log").read_text()
+                      for h in hosts), 120, "the controllers' subscriptions")
+    time.sleep(1.0)  # their subscriptions acknowledged (the line is printed right after)
+    stopped = [pid for h in hosts for pid in lan.pids(h)]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    armed = [ctx.Event() for _ in range(2)]
+    took = [ctx.Value("d", 0.0) for _ in range(2)]
+    auth = broker.auth("fleet-controller")
+    pubs = [ctx.Process(target=_publish, args=(auth, messages // 2, k * 1000, armed[k], ready,
+                                               took[k])) for k in range(2)]
+    for p in pubs:
+        p.start()
+    for a in armed:
+        a.wait(600)
+    ready.set()
+    _poll(lambda: all(v.value for v in took), 600, "the publishers")
+    last = messages // 2 // 200
+    st = db.store
+    t0 = time.monotonic()
+    for pid in stopped:
+        os.kill(pid, signal.SIGCONT)
+    _poll(lambda: int(st.one("SELECT COUNT(*) FROM report_marks WHERE kind = 'telemetry' "
+                             "AND seq >= ?", (last,))[0]) == len(devices), 600,
+          "the backlog stored", every_s=0.05)
+    drained = time.monotonic() - t0
+    load = _load()
+    for p in pubs:
+        p.join(30)
+    took_by = []
+    for h in hosts:
+        lan.stop(h)
+        m = re.search(r"took \d+ state, (\d+) telemetry", (lan.dir(h) / "controller.log")
+                      .read_text())
+        took_by.append(f"{h} {m[1] if m else '?'}")
+    print(f"  {label:24} {messages} signed telemetry reports drained in {drained:.2f} s = "
+          f"{messages / drained:,.0f} msg/s handled (stored, or superseded by a later one "
+          f"of its device in a batch; stored per host: {', '.join(took_by)}); {load}",
+          flush=True)
+    db.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=3000)
     ap.add_argument("--lease", type=float, default=15.0)
-    ap.add_argument("--runs", default="sqlite,postgresql,kill")
+    ap.add_argument("--runs", default="sqlite,postgresql,kill,ingest")
+    ap.add_argument("--messages", type=int, default=40_000)
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-hosts-") as tmp:
         where = Path(tmp)
@@ -130,6 +194,16 @@ def main() -> None:
             print(f"a rollout to {ns.devices} simulated devices driven by edge-fleet "
                   f"controller on separate hosts (lease {ns.lease:g} s):")
             for run in ns.runs.split(","):
+                if run == "ingest":
+                    path = str(lan.dir("host-a") / f"ingest-{time.time_ns()}.sqlite")
+                    ingest_once("sqlite, 1 host", lan, ["host-a"], path, path, broker, keys,
+                                ns.messages, ns.lease)
+                    name = f"bench_ingest_{time.time_ns()}"
+                    pg.create_database(name)
+                    ingest_once("postgresql, 2 hosts", lan, lan.names, pg.url(name),
+                                pg.url(name, host=lan.gateway), broker, keys, ns.messages,
+                                ns.lease)
+                    continue
                 with SimulatedFleet(settings, ns.devices) as sims:  # every device on v1
                     sims.start()
                     if run == "sqlite":
