@@ -5,8 +5,8 @@ the broker and PostgreSQL listen); each host is a network namespace joined to it
 pair, with an address of its own, its own hostname and process-id space (`unshare`), and
 its own state directory (its cwd, HOME and TMPDIR). Nothing local, neither a process id
 nor a file, is shared between two hosts: they coordinate through the network or not at
-all. `kill(host)` is a host dying: every process in its namespace is killed (SIGKILL) and
-its link goes down.
+all. `kill(host)` is a host dying: its link goes down, then every process in its
+namespace is killed (SIGKILL).
 
 Needs root (`ip netns`, `ip link`); `Lan.available()` says whether this machine can.
 """
@@ -114,11 +114,13 @@ class Lan:
                 os.kill(pid, signal.SIGKILL)
 
     def kill(self, host: str) -> None:
-        """The host dies: every process on it is killed (SIGKILL), its link goes down."""
-        self._kill_all(host)
+        """The host dies as a power cut would take it: its link goes down first (nothing it
+        had open says goodbye: no FIN, no RST reaches a peer), then every process on it is
+        killed (SIGKILL)."""
         subprocess.run(["ip", "-n", self.netns(host), "link", "set",
                         f"ev{self.tag}{self.names.index(host)}b", "down"],
                        capture_output=True, check=False)
+        self._kill_all(host)
 
     def revive(self, host: str) -> None:
         """A killed host back on the network (with nothing running on it)."""

@@ -208,3 +208,46 @@ def test_two_hosts_drive_two_rollouts_at_once_and_split_the_ingest(
         close(monitor)
         north.stop()
         south.stop()
+
+
+HOLD_A_LOCK = """
+import sys, time
+from fleet.store.engine import PostgresStore
+conn = PostgresStore(sys.argv[1])._live()  # the record's connection, as a controller opens it
+conn.execute("BEGIN")
+conn.execute("SELECT value FROM counters WHERE name = 'probe' FOR UPDATE")
+with conn.cursor().copy("COPY anomalies FROM STDIN"):  # active, waiting for its data
+    print("locked", flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_a_host_that_dies_inside_a_statement_leaves_no_lock_behind(
+        site: dict[str, Any]) -> None:
+    """A process on a host holds a row lock in a transaction and is inside a statement
+    waiting for its client (a COPY; a pipelined batch of writes waits the same way: the
+    server shows it active, not idle in a transaction) when the host dies, its link down
+    before it could close anything. Another host's connection gets the row once the server
+    has given up on the dead client (TCP keepalives, set by the record's connections),
+    not after the kernel's two hours; the bench saw a controller host wait on exactly such
+    a lock until it was stopped."""
+    lan = site["lan"]
+    db = FleetDB(site["db"])
+    db.store.execute("INSERT INTO counters VALUES ('probe', 0)")
+    log = lan.dir("host-a") / "lock.log"
+    lan.popen("host-a", [sys.executable, "-c", HOLD_A_LOCK, site["db_on_lan"]],
+              log=log.open("wb"))
+    wait_until(lambda: "locked" in log.read_text(), timeout_s=30, what="the lock taken")
+    lan.kill("host-a")
+    st = db.store
+    st.execute("SET lock_timeout = '1s'")
+
+    def locked_here() -> bool:
+        try:
+            with st.tx():
+                st.execute("SELECT value FROM counters WHERE name = 'probe' FOR UPDATE")
+            return True
+        except Exception as exc:  # psycopg's LockNotAvailable: held by the dead host
+            assert "lock timeout" in str(exc), exc
+            return False
+    wait_until(locked_here, timeout_s=90, every_s=0.5, what="the dead host's lock released")

@@ -202,6 +202,14 @@ _PLACEHOLDER = re.compile(r"\?")
 
 #: PostgreSQL ends a transaction whose client said nothing inside it for this long.
 IDLE_IN_TX_S = 10.0
+#: TCP keepalives, both ways: a peer silent for 5 s is probed every 2 s, and given up
+#: after 3 unanswered probes.
+KEEPALIVE: dict[str, Any] = {"keepalives_idle": 5, "keepalives_interval": 2,
+                             "keepalives_count": 3}
+#: Data sent and not acknowledged for this long ends the connection (TCP_USER_TIMEOUT,
+#: both ways: with data in flight, keepalives never start and the kernel retransmits for
+#: about 15 minutes).
+USER_TIMEOUT_MS = 10_000
 
 
 class PostgresStore(Store):
@@ -226,15 +234,22 @@ class PostgresStore(Store):
         self._sql: dict[str, str] = {}
 
     def _connect(self) -> Any:
-        """A connection whose transactions the server ends when the client goes silent
-        inside one for `IDLE_IN_TX_S` (a controller whose host died mid-transaction holds
-        row locks a claim would pass over, or a writer wait for, until then), with TCP
-        keepalives (a server that vanished is noticed in seconds, not hours)."""
+        """A connection whose server gives up on this client when it goes silent: a
+        transaction idle for `IDLE_IN_TX_S`, and a client that stopped answering TCP
+        (keepalives, `KEEPALIVE`: about 11 s; data unacknowledged, `USER_TIMEOUT_MS`),
+        are ended with their row locks. A
+        controller's host that died mid-statement (a pipeline or a COPY waiting for its
+        next message: "active", never "idle in transaction") otherwise kept its locks
+        until the kernel's two-hour keepalive, and every controller waiting on them with
+        it. TCP keepalives on this side notice a server that vanished."""
+        server = " ".join(f"-c {k}={v}" for k, v in (
+            ("idle_in_transaction_session_timeout", int(IDLE_IN_TX_S * 1000)),
+            ("tcp_user_timeout", USER_TIMEOUT_MS),
+            *((f"tcp_{k}", v) for k, v in KEEPALIVE.items())))
         try:
-            return self._psycopg.connect(
-                self.url, autocommit=True, connect_timeout=10, keepalives=1,
-                keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
-                options=f"-c idle_in_transaction_session_timeout={int(IDLE_IN_TX_S * 1000)}")
+            return self._psycopg.connect(self.url, autocommit=True, connect_timeout=10,
+                                         options=server, **KEEPALIVE, keepalives=1,
+                                         tcp_user_timeout=USER_TIMEOUT_MS)
         except self._psycopg.Error as exc:
             raise FleetError(f"cannot open the fleet database {_safe(self.url)}: "
                              f"{str(exc).strip().splitlines()[0]}") from exc
