@@ -100,7 +100,7 @@ def close(client: paho.Client, *, end_session: bool = False) -> None:
 def connect(broker: BrokerAuth | str, client_id: str, *, topics: Sequence[str | tuple[str, int]],
             on_message: Callable[[Any, Any, Any], None],
             session_expiry_s: int | None = None, timeout_s: float = 10.0,
-            max_inflight: int = 20) -> tuple[paho.Client, threading.Event]:
+            max_inflight: int = 20, keepalive_s: int = 60) -> tuple[paho.Client, threading.Event]:
     """A client whose network loop runs and whom the broker accepted; it subscribes to
     `topics` on each connect (at QoS 1, or a `(topic, qos)` pair's own). Also returns an
     event set once the broker acknowledged the subscriptions.
@@ -110,6 +110,9 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: Sequence[str | 
             disconnected, so a restarted tool receives what arrived meanwhile.
         max_inflight: QoS 1 messages published and not yet acknowledged (paho's 20 by
             default; a bulk publisher wants more).
+        keepalive_s: the MQTT keepalive; the broker drops a client it heard nothing from
+            for 1.5 times this (a dead host's session, and its share of a shared
+            subscription, last that long before its expiry starts).
 
     Raises:
         FleetError: the broker cannot be reached, the TLS handshake fails, or it refuses
@@ -153,8 +156,8 @@ def connect(broker: BrokerAuth | str, client_id: str, *, topics: Sequence[str | 
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho
         props.SessionExpiryInterval = session_expiry_s
     try:
-        client.connect(b.host, b.port, clean_start=session_expiry_s is None,
-                       properties=props)
+        client.connect(b.host, b.port, keepalive=keepalive_s,
+                       clean_start=session_expiry_s is None, properties=props)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise FleetError(f"cannot connect to {where}: {exc}") from exc
     client.reconnect_delay_set(min_delay=1, max_delay=10)  # after an outage: soon, capped

@@ -61,7 +61,7 @@ class FleetWatcher:
                  share_group: str | None = None, client_id: str | None = None,
                  on_report: Callable[[Report], None] | None = None,
                  on_result: Callable[[Any], None] | None = None,
-                 session_expiry_s: int | None = None,
+                 session_expiry_s: int | None = None, keepalive_s: int = 60,
                  connect_wait_s: float = 0.0) -> None:
         self.db, self.fleet = db, fleet
         self.ingested: Counter[str] = Counter()  # valid messages stored, per kind
@@ -89,7 +89,7 @@ class FleetWatcher:
         self.client, self.subscribed = connect_patiently(
             broker_url, client_id or f"edge-fleet-{uuid.uuid4().hex[:12]}",
             topics=topics, on_message=self._message, session_expiry_s=session_expiry_s,
-            wait_s=connect_wait_s)
+            keepalive_s=keepalive_s, wait_s=connect_wait_s)
 
     @property
     def cpu(self) -> dict[str, float]:
