@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +96,25 @@ def test_controllers_starting_at_once_on_an_empty_database_migrate_it_once(
     assert [int(r[0]) for r in open_store(fleet_db).all(
         "SELECT version FROM schema_migrations ORDER BY version")] == list(
         range(1, LATEST + 1))
+
+
+def test_a_postgresql_record_reconnects_once_its_connection_was_ended(postgres: Any) -> None:
+    """The server ends a session (a restart, its idle-transaction timeout, an operator's
+    pg_terminate_backend): the statement under way fails, naming it; the transaction it
+    was part of is rolled back with it; the next statement runs on a new connection."""
+    import uuid
+
+    import psycopg
+
+    url = postgres.create_database(f"t_{uuid.uuid4().hex}")
+    db, other = FleetDB(url), FleetDB(url)
+    st = db.store
+    pid = st.one("SELECT pg_backend_pid()")[0]
+    with pytest.raises(psycopg.OperationalError), st.tx():
+        st.execute("INSERT INTO counters VALUES ('lost', 1)")
+        other.store.execute("SELECT pg_terminate_backend(?)", (pid,))
+        st.execute("INSERT INTO counters VALUES ('lost', 2)")
+    assert st.one("SELECT pg_backend_pid()")[0] != pid  # a new connection
+    assert st.one("SELECT COUNT(*) FROM counters WHERE name = 'lost'")[0] == 0
+    db.bump("after")
+    assert other.store.one("SELECT value FROM counters WHERE name = 'after'")[0] == 1

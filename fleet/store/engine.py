@@ -267,13 +267,9 @@ class PostgresStore(Store):
         return got
 
     def _execute(self, sql: str, params: Sequence[Any]) -> Cursor:
-        db = self._live()
-        try:
-            return cast(Cursor, db.execute(self._pg(sql), params or None))
-        except self._psycopg.OperationalError:
-            if not (db.closed or db.broken) or self._in_tx or sql in ("COMMIT", "ROLLBACK"):
-                raise  # a transaction is lost with its connection: the caller's to redo
-            return cast(Cursor, self._live().execute(self._pg(sql), params or None))  # anew
+        # a statement that failed with its connection is not tried again here (it may
+        # have been applied): the caller's error, and the next statement reconnects
+        return cast(Cursor, self._live().execute(self._pg(sql), params or None))
 
     def _executemany(self, sql: str, rows: list[Sequence[Any]]) -> None:
         with self._live().cursor() as cur:
