@@ -179,6 +179,29 @@ def _load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def poll(predicate: object, timeout_s: float, what: str, every_s: float = 0.05) -> None:
+    """Until `predicate()` holds; a bench that waits longer than `timeout_s` stops."""
+    end = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > end:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(every_s)
+
+
+def takeover_setup(where: Path, broker: SecureBroker, devices: int) -> tuple[
+        Path, Path, Any, str, SimSettings]:
+    """What the takeover and host benches share: keys and releases v1 and v2, an artifact
+    server for them, a certificate per simulated device, and the devices' settings (on
+    v1, telemetry every 2 s, 3-s health windows). Returns (keys, v2, server process, its
+    URL, settings)."""
+    keys, v1, v2 = releases(where / "r")
+    server, url = serve_in_process(v1.parent)
+    certify(broker, devices)
+    settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=2.0,
+                            health_window_s=3.0)
+    return keys, v2, server, url, settings
+
+
 def bench_scale(where: Path, broker: SecureBroker, n: int, interval_s: float) -> None:
     """N secured devices connected, then a steady period: memory and CPU of simulator,
     broker and controller, and how fresh the controller's telemetry row of each device

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fleet import WAVES, _publish, _signer, certify, registered, releases, sim_settings
+from bench_fleet import WAVES, _load, _publish, _signer, poll, registered, takeover_setup
 from fixture_mqtt import SecureBroker
 from hosts import Lan
 
@@ -40,19 +40,6 @@ from fleet.postgres import LocalPostgres
 from fleet.rollout.policy import DONE, Criteria, Status
 from fleet.rollout.record import Rollouts
 from fleet.sim.processes import SimulatedFleet
-from fleet.trust.artifacts import serve_in_process
-
-
-def _load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _poll(predicate: object, timeout_s: float, what: str, every_s: float = 0.05) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > end:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(every_s)
 
 
 def _controller(lan: Lan, host: str, broker: SecureBroker, keys: Path, db: str,
@@ -79,17 +66,17 @@ def run_once(label: str, lan: Lan, hosts: list[str], db_local: str, db_hosts: st
         _controller(lan, h, broker, keys, db_hosts, lease_s)
     took_over = ""
     if kill:
-        _poll(lambda: rollouts.get(rid).wave >= 1 and rollouts.get(rid).owner, 600,
+        poll(lambda: rollouts.get(rid).wave >= 1 and rollouts.get(rid).owner, 600,
               "the second wave")
         ro = rollouts.get(rid)
         dead = (ro.owner or "").split(":")[0]
         lan.kill(dead)
         killed = time.monotonic()
-        _poll(lambda: (rollouts.get(rid).owner or dead).split(":")[0] != dead, 300,
+        poll(lambda: (rollouts.get(rid).owner or dead).split(":")[0] != dead, 300,
               "the other host's claim", every_s=0.01)
         took_over = (f"; {dead} killed in wave {ro.wave + 1}, the other host claimed it "
                      f"{time.monotonic() - killed:.1f} s later (lease {lease_s:g} s)")
-    _poll(lambda: rollouts.get(rid).status is not Status.RUNNING, 1200, "the rollout's end",
+    poll(lambda: rollouts.get(rid).status is not Status.RUNNING, 1200, "the rollout's end",
           every_s=0.2)
     total = time.monotonic() - t0
     ro = rollouts.get(rid)
@@ -130,7 +117,7 @@ def ingest_once(label: str, lan: Lan, hosts: list[str], db_local: str, db_hosts:
                                   at=datetime.now(UTC)))
     for h in hosts:
         _controller(lan, h, broker, keys, db_hosts, lease_s)
-    _poll(lambda: all("serving the rollouts" in (lan.dir(h) / "controller.log").read_text()
+    poll(lambda: all("serving the rollouts" in (lan.dir(h) / "controller.log").read_text()
                       for h in hosts), 120, "the controllers' subscriptions")
     time.sleep(1.0)  # their subscriptions acknowledged (the line is printed right after)
     stopped = [pid for h in hosts for pid in lan.pids(h)]
@@ -148,13 +135,13 @@ def ingest_once(label: str, lan: Lan, hosts: list[str], db_local: str, db_hosts:
     for a in armed:
         a.wait(600)
     ready.set()
-    _poll(lambda: all(v.value for v in took), 600, "the publishers")
+    poll(lambda: all(v.value for v in took), 600, "the publishers")
     last = messages // 2 // 200
     st = db.store
     t0 = time.monotonic()
     for pid in stopped:
         os.kill(pid, signal.SIGCONT)
-    _poll(lambda: int(st.one("SELECT COUNT(*) FROM report_marks WHERE kind = 'telemetry' "
+    poll(lambda: int(st.one("SELECT COUNT(*) FROM report_marks WHERE kind = 'telemetry' "
                              "AND seq >= ?", (last,))[0]) == len(devices), 600,
           "the backlog stored", every_s=0.05)
     drained = time.monotonic() - t0
@@ -190,11 +177,7 @@ def main() -> None:
                            hosts=("127.0.0.1", lan.gateway), clients=(lan.cidr,)).start()
         server = None
         try:
-            keys, v1, v2 = releases(where / "r")
-            server, url = serve_in_process(v1.parent)
-            certify(broker, ns.devices)
-            settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=2.0,
-                                    health_window_s=3.0)
+            keys, v2, server, url, settings = takeover_setup(where, broker, ns.devices)
             print(f"a rollout to {ns.devices} simulated devices driven by edge-fleet "
                   f"controller on separate hosts (lease {ns.lease:g} s):")
             for run in ns.runs.split(","):

@@ -14,7 +14,6 @@ outcome, and records unlike the device (target 0), with the load average.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fleet import WAVES, certify, registered, releases, sim_settings
+from bench_fleet import WAVES, _load, poll, registered, takeover_setup
 from fixture_mqtt import SecureBroker
 
 from fleet.devices.registry import FleetDB
@@ -33,19 +32,6 @@ from fleet.postgres import LocalPostgres
 from fleet.rollout.policy import DONE, Criteria
 from fleet.rollout.record import Rollouts
 from fleet.sim.processes import SimulatedFleet
-from fleet.trust.artifacts import serve_in_process
-
-
-def _load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def _poll(predicate: object, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > end:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def run_once(engine: str, target: str, broker: SecureBroker, keys: Path, url: str,
@@ -64,14 +50,14 @@ def run_once(engine: str, target: str, broker: SecureBroker, keys: Path, url: st
     logs = [(where / f"{engine}-{n}.log").open("w") for n in ("first", "standby")]
     t0 = time.monotonic()
     first = subprocess.Popen(argv, stdout=logs[0], stderr=subprocess.STDOUT)
-    _poll(lambda: rollouts.get(rid).owner is not None, 120, "the first controller's lease")
+    poll(lambda: rollouts.get(rid).owner is not None, 120, "the first controller's lease")
     owner = rollouts.get(rid).owner
     standby = subprocess.Popen(argv, stdout=logs[1], stderr=subprocess.STDOUT)
-    _poll(lambda: rollouts.get(rid).wave >= 1, 300, "the second wave")
+    poll(lambda: rollouts.get(rid).wave >= 1, 300, "the second wave")
     first.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     first.wait(10)
-    _poll(lambda: rollouts.get(rid).owner not in (None, owner), 120, "the standby's lease")
+    poll(lambda: rollouts.get(rid).owner not in (None, owner), 120, "the standby's lease")
     took = time.monotonic() - killed
     wave = rollouts.get(rid).wave
     rc = standby.wait(900)
@@ -99,11 +85,7 @@ def main() -> None:
         pg = LocalPostgres(Path(tempfile.mkdtemp(prefix="edge-pg-", dir="/var/tmp"))).start()
         server = None
         try:
-            keys, v1, v2 = releases(where / "r")
-            server, url = serve_in_process(v1.parent)
-            certify(broker, ns.devices)
-            settings = sim_settings(broker, keys, initial=v1, telemetry_interval_s=2.0,
-                                    health_window_s=3.0)
+            keys, v2, server, url, settings = takeover_setup(where, broker, ns.devices)
             print(f"takeover of a rollout to {ns.devices} simulated devices, controller "
                   f"killed in its second wave, standby waiting (lease {ns.lease:g} s):")
             for engine in ("sqlite", "postgresql"):

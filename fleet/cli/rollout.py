@@ -37,7 +37,7 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
             raise FleetError(f"{db.store} has no rollout yet")
         ns.id = ids[-1]
     if ns.action == "status":
-        return _status(ns, rollouts, rollout_lines)
+        return _status(ns, rollouts)
     if ns.action in ("pause", "resume"):
         print(f"rollout {ns.id}: {rollouts.move(ns.id, ns.action).value}")
         return 0
@@ -74,7 +74,9 @@ def cmd_rollout(ns: argparse.Namespace) -> int:
     return ROLLOUT_EXIT[status.value]
 
 
-def _status(ns: argparse.Namespace, rollouts: Any, rollout_lines: Any) -> int:
+def _status(ns: argparse.Namespace, rollouts: Any) -> int:
+    from fleet.rollout.status import rollout_lines  # noqa: PLC0415
+
     print("\n".join(rollout_lines(rollouts, ns.id, every_device=ns.every_device)))
     if ns.device:
         history = rollouts.history(ns.id, ns.device)

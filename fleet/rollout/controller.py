@@ -25,7 +25,7 @@ from fleet.devices.gate import ReportGate
 from fleet.devices.registry import FleetDB
 from fleet.devices.watcher import CONTROLLER_GROUP, FleetWatcher
 from fleet.errors import LeaseHeld
-from fleet.rollout.lease import LEASE_S
+from fleet.rollout.lease import LEASE_S, session_s
 from fleet.rollout.policy import MAY_SERVE, OPEN, Exec, Health, Pace, Status, judge
 from fleet.rollout.record import Rollouts, pause_after
 from fleet.rollout.results import Results
@@ -70,8 +70,8 @@ class Controller:
                                     client_id=f"edge-fleet-ctl-{self.instance}",
                                     on_report=self.results.event,
                                     on_result=self.results.message,
-                                    session_expiry_s=max(5, int(lease_s)),
-                                    keepalive_s=max(5, int(lease_s)),
+                                    session_expiry_s=session_s(lease_s),
+                                    keepalive_s=session_s(lease_s),
                                     connect_wait_s=connect_wait_s)
         self.watcher.synced()  # the devices' retained states first: who is online
         self._pace: dict[str, Pace] = {}  # per rollout: `max_per_minute`

@@ -21,6 +21,12 @@ from fleet.store.engine import Store
 LEASE_S = 15.0
 
 
+def session_s(lease_s: float) -> int:
+    """A controller's MQTT session expiry and keepalive: one lease (at least 5 s), so a
+    dead controller leaves the controllers' shared group about as soon as its lease."""
+    return max(5, int(lease_s))
+
+
 class Leases:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -54,9 +60,7 @@ class Leases:
                                 f"{holder or 'another controller'} meanwhile")
             if holder != owner:
                 token += 1  # a new holder: every write of the last one is fenced off
-            st.execute(f"UPDATE rollouts SET owner = ?, owner_beat = {st.now}, "
-                       f"lease_until = {st.now} + ?, lease_token = ? WHERE id = ?",
-                       (owner, lease_s, token, rid))
+            self._hold(rid, owner, lease_s, token)
         self.held[rid] = (owner, token)
         return token
 
@@ -77,12 +81,18 @@ class Leases:
                 f"(lease_until IS NULL OR lease_until <= {st.now}) ORDER BY created, id "
                 f"LIMIT ?{st.skip_locked}", (ended_within_s, limit))
             for rid, token in rows:
-                st.execute(f"UPDATE rollouts SET owner = ?, owner_beat = {st.now}, "
-                           f"lease_until = {st.now} + ?, lease_token = ? WHERE id = ?",
-                           (owner, lease_s, int(token or 0) + 1, rid))
+                self._hold(rid, owner, lease_s, int(token or 0) + 1)
         for rid, token in rows:
             self.held[rid] = (owner, int(token or 0) + 1)
         return [rid for rid, _ in rows]
+
+    def _hold(self, rid: str, owner: str, lease_s: float, token: int) -> None:
+        """Inside the caller's transaction: `owner` holds rollout `rid`'s lease with
+        `token` until `lease_s` from now, by the database's clock."""
+        st = self.store
+        st.execute(f"UPDATE rollouts SET owner = ?, owner_beat = {st.now}, "
+                   f"lease_until = {st.now} + ?, lease_token = ? WHERE id = ?",
+                   (owner, lease_s, token, rid))
 
     def check(self, rid: str) -> None:
         """Inside a write transaction on rollout `rid`: raise `LeaseLost` unless this

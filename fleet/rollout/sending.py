@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from agent.link.wire import device_topic
 from fleet._mqtt import BrokerAuth, close, connect_patiently
-from fleet.rollout.lease import LEASE_S
+from fleet.rollout.lease import LEASE_S, session_s
 from fleet.rollout.policy import Exec
 from fleet.rollout.record import Rollouts
 from fleet.rollout.rows import RolloutDevice
@@ -69,7 +69,7 @@ class Sender:
         if self._client is None:
             self._client, _ = connect_patiently(
                 self.broker, f"edge-fleet-ctl-{self.instance}-send", topics=[],
-                on_message=lambda *a: None, session_expiry_s=max(5, int(self.lease_s)),
+                on_message=lambda *a: None, session_expiry_s=session_s(self.lease_s),
                 max_inflight=1000, wait_s=self.connect_wait_s)
         return self._client
 

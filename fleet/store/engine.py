@@ -237,11 +237,11 @@ class PostgresStore(Store):
         """A connection whose server gives up on this client when it goes silent: a
         transaction idle for `IDLE_IN_TX_S`, and a client that stopped answering TCP
         (keepalives, `KEEPALIVE`: about 11 s; data unacknowledged, `USER_TIMEOUT_MS`),
-        are ended with their row locks. A
-        controller's host that died mid-statement (a pipeline or a COPY waiting for its
-        next message: "active", never "idle in transaction") otherwise kept its locks
-        until the kernel's two-hour keepalive, and every controller waiting on them with
-        it. TCP keepalives on this side notice a server that vanished."""
+        are ended with their row locks. A controller's host that died mid-statement (a
+        pipeline or a COPY waiting for its next message: "active", never "idle in
+        transaction") otherwise kept its locks until the kernel's two-hour keepalive, and
+        every controller waiting on them with it. TCP keepalives on this side notice a
+        server that vanished."""
         server = " ".join(f"-c {k}={v}" for k, v in (
             ("idle_in_transaction_session_timeout", int(IDLE_IN_TX_S * 1000)),
             ("tcp_user_timeout", USER_TIMEOUT_MS),
