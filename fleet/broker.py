@@ -18,6 +18,7 @@ and heartbeat in.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -55,8 +56,16 @@ class Bridge:
               ("root", "in"), ("heartbeat", "in"))
 
     def render(self, fleet: str) -> str:
+        """The bridge's lines of mosquitto.conf.
+
+        Raises:
+            FleetError: a name or address that is not one (a space or a line break in
+                either would write lines of its own into the broker's configuration).
+        """
         if not self.name.replace("-", "").isalnum():
             raise FleetError(f"bridge name {self.name!r}: letters, digits and - only")
+        if not re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]{1,5}", self.address):
+            raise FleetError(f"bridge address {self.address!r}: expected HOST:PORT")
         lines = [f"connection edge-fleet-bridge-{self.name}", f"address {self.address}",
                  "bridge_protocol_version mqttv50",
                  f"remote_clientid edge-fleet-bridge-{self.name}",

@@ -607,3 +607,24 @@ def test_the_guard_plugin_is_built_once_and_a_missing_compiler_names_the_package
     assert broker.build_guard(tmp_path) == lib  # built already: no compiler needed
     with pytest.raises(FleetError, match="libmosquitto-dev mosquitto-dev"):
         broker.build_guard(tmp_path / "elsewhere")
+
+
+def test_a_bridge_with_a_malformed_name_or_address_is_refused(tmp_path: Path) -> None:
+    """`broker-config --bridge-to/--bridge-name` write into mosquitto.conf: a line break
+    or a space in either would add configuration lines of its own."""
+    from fleet.broker import Bridge
+    from fleet.errors import FleetError
+
+    pki = tmp_path / "pki"
+    ok = Bridge(name="site-1", address="core.example.com:8883", ca_file=pki / "ca.crt",
+                cert_file=pki / "b.crt", key_file=pki / "b.key")
+    assert "address core.example.com:8883\n" in ok.render("acme")
+    for name, address, what in (
+            ("site-1", "core:8883\nlistener 1883 0.0.0.0", "bridge address"),
+            ("site-1", "core 8883", "bridge address"), ("site-1", "core", "bridge address"),
+            ("site 1", "core:8883", "bridge name"), ("a\nallow_anonymous true", "core:1",
+                                                     "bridge name")):
+        bad = Bridge(name=name, address=address, ca_file=ok.ca_file,
+                     cert_file=ok.cert_file, key_file=ok.key_file)
+        with pytest.raises(FleetError, match=what):
+            bad.render("acme")
