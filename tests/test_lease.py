@@ -79,6 +79,36 @@ def test_a_lease_runs_by_the_database_clock_and_fences_the_controller_that_lost_
     assert a.leases.acquire(rid, "host-a:1") == 3
 
 
+def test_claims_spread_rollouts_and_a_token_moves_only_when_the_lease_changes_hands(
+        releases: dict[str, Path], fleet_db: str) -> None:
+    """`Leases.claim`, as the controller service calls it, written out step by step: the
+    oldest unleased rollouts first, never one whose lease runs; a controller whose own
+    lease ran out (a slow step) and that claims it back before anyone else keeps its token
+    (a CI run where the survivor re-claimed its own rollout counted it as a third
+    controller); another controller that claims it gets the next token and fences the
+    first off."""
+    a, b = Rollouts(FleetDB(fleet_db)), Rollouts(FleetDB(fleet_db))
+    operator = Rollouts(FleetDB(fleet_db))
+    r1 = lab_rollout(operator, releases, "http://127.0.0.1:9")
+    r2 = lab_rollout(operator, releases, "http://127.0.0.1:9")
+    assert a.leases.claim("host-a:1", lease_s=1.0) == [r1]  # the oldest first
+    assert b.leases.claim("host-b:1", lease_s=1.0, limit=5) == [r2]  # not a's running one
+    assert a.leases.claim("host-a:1", lease_s=1.0, limit=5) == []  # both leases run
+    assert (operator.get(r1).lease_token, operator.get(r2).lease_token) == (1, 1)
+    wait_until(lambda: a.leases.holder(r1) is None, timeout_s=10, what="a's lease to run out")
+    assert a.leases.claim("host-a:1", lease_s=1.0) == [r1]  # back before anyone took it
+    assert (operator.get(r1).owner, operator.get(r1).lease_token) == ("host-a:1", 1)
+    a.set(r1, reason="a drives it still")  # its writes pass: its lease never changed hands
+    assert a.leases.acquire(r1, "host-a:1", lease_s=1.0) == 1
+    wait_until(lambda: a.leases.holder(r1) is None and b.leases.holder(r2) is None,
+               timeout_s=10, what="both leases to run out")
+    assert b.leases.claim("host-b:1", lease_s=30.0, limit=5) == [r1, r2]
+    assert (operator.get(r1).lease_token, operator.get(r2).lease_token) == (2, 1)
+    with pytest.raises(LeaseLost, match="taken by host-b:1"):
+        a.set(r1, reason="a is back")
+    assert operator.get(r1).reason == "a drives it still"
+
+
 def test_a_standby_takes_over_a_stopped_controller_which_then_writes_nothing(
         group: Any, releases: dict[str, Path], tmp_path: Path, fleet_db: str) -> None:
     """Two `edge-fleet rollout run` processes on one rollout. The first drives it; it is

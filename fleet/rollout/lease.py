@@ -76,15 +76,18 @@ class Leases:
         st = self.store
         with st.tx():
             rows = st.all(
-                f"SELECT id, lease_token FROM rollouts WHERE (status = 'running' OR "
+                f"SELECT id, owner, lease_token FROM rollouts WHERE (status = 'running' OR "
                 f"(status IN ('halted', 'aborted') AND ended > {st.now} - ?)) AND "
                 f"(lease_until IS NULL OR lease_until <= {st.now}) ORDER BY created, id "
                 f"LIMIT ?{st.skip_locked}", (ended_within_s, limit))
-            for rid, token in rows:
-                self._hold(rid, owner, lease_s, int(token or 0) + 1)
-        for rid, token in rows:
-            self.held[rid] = (owner, int(token or 0) + 1)
-        return [rid for rid, _ in rows]
+            # a lease this controller let run out (a slow step) and nobody took meanwhile
+            # comes back with its token: it did not change hands
+            taken = [(rid, int(token or 0) + (holder != owner)) for rid, holder, token in rows]
+            for rid, token in taken:
+                self._hold(rid, owner, lease_s, token)
+        for rid, token in taken:
+            self.held[rid] = (owner, token)
+        return [rid for rid, _ in taken]
 
     def _hold(self, rid: str, owner: str, lease_s: float, token: int) -> None:
         """Inside the caller's transaction: `owner` holds rollout `rid`'s lease with

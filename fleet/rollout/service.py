@@ -39,7 +39,13 @@ def serve(controller: Controller, *, stop: threading.Event, max_rollouts: int = 
                 for rid in controller.rollouts.leases.claim(
                         controller.owner, controller.lease_s, limit=max_rollouts - len(driving),
                         ended_within_s=rollback_wait_s):
-                    log.info("controller.claimed rollout=%s owner=%s", rid, controller.owner)
+                    if rid in driving:  # its own lease ran out between two of its steps
+                        log.warning("controller.lease_ran_out rollout=%s: claimed back; a "
+                                    "pass over the rollouts took longer than the lease "
+                                    "(%.1f s)", rid, controller.lease_s)
+                    else:
+                        log.info("controller.claimed rollout=%s owner=%s", rid,
+                                 controller.owner)
                     driving.setdefault(rid, None)
             except Exception:  # the database away a moment: claim again next pass
                 log.exception("controller.claim_failed")
