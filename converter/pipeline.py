@@ -46,6 +46,7 @@ from converter.errors import (
 )
 from converter.export import export_onnx
 from converter.normalize import input_levels, minmax_step
+from converter.onnx_torch import onnx_to_torch
 from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, quantize_tflite
 from converter.recipe import Recipe
 from converter.report import evaluate_all, write_report
@@ -90,12 +91,13 @@ def stage_teacher(ctx: Context) -> None:
     ctx.results["teacher"] = {"kind": out.kind, "description": out.description,
                               "outputs": "probabilities" if out.probabilities else "logits",
                               "parameters": out.parameters, "test_accuracy": acc,
-                              "classes": int(out.logits.shape[1]), **gate}
+                              "classes": int(out.logits.shape[1]),
+                              "batch": batch_kind(out.fixed_batch), **gate}
     size = (f"{out.parameters:,} parameters" if out.parameters or not t.onnx else
             "no parameter tensors (sizes in operator attributes), "
             f"{Path(t.onnx).stat().st_size / 1024:.1f} KiB file")
     ctx.say(f"teacher ({'onnxruntime' if out.kind == 'onnx' else 'torch'}): "
-            f"{out.description}, {size}, "
+            f"{out.description}, {size}, batch {ctx.results['teacher']['batch']}, "
             f"test accuracy {acc:.2%}")
 
 
@@ -112,12 +114,14 @@ def _stage_model(ctx: Context) -> None:
         out = run_torch_model(model, x, ctx.recipe.teacher.batch_size, f"model {m.torch}")
         torch.save(model, ctx.work / STUDENT_FILE)
         params, description, kind = param_count(model), f"torch {m.torch}", "torch"
+        batch = batch_kind(None)
     else:
         assert m.onnx is not None
         src = Path(m.onnx)
         try:
             loaded = open_onnx(src)
-            step = 1 if loaded.inputs[0].shape[0] == 1 else 256  # a fixed batch of one
+            fixed = loaded.inputs[0].shape[0]  # runs in chunks of a fixed batch, if any
+            step = fixed * max(1, 256 // fixed) if fixed else 256
             out = np.concatenate([loaded.run(x[i:i + step]) for i in range(0, len(x), step)])
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise TeacherError(f"model {src} does not run on the data's samples "
@@ -126,6 +130,7 @@ def _stage_model(ctx: Context) -> None:
         shutil.copyfile(src, ctx.work / FP32_ONNX)
         params = onnx_parameters(src)
         description, kind = f"ONNX {src.name}", "onnx"
+        batch = batch_kind(fixed)
     out = np.asarray(out, dtype=np.float32)
     if m.task == "reconstruct" and out.shape[1:] != x.shape[1:]:
         raise TeacherError(f"model.task = 'reconstruct' needs outputs shaped like the inputs "
@@ -147,12 +152,18 @@ def _stage_model(ctx: Context) -> None:
                  f"mean reconstruction error {figures.get('reconstruction_error_mean', 0):.4g}"
                  if m.task == "reconstruct" else "outputs are the reference")
     common = {"kind": kind, "description": description, "parameters": params,
-              "task": m.task, "quantize_only": True, **figures}
+              "task": m.task, "quantize_only": True, "batch": batch, **figures}
     ctx.results["teacher"] = {**common, "outputs": "model outputs"}
     ctx.results["student"] = {**common, "family": "trained model"}
     ctx.say(f"model ({'onnxruntime' if kind == 'onnx' else 'torch'}): {description}, "
-            f"{params:,} parameters, task {m.task}, {shown}; quantized as trained (no "
-            "teacher, no distillation)")
+            f"{params:,} parameters, task {m.task}, batch {batch}, {shown}; quantized as "
+            "trained (no teacher, no distillation)")
+
+
+def batch_kind(fixed: int | None) -> str:
+    """How a model takes batches, for the report: "dynamic", or "fixed N" (fed in chunks
+    of exactly N, the last padded and its padded outputs dropped)."""
+    return f"fixed {fixed}" if fixed else "dynamic"
 
 
 def _labels(ctx: Context, idx: np.ndarray) -> np.ndarray | None:
@@ -412,15 +423,21 @@ def _gate(quality: Quality, what: str, fp32: float, int8: float, steps: list[str
 
 def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality: Quality,
                      per_channel: bool) -> dict[str, Any]:
-    student = load_student(ctx)
-    res = quantize_tflite(student, calib, ctx.work / INT8_TFLITE, per_channel=per_channel)
+    if ctx.recipe.model.onnx:  # a model given as ONNX: onnx2torch into the same PT2E path
+        student, batch = onnx_to_torch(ctx.work / FP32_ONNX, ctx.work, x_val)
+        route = "onnx2torch -> PT2E"
+    else:
+        student, route, batch = load_student(ctx), "PT2E", 1
+    res = quantize_tflite(student, calib, ctx.work / INT8_TFLITE, per_channel=per_channel,
+                          batch=batch)
     fp32 = quality.score(open_onnx(ctx.work / FP32_ONNX).run(x_val))
     int8 = quality.score(open_tflite(ctx.work / INT8_TFLITE).run(x_val))
-    steps = [f"PT2E {'per-channel' if per_channel else 'per-tensor'}, histogram observers: "
+    steps = [f"{route} {'per-channel' if per_channel else 'per-tensor'}, histogram observers: "
              f"int8 {quality.show(int8)} vs fp32 {quality.show(fp32)}"]
     if not quality.passes(fp32, int8) and ctx.recipe.quantize.mitigate:
         all_train = ctx.x[ctx.split.train]
-        res = quantize_tflite(student, all_train, ctx.work / INT8_TFLITE, per_channel=per_channel)
+        res = quantize_tflite(student, all_train, ctx.work / INT8_TFLITE,
+                              per_channel=per_channel, batch=batch)
         int8 = quality.score(open_tflite(ctx.work / INT8_TFLITE).run(x_val))
         steps.append(f"calibrated on all {len(all_train)} training samples: int8 "
                      f"{quality.show(int8)}")
@@ -429,11 +446,14 @@ def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality
     ops = npu.tflite_ops(ctx.work / INT8_TFLITE)
     check = npu.check_target(ctx.profile, ops, res.io_dtype, loaded.inputs[0].shape,
                              require_full_offload=ctx.recipe.target.require_full_offload)
-    ctx.say(f"quantize (LiteRT): {INT8_TFLITE} (I/O {res.io_dtype}, val {quality.name} "
+    ctx.say(f"quantize (LiteRT, {route}): {INT8_TFLITE} (I/O {res.io_dtype}"
+            f"{f', batch fixed {batch}' if batch > 1 else ''}, val {quality.name} "
             f"{quality.show(fp32)} fp32 (onnxruntime) -> {quality.show(int8)} int8, ops "
             f"{', '.join(check.operators)})")
-    return {"io_dtype": res.io_dtype, "steps": steps, "val_fp32": fp32, "val_int8": int8,
-            "operators": ops, "unsupported": check.unsupported, "notes": check.notes}
+    return {"io_dtype": res.io_dtype, "route": route,
+            "batch": batch_kind(batch if batch > 1 else None), "steps": steps,
+            "val_fp32": fp32, "val_int8": int8, "operators": ops,
+            "unsupported": check.unsupported, "notes": check.notes}
 
 
 def stage_compile(ctx: Context) -> None:

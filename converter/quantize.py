@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,9 +87,11 @@ def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> Non
         quantize_static,
     )
 
-    input_name = open_onnx(src).inputs[0].name
-
-    step = calibration_batch(len(calib))
+    spec = open_onnx(src).inputs[0]
+    input_name, fixed = spec.name, spec.shape[0]
+    if fixed and len(calib) % fixed:  # a fixed batch: the tail padded with its last sample
+        calib = np.concatenate([calib, np.repeat(calib[-1:], fixed - len(calib) % fixed, 0)])
+    step = fixed or calibration_batch(len(calib))
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -192,23 +195,28 @@ class TfliteResult:
     io_dtype: str
 
 
-def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: bool) -> TfliteResult:
-    """Full-int8 TFLite through litert-torch's PT2E quantizer (batch fixed at 1)."""
+def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: bool,
+                    batch: int = 1) -> TfliteResult:
+    """Full-int8 TFLite through litert-torch's PT2E quantizer, its batch fixed at `batch`
+    (1, or the fixed batch of a model given as ONNX); calibrated in batches of that size,
+    the last padded with its last sample."""
     import litert_torch  # noqa: PLC0415  # heavy or optional: loaded only when used
     from litert_torch.quantize import pt2e_quantizer as pq  # noqa: PLC0415  # optional: when used
     from litert_torch.quantize.quant_config import QuantConfig  # noqa: PLC0415  # optional: when used
     from torchao.quantization.pt2e import quantize_pt2e  # noqa: PLC0415  # optional: when used
 
     model.eval()
-    args = (torch.from_numpy(calib[:1]),)
+    if len(calib) % batch:
+        calib = np.concatenate([calib, np.repeat(calib[-1:], batch - len(calib) % batch, 0)])
+    args = (torch.from_numpy(calib[:batch]),)
     try:
         graph = torch.export.export(model, args).module()
         quantizer = pq.PT2EQuantizer().set_global(
             pq.get_symmetric_quantization_config(is_per_channel=per_channel))
         graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
         with torch.no_grad():
-            for i in range(len(calib)):
-                graph(torch.from_numpy(calib[i:i + 1]))
+            for i in range(0, len(calib), batch):
+                graph(torch.from_numpy(calib[i:i + batch]))
         graph = quantize_pt2e.convert_pt2e(graph, fold_quantize=False)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             edge = litert_torch.convert(graph, args,

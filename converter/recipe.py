@@ -258,9 +258,6 @@ class Recipe(_Section):
         if self.data.normalize in ("standard", "minmax"):
             raise ValueError("a trained model (model.*) takes the samples as it was "
                              "trained on them: data.normalize must be auto or none")
-        if self.model.onnx and "tflite" in self.quantize.formats:
-            raise ValueError("int8 TFLite is built from a torch model; give model.torch "
-                             "and model.weights, or quantize.formats = [\"onnx\"]")
         return self
 
 

@@ -212,7 +212,12 @@ def render_markdown(rep: dict[str, Any]) -> str:
              f"test split, never used for training, calibration or the quality gate.", ""]
     if ev_.get("role") == "model":
         lines += [f"Quantize only: the trained model ({rep['teacher']['description']}, task "
-                  f"{ev_['task']}) is converted as it is; no teacher, no distillation.", ""]
+                  f"{ev_['task']}, batch {rep['teacher'].get('batch', 'dynamic')}) is "
+                  "converted as it is; no teacher, no distillation.", ""]
+    elif (rep.get("teacher") or {}).get("batch", "dynamic") != "dynamic":
+        lines += [f"The teacher ({rep['teacher']['description']}) takes a batch "
+                  f"{rep['teacher']['batch']}: it ran on chunks of exactly that many samples, "
+                  "the last padded and its padded outputs dropped.", ""]
     lines += [f"| model | runtime {head} parameters | size | gzip | "
               "p50 latency | p95 latency |", "|---|---|---|---|---|---|---|---|---|"]
     for m in ev_["models"]:
@@ -312,7 +317,8 @@ def _quant_lines(rep: dict[str, Any]) -> list[str]:
         lines += [f"  - {s}" for s in o["steps"]]
     if "tflite" in q:
         t = q["tflite"]
-        lines.append(f"- TFLite (litert-torch PT2E): I/O {t['io_dtype']}; operators "
+        lines.append(f"- TFLite (litert-torch {t.get('route', 'PT2E')}): I/O {t['io_dtype']}, "
+                     f"batch {t.get('batch', 'dynamic')}; operators "
                      f"{', '.join(t['operators'])}")
         lines += [f"  - {s}" for s in t["steps"]]
     return lines

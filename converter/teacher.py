@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.serving.runtime import in_fixed_batches
 from converter.data import F32
 from converter.errors import TeacherError
 
@@ -30,6 +31,7 @@ class TeacherOutputs:
     description: str
     kind: str  # "onnx" | "torch"
     probabilities: bool = False  # the teacher gave probabilities (logits = their log)
+    fixed_batch: int | None = None  # the batch an ONNX teacher was exported with, if fixed
 
 
 def import_factory(spec: str, what: str) -> Any:
@@ -168,7 +170,17 @@ class OnnxTeacher:
         self._output = [choose_output(self._sess.get_outputs(), output, self.path.name).name]
         return self
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch the model was exported with, where it is fixed."""
+        first = self.input.shape[0] if self.input.shape else None
+        return first if isinstance(first, int) else None
+
     def run(self, x: F32) -> F32:
+        """Class scores of `x`; a model with a fixed batch runs on chunks of exactly it."""
+        return in_fixed_batches(self.fixed_batch, x, self._run)
+
+    def _run(self, x: F32) -> F32:
         assert self._output is not None, "select an output first"
         out = self._sess.run(self._output, {self.input.name: x.astype(self._dtype,
                                                                         copy=False)})[0]
@@ -200,17 +212,17 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int,
         raise TeacherError(f"data samples have shape {tuple(got[1:])} but teacher {path.name} "
                            f"expects {tuple(want[1:])} (input {inp.name!r})")
     teacher.select(output)
-    outs: list[np.ndarray] = []
-    fixed_batch = want[0]
-    step = fixed_batch or batch_size
-    for i in range(0, len(x), step):
-        chunk = x[i:i + step]
-        if fixed_batch and len(chunk) != fixed_batch:
-            outs.extend(teacher.run(x[j:j + 1]) for j in range(i, len(x)))
-            break
-        outs.append(teacher.run(chunk))
-    logits, probs = _as_logits(np.concatenate(outs).astype(np.float32), len(x), path.name)
-    return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx", probs)
+    fixed = teacher.fixed_batch  # then it runs on chunks of exactly that, the tail padded
+    step = fixed * max(1, batch_size // fixed) if fixed else batch_size
+    try:
+        out = np.concatenate([teacher.run(x[i:i + step]) for i in range(0, len(x), step)])
+    except TeacherError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise TeacherError(f"teacher {path.name} fails on the data's samples: "
+                           f"{str(exc).splitlines()[0][:200]}") from exc
+    logits, probs = _as_logits(out.astype(np.float32), len(x), path.name)
+    return TeacherOutputs(logits, params, f"ONNX {path.name}", "onnx", probs, fixed)
 
 
 def onnx_parameters(path: Path) -> int:

@@ -53,6 +53,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   # The distribution was called edge-agent before (a name PyPI gives someone else).
   "$VPY" -m pip uninstall -q -y edge-agent 2>/dev/null || true
   "$VPY" -m pip install -q -e ".[convert,tflite,onnx,fleet,dev]" "torch==2.13.0"
+  # onnx2torch (ONNX models to int8 TFLite, converter/onnx_torch.py) without its declared
+  # torchvision: PyPI's torchvision needs a CUDA torch and would replace the CPU one; the
+  # converter stands in for the two detection operators that import it.
+  "$VPY" -m pip install -q --no-deps "onnx2torch==1.5.15"
   echo "$WANT" > "$STAMP"
 fi
 log "ready: $("$VPY" --version), torch $("$VPY" -c 'import torch; print(torch.__version__)')"

@@ -9,6 +9,7 @@ into `RuntimeLoadError` at this edge.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -50,8 +51,28 @@ class OnnxModel:
     outputs: list[TensorSpec]
 
     def run(self, x: F32) -> F32:
+        """A model exported with a fixed batch runs in chunks of exactly that size."""
+        return in_fixed_batches(self.inputs[0].shape[0], x, self._run)
+
+    def _run(self, x: F32) -> F32:
         out = self.session.run(None, {self.inputs[0].name: x.astype(np.float32)})
         return np.asarray(out[0], dtype=np.float32)
+
+
+def in_fixed_batches(fixed: int | None, x: F32, run: Callable[[F32], F32]) -> F32:
+    """`run` over `x` for a model whose batch is fixed at `fixed` (None: any batch): chunks
+    of exactly `fixed` samples, the last one padded with copies of its last sample and the
+    padded outputs dropped."""
+    if not fixed or len(x) == fixed or not len(x):
+        return run(x)
+    outs = []
+    for i in range(0, len(x), fixed):
+        chunk = x[i:i + fixed]
+        n = len(chunk)
+        if n < fixed:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+        outs.append(run(chunk)[:n])
+    return np.concatenate(outs)
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
@@ -167,10 +188,10 @@ class TfliteModel:
     _out_index: int
 
     def run(self, x: F32) -> F32:
-        """Runs sample by sample when the model's batch is fixed at 1."""
-        fixed = self.inputs[0].shape[0]
-        if fixed == 1 and len(x) != 1:
-            return np.concatenate([self.run(x[i:i + 1]) for i in range(len(x))])
+        """Runs in chunks of the model's batch where it is fixed (sample by sample at 1)."""
+        return in_fixed_batches(self.inputs[0].shape[0], x, self._run)
+
+    def _run(self, x: F32) -> F32:
         spec_in, spec_out = self.inputs[0], self.outputs[0]
         feed = x if spec_in.quantization is None else quantize(
             x, spec_in.quantization, np.dtype(spec_in.dtype))

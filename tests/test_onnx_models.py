@@ -1,0 +1,166 @@
+"""Models as people bring them, through `edge-convert run` at defaults: a trained model given
+only as ONNX becomes int8 TFLite (onnx2torch into the PT2E path), for a CPU target and
+through Vela for Ethos-U, and a real agent serves it; a model or teacher exported with a
+fixed batch is fed chunks of exactly that batch; an operator the route cannot convert is
+refused in one line naming it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import FAST
+from fixture_agent import AgentProcess, make_keys, write_config
+from onnx import TensorProto, helper
+
+from agent.serving.runtime import open_model, open_tflite
+from agent.trust.manifest import parse_manifest
+from converter.cli import main as convert
+from converter.examples import digits
+from converter.examples import tiny as examples
+from fleet.trust.keys import KeyDir
+from fleet.trust.release import pack_bundle, sign_bundle
+
+QUICK = ["--evaluate-latency-runs", "10", "--data-calibration-samples", "64"]
+
+
+def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, *,
+            dynamic: bool) -> Path:
+    """`model` as ONNX the way a user exports it: torch's exporter, a dynamic batch or the
+    example's batch fixed."""
+    torch.onnx.export(model.eval(), (sample,), str(path), input_names=["features"],
+                      dynamo=True, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def kws(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(data, ONNX with a dynamic batch, ONNX with the batch fixed at 8) of the DS-CNN
+    keyword spotter trained on generated features: a model that exists only as ONNX
+    for the converter (its torch factory is not given)."""
+    where = tmp_path_factory.mktemp("kws")
+    examples.write_example(where, case="kws", small=True, epochs=6)
+    model = examples.kws()
+    model.load_state_dict(torch.load(where / "model.pt", weights_only=True))
+    return (where / "data.npz",
+            _export(model, torch.zeros(2, 1, 49, 10), where / "kws.onnx", dynamic=True),
+            _export(model, torch.zeros(8, 1, 49, 10), where / "kws8.onnx", dynamic=False))
+
+
+def test_an_onnx_only_model_becomes_int8_tflite_that_a_real_agent_serves(
+        kws: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Quantize-only of an ONNX model for a TFLite target at defaults (it was refused:
+    "int8 TFLite is built from a torch model"): full-int8 I/O through onnx2torch and PT2E,
+    the accuracy gate on it, signed and installed on a real agent with the TFLite runtime,
+    whose answers to raw samples are the int8 model's."""
+    data, onnx_file, _ = kws
+    out = tmp_path / "out"
+    assert convert(["run", "--data-source", str(data), "--model-onnx", str(onnx_file),
+                    "--target-profile", "raspberry-pi-4", "--out", str(out), *QUICK]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    t = rep["quantize"]["tflite"]
+    assert (t["route"], t["io_dtype"], t["batch"]) == ("onnx2torch -> PT2E", "int8/int8",
+                                                        "dynamic")
+    assert (t["val_fp32"] - t["val_int8"]) * 100 <= rep["quantize"]["tolerance_points"] + 1e-9
+    assert "onnx2torch -> PT2E" in (out / "report.md").read_text()
+    bundle = out / "bundle"
+    m = parse_manifest((bundle / "manifest.json").read_bytes())
+    assert m.runtime == "tflite" and m.inputs[0].dtype == "int8"
+
+    with np.load(data) as npz:
+        x = npz["x"].astype(np.float32)[:12]
+    keys = make_keys(tmp_path / "keys")
+    kd = KeyDir(keys)
+    sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
+    agent = AgentProcess(write_config(tmp_path / "dev", keys,
+                                      profile="raspberry-pi-4")).start()
+    try:
+        status, body = agent.install(pack_bundle(bundle, tmp_path / "kws.tar.zst"))
+        assert status == 200 and "passed" in str(body["selftest"]), body
+        status, res = agent.call("POST", f"/v2/models/{m.name}/infer", {
+            "inputs": [{"name": m.inputs[0].name, "shape": list(x.shape),
+                        "datatype": "FP32", "data": x.ravel().tolist()}]})
+        assert status == 200, res
+    finally:
+        assert agent.stop() == 0, agent.log
+    got = np.asarray(res["outputs"][0]["data"], np.float32).reshape(len(x), -1)
+    want = open_model(bundle / m.model_file, "tflite").run(x)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_fixed_batch_onnx_model_reaches_ethos_u_through_vela_at_its_batch(
+        kws: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Exported with its batch fixed at 8 (it crashed: the tail was fed one sample at a
+    time): every run feeds chunks of exactly 8, the last padded; the int8 TFLite keeps
+    the batch of 8, Vela compiles it for the U55, and the report says so."""
+    data, dynamic, fixed = kws
+    out = tmp_path / "out"
+    assert convert(["run", "--data-source", str(data), "--model-onnx", str(fixed),
+                    "--target-profile", "arm-ethos-u55-128", "--out", str(out), *QUICK]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["teacher"]["batch"] == "fixed 8"
+    assert rep["quantize"]["tflite"]["batch"] == "fixed 8"
+    assert rep["compile"]["summary"]["sram_kib"] > 0
+    assert rep["compile"]["cpu_fallback_ops"] == []
+    int8 = open_tflite(out / "model_int8.tflite")
+    assert int8.inputs[0].shape[0] == 8
+    with np.load(data) as npz:
+        x = npz["x"].astype(np.float32)[:13]  # not a multiple of 8
+    assert int8.run(x).shape == (13, 12)
+    # the same figures the dynamic export gives: padding changes no answer
+    rows = {(r["name"], r["runtime"]): r.get("accuracy") for r in rep["evaluate"]["models"]}
+    assert convert(["run", "--data-source", str(data), "--model-onnx", str(dynamic),
+                    "--quantize-formats", '["onnx"]', "--out", str(tmp_path / "dyn"),
+                    *QUICK]) == 0
+    dyn = json.loads((tmp_path / "dyn" / "report.json").read_text())
+    dyn_rows = {(r["name"], r["runtime"]): r.get("accuracy") for r in dyn["evaluate"]["models"]}
+    assert dyn_rows == {k: v for k, v in rows.items() if k[1] == "onnx"}
+
+
+def test_a_teacher_exported_with_a_fixed_batch_is_distilled(example: Path,
+                                                             tmp_path: Path) -> None:
+    """The digits teacher exported with batch 8: its 1,797 samples are not a multiple of 8;
+    the run completes and the report says how the teacher was fed."""
+    teacher = digits.teacher()
+    teacher.load_state_dict(torch.load(example / "teacher.pt", weights_only=True))
+    onnx_file = _export(teacher, torch.zeros(8, 1, 8, 8), tmp_path / "teacher8.onnx",
+                        dynamic=False)
+    out = tmp_path / "out"
+    assert convert(["run", "--teacher-onnx", str(onnx_file), "--out", str(out),
+                    "--quantize-formats", '["onnx"]', *FAST]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["teacher"]["batch"] == "fixed 8"
+    assert rep["teacher"]["test_accuracy"] > 0.9
+    assert "takes a batch fixed 8" in (out / "report.md").read_text()
+
+
+def test_an_operator_the_onnx_route_cannot_convert_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A regressor whose graph holds Shrink, which onnx2torch has no converter for: int8
+    ONNX would do, int8 TFLite is refused in one line naming the operator and the options
+    that avoid it; no traceback, nothing left behind."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]),
+         helper.make_node("Shrink", ["h"], ["y"], lambd=0.1)],
+        "shrink", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [8, 3], w.ravel().tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "shrink.onnx")
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(200, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    rc = convert(["run", "--data-source", str(tmp_path / "data.npz"), "--model-onnx",
+                  str(tmp_path / "shrink.onnx"), "--model-task", "regress",
+                  "--target-profile", "raspberry-pi-4", "--out", str(out), *QUICK])
+    err = capsys.readouterr().err
+    assert rc != 0 and not out.exists()
+    line = next(ln for ln in err.splitlines() if "error" in ln)
+    assert "onnx2torch cannot convert operator Shrink (opset 17)" in line, err
+    assert "--quantize-formats" in line and "Traceback" not in err
