@@ -204,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
         _quiet_python_logs()
-    # SIGTERM unwinds like Ctrl-C, so `run` removes its temporary directory either way.
-    previous = (signal.signal(signal.SIGTERM, _terminate)
-                if threading.current_thread() is threading.main_thread() else None)
+    # SIGTERM unwinds like Ctrl-C, so `run` removes its temporary directory either way; both
+    # are remembered, so a stop whose exception a library swallowed (or a native call held
+    # up) still ends the run at the next stage boundary (_check_stop).
+    _STOP.clear()
+    _STOPPED_BY.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = ((signal.signal(signal.SIGTERM, _terminate),
+                 signal.signal(signal.SIGINT, _interrupt)) if main_thread else None)
     try:
         with tempfile.TemporaryDirectory(prefix="edge-convert-") as tmp, \
                 _native_stderr_to(None if ns.verbose else Path(tmp) / "native-stderr.log"):
@@ -224,29 +229,41 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `edge-convert profiles | head -1`
         return reader_gone()
     except KeyboardInterrupt:
-        return 130
+        return 128 + signal.SIGINT
     except _Terminated:
         return 128 + signal.SIGTERM
     finally:
         if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous[0])
+            signal.signal(signal.SIGINT, previous[1])
 
 
 class _Terminated(BaseException):  # a signal, not an error
     pass
 
 
-_STOP = threading.Event()  # SIGTERM arrived (its exception may have been swallowed)
+_STOP = threading.Event()  # SIGTERM or SIGINT arrived (its exception may have been swallowed)
+_STOPPED_BY: list[int] = []
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    _STOPPED_BY.append(signum)
     _STOP.set()
     raise _Terminated
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    _STOPPED_BY.append(signum)
+    _STOP.set()
+    raise KeyboardInterrupt
+
+
 def _check_stop() -> None:
-    """Between stages: a SIGTERM whose exception a library caught still stops the run."""
+    """Between stages: a SIGTERM or SIGINT whose exception a library caught still stops
+    the run."""
     if _STOP.is_set():
+        if _STOPPED_BY and _STOPPED_BY[0] == signal.SIGINT:
+            raise KeyboardInterrupt
         raise _Terminated
 
 

@@ -100,6 +100,9 @@ def validate(arrays: dict[str, np.ndarray], source: str) -> Dataset:
                             f"got {y_raw.dtype} {y_raw.shape}")
         if y_raw.min() < 0:
             raise DataError(f"data {source}: y has negative labels")
+        if len(np.unique(y_raw)) < 2:
+            raise DataError(f"data {source}: y has only one class (every label is "
+                            f"{int(y_raw[0])}); a classifier needs samples of two or more")
         y = y_raw.astype(np.int64)
     labels = None
     if "labels" in arrays:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -144,11 +145,47 @@ def _evaluate(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
 
 
 def _bar(s: KDSettings) -> Any:
+    """A progress bar on a terminal; plain lines at most every PROGRESS_EVERY_S otherwise
+    (a bar piped into a log is one line of carriage returns, one update per epoch)."""
     if not s.progress:
         return None
+    if not sys.stderr.isatty():
+        return ProgressLines(s.tag, s.epochs, sys.stderr)
     from tqdm import tqdm  # noqa: PLC0415  # heavy or optional: loaded only when used
 
     return tqdm(total=s.epochs, desc=s.tag, unit="epoch", file=sys.stderr, leave=False)
+
+
+PROGRESS_EVERY_S = 10.0
+
+
+class ProgressLines:
+    """tqdm's update/set_postfix/close as whole lines, at most one per `every_s`, and the
+    last epoch's at close."""
+
+    def __init__(self, tag: str, total: int, out: TextIO,
+                 every_s: float = PROGRESS_EVERY_S) -> None:
+        self.tag, self.total, self.out, self.every_s = tag, total, out, every_s
+        self.done, self.postfix, self.shown = 0, "", 0
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+
+    def set_postfix(self, **values: str) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+        if time.monotonic() - self.last >= self.every_s:
+            self._line()
+
+    def close(self) -> None:
+        if self.shown != self.done:
+            self._line()
+
+    def _line(self) -> None:
+        self.out.write(f"{self.tag}: epoch {self.done}/{self.total}"
+                       f"{', ' + self.postfix if self.postfix else ''}\n")
+        self.out.flush()
+        self.last, self.shown = time.monotonic(), self.done
 
 
 def _writer(s: KDSettings) -> Any:

@@ -252,10 +252,12 @@ def _inputs_gate(ctx: Context) -> None:
     """Report the normalization and the int8 input levels per feature (channel) on the
     training split, with the step min-max calibration gives the input tensor; refuse inputs
     where a feature gets fewer than min(its distinct values, quantize.min_input_levels)
-    levels: int8 would erase it.
+    levels: int8 would erase it. For a trained model (quantize only) it is a warning: the
+    model may normalize in its own graph, and the int8 gate decides.
 
     Raises:
-        DataError: a starved feature; the message names them and what to try.
+        DataError: a starved feature when distilling; the message names them and what
+            to try.
     """
     norm, train = ctx.norm, ctx.x[ctx.split.train]
     step, zero = minmax_step(ctx.calib())
@@ -269,11 +271,16 @@ def _inputs_gate(ctx: Context) -> None:
     if lv.min_levels and (starved := lv.starved):
         shown = ", ".join(f"{i} ({lv.levels[i]} of {lv.distinct[i]} values)"
                           for i in starved[:8])
-        raise DataError(
-            f"int8 input quantization (step {step:.3g}) leaves {len(starved)} of "
-            f"{len(lv.levels)} {lv.unit}s fewer than {lv.min_levels} levels: {shown}"
-            f"{' ...' if len(starved) > 8 else ''}; normalize the inputs "
-            "(--data-normalize standard or minmax) or lower --quantize-min-input-levels")
+        what = (f"int8 input quantization (step {step:.3g}) leaves {len(starved)} of "
+                f"{len(lv.levels)} {lv.unit}s fewer than {lv.min_levels} levels: {shown}"
+                f"{' ...' if len(starved) > 8 else ''}")
+        if ctx.recipe.quantize_only:  # it may normalize inside its graph: the gate decides
+            ctx.results["inputs"]["warning"] = what
+            ctx.say(f"inputs: warning: {what}; a model that normalizes its inputs in its own "
+                    "graph quantizes well even so: the int8 gate decides")
+            return
+        raise DataError(f"{what}; normalize the inputs (--data-normalize standard or minmax) "
+                        "or lower --quantize-min-input-levels")
 
 
 def stage_distill(ctx: Context) -> None:
@@ -379,7 +386,7 @@ def stage_quantize(ctx: Context) -> None:
                        "float_layers": list(gate.settings.exclude), "steps": gate.steps,
                        "sensitivity": gate.sensitivity, "val_fp32": gate.fp32_val,
                        "val_int8": gate.int8_val, "gate_passed": gate.passed}
-        _gate(quality, "ONNX", gate.fp32_val, gate.int8_val, gate.steps)
+        _gate(ctx, quality, "ONNX", gate.fp32_val, gate.int8_val, gate.steps)
         ctx.say(f"quantize (onnxruntime): {INT8_ONNX} ({gate.settings.calibration} "
                 f"calibration, "
                 f"{'per-channel' if per_channel else 'per-tensor'}, val {quality.name} "
@@ -413,12 +420,29 @@ def gate_points(points: float, samples: int) -> float:
     return max(points, 100 / samples)
 
 
-def _gate(quality: Quality, what: str, fp32: float, int8: float, steps: list[str]) -> None:
+def _gate(ctx: Context, quality: Quality, what: str, fp32: float, int8: float,
+          steps: list[str]) -> None:
     if not quality.passes(fp32, int8):
         raise AccuracyGateError(
             f"{what} int8 {quality.name} {quality.show(int8)} against fp32 "
-            f"{quality.show(fp32)} fails the gate after: {'; '.join(steps)}",
-            fp32_score=fp32, int8_score=int8)
+            f"{quality.show(fp32)} fails the gate after: {'; '.join(steps)}; "
+            f"{_gate_advice(ctx, what)}", fp32_score=fp32, int8_score=int8)
+
+
+def _gate_advice(ctx: Context, what: str) -> str:
+    """What to try when int8 fails its gate: options this run's mode accepts."""
+    limit = ("--quantize-tolerance-points" if ctx.recipe.model.task == "classify"
+             else "--model-max-output-error")
+    tips = [f"allow more ({limit})", "calibrate on more samples (--data-calibration-samples)"]
+    if what == "TFLite" and "onnx" in ctx.recipe.quantize.formats:
+        tips.append("build int8 ONNX only (--quantize-formats '[\"onnx\"]')")
+    warning = (ctx.results.get("inputs") or {}).get("warning")
+    if warning and ctx.recipe.quantize_only:
+        tips.append("normalize the inputs inside the model (int8 input quantization erases "
+                    "features: see the inputs warning)")
+    elif not ctx.recipe.quantize_only and ctx.norm.method == "none":
+        tips.append("normalize the inputs (--data-normalize standard or minmax)")
+    return "try: " + "; ".join(tips)
 
 
 def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality: Quality,
@@ -441,7 +465,7 @@ def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality
         int8 = quality.score(open_tflite(ctx.work / INT8_TFLITE).run(x_val))
         steps.append(f"calibrated on all {len(all_train)} training samples: int8 "
                      f"{quality.show(int8)}")
-    _gate(quality, "TFLite", fp32, int8, steps)
+    _gate(ctx, quality, "TFLite", fp32, int8, steps)
     loaded = open_tflite(ctx.work / INT8_TFLITE)
     ops = npu.tflite_ops(ctx.work / INT8_TFLITE)
     check = npu.check_target(ctx.profile, ops, res.io_dtype, loaded.inputs[0].shape,

@@ -355,9 +355,17 @@ def load_recipe(path: Path | None, overrides: dict[tuple[str | None, str], Any])
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         where = f"recipe {path}" if path else "options"
         raise RecipeError(f"{where}: {problems}") from exc
+
+
+def _problem(err: Any) -> str:
+    """One of pydantic's errors as the user's words: `section.field: what is wrong`, without
+    pydantic's framing (a `<root>` location, "Value error, " before a validator's own
+    message)."""
+    msg = str(err["msg"])
+    if err.get("type") == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {msg}" if where else msg

@@ -164,3 +164,49 @@ def test_an_operator_the_onnx_route_cannot_convert_is_refused_in_one_line(
     line = next(ln for ln in err.splitlines() if "error" in ln)
     assert "onnx2torch cannot convert operator Shrink (opset 17)" in line, err
     assert "--quantize-formats" in line and "Traceback" not in err
+
+
+class _Standardized(torch.nn.Module):
+    """A classifier that standardizes its inputs in its own graph, as many do."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, classes: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(mean))
+        self.register_buffer("std", torch.from_numpy(std))
+        self.net = torch.nn.Sequential(torch.nn.Linear(len(mean), 32), torch.nn.ReLU(),
+                                       torch.nn.Linear(32, classes))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.net((v - self.mean) / self.std)  # type: ignore[no-any-return]
+
+
+def test_a_model_that_normalizes_in_its_graph_is_warned_about_and_the_gate_decides(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scikit-learn's wine (features from 0.1 to 1,680) and a model that standardizes
+    them itself: the int8 level pre-check refused it and advised an option quantize-only
+    refuses. Now it warns, naming the features, and the accuracy gate passes it."""
+    from sklearn.datasets import load_wine
+
+    wine = load_wine()
+    x, y = wine.data.astype(np.float32), wine.target.astype(np.int64)
+    torch.manual_seed(0)
+    model = _Standardized(x.mean(0), x.std(0), 3)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.from_numpy(x)),
+                                          torch.from_numpy(y)).backward()
+        opt.step()
+    np.savez(tmp_path / "wine.npz", x=x, y=y)
+    onnx_file = _export(model, torch.from_numpy(x[:2]), tmp_path / "wine.onnx", dynamic=True)
+    out = tmp_path / "out"
+    assert convert(["run", "--data-source", str(tmp_path / "wine.npz"), "--model-onnx",
+                    str(onnx_file), "--out", str(out), *QUICK]) == 0
+    said = capsys.readouterr().out
+    assert "inputs: warning: int8 input quantization" in said
+    assert "11 of 13 features fewer than 8 levels" in said and "the int8 gate decides" in said
+    rep = json.loads((out / "report.json").read_text())
+    assert "11 of 13 features" in rep["inputs"]["warning"]
+    for rt in ("onnx", "tflite"):
+        q = rep["quantize"][rt]
+        assert (q["val_fp32"] - q["val_int8"]) * 100 <= rep["quantize"]["tolerance_points"]

@@ -116,6 +116,9 @@ def test_a_failing_output_error_gate_names_the_figures(autoencoder: tuple[Path, 
     assert rc == 2
     err = capsys.readouterr().err
     assert "int8 output error (NRMSE vs fp32)" in err and "fails the gate" in err, err
+    # advice in options a quantize-only run accepts (never --data-normalize, refused here)
+    assert "try: allow more (--model-max-output-error)" in err
+    assert "--data-normalize" not in err
     assert not (tmp_path / "o").exists()
 
 
