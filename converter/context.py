@@ -88,7 +88,10 @@ def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print)
         profile = load_profile(recipe.target.profile)
     except ProfileError as exc:
         raise RecipeError(str(exc)) from exc
-    data = load_dataset(recipe.data.source)
+    data = load_dataset(recipe.data.source, recipe.model.task)
+    if recipe.model.gate != "output_error" and data.targets is None:
+        raise DataError(f"data {data.source}: model.gate = {recipe.model.gate!r} compares "
+                        "with the true outputs, and the data has no y (the targets)")
     if data.y is not None and data.y.max() >= 10_000:
         raise DataError(f"data {data.source}: labels go up to {data.y.max()}, not class ids")
     r = recipe.data

@@ -1,8 +1,9 @@
 """Samples in, checked and split deterministically.
 
 Data is an `.npz` with `x` (numeric samples, first axis = samples: vectors (N, F), sequences
-(N, C, L) or images (N, C, H, W)), optionally `y` (integer class labels) and `labels` (class
-names, a string array), or the built-in `digits` set from scikit-learn's `load_digits` (1,797 8x8
+(N, C, L) or images (N, C, H, W)), optionally `y` (integer class labels; for
+`--model-task regress` the true outputs, float (N,) or (N, k)) and `labels` (class names, a
+string array), or the built-in `digits` set from scikit-learn's `load_digits` (1,797 8x8
 grey images scaled to [0, 1], shape (N, 1, 8, 8)). Nothing is downloaded.
 """
 
@@ -31,6 +32,7 @@ class Dataset:
     y: I64 | None
     source: str
     labels: list[str] | None = None  # class names, from the npz's `labels` array
+    targets: F32 | None = None  # a regressor's true outputs (N, k), from `y` (task regress)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -56,8 +58,9 @@ def load_digits_dataset() -> Dataset:
     return Dataset(x=x, y=y, source="digits")
 
 
-def load_dataset(source: str) -> Dataset:
-    """Load `digits` or an `.npz` file and check it.
+def load_dataset(source: str, task: str = "classify") -> Dataset:
+    """Load `digits` or an `.npz` file and check it; for `task` regress, `y` holds the
+    true outputs (float, (N,) or (N, k)), not labels.
 
     Raises:
         DataError: missing/corrupt file, missing `x`, non-numeric or non-finite values,
@@ -73,10 +76,10 @@ def load_dataset(source: str) -> Dataset:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"data file {path} is not a readable .npz: {exc}") from exc
-    return validate(arrays, str(path))
+    return validate(arrays, str(path), task)
 
 
-def validate(arrays: dict[str, np.ndarray], source: str) -> Dataset:
+def validate(arrays: dict[str, np.ndarray], source: str, task: str = "classify") -> Dataset:
     """Check raw arrays and build a Dataset (see load_dataset for the rules)."""
     if "x" not in arrays:
         raise DataError(f"data {source} has no array 'x' (found: {sorted(arrays) or 'none'})")
@@ -92,18 +95,11 @@ def validate(arrays: dict[str, np.ndarray], source: str) -> Dataset:
                         f"(first in sample {first})")
     if len(x) < MIN_SAMPLES:
         raise DataError(f"data {source}: {len(x)} samples, need at least {MIN_SAMPLES}")
-    y = None
-    if "y" in arrays:
-        y_raw = arrays["y"]
-        if y_raw.shape != (len(x),) or y_raw.dtype.kind not in "iu":
-            raise DataError(f"data {source}: y must be integer labels of shape ({len(x)},), "
-                            f"got {y_raw.dtype} {y_raw.shape}")
-        if y_raw.min() < 0:
-            raise DataError(f"data {source}: y has negative labels")
-        if len(np.unique(y_raw)) < 2:
-            raise DataError(f"data {source}: y has only one class (every label is "
-                            f"{int(y_raw[0])}); a classifier needs samples of two or more")
-        y = y_raw.astype(np.int64)
+    y, targets = None, None
+    if "y" in arrays and task == "regress":
+        targets = _targets(arrays["y"], len(x), source)
+    elif "y" in arrays:
+        y = _class_labels(arrays["y"], len(x), source)
     labels = None
     if "labels" in arrays:
         raw_labels = arrays["labels"]
@@ -118,7 +114,42 @@ def validate(arrays: dict[str, np.ndarray], source: str) -> Dataset:
         layout_for(tuple(x.shape[1:]))
     except ValueError as exc:
         raise DataError(f"data {source}: {exc}") from exc
-    return Dataset(x=x, y=y, source=source, labels=labels)
+    return Dataset(x=x, y=y, source=source, labels=labels, targets=targets)
+
+
+def _class_labels(y: np.ndarray, n: int, source: str) -> I64:
+    """Integer class labels, (N,), at least two classes.
+
+    Raises:
+        DataError: float or misshapen, negative, or a single class.
+    """
+    if y.shape != (n,) or y.dtype.kind not in "iu":
+        floats = (" (float targets are a regressor's: --model-task regress)"
+                  if y.dtype.kind == "f" else "")
+        raise DataError(f"data {source}: y must be integer labels of shape ({n},), "
+                        f"got {y.dtype} {y.shape}{floats}")
+    if y.min() < 0:
+        raise DataError(f"data {source}: y has negative labels")
+    if len(np.unique(y)) < 2:
+        raise DataError(f"data {source}: y has only one class (every label is "
+                        f"{int(y[0])}); a classifier needs samples of two or more")
+    return y.astype(np.int64)
+
+
+def _targets(y: np.ndarray, n: int, source: str) -> F32:
+    """A regressor's true outputs as (N, k) float32.
+
+    Raises:
+        DataError: not numeric, not (N,) or (N, k), or NaN/inf.
+    """
+    if y.dtype.kind not in "fiu" or y.ndim not in (1, 2) or len(y) != n:
+        raise DataError(f"data {source}: y (the regression targets) must be numeric of shape "
+                        f"({n},) or ({n}, outputs), got {y.dtype} {y.shape}")
+    t = y.astype(np.float32).reshape(n, -1)
+    if not np.isfinite(t).all():
+        raise DataError(f"data {source}: y (the regression targets) has "
+                        f"{int((~np.isfinite(t)).sum())} NaN/inf values")
+    return t
 
 
 def split(n: int, y: I64 | None, *, seed: int, val_fraction: float,

@@ -6,12 +6,14 @@ TensorFlow (litert-torch writes the flatbuffer), and the one quantizer, its per-
 settings and its calibration serve torch and ONNX models alike. bench/bench_convert.py
 `--onnx-routes` compares the two on the MLPerf Tiny reference models.
 
-Before conversion the graph is made static and folded: the batch is fixed at 1 (TFLite
-models for microcontrollers and NPUs take one sample), onnxruntime's basic graph
-optimizations fold the shape arithmetic of dynamic exports into constants, and every
-Reshape then has a constant shape (torch.export cannot trace onnx2torch's data-dependent
-reshape). An operator onnx2torch cannot convert at any opset is refused in one line naming
-it; a model whose opset is newer than its converters is first converted down (onnx's
+Before conversion the graph is made static and folded: a dynamic batch is fixed at 1
+(TFLite models for microcontrollers and NPUs take one sample; a fixed batch stays),
+onnxruntime's basic graph optimizations fold the shape arithmetic of dynamic exports into
+constants, and onnx2torch's Reshape and Gather modules with a constant shape or index
+become plain torch calls (its own compute from the constant at run time, which
+torch.export or the LiteRT lowering cannot trace). An operator onnx2torch cannot convert
+at any opset is refused in one line naming it; a model whose opset is newer than its
+converters is first converted down (onnx's
 version converter). The torch module is checked against onnxruntime on real samples.
 """
 
@@ -168,21 +170,33 @@ def _constant_reshapes(model: Any) -> None:
             node.attribute.remove(allow[0])
 
 
-def _traceable(gm: fx.GraphModule, reshape_type: type) -> fx.GraphModule:
-    """onnx2torch's Reshape modules with a constant shape as plain `torch.reshape` calls
-    (its module tests the shape tensor's values, which torch.export cannot trace)."""
+def _traceable(gm: fx.GraphModule) -> fx.GraphModule:
+    """onnx2torch's Reshape and Gather modules whose shape or index is a constant, as plain
+    `torch.reshape` and `torch.select` / `torch.index_select` calls: its modules compute
+    from the constant's values at run time (a data-dependent reshape; a tensor index),
+    which torch.export or the LiteRT lowering cannot trace."""
+    from onnx2torch.node_converters.gather import OnnxGather  # noqa: PLC0415
+    from onnx2torch.node_converters.reshape import OnnxReshape  # noqa: PLC0415
+
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target),
-                                                      reshape_type):
+        if node.op != "call_module":
             continue
-        x, shape = node.args
-        if shape.op != "get_attr":
-            continue  # a computed shape: torch.export says what it cannot trace
-        dims = [int(d) for d in operator.attrgetter(shape.target)(gm).tolist()]
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, OnnxReshape | OnnxGather) or node.args[1].op != "get_attr":
+            continue  # computed at run time: torch.export says what it cannot trace
+        x, const = node.args[0], operator.attrgetter(node.args[1].target)(gm)
         with gm.graph.inserting_before(node):
-            sizes = tuple(gm.graph.call_method("size", (x, i)) if d == 0 else d
-                          for i, d in enumerate(dims))
-            plain = gm.graph.call_function(torch.reshape, (x, sizes))
+            if isinstance(module, OnnxReshape):
+                sizes = tuple(gm.graph.call_method("size", (x, i)) if d == 0 else d
+                              for i, d in enumerate(int(v) for v in const.tolist()))
+                plain = gm.graph.call_function(torch.reshape, (x, sizes))
+            elif const.ndim == 0:
+                plain = gm.graph.call_function(torch.select, (x, module._axis, int(const)))
+            elif const.ndim == 1:
+                plain = gm.graph.call_function(torch.index_select,
+                                               (x, module._axis, node.args[1]))
+            else:
+                continue
         node.replace_all_uses_with(plain)
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
@@ -200,8 +214,6 @@ def onnx_to_torch(src: Path, work: Path, samples: F32) -> tuple[torch.nn.Module,
             run at batch 1, or a torch module that disagrees with onnxruntime.
     """
     onnx2torch, registry = _registry()
-    from onnx2torch.node_converters.reshape import OnnxReshape  # noqa: PLC0415
-
     model = static_graph(src, work / "model.static.onnx")
     if len(model.graph.input) != 1:
         raise ConvertError(f"int8 TFLite from ONNX takes a model with one input; this one has "
@@ -210,7 +222,7 @@ def onnx_to_torch(src: Path, work: Path, samples: F32) -> tuple[torch.nn.Module,
     _constant_reshapes(model)
     model = _convertible(model, registry)
     try:
-        gm = _traceable(onnx2torch.convert(model), OnnxReshape).eval()
+        gm = _traceable(onnx2torch.convert(model)).eval()
     except Exception as exc:  # onnx2torch raises NotImplementedError, ValueError, ...
         raise ConvertError(f"int8 TFLite from ONNX: onnx2torch failed: "
                            f"{str(exc).splitlines()[0][:200]}") from exc

@@ -51,7 +51,13 @@ from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, qu
 from converter.recipe import Recipe
 from converter.report import evaluate_all, write_report
 from converter.students import build_student, fold_batchnorm, param_count, resolve_family
-from converter.task import Quality, classification, output_error, value_scores
+from converter.task import (
+    Quality,
+    classification,
+    output_error,
+    regression_gate,
+    value_scores,
+)
 from converter.teacher import (
     import_factory,
     load_torch_model,
@@ -132,25 +138,9 @@ def _stage_model(ctx: Context) -> None:
         description, kind = f"ONNX {src.name}", "onnx"
         batch = batch_kind(fixed)
     out = np.asarray(out, dtype=np.float32)
-    if m.task == "reconstruct" and out.shape[1:] != x.shape[1:]:
-        raise TeacherError(f"model.task = 'reconstruct' needs outputs shaped like the inputs "
-                           f"{tuple(x.shape[1:])}; {description} gives {tuple(out.shape[1:])}")
-    if m.task == "classify" and out.ndim != 2:
-        raise TeacherError(f"a classifier gives class scores shaped (N, classes); "
-                           f"{description} gives {tuple(out.shape[1:])} per sample (for "
-                           "another kind of output set model.task)")
+    _check_outputs(ctx, out, description)
     np.save(ctx.work / TEACHER_LOGITS, out)
-    test = ctx.split.test
-    figures: dict[str, Any] = {}
-    if m.task == "classify":
-        figures["test_accuracy"] = float((out[test].argmax(1) == ctx.truth(test)).mean())
-        shown = f"test accuracy {figures['test_accuracy']:.2%}"
-    else:
-        figures = value_scores(m.task, x[test], out[test], out[test], _labels(ctx, test))
-        auc = figures.get("anomaly_auc")
-        shown = (f"test anomaly AUC {auc:.4f}" if auc is not None else
-                 f"mean reconstruction error {figures.get('reconstruction_error_mean', 0):.4g}"
-                 if m.task == "reconstruct" else "outputs are the reference")
+    figures, shown = _model_figures(ctx, out)
     common = {"kind": kind, "description": description, "parameters": params,
               "task": m.task, "quantize_only": True, "batch": batch, **figures}
     ctx.results["teacher"] = {**common, "outputs": "model outputs"}
@@ -158,6 +148,42 @@ def _stage_model(ctx: Context) -> None:
     ctx.say(f"model ({'onnxruntime' if kind == 'onnx' else 'torch'}): {description}, "
             f"{params:,} parameters, task {m.task}, batch {batch}, {shown}; quantized as "
             "trained (no teacher, no distillation)")
+
+
+def _check_outputs(ctx: Context, out: np.ndarray, description: str) -> None:
+    """A trained model's outputs fit its task (and a regressor's its targets).
+
+    Raises:
+        TeacherError: they do not; the message gives both shapes.
+    """
+    m, x, targets = ctx.recipe.model, ctx.x, ctx.data.targets
+    if m.task == "reconstruct" and out.shape[1:] != x.shape[1:]:
+        raise TeacherError(f"model.task = 'reconstruct' needs outputs shaped like the inputs "
+                           f"{tuple(x.shape[1:])}; {description} gives {tuple(out.shape[1:])}")
+    if m.task == "classify" and out.ndim != 2:
+        raise TeacherError(f"a classifier gives class scores shaped (N, classes); "
+                           f"{description} gives {tuple(out.shape[1:])} per sample (for "
+                           "another kind of output set model.task)")
+    if targets is not None and out.reshape(len(out), -1).shape[1] != targets.shape[1]:
+        raise TeacherError(f"{description} gives {tuple(out.shape[1:])} per sample; the "
+                           f"data's y holds {targets.shape[1]} target(s) per sample")
+
+
+def _model_figures(ctx: Context, out: np.ndarray) -> tuple[dict[str, Any], str]:
+    """A trained model's test figures, and how the console shows them."""
+    task, test, targets = ctx.recipe.model.task, ctx.split.test, ctx.data.targets
+    if task == "classify":
+        acc = float((out[test].argmax(1) == ctx.truth(test)).mean())
+        return {"test_accuracy": acc}, f"test accuracy {acc:.2%}"
+    figures = value_scores(task, ctx.x[test], out[test], out[test], _labels(ctx, test),
+                           None if targets is None else targets[test])
+    if figures.get("r2") is not None:
+        return figures, (f"test R² {figures['r2']:.4f}, RMSE {figures['rmse']:.4g}, "
+                         f"MAE {figures['mae']:.4g} against the targets")
+    auc = figures.get("anomaly_auc")
+    return figures, (f"test anomaly AUC {auc:.4f}" if auc is not None else
+                     f"mean reconstruction error {figures.get('reconstruction_error_mean', 0):.4g}"
+                     if task == "reconstruct" else "outputs are the reference (no targets)")
 
 
 def batch_kind(fixed: int | None) -> str:
@@ -398,18 +424,24 @@ def stage_quantize(ctx: Context) -> None:
 
 def _quality(ctx: Context, x_val: np.ndarray) -> Quality:
     """The int8 gate's score for this task on the validation split."""
-    task = ctx.recipe.model.task
-    if task == "classify":
+    m = ctx.recipe.model
+    if m.task == "classify":
         tol = gate_points(ctx.recipe.quantize.tolerance_points, len(x_val))
         return classification(ctx.truth(ctx.split.val), tol)
+    if m.gate != "output_error":
+        assert ctx.data.targets is not None  # open_context refuses a metric gate without y
+        return regression_gate(ctx.data.targets[ctx.split.val], m.gate, m.max_metric_change)
     reference = open_onnx(ctx.work / FP32_ONNX).run(x_val)
-    return output_error(reference, ctx.recipe.model.max_output_error)
+    return output_error(reference, m.max_output_error)
 
 
 def _gate_limits(ctx: Context) -> dict[str, Any]:
     n = len(ctx.split.val)
-    if ctx.recipe.model.task != "classify":
-        return {"max_output_error": ctx.recipe.model.max_output_error}
+    m = ctx.recipe.model
+    if m.task != "classify" and m.gate != "output_error":
+        return {"gate_metric": m.gate, "max_metric_change": m.max_metric_change}
+    if m.task != "classify":
+        return {"max_output_error": m.max_output_error}
     return {"tolerance_points": gate_points(ctx.recipe.quantize.tolerance_points, n),
             "val_resolution_points": 100 / n}
 
@@ -510,6 +542,9 @@ def _figure(row: dict[str, Any]) -> str:
     """A model's headline test figure: accuracy, or output error (and anomaly AUC)."""
     if row.get("accuracy") is not None:
         return f"{row['accuracy']:.2%}"
+    if row.get("r2") is not None:
+        return (f"R² {row['r2']:.4f}, RMSE {row['rmse']:.4g}, output error "
+                f"{row['output_error']:.4f}")
     auc = row.get("anomaly_auc")
     return (f"output error {row['output_error']:.4f}"
             + (f", anomaly AUC {auc:.4f}" if auc is not None else ""))

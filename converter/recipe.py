@@ -76,7 +76,7 @@ class ModelOptions(_Section):
     same int8 export, gates and report. An ONNX file, or a torch factory plus weights."""
 
     onnx: str | None = None
-    """trained fp32 model as an ONNX file (int8 ONNX only: TFLite needs the torch model)"""
+    """trained fp32 model as an ONNX file (int8 TFLite from it through onnx2torch)"""
     torch: str | None = None
     """trained model as a torch factory, package.module:function or path/to/file.py:function"""
     weights: str | None = None
@@ -84,10 +84,19 @@ class ModelOptions(_Section):
     task: Literal["classify", "reconstruct", "regress"] = "classify"
     """classify: outputs are class scores, gated on label accuracy; reconstruct: an
     autoencoder whose output is its input, gated on output error, its reconstruction error
-    the anomaly score on the device; regress: other outputs, gated on output error"""
+    the anomaly score on the device; regress: other outputs, gated on output error; the
+    data's y, where given, holds the true outputs (float, (N,) or (N, k)) and the report
+    scores against them"""
     max_output_error: float = Field(0.1, gt=0)
     """gate for reconstruct and regress: the int8 outputs' RMS error against the fp32
     outputs on validation, relative to the fp32 outputs' standard deviation"""
+    gate: Literal["output_error", "mae", "rmse", "r2"] = "output_error"
+    """regress: what the int8 gate compares with fp32 on validation: output_error (against
+    the fp32 outputs, model.max_output_error), or mae, rmse or r2 against the data's
+    targets (model.max_metric_change)"""
+    max_metric_change: float = Field(0.05, ge=0)
+    """gate on mae or rmse: int8 at most this share above fp32 (0.05 = 5 %); on r2: at most
+    this much below fp32"""
     anomaly_quantile: float = Field(0.99, gt=0.5, lt=1)
     """reconstruct: the device flags a sample whose reconstruction error exceeds this
     quantile of the errors on normal training samples (label 0 where the data has labels)"""
@@ -102,6 +111,9 @@ class ModelOptions(_Section):
             raise ValueError("give either model.onnx or model.torch, not both")
         if self.torch and not self.weights:
             raise ValueError("model.torch needs model.weights")
+        if self.gate != "output_error" and self.task != "regress":
+            raise ValueError(f"model.gate = {self.gate!r} scores a regressor against its "
+                             "targets: it needs model.task = 'regress'")
         if self.task != "classify" and not self.given:
             raise ValueError(f"model.task = {self.task!r} needs a trained model (model.onnx "
                              "or model.torch): distillation is for classifiers")

@@ -34,7 +34,8 @@ def _scores(ctx: Context, out: np.ndarray, teacher_pred: np.ndarray) -> dict[str
     if task == "classify":
         return ev.scores(out, ctx.truth(test), teacher_pred)
     labels = None if ctx.data.y is None else ctx.data.y[test]
-    return value_scores(task, ctx.x[test], out, ctx.teacher_logits[test], labels)
+    targets = None if ctx.data.targets is None else ctx.data.targets[test]
+    return value_scores(task, ctx.x[test], out, ctx.teacher_logits[test], labels, targets)
 
 
 def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: LoadedModel | None,
@@ -51,7 +52,8 @@ def _model_row(ctx: Context, name: str, runtime: str, path: Path, loaded: Loaded
 def evaluate_all(ctx: Context) -> dict[str, Any]:
     threads = ctx.recipe.evaluate.threads
     test = ctx.split.test
-    teacher_pred = ctx.teacher_logits[test].argmax(1)
+    logits = ctx.teacher_logits[test]
+    teacher_pred = logits.argmax(1) if logits.ndim == 2 else logits  # a classifier's, or as is
     t = ctx.results["teacher"]
     models = []
     who = _role(ctx)
@@ -124,6 +126,10 @@ def _checks(ctx: Context, models: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"int8_{rt}_output_error"] = m["output_error"]
             out[f"int8_{rt}_within_tolerance"] = (m["output_error"]
                                                   <= ctx.recipe.model.max_output_error)
+            if m.get("r2") is not None and fp32.get("r2") is not None:
+                out[f"int8_{rt}_r2_drop"] = fp32["r2"] - m["r2"]
+                out[f"int8_{rt}_rmse_change"] = m["rmse"] / max(fp32["rmse"], 1e-12) - 1
+                out[f"int8_{rt}_mae_change"] = m["mae"] / max(fp32["mae"], 1e-12) - 1
             if m.get("anomaly_auc") is not None and fp32.get("anomaly_auc") is not None:
                 out[f"int8_{rt}_auc_drop_points"] = (fp32["anomaly_auc"]
                                                      - m["anomaly_auc"]) * 100
@@ -194,6 +200,12 @@ def _score_columns(ev_: dict[str, Any]) -> tuple[str, Any]:
         err, auc = m.get("output_error"), m.get("anomaly_auc")
         return (f"| {'' if err is None else f'{err:.4f}'} | "
                 f"{'' if auc is None else f'{auc:.4f}'} |")
+
+    def regression(m: dict[str, Any]) -> str:
+        return "| " + " | ".join("" if m.get(k) is None else f"{m[k]:.4g}"
+                                 for k in ("output_error", "mae", "rmse", "r2")) + " |"
+    if any(m.get("r2") is not None for m in ev_["models"]):
+        return ("| output error vs fp32 (NRMSE) | MAE | RMSE | R² |"), regression
     return "| output error vs fp32 (NRMSE) | anomaly AUC |", values
 
 
@@ -202,6 +214,9 @@ def render_markdown(rep: dict[str, Any]) -> str:
     head, cells = _score_columns(ev_)
     measured = ("accuracy is measured against " + ev_["labels"]
                 if ev_.get("task", "classify") == "classify" else
+                "output error is against the fp32 model on the same samples, and MAE, RMSE "
+                "and R² against the data's targets,"
+                if any(m.get("r2") is not None for m in ev_["models"]) else
                 "output error is against the fp32 model on the same samples, and the anomaly "
                 "AUC (where the data has labels) against the labels,")
     lines = [f"# edge-convert report: {rep['profile']}", "",
@@ -218,8 +233,8 @@ def render_markdown(rep: dict[str, Any]) -> str:
         lines += [f"The teacher ({rep['teacher']['description']}) takes a batch "
                   f"{rep['teacher']['batch']}: it ran on chunks of exactly that many samples, "
                   "the last padded and its padded outputs dropped.", ""]
-    lines += [f"| model | runtime {head} parameters | size | gzip | "
-              "p50 latency | p95 latency |", "|---|---|---|---|---|---|---|---|---|"]
+    header = f"| model | runtime {head} parameters | size | gzip | p50 latency | p95 latency |"
+    lines += [header, "|---" * (header.count("|") - 1) + "|"]
     for m in ev_["models"]:
         lat = m.get("latency") or {}
         p50 = f"{lat['p50_ms']:.3f} ms" if lat else ""
@@ -295,7 +310,13 @@ def _gate_lines(rep: dict[str, Any]) -> list[str]:
         out.append(f"- distillation gate: fp32 student {_pct(st['val_accuracy'])}, "
                    f"{st['gap_points']:.2f} points below the teacher's "
                    f"{_pct(st['teacher_val_accuracy'])} (at most {st['max_gap_points']:.2f})")
-    if "max_output_error" in q:
+    if "gate_metric" in q:
+        change = q["max_metric_change"]
+        out.append(f"- int8 gate: {q['gate_metric'].upper()} against the targets on "
+                   f"{q['val_samples']} validation samples, "
+                   + (f"at most {change:g} below fp32" if q["gate_metric"] == "r2" else
+                      f"at most {change:.0%} above fp32"))
+    elif "max_output_error" in q:
         out.append(f"- int8 gate: output error at most {q['max_output_error']:g} of the fp32 "
                    f"outputs' standard deviation on {q['val_samples']} validation samples")
     elif "val_samples" in q:

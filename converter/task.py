@@ -7,7 +7,10 @@
   outputs' standard deviation (NRMSE), at most `model.max_output_error`. For an autoencoder
   the per-sample reconstruction error (mean squared difference between the input and the
   output) is the anomaly score; where the data has labels (0 normal, anything else
-  anomalous) the report gives its ROC AUC, MLPerf Tiny's anomaly-detection metric.
+  anomalous) the report gives its ROC AUC, MLPerf Tiny's anomaly-detection metric. A
+  regressor's data may carry its true outputs (targets, `y`): the report then gives MAE,
+  RMSE and R² against them, and the gate may compare int8 with fp32 on one of them instead
+  (`model.gate`).
 """
 
 from __future__ import annotations
@@ -77,11 +80,52 @@ def output_error(reference: F32, max_error: float) -> Quality:
         lambda v: f"{-v:.4f}")
 
 
-def value_scores(task: str, x: F32, out: F32, reference: F32,
-                 y: I64 | None) -> dict[str, float | None]:
+def regression_scores(out: F32, targets: F32) -> dict[str, float]:
+    """MAE, RMSE and R² of `out` against the true `targets` (N, k), each averaged over the
+    k outputs with equal weight (scikit-learn's `multioutput="uniform_average"`; an output
+    whose targets are constant scores R² 1 when matched exactly, else 0, as there)."""
+    pred = np.asarray(out, np.float64).reshape(len(targets), -1)
+    true = np.asarray(targets, np.float64)
+    err = pred - true
+    ss_res = (err * err).sum(axis=0)
+    ss_tot = ((true - true.mean(axis=0)) ** 2).sum(axis=0)
+    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1),
+                  np.where(ss_res == 0, 1.0, 0.0))
+    return {"mae": float(np.abs(err).mean(axis=0).mean()),
+            "rmse": float(np.sqrt((err * err).mean(axis=0)).mean()),
+            "r2": float(r2.mean())}
+
+
+REGRESSION_GATES = {"mae": "MAE", "rmse": "RMSE", "r2": "R²"}
+
+
+def regression_gate(targets: F32, metric: str, max_change: float) -> Quality:
+    """A gate on MAE or RMSE against the targets (int8 at most `max_change` as a share
+    above fp32) or on R² (int8 at most `max_change` below fp32). Scores are higher-better:
+    minus MAE or RMSE, R² as it is."""
+    name = REGRESSION_GATES[metric]
+    sign = 1.0 if metric == "r2" else -1.0
+
+    def score(out: F32) -> float:
+        return sign * regression_scores(out, targets)[metric]
+
+    def passes(fp32: float, int8: float) -> bool:
+        if metric == "r2":
+            return fp32 - int8 <= max_change + 1e-12
+        return -int8 <= -fp32 * (1 + max_change) + 1e-12
+
+    return Quality(f"{name} against the targets", score, passes,
+                   lambda v: f"{sign * v:.4g}")
+
+
+def value_scores(task: str, x: F32, out: F32, reference: F32, y: I64 | None,
+                 targets: F32 | None = None) -> dict[str, float | None]:
     """The report's figures for a reconstruct or regress model's outputs on some samples:
-    output error against the fp32 reference and, for an autoencoder, the anomaly AUC."""
+    output error against the fp32 reference; for an autoencoder, the anomaly AUC; for a
+    regressor with targets, MAE, RMSE and R² against them."""
     row: dict[str, float | None] = {"accuracy": None, "output_error": nrmse(out, reference)}
+    if task == "regress" and targets is not None:
+        row.update(regression_scores(out, targets))
     if task == "reconstruct":
         err = reconstruction_error(np.asarray(x, np.float32), np.asarray(out, np.float32))
         row["reconstruction_error_mean"] = float(err.mean())

@@ -210,3 +210,73 @@ def test_a_model_that_normalizes_in_its_graph_is_warned_about_and_the_gate_decid
     for rt in ("onnx", "tflite"):
         q = rep["quantize"][rt]
         assert (q["val_fp32"] - q["val_int8"]) * 100 <= rep["quantize"]["tolerance_points"]
+
+
+def _diabetes_regressor(tmp_path: Path, outputs: int) -> tuple[Path, Path]:
+    """scikit-learn's diabetes (442 samples, a float target) and an MLP regressor trained
+    here, given as ONNX; with 2 outputs the second target is the first's square root."""
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes()
+    x = (d.data * 10).astype(np.float32)
+    y = d.target.astype(np.float32)
+    y = y if outputs == 1 else np.stack([y, np.sqrt(y)], axis=1)
+    t = torch.from_numpy(y).reshape(len(y), -1)
+    mu, sd = t.mean(0), t.std(0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, outputs))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(400):
+        opt.zero_grad()
+        ((net(torch.from_numpy(x)) - (t - mu) / sd) ** 2).mean().backward()
+        opt.step()
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.register_buffer("mu", mu)
+            self.register_buffer("sd", sd)
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            out = self.net(v) * self.sd + self.mu
+            return out[:, 0] if outputs == 1 else out  # type: ignore[no-any-return]
+
+    np.savez(tmp_path / "diabetes.npz", x=x, y=y)
+    return tmp_path / "diabetes.npz", _export(Scaled(), torch.from_numpy(x[:2]),
+                                               tmp_path / "reg.onnx", dynamic=True)
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_regression_targets_are_scored_as_scikit_learn_scores_them(
+        outputs: int, tmp_path: Path) -> None:
+    """`y` as float targets (it was refused: "y must be integer labels"): the report's MAE,
+    RMSE and R² for fp32 and each int8 model equal scikit-learn's metrics on the same
+    test split, recomputed here from the model files; the gate set on R² says so."""
+    from sklearn.metrics import mean_absolute_error, r2_score, root_mean_squared_error
+    from sklearn.model_selection import train_test_split
+
+    data, model = _diabetes_regressor(tmp_path, outputs)
+    out = tmp_path / "out"
+    assert convert(["run", "--data-source", str(data), "--model-onnx", str(model),
+                    "--model-task", "regress", "--model-gate", "r2", "--out", str(out),
+                    *QUICK]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["quantize"]["gate_metric"] == "r2"
+    with np.load(data) as npz:
+        x, y = npz["x"], npz["y"]
+    _, test = train_test_split(np.arange(len(x)), test_size=0.2, random_state=0)
+    test = np.sort(test)
+    rows = {(r["name"], r["runtime"]): r for r in rep["evaluate"]["models"]}
+    files = {("model fp32", "onnx"): "model_fp32.onnx", ("model int8", "onnx"):
+             "model_int8.onnx", ("model int8", "tflite"): "model_int8.tflite"}
+    for key, name in files.items():
+        pred = open_model(out / name, key[1]).run(x[test]).reshape(y[test].shape)
+        for metric, want in (("mae", mean_absolute_error(y[test], pred)),
+                             ("rmse", root_mean_squared_error(y[test], pred)),
+                             ("r2", r2_score(y[test], pred))):
+            assert rows[key][metric] == pytest.approx(want, rel=1e-4, abs=1e-6), (key, metric)
+    assert rows[("model fp32", "onnx")]["r2"] > 0.3
+    md = (out / "report.md").read_text()
+    assert "| MAE | RMSE | R² |" in md and "int8 gate: R2 against the targets" in md
