@@ -95,6 +95,9 @@ def test_claims_spread_rollouts_and_a_token_moves_only_when_the_lease_changes_ha
     assert b.leases.claim("host-b:1", lease_s=1.0, limit=5) == [r2]  # not a's running one
     assert a.leases.claim("host-a:1", lease_s=1.0, limit=5) == []  # both leases run
     assert (operator.get(r1).lease_token, operator.get(r2).lease_token) == (1, 1)
+    # a standby with room wakes when the first lease runs out, not at its next poll
+    ends = operator.leases.next_expiry_s()
+    assert ends is not None and 0.0 < ends <= 1.0
     wait_until(lambda: a.leases.holder(r1) is None, timeout_s=10, what="a's lease to run out")
     assert a.leases.claim("host-a:1", lease_s=1.0) == [r1]  # back before anyone took it
     assert (operator.get(r1).owner, operator.get(r1).lease_token) == ("host-a:1", 1)
@@ -102,8 +105,10 @@ def test_claims_spread_rollouts_and_a_token_moves_only_when_the_lease_changes_ha
     assert a.leases.acquire(r1, "host-a:1", lease_s=1.0) == 1
     wait_until(lambda: a.leases.holder(r1) is None and b.leases.holder(r2) is None,
                timeout_s=10, what="both leases to run out")
+    assert operator.leases.next_expiry_s() is None  # no lease runs: nothing to wait for
     assert b.leases.claim("host-b:1", lease_s=30.0, limit=5) == [r1, r2]
     assert (operator.get(r1).lease_token, operator.get(r2).lease_token) == (2, 1)
+    assert 29.0 < (operator.leases.next_expiry_s() or 0.0) <= 30.0
     with pytest.raises(LeaseLost, match="taken by host-b:1"):
         a.set(r1, reason="a is back")
     assert operator.get(r1).reason == "a drives it still"

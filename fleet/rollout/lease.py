@@ -89,6 +89,16 @@ class Leases:
             self.held[rid] = (owner, token)
         return [rid for rid, _ in taken]
 
+    def next_expiry_s(self, ended_within_s: float = 60.0) -> float | None:
+        """Seconds until the first lease of a rollout `claim` would take runs out, by the
+        database's clock (None: no such lease), so a standby claims a dead controller's
+        rollout when its lease ends, not at its next poll."""
+        st = self.store
+        row = st.one(f"SELECT MIN(lease_until) - {st.now} FROM rollouts WHERE (status = "
+                     f"'running' OR (status IN ('halted', 'aborted') AND ended > {st.now} - ?))"
+                     f" AND lease_until > {st.now}", (ended_within_s,))
+        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
     def _hold(self, rid: str, owner: str, lease_s: float, token: int) -> None:
         """Inside the caller's transaction: `owner` holds rollout `rid`'s lease with
         `token` until `lease_s` from now, by the database's clock."""

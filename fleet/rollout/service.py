@@ -65,8 +65,23 @@ def serve(controller: Controller, *, stop: threading.Event, max_rollouts: int = 
             if status is not None:
                 controller.sender.release(rid)
             log.info("controller.let_go rollout=%s status=%s", rid, let_go[rid])
-        stop.wait(pause_after(time.monotonic() - started, poll_s))
+        stop.wait(_pause(controller, time.monotonic() - started, poll_s,
+                         len(driving) < max_rollouts, rollback_wait_s))
     return let_go
+
+
+def _pause(controller: Controller, took_s: float, poll_s: float, room: bool,
+           rollback_wait_s: float) -> float:
+    """The pause before the next pass: its poll (or as long as this pass took), cut short
+    to wake just after another controller's lease runs out when there is room to claim."""
+    pause = pause_after(took_s, poll_s)
+    if not room:
+        return pause
+    try:
+        ends = controller.rollouts.leases.next_expiry_s(rollback_wait_s)
+    except Exception:  # the database away a moment: the next pass's claim says so
+        return pause
+    return pause if ends is None else min(pause, ends + 0.005)
 
 
 def _step(controller: Controller, rid: str) -> Status | None:
