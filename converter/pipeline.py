@@ -50,12 +50,24 @@ from converter.onnx_torch import onnx_to_torch
 from converter.quantize import OnnxQuantSettings, gate_onnx, preprocess_onnx, quantize_tflite
 from converter.recipe import Recipe
 from converter.report import evaluate_all, write_report
+from converter.stats import (
+    bootstrap,
+    gap_text,
+    mcnemar,
+    paired_difference,
+    pct_ci,
+    value_ci,
+    wilson,
+)
 from converter.students import build_student, fold_batchnorm, param_count, resolve_family
 from converter.task import (
+    REGRESSION_GATES,
     Quality,
     classification,
+    nrmse,
     output_error,
     regression_gate,
+    regression_scores,
     value_scores,
 )
 from converter.teacher import (
@@ -93,10 +105,10 @@ def stage_teacher(ctx: Context) -> None:
     gate = _teacher_gate(ctx, out.logits, out.description)
     np.save(ctx.work / TEACHER_LOGITS, out.logits)
     test = ctx.split.test
-    acc = float((out.logits[test].argmax(1) == ctx.truth(test)).mean())
+    acc = wilson(out.logits[test].argmax(1) == ctx.truth(test))
     ctx.results["teacher"] = {"kind": out.kind, "description": out.description,
                               "outputs": "probabilities" if out.probabilities else "logits",
-                              "parameters": out.parameters, "test_accuracy": acc,
+                              "parameters": out.parameters, **_acc_fields("test_accuracy", acc),
                               "classes": int(out.logits.shape[1]),
                               "batch": batch_kind(out.fixed_batch), **gate}
     size = (f"{out.parameters:,} parameters" if out.parameters or not t.onnx else
@@ -104,7 +116,15 @@ def stage_teacher(ctx: Context) -> None:
             f"{Path(t.onnx).stat().st_size / 1024:.1f} KiB file")
     ctx.say(f"teacher ({'onnxruntime' if out.kind == 'onnx' else 'torch'}): "
             f"{out.description}, {size}, batch {ctx.results['teacher']['batch']}, "
-            f"test accuracy {acc:.2%}")
+            f"test accuracy {pct_ci(acc)}")
+
+
+def _acc_fields(key: str, acc: dict[str, float] | None) -> dict[str, Any]:
+    """An accuracy for results: its value under `key`, its 95 % Wilson interval under
+    `key`_ci."""
+    if acc is None:
+        return {key: None}
+    return {key: acc["value"], f"{key}_ci": [acc["low"], acc["high"]]}
 
 
 def _stage_model(ctx: Context) -> None:
@@ -173,8 +193,8 @@ def _model_figures(ctx: Context, out: np.ndarray) -> tuple[dict[str, Any], str]:
     """A trained model's test figures, and how the console shows them."""
     task, test, targets = ctx.recipe.model.task, ctx.split.test, ctx.data.targets
     if task == "classify":
-        acc = float((out[test].argmax(1) == ctx.truth(test)).mean())
-        return {"test_accuracy": acc}, f"test accuracy {acc:.2%}"
+        acc = wilson(out[test].argmax(1) == ctx.truth(test))
+        return _acc_fields("test_accuracy", acc), f"test accuracy {pct_ci(acc)}"
     figures = value_scores(task, ctx.x[test], out[test], out[test], _labels(ctx, test),
                            None if targets is None else targets[test])
     if figures.get("r2") is not None:
@@ -218,7 +238,7 @@ def _teacher_gate(ctx: Context, logits: np.ndarray, description: str) -> dict[st
             f"{margin:g} points above chance ({chance:.1%}, always the most common class): "
             "are the data's labels in the order of the teacher's outputs? (or lower "
             "--teacher-min-margin-points)")
-    return {"val_accuracy": acc, "chance": chance}
+    return {**_acc_fields("val_accuracy", wilson(logits[val].argmax(1) == y)), "chance": chance}
 
 
 def _kd(ctx: Context, epochs: int, tag: str) -> KDSettings:
@@ -237,13 +257,20 @@ def temperature(ctx: Context) -> float:
     return 1.0 if ctx.results.get("teacher", {}).get("outputs") == "probabilities" else 4.0
 
 
-def _torch_accuracy(ctx: Context, model: torch.nn.Module, idx: np.ndarray | None = None
-                    ) -> float:
-    """Accuracy against the truth on `idx` (default: the test split)."""
+def _torch_right(ctx: Context, model: torch.nn.Module, idx: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """Which samples of `idx` (default: the test split) the model gets right."""
     idx = ctx.split.test if idx is None else idx
     with torch.no_grad():
         pred = model(torch.from_numpy(ctx.x[idx])).argmax(1).numpy()
-    return float((pred == ctx.truth(idx)).mean())
+    return np.asarray(pred == ctx.truth(idx))
+
+
+def _torch_accuracy(ctx: Context, model: torch.nn.Module) -> dict[str, float]:
+    """Test accuracy with its 95 % Wilson interval."""
+    acc = wilson(_torch_right(ctx, model))
+    assert acc is not None  # the split is never empty
+    return acc
 
 
 def _family(ctx: Context) -> str:
@@ -259,8 +286,9 @@ def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:
         DistillGapError: it did not; the message says what to try.
     """
     val = ctx.split.val
-    student_acc = _torch_accuracy(ctx, student.eval(), val)
-    teacher_acc = float((ctx.teacher_logits[val].argmax(1) == ctx.truth(val)).mean())
+    student_right = _torch_right(ctx, student.eval(), val)
+    teacher_right = ctx.teacher_logits[val].argmax(1) == ctx.truth(val)
+    student_acc, teacher_acc = float(student_right.mean()), float(teacher_right.mean())
     gap = (teacher_acc - student_acc) * 100
     allowed = gate_points(ctx.recipe.distill.max_gap_points, len(val))
     if gap > allowed + 1e-9:
@@ -270,8 +298,10 @@ def _student_gate(ctx: Context, student: torch.nn.Module) -> dict[str, Any]:
             f"teacher's {teacher_acc:.1%} (at most {allowed:.1f}: --distill-max-gap-points); "
             "try a bigger student (--student-hidden, --student-channels), more epochs "
             "(--distill-epochs) or another --student-family")
-    return {"val_accuracy": student_acc, "teacher_val_accuracy": teacher_acc,
-            "gap_points": gap, "max_gap_points": allowed}
+    return {**_acc_fields("val_accuracy", wilson(student_right)),
+            "teacher_val_accuracy": teacher_acc, "gap_points": gap, "max_gap_points": allowed,
+            "val_test": {**mcnemar(teacher_right, student_right), "a": "teacher",
+                         "b": "student"}}
 
 
 def _inputs_gate(ctx: Context) -> None:
@@ -323,12 +353,14 @@ def stage_distill(ctx: Context) -> None:
     torch.save(student, ctx.work / STUDENT_FILE)
     acc = _torch_accuracy(ctx, student)
     ctx.results["student"] = {"family": _family(ctx),
-                              "parameters": param_count(student), "test_accuracy": acc,
-                              "history": hist.as_dict(), **gap}
+                              "parameters": param_count(student), "history": hist.as_dict(),
+                              **gap, **_acc_fields("test_accuracy", acc)}
     ctx.results["student"]["temperature"] = temperature(ctx)
     ctx.say(f"student (torch fp32): {_family(ctx)}, {param_count(student):,} parameters, "
             f"KD temperature {temperature(ctx):g}, "
-            f"{len(hist.epochs)} epochs (best {hist.best_epoch}), test accuracy {acc:.2%}")
+            f"{len(hist.epochs)} epochs (best {hist.best_epoch}), test accuracy {pct_ci(acc)}; "
+            f"validation gap to the teacher {gap['gap_points']:.2f} points "
+            f"({gap_text(gap['val_test'])})")
 
 
 def load_student(ctx: Context) -> torch.nn.Module:
@@ -366,14 +398,15 @@ def stage_prune(ctx: Context) -> None:
     acc_after = _torch_accuracy(ctx, student)
     torch.save(student, ctx.work / STUDENT_FILE)
     ctx.results["prune"] = {**res.__dict__, "target_sparsity": p.sparsity,
-                            "test_accuracy_before": acc_before,
-                            "test_accuracy_pruned": acc_pruned,
-                            "test_accuracy_finetuned": acc_after}
+                            **_acc_fields("test_accuracy_before", acc_before),
+                            **_acc_fields("test_accuracy_pruned", acc_pruned),
+                            **_acc_fields("test_accuracy_finetuned", acc_after)}
     ctx.results.setdefault("student", {})["parameters"] = res.params_after
-    ctx.results["student"]["test_accuracy"] = acc_after
+    ctx.results["student"].update(_acc_fields("test_accuracy", acc_after))
     ctx.say(f"prune ({p.method}): parameters {before:,} -> {res.params_after:,} "
             f"(non-zero {res.nonzero_after:,}, weight sparsity {res.sparsity:.0%}), "
-            f"test accuracy {acc_before:.2%} -> {acc_pruned:.2%} -> {acc_after:.2%} fine-tuned")
+            f"test accuracy {pct_ci(acc_before)} -> {pct_ci(acc_pruned)} -> "
+            f"{pct_ci(acc_after)} fine-tuned")
 
 
 def stage_export(ctx: Context) -> None:
@@ -408,15 +441,19 @@ def stage_quantize(ctx: Context) -> None:
                          base, mitigate=q.mitigate,
                          float_fallback_allowed=prof.quantization.float_fallback_allowed,
                          max_float_layers=q.max_float_layers)
+        _gate(ctx, quality, "ONNX", gate.fp32_val, gate.int8_val, gate.steps)
+        test = _val_test(ctx, open_onnx(ctx.work / FP32_ONNX).run(x_val),
+                         open_onnx(ctx.work / INT8_ONNX).run(x_val))
         out["onnx"] = {"calibration": gate.settings.calibration,
                        "float_layers": list(gate.settings.exclude), "steps": gate.steps,
                        "sensitivity": gate.sensitivity, "val_fp32": gate.fp32_val,
-                       "val_int8": gate.int8_val, "gate_passed": gate.passed}
-        _gate(ctx, quality, "ONNX", gate.fp32_val, gate.int8_val, gate.steps)
+                       "val_int8": gate.int8_val, "gate_passed": gate.passed,
+                       "val_test": test}
         ctx.say(f"quantize (onnxruntime): {INT8_ONNX} ({gate.settings.calibration} "
                 f"calibration, "
                 f"{'per-channel' if per_channel else 'per-tensor'}, val {quality.name} "
-                f"{quality.show(gate.fp32_val)} fp32 -> {quality.show(gate.int8_val)} int8)")
+                f"{quality.show(gate.fp32_val)} fp32 -> {quality.show(gate.int8_val)} int8; "
+                f"{gap_text(test)})")
     if "tflite" in q.formats:
         out["tflite"] = _quantize_tflite(ctx, calib, x_val, quality, per_channel)
     ctx.results["quantize"] = out
@@ -486,30 +523,52 @@ def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality
         student, route, batch = load_student(ctx), "PT2E", 1
     res = quantize_tflite(student, calib, ctx.work / INT8_TFLITE, per_channel=per_channel,
                           batch=batch)
-    fp32 = quality.score(open_onnx(ctx.work / FP32_ONNX).run(x_val))
-    int8 = quality.score(open_tflite(ctx.work / INT8_TFLITE).run(x_val))
+    fp32_out = open_onnx(ctx.work / FP32_ONNX).run(x_val)
+    int8_out = open_tflite(ctx.work / INT8_TFLITE).run(x_val)
+    fp32, int8 = quality.score(fp32_out), quality.score(int8_out)
     steps = [f"{route} {'per-channel' if per_channel else 'per-tensor'}, histogram observers: "
              f"int8 {quality.show(int8)} vs fp32 {quality.show(fp32)}"]
     if not quality.passes(fp32, int8) and ctx.recipe.quantize.mitigate:
         all_train = ctx.x[ctx.split.train]
         res = quantize_tflite(student, all_train, ctx.work / INT8_TFLITE,
                               per_channel=per_channel, batch=batch)
-        int8 = quality.score(open_tflite(ctx.work / INT8_TFLITE).run(x_val))
+        int8_out = open_tflite(ctx.work / INT8_TFLITE).run(x_val)
+        int8 = quality.score(int8_out)
         steps.append(f"calibrated on all {len(all_train)} training samples: int8 "
                      f"{quality.show(int8)}")
     _gate(ctx, quality, "TFLite", fp32, int8, steps)
+    test = _val_test(ctx, fp32_out, int8_out)
     loaded = open_tflite(ctx.work / INT8_TFLITE)
     ops = npu.tflite_ops(ctx.work / INT8_TFLITE)
     check = npu.check_target(ctx.profile, ops, res.io_dtype, loaded.inputs[0].shape,
                              require_full_offload=ctx.recipe.target.require_full_offload)
     ctx.say(f"quantize (LiteRT, {route}): {INT8_TFLITE} (I/O {res.io_dtype}"
             f"{f', batch fixed {batch}' if batch > 1 else ''}, val {quality.name} "
-            f"{quality.show(fp32)} fp32 (onnxruntime) -> {quality.show(int8)} int8, ops "
-            f"{', '.join(check.operators)})")
+            f"{quality.show(fp32)} fp32 (onnxruntime) -> {quality.show(int8)} int8 "
+            f"({gap_text(test)}), ops {', '.join(check.operators)})")
     return {"io_dtype": res.io_dtype, "route": route,
             "batch": batch_kind(batch if batch > 1 else None), "steps": steps,
-            "val_fp32": fp32, "val_int8": int8, "operators": ops,
+            "val_fp32": fp32, "val_int8": int8, "val_test": test, "operators": ops,
             "unsupported": check.unsupported, "notes": check.notes}
+
+
+def _val_test(ctx: Context, fp32_out: np.ndarray, int8_out: np.ndarray
+              ) -> dict[str, Any] | None:
+    """The int8 gate's figures on the validation split as a paired test: McNemar's for a
+    classifier; for a gate on MAE, RMSE or R², the paired bootstrap interval of int8's
+    change; for the output-error gate, the bootstrap interval of int8's NRMSE."""
+    val, m = ctx.split.val, ctx.recipe.model
+    if m.task == "classify":
+        truth = ctx.truth(val)
+        return {**mcnemar(fp32_out.argmax(1) == truth, int8_out.argmax(1) == truth),
+                "a": "fp32", "b": "int8"}
+    if m.gate != "output_error" and ctx.data.targets is not None:
+        t, key = ctx.data.targets[val], m.gate
+        return paired_difference(lambda i: regression_scores(int8_out[i], t[i])[key]
+                                 - regression_scores(fp32_out[i], t[i])[key], len(val),
+                                 f"{REGRESSION_GATES[key]} int8 - fp32")
+    ci = bootstrap(lambda i: nrmse(int8_out[i], fp32_out[i]), len(val))
+    return None if ci is None else {"test": "interval", "low": ci[0], "high": ci[1]}
 
 
 def stage_compile(ctx: Context) -> None:
@@ -536,18 +595,31 @@ def stage_evaluate(ctx: Context) -> None:
         f"{m['name']} ({m['runtime']}) {_figure(m)}"
         for m in ctx.results["evaluate"]["models"]
         if m.get("accuracy") is not None or m.get("output_error") is not None))
+    if gaps := _gaps(ctx.results["evaluate"]["checks"]):
+        ctx.say(f"evaluate (test split, paired): {gaps}")
 
 
 def _figure(row: dict[str, Any]) -> str:
-    """A model's headline test figure: accuracy, or output error (and anomaly AUC)."""
+    """A model's headline test figure with its 95 % interval: accuracy, or output error
+    (and R² or the anomaly AUC)."""
     if row.get("accuracy") is not None:
-        return f"{row['accuracy']:.2%}"
+        ci = row.get("accuracy_ci")
+        return pct_ci({"value": row["accuracy"], "low": ci[0], "high": ci[1]} if ci else None)
+    err = f"output error {value_ci(row['output_error'], row.get('output_error_ci'), '.4f')}"
     if row.get("r2") is not None:
-        return (f"R² {row['r2']:.4f}, RMSE {row['rmse']:.4g}, output error "
-                f"{row['output_error']:.4f}")
+        return (f"R² {value_ci(row['r2'], row.get('r2_ci'), '.4f')}, RMSE "
+                f"{value_ci(row['rmse'], row.get('rmse_ci'))}, {err}")
     auc = row.get("anomaly_auc")
-    return (f"output error {row['output_error']:.4f}"
-            + (f", anomaly AUC {auc:.4f}" if auc is not None else ""))
+    return err + (f", anomaly AUC {value_ci(auc, row.get('anomaly_auc_ci'), '.4f')}"
+                  if auc is not None else "")
+
+
+def _gaps(checks: dict[str, Any]) -> str:
+    """The paired tests of the evaluation's gaps, for the console."""
+    named = [("student vs teacher", "student_vs_teacher_test")] + [
+        (f"int8 {rt} vs fp32", f"int8_{rt}_vs_fp32_test") for rt in ("onnx", "tflite")]
+    return "; ".join(f"{label}: {gap_text(checks[key])}" for label, key in named
+                     if key in checks)
 
 
 def stage_report(ctx: Context) -> None:

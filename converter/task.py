@@ -40,16 +40,9 @@ def roc_auc(score: np.ndarray, anomalous: np.ndarray) -> float | None:
     pos, neg = int(anomalous.sum()), int((~anomalous).sum())
     if not pos or not neg:
         return None
-    order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score))
-    sorted_scores = score[order]
-    i = 0
-    while i < len(score):  # average ranks over ties
-        j = i
-        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    from scipy.stats import rankdata  # noqa: PLC0415  # heavy: loaded only when used
+
+    ranks = rankdata(score)  # ties share their average rank
     u = ranks[anomalous].sum() - pos * (pos + 1) / 2
     return float(u / (pos * neg))
 

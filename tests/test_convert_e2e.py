@@ -4,6 +4,7 @@ against accuracy recomputed here with bare onnxruntime / LiteRT and scikit-learn
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ def _test_split(y: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.sort(test)
 
 
-def _tflite_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+def _tflite_right(path: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_path=str(path))
@@ -36,13 +37,38 @@ def _tflite_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
         it.set_tensor(inp["index"], q)
         it.invoke()
         preds.append(int(it.get_tensor(out["index"]).argmax()))
-    return float((np.asarray(preds) == y).mean())
+    return np.asarray(preds) == y
+
+
+def _onnx_right(path: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return np.asarray(logits.argmax(1) == y)
+
+
+def _tflite_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    return float(_tflite_right(path, x, y).mean())
 
 
 def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    return float((logits.argmax(1) == y).mean())
+    return float(_onnx_right(path, x, y).mean())
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    """The Wilson score interval at 95 %, written out (Wilson 1927)."""
+    z, p = 1.959963984540054, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def _mcnemar_exact(a_right: np.ndarray, b_right: np.ndarray) -> tuple[int, int, float]:
+    """McNemar's exact test, written out: the two-sided binomial tail of the discordant
+    pairs at one half."""
+    b, c = int((a_right & ~b_right).sum()), int((b_right & ~a_right).sum())
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n if n else 0.5
+    return b, c, min(1.0, 2 * tail)
 
 
 def test_onnx_teacher_run_writes_report_bundle_and_curves(onnx_run: Path) -> None:
@@ -76,6 +102,48 @@ def test_report_accuracy_matches_independent_recomputation(onnx_run: Path, examp
     checks = rep["evaluate"]["checks"]
     assert checks["int8_onnx_within_tolerance"] and checks["int8_tflite_within_tolerance"]
     assert checks["size_ratio"]["by"] == "parameters" and checks["size_ratio"]["ratio"] > 20
+
+
+def test_every_accuracy_carries_its_interval_and_every_gap_its_paired_test(
+        onnx_run: Path, example: Path) -> None:
+    """The report's 95 % intervals equal Wilson's written out here on the right answers
+    recomputed with bare runtimes; the student-vs-teacher and int8-vs-fp32 gaps carry
+    McNemar's exact test on those paired answers, and the Markdown says which tests the
+    gates use."""
+    data = np.load(example / "digits.npz")
+    test = _test_split(data["y"])
+    x, y = data["x"][test].astype(np.float32), data["y"][test]
+    rep = json.loads((onnx_run / "report.json").read_text())
+    models = {(m["name"], m["runtime"]): m for m in rep["evaluate"]["models"]}
+    right = {("teacher", "onnx"): _onnx_right(example / "teacher.onnx", x, y),
+             ("student fp32", "onnx"): _onnx_right(onnx_run / "model_fp32.onnx", x, y),
+             ("student int8", "onnx"): _onnx_right(onnx_run / "model_int8.onnx", x, y),
+             ("student int8", "tflite"): _tflite_right(onnx_run / "model_int8.tflite", x, y)}
+    for key, r in right.items():
+        assert models[key]["accuracy_ci"] == pytest.approx(
+            _wilson(int(r.sum()), len(r)), abs=1e-9), key
+    checks = rep["evaluate"]["checks"]
+    fp32 = right[("student fp32", "onnx")]
+    for name, a, b in (("student_vs_teacher_test", right[("teacher", "onnx")], fp32),
+                       ("int8_onnx_vs_fp32_test", fp32, right[("student int8", "onnx")]),
+                       ("int8_tflite_vs_fp32_test", fp32, right[("student int8", "tflite")])):
+        a_only, b_only, p = _mcnemar_exact(a, b)
+        got = checks[name]
+        assert (got["a_only"], got["b_only"]) == (a_only, b_only), name
+        assert got["p_value"] == pytest.approx(p, rel=1e-9), name
+        assert got["significant"] is (p < 0.05), name
+    teacher = rep["teacher"]
+    assert teacher["test_accuracy_ci"] == pytest.approx(models[("teacher", "onnx")]
+                                                        ["accuracy_ci"])
+    for gate in (rep["student"]["val_test"], rep["quantize"]["onnx"]["val_test"],
+                 rep["quantize"]["tflite"]["val_test"]):
+        assert gate["test"] == "McNemar exact" and 0 < gate["p_value"] <= 1
+    md = (onnx_run / "report.md").read_text()
+    lo, hi = models[("student fp32", "onnx")]["accuracy_ci"]
+    assert f"[{lo * 100:.1f}, {hi * 100:.1f}]" in md
+    assert "accuracy [95 % CI]" in md and "Wilson score intervals" in md
+    assert "teacher gate (point estimate)" in md and "int8 gate (point estimates)" in md
+    assert md.count("McNemar p = ") >= 6  # three gaps on the test split, three gates
 
 
 def test_model_files_are_single_self_contained_and_int8(onnx_run: Path) -> None:

@@ -279,4 +279,19 @@ def test_regression_targets_are_scored_as_scikit_learn_scores_them(
             assert rows[key][metric] == pytest.approx(want, rel=1e-4, abs=1e-6), (key, metric)
     assert rows[("model fp32", "onnx")]["r2"] > 0.3
     md = (out / "report.md").read_text()
-    assert "| MAE | RMSE | R² |" in md and "int8 gate: R2 against the targets" in md
+    assert "| MAE [95 % CI] | RMSE [95 % CI] | R² [95 % CI] |" in md
+    assert "int8 gate (point estimates): R2 against the targets" in md
+    # each figure's bootstrap interval holds it, and is as wide as a bootstrap written out
+    # here says (percentile, 1,000 resamples of the test samples: endpoints within 0.05)
+    rng = np.random.default_rng(7)
+    draws = [rng.integers(0, len(test), len(test)) for _ in range(1000)]
+    for key, name in files.items():
+        pred = open_model(out / name, key[1]).run(x[test]).reshape(y[test].shape)
+        r2s = [r2_score(y[test][d], pred[d]) for d in draws]
+        lo, hi = rows[key]["r2_ci"]
+        assert lo < rows[key]["r2"] < hi, key
+        assert (lo, hi) == pytest.approx(tuple(np.percentile(r2s, [2.5, 97.5])), abs=0.05)
+    for rt in ("onnx", "tflite"):  # the int8 gap against fp32 is tested on paired samples
+        gap = rep["evaluate"]["checks"][f"int8_{rt}_vs_fp32_test"]
+        assert gap["test"] == "paired bootstrap" and gap["of"] == "R² fp32 - int8"
+        assert gap["low"] <= rep["evaluate"]["checks"][f"int8_{rt}_r2_drop"] <= gap["high"]
