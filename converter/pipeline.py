@@ -73,6 +73,7 @@ from converter.task import (
 from converter.teacher import (
     import_factory,
     load_torch_model,
+    one_input,
     onnx_parameters,
     run_onnx_teacher,
     run_torch_model,
@@ -146,6 +147,11 @@ def _stage_model(ctx: Context) -> None:
         src = Path(m.onnx)
         try:
             loaded = open_onnx(src)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise TeacherError(f"model {src} is not a valid ONNX model: "
+                               f"{str(exc).splitlines()[0][:200]}") from exc
+        one_input([(i.name, i.dtype, i.shape) for i in loaded.inputs], f"model {src.name}")
+        try:
             fixed = loaded.inputs[0].shape[0]  # runs in chunks of a fixed batch, if any
             step = fixed * max(1, 256 // fixed) if fixed else 256
             out = np.concatenate([loaded.run(x[i:i + step]) for i in range(0, len(x), step)])

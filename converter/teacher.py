@@ -157,7 +157,8 @@ class OnnxTeacher:
         self.path = path
         self._sess = ort.InferenceSession(str(path), opts,
                                           providers=["CPUExecutionProvider"])
-        self.input = self._sess.get_inputs()[0]
+        self.inputs = self._sess.get_inputs()
+        self.input = self.inputs[0]
         self._dtype = _ONNX_DTYPES.get(self.input.type, np.float32)
         self._output: list[str] | None = None
 
@@ -187,6 +188,37 @@ class OnnxTeacher:
         return _scores(out).astype(np.float32)
 
 
+ONE_INPUT = ("edge-convert feeds a model one input of samples shaped (features,), (time, "
+             "features) or (channels, height, width), batch first")
+
+
+def _shape_text(shape: list[Any]) -> str:
+    """A tensor's shape as the user reads it: [N, 3] for a dynamic batch of 3 features."""
+    return "[" + ", ".join(str(d) if isinstance(d, int) else "N" if i == 0 else "?"
+                           for i, d in enumerate(shape)) + "]"
+
+
+def _dtype_text(kind: str) -> str:
+    """onnxruntime's tensor(float) as numpy names it: float32."""
+    bare = str(kind).removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(bare, bare)
+
+
+def one_input(inputs: list[tuple[str, str, list[Any]]], what: str) -> None:
+    """Refuse a model with several inputs in one line naming them (name, type, shape).
+
+    Raises:
+        TeacherError: more than one input.
+    """
+    if len(inputs) <= 1:
+        return
+    named = ", ".join(f"{name} {_dtype_text(kind)} {_shape_text(shape)}"
+                      for name, kind, shape in inputs)
+    raise TeacherError(f"{what} has {len(inputs)} inputs ({named}); {ONE_INPUT}: join them "
+                       "into one in the model (one input, sliced inside the graph), or "
+                       "quantize it outside edge-convert")
+
+
 def run_onnx_teacher(path: Path, x: F32, batch_size: int,
                      output: str | None = None) -> TeacherOutputs:
     """Run an ONNX teacher over x; `output` names the output of class scores (default: the
@@ -204,6 +236,7 @@ def run_onnx_teacher(path: Path, x: F32, batch_size: int,
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
         raise TeacherError(f"teacher file {path} is not a valid ONNX model: "
                            f"{str(exc).splitlines()[0][:200]}") from exc
+    one_input([(i.name, i.type, i.shape) for i in teacher.inputs], f"teacher {path.name}")
     inp = teacher.input
     want = [d if isinstance(d, int) else None for d in inp.shape]
     got = list(x.shape)

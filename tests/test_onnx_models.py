@@ -166,6 +166,45 @@ def test_an_operator_the_onnx_route_cannot_convert_is_refused_in_one_line(
     assert "--quantize-formats" in line and "Traceback" not in err
 
 
+def _two_inputs(path: Path, classes: int) -> Path:
+    """A classifier with two inputs, u (N, 3) and v (N, 5), as the issue's crashed."""
+    rng = np.random.default_rng(1)
+    wu, wv = (rng.normal(size=(k, classes)).astype(np.float32) for k in (3, 5))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["u", "wu"], ["a"]),
+         helper.make_node("MatMul", ["v", "wv"], ["b"]),
+         helper.make_node("Add", ["a", "b"], ["logits"])],
+        "two", [helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", 3]),
+                helper.make_tensor_value_info("v", TensorProto.FLOAT, ["n", 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", classes])],
+        [helper.make_tensor("wu", TensorProto.FLOAT, [3, classes], wu.ravel().tolist()),
+         helper.make_tensor("wv", TensorProto.FLOAT, [5, classes], wv.ravel().tolist())])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("role", ["--teacher-onnx", "--model-onnx"])
+def test_a_model_with_two_inputs_is_refused_in_one_line_naming_them(
+        role: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A teacher (or a model to quantize) with two inputs: one line naming both inputs
+    and the shapes edge-convert feeds, no traceback (a 28-line onnxruntime traceback
+    before), nothing left behind."""
+    model = _two_inputs(tmp_path / "two.onnx", 3)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(120, 8)).astype(np.float32),
+             y=rng.integers(0, 3, 120))
+    out = tmp_path / "out"
+    rc = convert(["run", "--data-source", str(tmp_path / "data.npz"), role, str(model),
+                  "--out", str(out), *QUICK])
+    err = capsys.readouterr().err
+    assert rc != 0 and not out.exists() and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 1, err
+    assert "two.onnx has 2 inputs (u float32 [N, 3], v float32 [N, 5])" in lines[0], lines[0]
+    assert "(features,), (time, features) or (channels, height, " \
+        "width)" in lines[0], lines[0]
+
+
 class _Standardized(torch.nn.Module):
     """A classifier that standardizes its inputs in its own graph, as many do."""
 
