@@ -11,6 +11,12 @@
   defaults (normalization, student family and size chosen by the converter).
 - `series`: generated vibration windows (1 x 128, milli-g) with the 1-D CNN torch teacher
   (`converter.examples.series`).
+- `onnx`: models as people bring them. The four MLPerf Tiny reference models
+  (`converter.examples.tiny`, trained here on the small generated sets) exported to ONNX
+  and quantized as trained to int8 TFLite for `--onnx-profile` (Ethos-U55-128: Vela's SRAM,
+  flash and cycles), through onnx2torch next to the same model given as torch; a
+  regressor with float targets (scikit-learn's diabetes: R² fp32 and int8 against the
+  targets); a teacher exported with batch 8, distilled.
 
 Accuracy is on the test split (never used for training, calibration or gates); the size
 ratio is by parameters, or by file bytes where the teacher has no parameter count (trees).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,8 +46,6 @@ def convert(args: list[str], out: Path, profile: str) -> tuple[float, str | None
     if proc.returncode != 0:
         return wall, (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
     return wall, None
-
-
 
 
 CASE_HEAD = (f"{'teacher':20} {'student':>15} {'norm':>9} {'teacher':>8} {'fp32':>7} "
@@ -100,6 +105,139 @@ def series_case(tmp: Path, profile: str) -> None:
         print(case_row(f"1-D CNN ({kind})", out, wall, error), flush=True)
 
 
+def _export(model: object, shape: tuple[int, ...], path: Path, *, batch: int | None) -> Path:
+    import torch  # noqa: PLC0415  # heavy: only the onnx case needs it
+
+    assert isinstance(model, torch.nn.Module)
+    dyn = None if batch else ({0: torch.export.Dim("batch")},)
+    torch.onnx.export(model.eval(), (torch.zeros(batch or 2, *shape),), str(path),
+                      input_names=["x"], dynamo=True, external_data=False, dynamic_shapes=dyn)
+    return path
+
+
+def _figure(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    if m.get("accuracy") is not None:
+        return f"{m['accuracy']:.2%}"
+    if m.get("r2") is not None:
+        return f"R² {m['r2']:.4f}"
+    return f"AUC {m['anomaly_auc']:.4f}" if m.get("anomaly_auc") is not None else "-"
+
+
+TINY_TOLERANCE = 5.0
+ONNX_HEAD = (f"{'model':16} {'route':22} {'fp32':>11} {'int8 tfl':>11} {'tfl KiB':>8} "
+             f"{'SRAM KiB':>9} {'flash KiB':>9} {'cycles':>10} {'wall s':>7}  load")
+
+
+def onnx_row(label: str, route: str, out: Path, wall: float, error: str | None) -> str:
+    if error:
+        return (f"{label:16} {route:22} FAILED ({wall:.1f} s): "
+                f"{error.removeprefix('edge-convert: error: ')}")
+    rep = json.loads((out / "report.json").read_text())
+    ms = {(m["name"], m["runtime"]): m for m in rep["evaluate"]["models"]}
+    who = rep["evaluate"]["role"]
+    f, tl = ms[(f"{who} fp32", "onnx")], ms.get((f"{who} int8", "tflite"))
+    v = (rep.get("compile") or {}).get("summary") or {}
+    vela = (f"{v['sram_kib']:>9.1f} {v['flash_kib']:>9.1f} {v['cycles_total']:>10,}" if v
+            else f"{'-':>9} {'-':>9} {'-':>10}")
+    return (f"{label:16} {route:22} {_figure(f):>11} {_figure(tl):>11} "
+            f"{(tl or {}).get('raw_bytes', 0) / 1024:>8.1f} {vela} {wall:>7.1f}  {_load()}")
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def onnx_case(tmp: Path, args: argparse.Namespace) -> None:
+    """Models as people bring them: ONNX quantized as trained, next to the torch route."""
+    import torch  # noqa: PLC0415  # heavy: only this case needs it
+
+    from converter.examples import tiny  # noqa: PLC0415  # heavy: torch
+
+    print(f"\nmodels given as ONNX, quantized as trained (profile {args.onnx_profile}); "
+          "the torch route on the same trained model beside each; int8 gate "
+          f"{TINY_TOLERANCE} points (the small sets' validation splits hold 45-60 samples, "
+          "one sample is 1.7-2.2 points)")
+    print(ONNX_HEAD)
+    print("-" * len(ONNX_HEAD))
+    for case in ("ic", "kws", "vww", "ad"):
+        where = tmp / f"tiny-{case}"
+        tiny.write_example(where, case=case, small=True)
+        model = getattr(tiny, case)()
+        model.load_state_dict(torch.load(where / "model.pt", weights_only=True))
+        shape = tiny.CASES[case][1]
+        onnx_file = _export(model, shape, where / f"{case}.onnx", batch=None)
+        task = tiny.CASES[case][3]
+        gate = ["--quantize-tolerance-points", str(TINY_TOLERANCE)]
+        wall, error = convert(["--data-source", str(where / "data.npz"), "--model-onnx",
+                               str(onnx_file), "--model-task", task, *gate], where / "onnx",
+                              args.onnx_profile)
+        print(onnx_row(case, "onnx2torch -> PT2E", where / "onnx", wall, error), flush=True)
+        wall, error = convert([str(where / "recipe.toml"), *gate], where / "torch",
+                              args.onnx_profile)
+        print(onnx_row(case, "torch -> PT2E", where / "torch", wall, error), flush=True)
+    reg = tmp / "diabetes"
+    data, model_file = diabetes_regressor(reg)
+    wall, error = convert(["--data-source", str(data), "--model-onnx", str(model_file),
+                           "--model-task", "regress", "--model-gate", "r2"], reg / "out",
+                          args.profile)  # its float output: no int8-only NPU profile
+    print(onnx_row("diabetes (R²)", "onnx2torch -> PT2E", reg / "out", wall, error),
+          flush=True)
+    kws = tmp / "tiny-kws"
+    model = tiny.kws()
+    model.load_state_dict(torch.load(kws / "model.pt", weights_only=True))
+    fixed = _export(model, tiny.CASES["kws"][1], kws / "kws8.onnx", batch=8)
+    wall, error = convert(["--data-source", str(kws / "data.npz"), "--teacher-onnx",
+                           str(fixed)], kws / "teacher8", args.profile)
+    if error:
+        print(f"kws teacher, batch 8: FAILED ({wall:.1f} s): {error}")
+    else:
+        rep = json.loads((kws / "teacher8" / "report.json").read_text())
+        ms = {(m["name"], m["runtime"]): m for m in rep["evaluate"]["models"]}
+        print(f"\nkws teacher exported with batch {rep['teacher']['batch']}, distilled "
+              f"({args.profile}): teacher {_figure(ms[('teacher', 'onnx')])}, student fp32 "
+              f"{_figure(ms[('student fp32', 'onnx')])}, int8 TFLite "
+              f"{_figure(ms.get(('student int8', 'tflite')))} in {wall:.1f} s; load "
+              f"{_load()}")
+
+
+def diabetes_regressor(where: Path) -> tuple[Path, Path]:
+    """scikit-learn's diabetes (10 features, a float target), a small MLP trained on the
+    converter's training split (the default split; never on the test split it is scored
+    on) with the scaling in its graph, as ONNX."""
+    import numpy as np  # noqa: PLC0415
+    import torch  # noqa: PLC0415  # heavy: only this case needs it
+    from sklearn.datasets import load_diabetes  # noqa: PLC0415
+
+    from converter.data import split  # noqa: PLC0415  # heavy: sklearn
+
+    where.mkdir(parents=True, exist_ok=True)
+    d = load_diabetes()
+    x, y = d.data.astype(np.float32) * 20, d.target.astype(np.float32)
+    train = split(len(x), None, seed=0, val_fraction=0.15, test_fraction=0.2).train
+    torch.manual_seed(0)
+    mean, std = float(y[train].mean()), float(y[train].std())
+    net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.Adam(net.parameters(), 1e-2, weight_decay=0.1)
+    xt, yt = torch.from_numpy(x[train]), torch.from_numpy((y[train] - mean) / std)[:, None]
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(xt), yt).backward()
+        opt.step()
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return self.net(v) * std + mean
+
+    np.savez(where / "data.npz", x=x, y=y)
+    return where / "data.npz", _export(Scaled(), (10,), where / "reg.onnx", batch=None)
+
+
 def families_case(tmp: Path, args: argparse.Namespace) -> None:
     """The digits example per student family (and pruning)."""
     example = tmp / "example"
@@ -152,7 +290,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="raspberry-pi-4")
-    ap.add_argument("--cases", default="families,digits,wine,breast_cancer,series")
+    ap.add_argument("--cases", default="families,digits,wine,breast_cancer,series,onnx")
+    ap.add_argument("--onnx-profile", default="arm-ethos-u55-128",
+                    help="the profile of the onnx case's quantize-only rows")
     ap.add_argument("--families", default="cnn,dscnn,mlp,cnn-wide,cnn-wide+structured,"
                                           "cnn-wide+unstructured",
                     help="student families; cnn-wide = channels [32,64]; +structured / "
@@ -162,6 +302,8 @@ def main() -> None:
         for case in args.cases.split(","):
             if case == "families":
                 families_case(Path(tmp), args)
+            elif case == "onnx":
+                onnx_case(Path(tmp), args)
             elif case == "series":
                 series_case(Path(tmp), args.profile)
             else:

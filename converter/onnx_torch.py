@@ -3,8 +3,9 @@ the same PT2E -> LiteRT path as a torch model (`converter.quantize.quantize_tfli
 
 The route is onnx2torch (ONNX -> torch.fx), chosen over onnx2tf: it keeps the host free of
 TensorFlow (litert-torch writes the flatbuffer), and the one quantizer, its per-channel
-settings and its calibration serve torch and ONNX models alike. bench/bench_convert.py
-`--onnx-routes` compares the two on the MLPerf Tiny reference models.
+settings and its calibration serve torch and ONNX models alike. `bench/bench_convert.py
+--cases onnx` puts this route beside the torch route on the MLPerf Tiny reference models;
+docs/convert-routes.md says how onnx2tf compared.
 
 Before conversion the graph is made static and folded: a dynamic batch is fixed at 1
 (TFLite models for microcontrollers and NPUs take one sample; a fixed batch stays),
