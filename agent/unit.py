@@ -24,7 +24,7 @@ TEMPLATE = """# edge-agent: verified on-device inference. Install with the sysus
 # prints this unit with MemoryMax computed from the configuration and firmware profile.
 [Unit]
 Description=edge-agent: verified on-device inference
-Documentation=https://github.com/edge-agent/edge-agent#device-edge-agent
+Documentation=file:/usr/share/doc/edgekeeper/README.md
 After=network-online.target
 Wants=network-online.target
 StartLimitIntervalSec=300

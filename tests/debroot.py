@@ -72,3 +72,38 @@ def unpack_release(archive: Path, dest: Path) -> None:
     with archive.open("rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as raw, \
             tarfile.open(fileobj=raw, mode="r|") as tar:
         tar.extractall(dest, filter="data")
+
+
+def add_onnxruntime(root: Root) -> None:
+    """onnxruntime (as `edgekeeper[onnx]` would bring it) into the packaged environment of
+    `root`, installed from the host: the device package has no pip of its own."""
+    import sys
+
+    (site,) = (root.path / "opt/venvs/edgekeeper/lib").glob("python3*/site-packages")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--no-deps",
+                    "--target", str(site), "onnxruntime>=1.20", "flatbuffers", "packaging",
+                    "protobuf"], check=True, capture_output=True, timeout=600)
+
+
+def second_build(deb: Path, out_dir: Path, tag: str = "build2") -> Path:
+    """A second build of the package, as a release after `deb` would be: its version, the
+    agent's `__version__` and the unit's Description carry `tag` (the code and the unit an
+    upgrade must bring into service)."""
+    tree = out_dir / "second-build"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN/control"
+    lines = control.read_text().splitlines()
+    lines = [f"{line}+{tag}" if line.startswith("Version: ") else line for line in lines]
+    control.write_text("\n".join(lines) + "\n")
+    (init,) = tree.glob("opt/venvs/edgekeeper/lib/python3*/site-packages/agent/__init__.py")
+    code = init.read_text()
+    assert '__version__ = "' in code
+    init.write_text(code.replace('__version__ = "', f'__version__ = "{tag}-', 1))
+    (unit,) = [u for u in (tree / "lib/systemd/system/edge-agent.service",
+                           tree / "usr/lib/systemd/system/edge-agent.service") if u.is_file()]
+    text = unit.read_text()
+    unit.write_text(text.replace("\nDescription=", f"\nDescription=({tag}) ", 1))
+    out = out_dir / f"edgekeeper-{tag}.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(out)], check=True,
+                   capture_output=True)
+    return out

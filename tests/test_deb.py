@@ -44,12 +44,20 @@ def test_install_run_remove_and_purge_on_a_fresh_debian_12(
         # The example configuration is there; without root.json it is named as missing.
         check = root.run("edge-agent", "check-config", check=False)
         assert check.returncode == 2 and "root.json does not exist" in check.stderr, check
-        # A TFLite-only install: the runtime it ships, no onnxruntime, no converter toolchain.
+        # A TFLite-only device install: the runtime it ships; no onnxruntime, no converter
+        # (a host tool) and no pip (nothing on a device installs into this environment).
         py = "/opt/venvs/edgekeeper/bin/python"
         root.run(py, "-c", "import ai_edge_litert.interpreter")
-        assert root.run(py, "-c", "import onnxruntime", check=False).returncode == 1
-        conv = root.run("/opt/venvs/edgekeeper/bin/edge-convert", "run", check=False)
-        assert conv.returncode == 2 and "edgekeeper[convert]" in conv.stderr, conv
+        for module in ("onnxruntime", "converter", "pip"):
+            gone = root.run(py, "-c", f"import {module}", check=False)
+            assert gone.returncode == 1 and "ModuleNotFoundError" in gone.stderr, module
+        bins = {p.name for p in (root.path / "opt/venvs/edgekeeper/bin").iterdir()}
+        assert {"edge-agent", "edge-fleet", "python"} <= bins, bins
+        assert not {"edge-convert", "pip", "pip3"} & bins, bins
+        # The unit's Documentation= names a file the package installs.
+        (doc,) = [line.split("=", 1)[1] for line in unit.splitlines()
+                  if line.startswith("Documentation=")]
+        assert doc.startswith("file:/") and (root.path / doc[len("file:/"):]).is_file(), doc
         # A real bundle's self-test with the packaged runtime.
         unpack_release(releases["tflite1"], root.path / "tmp/bundle")
         test = root.run("edge-agent", "selftest", "/tmp/bundle")
@@ -63,5 +71,6 @@ def test_install_run_remove_and_purge_on_a_fresh_debian_12(
         root.run("edge-agent", "--version")
         root.run("apt-get", "purge", "-y", "-qq", "edgekeeper")
         assert not (root.path / "var/lib/edge-agent").exists()
-        assert not (root.path / "etc/edge-agent/agent.toml").exists()
+        assert not (root.path / "etc/edge-agent").exists()
+        assert not (root.path / "opt/venvs/edgekeeper").exists()
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 import pytest
-from debroot import Root, fresh_root, unpack_release
+from debroot import Root, add_onnxruntime, fresh_root, second_build, unpack_release
 from polling import wait_until
 
 CONFIG = """
@@ -57,6 +57,18 @@ class Booted:
         if check and proc.returncode != 0:
             raise AssertionError(f"{cmd} -> {proc.returncode}: {proc.stdout}{proc.stderr}")
         return proc
+
+    def agent_processes(self) -> list[str]:
+        """The command lines of the container's `edge-agent run` processes."""
+        found = []
+        for p in psutil.Process(self.pid1).children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:  # gone meanwhile
+                continue
+            if "edge-agent run" in cmd:
+                found.append(cmd)
+        return found
 
     def show(self, *props: str) -> dict[str, str]:
         out = self.run("systemctl", "show", "edge-agent", *(f"-p{p}" for p in props)).stdout
@@ -136,10 +148,9 @@ def test_the_packaged_agent_under_systemd(booted: Booted) -> None:
 
     # onnxruntime under the same hardening: the unit's sandboxing properties on a transient
     # service (PrivateTmp: the bundle lies in /srv) that runs an ONNX bundle's self-test
-    # (the package is TFLite-only, so
-    # onnxruntime is added to its environment first, as `edgekeeper[onnx]` would).
-    b.run(CLIENT, "-m", "pip", "install", "-q", "--no-compile", "onnxruntime>=1.20",
-          timeout=600)
+    # (the package is TFLite-only, so onnxruntime is added to its environment first, as
+    # `edgekeeper[onnx]` would).
+    add_onnxruntime(b.root)
     unit = b.run("systemctl", "cat", "edge-agent").stdout
     hardening = unit.split("# Hardening", 1)[1].split("[Install]", 1)[0]
     props = [f"-p{line.strip()}" for line in hardening.splitlines()
@@ -190,3 +201,42 @@ def test_the_packaged_agent_under_systemd(booted: Booted) -> None:
     assert (s["ActiveState"], s["Result"]) == ("inactive", "success"), s
     assert took < 10, f"stop took {took:.1f} s (the drain used to wait 10 s)"
     print(f"systemctl stop with a keep-alive client: {took:.2f} s")
+
+
+def test_upgrade_remove_and_purge_with_the_agent_running(booted: Booted, deb: Path,
+                                                          tmp_path: Path) -> None:
+    """The package's lifecycle with a live agent: an upgrade brings the new build's code and
+    unit into service and keeps the installed model; remove leaves no process (it used to
+    leave the agent running with its unit gone); purge deletes the state and the
+    configuration with nothing running, and keeps the system user."""
+    b = booted
+    b.run("systemctl", "start", "edge-agent")
+    b.run("edge-agent", "install", "/var/tmp/digits.tar.zst")
+    old_pid = int(b.show("MainPID")["MainPID"])
+    assert len(b.agent_processes()) == 1, b.agent_processes()  # what the check below sees
+    status, info = b.call("GET", "/v2")
+    assert status == 200 and not info["version"].startswith("build2"), info
+
+    shutil.copy(second_build(deb, tmp_path), b.root.path / "var/tmp/edgekeeper2.deb")
+    b.run("apt-get", "install", "-y", "-qq", "--no-install-recommends",
+          "/var/tmp/edgekeeper2.deb", timeout=600)
+    s = b.show("ActiveState", "MainPID", "Description", "NeedDaemonReload", "StatusText")
+    assert s["ActiveState"] == "active" and int(s["MainPID"]) not in (0, old_pid), s
+    assert s["Description"].startswith("(build2) ") and s["NeedDaemonReload"] == "no", s
+    status, info = b.call("GET", "/v2")
+    assert status == 200 and info["version"].startswith("build2-"), info
+    assert b.call("GET", "/v2/models/digits")[0] == 200  # the state survived the upgrade
+
+    b.run("apt-get", "remove", "-y", "-qq", "edgekeeper", timeout=300)
+    s = b.show("ActiveState", "LoadState")
+    assert (s["ActiveState"], s["LoadState"]) == ("inactive", "not-found"), s
+    assert not b.agent_processes(), f"left running after remove: {b.agent_processes()}"
+    assert (b.root.path / "var/lib/edge-agent").is_dir()  # remove keeps the state
+
+    b.run("apt-get", "purge", "-y", "-qq", "edgekeeper", timeout=300)
+    for gone in ("var/lib/edge-agent", "etc/edge-agent", "opt/venvs/edgekeeper",
+                 "etc/systemd/system/multi-user.target.wants/edge-agent.service"):
+        assert not (b.root.path / gone).exists() and not (b.root.path / gone).is_symlink(), \
+            gone
+    assert not b.agent_processes()
+    assert b.run("getent", "passwd", "edge-agent").stdout.startswith("edge-agent:")
