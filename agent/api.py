@@ -42,6 +42,7 @@ from agent.errors import (
     UnknownModel,
 )
 from agent.logs import RateLimited
+from agent.serving import tfs
 from agent.serving.admission import PRIORITY
 from agent.serving.heavy import HeavyGate, in_thread
 from agent.serving.http import (
@@ -53,13 +54,7 @@ from agent.serving.http import (
     Router,
     json_response,
 )
-from agent.serving.oip import (
-    infer_response,
-    model_metadata,
-    parse_infer,
-    parse_predict,
-    predict_response,
-)
+from agent.serving.oip import infer_response, model_metadata, parse_infer
 from agent.serving.scheduler import Resident
 from agent.serving.shm import SharedMemory
 from agent.trust.archive import GZIP_MAGIC, ZSTD_MAGIC
@@ -165,6 +160,9 @@ class Api:
         self._errors = RateLimited(log, interval_s=60.0)
         self._http: HttpServer | None = None
         self._completions: Completions | None = None
+        # Models a client unloaded through the repository API: not served (nor loaded
+        # again by a request) until it loads them. In memory: a restart serves them again.
+        self.unloaded: set[str] = set()
         api = agent.config.api
         self.shm = (SharedMemory(max_regions=api.shared_memory_max_regions,
                                  max_region_bytes=api.shared_memory_max_region_bytes)
@@ -183,10 +181,23 @@ class Api:
                 ("POST", "/v2/models/{name}/infer", self.infer),
                 ("POST", "/v2/models/{name}/versions/{version}/infer", self.infer),
                 ("POST", "/v2/repository/index", self.repository_index),
+                ("POST", "/v2/repository/models/{name}/load", self.repository_load),
+                ("POST", "/v2/repository/models/{name}/unload", self.repository_unload),
                 ("POST", "/v1/models/{name}:predict", self.predict),
                 ("POST", "/v1/models/{name}/versions/{version}:predict", self.predict),
+                ("POST", "/v1/models/{name}:classify", self.classify),
+                ("POST", "/v1/models/{name}/versions/{version}:classify", self.classify),
+                ("POST", "/v1/models/{name}:regress", self.regress),
+                ("POST", "/v1/models/{name}/versions/{version}:regress", self.regress),
                 ("GET", "/v1/models/{name}", self.model_status),
                 ("GET", "/v1/models/{name}/versions/{version}", self.model_status),
+                ("GET", "/v1/models/{name}/metadata", self.tfs_metadata),
+                ("GET", "/v1/models/{name}/versions/{version}/metadata", self.tfs_metadata),
+                ("GET", "/v1/models/{name}/labels/{label}", self.version_label),
+                ("GET", "/v1/models/{name}/labels/{label}/metadata", self.version_label),
+                ("POST", "/v1/models/{name}/labels/{label}:predict", self.version_label),
+                ("POST", "/v1/models/{name}/labels/{label}:classify", self.version_label),
+                ("POST", "/v1/models/{name}/labels/{label}:regress", self.version_label),
                 ("GET", "/metrics", self.metrics),
                 ("GET", "/openapi.json", self.openapi),
                 ("POST", "/v1/admin/rollback", self.admin_rollback),
@@ -277,6 +288,9 @@ class Api:
         name = request.params["name"]
         if not MODEL_NAME.match(name):  # never a file name nor a label from raw input
             raise UnknownModel(name[:64] + ("…" if len(name) > 64 else ""))
+        if name in self.unloaded:
+            raise ApiError(404, f"model {name} was unloaded through the repository API: "
+                           f"POST /v2/repository/models/{name}/load serves it again")
         entry = self.agent.scheduler.resident(name)
         if entry is None:  # installed but unloaded to make room: load it again
             loop = asyncio.get_running_loop()
@@ -398,6 +412,11 @@ class Api:
         out = []
         for name in self.agent.store.models():
             entry = resident.get(name)
+            if name in self.unloaded:
+                if not ready_only:
+                    out.append({"name": name, "version": "", "state": "UNAVAILABLE",
+                                "reason": "unloaded through the repository API"})
+                continue
             if entry is not None:
                 out.append({"name": name, "version": str(entry.manifest.version),
                             "state": "READY", "reason": ""})
@@ -413,6 +432,45 @@ class Api:
                         "reason": "not loaded (memory budget or a failed load); a request "
                                   "loads it"})
         return out
+
+    async def repository_load(self, request: Request) -> Response:
+        """Load an installed model (the model repository extension): serve it again after
+        an unload, or load one the memory budget had unloaded. Models come only from the
+        signed store: no configuration or files in the body."""
+        name = self._repository_name(request)
+        self.unloaded.discard(name)
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(None, self.agent.ensure_loaded, name):
+            raise UnknownModel(f"{name} (only installed models load: install a signed "
+                               "bundle first)")
+        return json_response({})
+
+    async def repository_unload(self, request: Request) -> Response:
+        """Stop serving an installed model and free its memory until it is loaded again;
+        it stays installed (an update or a rollback still reaches it)."""
+        name = self._repository_name(request)
+        if name not in self.agent.store.models():
+            raise UnknownModel(name)
+        self.unloaded.add(name)
+        self.agent.scheduler.unload(name)
+        return json_response({})
+
+    def _repository_name(self, request: Request) -> str:
+        name = request.params["name"]
+        if not MODEL_NAME.match(name):
+            raise UnknownModel(name[:64])
+        if request.body.strip():
+            body = self._json_body(request)
+            params = body.get("parameters", {})
+            # unload_dependents (tritonclient sends it on every unload): no model here has
+            # dependents. Anything else would configure a model outside its signed bundle.
+            if set(body) - {"parameters"} or not isinstance(params, dict) \
+                    or set(params) - {"unload_dependents"} \
+                    or not isinstance(params.get("unload_dependents", False), bool):
+                raise ApiError(400, "load and unload take no parameters (but "
+                               "unload_dependents, a boolean): a model's configuration is its "
+                               "signed bundle")
+        return name
 
     async def model_status(self, request: Request) -> Response:
         """TensorFlow Serving's model status (`GET /v1/models/{name}[/versions/{v}]`)."""
@@ -441,10 +499,42 @@ class Api:
     async def predict(self, request: Request) -> Response:
         entry = await self._model(request)
         self._json_cap(len(request.body))
-        x, rows = await self._work(len(request.body), len(request.body), parse_predict,
+        x, rows = await self._work(len(request.body), len(request.body), tfs.parse_predict,
                                    request.body, entry.manifest)
         y = await self._run(entry.name, x, "normal", None)
-        return Response(200, await self._work(y.nbytes, y.nbytes, predict_response, y, rows))
+        return Response(200, await self._work(y.nbytes, y.nbytes, tfs.predict_response, y,
+                                              rows))
+
+    async def classify(self, request: Request) -> Response:
+        """TF Serving's `:classify`: every class's label and score per example."""
+        entry = await self._model(request)
+        self._json_cap(len(request.body))
+        x = await self._work(len(request.body), len(request.body), tfs.parse_examples,
+                             request.body, entry.manifest, "classify")
+        y = await self._run(entry.name, x, "normal", None)
+        return Response(200, tfs.classify_response(entry.manifest, y))
+
+    async def regress(self, request: Request) -> Response:
+        """TF Serving's `:regress`: one value per example."""
+        entry = await self._model(request)
+        self._json_cap(len(request.body))
+        x = await self._work(len(request.body), len(request.body), tfs.parse_examples,
+                             request.body, entry.manifest, "regress")
+        y = await self._run(entry.name, x, "normal", None)
+        return Response(200, tfs.regress_response(y))
+
+    async def tfs_metadata(self, request: Request) -> Response:
+        """TF Serving's model metadata (`GET /v1/models/{name}[/versions/{v}]/metadata`)."""
+        entry = await self._model(request)
+        return json_response(tfs.model_metadata(entry.manifest))
+
+    async def version_label(self, request: Request) -> Response:
+        """TF Serving's version labels: the agent serves one version per model, so there
+        are none; the answer says what to use."""
+        name = request.params["name"][:64]
+        raise ApiError(404, f"version labels are not supported (label "
+                       f"{request.params['label'][:64]!r}): the agent serves one version per "
+                       f"model; use /v1/models/{name} or /v1/models/{name}/versions/N")
 
     async def openapi(self, request: Request) -> Response:
         """This API described in OpenAPI 3 (docs/openapi.json, shipped in the package)."""

@@ -232,29 +232,42 @@ __all__ = ["AgentProcess", "call", "infer_body", "make_keys", "release", "write_
 def onnx_release(bundle: Path, keys: Path, archive: Path, *, name: str, version: int,
                  sample_shape: tuple[int, ...], profile: str = "x86_64-generic",
                  arena_bytes: int = 1 << 20, output_name: str = "output",
-                 model_bytes: int | None = None) -> Path:
+                 model_bytes: int | None = None, task: str = "classify",
+                 outputs: int = 10) -> Path:
     """Self-test, manifest, release signatures and archive for `bundle/model.onnx` (input
-    "input" [N, *sample_shape], output `output_name` [N, 10]); returns the archive.
-    `model_bytes`: the resident size the manifest declares (default: the file's)."""
+    "input" [N, *sample_shape], output `output_name` [N, outputs]); returns the archive.
+    `model_bytes`: the resident size the manifest declares (default: the file's); `task`
+    classify (labels "0".."9") or regress (no labels, no class statistics)."""
     from datetime import UTC, datetime, timedelta
 
     from fixture_trust import reference
 
     from agent.serving.runtime import open_model
-    from agent.trust.manifest import Manifest, Preprocessing, ResourceEstimate, SelfTest, TensorSpec
+    from agent.trust.manifest import (
+        Manifest,
+        OutputReference,
+        Preprocessing,
+        ResourceEstimate,
+        SelfTest,
+        TensorSpec,
+    )
 
     x = np.random.default_rng(1).uniform(0, 1, (8, *sample_shape)).astype(np.float32)
     np.savez(bundle / "selftest.npz", inputs=x,
              outputs=open_model(bundle / "model.onnx", "onnx").run(x))
     now = datetime.now(UTC)
+    ref = reference(classes=outputs, samples=len(x))
+    if task == "regress":
+        ref = ref.model_copy(update={"output": OutputReference()})
     m = Manifest(
         name=name, version=version, created=now, expires=now + timedelta(days=30),
         min_agent_version="0.1.0", profiles=[profile], runtime="onnx", model_file="model.onnx",
         files={f: file_entry(bundle / f) for f in ("model.onnx", "selftest.npz")},
         inputs=[TensorSpec(name="input", dtype="float32", shape=[None, *sample_shape])],
-        outputs=[TensorSpec(name=output_name, dtype="float32", shape=[None, 10])],
-        labels=[str(i) for i in range(10)], preprocessing=Preprocessing(layout="NCHW"),
-        reference=reference(classes=10, samples=len(x)),
+        outputs=[TensorSpec(name=output_name, dtype="float32", shape=[None, outputs])],
+        labels=[str(i) for i in range(outputs)] if task == "classify" else [],
+        preprocessing=Preprocessing(layout="NCHW"), task=task,
+        reference=ref,
         resources=ResourceEstimate(model_bytes=model_bytes
                                    or (bundle / "model.onnx").stat().st_size,
                                    arena_bytes=arena_bytes, peak_memory_bytes=1 << 26),

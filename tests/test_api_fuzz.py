@@ -32,7 +32,7 @@ from agent.config import load_config
 from agent.unit import memory_max_bytes
 
 BUDGET = 96 << 20
-EXAMPLES = 40  # per operation and generation mode; 24 operations
+EXAMPLES = 40  # per operation and generation mode; 37 operations
 STATEFUL_EXAMPLES = 30
 #: Routes that refuse some requests the document allows, with the statuses and why: whether
 #: a body fits the served model (its input names, datatypes, shapes), whether a key names a
@@ -43,6 +43,11 @@ REFUSED_ALTHOUGH_VALID = {
     "/v2/models/{name}/versions/{version}/infer": ("400",),
     "/v1/models/{name}:predict": ("400",),
     "/v1/models/{name}/versions/{version}:predict": ("400",),
+    # a classifier refuses :regress and a regressor :classify (400 naming :predict)
+    "/v1/models/{name}:classify": ("400",),
+    "/v1/models/{name}/versions/{version}:classify": ("400",),
+    "/v1/models/{name}:regress": ("400",),
+    "/v1/models/{name}/versions/{version}:regress": ("400",),
     "/v2/systemsharedmemory/region/{region}/register": ("400",),
     "/v1/admin/install": ("400", "415", "422"),
 }
@@ -152,7 +157,7 @@ def test_schemathesis_finds_no_5xx_no_dropped_connection_and_no_undocumented_ans
     schema = schemathesis.openapi.from_dict(_document(agent), config=_config())
     sessions = {False: _session(agent.socket), True: _session(agent.admin_socket)}
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 24
+    assert len(operations) == 37
     assert {op.path for op in operations} >= set(REFUSED_ALTHOUGH_VALID)
     calls = sum(_fuzz(op, sessions[op.path.startswith("/v1/admin/")], mode)
                 for op in operations for mode in GenerationMode

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ApiError
-from agent.serving.oip import infer_response, parse_infer, parse_predict
+from agent.serving.oip import infer_response, parse_infer
+from agent.serving.tfs import parse_predict
 from agent.trust.bundle import read_manifest
 from agent.trust.manifest import Manifest, TensorSpec
 

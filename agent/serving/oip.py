@@ -1,5 +1,5 @@
 """Wire formats of the local API, without I/O: Open Inference Protocol (KServe v2) requests
-and responses with the binary tensor data extension, and TensorFlow Serving's predict.
+and responses with the binary tensor data extension (TensorFlow Serving's: `agent.serving.tfs`).
 
 Every parser takes untrusted bytes and either returns float32 input batches or raises
 `ApiError` (a 4xx status and a message naming the problem); nothing else escapes, which a
@@ -42,7 +42,7 @@ class InferRequest:
     output_shm: ShmRef | None = None  # write the output into this region, not the body
 
 
-def _json(body: bytes) -> Any:
+def json_body(body: bytes) -> Any:
     try:
         return json.loads(body, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -61,7 +61,7 @@ def _shape_ok(spec: TensorSpec, shape: list[int]) -> bool:
                enumerate(zip(want, shape, strict=True)))
 
 
-def _check_shape(spec: TensorSpec, shape: Any) -> list[int]:
+def check_shape(spec: TensorSpec, shape: Any) -> list[int]:
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
         raise ApiError(400, f"input {spec.name}: shape must be a list of positive integers")
@@ -103,7 +103,7 @@ def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
     # The binary part is a view of the body: no copy of the tensor bytes before decoding.
     head, binary = ((body, memoryview(b"")) if header_length is None else
                     (body[:header_length], memoryview(body)[header_length:]))
-    req = _json(head)
+    req = json_body(head)
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ApiError(400, "request must be an object with an 'inputs' list")
     spec = manifest.inputs[0]
@@ -117,7 +117,7 @@ def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
     if datatype not in DATATYPES:
         raise ApiError(400, f"input {spec.name}: datatype {datatype!r} is not one of "
                        f"{', '.join(DATATYPES)}")
-    shape = _check_shape(spec, inp.get("shape"))
+    shape = check_shape(spec, inp.get("shape"))
     params = inp.get("parameters") or {}
     if not isinstance(params, dict):
         raise ApiError(400, "parameters must be an object")
@@ -256,7 +256,7 @@ def infer_response(manifest: Manifest, y: F32, *, request_id: str | None,
     meta.pop("outputs")
     start = json.dumps(meta, separators=(",", ":"))[:-1]
     opening = json.dumps(tensor, separators=(",", ":"))[:-1]
-    return (f'{start},"outputs":[{opening},"data":'.encode() + _json_array(y.ravel())
+    return (f'{start},"outputs":[{opening},"data":'.encode() + json_array(y.ravel())
             + b"}]}"), None
 
 
@@ -270,49 +270,12 @@ def model_metadata(manifest: Manifest) -> dict[str, Any]:
             "parameters": {"labels": manifest.labels, "profiles": manifest.profiles}}
 
 
-def parse_predict(body: bytes, manifest: Manifest) -> tuple[F32, bool]:
-    """TF Serving `:predict`: {"instances": [...]} (row format) or {"inputs": ...} (columnar).
-    Returns the batch and whether the row format was used.
-
-    Raises:
-        ApiError: 400 malformed or wrong shape.
-    """
-    req = _json(body)
-    if not isinstance(req, dict) or ("instances" in req) == ("inputs" in req):
-        raise ApiError(400, "body must have exactly one of 'instances' or 'inputs'")
-    rows = "instances" in req
-    data = req["instances"] if rows else req["inputs"]
-    if isinstance(data, dict):
-        spec_name = manifest.inputs[0].name
-        if list(data) != [spec_name]:
-            raise ApiError(400, f"named inputs must be exactly {spec_name!r}")
-        data = data[spec_name]
-    if not isinstance(data, list) or not data:
-        raise ApiError(400, "instances/inputs must be a non-empty list")
-    try:
-        with np.errstate(over="ignore", invalid="ignore"):
-            arr = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise ApiError(400, "instances must be nested lists of numbers of one shape") from exc
-    if arr.size > MAX_ELEMENTS:
-        raise ApiError(413, "too many elements")
-    _check_shape(manifest.inputs[0], list(arr.shape) if arr.ndim else [])
-    if not np.isfinite(arr).all():
-        raise ApiError(400, "values must be finite")
-    return arr, rows
-
-
-def predict_response(y: F32, rows: bool) -> bytes:
-    key = "predictions" if rows else "outputs"
-    return b'{"' + key.encode() + b'":' + _json_array(y) + b"}"
-
-
 #: Elements per `json.dumps` call when encoding outputs: one call holds the GIL throughout,
 #: and a 200,000-element call held it (and so the event loop) for 90 ms.
 SLICE = 8192
 
 
-def _json_array(y: F32) -> bytes:
+def json_array(y: F32) -> bytes:
     """`json.dumps(y.tolist())`, compact, in slices of rows small enough that no single
     call holds the GIL for long."""
     if y.size <= SLICE:
