@@ -147,6 +147,21 @@ class Completions:
                 out.set_result(f.result())
 
 
+INFERENCE_SUFFIXES = ("/infer", ":predict", ":classify", ":regress")
+
+
+def route_kind(path: str) -> str:
+    """What an answer was for, so that traffic is counted apart from a scraper's and a
+    health checker's: `inference`, `health`, `metrics` or `api` (metadata, repository,
+    admin, unknown routes)."""
+    route = path.split("?", maxsplit=1)[0]
+    if route.startswith("/v2/health/"):
+        return "health"
+    if route == "/metrics":
+        return "metrics"
+    return "inference" if route.endswith(INFERENCE_SUFFIXES) else "api"
+
+
 def _error(status: int, message: str, **extra: Any) -> Response:
     return json_response({"error": message, **extra}, status)
 
@@ -242,7 +257,8 @@ class Api:
         client looping on a bad request, or cycling through random paths, must not flood
         the journal): 5xx but 503 as errors, refusals (429, 503) and other 4xx as
         warnings."""
-        self.agent.metrics.inc("edge_agent_http_responses_total", code=str(status))
+        self.agent.metrics.inc("edge_agent_http_responses_total", code=str(status),
+                               kind=route_kind(path))
         if status < 400:
             return
         route = path.split("?", maxsplit=1)[0][:80]

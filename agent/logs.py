@@ -7,6 +7,12 @@ stderr is journald's stream.
 - `json`: one object per line: `ts` (RFC 3339, UTC), `level`, `logger`, `msg`, and `exc`
   with the traceback when there is one.
 
+The agent's lines read `event key=value …` (`http.error status=404 method=GET …`): in
+`logfmt` and `json` the event and each `key=%…` pair of the message's template come out as
+fields of their own (`"event": "http.error", "status": 404`), typed as the argument was,
+beside the whole message in `msg`; `RateLimited` adds `suppressed`. A field that would
+clash with the line's own keys gets a trailing underscore.
+
 Under systemd, stderr is a journald stream (`JOURNAL_STREAM` names its device and inode):
 each line then starts with `<N>`, its syslog priority (sd-daemon(3)), so journald files a
 warning as a warning rather than as the stream's default (info).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -43,12 +50,64 @@ def journald_stream(stream: TextIO) -> bool:
     return want == f"{st.st_dev}:{st.st_ino}"
 
 
+# `%` conversions of a %-format template (`%%` is a literal percent sign).
+CONVERSION = re.compile(r"%%|%(?:\([^)]*\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[a-zA-Z]")
+KEY_BEFORE = re.compile(r"(?:^|\s)([A-Za-z_][\w.]*)=$")
+EVENT = re.compile(r"^[a-z][a-z0-9_]*(?:\.[a-z0-9_]+)+$")
+OWN_KEYS = frozenset({"ts", "level", "logger", "msg", "exc", "event"})
+
+
+def _jsonable(value: object) -> object:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def fields(record: logging.LogRecord) -> dict[str, object]:
+    """The event and key=value fields of an `event key=%s …` line, from its template and
+    arguments (never by re-parsing the formatted text: a value may hold spaces or `=`),
+    plus any `extra={"fields": {...}}` the caller gave."""
+    out: dict[str, object] = {}
+    template = record.msg if isinstance(record.msg, str) else ""
+    args = record.args if isinstance(record.args, tuple) else ()
+    first = template.split(" ", 1)[0]
+    index = 0
+    for m in CONVERSION.finditer(template):
+        if m.group() == "%%":
+            continue
+        if m.start() == 0 and index < len(args):  # "%s …": the event is an argument
+            first = ""
+        key = KEY_BEFORE.search(template, 0, m.start())
+        if key and key.end() == m.start() and index < len(args):
+            out[key.group(1)] = _jsonable(args[index])
+        index += 1
+    if first and "%" not in first and EVENT.match(first):
+        out = {"event": first, **out}
+    elif first and "%" in first:  # "trust.%s_failed": the event with its argument
+        try:
+            formatted = record.getMessage().split(" ", 1)[0]
+        except (TypeError, ValueError):
+            formatted = ""
+        if EVENT.match(formatted):
+            out = {"event": formatted, **out}
+    extra = getattr(record, "fields", None)
+    if isinstance(extra, dict):
+        out.update({str(k): _jsonable(v) for k, v in extra.items()})
+    return {(f"{k}_" if k in OWN_KEYS - {"event"} else k): v for k, v in out.items()}
+
+
 def _logfmt_value(value: str) -> str:
     if value and not any(c in value for c in ' ="\\\n\t') and value.isprintable():
         return value
     escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
                .replace("\t", "\\t"))
     return f'"{escaped}"'
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
 
 
 class LineFormatter(logging.Formatter):
@@ -62,13 +121,16 @@ class LineFormatter(logging.Formatter):
         exc = self.formatException(record.exc_info) if record.exc_info else None
         level = record.levelname.lower()
         if self.fmt == "json":
-            obj = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds"), "level": level, "logger": record.name, "msg": msg}
+            obj: dict[str, object] = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"), "level": level, "logger": record.name,
+                **fields(record), "msg": msg}
             if exc:
                 obj["exc"] = exc
             line = json.dumps(obj, ensure_ascii=False)
         elif self.fmt == "logfmt":
-            line = (f"level={level} logger={_logfmt_value(record.name)} "
+            pairs = "".join(f" {k}={_logfmt_value(_text(v))}" for k, v in
+                            fields(record).items())
+            line = (f"level={level} logger={_logfmt_value(record.name)}{pairs} "
                     f"msg={_logfmt_value(msg)}")
             if exc:
                 line += f" exc={_logfmt_value(exc)}"
@@ -126,7 +188,8 @@ class RateLimited:
         if held:
             msg += f" (and {held} more like it in the last %ds)"
             args = (*args, round(self.interval_s))
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, extra={"fields": {"suppressed": held}}
+                        if held else None)
         return True
 
     def forget(self, key: str) -> int:

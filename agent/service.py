@@ -82,17 +82,17 @@ async def serve(agent: Agent, notifier: Notifier) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    models = ", ".join(f"{n} v{r.manifest.version}"
-                       for n, r in agent.scheduler.models().items()) or "no model yet"
+    models = served(agent)
     notifier.ready(f"serving {models} on {' and '.join(where)}")
     log.info("agent.ready pid=%d listen=%s models=%s", os.getpid(), ",".join(where), models)
-    watchdog = asyncio.create_task(_watchdog(notifier)) if agent.config.systemd.watchdog \
-        else None
+    tasks = [asyncio.create_task(_follow_status(agent, notifier, where, models))]
+    if agent.config.systemd.watchdog:
+        tasks.append(asyncio.create_task(_watchdog(notifier)))
     await stop.wait()
     notifier.stopping("draining requests")
     log.info("agent.stopping")
-    if watchdog:
-        watchdog.cancel()
+    for task in tasks:
+        task.cancel()
     for server in servers:
         server.close()
     await http.drain(timeout_s=10)
@@ -101,6 +101,29 @@ async def serve(agent: Agent, notifier: Notifier) -> None:
     if api.shm is not None:  # after the drain: answered requests have read their regions
         api.shm.close()
     agent.scheduler.stop()
+
+
+def served(agent: Agent) -> str:
+    """The models being served, as systemd's STATUS= and the ready line say them."""
+    return ", ".join(f"{n} v{r.manifest.version}" for n, r in
+                     sorted(agent.scheduler.models().items())) or "no model yet"
+
+
+#: How often STATUS= is brought up to date with the served models (installs, rollbacks,
+#: loads and unloads change them; `systemctl status` shows the line).
+STATUS_EVERY_S = 1.0
+
+
+async def _follow_status(agent: Agent, notifier: Notifier, where: list[str], said: str
+                         ) -> None:
+    if not notifier.enabled:
+        return
+    while True:
+        await asyncio.sleep(STATUS_EVERY_S)
+        now = served(agent)
+        if now != said:
+            notifier.status(f"serving {now} on {' and '.join(where)}")
+            said = now
 
 
 async def _watchdog(notifier: Notifier) -> None:

@@ -377,6 +377,7 @@ def _quiet_install(agent: AgentProcess, archive: Path, answers: list[int] | None
             answers.append(status)
 
 
+@needs_onnxruntime
 def test_sd_notify_ready_watchdog_status_and_stopping(
         agent_factory: Any, releases: dict[str, Path], tmp_path: Path) -> None:
     path = str(tmp_path / "notify.sock")
@@ -390,6 +391,12 @@ def test_sd_notify_ready_watchdog_status_and_stopping(
     first = "\n".join(messages)
     assert "READY=1" in first and "STATUS=serving no model yet on" in first
     assert f"MAINPID={agent.proc.pid}" in first
+    # STATUS= follows the served models: an install is said without a restart
+    installed(agent, releases["onnx1"])
+    end = time.monotonic() + 20  # watchdog pings keep coming: bound the wait by time
+    while not any("STATUS=serving digits v1 on" in m for m in messages):
+        assert time.monotonic() < end, "STATUS= never said the installed model"
+        messages.append(sock.recv(4096).decode())
     assert agent.stop() == 0  # SIGTERM: a clean stop
     rest = []
     sock.settimeout(0)  # what it said before it exited is queued on the socket already

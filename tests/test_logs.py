@@ -41,6 +41,41 @@ def test_logfmt_and_json_lines_parse_back_to_the_message(msg: str) -> None:
     assert (obj["level"], obj["logger"], obj["msg"]) == ("warning", "edge_agent.link", msg)
 
 
+def _line(fmt: str, msg: str, *args: object, **extra: object) -> dict[str, object]:
+    rec = logging.LogRecord("edge_agent.api", logging.WARNING, __file__, 1, msg, args, None)
+    for k, v in extra.items():
+        setattr(rec, k, v)
+    line = LineFormatter(fmt, journald=False).format(rec)  # type: ignore[arg-type]
+    return json.loads(line) if fmt == "json" else _logfmt(line)
+
+
+def test_an_events_key_value_pairs_are_fields_of_their_own() -> None:
+    """`event key=%s …`: the event and each pair become fields, typed as the argument
+    was (JSON) or as logfmt pairs; values with spaces and `=` stay whole; the message is
+    still there in full."""
+    template = "http.error status=%d method=%s path=%s reason=%s error=%s"
+    args = (404, "GET", "/v2/a b=c", "-", '"no such model"')
+    obj = _line("json", template, *args)
+    want = {"event": "http.error", "status": 404, "method": "GET", "path": "/v2/a b=c",
+            "reason": "-", "error": '"no such model"'}
+    assert {k: obj[k] for k in want} == want, obj
+    assert obj["msg"] == template % args
+    pairs = _line("logfmt", template, *args)
+    assert {k: pairs[k] for k in want} == {k: str(v) for k, v in want.items()}, pairs
+    assert pairs["msg"] == template % args
+    # the event from its argument; no event for free text; no clash with the line's keys
+    assert _line("json", "trust.%s_failed", "root")["event"] == "trust.root_failed"
+    free = _line("json", "%d connections on all listeners", 3)
+    assert set(free) == {"ts", "level", "logger", "msg"}, free
+    clash = _line("json", "x.y level=%s msg=%s ts=%d", "high", "m", 3)
+    assert (clash["level"], clash["level_"], clash["msg_"], clash["ts_"]) == (
+        "warning", "high", "m", 3), clash
+    floats = _line("json", "mqtt.retry after=%.1f ok=%s", 2.25, True)
+    assert (floats["after"], floats["ok"]) == (2.25, True), floats
+    held = _line("json", "http.error status=%d", 429, fields={"suppressed": 7})
+    assert (held["status"], held["suppressed"]) == (429, 7), held
+
+
 def test_journald_lines_carry_their_priority_on_every_line() -> None:
     fmt = LineFormatter("text", journald=True)
     assert fmt.format(_record("hot", logging.WARNING)).startswith("<4>WARNING ")
@@ -79,11 +114,13 @@ def test_the_daemon_logs_in_the_format_asked_and_knows_journald_from_a_file(
                 time.sleep(0.05)
         else:
             raise AssertionError(err.read_text())
+        assert unix_call(tmp_path / "dev/api.sock", "GET", "/v2/models/nope")[0] == 404
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, err.read_text()
     lines = [line for line in err.read_text().splitlines() if line]
     assert len(lines) >= 3, lines
+    errors: list[dict[str, object]] = []
     for line in lines:
         body = line
         if journald:
@@ -94,9 +131,13 @@ def test_the_daemon_logs_in_the_format_asked_and_knows_journald_from_a_file(
             assert not line.startswith("<"), line
         fields = json.loads(body) if fmt == "json" else _logfmt(body)
         assert fields["level"] in ("info", "warning", "error"), line
+        if fields.get("event") == "http.error":  # the client error, its pairs as fields
+            errors.append(fields)
         if journald:
             want = {"info": "6", "warning": "4", "error": "3"}[fields["level"]]
             assert m.group(1) == want, line
+    assert [(e["status"], e["path"]) for e in errors] == [
+        (404 if fmt == "json" else "404", "/v2/models/nope")], errors
 
 
 def test_sigterm_with_an_idle_keep_alive_client_stops_at_once_without_a_traceback(
@@ -184,8 +225,30 @@ def test_client_errors_are_counted_by_status_and_logged_once_a_minute(tmp_path: 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
-    assert 'edge_agent_http_responses_total{code="404"} 80' in metrics, metrics
-    assert 'edge_agent_http_responses_total{code="400"} 1' in metrics, metrics
+    assert 'edge_agent_http_responses_total{code="404",kind="api"} 80' in metrics, metrics
+    assert 'edge_agent_http_responses_total{code="400",kind="api"} 1' in metrics, metrics
+    # the health checks polled above are counted apart from API traffic
+    assert re.search(r'edge_agent_http_responses_total\{code="200",kind="health"\} [1-9]',
+                     metrics), metrics
     text = err.read_text()
     assert text.count("http.error status=404") == 1, text
     assert text.count("http.error status=400") == 1, text
+
+
+def test_answers_are_counted_by_what_they_were_for() -> None:
+    """Scrapes and health checks are not traffic (they diluted the refusal-rate alert)."""
+    from agent.api import route_kind
+
+    assert {p: route_kind(p) for p in (
+        "/v2/models/digits/infer", "/v2/models/digits/versions/1/infer",
+        "/v1/models/digits:predict", "/v1/models/digits/versions/2:classify",
+        "/v1/models/energy:regress", "/v2/health/live", "/v2/health/ready", "/metrics",
+        "/metrics?x=1", "/v2/models/digits", "/v2/repository/index", "/v1/admin/install",
+        "/no/such/route", "/v1/models/digits/metadata")} == {
+        "/v2/models/digits/infer": "inference", "/v2/models/digits/versions/1/infer": "inference",
+        "/v1/models/digits:predict": "inference",
+        "/v1/models/digits/versions/2:classify": "inference",
+        "/v1/models/energy:regress": "inference", "/v2/health/live": "health",
+        "/v2/health/ready": "health", "/metrics": "metrics", "/metrics?x=1": "metrics",
+        "/v2/models/digits": "api", "/v2/repository/index": "api", "/v1/admin/install": "api",
+        "/no/such/route": "api", "/v1/models/digits/metadata": "api"}

@@ -138,6 +138,9 @@ def test_the_packaged_agent_under_systemd(booted: Booted) -> None:
     # A model installed through the admin socket, served under the hardening (TFLite with
     # XNNPACK: MemoryDenyWriteExecute, the system call filter, no capabilities).
     b.run("edge-agent", "install", "/var/tmp/digits.tar.zst")
+    # `systemctl status` follows the served models without a restart
+    wait_until(lambda: "digits v1" in b.show("StatusText")["StatusText"], timeout_s=20,
+               what="STATUS= naming the installed model")
     meta = b.call("GET", "/v2/models/digits")
     status, out = meta[0], meta[1]
     assert status == 200 and out["platform"] == "tensorflow_lite", meta

@@ -41,7 +41,8 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "edge_agent_refusals_total": (
         "counter", "Requests refused by admission, by reason (queue_full, deadline, memory, "
         "thermal, too_large, stopping)."),
-    "edge_agent_http_responses_total": ("counter", "HTTP answers sent, by status code."),
+    "edge_agent_http_responses_total": ("counter", "HTTP answers sent, by status code and "
+                                        "kind (inference, health, metrics, api)."),
     "edge_agent_http_heavy_wait_seconds_total": (
         "counter", "Time requests with large JSON waited for the heavy gate (api."
                    "heavy_json_share of the wall time at most goes to large JSON)."),
