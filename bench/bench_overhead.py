@@ -6,7 +6,8 @@ sockets with the lean keep-alive client of `bench/lean.py`:
 - bare LiteRT `model.run` on one sample (in this process);
 - the null HTTP server (asyncio, a fixed 200): the floor of a Python HTTP round trip;
 - the agent: GET /v2/health/live, then POST infer with a JSON body and with the binary
-  tensor extension.
+  tensor extension, on one connection and with two more keep-alive connections open and
+  idle (as a client's connection pool or a load balancer holds them).
 
 added = agent - null - bare runtime: the agent's own work per request (parsing,
 validation, admission, scheduling, serialisation). Also the daemon's RSS serving the model.
@@ -59,23 +60,33 @@ def overhead_rows(agents: dict[str, AgentProcess], null_sock: Path, model_path: 
     rounds."""
     reqs = infer_requests(name, input_name, x)
     live = request_bytes("GET", "/v2/health/live")
-    cases: dict[str, tuple[Path, bytes | None]] = {
-        f"bare {runtime}": (model_path, None),
-        "null HTTP server": (null_sock, reqs["binary"]),
+    cases: dict[str, tuple[Path, bytes | None, int]] = {
+        f"bare {runtime}": (model_path, None, 0),
+        "null HTTP server": (null_sock, reqs["binary"], 0),
     }
     for tag, agent in agents.items():
-        cases |= {f"{tag}agent GET /v2/health/live": (agent.socket, live),
-                  f"{tag}agent infer, JSON": (agent.socket, reqs["json"]),
-                  f"{tag}agent infer, binary tensors": (agent.socket, reqs["binary"])}
+        cases |= {f"{tag}agent GET /v2/health/live": (agent.socket, live, 0),
+                  f"{tag}agent infer, JSON": (agent.socket, reqs["json"], 0),
+                  f"{tag}agent infer, binary tensors": (agent.socket, reqs["binary"], 0),
+                  # as a client's pool holds them: two more keep-alive connections, idle
+                  f"{tag}agent infer, JSON, 3 connections open": (agent.socket,
+                                                                  reqs["json"], 2),
+                  f"{tag}agent infer, binary, 3 connections open": (agent.socket,
+                                                                    reqs["binary"], 2)}
     got: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     for _ in range(rounds):
-        for label, (where, raw) in cases.items():
+        for label, (where, raw, idle) in cases.items():
             if raw is None:
                 samples = bare_times(where, runtime, x, n)
             else:
+                held = [LeanClient(where) for _ in range(idle)]
+                for h in held:  # established keep-alive connections, then idle
+                    assert h.request(live)[0] == 200
                 client = LeanClient(where)
                 samples = timed(client, raw, n)
                 client.close()
+                for h in held:
+                    h.close()
             got[label].append((p50_us(samples), p99_us(samples)))
     return [(label, float(np.median([p for p, _ in v])), float(np.median([q for _, q in v])))
             for label, v in got.items()]
