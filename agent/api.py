@@ -322,9 +322,10 @@ class Api:
 
     async def _run(self, name: str, x: Any, priority: str, timeout_ms: float | None) -> Any:
         timeout = (timeout_ms or self.agent.config.scheduler.default_deadline_ms) / 1000
-        # Inline only for a lone client: with other connections open, running the model on
-        # the event loop would keep their requests unread (no batching, no overlap).
-        lone = self._http is None or self._http.open_connections <= 1
+        # Inline only when no other request is in progress or waiting: running the model on
+        # the event loop would keep it unread (no batching, no overlap). Idle keep-alive
+        # connections with nothing pending (a client's pool) do not count.
+        lone = self._http is None or not self._http.others_active()
         submit = functools.partial(self.agent.scheduler.submit, name, x,
                                    priority=PRIORITY[priority], timeout_s=timeout, inline=lone)
         try:
@@ -523,21 +524,20 @@ class Api:
 
     async def classify(self, request: Request) -> Response:
         """TF Serving's `:classify`: every class's label and score per example."""
-        entry = await self._model(request)
-        self._json_cap(len(request.body))
-        x = await self._work(len(request.body), len(request.body), tfs.parse_examples,
-                             request.body, entry.manifest, "classify")
-        y = await self._run(entry.name, x, "normal", None)
-        return Response(200, tfs.classify_response(entry.manifest, y))
+        return await self._examples(request, "classify")
 
     async def regress(self, request: Request) -> Response:
         """TF Serving's `:regress`: one value per example."""
+        return await self._examples(request, "regress")
+
+    async def _examples(self, request: Request, verb: str) -> Response:
         entry = await self._model(request)
         self._json_cap(len(request.body))
         x = await self._work(len(request.body), len(request.body), tfs.parse_examples,
-                             request.body, entry.manifest, "regress")
+                             request.body, entry.manifest, verb)
         y = await self._run(entry.name, x, "normal", None)
-        return Response(200, tfs.regress_response(y))
+        return Response(200, tfs.classify_response(entry.manifest, y) if verb == "classify"
+                        else tfs.regress_response(y))
 
     async def tfs_metadata(self, request: Request) -> Response:
         """TF Serving's model metadata (`GET /v1/models/{name}[/versions/{v}]/metadata`)."""

@@ -642,6 +642,32 @@ def test_concurrent_clients_are_batched_not_run_one_by_one_on_the_event_loop(
 
 
 @needs_onnxruntime
+def test_a_client_holding_idle_keep_alive_connections_gets_the_fast_path(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """Two more keep-alive connections open and idle (as a client's pool holds them): a
+    request on a third one still runs at once on the event loop, as a lone client's does
+    (it was handed to a worker thread whenever more than one connection was open). The
+    batching test above holds the other side: requests that arrive together still batch."""
+    agent = agent_factory(X86)
+    installed(agent, releases["onnx1"])
+    pool = [agent.connection() for _ in range(3)]
+    for c in pool:  # established keep-alive connections
+        assert call(c, "GET", "/v2/health/live", None, {})[0] == 200
+    # a first request: the scheduler learns how long the model runs (the fast path is
+    # only for models quicker than its limit)
+    assert call(pool[0], "POST", "/v2/models/digits/infer", infer_body(IN_ONNX), {})[0] == 200
+    before = _metric(agent, "edge_agent_inline_runs_total")
+    for _ in range(20):
+        status, _, raw = call(pool[0], "POST", "/v2/models/digits/infer",
+                              infer_body(IN_ONNX), {})
+        assert status == 200, raw
+    inline = _metric(agent, "edge_agent_inline_runs_total") - before
+    for c in pool:
+        c.close()
+    assert inline == 20, f"{inline:.0f} of 20 requests ran inline with idle connections open"
+
+
+@needs_onnxruntime
 def test_an_install_the_journal_cannot_record_is_503_and_the_daemon_goes_on(
         agent_factory: Any, releases: dict[str, Path]) -> None:
     """The update journal cannot be written (here: a directory where its file was): the

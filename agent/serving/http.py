@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import re
+import select
 import socket
 import struct
 import time
@@ -212,6 +213,7 @@ class HttpServer:
         self.server_header = server_name.encode()
         self._connections: dict[str, set[asyncio.Task[None]]] = {n: set() for n in LISTENERS}
         self._listener_of: dict[asyncio.StreamReader, str] = {}
+        self._fd_of: dict[asyncio.StreamReader, int] = {}  # for `others_active`
         # Connections waiting for the first byte of their next request (keep-alive, idle),
         # per listener, longest idle first: a drain closes them at once instead of waiting
         # out their idle timeout, and a listener at its cap closes the oldest for a newcomer.
@@ -222,6 +224,28 @@ class HttpServer:
     def open_connections(self) -> int:
         """Connections being served now (every listener of this server)."""
         return sum(len(c) for c in self._connections.values())
+
+    def others_active(self) -> bool:
+        """Whether a request besides the caller's is in progress or waiting: a connection
+        reading or answering one, or an idle keep-alive connection with bytes already
+        received (in its reader, or in its socket: one `poll` with no wait). Idle
+        connections with nothing pending (a client's pool, a load balancer's) do not
+        count."""
+        idle = [r for pool in self._idle.values() for r in pool]
+        if self.open_connections - len(idle) > 1:
+            return True
+        # asyncio's StreamReader keeps what its transport read in `_buffer` (CPython's
+        # since 3.4): bytes a read callback took from the socket in this loop iteration,
+        # whose task has not run yet.
+        if any(getattr(r, "_buffer", None) for r in idle):
+            return True
+        fds = [fd for r in idle if (fd := self._fd_of.get(r, -1)) >= 0]
+        if not fds:
+            return False
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
 
     def samples(self) -> list[tuple[str, dict[str, str], float]]:
         """Per listener: connections busy and idle, refusals and idle ones closed."""
@@ -265,11 +289,14 @@ class HttpServer:
             self.evicted_idle[listener] += 1
         pool.add(task)
         self._listener_of[reader] = listener
+        sock = writer.get_extra_info("socket")
+        self._fd_of[reader] = sock.fileno() if sock is not None else -1
         try:
             await self._serve(reader, writer, unix, admin)
         finally:
             pool.discard(task)
             self._listener_of.pop(reader, None)
+            self._fd_of.pop(reader, None)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()

@@ -37,6 +37,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "batching and the runtime; the client also sees parsing and the network)."),
     "edge_agent_inferences_total": ("counter", "Samples inferred, by model."),
     "edge_agent_batches_total": ("counter", "Runtime invocations, by model."),
+    "edge_agent_inline_runs_total": ("counter", "Requests run at once on the caller's thread "
+                                     "(the fast path: nothing queued, nothing else waiting), "
+                                     "by model."),
     "edge_agent_errors_total": ("counter", "Runtime failures, by model."),
     "edge_agent_refusals_total": (
         "counter", "Requests refused by admission, by reason (queue_full, deadline, memory, "

@@ -11,8 +11,9 @@ batch dimension), drops jobs whose deadline passed, runs one batch and completes
 Fast path: a request for an idle model with an empty queue whose runs take less than
 `inline_max_s` runs at once on the caller's thread, skipping the hand-off to the worker
 (~130 µs of thread wake-ups, more than a small int8 model takes to run), unless the caller
-says other requests are coming (`inline=False`: the HTTP server has more than one
-connection open). That matters: run inline, a request holds the event loop, the next one
+says other requests are coming (`inline=False`: the HTTP server has another request in
+progress, or bytes waiting on an idle keep-alive connection; idle connections of a client's
+pool do not count). That matters: run inline, a request holds the event loop, the next one
 is not even read until it is done, the queue never fills and nothing batches or overlaps;
 handed off, the loop parses the next requests while the worker runs, and they batch.
 Micro-batches wait for more jobs only when there is evidence of concurrency (a non-empty
@@ -400,6 +401,7 @@ class Scheduler:
                 self._cv.notify_all()
                 return fut
         try:  # the fast path, outside the scheduler lock, holding only the model's lock
+            self.metrics.inc("edge_agent_inline_runs_total", model=entry.name)
             self._run(entry, [fast], locked=True)
         finally:
             entry.lock.release()
