@@ -112,8 +112,12 @@ class Subscriber:
         self.lock = threading.Lock()
         self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=paho.MQTTv5)
+        self.topics = topics
+        self.subacks = 0
         self.c.on_message = self._msg
         self.c.on_connect = lambda c, u, f, r, p: [c.subscribe(t, qos=1) for t in topics]
+        self.c.on_subscribe = self._subscribed
+        self.c.reconnect_delay_set(min_delay=1, max_delay=2)  # back soon after a restart
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         self.c.connect("127.0.0.1", broker.port, clean_start=False, properties=props)
@@ -122,6 +126,19 @@ class Subscriber:
     def _msg(self, c: Any, u: Any, m: Any) -> None:
         with self.lock:
             self.messages.append((m.topic, bytes(m.payload), m.properties))
+
+    def _subscribed(self, c: Any, u: Any, mid: Any, codes: Any, p: Any) -> None:
+        with self.lock:
+            self.subacks += 1
+
+    def wait_subscribed(self, timeout: float = 15.0) -> None:
+        """Until the broker has acknowledged every topic of the first connection (so the
+        persistent session holds the subscriptions)."""
+        end = time.monotonic() + timeout
+        while self.subacks < len(self.topics):
+            if time.monotonic() > end:
+                raise AssertionError(f"{self.subacks} of {len(self.topics)} SUBACKs")
+            time.sleep(0.02)
 
     def on(self, suffix: str) -> list[bytes]:
         with self.lock:

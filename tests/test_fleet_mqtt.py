@@ -372,6 +372,7 @@ def test_an_agent_restart_with_a_full_outbox_loses_nothing(
     agent.stop()  # telemetry so far waits in the outbox on disk
     broker.start()
     sub = Subscriber(broker, [f"{BASE}/telemetry"], client_id="restart-sub")
+    sub.wait_subscribed()  # else the outbox's first reports can beat the subscription
     agent.start()
     sub.wait_for(lambda: len(sub.on("/telemetry")) >= 15)
     agent.stop()
@@ -487,6 +488,11 @@ def test_what_the_outbox_cap_drops_is_counted_and_reported(
     cfg = write_config(where, releases["keys"], profile=X86,
                        mqtt={"brokers": [broker.url], "telemetry_interval_s": 0.05,
                              "outbox_cap": 10})
+    # The test's session is made before the broker goes down (persistence keeps it): a
+    # subscriber that connected only after the restart raced the agent's reconnect and,
+    # on a loaded CI machine, lost the event published before it had subscribed.
+    sub = Subscriber(broker, [f"{BASE}/event"], client_id="cap-sub")
+    sub.wait_subscribed()
     broker.stop()  # offline: telemetry piles up against the cap of 10
     agent = AgentProcess(cfg).start()
     try:
@@ -496,14 +502,13 @@ def test_what_the_outbox_cap_drops_is_counted_and_reported(
                                       ).fetchone()[0])
         wait_until(lambda: dropped() >= 5, what="the cap dropping telemetry")
         broker.start()
-        sub = Subscriber(broker, [f"{BASE}/event"], client_id="cap-sub")
         sub.wait_for(lambda: any(report(p)["kind"] == "outbox.dropped"
                                  for p in sub.on("/event")), timeout=30)
         event = next(report(p) for p in sub.on("/event")
                      if report(p)["kind"] == "outbox.dropped")
         assert event["evidence"]["telemetry"] >= 5, event
-        sub.close()
     finally:
+        sub.close()
         agent.stop()
 
 
