@@ -98,8 +98,8 @@ async def serve(agent: Agent, notifier: Notifier) -> None:
     await http.drain(timeout_s=10)
     if scrape is not None:
         await scrape.drain(timeout_s=1)
-    if api.shm is not None:  # after the drain: answered requests have read their regions
-        api.shm.close()
+    if api.serving.shm is not None:  # after the drain: answered requests have read their regions
+        api.serving.shm.close()
     agent.scheduler.stop()
 
 
