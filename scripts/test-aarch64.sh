@@ -9,7 +9,10 @@
 # Prints which versions resolved and the wall time; the full mode also a TFLite-only
 # install's size and package count, and the agent's RSS idle and serving (under qemu, which
 # adds its own). The root with its packages and dependencies is kept between runs
-# (EDGE_AARCH64_CACHE, /var/cache/edgekeeper-test by default) until they change.
+# (EDGE_AARCH64_CACHE, /var/cache/edgekeeper-test by default) until they change, and so are
+# apt's packages and pip's wheels (arm64-archives/, arm64-wheels/ there), so a root made again (the
+# project's dependencies changed) downloads nothing it had before. A wheelhouse, not pip's
+# own cache: PyPI's proxy here answers with headers that keep pip's HTTP cache empty.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '[test-aarch64] %s\n' "$*" >&2; }
@@ -29,17 +32,24 @@ t0=$(date +%s)
 base=$(bash scripts/debian-rootfs.sh arm64)
 [ -d build/test-artifacts ] || .venv/bin/python tests/artifacts.py build/test-artifacts >/dev/null
 root="$WORK/root"
+CACHE=${EDGE_AARCH64_CACHE:-/var/cache/edgekeeper-test}
+# Mounted into the root while it runs: apt's and pip's downloads, kept across roots.
+CACHES=(var/cache/apt/archives wheels)
 cleanup() {
-  for m in dev/pts dev proc; do umount -l "$root/$m" 2>/dev/null || true; done
+  for m in "${CACHES[@]}" dev/pts dev proc; do umount -l "$root/$m" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 cleanup
 rm -rf --one-file-system "$WORK"; mkdir -p "$WORK"
 # The root with apt's packages and the venv's dependencies installed is kept between runs,
-# keyed by what decides them (pyproject.toml and this script): installing them under
-# emulation took about five minutes a run. Only the project's own wheel goes in afresh.
-key=$(cat pyproject.toml scripts/test-aarch64.sh "$base/etc/debian_version" | sha256sum | cut -c1-16)
-prepared="${EDGE_AARCH64_CACHE:-/var/cache/edgekeeper-test}/aarch64-prepared-$key"
+# keyed by what decides them: the steps of prepare() below, the project's dependency lists
+# (not the rest of pyproject.toml or this script) and Debian's point release. Only the
+# project's own wheel goes in afresh.
+deps=$(.venv/bin/python -c 'import json, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(json.dumps([p["dependencies"], {k: p["optional-dependencies"][k] for k in ("tflite", "onnx")}]))')
+key=$( { sed -n '/^# >>> prepare/,/^# <<< prepare/p' scripts/test-aarch64.sh; echo "$deps"
+        cat "$base/etc/debian_version"; } | sha256sum | cut -c1-16)
+prepared="$CACHE/aarch64-prepared-$key"
 if [ -d "$prepared" ]; then
   cp -a --reflink=auto "$prepared" "$root"
 else
@@ -53,15 +63,26 @@ cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 # (psutil and the thermal sensor read it); the agent then sees no thermal sensor.
 mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"; mount --bind /dev/pts "$root/dev/pts"
+for m in "${CACHES[@]}"; do
+  mkdir -p "$CACHE/arm64-${m##*/}" "$root/$m"; mount --bind "$CACHE/arm64-${m##*/}" "$root/$m"
+done
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root \
   LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
   PIP_CERT=/etc/ssl/certs/ca-certificates.crt "$@"; }
-if [ ! -d "$prepared" ]; then
+# >>> prepare: what these lines install is kept (the cache key hashes them)
+prepare() {
   log "apt: python3, venv, mosquitto, curl (arm64, emulated)"
   in_root apt-get update -qq
   in_root apt-get install -y -qq --no-install-recommends python3 python3-venv mosquitto curl \
     >/dev/null
-fi
+  log "pip install $1[tflite,onnx] with PyPI's aarch64 wheels (kept in /wheels)"
+  local want=("/work/$1[tflite,onnx]" pytest hypothesis cryptography "tritonclient[http]")
+  in_root python3 -m venv /opt/v
+  in_root /opt/v/bin/pip download -q -d /wheels "${want[@]}"  # what /wheels has stays put
+  rm -f "$root/wheels/$1"
+  in_root /opt/v/bin/pip install -q --no-index --find-links /wheels "${want[@]}"
+}
+# <<< prepare
 log "the project's wheel, built here from the tracked files"
 mkdir -p "$WORK/src"
 git ls-files -z | xargs -0 cp --parents -t "$WORK/src"
@@ -75,14 +96,15 @@ if [ -d "$prepared" ]; then
   log "pip install $wheel alone (its dependencies are in the kept root $prepared)"
   in_root /opt/v/bin/pip install -q --no-deps --force-reinstall "/work/$wheel"
 else
-  log "pip install $wheel[tflite,onnx] with PyPI's aarch64 wheels"
-  in_root python3 -m venv /opt/v
-  in_root /opt/v/bin/pip install -q "/work/$wheel[tflite,onnx]" pytest hypothesis cryptography \
-    "tritonclient[http]"
-  log "keeping the prepared root for the next run: $prepared"
+  t2=$(date +%s)
+  prepare "$wheel"
+  log "prepared the root in $(( $(date +%s) - t2 )) s; keeping it for the next run: $prepared"
   rm -rf --one-file-system "$prepared.tmp" "${prepared%-*}"-*
   mkdir -p "$(dirname "$prepared")"
+  # The caches are bind mounts of the same file system (cp -x would copy them): out first.
+  for m in "${CACHES[@]}"; do umount "$root/$m"; done
   cp -a -x --reflink=auto "$root" "$prepared.tmp"  # -x: not the mounted /proc and /dev
+  for m in "${CACHES[@]}"; do mount --bind "$CACHE/arm64-${m##*/}" "$root/$m"; done
   rm -rf "$prepared.tmp/work"
   mv "$prepared.tmp" "$prepared"
 fi
@@ -102,7 +124,7 @@ if [ "$MODE" = "--smoke" ]; then
 fi
 log "figures: a TFLite-only install (its own venv) and the agent's RSS, under emulation"
 in_root python3 -m venv /opt/lean
-in_root /opt/lean/bin/pip install -q "/work/$wheel[tflite]"
+in_root /opt/lean/bin/pip install -q --no-index --find-links /wheels "/work/$wheel[tflite]"
 count=$(in_root /opt/lean/bin/pip list --format=freeze 2>/dev/null | grep -vc '^\(pip\|setuptools\)==')
 log "TFLite-only aarch64 install: $count packages, $(du -sh "$root/opt/lean" | cut -f1)"
 in_root /usr/bin/env EDGE_TEST_ARTIFACTS=/work/artifacts /opt/v/bin/python - <<'PY' >&2
