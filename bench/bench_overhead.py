@@ -1,16 +1,19 @@
 """What the agent adds to one inference, measured so that the tools do not hide it.
 
-In one run, on the digits int8 model (TFLite, the raspberry-pi-4 bundle), all over Unix
-sockets with the lean keep-alive client of `bench/lean.py`:
+In one run, on the digits int8 model (TFLite, the raspberry-pi-4 bundle), with the lean
+keep-alive client of `bench/lean.py`:
 
 - bare LiteRT `model.run` on one sample (in this process);
-- the null HTTP server (asyncio, a fixed 200): the floor of a Python HTTP round trip;
+- the null HTTP server (asyncio, a fixed 200), on a Unix socket and on TCP (127.0.0.1):
+  the floor of a Python HTTP round trip on each;
 - the agent: GET /v2/health/live, then POST infer with a JSON body and with the binary
   tensor extension, on one connection and with two more keep-alive connections open and
-  idle (as a client's connection pool or a load balancer holds them).
+  idle (as a client's connection pool or a load balancer holds them), on its Unix socket
+  and on TCP with the bearer token.
 
-added = agent - null - bare runtime: the agent's own work per request (parsing,
-validation, admission, scheduling, serialisation). Also the daemon's RSS serving the model.
+added = agent - null (same transport) - bare runtime: the agent's own work per request
+(parsing, the token, validation, admission, scheduling, serialisation). Also the daemon's
+RSS serving the model.
 `--before REV` runs a second agent from the agent package as it was at git revision REV,
 in the same rounds: the table before and after a change, side by side.
 
@@ -34,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_agent import ROOT, converted
 from fixture_agent import AgentProcess, make_keys, release, write_config
+from fixture_mqtt import free_port
 from lean import (
+    Address,
     LeanClient,
     bare_times,
     infer_binary,
@@ -46,25 +51,34 @@ from lean import (
     timed,
 )
 
+TOKEN = "bench-overhead-token-0123456789abcdef"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
 
 def infer_requests(name: str, input_name: str, x: np.ndarray) -> dict[str, bytes]:
-    """Prebuilt JSON and binary-extension infer requests for one sample."""
+    """Prebuilt JSON and binary-extension infer requests for one sample, without and with
+    the bearer token (TCP)."""
     return {"json": infer_json(name, input_name, x),
-            "binary": infer_binary(name, input_name, x)}
+            "binary": infer_binary(name, input_name, x),
+            "json+token": infer_json(name, input_name, x, BEARER),
+            "binary+token": infer_binary(name, input_name, x, BEARER)}
 
 
-def overhead_rows(agents: dict[str, AgentProcess], null_sock: Path, model_path: Path,
+def overhead_rows(agents: dict[str, AgentProcess], null: tuple[Path, int], model_path: Path,
                   runtime: str, name: str, input_name: str, x: np.ndarray, n: int,
                   rounds: int) -> list[tuple[str, float, float]]:
     """(label, p50 µs, p99 µs) per path and agent, the median of `rounds` interleaved
     rounds."""
     reqs = infer_requests(name, input_name, x)
     live = request_bytes("GET", "/v2/health/live")
-    cases: dict[str, tuple[Path, bytes | None, int]] = {
+    null_sock, null_port = null
+    cases: dict[str, tuple[Address, bytes | None, int]] = {
         f"bare {runtime}": (model_path, None, 0),
         "null HTTP server": (null_sock, reqs["binary"], 0),
+        "null HTTP server, TCP": (("127.0.0.1", null_port), reqs["binary+token"], 0),
     }
     for tag, agent in agents.items():
+        tcp = ("127.0.0.1", agent.tcp_port)  # type: ignore[attr-defined]
         cases |= {f"{tag}agent GET /v2/health/live": (agent.socket, live, 0),
                   f"{tag}agent infer, JSON": (agent.socket, reqs["json"], 0),
                   f"{tag}agent infer, binary tensors": (agent.socket, reqs["binary"], 0),
@@ -72,16 +86,22 @@ def overhead_rows(agents: dict[str, AgentProcess], null_sock: Path, model_path: 
                   f"{tag}agent infer, JSON, 3 connections open": (agent.socket,
                                                                   reqs["json"], 2),
                   f"{tag}agent infer, binary, 3 connections open": (agent.socket,
-                                                                    reqs["binary"], 2)}
+                                                                    reqs["binary"], 2),
+                  f"{tag}agent infer, JSON, TCP + token": (tcp, reqs["json+token"], 0),
+                  f"{tag}agent infer, binary, TCP + token": (tcp, reqs["binary+token"], 0),
+                  f"{tag}agent infer, binary, TCP + token, 3 open": (
+                      tcp, reqs["binary+token"], 2)}
     got: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     for _ in range(rounds):
         for label, (where, raw, idle) in cases.items():
             if raw is None:
-                samples = bare_times(where, runtime, x, n)
+                samples = bare_times(Path(str(where)), runtime, x, n)
             else:
                 held = [LeanClient(where) for _ in range(idle)]
+                probe = live if not isinstance(where, tuple) else request_bytes(
+                    "GET", "/v2/health/live", headers=BEARER)
                 for h in held:  # established keep-alive connections, then idle
-                    assert h.request(live)[0] == 200
+                    assert h.request(probe)[0] == 200
                 client = LeanClient(where)
                 samples = timed(client, raw, n)
                 client.close()
@@ -93,18 +113,19 @@ def overhead_rows(agents: dict[str, AgentProcess], null_sock: Path, model_path: 
 
 
 def print_rows(rows: list[tuple[str, float, float]]) -> dict[str, float]:
-    """Print the table with added = agent - null - bare; returns label -> added p50."""
+    """Print the table with added = agent - null (same transport) - bare; returns label ->
+    added p50."""
     p50 = {label: p for label, p, _ in rows}
-    floor = p50["null HTTP server"]
     runtime = next(v for k, v in p50.items() if k.startswith("bare"))
     added: dict[str, float] = {}
-    print(f"   {'path':44} {'p50':>8} {'p99':>8} {'added p50':>10}")
+    print(f"   {'path':52} {'p50':>8} {'p99':>8} {'added p50':>10}")
     for label, p, q in rows:
         extra = ""
         if "agent infer" in label:
+            floor = p50["null HTTP server, TCP" if "TCP" in label else "null HTTP server"]
             added[label] = p - floor - runtime
             extra = f"{added[label]:10.0f}"
-        print(f"   {label:44} {p:8.0f} {q:8.0f} {extra}")
+        print(f"   {label:52} {p:8.0f} {q:8.0f} {extra}")
     return added
 
 
@@ -143,16 +164,25 @@ def main() -> None:
                 # -P: the working directory (this tree) must not shadow PYTHONPATH's
                 env = dict(os.environ, PYTHONPATH=str(tree)) if tree else None
                 command = [sys.executable, "-P", "-m", "agent.cli"] if tree else None
-                agent = AgentProcess(write_config(d, keys, profile="raspberry-pi-4"),
+                token = d / "api.token"
+                token.write_text(TOKEN + "\n")
+                token.chmod(0o600)
+                port = free_port()
+                agent = AgentProcess(write_config(d, keys, profile="raspberry-pi-4",
+                                                  api={"tcp_port": port,
+                                                       "token_file": str(token)}),
                                      env=env, command=command).start()
+                agent.tcp_port = port  # type: ignore[attr-defined]
                 agents[tag] = agent
                 assert agent.install(archive)[0] == 200
             x = np.random.default_rng(0).uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
             print(f"bench_overhead on {psutil.cpu_count()} CPU(s): digits int8 TFLite, "
                   f"{ns.requests} requests x {ns.rounds} rounds per row (µs; median of "
                   "rounds)")
-            with null_server(where / "null.sock") as null_sock:
-                rows = overhead_rows(agents, null_sock, run / "model_int8.tflite", "tflite",
+            null_port = free_port()
+            with null_server(where / "null.sock", null_port) as null_sock:
+                rows = overhead_rows(agents, (null_sock, null_port), run / "model_int8.tflite",
+                                     "tflite",
                                      "digits", "serving_default_args_0", x, ns.requests,
                                      ns.rounds)
             print_rows(rows)

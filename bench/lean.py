@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 client and a null HTTP server, both on Unix sockets, for measuring what
+"""A lean HTTP/1.1 client and a null HTTP server, on Unix sockets or TCP, for measuring what
 the agent adds to a request without the measuring tools' own cost hiding it.
 
 - `LeanClient`: one raw socket with keep-alive; requests are prebuilt bytes; a response is
@@ -37,10 +37,18 @@ def request_bytes(method: str, path: str, body: bytes = b"",
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
+#: Where a server listens: a Unix socket's path, or (host, port) for TCP.
+Address = str | Path | tuple[str, int]
+
+
 class LeanClient:
-    def __init__(self, path: str | Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
+    def __init__(self, where: Address) -> None:
+        if isinstance(where, tuple):  # TCP, Nagle off as any HTTP client sets it
+            self.sock = socket.create_connection(where)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(where))
         self.buf = bytearray()
 
     def close(self) -> None:
@@ -71,7 +79,8 @@ class LeanClient:
         self.buf += chunk
 
 
-def infer_binary(name: str, input_name: str, x: np.ndarray) -> bytes:
+def infer_binary(name: str, input_name: str, x: np.ndarray,
+                 headers: dict[str, str] | None = None) -> bytes:
     """A v2 infer request carrying `x` in the binary tensor extension, output binary too."""
     head = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
                                    "datatype": "FP32",
@@ -79,15 +88,17 @@ def infer_binary(name: str, input_name: str, x: np.ndarray) -> bytes:
                        "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
                       ).encode()
     return request_bytes("POST", f"/v2/models/{name}/infer", head + x.tobytes(),
-                         {"Inference-Header-Content-Length": str(len(head))})
+                         {"Inference-Header-Content-Length": str(len(head)),
+                          **(headers or {})})
 
 
-def infer_json(name: str, input_name: str, x: np.ndarray) -> bytes:
+def infer_json(name: str, input_name: str, x: np.ndarray,
+               headers: dict[str, str] | None = None) -> bytes:
     """A v2 infer request carrying `x` as JSON numbers."""
     body = json.dumps({"inputs": [{"name": input_name, "shape": list(x.shape),
                                    "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
     return request_bytes("POST", f"/v2/models/{name}/infer", body,
-                         {"Content-Type": "application/json"})
+                         {"Content-Type": "application/json", **(headers or {})})
 
 
 def bare_times(path: Path, runtime: str, x: np.ndarray, n: int, warmup: int = 200
@@ -203,17 +214,21 @@ class _Null(asyncio.Protocol):
             self.transport.write(self.ANSWER)
 
 
-async def _serve_null(path: str) -> None:
+async def _serve_null(path: str, port: int | None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(_Null, path=path)
+    if port is not None:  # asyncio sets TCP_NODELAY on its TCP transports, as for the agent
+        await loop.create_server(_Null, host="127.0.0.1", port=port)
+    server = await loop.create_unix_server(_Null, path=path)  # last: the path says "ready"
     async with server:
         await server.serve_forever()
 
 
 @contextlib.contextmanager
-def null_server(path: Path):  # type: ignore[no-untyped-def]
-    """The null server as a subprocess (like the agent, another process), until exit."""
-    proc = subprocess.Popen([sys.executable, __file__, "null-server", str(path)])
+def null_server(path: Path, port: int | None = None):  # type: ignore[no-untyped-def]
+    """The null server as a subprocess (like the agent, another process), until exit; on
+    TCP port `port` of 127.0.0.1 too when given."""
+    proc = subprocess.Popen([sys.executable, __file__, "null-server", str(path),
+                             *([str(port)] if port is not None else [])])
     try:
         deadline = time.monotonic() + 10
         while not path.exists():
@@ -228,4 +243,4 @@ def null_server(path: Path):  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["null-server"]:
-    asyncio.run(_serve_null(sys.argv[2]))
+    asyncio.run(_serve_null(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None))

@@ -650,18 +650,27 @@ def test_a_client_holding_idle_keep_alive_connections_gets_the_fast_path(
     batching test above holds the other side: requests that arrive together still batch."""
     agent = agent_factory(X86)
     installed(agent, releases["onnx1"])
-    pool = [agent.connection() for _ in range(3)]
-    for c in pool:  # established keep-alive connections
-        assert call(c, "GET", "/v2/health/live", None, {})[0] == 200
+    pool = [agent.connection()]
+
+    def inline_runs() -> float:
+        before = _metric(agent, "edge_agent_inline_runs_total")
+        for _ in range(20):
+            status, _, raw = call(pool[0], "POST", "/v2/models/digits/infer",
+                                  infer_body(IN_ONNX), {})
+            assert status == 200, raw
+        return _metric(agent, "edge_agent_inline_runs_total") - before
+
     # a first request: the scheduler learns how long the model runs (the fast path is
-    # only for models quicker than its limit)
+    # only for models quicker than its limit, 1 ms)
     assert call(pool[0], "POST", "/v2/models/digits/infer", infer_body(IN_ONNX), {})[0] == 200
-    before = _metric(agent, "edge_agent_inline_runs_total")
-    for _ in range(20):
-        status, _, raw = call(pool[0], "POST", "/v2/models/digits/infer",
-                              infer_body(IN_ONNX), {})
-        assert status == 200, raw
-    inline = _metric(agent, "edge_agent_inline_runs_total") - before
+    alone = inline_runs()  # the control: one connection
+    if alone < 20:  # under emulation (scripts/test-aarch64.sh) the model runs slower
+        pytest.skip(f"the model is too slow for the fast path here ({alone:.0f} of 20 "
+                    "inline on a lone connection)")
+    pool += [agent.connection() for _ in range(2)]
+    for c in pool[1:]:  # established keep-alive connections, then idle
+        assert call(c, "GET", "/v2/health/live", None, {})[0] == 200
+    inline = inline_runs()
     for c in pool:
         c.close()
     assert inline == 20, f"{inline:.0f} of 20 requests ran inline with idle connections open"
