@@ -11,7 +11,7 @@ V=.venv/bin
 echo "== ruff"; "$V/ruff" check .
 echo "== mypy (strict)"; "$V/mypy"
 echo "== pytest"
-"$V/pytest" "$@"
+"$V/pytest" --durations=25 "$@"  # the slowest tests in the log: CI has 30 minutes
 if [ "${EDGE_SKIP_DEVICE_ENVS:-0}" != 1 ]; then
   echo "== device environments: the agent with its own dependencies only"
   scripts/test-device.sh

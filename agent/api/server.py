@@ -98,13 +98,13 @@ class Api:
         try:
             detail = json.loads(body)
             reason = detail.get("reason", "") if isinstance(detail, dict) else ""
-            error = str(detail.get("error", ""))[:200] if isinstance(detail, dict) else ""
+            message = str(detail.get("error", ""))[:200] if isinstance(detail, dict) else ""
         except (ValueError, UnicodeDecodeError):
-            reason, error = "", ""
+            reason, message = "", ""
         level = logging.ERROR if status >= 500 and status != 503 else logging.WARNING
         self._errors.log(level, f"{status} {reason}",
                          "http.error status=%d method=%s path=%s reason=%s error=%s", status,
-                         method, route, reason or "-", json.dumps(error))
+                         method, route, reason or "-", json.dumps(message))
 
     def authorize(self, headers: dict[str, str], unix: bool) -> str | None:
         """On TCP, the bearer token, checked on the request head before anything else."""
@@ -121,7 +121,7 @@ class Api:
         or TCP, get inference, health and metrics); every error a protocol body."""
         if request.path.startswith("/v1/admin/") and not request.admin:
             return error(403 if request.unix else 404, "admin routes are served on the "
-                          f"admin socket ({self.agent.config.api.admin_socket}) only")
+                         f"admin socket ({self.agent.config.api.admin_socket}) only")
         try:
             return await handler(request)
         except ApiError as exc:
