@@ -14,6 +14,10 @@ keep-alive client of `bench/lean.py`:
 added = agent - null (same transport) - bare runtime: the agent's own work per request
 (parsing, the token, validation, admission, scheduling, serialisation). Also the daemon's
 RSS serving the model.
+The paced rows (null server and agent alike) have the client busy for 200 µs before each
+request, as a client that uses an answer before it asks again: back to back, a server
+that is still busy after its answer finds the next request waiting and skips the
+wake-up, which flatters a server that does more work after each answer.
 `--before REV` runs a second agent from the agent package as it was at git revision REV,
 in the same rounds: the table before and after a change, side by side.
 
@@ -52,6 +56,9 @@ from lean import (
 )
 
 TOKEN = "bench-overhead-token-0123456789abcdef"
+#: The paced rows: the client works this long before each request (`lean.timed`).
+GAP_S = 200e-6
+PACED = ", paced 200 µs"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -76,6 +83,7 @@ def overhead_rows(agents: dict[str, AgentProcess], null: tuple[Path, int], model
         f"bare {runtime}": (model_path, None, 0),
         "null HTTP server": (null_sock, reqs["binary"], 0),
         "null HTTP server, TCP": (("127.0.0.1", null_port), reqs["binary+token"], 0),
+        f"null HTTP server{PACED}": (null_sock, reqs["binary"], 0),
     }
     for tag, agent in agents.items():
         tcp = ("127.0.0.1", agent.tcp_port)  # type: ignore[attr-defined]
@@ -90,7 +98,12 @@ def overhead_rows(agents: dict[str, AgentProcess], null: tuple[Path, int], model
                   f"{tag}agent infer, JSON, TCP + token": (tcp, reqs["json+token"], 0),
                   f"{tag}agent infer, binary, TCP + token": (tcp, reqs["binary+token"], 0),
                   f"{tag}agent infer, binary, TCP + token, 3 open": (
-                      tcp, reqs["binary+token"], 2)}
+                      tcp, reqs["binary+token"], 2),
+                  f"{tag}agent GET /v2/health/live{PACED}": (agent.socket, live, 0),
+                  f"{tag}agent infer, JSON{PACED}": (agent.socket, reqs["json"], 0),
+                  f"{tag}agent infer, binary{PACED}": (agent.socket, reqs["binary"], 0),
+                  f"{tag}agent infer, binary, 3 open{PACED}": (agent.socket,
+                                                               reqs["binary"], 2)}
     got: dict[str, list[tuple[float, float]]] = {k: [] for k in cases}
     for _ in range(rounds):
         for label, (where, raw, idle) in cases.items():
@@ -103,7 +116,7 @@ def overhead_rows(agents: dict[str, AgentProcess], null: tuple[Path, int], model
                 for h in held:  # established keep-alive connections, then idle
                     assert h.request(probe)[0] == 200
                 client = LeanClient(where)
-                samples = timed(client, raw, n)
+                samples = timed(client, raw, n, gap_s=GAP_S if label.endswith(PACED) else 0)
                 client.close()
                 for h in held:
                     h.close()
@@ -122,7 +135,9 @@ def print_rows(rows: list[tuple[str, float, float]]) -> dict[str, float]:
     for label, p, q in rows:
         extra = ""
         if "agent infer" in label:
-            floor = p50["null HTTP server, TCP" if "TCP" in label else "null HTTP server"]
+            floor = p50["null HTTP server, TCP" if "TCP" in label else
+                        f"null HTTP server{PACED}" if label.endswith(PACED) else
+                        "null HTTP server"]
             added[label] = p - floor - runtime
             extra = f"{added[label]:10.0f}"
         print(f"   {label:52} {p:8.0f} {q:8.0f} {extra}")

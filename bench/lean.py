@@ -168,13 +168,23 @@ def _complete(buf: bytearray) -> int | None:
     return int(head[9:12])
 
 
-def timed(client: LeanClient, raw: bytes, n: int, warmup: int = 200) -> list[float]:
-    """Seconds per request for n requests after a warm-up; every answer must be 200."""
+def timed(client: LeanClient, raw: bytes, n: int, warmup: int = 200,
+          gap_s: float = 0.0) -> list[float]:
+    """Seconds per request for n requests after a warm-up; every answer must be 200.
+    `gap_s`: the client works that long (a busy wait) before each request, as a client
+    that does something with an answer before it asks again: the server has gone back
+    to waiting for input when the request comes (back to back, a server still busy
+    after its answer finds the next request at once, which flatters whatever keeps it
+    busy)."""
     for _ in range(warmup):
         status, body = client.request(raw)
         assert status == 200, body[:200]
     out = []
     for _ in range(n):
+        if gap_s:
+            until = time.perf_counter() + gap_s
+            while time.perf_counter() < until:
+                pass
         t = time.perf_counter()
         status, _ = client.request(raw)
         out.append(time.perf_counter() - t)

@@ -371,3 +371,46 @@ def test_a_method_not_allowed_names_the_allowed_ones(agent: Any) -> None:
         head = data.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
         assert head[0].split()[1] == b"405", data
         assert b"allow: " + allow.lower() in head, (request, head)
+
+
+def read_responses(s: socket.socket, n: int) -> list[tuple[int, bytes]]:
+    """The next `n` responses on `s` (status and body each), in the order they came."""
+    data, out = b"", []
+    while len(out) < n:
+        while (end := data.find(b"\r\n\r\n")) >= 0:
+            head = data[:end].lower().split(b"\r\n")
+            length = int(next((ln.split(b":")[1] for ln in head
+                               if ln.startswith(b"content-length:")), b"0"))
+            if len(data) < end + 4 + length:
+                break
+            out.append((int(head[0].split()[1]), data[end + 4:end + 4 + length]))
+            data = data[end + 4 + length:]
+        if len(out) < n:
+            chunk = s.recv(1 << 16)
+            assert chunk, f"closed after {len(out)} of {n} responses"
+            data += chunk
+    return out
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(agent: Any) -> None:
+    """HTTP/1.1 lets a client send requests without waiting for answers: 600 health checks
+    in one write with two infers and a repository index (a handler that waits for a
+    thread) among them are answered in the order sent, on the one connection. Requests
+    answered at once are taken in a loop, not by recursion (nested, 600 of them passed
+    Python's recursion limit)."""
+    health = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+    body = json.dumps(infer_body("input")).encode()
+    infer = (b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-type: "
+             b"application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    index = b"POST /v2/repository/index HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
+    sent = [health] * 300 + [infer, index] + [health] * 300 + [infer]
+    s = unix(agent)
+    s.sendall(b"".join(sent))
+    got = read_responses(s, len(sent))
+    assert [status for status, _ in got] == [200] * len(sent)
+    for i, request in enumerate(sent):
+        kind = {health: b'"live"', infer: b'"outputs"', index: b'"digits"'}[request]
+        assert kind in got[i][1], (i, got[i][1][:120])
+    s.sendall(health)  # and the connection still serves
+    assert read_responses(s, 1)[0][0] == 200
+    s.close()

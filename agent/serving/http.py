@@ -1,4 +1,5 @@
-"""A small HTTP/1.1 server: asyncio streams for I/O, a real parser for the protocol.
+"""A small HTTP/1.1 server: one `asyncio.Protocol` per connection, a real parser for the
+protocol.
 
 Why not a framework: on the device every MiB counts and armv7 wheels are not a given.
 aiohttp alone added 20 MiB of RSS at import. Parsing is the careful part and is left to a
@@ -6,6 +7,13 @@ parser (`agent.serving.h1`): httptools (llhttp, in C) where its wheel exists, h1
 Python) elsewhere; this module keeps routing and limits, and writes responses itself.
 Untrusted bytes meet the parser, whose one error (`ApiError`) becomes its status
 (400, 431) and a closed connection.
+
+Bytes are parsed as they arrive (`data_received`), and a complete request's handler starts
+at once, in that same callback: a handler that finishes without waiting (the inline fast
+path of a small model) is answered in the loop turn that read its request, with no stream
+objects, no task and no second turn. A handler that waits (a batch in the scheduler's
+workers, a thread, an upload) goes on in a task of its own. Timeouts are deadlines on the
+connection, checked by one timer per server (`_sweep`), not a timer per read.
 
 Limits, each answered with a status and a closed connection, never a silent drop:
 
@@ -25,6 +33,8 @@ Limits, each answered with a status and a closed connection, never a silent drop
   a chunked body passes it), complete within `body_timeout_s` (408); a streamed route
   (an upload) has its own cap and hands its body to the handler chunk by chunk, each
   chunk within `body_timeout_s` of the last;
+* nothing is read from a connection while its request is being handled or its answer
+  waits for the client to read (pipelined requests wait in the socket, bounded by it);
 * an idle keep-alive connection is closed after `idle_timeout_s`;
 * a handler that raises gets 500 (400 for input nested too deep), and the connection lives.
 """
@@ -35,12 +45,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import select
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +59,6 @@ from agent.errors import ApiError
 from agent.serving import h1
 
 MAX_HEADER_BYTES = 16 * 1024
-READ_BYTES = 64 * 1024
 #: After answering a request whose body was left unread, the connection is closed only
 #: after the client's remaining bytes were read and dropped, up to this many and this
 #: long (a lingering close, as nginx's `lingering_close`; RFC 9112 §9.6): closing with
@@ -85,23 +95,16 @@ class BodyStream:
     Past the cap: 413; a stall: 408; a connection closed early or a malformed chunk: 400
     (raised from the iteration as `_HttpError`, answered by the server)."""
 
-    def __init__(self, server: HttpServer, conn: h1.Parser,
-                 reader: asyncio.StreamReader, cap: int) -> None:
-        self._server, self._conn, self._reader, self.cap = server, conn, reader, cap
+    def __init__(self, conn: _Connection, cap: int) -> None:
+        self._conn, self.cap = conn, cap
         self.size, self.done = 0, False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
         while not self.done:
-            deadline = loop.time() + self._server.body_timeout_s
-            try:
-                part = await self._server._next(self._conn, self._reader, deadline,
-                                                "request body")
-            except ApiError as exc:
-                raise _HttpError(400, f"malformed body: {exc}") from exc
+            part = await self._conn.body_part()
             if isinstance(part, h1.Body):
                 self.size += len(part.data)
                 if self.size > self.cap:
@@ -183,6 +186,14 @@ MIN_IDLE_S = 1.0
 IDLE_GRACE_S = 0.5
 LISTENERS = ("unix", "admin", "tcp")
 
+# What a connection is doing (`_Connection.state`); each state has its deadline.
+IDLE = 0  # waiting for the first byte of a request (keep-alive): the idle limit
+HEAD = 1  # a request head has begun: head_timeout_s from its first byte
+BODY = 2  # reading a request's body: body_timeout_s
+BUSY = 3  # a handler runs (a streamed body: body_timeout_s per chunk), or its answer waits
+LINGER = 4  # answered with an error; dropping what the client still sends: LINGER_S
+CLOSED = 5
+
 
 class HttpServer:
     def __init__(self, router: Router, *, max_body_bytes: int,
@@ -207,18 +218,20 @@ class HttpServer:
         self.caps = {name: (caps or {}).get(name, max_connections) for name in LISTENERS}
         self.head_timeout_s, self.body_timeout_s = head_timeout_s, body_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        # Deadlines are checked this often: a fraction of the shortest limit.
+        self.tick_s = max(0.01, min(0.25, head_timeout_s / 4, body_timeout_s / 4,
+                                    idle_timeout_s / 4, MIN_IDLE_S / 4))
         # by listener: refused with 503; idle ones closed to admit a newcomer
         self.refused: dict[str, int] = dict.fromkeys(LISTENERS, 0)
         self.evicted_idle: dict[str, int] = dict.fromkeys(LISTENERS, 0)
         self.server_header = server_name.encode()
-        self._connections: dict[str, set[asyncio.Task[None]]] = {n: set() for n in LISTENERS}
-        self._listener_of: dict[asyncio.StreamReader, str] = {}
-        self._fd_of: dict[asyncio.StreamReader, int] = {}  # for `others_active`
+        self._connections: dict[str, set[_Connection]] = {n: set() for n in LISTENERS}
         # Connections waiting for the first byte of their next request (keep-alive, idle),
         # per listener, longest idle first: a drain closes them at once instead of waiting
         # out their idle timeout, and a listener at its cap closes the oldest for a newcomer.
-        self._idle: dict[str, dict[asyncio.StreamReader, float]] = {n: {} for n in LISTENERS}
+        self._idle: dict[str, dict[_Connection, float]] = {n: {} for n in LISTENERS}
         self._draining = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def open_connections(self) -> int:
@@ -227,19 +240,14 @@ class HttpServer:
 
     def others_active(self) -> bool:
         """Whether a request besides the caller's is in progress or waiting: a connection
-        reading or answering one, or an idle keep-alive connection with bytes already
-        received (in its reader, or in its socket: one `poll` with no wait). Idle
+        reading or answering one, or an idle keep-alive connection with bytes in its socket
+        (one `poll` with no wait: bytes the loop has seen ready but not read yet). Idle
         connections with nothing pending (a client's pool, a load balancer's) do not
         count."""
-        idle = [r for pool in self._idle.values() for r in pool]
+        idle = [c for pool in self._idle.values() for c in pool]
         if self.open_connections - len(idle) > 1:
             return True
-        # asyncio's StreamReader keeps what its transport read in `_buffer` (CPython's
-        # since 3.4): bytes a read callback took from the socket in this loop iteration,
-        # whose task has not run yet.
-        if any(getattr(r, "_buffer", None) for r in idle):
-            return True
-        fds = [fd for r in idle if (fd := self._fd_of.get(r, -1)) >= 0]
+        fds = [c.fd for c in idle if c.fd >= 0]
         if not fds:
             return False
         poller = select.poll()
@@ -262,51 +270,53 @@ class HttpServer:
         return out
 
     async def start_unix(self, path: str, *, admin: bool = False) -> asyncio.AbstractServer:
-        return await asyncio.start_unix_server(
-            lambda r, w: self._track(r, w, unix=True, admin=admin), path=path)
+        listener = "admin" if admin else "unix"
+        return await asyncio.get_running_loop().create_unix_server(
+            lambda: _Connection(self, listener, unix=True, admin=admin), path=path)
 
     async def start_tcp(self, host: str, port: int) -> asyncio.AbstractServer:
-        return await asyncio.start_server(lambda r, w: self._track(r, w, unix=False),
-                                          host=host, port=port)
+        return await asyncio.get_running_loop().create_server(
+            lambda: _Connection(self, "tcp", unix=False, admin=False), host=host, port=port)
 
-    async def _track(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                     unix: bool, admin: bool = False) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        listener = "admin" if admin else "unix" if unix else "tcp"
+    def _admit(self, conn: _Connection) -> bool:
+        """Take a new connection into its listener's pool, closing the longest-idle one at
+        the cap; False (503 sent) when there is none to close."""
+        listener = conn.listener
         pool, cap = self._connections[listener], self.caps[listener]
         if len(pool) >= cap:
             idle = self._idle[listener]
             oldest = next(iter(idle), None)  # longest idle first (insertion order)
             if oldest is None or time.monotonic() - idle[oldest] < IDLE_GRACE_S:
-                self.refused[listener] += 1
-                await self._send_error(writer, 503, f"too many connections on this listener "
-                                       f"({cap})", count=False)  # counted in `refused`
-                writer.close()
-                return
-            del idle[oldest]
-            oldest.feed_eof()  # its pending read returns b"": a clean close
+                self.refused[listener] += 1  # counted here, not as an answer
+                conn.send_error(503, f"too many connections on this listener ({cap})",
+                                count=False)
+                conn.close()
+                return False
+            self._forget(oldest)
+            oldest.close()
             self.evicted_idle[listener] += 1
-        pool.add(task)
-        self._listener_of[reader] = listener
-        sock = writer.get_extra_info("socket")
-        self._fd_of[reader] = sock.fileno() if sock is not None else -1
-        try:
-            await self._serve(reader, writer, unix, admin)
-        finally:
-            pool.discard(task)
-            self._listener_of.pop(reader, None)
-            self._fd_of.pop(reader, None)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        pool.add(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.tick_s, self._sweep)
+        return True
 
-    def _idle_limit(self, reader: asyncio.StreamReader) -> float:
-        """How long a connection of this reader's listener may wait idle now: the full
-        idle timeout under half the cap, shrinking to `MIN_IDLE_S` at the cap."""
-        listener = self._listener_of.get(reader)
-        if listener is None:
-            return self.idle_timeout_s
+    def _forget(self, conn: _Connection) -> None:
+        self._connections[conn.listener].discard(conn)
+        self._idle[conn.listener].pop(conn, None)
+
+    def _sweep(self) -> None:
+        """Act on the deadlines that passed; again in `tick_s` while connections are open."""
+        self._sweeper = None
+        now = time.monotonic()
+        for pool in self._connections.values():
+            for conn in [c for c in pool if c.deadline <= now]:
+                conn.expire()
+        if self.open_connections:
+            self._sweeper = asyncio.get_running_loop().call_later(self.tick_s, self._sweep)
+
+    def _idle_limit(self, listener: str) -> float:
+        """How long a connection of this listener may wait idle now: the full idle timeout
+        under half the cap, shrinking to `MIN_IDLE_S` at the cap."""
         used = len(self._connections[listener]) / self.caps[listener]
         if used <= 0.5:
             return self.idle_timeout_s
@@ -317,144 +327,14 @@ class HttpServer:
         request (answered with `Connection: close`), up to `timeout_s`; then close them."""
         self._draining = True
         for idle in self._idle.values():
-            for reader in list(idle):  # the pending read returns b"": a clean close
-                reader.feed_eof()
-        tasks = [t for pool in self._connections.values() for t in pool]
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
-        for task in tasks:  # still busy after timeout_s: the last resort
-            if not task.done():
-                task.cancel()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     unix: bool, admin: bool = False) -> None:
-        conn = h1.parser(MAX_HEADER_BYTES, prefer_c=self.prefer_c)
-        peer = _peer(writer) if unix else "token"
-        while True:
-            try:
-                request = await self._read_request(conn, reader, writer, unix)
-            except (ApiError, _HttpError) as exc:
-                await self._send_error(writer, exc.status, str(exc))
-                await _linger(reader, writer)
-                return
-            if request is None:
-                return
-            request.admin, request.peer = admin, peer
-            response = await self._dispatch(request)
-            if self.on_response is not None:
-                self.on_response(request.method, request.path, response.status, response.body)
-            unread = request.stream is not None and not request.stream.done
-            close = unread or self._draining or not request.keep_alive
-            await self._send(writer, response, close=close,
-                             head_only=request.method == "HEAD")
-            if close:
-                if unread:
-                    await _linger(reader, writer)
-                return
-            try:
-                conn.next_cycle()
-            except ApiError:
-                return
-
-    async def _next(self, conn: h1.Parser, reader: asyncio.StreamReader,
-                    deadline: float | None = None, what: str = "") -> h1.Event:
-        """The next parser event. Without a deadline, waiting for the first byte of a
-        request is bounded by the idle timeout, and the rest of its head by the head timeout
-        from that first byte; with one, everything by it (408 once it passes)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            event = conn.next_event()
-            if event is not h1.NEED_DATA:
-                return event
-            if deadline is None:
-                limit = self._idle_limit(reader)
-            else:
-                limit = deadline - loop.time()
-                if limit <= 0:
-                    raise _HttpError(408, f"{what} not received in time")
-            if deadline is None and self._draining:
-                return h1.CLOSED
-            try:
-                data = await self._read(reader, limit, idle=deadline is None)
-            except TimeoutError:
-                if deadline is not None:
-                    raise _HttpError(408, f"{what} not received in time") from None
-                return h1.CLOSED
-            except ConnectionError:
-                return h1.CLOSED
-            if not data:
-                conn.eof()
-                event = conn.next_event()
-                return event if event is not h1.NEED_DATA else h1.CLOSED
-            if deadline is None:  # the head has begun: it gets head_timeout_s
-                deadline, what = loop.time() + self.head_timeout_s, "request head"
-            conn.feed(data)
-
-    async def _read(self, reader: asyncio.StreamReader, limit: float, *, idle: bool) -> bytes:
-        """Up to READ_BYTES within `limit` seconds; an idle read (waiting for a request's
-        first byte) is one a drain ends (end of stream: the connection closes cleanly; a
-        cancelled connection task would make asyncio log a traceback)."""
-        pool = self._idle.get(self._listener_of.get(reader, ""), {}) if idle else None
-        if pool is not None:
-            pool[reader] = time.monotonic()
-        try:
-            # asyncio.timeout, not wait_for: no extra task per read on the hot path.
-            async with asyncio.timeout(limit):
-                return await reader.read(READ_BYTES)
-        finally:
-            if pool is not None:
-                pool.pop(reader, None)
-
-    async def _read_request(self, conn: h1.Parser, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter, unix: bool) -> Request | None:
-        head = await self._next(conn, reader)
-        if not isinstance(head, h1.Head):
-            if head is h1.CLOSED:
-                return None
-            raise _HttpError(400, "a request must start with its head")
-        if head.head_bytes > MAX_HEADER_BYTES:
-            raise _HttpError(431, f"request head of {head.head_bytes} bytes (at most "
-                             f"{MAX_HEADER_BYTES})")
-        headers = head.headers
-        if "content-length" in headers and "transfer-encoding" in headers:
-            raise _HttpError(400, "Content-Length and Transfer-Encoding together")
-        refusal = self.authorize(headers, unix)  # before routing and before the body
-        if refusal is not None:
-            raise _HttpError(401, refusal)
-        length = headers.get("content-length")
-        method, path = head.method, head.target.split("?", 1)[0]
-        cap = self.router.streamed(method, path)
-        limit = cap if cap is not None else self.max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise _too_large(limit)
-        if headers.get("expect", "").lower() == "100-continue":
-            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it on uploads
-        if cap is not None:
-            request = Request(method, path, headers, b"", unix, keep_alive=head.keep_alive)
-            request.stream = BodyStream(self, conn, reader, cap)
-            return request
-        body = await self._read_body(conn, reader)
-        if body is None:
-            return None
-        return Request(method, path, headers, body, unix, keep_alive=head.keep_alive)
-
-    async def _read_body(self, conn: h1.Parser, reader: asyncio.StreamReader
-                         ) -> bytes | None:
-        """The whole body (at most max_body_bytes, within body_timeout_s); None when the
-        peer closed first."""
-        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
-        chunks, size = [], 0
-        while True:
-            part = await self._next(conn, reader, deadline, "request body")
-            if isinstance(part, h1.Body):
-                size += len(part.data)
-                if size > self.max_body_bytes:
-                    raise _too_large(self.max_body_bytes)
-                chunks.append(part.data)
-            elif part is h1.END:
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            else:
-                return None
+            for conn in list(idle):
+                conn.close()
+        waits = [c.closed for pool in self._connections.values() for c in pool]
+        if waits:
+            await asyncio.wait(waits, timeout=timeout_s)
+        for pool in self._connections.values():  # still busy after timeout_s: the last resort
+            for conn in list(pool):
+                conn.abort()
 
     async def _dispatch(self, request: Request) -> Response:
         found = self.router.match(request.method, request.path)
@@ -475,50 +355,392 @@ class HttpServer:
             log.exception("http.handler_failed %s %.200s", request.method, request.path)
             return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)
 
-    async def _send(self, writer: asyncio.StreamWriter, response: Response, *,
-                    close: bool, head_only: bool = False) -> None:
-        head = h1.response_head(response.status, response.content_type, len(response.body),
-                                self.server_header, response.headers, close=close)
-        if head_only or not response.body:
-            writer.write(head)
-        elif len(response.body) < 16 * 1024:  # one write, one syscall
-            writer.write(head + response.body)
-        else:  # no copy of a large body
-            writer.writelines((head, response.body))
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
 
-    async def _send_error(self, writer: asyncio.StreamWriter, status: int,
-                          message: str, *, count: bool = True) -> None:
-        """Answer a request that could not be read (or its head refused), and close."""
-        body = json.dumps({"error": message}).encode()
-        if count and self.on_response is not None:
-            self.on_response("-", "-", status, body)
-        with contextlib.suppress(Exception):
-            await self._send(writer, Response(status, body), close=True)
+class _Connection(asyncio.Protocol):
+    """One client connection: bytes parsed as they arrive, requests answered in order."""
 
+    def __init__(self, server: HttpServer, listener: str, *, unix: bool, admin: bool) -> None:
+        self.server, self.listener, self.unix, self.admin = server, listener, unix, admin
+        self.parser = h1.parser(MAX_HEADER_BYTES, prefer_c=server.prefer_c)
+        self.transport: Any = None  # an asyncio.Transport once made
+        self.state, self.deadline = IDLE, math.inf
+        self.peer, self.fd = "token", -1
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.eof = False  # the client closed its side
+        # the request being read: its head's parts, the body so far, its cap
+        self.head: h1.Head | None = None
+        self.chunks: list[bytes] = []
+        self.size = self.limit = 0
+        self.backlog: list[bytes] = []  # what arrived while a request was handled
+        self.reading = True
+        self.streaming = False  # a streamed route's handler is reading the body
+        self.waiter: asyncio.Future[None] | None = None  # `body_part` waiting for bytes
+        self.task: asyncio.Task[Response] | None = None  # a handler that had to wait
+        self.write_paused = False  # the client is not reading its answers fast enough
+        self.pumping = False  # `_pump` is taking the parser's events
+        self.lingered = 0
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Stop writing, then read and drop what the client still sends (at most
-    `LINGER_BYTES` within `LINGER_S`), so the close that follows finds nothing unread."""
-    loop = asyncio.get_running_loop()
-    deadline, left = loop.time() + LINGER_S, LINGER_BYTES
-    with contextlib.suppress(Exception):  # the peer may be gone already: nothing to do
-        if writer.can_write_eof():
-            writer.write_eof()
-        while left > 0 and (timeout := deadline - loop.time()) > 0:
-            chunk = await asyncio.wait_for(reader.read(min(READ_BYTES, left)), timeout)
-            if not chunk:
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if not self.server._admit(self):
+            return
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
+        if self.unix:
+            self.peer = _peer(sock)
+        self._to_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self.server._forget(self)
+        self._wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == IDLE:
+            self.server._idle[self.listener].pop(self, None)
+            self.state, self.deadline = HEAD, time.monotonic() + self.server.head_timeout_s
+        elif state == BUSY:
+            if self.streaming:
+                self._stream_bytes(data)
+            else:  # the next request (pipelined): read once this one is answered
+                self.backlog.append(data)
+                self._pause()
+            return
+        elif state not in (HEAD, BODY):  # LINGER, CLOSED: dropped
+            self.lingered += len(data)
+            if self.lingered >= LINGER_BYTES:
+                self.close()
+            return
+        try:
+            self.parser.feed(data)
+        except ApiError as exc:
+            self._refuse(exc.status, str(exc))
+            return
+        self._pump()
+
+    def eof_received(self) -> bool:
+        """The client closed its side: a request already read is still answered (the
+        transport stays open to write), then the connection closes."""
+        self.eof = True
+        if self.state == BUSY:
+            self._wake()
+            return True
+        if self.state in (HEAD, BODY):
+            with contextlib.suppress(ApiError):
+                self.parser.eof()
+        self.close()
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.state == BUSY and self.task is None and not self.streaming:
+            self._next_request()  # the answer is out: the next request may be read
+
+    # -- reading requests -----------------------------------------------------------------
+    def _pump(self) -> None:
+        """Take the parser's events until it needs bytes or a request is being handled."""
+        self.pumping = True
+        try:
+            self._take_events()
+        finally:
+            self.pumping = False
+
+    def _take_events(self) -> None:
+        while self.state <= BODY:
+            try:
+                event = self.parser.next_event()
+            except ApiError as exc:
+                self._refuse(exc.status, str(exc))
                 return
-            left -= len(chunk)
+            if event is h1.NEED_DATA:
+                if self.eof:
+                    self.close()
+                return
+            if isinstance(event, h1.Head):
+                self._on_head(event)
+            elif self.state != BODY:
+                if event is h1.CLOSED:
+                    self.close()
+                else:
+                    self._refuse(400, "a request must start with its head")
+                return
+            elif isinstance(event, h1.Body):
+                self.size += len(event.data)
+                if self.size > self.limit:
+                    self._refuse(413, str(_too_large(self.limit)))
+                    return
+                self.chunks.append(event.data)
+            elif event is h1.END:
+                head, chunks = self.head, self.chunks
+                assert head is not None
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self.head, self.chunks = None, []
+                self._handle(Request(head.method, head.target.split("?", 1)[0], head.headers,
+                                     body, self.unix, keep_alive=head.keep_alive))
+            else:
+                self.close()
+                return
+
+    def _on_head(self, head: h1.Head) -> None:
+        server = self.server
+        if self.state == IDLE:  # pipelined: it was waiting in the parser
+            server._idle[self.listener].pop(self, None)
+        if head.head_bytes > MAX_HEADER_BYTES:
+            self._refuse(431, f"request head of {head.head_bytes} bytes (at most "
+                         f"{MAX_HEADER_BYTES})")
+            return
+        headers = head.headers
+        if "content-length" in headers and "transfer-encoding" in headers:
+            self._refuse(400, "Content-Length and Transfer-Encoding together")
+            return
+        refusal = server.authorize(headers, self.unix)  # before routing and before the body
+        if refusal is not None:
+            self._refuse(401, refusal)
+            return
+        path = head.target.split("?", 1)[0]
+        cap = server.router.streamed(head.method, path)
+        limit = cap if cap is not None else server.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self._refuse(413, str(_too_large(limit)))
+            return
+        if headers.get("expect", "").lower() == "100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it
+        if cap is not None:
+            request = Request(head.method, path, headers, b"", self.unix,
+                              keep_alive=head.keep_alive)
+            request.stream = BodyStream(self, cap)
+            self.streaming = True
+            self._handle(request)
+            return
+        self.head, self.chunks, self.size, self.limit = head, [], 0, limit
+        self.state, self.deadline = BODY, time.monotonic() + server.body_timeout_s
+
+    async def body_part(self) -> h1.Event:
+        """A streamed body's next event, waiting for its bytes up to `body_timeout_s`."""
+        while True:
+            try:
+                event = self.parser.next_event()
+            except ApiError as exc:
+                raise _HttpError(400, f"malformed body: {exc}") from exc
+            if event is not h1.NEED_DATA:
+                if not isinstance(event, h1.Body):
+                    self.streaming = False
+                return event
+            if self.state == CLOSED or self.eof:
+                self.streaming = False
+                return h1.CLOSED
+            self.waiter = asyncio.get_running_loop().create_future()
+            self.deadline = time.monotonic() + self.server.body_timeout_s
+            self._resume()
+            try:
+                await self.waiter
+            finally:
+                self.waiter, self.deadline = None, math.inf
+
+    def _stream_bytes(self, data: bytes) -> None:
+        try:
+            self.parser.feed(data)
+        except ApiError as exc:
+            self._wake(_HttpError(400, f"malformed body: {exc}"))
+            return
+        if self.waiter is None:  # the handler is busy with a chunk: no more until it asks
+            self._pause()
+        self._wake()
+
+    def _wake(self, exc: BaseException | None = None) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    # -- handling and answering -----------------------------------------------------------
+    def _handle(self, request: Request) -> None:
+        """Run the handler at once; one that has to wait goes on in a task of its own."""
+        self.state, self.deadline = BUSY, math.inf
+        request.admin, request.peer = self.admin, self.peer
+        coro = self.server._dispatch(request)
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            self._answer(request, done.value)
+            return
+        except BaseException:  # _dispatch answers errors: this is a bug
+            log.exception("http.dispatch_failed %s %.200s", request.method, request.path)
+            self._answer(request, json_response({"error": "internal error"}, 500))
+            return
+        self.task = asyncio.get_running_loop().create_task(_resume(coro, waiting))
+        self.task.add_done_callback(lambda task: self._answer_from(request, task))
+
+    def _answer_from(self, request: Request, task: asyncio.Task[Response]) -> None:
+        self.task = None
+        if task.cancelled():  # a drain's last resort
+            self.abort()
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("http.dispatch_failed %s %.200s", request.method, request.path,
+                      exc_info=exc)
+            self._answer(request, json_response({"error": "internal error"}, 500))
+            return
+        self._answer(request, task.result())
+
+    def _answer(self, request: Request, response: Response) -> None:
+        server = self.server
+        if server.on_response is not None:
+            server.on_response(request.method, request.path, response.status, response.body)
+        if self.state == CLOSED:
+            return
+        unread = request.stream is not None and not request.stream.done
+        self.streaming = False
+        close = unread or server._draining or not request.keep_alive or self.eof
+        self._write(response, close=close, head_only=request.method == "HEAD")
+        if close:
+            if unread:
+                self._linger()
+            else:
+                self.close()
+        elif self.write_paused:  # the next request once the client has read this answer
+            self._pause()
+            self.deadline = time.monotonic() + server.idle_timeout_s
+        else:
+            self._next_request()
+
+    def _next_request(self) -> None:
+        try:
+            self.parser.next_cycle()
+        except ApiError:
+            self.close()
+            return
+        self._to_idle()
+        if self.backlog:
+            data = self.backlog[0] if len(self.backlog) == 1 else b"".join(self.backlog)
+            self.backlog.clear()
+            self._resume()
+            self.data_received(data)
+        else:
+            self._resume()
+            if not self.pumping:  # else the loop taking events goes on: no recursion
+                self._pump()  # a pipelined request the parser holds already
+
+    def _to_idle(self) -> None:
+        now = time.monotonic()
+        self.state, self.deadline = IDLE, now + self.server._idle_limit(self.listener)
+        self.server._idle[self.listener][self] = now
+
+    def _write(self, response: Response, *, close: bool, head_only: bool = False) -> None:
+        if self.transport.is_closing():
+            return
+        head = h1.response_head(response.status, response.content_type, len(response.body),
+                                self.server.server_header, response.headers, close=close)
+        if head_only or not response.body:
+            self.transport.write(head)
+        elif len(response.body) < 16 * 1024:  # one write, one syscall
+            self.transport.write(head + response.body)
+        else:  # no copy of a large body
+            self.transport.writelines((head, response.body))
+
+    def send_error(self, status: int, message: str, *, count: bool = True) -> None:
+        """Answer a request that could not be read (or its head refused)."""
+        body = json.dumps({"error": message}).encode()
+        if count and self.server.on_response is not None:
+            self.server.on_response("-", "-", status, body)
+        self._write(Response(status, body), close=True)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer with an error before the request was read whole, and close lingering."""
+        self.send_error(status, message)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Stop writing, then drop what the client still sends (at most `LINGER_BYTES`
+        within `LINGER_S`), so the close that follows finds nothing unread."""
+        self.server._idle[self.listener].pop(self, None)
+        self.state, self.deadline, self.lingered = LINGER, time.monotonic() + LINGER_S, 0
+        if self.eof:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the peer may be gone already
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+        self._resume()
+
+    def expire(self) -> None:
+        """Its deadline passed: what that means depends on what it was doing."""
+        state = self.state
+        if state == HEAD:
+            self._refuse(408, "request head not received in time")
+        elif state == BODY:
+            self._refuse(408, "request body not received in time")
+        elif state == BUSY and self.waiter is not None:
+            self.deadline = math.inf
+            self._wake(_HttpError(408, "request body not received in time"))
+        elif state == BUSY and self.task is None and not self.streaming:
+            self.abort()  # an answer the client has not read within the idle timeout
+        elif state != BUSY:  # idle, lingering: a quiet close
+            self.close()
+
+    def _pause(self) -> None:
+        if self.reading and not self.transport.is_closing():
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if not self.reading and not self.transport.is_closing():
+            self.reading = True
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.state, self.deadline = CLOSED, math.inf
+        self.server._forget(self)
+        self.transport.close()  # what is written goes out first
+
+    def abort(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.state, self.deadline = CLOSED, math.inf
+        self.server._forget(self)
+        self.transport.abort()
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
+async def _resume(coro: Coroutine[Any, Any, Response], waiting: Any) -> Response:
+    """Go on with a coroutine that was started outside a task: `waiting` is what its first
+    `send` gave (the future it waits for, or None for a bare yield), as a task would have
+    seen it. A cancel of this task reaches the coroutine where it waits."""
+    while True:
+        signal: BaseException | None = None
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:  # as a task takes it: the flag says a coroutine yielded it, and a
+                waiting._asyncio_future_blocking = False  # second await refuses it when set
+                await waiting
+        except asyncio.CancelledError as exc:  # this task's, unless the future's own
+            if waiting is None or not waiting.cancelled():
+                signal = exc
+        except BaseException:  # the coroutine reads it from its future
+            pass
+        try:
+            waiting = coro.send(None) if signal is None else coro.throw(signal)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+def _peer(sock: socket.socket | None) -> str:
     """The user on the other end of a Unix socket ("uid N"), from the kernel."""
-    sock = writer.get_extra_info("socket")
     try:
+        assert sock is not None
         _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, AssertionError):
         return "uid ?"  # no credential to be had: its own owner, apart from all others
     return f"uid {uid}"
