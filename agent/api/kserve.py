@@ -97,7 +97,7 @@ class KServe:
         reason (an unloaded model loads again on its next request). Body: optional
         `{"ready": true}` to list only the loaded ones."""
         ready_only = False
-        if request.body.strip():
+        if request.body:  # white space alone is not JSON: 400, as the schema says
             body = json_body(request)
             ready = body.get("ready", False)
             if not isinstance(ready, bool) or set(body) - {"ready"}:
@@ -160,7 +160,7 @@ class KServe:
         name = request.params["name"]
         if not MODEL_NAME.match(name):
             raise UnknownModel(name[:64])
-        if request.body.strip():
+        if request.body:  # white space alone is not JSON: 400, as the schema says
             body = json_body(request)
             params = body.get("parameters", {})
             # unload_dependents (tritonclient sends it on every unload): no model here has
@@ -190,7 +190,7 @@ class KServe:
         return json_response({})
 
     async def shm_unregister(self, request: Request) -> Response:
-        if request.body.strip():
+        if request.body:  # white space alone is not JSON: 400, as the schema says
             raise ApiError(400, "unregister takes an empty body")
         self._shared_memory().unregister(request.peer, request.params.get("region"))
         return json_response({})
