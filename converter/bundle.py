@@ -33,6 +33,7 @@ from agent.trust.manifest import (
     ResourceEstimate,
     ScoreReference,
     SelfTest,
+    TensorSpec,
     canonical_json,
 )
 from converter.context import INT8_ONNX, INT8_TFLITE, Context
@@ -145,7 +146,7 @@ def build_bundle(ctx: Context) -> Manifest:
         profiles=[ctx.profile.name], runtime=runtime, task=task, model_file=model_name,
         files={model_name: file_entry(bundle / model_name),
                SELFTEST_FILE: file_entry(bundle / SELFTEST_FILE)},
-        inputs=loaded.inputs, outputs=loaded.outputs, labels=labels,
+        inputs=_input_names(ctx, loaded.inputs), outputs=loaded.outputs, labels=labels,
         preprocessing=ctx.norm.preprocessing(layout_for(ctx.data.sample_shape),
                                              len(ctx.split.train)),
         reference=ref,
@@ -158,6 +159,15 @@ def build_bundle(ctx: Context) -> Manifest:
     )
     (bundle / MANIFEST_FILE).write_bytes(canonical_json(manifest))
     return manifest
+
+
+def _input_names(ctx: Context, inputs: list[TensorSpec]) -> list[TensorSpec]:
+    """The inputs as clients name them: for several, the model's own names (TFLite's
+    converter renames them `serving_default_args_0`, `…_1`, …), in the packed order."""
+    if ctx.data.inputs is None:
+        return inputs
+    return [spec.model_copy(update={"name": name})
+            for spec, (name, _) in zip(inputs, ctx.data.inputs, strict=True)]
 
 
 def bundle_name(ctx: Context) -> str:

@@ -21,8 +21,15 @@ import numpy as np
 from agent.errors import ProfileError
 from agent.profiles import FirmwareProfile, load_profile
 from converter import normalize
-from converter.data import Dataset, Split, calibration_indices, load_dataset, split
-from converter.errors import DataError, RecipeError
+from converter.data import (
+    Dataset,
+    Split,
+    calibration_indices,
+    load_dataset,
+    order_inputs,
+    split,
+)
+from converter.errors import DataError, RecipeError, TeacherError
 from converter.normalize import Normalization
 from converter.recipe import Recipe
 
@@ -82,6 +89,41 @@ class Context:
         return self.x[calibration_indices(self.split, r.calibration_samples, r.seed)]
 
 
+def onnx_input_names(path: Path) -> list[str]:
+    """The graph inputs of an ONNX model that are not initializers, in order."""
+    import onnx  # noqa: PLC0415  # host-only dependency
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:  # onnx raises DecodeError and others for a damaged file
+        raise TeacherError(f"model {path} is not a valid ONNX model: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+                           ) from exc
+    weights = {t.name for t in graph.initializer}
+    return [i.name for i in graph.input if i.name not in weights]
+
+
+def _model_inputs(recipe: Recipe, data: Dataset) -> Dataset:
+    """Data for a model with several inputs, in the model's input order; refused where
+    several inputs are not supported (a teacher to distill, a torch model).
+
+    Raises:
+        DataError: the data and the model disagree on the inputs, or several inputs where
+            only one is taken.
+    """
+    m = recipe.model
+    names = onnx_input_names(Path(m.onnx)) if recipe.quantize_only and m.onnx and Path(
+        m.onnx).is_file() else None
+    if names is not None and len(names) > 1:
+        return order_inputs(data, names)
+    if data.inputs is not None:
+        given = ", ".join(n for n, _ in data.inputs)
+        raise DataError(f"data {data.source} holds several inputs ({given}) and no x: that is "
+                        "for quantize-only of an ONNX model with those inputs (--model-onnx); "
+                        "a teacher, a student or a torch model takes one input x")
+    return data
+
+
 def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print) -> Context:
     """Load profile and data, split them, and pick up earlier stages' results."""
     try:
@@ -89,6 +131,7 @@ def open_context(recipe: Recipe, work: Path, say: Callable[[str], None] = print)
     except ProfileError as exc:
         raise RecipeError(str(exc)) from exc
     data = load_dataset(recipe.data.source, recipe.model.task)
+    data = _model_inputs(recipe, data)
     if recipe.model.gate != "output_error" and data.targets is None:
         raise DataError(f"data {data.source}: model.gate = {recipe.model.gate!r} compares "
                         "with the true outputs, and the data has no y (the targets)")

@@ -5,17 +5,24 @@ Data is an `.npz` with `x` (numeric samples, first axis = samples: vectors (N, F
 `--model-task regress` the true outputs, float (N,) or (N, k)) and `labels` (class names, a
 string array), or the built-in `digits` set from scikit-learn's `load_digits` (1,797 8x8
 grey images scaled to [0, 1], shape (N, 1, 8, 8)). Nothing is downloaded.
+
+For a model with several inputs (quantize-only of an ONNX model), the `.npz` holds one
+array per input, named as the model names its inputs (`np.savez(f, u=u, v=v, y=y)`),
+each (N, ...) with the same N and no `x`. The converter then handles each sample as its
+inputs' values side by side (`Dataset.inputs` says which values are whose; the model's
+input order, see `order_inputs`), as the agent does.
 """
 
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
+from agent.serving.runtime import pack, unpack
 from converter.errors import DataError
 from converter.normalize import layout_for
 
@@ -33,6 +40,9 @@ class Dataset:
     source: str
     labels: list[str] | None = None  # class names, from the npz's `labels` array
     targets: F32 | None = None  # a regressor's true outputs (N, k), from `y` (task regress)
+    # Several inputs: (name, shape of one sample) of each, in the order their values
+    # stand side by side in `x` (N, values); None for one input (x as given).
+    inputs: list[tuple[str, tuple[int, ...]]] | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -79,11 +89,21 @@ def load_dataset(source: str, task: str = "classify") -> Dataset:
     return validate(arrays, str(path), task)
 
 
+#: Arrays of an `.npz` that are not a model's input.
+NOT_INPUTS = ("y", "labels")
+
+
 def validate(arrays: dict[str, np.ndarray], source: str, task: str = "classify") -> Dataset:
     """Check raw arrays and build a Dataset (see load_dataset for the rules)."""
-    if "x" not in arrays:
-        raise DataError(f"data {source} has no array 'x' (found: {sorted(arrays) or 'none'})")
-    x = arrays["x"]
+    inputs = None
+    named = {k: v for k, v in arrays.items() if k not in NOT_INPUTS}
+    if "x" not in arrays and len(named) >= 2:
+        x, inputs = _several_inputs(named, source)
+    elif "x" not in arrays:
+        raise DataError(f"data {source} has no array 'x' (found: {sorted(arrays) or 'none'}; "
+                        "a model with several inputs takes one array per input name)")
+    else:
+        x = arrays["x"]
     if x.dtype.kind not in "fiu" or x.ndim < 2:
         raise DataError(f"data {source}: x must be numeric with shape (samples, ...), "
                         f"got {x.dtype} {x.shape}")
@@ -114,7 +134,49 @@ def validate(arrays: dict[str, np.ndarray], source: str, task: str = "classify")
         layout_for(tuple(x.shape[1:]))
     except ValueError as exc:
         raise DataError(f"data {source}: {exc}") from exc
-    return Dataset(x=x, y=y, source=source, labels=labels, targets=targets)
+    return Dataset(x=x, y=y, source=source, labels=labels, targets=targets, inputs=inputs)
+
+
+def _several_inputs(named: dict[str, np.ndarray], source: str
+                    ) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
+    """One array per input name: their samples' values side by side, and which are whose.
+
+    Raises:
+        DataError: an array that is not numeric samples, or counts that differ.
+    """
+    counts = {k: len(v) if v.ndim else 0 for k, v in named.items()}
+    for name, arr in named.items():
+        if arr.dtype.kind not in "fiu" or arr.ndim < 2:
+            raise DataError(f"data {source}: input {name} must be numeric with shape "
+                            f"(samples, ...), got {arr.dtype} {arr.shape}")
+    if len(set(counts.values())) != 1:
+        raise DataError(f"data {source}: the inputs hold different numbers of samples "
+                        f"({', '.join(f'{k} {n}' for k, n in counts.items())})")
+    inputs = [(k, tuple(int(d) for d in v.shape[1:])) for k, v in named.items()]
+    return pack([named[k] for k, _ in inputs]), inputs
+
+
+def order_inputs(data: Dataset, names: list[str]) -> Dataset:
+    """`data`'s inputs in the model's order `names` (a model with several inputs).
+
+    Raises:
+        DataError: the data does not hold one array per input of the model.
+    """
+    if data.inputs is None:
+        raise DataError(f"data {data.source}: the model has {len(names)} inputs "
+                        f"({', '.join(names)}): give one array per input, named as the "
+                        "model names them (np.savez(f, "
+                        f"{', '.join(f'{n}=...' for n in names)}, y=...)), not x")
+    have = [n for n, _ in data.inputs]
+    if sorted(have) != sorted(names):
+        raise DataError(f"data {data.source} holds inputs {', '.join(have)}; the model takes "
+                        f"{', '.join(names)}")
+    if have == names:
+        return data
+    parts = dict(zip(have, unpack(data.x, [s for _, s in data.inputs]), strict=True))
+    shapes = dict(data.inputs)
+    return replace(data, x=pack([parts[n] for n in names]),
+                   inputs=[(n, shapes[n]) for n in names])
 
 
 def _class_labels(y: np.ndarray, n: int, source: str) -> I64:

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from torch import fx
 
-from agent.serving.runtime import in_fixed_batches, open_onnx
+from agent.serving.runtime import in_fixed_batches, open_onnx, sample_shapes
 from converter.data import F32
 from converter.errors import ConvertError
+from converter.quantize import torch_args
 
 OLDEST_OPSET = 11  # the lowest opset a model is converted down to for onnx2torch
 
@@ -216,9 +217,6 @@ def onnx_to_torch(src: Path, work: Path, samples: F32) -> tuple[torch.nn.Module,
     """
     onnx2torch, registry = _registry()
     model = static_graph(src, work / "model.static.onnx")
-    if len(model.graph.input) != 1:
-        raise ConvertError(f"int8 TFLite from ONNX takes a model with one input; this one has "
-                           f"{[i.name for i in model.graph.input]}")
     batch = int(model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 1)
     _constant_reshapes(model)
     model = _convertible(model, registry)
@@ -228,11 +226,14 @@ def onnx_to_torch(src: Path, work: Path, samples: F32) -> tuple[torch.nn.Module,
         raise ConvertError(f"int8 TFLite from ONNX: onnx2torch failed: "
                            f"{str(exc).splitlines()[0][:200]}") from exc
     x = samples[:16]
-    want = open_onnx(src).run(x)
+    reference = open_onnx(src)
+    want = reference.run(x)
+    specs = reference.inputs
+    shapes = sample_shapes(specs) if len(specs) > 1 else None  # several: packed in x
 
     def run(chunk: F32) -> F32:
         with torch.no_grad():
-            return np.asarray(gm(torch.from_numpy(chunk)).numpy())
+            return np.asarray(gm(*torch_args(chunk, shapes)).numpy())
 
     try:  # a failing fx module prints its generated code to stderr: the error says enough
         with contextlib.redirect_stderr(io.StringIO()):

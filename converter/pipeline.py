@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.serving.runtime import open_onnx, open_tflite
+from agent.serving.runtime import open_onnx, open_tflite, sample_shapes
+from agent.trust.manifest import TensorSpec
 from converter import npu
 from converter import prune as pr
 from converter.bundle import build_bundle
@@ -73,7 +74,6 @@ from converter.task import (
 from converter.teacher import (
     import_factory,
     load_torch_model,
-    one_input,
     onnx_parameters,
     run_onnx_teacher,
     run_torch_model,
@@ -150,7 +150,8 @@ def _stage_model(ctx: Context) -> None:
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise TeacherError(f"model {src} is not a valid ONNX model: "
                                f"{str(exc).splitlines()[0][:200]}") from exc
-        one_input([(i.name, i.dtype, i.shape) for i in loaded.inputs], f"model {src.name}")
+        if len(loaded.inputs) > 1:
+            _several_inputs(ctx, loaded.inputs, src)
         try:
             fixed = loaded.inputs[0].shape[0]  # runs in chunks of a fixed batch, if any
             step = fixed * max(1, 256 // fixed) if fixed else 256
@@ -174,6 +175,24 @@ def _stage_model(ctx: Context) -> None:
     ctx.say(f"model ({'onnxruntime' if kind == 'onnx' else 'torch'}): {description}, "
             f"{params:,} parameters, task {m.task}, batch {batch}, {shown}; quantized as "
             "trained (no teacher, no distillation)")
+
+
+def _several_inputs(ctx: Context, inputs: list[TensorSpec], src: Path) -> None:
+    """A model with several inputs takes the data's arrays of the same names and shapes
+    (`open_context` put them in the model's order).
+
+    Raises:
+        TeacherError: a shape that differs, or a dimension besides the batch not fixed.
+    """
+    assert ctx.data.inputs is not None  # open_context refuses several inputs without them
+    try:
+        shapes = sample_shapes(inputs)
+    except ValueError as exc:
+        raise TeacherError(f"model {src.name}: {exc}") from exc
+    for spec, shape, (name, given) in zip(inputs, shapes, ctx.data.inputs, strict=True):
+        if shape != given:
+            raise TeacherError(f"model {src.name}: input {spec.name} takes samples shaped "
+                               f"{shape}; the data's {name} holds {given}")
 
 
 def _check_outputs(ctx: Context, out: np.ndarray, description: str) -> None:
@@ -533,8 +552,9 @@ def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality
         route = "onnx2torch -> PT2E"
     else:
         student, route, batch = load_student(ctx), "PT2E", 1
+    shapes = None if ctx.data.inputs is None else [s for _, s in ctx.data.inputs]
     res = quantize_tflite(student, calib, ctx.work / INT8_TFLITE, per_channel=per_channel,
-                          batch=batch)
+                          batch=batch, shapes=shapes)
     fp32_out = open_onnx(ctx.work / FP32_ONNX).run(x_val)
     int8_out = open_tflite(ctx.work / INT8_TFLITE).run(x_val)
     fp32, int8 = quality.score(fp32_out), quality.score(int8_out)
@@ -543,7 +563,7 @@ def _quantize_tflite(ctx: Context, calib: np.ndarray, x_val: np.ndarray, quality
     if not quality.passes(fp32, int8) and ctx.recipe.quantize.mitigate:
         all_train = ctx.x[ctx.split.train]
         res = quantize_tflite(student, all_train, ctx.work / INT8_TFLITE,
-                              per_channel=per_channel, batch=batch)
+                              per_channel=per_channel, batch=batch, shapes=shapes)
         int8_out = open_tflite(ctx.work / INT8_TFLITE).run(x_val)
         int8 = quality.score(int8_out)
         steps.append(f"calibrated on all {len(all_train)} training samples: int8 "

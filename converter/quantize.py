@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from agent.serving.runtime import open_onnx, open_tflite
+from agent.serving.runtime import open_onnx, open_tflite, sample_shapes, unpack
 from converter.data import F32
 from converter.errors import ConvertError
 from converter.task import Quality
@@ -87,8 +87,9 @@ def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> Non
         quantize_static,
     )
 
-    spec = open_onnx(src).inputs[0]
-    input_name, fixed = spec.name, spec.shape[0]
+    specs = open_onnx(src).inputs
+    fixed = specs[0].shape[0]
+    shapes = sample_shapes(specs) if len(specs) > 1 else None  # several: packed side by side
     if fixed and len(calib) % fixed:  # a fixed batch: the tail padded with its last sample
         calib = np.concatenate([calib, np.repeat(calib[-1:], fixed - len(calib) % fixed, 0)])
     step = fixed or calibration_batch(len(calib))
@@ -99,7 +100,12 @@ def quantize_onnx(src: Path, dst: Path, calib: F32, s: OnnxQuantSettings) -> Non
 
         def get_next(self) -> dict[str, F32] | None:
             batch = next(self._it, None)
-            return None if batch is None else {input_name: batch}
+            if batch is None:
+                return None
+            if shapes is None:
+                return {specs[0].name: batch}
+            return {spec.name: part for spec, part in zip(specs, unpack(batch, shapes),
+                                                          strict=True)}
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[s.calibration]
@@ -195,11 +201,22 @@ class TfliteResult:
     io_dtype: str
 
 
+def torch_args(x: F32, shapes: list[tuple[int, ...]] | None) -> tuple[torch.Tensor, ...]:
+    """A model's arguments for samples `x`: one tensor, or one per input where `shapes`
+    says how several inputs stand packed side by side in `x`."""
+    if shapes is None:
+        return (torch.from_numpy(np.ascontiguousarray(x)),)
+    return tuple(torch.from_numpy(np.ascontiguousarray(p)) for p in unpack(x, shapes))
+
+
 def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: bool,
-                    batch: int = 1) -> TfliteResult:
+                    batch: int = 1, shapes: list[tuple[int, ...]] | None = None
+                    ) -> TfliteResult:
     """Full-int8 TFLite through litert-torch's PT2E quantizer, its batch fixed at `batch`
     (1, or the fixed batch of a model given as ONNX); calibrated in batches of that size,
-    the last padded with its last sample."""
+    the last padded with its last sample. `shapes`: a model with several inputs, packed
+    side by side in `calib` (`agent.serving.runtime.pack`); the TFLite model takes them
+    as separate inputs, in that order."""
     import litert_torch  # noqa: PLC0415  # heavy or optional: loaded only when used
     from litert_torch.quantize import pt2e_quantizer as pq  # noqa: PLC0415  # optional: when used
     from litert_torch.quantize.quant_config import QuantConfig  # noqa: PLC0415  # optional: when used
@@ -208,7 +225,7 @@ def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: boo
     model.eval()
     if len(calib) % batch:
         calib = np.concatenate([calib, np.repeat(calib[-1:], batch - len(calib) % batch, 0)])
-    args = (torch.from_numpy(calib[:batch]),)
+    args = torch_args(calib[:batch], shapes)
     try:
         graph = torch.export.export(model, args).module()
         quantizer = pq.PT2EQuantizer().set_global(
@@ -216,7 +233,7 @@ def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: boo
         graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             for i in range(0, len(calib), batch):
-                graph(torch.from_numpy(calib[i:i + batch]))
+                graph(*torch_args(calib[i:i + batch], shapes))
         graph = quantize_pt2e.convert_pt2e(graph, fold_quantize=False)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             edge = litert_torch.convert(graph, args,

@@ -262,7 +262,12 @@ def _report_data(ctx: Context) -> dict[str, Any]:
         "profile_description": ctx.profile.description,
         "data": {"source": ctx.data.source, "samples": len(ctx.data.x),
                  "train": len(ctx.split.train), "val": len(ctx.split.val),
-                 "test": len(ctx.split.test), "sample_shape": list(ctx.data.sample_shape)},
+                 "test": len(ctx.split.test), "sample_shape": list(ctx.data.sample_shape),
+                 # several inputs: each one's name and sample shape, side by side in that
+                 # order in sample_shape's values
+                 **({"model_inputs": [{"name": n, "shape": list(shape)}
+                                      for n, shape in ctx.data.inputs]}
+                    if ctx.data.inputs else {})},
         "inputs": r.get("inputs"), "teacher": r.get("teacher"),
         "student": {k: v for k, v in r.get("student", {}).items() if k != "history"},
         "prune": r.get("prune"), "export": r.get("export"), "quantize": r.get("quantize"),

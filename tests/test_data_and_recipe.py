@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter.data import load_dataset, split
+from converter.data import load_dataset, order_inputs, split
 from converter.errors import DataError, RecipeError
 from converter.recipe import Recipe, load_recipe, option_names
 
@@ -41,10 +41,30 @@ def test_split_is_deterministic_disjoint_and_stratified() -> None:
     ({"x": np.ones((60, 4), dtype=np.float32), "y": np.zeros(59, dtype=np.int64)}, "y must be"),
     ({"x": np.ones((60, 4), dtype=np.float32), "y": np.full(60, 0.5)}, "y must be"),
     ({"x": np.array(["a"] * 60).reshape(60, 1)}, "numeric"),
+    ({"u": np.ones((60, 3)), "v": np.ones((59, 2))},
+     r"different numbers of samples \(u 60, v 59\)"),
+    ({"u": np.ones((60, 3)), "v": np.ones(60)}, "input v must be numeric with shape"),
+    ({"u": np.ones((60, 3)), "y": np.zeros(60, dtype=np.int64)},
+     "no array 'x'.*several inputs takes one array per input name"),
 ])
 def test_bad_data_is_named(tmp_path: Path, arrays: dict[str, np.ndarray], message: str) -> None:
     with pytest.raises(DataError, match=message):
         load_dataset(_npz(tmp_path, **arrays))
+
+
+def test_several_inputs_stand_side_by_side_in_the_models_order(tmp_path: Path) -> None:
+    """One array per input name: each sample's values side by side, in the file's order,
+    and in the model's order once it is known (`order_inputs`)."""
+    rng = np.random.default_rng(0)
+    v, u = rng.normal(size=(60, 2, 2)), rng.normal(size=(60, 3))
+    ds = load_dataset(_npz(tmp_path, v=v, u=u, y=np.arange(60) % 2))
+    assert ds.inputs == [("v", (2, 2)), ("u", (3,))] and ds.x.shape == (60, 7)
+    ordered = order_inputs(ds, ["u", "v"])
+    assert ordered.inputs == [("u", (3,)), ("v", (2, 2))]
+    np.testing.assert_allclose(ordered.x[:, :3], u.astype(np.float32))
+    np.testing.assert_allclose(ordered.x[:, 3:].reshape(60, 2, 2), v.astype(np.float32))
+    with pytest.raises(DataError, match="holds inputs v, u; the model takes u, w"):
+        order_inputs(ds, ["u", "w"])
 
 
 def test_a_corrupt_or_missing_data_file_is_named(tmp_path: Path) -> None:

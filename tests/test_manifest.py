@@ -97,6 +97,37 @@ def test_preprocessing_that_does_not_fit_the_input_is_refused(
         parse_manifest(json.dumps(data).encode())
 
 
+def _two_inputs(u: list[int | None], v: list[int | None], name_v: str = "v"
+                ) -> list[dict[str, object]]:
+    return [{"name": "u", "dtype": "float32", "shape": u},
+            {"name": name_v, "dtype": "float32", "shape": v}]
+
+
+@pytest.mark.parametrize(("inputs", "preprocessing", "message"), [
+    (_two_inputs([None, 3], [None, 2, 2]), None, None),
+    (_two_inputs([1, 3], [1, 2, 2]), None, None),
+    (_two_inputs([None, 3], [None, 2, 2], name_v="u"), None, "distinct names"),
+    (_two_inputs([None, 3], [1, 2, 2]), None, "share their batch dimension"),
+    (_two_inputs([None, 3], [None, None, 2]), None,
+     "input v: a model with several inputs needs every dimension besides the batch fixed"),
+    (_two_inputs([None, 3], [None, 2, 2]), {"scale": [2.0]},
+     "several inputs takes no preprocessing"),
+])
+def test_a_manifest_with_several_inputs(tmp_path: Path, inputs: list[dict[str, object]],
+                                        preprocessing: dict[str, object] | None,
+                                        message: str | None) -> None:
+    """Several inputs travel packed side by side: distinct names, one batch dimension,
+    every other dimension fixed, no preprocessing; anything else is refused naming it."""
+    data = json.loads((make_bundle(tmp_path) / "manifest.json").read_bytes())
+    data["inputs"] = inputs
+    data["preprocessing"].update(preprocessing or {})
+    if message is None:
+        assert [i.name for i in parse_manifest(json.dumps(data).encode()).inputs] == ["u", "v"]
+        return
+    with pytest.raises(BundleError, match=message):
+        parse_manifest(json.dumps(data).encode())
+
+
 def test_preprocessing_arrays_per_feature_parse(tmp_path: Path) -> None:
     data = json.loads((make_bundle(tmp_path) / "manifest.json").read_bytes())
     data["preprocessing"].update({"axis": "feature", "method": "standard",

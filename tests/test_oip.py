@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 
 from agent.errors import ApiError
 from agent.serving.oip import infer_response, parse_infer
+from agent.serving.runtime import pack, unpack
 from agent.serving.tfs import parse_predict
 from agent.trust.bundle import read_manifest
 from agent.trust.manifest import Manifest, TensorSpec
@@ -25,6 +28,65 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     return m.model_copy(update={
         "inputs": [TensorSpec(name="x", dtype="float32", shape=[None, 4])],
         "outputs": [TensorSpec(name="y", dtype="float32", shape=[None, 2])]})
+
+
+@pytest.fixture(scope="module")
+def two(manifest: Manifest) -> Manifest:
+    """A model with two inputs, u (3 features) and v (2 x 2)."""
+    return manifest.model_copy(update={"inputs": [
+        TensorSpec(name="u", dtype="float32", shape=[None, 3]),
+        TensorSpec(name="v", dtype="float32", shape=[None, 2, 2])]})
+
+
+def test_several_inputs_by_name_in_every_format_give_the_same_packed_batch(
+        two: Manifest) -> None:
+    """KServe v2 JSON (inputs in any order), binary parts (in the order the request lists
+    the inputs), TF Serving rows and columns: the same batch, each sample's u values
+    then its v values (`pack`)."""
+    u = np.arange(6, dtype=np.float32).reshape(2, 3)
+    v = -np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    want = np.array([[0, 1, 2, 0, -1, -2, -3], [3, 4, 5, -4, -5, -6, -7]], np.float32)
+    np.testing.assert_array_equal(pack([u, v]), want)
+    as_json = json.dumps({"inputs": [
+        {"name": "v", "shape": [2, 2, 2], "datatype": "FP32", "data": v.ravel().tolist()},
+        {"name": "u", "shape": [2, 3], "datatype": "FP32", "data": u.ravel().tolist()}]})
+    head = json.dumps({"inputs": [
+        {"name": "v", "shape": [2, 2, 2], "datatype": "FP32",
+         "parameters": {"binary_data_size": 32}},
+        {"name": "u", "shape": [2, 3], "datatype": "INT32",
+         "parameters": {"binary_data_size": 24}}]}).encode()
+    got = [parse_infer(as_json.encode(), two, None).x,
+           parse_infer(head + v.tobytes() + u.astype(np.int32).tobytes(), two, len(head)).x,
+           parse_predict(json.dumps({"instances": [{"u": a.tolist(), "v": b.tolist()}
+                                                   for a, b in zip(u, v, strict=True)]}
+                                    ).encode(), two)[0],
+           parse_predict(json.dumps({"inputs": {"u": u.tolist(), "v": v.tolist()}}).encode(),
+                         two)[0]]
+    for x in got:
+        np.testing.assert_array_equal(x, want)
+    np.testing.assert_array_equal(unpack(want, [(3,), (2, 2)])[1], v)
+
+
+@pytest.mark.parametrize(("inputs", "binary", "words"), [
+    ([("u", [1, 3], [1, 2, 3])], b"", "1 inputs given; the model takes 2 inputs: 'u', 'v'"),
+    ([("u", [1, 3], [1, 2, 3]), ("w", [1, 2, 2], [1] * 4)], b"",
+     "unknown input 'w'; the model takes 2 inputs: 'u', 'v'"),
+    ([("u", [1, 3], [1, 2, 3]), ("u", [1, 3], [1, 2, 3])], b"", "input 'u' given twice"),
+    ([("u", [1, 3], [1, 2, 3]), ("v", [2, 2, 2], [1] * 8)], b"",
+     "input v: 2 samples; input u has 1"),
+    ([("u", [1, 3], 12), ("v", [1, 2, 2], 16)], b"\0" * 20,
+     "binary_data_size add up to 28 bytes; the body has 20"),
+])
+def test_several_inputs_refused_name_what_the_model_takes(
+        two: Manifest, inputs: list[tuple[str, list[int], Any]], binary: bytes,
+        words: str) -> None:
+    items = [{"name": n, "shape": shape, "datatype": "FP32",
+              **({"parameters": {"binary_data_size": d}} if isinstance(d, int) else
+                 {"data": d})} for n, shape, d in inputs]
+    head = json.dumps({"inputs": items}).encode()
+    with pytest.raises(ApiError, match=re.escape(words)) as err:
+        parse_infer(head + binary, two, len(head) if binary else None)
+    assert err.value.status == 400
 
 
 def test_json_and_binary_requests_give_the_same_tensor(manifest: Manifest) -> None:
@@ -73,7 +135,7 @@ _json = st.recursive(
     lambda c: st.lists(c, max_size=4) | st.dictionaries(
         st.sampled_from(["inputs", "name", "shape", "datatype", "data", "parameters",
                          "binary_data_size", "outputs", "id", "priority", "timeout_ms",
-                         "instances", "x"]), c, max_size=4),
+                         "instances", "x", "u", "v"]), c, max_size=4),
     max_leaves=12)
 
 
@@ -81,10 +143,12 @@ _json = st.recursive(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(st.binary(max_size=200), _json.map(lambda v: json.dumps(v).encode())),
        header=st.one_of(st.none(), st.integers(-5, 300)))
-def test_any_body_parses_or_is_a_4xx(manifest: Manifest, body: bytes,
+def test_any_body_parses_or_is_a_4xx(manifest: Manifest, two: Manifest, body: bytes,
                                      header: int | None) -> None:
     for parse in (lambda: parse_infer(body, manifest, header),
-                  lambda: parse_predict(body, manifest)):
+                  lambda: parse_predict(body, manifest),
+                  lambda: parse_infer(body, two, header),
+                  lambda: parse_predict(body, two)):
         try:
             parse()
         except ApiError as exc:

@@ -17,7 +17,7 @@ from conftest import FAST
 from fixture_agent import AgentProcess, make_keys, write_config
 from onnx import TensorProto, helper
 
-from agent.serving.runtime import open_model, open_tflite
+from agent.serving.runtime import open_model, open_tflite, pack
 from agent.trust.manifest import parse_manifest
 from converter.cli import main as convert
 from converter.data import split
@@ -185,11 +185,12 @@ def _two_inputs(path: Path, classes: int) -> Path:
 
 
 @pytest.mark.parametrize("role", ["--teacher-onnx", "--model-onnx"])
-def test_a_model_with_two_inputs_is_refused_in_one_line_naming_them(
+def test_a_model_with_two_inputs_and_data_with_one_is_refused_in_one_line_naming_them(
         role: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A teacher (or a model to quantize) with two inputs: one line naming both inputs
-    and the shapes edge-convert feeds, no traceback (a 28-line onnxruntime traceback
-    before), nothing left behind."""
+    """A teacher (or a model to quantize) with two inputs and data holding one array x:
+    one line naming both inputs (a 28-line onnxruntime traceback before), no traceback,
+    nothing left behind. A teacher is told the shapes distillation feeds; a model to
+    quantize how to give one array per input."""
     model = _two_inputs(tmp_path / "two.onnx", 3)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", x=rng.normal(size=(120, 8)).astype(np.float32),
@@ -201,9 +202,129 @@ def test_a_model_with_two_inputs_is_refused_in_one_line_naming_them(
     assert rc != 0 and not out.exists() and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if "error" in ln]
     assert len(lines) == 1, err
-    assert "two.onnx has 2 inputs (u float32 [N, 3], v float32 [N, 5])" in lines[0], lines[0]
-    assert "(features,), (time, features) or (channels, height, " \
-        "width)" in lines[0], lines[0]
+    if role == "--teacher-onnx":
+        assert "two.onnx has 2 inputs (u float32 [N, 3], v float32 [N, 5])" in lines[0]
+        assert "(features,), (time, features) or (channels, height, " \
+            "width)" in lines[0], lines[0]
+    else:
+        assert "the model has 2 inputs (u, v): give one array per input, named as the " \
+            "model names them (np.savez(f, u=..., v=..., y=...)), not x" in lines[0], lines[0]
+
+
+class _TwoInputs(torch.nn.Module):
+    """A classifier of u (6 features) and v (2 channels of 5 steps), as sensor fusion
+    models take them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 16)
+        self.b = torch.nn.Conv1d(2, 4, 3)
+        self.c = torch.nn.Linear(16 + 12, 3)
+
+    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([torch.relu(self.a(u)),  # type: ignore[no-any-return]
+                                 torch.relu(self.b(v)).flatten(1)], 1))
+
+
+@pytest.fixture(scope="module")
+def two_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data, ONNX) of a two-input classifier trained on generated data; the data's arrays
+    saved in another order than the model's inputs (v, then u)."""
+    where = tmp_path_factory.mktemp("two")
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(600, 6)).astype(np.float32)
+    v = rng.normal(size=(600, 2, 5)).astype(np.float32)
+    noise = rng.normal(scale=0.6, size=(600, 3))
+    y = (np.stack([u[:, 0] + v[:, 0, 0], u[:, 1] - v[:, 1, 2], 0.5 * v[:, 0, 3] - u[:, 2]], 1)
+         + noise).argmax(1)
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    tu, tv, ty = torch.from_numpy(u), torch.from_numpy(v), torch.from_numpy(y)
+    for _ in range(200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(tu, tv), ty).backward()
+        opt.step()
+    path = where / "fusion.onnx"
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(model.eval(), (tu[:2], tv[:2]), str(path), input_names=["u", "v"],
+                      dynamo=True, external_data=False, dynamic_shapes=({0: batch}, {0: batch}))
+    np.savez(where / "data.npz", v=v, u=u, y=y)
+    return where / "data.npz", path
+
+
+def test_a_model_with_two_inputs_is_quantized_and_served_by_input_name(
+        two_inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Quantize-only of an ONNX model with two inputs, the data one array per input name
+    (saved in another order): int8 ONNX and int8 TFLite with both inputs, the gate on
+    them, a bundle whose inputs carry the model's names, and a real agent that takes
+    them by name: KServe v2 JSON (in any order) and binary parts, and TF Serving's row
+    format, all answering what the int8 model gives; a request without one of them is
+    refused naming both."""
+    data, model = two_inputs
+    out = tmp_path / "out"
+    assert convert(["run", "--data-source", str(data), "--model-onnx", str(model),
+                    "--target-profile", "raspberry-pi-4", "--out", str(out), *QUICK]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    t = rep["quantize"]["tflite"]
+    assert (t["route"], t["io_dtype"]) == ("onnx2torch -> PT2E", "int8/int8")
+    assert (t["val_fp32"] - t["val_int8"]) * 100 <= rep["quantize"]["tolerance_points"] + 1e-9
+    assert rep["data"]["model_inputs"] == [{"name": "u", "shape": [6]},
+                                           {"name": "v", "shape": [2, 5]}]
+    bundle = out / "bundle"
+    m = parse_manifest((bundle / "manifest.json").read_bytes())
+    assert [(i.name, i.shape[1:], i.dtype) for i in m.inputs] == [
+        ("u", [6], "int8"), ("v", [2, 5], "int8")]
+    with np.load(data) as npz:
+        u, v = npz["u"][:10], npz["v"][:10]
+    int8 = open_model(bundle / m.model_file, "tflite")
+    want = int8.run(pack([u, v]))
+    fp32 = open_model(model, "onnx").run(pack([u, v]))
+    assert (want.argmax(1) == fp32.argmax(1)).mean() >= 0.9  # the inputs not swapped
+    onnx_int8 = open_model(out / "model_int8.onnx", "onnx")
+    assert [i.name for i in onnx_int8.inputs] == ["u", "v"]
+
+    keys = make_keys(tmp_path / "keys")
+    kd = KeyDir(keys)
+    sign_bundle(bundle, kd.keys_of(kd.root(), "release", None))
+    agent = AgentProcess(write_config(tmp_path / "dev", keys,
+                                      profile="raspberry-pi-4")).start()
+    try:
+        status, body = agent.install(pack_bundle(bundle, tmp_path / "fusion.tar.zst"))
+        assert status == 200 and "passed" in str(body["selftest"]), body
+        url = f"/v2/models/{m.name}/infer"
+        status, res = agent.call("POST", url, {"inputs": [  # v first: by name, not order
+            {"name": "v", "shape": list(v.shape), "datatype": "FP32",
+             "data": v.ravel().tolist()},
+            {"name": "u", "shape": list(u.shape), "datatype": "FP32",
+             "data": u.ravel().tolist()}]})
+        assert status == 200, res
+        got = np.asarray(res["outputs"][0]["data"], np.float32).reshape(len(u), -1)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        head = json.dumps({"inputs": [
+            {"name": n, "shape": list(a.shape), "datatype": "FP32",
+             "parameters": {"binary_data_size": a.nbytes}} for n, a in (("u", u), ("v", v))]
+        }).encode()
+        conn = agent.connection()
+        conn.request("POST", url, head + u.tobytes() + v.tobytes(),
+                     {"Inference-Header-Content-Length": str(len(head))})
+        r = conn.getresponse()
+        res = json.loads(r.read())
+        conn.close()
+        assert r.status == 200, res
+        got = np.asarray(res["outputs"][0]["data"], np.float32).reshape(len(u), -1)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+        status, res = agent.call("POST", f"/v1/models/{m.name}:predict", {"instances": [
+            {"u": a.tolist(), "v": b.tolist()} for a, b in zip(u, v, strict=True)]})
+        assert status == 200, res
+        np.testing.assert_allclose(np.asarray(res["predictions"], np.float32), want,
+                                   atol=1e-6)
+        status, res = agent.call("POST", url, {"inputs": [
+            {"name": "u", "shape": list(u.shape), "datatype": "FP32",
+             "data": u.ravel().tolist()}]})
+        assert status == 400 and "the model takes 2 inputs: 'u', 'v'" in res["error"], res
+    finally:
+        assert agent.stop() == 0, agent.log
 
 
 class _Standardized(torch.nn.Module):

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ApiError
+from agent.serving.runtime import pack
 from agent.serving.shm import Regions, ShmRef, shm_ref
 from agent.trust.manifest import Manifest, TensorSpec
 
@@ -106,38 +107,101 @@ def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
     req = json_body(head)
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise ApiError(400, "request must be an object with an 'inputs' list")
-    spec = manifest.inputs[0]
-    if len(req["inputs"]) != 1 or not isinstance(req["inputs"][0], dict):
-        raise ApiError(400, f"model takes exactly one input, {spec.name!r}")
-    inp = req["inputs"][0]
-    if inp.get("name") != spec.name:
-        raise ApiError(400, f"unknown input {inp.get('name')!r}; the model's input is "
-                       f"{spec.name!r}")
-    datatype = inp.get("datatype")
-    if datatype not in DATATYPES:
-        raise ApiError(400, f"input {spec.name}: datatype {datatype!r} is not one of "
-                       f"{', '.join(DATATYPES)}")
-    shape = check_shape(spec, inp.get("shape"))
+    given = _inputs_by_name(req["inputs"], manifest.inputs)
+    tensors: list[tuple[TensorSpec, dict[str, Any], list[int], str]] = []
+    for spec in manifest.inputs:
+        inp = given[spec.name]
+        datatype = inp.get("datatype")
+        if datatype not in DATATYPES:
+            raise ApiError(400, f"input {spec.name}: datatype {datatype!r} is not one of "
+                           f"{', '.join(DATATYPES)}")
+        shape = check_shape(spec, inp.get("shape"))
+        if tensors and shape[0] != tensors[0][2][0]:
+            raise ApiError(400, f"input {spec.name}: {shape[0]} samples; input "
+                           f"{tensors[0][0].name} has {tensors[0][2][0]}")
+        tensors.append((spec, inp, shape, datatype))
+    if reserve is not None:  # the batch as queued: several inputs packed side by side
+        reserve(tensors[0][2] if len(tensors) == 1 else
+                [tensors[0][2][0], sum(math.prod(t[2][1:]) for t in tensors)])
+    if len(tensors) == 1:
+        spec, inp, shape, datatype = tensors[0]
+        x = _tensor(spec, inp, shape, datatype, binary, shm)
+    else:
+        parts = _binary_parts(req["inputs"], binary)
+        x = pack([_tensor(spec, inp, shape, datatype, parts.get(spec.name, binary[:0]), shm)
+                  for spec, inp, shape, datatype in tensors])
+    return InferRequest(id=_opt_str(req.get("id")), x=x,
+                        binary_output=_wants_binary(req), output_shm=_output_shm(
+                            req, manifest, shm), **_scheduling(req))
+
+
+def _inputs_by_name(items: list[Any], specs: list[TensorSpec]) -> dict[str, dict[str, Any]]:
+    """The request's inputs by name: exactly the model's, each once.
+
+    Raises:
+        ApiError: 400 naming what the model takes.
+    """
+    if len(specs) == 1:
+        spec = specs[0]
+        if len(items) != 1 or not isinstance(items[0], dict):
+            raise ApiError(400, f"model takes exactly one input, {spec.name!r}")
+        if items[0].get("name") != spec.name:
+            raise ApiError(400, f"unknown input {items[0].get('name')!r}; the model's input "
+                           f"is {spec.name!r}")
+        return {spec.name: items[0]}
+    names = [s.name for s in specs]
+    takes = f"the model takes {len(names)} inputs: {', '.join(map(repr, names))}"
+    if len(items) != len(specs) or not all(isinstance(i, dict) for i in items):
+        raise ApiError(400, f"{len(items)} inputs given; {takes}")
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name = item.get("name")
+        if name not in names:
+            raise ApiError(400, f"unknown input {name!r}; {takes}")
+        if name in out:
+            raise ApiError(400, f"input {name!r} given twice; {takes}")
+        out[name] = item
+    return out
+
+
+def _binary_parts(items: list[dict[str, Any]], binary: memoryview) -> dict[str, memoryview]:
+    """Each input's binary part: they follow the JSON in the order the request lists the
+    inputs, each `binary_data_size` bytes.
+
+    Raises:
+        ApiError: the sizes do not add up to the bytes after the JSON.
+    """
+    parts, at = {}, 0
+    for item in items:
+        params = item.get("parameters")
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            parts[str(item.get("name"))] = binary[at:at + size]
+            at += size
+    if at != len(binary):
+        raise ApiError(400, f"the inputs' binary_data_size add up to {at} bytes; the body "
+                       f"has {len(binary)} after the JSON")
+    return parts
+
+
+def _tensor(spec: TensorSpec, inp: dict[str, Any], shape: list[int], datatype: str,
+            binary: memoryview, shm: Regions | None) -> F32:
+    """One input's values: from a shared-memory region, its binary part, or JSON
+    numbers."""
     params = inp.get("parameters") or {}
     if not isinstance(params, dict):
         raise ApiError(400, "parameters must be an object")
     ref = shm_ref(params, shm, f"input {spec.name}")
-    if reserve is not None:
-        reserve(shape)
     if ref is not None:
         if "data" in inp or "binary_data_size" in params:
             raise ApiError(400, f"input {spec.name}: shared memory, data and "
                            "binary_data_size exclude one another")
-        x = _tensor_from_shm(spec, shape, datatype, ref)
-    elif "binary_data_size" in params:
-        x = _tensor_from_binary(spec, shape, datatype, params["binary_data_size"], binary)
-    elif "data" in inp:
-        x = _tensor_from_json(spec, shape, datatype, inp["data"])
-    else:
-        raise ApiError(400, f"input {spec.name}: neither data nor binary_data_size")
-    return InferRequest(id=_opt_str(req.get("id")), x=x,
-                        binary_output=_wants_binary(req), output_shm=_output_shm(
-                            req, manifest, shm), **_scheduling(req))
+        return _tensor_from_shm(spec, shape, datatype, ref)
+    if "binary_data_size" in params:
+        return _tensor_from_binary(spec, shape, datatype, params["binary_data_size"], binary)
+    if "data" in inp:
+        return _tensor_from_json(spec, shape, datatype, inp["data"])
+    raise ApiError(400, f"input {spec.name}: neither data nor binary_data_size")
 
 
 def _tensor_from_shm(spec: TensorSpec, shape: list[int], datatype: str, ref: ShmRef) -> F32:

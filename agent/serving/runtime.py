@@ -9,6 +9,7 @@ into `RuntimeLoadError` at this edge.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,47 @@ class LoadedModel(Protocol):
         ...
 
 
+def sample_shapes(specs: list[TensorSpec]) -> list[tuple[int, ...]]:
+    """Each input's shape for one sample (batch dimension dropped).
+
+    Raises:
+        ValueError: a dimension besides the batch is not fixed (several inputs travel
+            packed side by side, which needs their sizes).
+    """
+    out = []
+    for spec in specs:
+        if any(d is None for d in spec.shape[1:]):
+            raise ValueError(f"input {spec.name} has a dynamic dimension besides the batch "
+                             f"{spec.shape}: a model with several inputs needs them fixed")
+        out.append(tuple(int(d) for d in spec.shape[1:]))  # type: ignore[arg-type]
+    return out
+
+
+def packed_width(shapes: list[tuple[int, ...]]) -> int:
+    """Values per sample of several inputs packed side by side."""
+    return sum(math.prod(s) for s in shapes)
+
+
+def pack(parts: list[npt.NDArray[Any]]) -> F32:
+    """Several inputs' batches (N, ...) as one float32 array (N, values): each sample's
+    values of the first input, then of the second, and so on. A model with several inputs
+    goes through the agent (queues, batches, drift statistics) in this form; its runtime
+    adapter unpacks it (`unpack`)."""
+    n = len(parts[0])
+    return np.concatenate([np.asarray(p, dtype=np.float32).reshape(n, -1) for p in parts],
+                          axis=1)
+
+
+def unpack(x: F32, shapes: list[tuple[int, ...]]) -> list[F32]:
+    """`pack`'s inverse: the inputs of `shapes` (per sample) from packed rows `x`."""
+    out, at = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(x[:, at:at + size].reshape(len(x), *shape))
+        at += size
+    return out
+
+
 def quantize(x: F32, q: QuantParams, dtype: Any) -> npt.NDArray[Any]:
     info = np.iinfo(dtype)
     out: npt.NDArray[Any] = np.clip(np.round(x / q.scale) + q.zero_point, info.min,
@@ -50,12 +92,21 @@ class OnnxModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
+    def __post_init__(self) -> None:
+        # several inputs come packed (`pack`): their per-sample shapes, to unpack them
+        self._shapes = sample_shapes(self.inputs) if len(self.inputs) > 1 else None
+
     def run(self, x: F32) -> F32:
         """A model exported with a fixed batch runs in chunks of exactly that size."""
         return in_fixed_batches(self.inputs[0].shape[0], x, self._run)
 
     def _run(self, x: F32) -> F32:
-        out = self.session.run(None, {self.inputs[0].name: x.astype(np.float32)})
+        if self._shapes is None:
+            feed = {self.inputs[0].name: x.astype(np.float32)}
+        else:
+            feed = {spec.name: part for spec, part in zip(self.inputs, unpack(
+                np.asarray(x, dtype=np.float32), self._shapes), strict=True)}
+        out = self.session.run(None, feed)
         return np.asarray(out[0], dtype=np.float32)
 
 
@@ -186,16 +237,28 @@ class TfliteModel:
     outputs: list[TensorSpec]
     _in_index: int
     _out_index: int
+    _in_indices: list[int] = field(default_factory=list)  # of every input, packed order
+
+    def __post_init__(self) -> None:
+        self._shapes = sample_shapes(self.inputs) if len(self.inputs) > 1 else None
 
     def run(self, x: F32) -> F32:
         """Runs in chunks of the model's batch where it is fixed (sample by sample at 1)."""
         return in_fixed_batches(self.inputs[0].shape[0], x, self._run)
 
+    def _set(self, index: int, spec: TensorSpec, x: F32) -> None:
+        feed = x if spec.quantization is None else quantize(
+            x, spec.quantization, np.dtype(spec.dtype))
+        self.interpreter.set_tensor(index, feed.astype(np.dtype(spec.dtype)))
+
     def _run(self, x: F32) -> F32:
-        spec_in, spec_out = self.inputs[0], self.outputs[0]
-        feed = x if spec_in.quantization is None else quantize(
-            x, spec_in.quantization, np.dtype(spec_in.dtype))
-        self.interpreter.set_tensor(self._in_index, feed.astype(np.dtype(spec_in.dtype)))
+        spec_out = self.outputs[0]
+        if self._shapes is None:
+            self._set(self._in_index, self.inputs[0], x)
+        else:
+            for index, spec, part in zip(self._in_indices, self.inputs,
+                                         unpack(x, self._shapes), strict=True):
+                self._set(index, spec, part)
         self.interpreter.invoke()
         raw = self.interpreter.get_tensor(self._out_index)
         if spec_out.quantization is None:
@@ -215,9 +278,21 @@ def open_tflite(source: Path | bytes, *, threads: int = 1,
     except (ValueError, RuntimeError) as exc:
         raise RuntimeLoadError(f"TFLite cannot load {_label(source)}: "
                                f"{str(exc).splitlines()[0][:200]}") from exc
-    ins, outs = it.get_input_details(), it.get_output_details()
+    ins, outs = _signature_order(it.get_input_details()), it.get_output_details()
     return TfliteModel(it, [_tfl_spec(d) for d in ins], [_tfl_spec(d) for d in outs],
-                       ins[0]["index"], outs[0]["index"])
+                       ins[0]["index"], outs[0]["index"], [d["index"] for d in ins])
+
+
+def _signature_order(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Inputs in the order of the converted function's arguments: LiteRT names them
+    `…args_0`, `…args_1`, … but lists them in tensor order, which need not be the same."""
+    numbers = []
+    for d in details:
+        _, found, tail = str(d["name"]).rpartition("args_")
+        if not found or not tail.isdigit():
+            return details
+        numbers.append(int(tail))
+    return [d for _, d in sorted(zip(numbers, details, strict=True), key=lambda p: p[0])]
 
 
 def open_model(source: Path | bytes, runtime: Literal["onnx", "tflite"], *,

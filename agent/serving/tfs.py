@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from agent.errors import ApiError
 from agent.serving.oip import MAX_ELEMENTS, check_shape, json_array, json_body
+from agent.serving.runtime import pack
 from agent.trust.manifest import Manifest, TensorSpec
 
 F32 = npt.NDArray[np.float32]
@@ -75,6 +76,8 @@ def parse_predict(body: bytes, manifest: Manifest) -> tuple[F32, bool]:
     spec = manifest.inputs[0]
     rows = "instances" in req
     data = req["instances"] if rows else req["inputs"]
+    if len(manifest.inputs) > 1:
+        return _several(manifest.inputs, data, rows), rows
     if isinstance(data, dict):
         data = _named(spec, data, "inputs as an object")
     if not isinstance(data, list) or not data:
@@ -86,6 +89,43 @@ def parse_predict(body: bytes, manifest: Manifest) -> tuple[F32, bool]:
     arr = _values(spec, data, "instances")
     check_shape(spec, list(arr.shape) if arr.ndim else [])
     return arr, rows
+
+
+def _several(specs: list[TensorSpec], data: Any, rows: bool) -> F32:
+    """A model with several inputs: rows are objects naming every input
+    ([{"u": ..., "v": ...}, ...]), columns one object ({"u": [...], "v": [...]}); the
+    inputs packed side by side (`agent.serving.runtime.pack`).
+
+    Raises:
+        ApiError: 400 naming the inputs when one is missing, unknown or of another batch.
+    """
+    names = [s.name for s in specs]
+    takes = f"the model takes {len(names)} inputs: {', '.join(map(repr, names))}"
+    if rows:
+        if not isinstance(data, list) or not data or not all(isinstance(d, dict)
+                                                             for d in data):
+            raise ApiError(400, f"instances must be a non-empty list of objects naming "
+                           f"every input; {takes}")
+        items: list[dict[str, Any]] = data
+    elif isinstance(data, dict):
+        items = [data]
+    else:
+        raise ApiError(400, f"inputs must be an object naming every input; {takes}")
+    for item in items:
+        if sorted(item) != sorted(names):
+            got = ", ".join(repr(k)[:40] for k in list(item)[:6])
+            raise ApiError(400, f"{'each instance' if rows else 'inputs'} names {got or 'nothing'}"
+                           f"; {takes}")
+    parts: list[F32] = []
+    for spec in specs:
+        values = [item[spec.name] for item in items] if rows else items[0][spec.name]
+        arr = _values(spec, values, f"input {spec.name}")
+        check_shape(spec, list(arr.shape) if arr.ndim else [])
+        if parts and len(arr) != len(parts[0]):
+            raise ApiError(400, f"input {spec.name}: {len(arr)} samples; input "
+                           f"{specs[0].name} has {len(parts[0])}")
+        parts.append(arr)
+    return pack(parts)
 
 
 def predict_response(y: F32, rows: bool) -> bytes:
@@ -114,6 +154,12 @@ def parse_examples(body: bytes, manifest: Manifest, verb: str) -> F32:
     context = req.get("context", {})
     if not isinstance(context, dict):
         raise ApiError(400, "context must be an object {feature name: values}")
+    if len(manifest.inputs) > 1:
+        for ex in req["examples"]:
+            if not isinstance(ex, dict):
+                raise ApiError(400, "each example must be an object {feature name: values}")
+        full = [{**context, **ex} for ex in req["examples"]]
+        return _several(manifest.inputs, full, True)
     spec = manifest.inputs[0]
     sample = spec.shape[1:]
     if any(d is None for d in sample):
@@ -186,9 +232,9 @@ def model_metadata(manifest: Manifest) -> dict[str, Any]:
     SignatureDef map with `serving_default` (predict) and, for a classifier or a regressor,
     the signature `:classify` or `:regress` answers (tf.Example features in; classes and
     scores, or one value, out)."""
-    inp, out = manifest.inputs[0], manifest.outputs[0]
+    out = manifest.outputs[0]
     sigs: dict[str, Any] = {PREDICT_SIGNATURE: {
-        "inputs": {inp.name: _tensor_info(PREDICT_SIGNATURE, inp)},
+        "inputs": {inp.name: _tensor_info(PREDICT_SIGNATURE, inp) for inp in manifest.inputs},
         "outputs": {out.name: _tensor_info(PREDICT_SIGNATURE, out)},
         "method_name": "tensorflow/serving/predict"}}
     examples = {"inputs": {"dtype": "DT_STRING", "name": "tf_example:0", "tensor_shape": {

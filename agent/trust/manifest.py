@@ -264,12 +264,36 @@ class Manifest(_Wire):
             if self.outputs[0].shape[1:] != self.inputs[0].shape[1:]:
                 raise ValueError(f"task reconstruct needs the output shaped like the input: "
                                  f"{self.outputs[0].shape} against {self.inputs[0].shape}")
+        if len(self.inputs) > 1:
+            self._several_inputs()
+            return self
         want = self.preprocessing.entries_for(self.inputs[0].shape[1:])
         if len(self.preprocessing.scale) != want:
             raise ValueError(f"preprocessing.scale has {len(self.preprocessing.scale)} "
                              f"entries; axis {self.preprocessing.axis!r} on input "
                              f"{self.inputs[0].shape} needs {want}")
         return self
+
+
+    def _several_inputs(self) -> None:
+        """Several inputs travel packed side by side (`agent.serving.runtime.pack`): their
+        names distinct, their sizes besides the batch fixed, one batch dimension, and no
+        preprocessing (it is defined for one input's layout)."""
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"inputs must have distinct names, got {names}")
+        if len({str(i.shape[0]) for i in self.inputs}) != 1:
+            raise ValueError(f"inputs must share their batch dimension, got "
+                             f"{[i.shape for i in self.inputs]}")
+        for spec in self.inputs:
+            if any(d is None for d in spec.shape[1:]):
+                raise ValueError(f"input {spec.name}: a model with several inputs needs "
+                                 f"every dimension besides the batch fixed, got {spec.shape}")
+        if not self.preprocessing.identity:
+            raise ValueError("a model with several inputs takes no preprocessing "
+                             "(preprocessing.method must be none)")
+        if self.task == "reconstruct":
+            raise ValueError("task reconstruct takes a model with one input")
 
 
 def canonical_json(manifest: Manifest) -> bytes:
