@@ -16,7 +16,8 @@
   and quantized as trained to int8 TFLite for `--onnx-profile` (Ethos-U55-128: Vela's SRAM,
   flash and cycles), through onnx2torch next to the same model given as torch; a
   regressor with float targets (scikit-learn's diabetes: R² fp32 and int8 against the
-  targets); a teacher exported with batch 8, distilled.
+  targets); a model with two inputs (`converter.examples.fusion`: motor features and a
+  vibration window, given as ONNX); a teacher exported with batch 8, distilled.
 
 Accuracy is on the test split (never used for training, calibration or gates); the size
 ratio is by parameters, or by file bytes where the teacher has no parameter count (trees).
@@ -153,7 +154,7 @@ def onnx_case(tmp: Path, args: argparse.Namespace) -> None:
     """Models as people bring them: ONNX quantized as trained, next to the torch route."""
     import torch  # noqa: PLC0415  # heavy: only this case needs it
 
-    from converter.examples import tiny  # noqa: PLC0415  # heavy: torch
+    from converter.examples import fusion, tiny  # noqa: PLC0415  # heavy: torch
 
     print(f"\nmodels given as ONNX, quantized as trained (profile {args.onnx_profile}); "
           "the torch route on the same trained model beside each; int8 gate "
@@ -183,6 +184,11 @@ def onnx_case(tmp: Path, args: argparse.Namespace) -> None:
                            "--model-task", "regress", "--model-gate", "r2"], reg / "out",
                           args.profile)  # its float output: no int8-only NPU profile
     print(onnx_row("diabetes (R²)", "onnx2torch -> PT2E", reg / "out", wall, error),
+          flush=True)
+    fx = tmp / "fusion"  # two inputs: motor features and a vibration window
+    fusion.write_example(fx)
+    wall, error = convert([str(fx / "recipe.toml")], fx / "out", args.onnx_profile)
+    print(onnx_row("fusion, 2 inputs", "onnx2torch -> PT2E", fx / "out", wall, error),
           flush=True)
     kws = tmp / "tiny-kws"
     model = tiny.kws()

@@ -1,6 +1,6 @@
 """`edge-convert`: a thin shell over converter.pipeline.
 
-    edge-convert example digits|series|tiny-ic|tiny-kws|tiny-vww|tiny-ad --out DIR
+    edge-convert example digits|series|tiny-ic|tiny-kws|tiny-vww|tiny-ad|fusion --out DIR
                                               write data, a trained teacher and a recipe
     edge-convert run [RECIPE] [options]       the whole pipeline, atomically into --out
     edge-convert STAGE [RECIPE] --work DIR    one stage (teacher, distill, prune, export,
@@ -90,11 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_NoAbbrevParser)
     ex = sub.add_parser("example", help="write a built-in example (data, teacher, recipe)")
     ex.add_argument("name", choices=["digits", "series", "tiny-ic", "tiny-kws", "tiny-vww",
-                                     "tiny-ad"],
+                                     "tiny-ad", "fusion"],
                     help="digits: 8x8 images (scikit-learn); series: generated vibration "
                          "windows (1 x 128, raw milli-g); tiny-*: an MLPerf Tiny reference "
                          "model (ResNet-8, DS-CNN, MobileNetV1 0.25, FC autoencoder) trained "
-                         "on generated data of its input shape, to quantize as trained")
+                         "on generated data of its input shape, to quantize as trained; "
+                         "fusion: a model with two inputs (motor features and a vibration "
+                         "window) given as ONNX, to quantize as trained")
     ex.add_argument("--out", type=Path, required=True,
                     help="directory for the data, the teacher and recipe.toml")
     ex.add_argument("--profile", default="raspberry-pi-4",

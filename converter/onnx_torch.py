@@ -173,22 +173,38 @@ def _constant_reshapes(model: Any) -> None:
 
 
 def _traceable(gm: fx.GraphModule) -> fx.GraphModule:
-    """onnx2torch's Reshape and Gather modules whose shape or index is a constant, as plain
-    `torch.reshape` and `torch.select` / `torch.index_select` calls: its modules compute
-    from the constant's values at run time (a data-dependent reshape; a tensor index),
+    """onnx2torch's Reshape, Gather, Squeeze and Unsqueeze modules whose shape, index or
+    axes are a constant, as plain `torch.reshape`, `torch.select` / `torch.index_select`,
+    `torch.squeeze` and `torch.unsqueeze` calls: its modules compute from the constant's
+    values at run time (a data-dependent reshape; a tensor index; axes sorted at run time,
+    as torch's exporter writes a global average pool: Unsqueeze, ReduceMean, Squeeze),
     which torch.export or the LiteRT lowering cannot trace."""
     from onnx2torch.node_converters.gather import OnnxGather  # noqa: PLC0415
     from onnx2torch.node_converters.reshape import OnnxReshape  # noqa: PLC0415
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeDynamicAxes  # noqa: PLC0415
+    from onnx2torch.node_converters.unsqueeze import OnnxUnsqueezeDynamicAxes  # noqa: PLC0415
 
+    kinds = OnnxReshape | OnnxGather | OnnxSqueezeDynamicAxes | OnnxUnsqueezeDynamicAxes
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         module = gm.get_submodule(node.target)
-        if not isinstance(module, OnnxReshape | OnnxGather) or node.args[1].op != "get_attr":
+        if (not isinstance(module, kinds) or len(node.args) < 2
+                or getattr(node.args[1], "op", None) != "get_attr"):
             continue  # computed at run time: torch.export says what it cannot trace
         x, const = node.args[0], operator.attrgetter(node.args[1].target)(gm)
         with gm.graph.inserting_before(node):
-            if isinstance(module, OnnxReshape):
+            if isinstance(module, OnnxSqueezeDynamicAxes):  # Squeeze with constant axes
+                axes = tuple(int(v) for v in const.reshape(-1).tolist())
+                plain = gm.graph.call_function(torch.squeeze, (x, axes))
+            elif isinstance(module, OnnxUnsqueezeDynamicAxes):
+                axes = tuple(sorted(int(v) for v in const.reshape(-1).tolist()))
+                if any(a < 0 for a in axes):
+                    continue  # counted from the output's end: left to onnx2torch
+                plain = x
+                for a in axes:
+                    plain = gm.graph.call_function(torch.unsqueeze, (plain, a))
+            elif isinstance(module, OnnxReshape):
                 sizes = tuple(gm.graph.call_method("size", (x, i)) if d == 0 else d
                               for i, d in enumerate(int(v) for v in const.tolist()))
                 plain = gm.graph.call_function(torch.reshape, (x, sizes))

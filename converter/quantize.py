@@ -227,7 +227,10 @@ def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: boo
         calib = np.concatenate([calib, np.repeat(calib[-1:], batch - len(calib) % batch, 0)])
     args = torch_args(calib[:batch], shapes)
     try:
-        graph = torch.export.export(model, args).module()
+        # a module that cannot be exported prints its whole graph to stderr: the one-line
+        # error below says enough
+        with contextlib.redirect_stderr(io.StringIO()):
+            graph = torch.export.export(model, args).module()
         quantizer = pq.PT2EQuantizer().set_global(
             pq.get_symmetric_quantization_config(is_per_channel=per_channel))
         graph = quantize_pt2e.prepare_pt2e(graph, quantizer)
@@ -241,7 +244,8 @@ def quantize_tflite(model: nn.Module, calib: F32, dst: Path, *, per_channel: boo
             edge.export(str(dst))
     except Exception as exc:  # litert-torch raises many unrelated types
         raise ConvertError(f"TFLite int8 conversion failed: "
-                           f"{str(exc).splitlines()[0][:300]}") from exc
+                           f"{str(exc).splitlines()[0][:300]}; int8 ONNX alone: "
+                           "--quantize-formats '[\"onnx\"]'") from exc
     loaded = open_tflite(dst)
     io_dtype = loaded.inputs[0].dtype + "/" + loaded.outputs[0].dtype
     return TfliteResult(dst, per_channel, io_dtype)

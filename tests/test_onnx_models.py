@@ -21,7 +21,7 @@ from agent.serving.runtime import open_model, open_tflite, pack
 from agent.trust.manifest import parse_manifest
 from converter.cli import main as convert
 from converter.data import split
-from converter.examples import digits
+from converter.examples import digits, fusion
 from converter.examples import tiny as examples
 from fleet.trust.keys import KeyDir
 from fleet.trust.release import pack_bundle, sign_bundle
@@ -211,46 +211,16 @@ def test_a_model_with_two_inputs_and_data_with_one_is_refused_in_one_line_naming
             "model names them (np.savez(f, u=..., v=..., y=...)), not x" in lines[0], lines[0]
 
 
-class _TwoInputs(torch.nn.Module):
-    """A classifier of u (6 features) and v (2 channels of 5 steps), as sensor fusion
-    models take them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = torch.nn.Linear(6, 16)
-        self.b = torch.nn.Conv1d(2, 4, 3)
-        self.c = torch.nn.Linear(16 + 12, 3)
-
-    def forward(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.c(torch.cat([torch.relu(self.a(u)),  # type: ignore[no-any-return]
-                                 torch.relu(self.b(v)).flatten(1)], 1))
-
-
 @pytest.fixture(scope="module")
 def two_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(data, ONNX) of a two-input classifier trained on generated data; the data's arrays
-    saved in another order than the model's inputs (v, then u)."""
-    where = tmp_path_factory.mktemp("two")
-    rng = np.random.default_rng(0)
-    u = rng.normal(size=(600, 6)).astype(np.float32)
-    v = rng.normal(size=(600, 2, 5)).astype(np.float32)
-    noise = rng.normal(scale=0.6, size=(600, 3))
-    y = (np.stack([u[:, 0] + v[:, 0, 0], u[:, 1] - v[:, 1, 2], 0.5 * v[:, 0, 3] - u[:, 2]], 1)
-         + noise).argmax(1)
-    torch.manual_seed(0)
-    model = _TwoInputs()
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    tu, tv, ty = torch.from_numpy(u), torch.from_numpy(v), torch.from_numpy(y)
-    for _ in range(200):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(tu, tv), ty).backward()
-        opt.step()
-    path = where / "fusion.onnx"
-    batch = torch.export.Dim("batch")
-    torch.onnx.export(model.eval(), (tu[:2], tv[:2]), str(path), input_names=["u", "v"],
-                      dynamo=True, external_data=False, dynamic_shapes=({0: batch}, {0: batch}))
-    np.savez(where / "data.npz", v=v, u=u, y=y)
-    return where / "data.npz", path
+    """(data, ONNX) of the `fusion` example (motor features and a vibration window), its
+    data saved again in another order than the model's inputs (window, then features)."""
+    where = tmp_path_factory.mktemp("fusion")
+    fusion.write_example(where, epochs=15)
+    with np.load(where / "data.npz") as npz:
+        np.savez(where / "reordered.npz", window=npz["window"], features=npz["features"],
+                 y=npz["y"])
+    return where / "reordered.npz", where / "fusion.onnx"
 
 
 def test_a_model_with_two_inputs_is_quantized_and_served_by_input_name(
@@ -269,20 +239,20 @@ def test_a_model_with_two_inputs_is_quantized_and_served_by_input_name(
     t = rep["quantize"]["tflite"]
     assert (t["route"], t["io_dtype"]) == ("onnx2torch -> PT2E", "int8/int8")
     assert (t["val_fp32"] - t["val_int8"]) * 100 <= rep["quantize"]["tolerance_points"] + 1e-9
-    assert rep["data"]["model_inputs"] == [{"name": "u", "shape": [6]},
-                                           {"name": "v", "shape": [2, 5]}]
+    assert rep["data"]["model_inputs"] == [{"name": "features", "shape": [6]},
+                                           {"name": "window", "shape": [2, 32]}]
     bundle = out / "bundle"
     m = parse_manifest((bundle / "manifest.json").read_bytes())
     assert [(i.name, i.shape[1:], i.dtype) for i in m.inputs] == [
-        ("u", [6], "int8"), ("v", [2, 5], "int8")]
+        ("features", [6], "int8"), ("window", [2, 32], "int8")]
     with np.load(data) as npz:
-        u, v = npz["u"][:10], npz["v"][:10]
+        u, v = npz["features"][:10], npz["window"][:10]
     int8 = open_model(bundle / m.model_file, "tflite")
     want = int8.run(pack([u, v]))
     fp32 = open_model(model, "onnx").run(pack([u, v]))
     assert (want.argmax(1) == fp32.argmax(1)).mean() >= 0.9  # the inputs not swapped
     onnx_int8 = open_model(out / "model_int8.onnx", "onnx")
-    assert [i.name for i in onnx_int8.inputs] == ["u", "v"]
+    assert [i.name for i in onnx_int8.inputs] == ["features", "window"]
 
     keys = make_keys(tmp_path / "keys")
     kd = KeyDir(keys)
@@ -293,17 +263,18 @@ def test_a_model_with_two_inputs_is_quantized_and_served_by_input_name(
         status, body = agent.install(pack_bundle(bundle, tmp_path / "fusion.tar.zst"))
         assert status == 200 and "passed" in str(body["selftest"]), body
         url = f"/v2/models/{m.name}/infer"
-        status, res = agent.call("POST", url, {"inputs": [  # v first: by name, not order
-            {"name": "v", "shape": list(v.shape), "datatype": "FP32",
+        status, res = agent.call("POST", url, {"inputs": [  # by name, not order
+            {"name": "window", "shape": list(v.shape), "datatype": "FP32",
              "data": v.ravel().tolist()},
-            {"name": "u", "shape": list(u.shape), "datatype": "FP32",
+            {"name": "features", "shape": list(u.shape), "datatype": "FP32",
              "data": u.ravel().tolist()}]})
         assert status == 200, res
         got = np.asarray(res["outputs"][0]["data"], np.float32).reshape(len(u), -1)
         np.testing.assert_allclose(got, want, atol=1e-6)
         head = json.dumps({"inputs": [
             {"name": n, "shape": list(a.shape), "datatype": "FP32",
-             "parameters": {"binary_data_size": a.nbytes}} for n, a in (("u", u), ("v", v))]
+             "parameters": {"binary_data_size": a.nbytes}}
+            for n, a in (("features", u), ("window", v))]
         }).encode()
         conn = agent.connection()
         conn.request("POST", url, head + u.tobytes() + v.tobytes(),
@@ -315,14 +286,15 @@ def test_a_model_with_two_inputs_is_quantized_and_served_by_input_name(
         got = np.asarray(res["outputs"][0]["data"], np.float32).reshape(len(u), -1)
         np.testing.assert_allclose(got, want, atol=1e-6)
         status, res = agent.call("POST", f"/v1/models/{m.name}:predict", {"instances": [
-            {"u": a.tolist(), "v": b.tolist()} for a, b in zip(u, v, strict=True)]})
+            {"features": a.tolist(), "window": b.tolist()} for a, b in zip(u, v, strict=True)]})
         assert status == 200, res
         np.testing.assert_allclose(np.asarray(res["predictions"], np.float32), want,
                                    atol=1e-6)
         status, res = agent.call("POST", url, {"inputs": [
-            {"name": "u", "shape": list(u.shape), "datatype": "FP32",
+            {"name": "features", "shape": list(u.shape), "datatype": "FP32",
              "data": u.ravel().tolist()}]})
-        assert status == 400 and "the model takes 2 inputs: 'u', 'v'" in res["error"], res
+        assert status == 400 and ("the model takes 2 inputs: 'features', 'window'"
+                                  in res["error"]), res
     finally:
         assert agent.stop() == 0, agent.log
 
