@@ -676,6 +676,83 @@ def test_a_client_holding_idle_keep_alive_connections_gets_the_fast_path(
     assert inline == 20, f"{inline:.0f} of 20 requests ran inline with idle connections open"
 
 
+def _churn(agent: AgentProcess) -> None:
+    """One round of what wears a server: 60 short connections (half closed by the client
+    after its answer, half with `Connection: close`), 15 cut in the middle of a request,
+    10 idle then closed, 3 keep-alive clients sending 40 infers each at once (batched),
+    and the model unloaded and loaded again through the repository API."""
+    body = json.dumps(infer_body(IN_ONNX)).encode()
+    head = (b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-type: "
+            b"application/json\r\ncontent-length: %d\r\n" % len(body))
+    for i in range(60):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(agent.socket))
+        s.sendall(head + (b"connection: close\r\n" if i % 2 else b"") + b"\r\n" + body)
+        assert s.recv(1 << 16).startswith(b"HTTP/1.1 200")
+        s.close()
+    held = []
+    for i in range(25):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(agent.socket))
+        if i < 15:  # the head and half the body, then gone
+            s.sendall(head + b"\r\n" + body[:len(body) // 2])
+        held.append(s)
+    for s in held:
+        s.close()
+
+    def client() -> None:
+        conn = agent.connection()
+        for _ in range(40):
+            status, _, raw = call(conn, "POST", "/v2/models/digits/infer",
+                                  infer_body(IN_ONNX), {})
+            assert status == 200, raw
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for verb in ("unload", "load"):
+        assert agent.call("POST", f"/v2/repository/models/digits/{verb}", {})[0] == 200
+
+
+@needs_onnxruntime
+def test_connection_churn_and_model_reloads_leave_no_descriptor_or_thread_behind(
+        agent_factory: Any, releases: dict[str, Path]) -> None:
+    """The suite's leak check (the hour-long soak is `bench/bench_soak.py`): after a round
+    that fills every pool (threads, sessions), three more rounds of connection churn,
+    requests cut short, concurrent batched clients and model reloads leave the daemon
+    with the descriptors and threads it had, and its RSS within 8 MiB."""
+    import psutil
+
+    agent = agent_factory(X86)
+    installed(agent, releases["onnx1"])
+    assert agent.proc is not None
+    proc = psutil.Process(agent.proc.pid)
+    _churn(agent)
+
+    def quiet() -> bool:
+        """The server has let every client connection go: the only one open is this
+        scrape's own."""
+        text = agent.call("GET", "/metrics")[1]
+        return all(f'edge_agent_http_connections{{listener="unix",state="{state}"}} {n}'
+                   in text for state, n in (("busy", 1), ("idle", 0)))
+
+    def steady() -> tuple[int, int]:
+        wait_until(quiet, what="the clients' connections closed", timeout_s=10)
+        return proc.num_fds(), proc.num_threads()
+
+    before, rss = steady(), proc.memory_info().rss
+    for _ in range(3):
+        _churn(agent)
+    after = steady()
+    assert after == before, f"(descriptors, threads) {after}; {before} before three rounds"
+    grown = (proc.memory_info().rss - rss) / 2**20
+    assert grown < 8, f"RSS grew {grown:.1f} MiB over three rounds"
+
+
 @needs_onnxruntime
 def test_an_install_the_journal_cannot_record_is_503_and_the_daemon_goes_on(
         agent_factory: Any, releases: dict[str, Path]) -> None:

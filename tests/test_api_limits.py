@@ -397,7 +397,8 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(agent: Any) 
     in one write with two infers and a repository index (a handler that waits for a
     thread) among them are answered in the order sent, on the one connection. Requests
     answered at once are taken in a loop, not by recursion (nested, 600 of them passed
-    Python's recursion limit)."""
+    Python's recursion limit). A client that closes its side after sending still gets
+    every answer (the 50 sent after a waiting handler were dropped)."""
     health = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n"
     body = json.dumps(infer_body("input")).encode()
     infer = (b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-type: "
@@ -413,4 +414,12 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(agent: Any) 
         assert kind in got[i][1], (i, got[i][1][:120])
     s.sendall(health)  # and the connection still serves
     assert read_responses(s, 1)[0][0] == 200
+    s.close()
+    # A client that closes its side after sending gets every answer, then the close.
+    sent = [health] * 5 + [index] + [health] * 50
+    s = unix(agent)
+    s.sendall(b"".join(sent))
+    s.shutdown(socket.SHUT_WR)
+    assert [status for status, _ in read_responses(s, len(sent))] == [200] * len(sent)
+    assert s.recv(1) == b""
     s.close()

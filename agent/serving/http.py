@@ -423,7 +423,7 @@ class _Connection(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool:
-        """The client closed its side: a request already read is still answered (the
+        """The client closed its side: the requests it sent before are still answered (the
         transport stays open to write), then the connection closes."""
         self.eof = True
         if self.state == BUSY:
@@ -602,7 +602,9 @@ class _Connection(asyncio.Protocol):
             return
         unread = request.stream is not None and not request.stream.done
         self.streaming = False
-        close = unread or server._draining or not request.keep_alive or self.eof
+        # a client that closed its side still gets the answers to what it sent before
+        # (pipelined requests waiting here); `_take_events` closes once they are done
+        close = unread or server._draining or not request.keep_alive
         self._write(response, close=close, head_only=request.method == "HEAD")
         if close:
             if unread:
