@@ -18,10 +18,15 @@ The paced rows (null server and agent alike) have the client busy for 200 µs be
 request, as a client that uses an answer before it asks again: back to back, a server
 that is still busy after its answer finds the next request waiting and skips the
 wake-up, which flatters a server that does more work after each answer.
+`--pin` puts the servers (the null server and every thread of each agent) on the last CPU
+and this client with the bare runtime on CPU 0, as a device that gives the agent a core of
+its own (systemd's `CPUAffinity=`): unpinned, the kernel wakes a server on the core its
+client just left, and each finds its caches holding the other's work.
 `--before REV` runs a second agent from the agent package as it was at git revision REV,
 in the same rounds: the table before and after a change, side by side.
 
-    .venv/bin/python bench/bench_overhead.py [--requests 5000] [--rounds 3] [--before REV]
+    .venv/bin/python bench/bench_overhead.py [--requests 5000] [--rounds 3] [--pin]
+                                             [--before REV]
 """
 
 from __future__ import annotations
@@ -144,6 +149,12 @@ def print_rows(rows: list[tuple[str, float, float]]) -> dict[str, float]:
     return added
 
 
+def pin_process(pid: int, cpu: int) -> None:
+    """Every thread of process `pid` on CPU `cpu` (threads it makes later inherit it)."""
+    for thread in psutil.Process(pid).threads():
+        os.sched_setaffinity(thread.id, {cpu})
+
+
 def old_agent_tree(rev: str, where: Path) -> Path:
     """The agent package (and the profiles it reads) as it was at `rev`, extracted from
     git into `where`."""
@@ -162,7 +173,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--before", metavar="REV",
                     help="also run the agent as it was at this git revision, side by side")
+    ap.add_argument("--pin", action="store_true",
+                    help="servers on the last CPU, this client on CPU 0")
     ns = ap.parse_args()
+    server_cpu = max(os.sched_getaffinity(0)) if ns.pin else None
+    if ns.pin:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         where = Path(tmp)
         run = converted(where)
@@ -189,13 +205,18 @@ def main() -> None:
                                      env=env, command=command).start()
                 agent.tcp_port = port  # type: ignore[attr-defined]
                 agents[tag] = agent
+                if server_cpu is not None:
+                    assert agent.proc is not None
+                    pin_process(agent.proc.pid, server_cpu)
                 assert agent.install(archive)[0] == 200
             x = np.random.default_rng(0).uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
-            print(f"bench_overhead on {psutil.cpu_count()} CPU(s): digits int8 TFLite, "
-                  f"{ns.requests} requests x {ns.rounds} rounds per row (µs; median of "
-                  "rounds)")
+            placed = ("" if server_cpu is None else
+                      f", servers on CPU {server_cpu}, client on CPU {os.sched_getaffinity(0)}")
+            print(f"bench_overhead on {psutil.cpu_count()} CPU(s){placed}: digits int8 "
+                  f"TFLite, {ns.requests} requests x {ns.rounds} rounds per row (µs; median "
+                  f"of rounds); load average {os.getloadavg()[0]:.2f}")
             null_port = free_port()
-            with null_server(where / "null.sock", null_port) as null_sock:
+            with null_server(where / "null.sock", null_port, server_cpu) as null_sock:
                 rows = overhead_rows(agents, (null_sock, null_port), run / "model_int8.tflite",
                                      "tflite",
                                      "digits", "serving_default_args_0", x, ns.requests,

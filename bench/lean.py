@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -234,11 +235,14 @@ async def _serve_null(path: str, port: int | None) -> None:
 
 
 @contextlib.contextmanager
-def null_server(path: Path, port: int | None = None):  # type: ignore[no-untyped-def]
+def null_server(path: Path, port: int | None = None,  # type: ignore[no-untyped-def]
+                cpu: int | None = None):
     """The null server as a subprocess (like the agent, another process), until exit; on
-    TCP port `port` of 127.0.0.1 too when given."""
+    TCP port `port` of 127.0.0.1 too when given; on CPU `cpu` alone when given."""
     proc = subprocess.Popen([sys.executable, __file__, "null-server", str(path),
                              *([str(port)] if port is not None else [])])
+    if cpu is not None:  # before it starts its loop: one thread, nothing made yet
+        os.sched_setaffinity(proc.pid, {cpu})
     try:
         deadline = time.monotonic() + 10
         while not path.exists():
