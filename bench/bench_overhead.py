@@ -155,6 +155,14 @@ def pin_process(pid: int, cpu: int) -> None:
         os.sched_setaffinity(thread.id, {cpu})
 
 
+def pin_client() -> tuple[int, int]:
+    """This process (the client and the bare runtime) on its first CPU: (the CPU for the
+    servers, the client's)."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    return max(cpus), min(cpus)
+
+
 def old_agent_tree(rev: str, where: Path) -> Path:
     """The agent package (and the profiles it reads) as it was at `rev`, extracted from
     git into `where`."""
@@ -176,9 +184,7 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true",
                     help="servers on the last CPU, this client on CPU 0")
     ns = ap.parse_args()
-    server_cpu = max(os.sched_getaffinity(0)) if ns.pin else None
-    if ns.pin:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    server_cpu, client_cpu = pin_client() if ns.pin else (None, None)
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         where = Path(tmp)
         run = converted(where)
@@ -211,7 +217,7 @@ def main() -> None:
                 assert agent.install(archive)[0] == 200
             x = np.random.default_rng(0).uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)
             placed = ("" if server_cpu is None else
-                      f", servers on CPU {server_cpu}, client on CPU {os.sched_getaffinity(0)}")
+                      f", servers on CPU {server_cpu}, client on CPU {client_cpu}")
             print(f"bench_overhead on {psutil.cpu_count()} CPU(s){placed}: digits int8 "
                   f"TFLite, {ns.requests} requests x {ns.rounds} rounds per row (µs; median "
                   f"of rounds); load average {os.getloadavg()[0]:.2f}")
