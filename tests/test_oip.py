@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ApiError
+from agent.serving import oip
 from agent.serving.oip import infer_response, parse_infer
 from agent.serving.runtime import pack, unpack
 from agent.serving.tfs import parse_predict
@@ -108,6 +109,64 @@ def test_json_and_binary_requests_give_the_same_tensor(manifest: Manifest) -> No
     np.testing.assert_array_equal(np.frombuffer(body[n:], "<f4").reshape(2, 2), x[:, :2])
 
 
+def _outcome(parse: Any) -> tuple[Any, ...]:
+    """What a parse gives, comparable: the request's fields and tensor, or the refusal."""
+    try:
+        r = parse()
+    except ApiError as exc:
+        return ("refused", exc.status, str(exc))
+    return (r.id, r.binary_output, r.priority, r.timeout_ms, r.output_shm, r.x.dtype,
+            r.x.shape, r.x.tobytes())
+
+
+def test_a_binary_header_seen_before_parses_as_it_did_the_first_time(
+        manifest: Manifest, two: Manifest) -> None:
+    """Binary requests are parsed once per distinct header (`oip._PLANS`): a request with a
+    header seen before gives what the full parse gives, with its own values (not the
+    first request's), its values still checked, `reserve` still asked, and a model swapped
+    in under the same header is checked anew."""
+    rng = np.random.default_rng(3)
+    head2 = json.dumps({"id": "a", "inputs": [
+        {"name": "v", "shape": [2, 2, 2], "datatype": "FP32",
+         "parameters": {"binary_data_size": 32}},
+        {"name": "u", "shape": [2, 3], "datatype": "INT32",
+         "parameters": {"binary_data_size": 24}}],
+        "parameters": {"priority": "high", "timeout_ms": 50}}).encode()
+    head1 = json.dumps({"inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP64",
+                                    "parameters": {"binary_data_size": 96}}],
+                        "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}
+                       ).encode()
+    cases = [(two, head2, lambda: rng.normal(size=8).astype(np.float32).tobytes()
+              + rng.integers(-9, 9, 6).astype(np.int32).tobytes()),
+             (manifest, head1, lambda: rng.normal(size=12).tobytes())]
+    for model, head, values in cases:
+        for _ in range(3):  # the first parses in full, the next two find the header's plan
+            body = head + values()
+            fresh = _outcome(lambda b=body, m=model, h=head: oip._parse_infer(
+                b, m, len(h), None, None))
+            assert fresh[0] != "refused"
+            assert _outcome(lambda b=body, m=model, h=head: parse_infer(b, m, len(h))) == fresh
+    assert sum(m is manifest or m is two for m, _ in oip._PLANS.values()) >= 2  # planned
+    nan = head1 + np.array([np.nan] * 12).tobytes()
+    with pytest.raises(ApiError, match="input x: values must be finite"):
+        parse_infer(nan, manifest, len(head1))
+    asked: list[list[int]] = []
+
+    def refuse(shape: list[int]) -> None:
+        asked.append(shape)
+        raise ApiError(413, "no room")
+
+    for model, head, values in cases:
+        with pytest.raises(ApiError, match="no room"):
+            parse_infer(head + values(), model, len(head), refuse)
+    assert asked == [[2, 7], [3, 4]]  # two inputs: the packed batch, 3 + 4 values a sample
+    swapped = manifest.model_copy(update={
+        "inputs": [TensorSpec(name="x", dtype="float32", shape=[None, 5])]})
+    with pytest.raises(ApiError, match=re.escape("shape [3, 4] does not match the model's "
+                                                 "[-1, 5]")):
+        parse_infer(head1 + rng.normal(size=12).tobytes(), swapped, len(head1))
+
+
 @pytest.mark.parametrize(("body", "status", "words"), [
     (b"[1,2", 400, "JSON"),
     (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2]}]}',
@@ -153,6 +212,10 @@ def test_any_body_parses_or_is_a_4xx(manifest: Manifest, two: Manifest, body: by
             parse()
         except ApiError as exc:
             assert 400 <= exc.status < 500
+    for model in (manifest, two):  # again, where a binary header may have left its plan
+        if header is not None:
+            assert _outcome(lambda m=model: parse_infer(body, m, header)) == _outcome(
+                lambda m=model: oip._parse_infer(body, m, header, None, None))
 
 
 def test_tf_serving_rows_and_columns(manifest: Manifest, tmp_path: Path) -> None:

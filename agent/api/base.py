@@ -141,8 +141,8 @@ class Serving:
             if not await loop.run_in_executor(None, self.agent.ensure_loaded, name):
                 raise
             fut = submit()
-        if fut.done():  # ran inline: no need for the loop's thread-safe wake-up
-            return fut.result()
+        if not isinstance(fut, Future) or fut.done():  # ran inline (or already done): no
+            return fut.result()  # need for the loop's thread-safe wake-up
         if self._completions is None:
             self._completions = Completions(asyncio.get_running_loop())
         return await self._completions.watch(fut)

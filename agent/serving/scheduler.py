@@ -57,7 +57,7 @@ from agent.serving.admission import (
     memory_verdict,
     thermal_state,
 )
-from agent.serving.metrics import Metrics
+from agent.serving.metrics import Labels, Metrics, labels_key
 from agent.serving.runtime import LoadedModel, prepared
 from agent.serving.sensors import Sensors
 from agent.trust.manifest import Manifest
@@ -136,6 +136,11 @@ class Resident:
     # Sampled batches (references, no copies) waiting for the drift statistics, which are
     # computed by whoever takes them (the telemetry thread), not on the request path.
     drift_batches: deque[tuple[F32, F32]] = field(default_factory=lambda: deque(maxlen=32))
+    # its metric series' labels, keyed once (`Metrics.add`)
+    key: Labels = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key = labels_key(model=self.name)
 
     def take_drift(self) -> DriftSample | None:
         """Drift statistics of the batches sampled since the last call (None: none)."""
@@ -150,6 +155,47 @@ class Resident:
         return sample
 
 
+class Done:
+    """The outcome of a run on the caller's thread (the inline fast path), with the
+    `concurrent.futures.Future` methods its callers use: complete before `submit` returns,
+    so it needs none of a future's condition variable (one per request, a measurable part
+    of a 300 µs request)."""
+
+    __slots__ = ("_exc", "_value")
+
+    def __init__(self) -> None:
+        self._value: F32 | None = None
+        self._exc: BaseException | None = None
+
+    def set_result(self, value: F32) -> None:
+        self._value = value
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc = exc
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._exc
+
+    def result(self, timeout: float | None = None) -> F32:
+        if self._exc is not None:
+            raise self._exc
+        assert self._value is not None
+        return self._value
+
+    def add_done_callback(self, fn: Callable[[Done], object]) -> None:
+        fn(self)
+
+
+#: What `submit` gives: a future, or the outcome itself when the job ran inline.
+Outcome = Future[F32] | Done
+
+
 @dataclass(order=True)
 class _Job:
     priority: int
@@ -157,7 +203,7 @@ class _Job:
     seq: int
     x: F32 = field(compare=False)
     arena_bytes: int = field(compare=False)
-    future: Future[F32] = field(compare=False)
+    future: Future[F32] | Done = field(compare=False)
     submitted: float = field(compare=False)
 
 
@@ -358,7 +404,7 @@ class Scheduler:
                     arena_in_flight_bytes=self._arena_in_flight)
 
     def submit(self, name: str, x: F32, *, priority: Priority = Priority.NORMAL,
-               timeout_s: float = 1.0, inline: bool = True) -> Future[F32]:
+               timeout_s: float = 1.0, inline: bool = True) -> Outcome:
         """Queue a batch of inputs for `name`; the future gets its outputs. `inline`: the
         fast path may run it on the caller's thread (see the module's docstring).
 
@@ -386,28 +432,25 @@ class Scheduler:
             if not isinstance(verdict, Admit):
                 self.metrics.inc("edge_agent_refusals_total", reason=verdict.reason)
                 raise Refused(verdict.reason, verdict.status, verdict.detail)
-            fut: Future[F32] = Future()
-            fast: _Job | None = None
-            if (inline and not q.heap and entry.run_s is not None
+            self._arena_in_flight += arena
+            if not (inline and not q.heap and entry.run_s is not None
                     and entry.run_s * len(x) <= self.inline_max_s
                     and entry.lock.acquire(blocking=False)):
-                fast = _Job(int(priority), req.deadline, next(self._seq), x, arena, fut, now)
-            else:
+                fut: Future[F32] = Future()
                 heapq.heappush(q.heap, _Job(int(priority), req.deadline, next(self._seq), x,
                                             arena, fut, now))
-            self._arena_in_flight += arena
-            if fast is None:
                 self.metrics.set("edge_agent_queue_depth", load.queue_depth + 1)
                 self._cv.notify_all()
                 return fut
+        done = Done()
         try:  # the fast path, outside the scheduler lock, holding only the model's lock
-            self.metrics.inc("edge_agent_inline_runs_total", model=entry.name)
-            self._run(entry, [fast], locked=True)
+            self._run(entry, [_Job(int(priority), req.deadline, 0, x, arena, done, now)],
+                      locked=True)
         finally:
             entry.lock.release()
             with self._cv:
                 self._arena_in_flight -= arena
-        return fut
+        return done
 
     # -- workers -------------------------------------------------------------------------
     def _take(self, name: str) -> tuple[Resident, list[_Job]] | None:
@@ -472,14 +515,17 @@ class Scheduler:
                 j.future.set_exception(exc)
             return
         done = self.clock()
-        self.metrics.inc("edge_agent_batches_total", model=entry.name)
+        key = entry.key  # counted before any answer: a client that has one sees it counted
+        counted = [("edge_agent_batches_total", key, 1.0),
+                   ("edge_agent_inferences_total", key, float(len(x)))]
+        if locked:  # the caller's thread ran it: the inline fast path
+            counted.append(("edge_agent_inline_runs_total", key, 1.0))
+        self.metrics.add(counted, [("edge_agent_request_duration_seconds", key,
+                                    done - j.submitted) for j in jobs])
         start = 0
         for j in jobs:
-            j.future.set_result(y[start:start + len(j.x)])
+            j.future.set_result(y if len(jobs) == 1 else y[start:start + len(j.x)])
             start += len(j.x)
-            self.metrics.observe("edge_agent_request_duration_seconds", done - j.submitted,
-                                 model=entry.name)
-        self.metrics.inc("edge_agent_inferences_total", len(x), model=entry.name)
 
     def _sample(self, entry: Resident, x: F32, y: F32, started: float) -> None:
         """Bookkeeping after a run, under the model's lock: run time, batch size, and one
