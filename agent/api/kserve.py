@@ -9,7 +9,7 @@ import functools
 from typing import Any
 
 from agent import __version__
-from agent.api.base import MODEL_NAME, Route, Serving, json_body
+from agent.api.base import MODEL_NAME, OFF_LOOP_BYTES, Route, Serving, json_body
 from agent.errors import AgentError, ApiError, UnknownModel
 from agent.serving.http import Request, Response, json_response
 from agent.serving.oip import infer_response, model_metadata, parse_infer
@@ -76,15 +76,16 @@ class KServe:
         json_bytes = (len(request.body) if header_length is None else
                       min(max(0, header_length), len(request.body)))
         s.json_cap(json_bytes)
-        req = await s.work(json_bytes, len(request.body), parse_infer, request.body,
-                           entry.manifest, header_length,
-                           lambda shape: s.agent.scheduler.precheck(entry.name, shape),
-                           None if s.shm is None else s.shm.of(request.peer))
+        parse = (parse_infer, request.body, entry.manifest, header_length,
+                 functools.partial(s.agent.scheduler.precheck, entry.name),
+                 None if s.shm is None else s.shm.of(request.peer))
+        req = (parse[0](*parse[1:]) if len(request.body) <= OFF_LOOP_BYTES  # no thread
+               else await s.work(json_bytes, len(request.body), *parse))
         y = await s.run(entry.name, req.x, req.priority, req.timeout_ms)
-        body, head_len = await s.work(
-            0 if req.binary_output or req.output_shm else y.nbytes, y.nbytes,
-            functools.partial(infer_response, request_id=req.id, binary=req.binary_output,
-                              output_shm=req.output_shm), entry.manifest, y)
+        answer = functools.partial(infer_response, entry.manifest, y, request_id=req.id,
+                                   binary=req.binary_output, output_shm=req.output_shm)
+        body, head_len = (answer() if y.nbytes <= OFF_LOOP_BYTES else await s.work(
+            0 if req.binary_output or req.output_shm else y.nbytes, y.nbytes, answer))
         if head_len is None:
             return Response(200, body)
         return Response(200, body, "application/octet-stream",

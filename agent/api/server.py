@@ -17,6 +17,7 @@ from agent.daemon import Agent
 from agent.errors import AgentError, ApiError, Refused, UnknownModel
 from agent.logs import RateLimited
 from agent.serving.http import Handler, HttpServer, Request, Response, Router
+from agent.serving.metrics import Labels, labels_key
 
 log = logging.getLogger("edge_agent.api")
 #: Connections of the metrics listener (a scraper or two, health probes).
@@ -48,6 +49,7 @@ class Api:
         self.agent = agent
         self.token = token
         self._errors = RateLimited(log, interval_s=60.0)
+        self._answer_keys: dict[tuple[int, str], Labels] = {}
         self.serving = Serving(agent)
         self.kserve = KServe(self.serving)
         admin = Admin(self.serving)
@@ -90,8 +92,11 @@ class Api:
         client looping on a bad request, or cycling through random paths, must not flood
         the journal): 5xx but 503 as errors, refusals (429, 503) and other 4xx as
         warnings."""
-        self.agent.metrics.inc("edge_agent_http_responses_total", code=str(status),
-                               kind=route_kind(path))
+        kind = route_kind(path)
+        key = self._answer_keys.get((status, kind))
+        if key is None:  # statuses and kinds are few: their series' keys are made once
+            key = self._answer_keys[status, kind] = labels_key(code=str(status), kind=kind)
+        self.agent.metrics.add((("edge_agent_http_responses_total", key, 1.0),))
         if status < 400:
             return
         route = path.split("?", maxsplit=1)[0][:80]

@@ -71,7 +71,7 @@ log = logging.getLogger("edge_agent.http")
 Authorize = Callable[[dict[str, str], bool], str | None]
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     method: str
     path: str
@@ -116,7 +116,7 @@ class BodyStream:
                 raise _HttpError(400, f"connection closed after {self.size} body bytes")
 
 
-@dataclass
+@dataclass(slots=True)
 class Response:
     status: int
     body: bytes = b""
@@ -137,6 +137,9 @@ class Router:
     def __init__(self) -> None:
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self._streamed: dict[tuple[str, str], int] = {}
+        # matches found, by (method, path): a client asks the same few paths again and
+        # again. Bounded: emptied when full (random paths only miss).
+        self._found: dict[tuple[str, str], tuple[Handler, dict[str, str]] | int] = {}
 
     def add(self, method: str, pattern: str, handler: Handler, *,
             stream_max_bytes: int | None = None) -> None:
@@ -144,6 +147,7 @@ class Router:
         up to that many bytes (a literal path only), instead of receiving it whole."""
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern)
         self._routes.append((method, re.compile(f"^{regex}$"), handler))
+        self._found.clear()
         if stream_max_bytes is not None:
             self._streamed[(method, pattern)] = stream_max_bytes
 
@@ -151,7 +155,18 @@ class Router:
         return self._streamed.get((method, path))
 
     def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
-        """The handler and path parameters, or 404 / 405."""
+        """The handler and path parameters (the caller's own copy), or 404 / 405."""
+        key = (method, path)
+        found = self._found.get(key)
+        if found is None:
+            found = self._match(method, path)
+            if len(path) <= 256:  # at most ROUTES_SEEN_MAX short paths kept
+                if len(self._found) >= ROUTES_SEEN_MAX:
+                    self._found.clear()
+                self._found[key] = found
+        return found if isinstance(found, int) else (found[0], dict(found[1]))
+
+    def _match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
         allowed = False
         for m, regex, handler in self._routes:
             found = regex.match(path)
@@ -164,6 +179,10 @@ class Router:
     def allowed(self, path: str) -> list[str]:
         """The methods `path` answers to (a 405's `Allow`, RFC 9110 §15.5.6)."""
         return sorted({m for m, regex, _ in self._routes if regex.match(path)})
+
+
+#: Matches the router keeps (`Router.match`).
+ROUTES_SEEN_MAX = 256
 
 
 class _HttpError(Exception):
@@ -236,7 +255,7 @@ class HttpServer:
     @property
     def open_connections(self) -> int:
         """Connections being served now (every listener of this server)."""
-        return sum(len(c) for c in self._connections.values())
+        return sum(map(len, self._connections.values()))
 
     def others_active(self) -> bool:
         """Whether a request besides the caller's is in progress or waiting: a connection
@@ -244,10 +263,12 @@ class HttpServer:
         (one `poll` with no wait: bytes the loop has seen ready but not read yet). Idle
         connections with nothing pending (a client's pool, a load balancer's) do not
         count."""
-        idle = [c for pool in self._idle.values() for c in pool]
-        if self.open_connections - len(idle) > 1:
+        idle_n = sum(map(len, self._idle.values()))
+        if self.open_connections - idle_n > 1:
             return True
-        fds = [c.fd for c in idle if c.fd >= 0]
+        if not idle_n:
+            return False
+        fds = [c.fd for pool in self._idle.values() for c in pool if c.fd >= 0]
         if not fds:
             return False
         poller = select.poll()

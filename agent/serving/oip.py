@@ -96,7 +96,9 @@ class _Plan:
     order), the shape `reserve` sees, and the request's options."""
 
     inputs: tuple[tuple[TensorSpec, np.dtype[Any], tuple[int, ...], int, int], ...]
-    reserved: list[int]
+    # the shape `reserve` sees, or None: one float32 input, decoded as a view of the body,
+    # allocates nothing before admission (which decides on the same bytes) sees it
+    reserved: list[int] | None
     id: str | None
     binary_output: bool
     priority: str
@@ -161,8 +163,8 @@ def _plan_of(head: bytes, manifest: Manifest, req: InferRequest) -> _Plan | None
         inputs.append((spec, np.dtype(DATATYPES[item["datatype"]]), tuple(item["shape"]),
                        offset, size))
     first = inputs[0][2]
-    reserved = (list(first) if len(inputs) == 1 else
-                [first[0], sum(math.prod(t[2][1:]) for t in inputs)])
+    reserved = (None if len(inputs) == 1 and inputs[0][1] == np.float32 else list(first)
+                if len(inputs) == 1 else [first[0], sum(math.prod(t[2][1:]) for t in inputs)])
     return _Plan(tuple(inputs), reserved, req.id, req.binary_output, req.priority,
                  req.timeout_ms)
 
@@ -171,8 +173,9 @@ def _planned(plan: _Plan, body: bytes, header_length: int,
              reserve: Callable[[list[int]], None] | None) -> InferRequest:
     """A binary request whose header was parsed before: its tensors decoded as
     `_tensor_from_binary` does (the sizes were checked with this header and body length),
-    and the values checked as ever."""
-    if reserve is not None:
+    and the values checked as ever. `reserve` is asked first unless decoding allocates
+    nothing (`_Plan.reserved`)."""
+    if reserve is not None and plan.reserved is not None:
         reserve(list(plan.reserved))
     xs = []
     for spec, dtype, shape, offset, size in plan.inputs:

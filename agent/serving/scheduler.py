@@ -138,9 +138,11 @@ class Resident:
     drift_batches: deque[tuple[F32, F32]] = field(default_factory=lambda: deque(maxlen=32))
     # its metric series' labels, keyed once (`Metrics.add`)
     key: Labels = field(init=False)
+    costs: Costs = field(init=False)  # `planned_bytes`' terms, worked out once
 
     def __post_init__(self) -> None:
         self.key = labels_key(model=self.name)
+        self.costs = costs_of(self.manifest)
 
     def take_drift(self) -> DriftSample | None:
         """Drift statistics of the batches sampled since the last call (None: none)."""
@@ -196,7 +198,7 @@ class Done:
 Outcome = Future[F32] | Done
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)
 class _Job:
     priority: int
     deadline: float
@@ -223,12 +225,26 @@ def request_bytes(manifest: Manifest, x: F32) -> int:
 
 def planned_bytes(manifest: Manifest, shape: list[int]) -> int:
     """`request_bytes` of a float32 input of `shape`, known before it is decoded."""
-    rows = shape[0] if shape else 1
-    out = sum(rows * math.prod(d for d in t.shape[1:] if d is not None) * 4
-              for t in manifest.outputs)
+    return bytes_for(costs_of(manifest), shape)
+
+
+#: What a model's requests cost besides their input: output bytes per row, whether the
+#: runtime goes row by row, and the arena of one run (`costs_of`, `bytes_for`).
+Costs = tuple[int, bool, int]
+
+
+def costs_of(manifest: Manifest) -> Costs:
+    out_row = sum(math.prod(d for d in t.shape[1:] if d is not None) * 4
+                  for t in manifest.outputs)
     row_by_row = manifest.runtime == "tflite" and manifest.inputs[0].shape[:1] == [1]
-    batched = 1 if row_by_row else rows
-    return math.prod(shape) * 4 + out + batched * manifest.resources.arena_bytes
+    return out_row, row_by_row, manifest.resources.arena_bytes
+
+
+def bytes_for(costs: Costs, shape: list[int]) -> int:
+    """`planned_bytes` with the model's costs worked out once."""
+    rows = shape[0] if shape else 1
+    out_row, row_by_row, arena = costs
+    return math.prod(shape) * 4 + rows * out_row + (1 if row_by_row else rows) * arena
 
 
 class Scheduler:
@@ -312,9 +328,9 @@ class Scheduler:
             return dict(self._models)
 
     def resident(self, name: str) -> Resident | None:
-        """One resident model (None: not loaded), without copying the table."""
-        with self._cv:
-            return self._models.get(name)
+        """One resident model (None: not loaded), without copying the table (one lookup
+        in a dict, atomic under the GIL: no lock)."""
+        return self._models.get(name)
 
     def _gauges(self) -> None:
         self.metrics.set_family("edge_agent_resident_model_bytes", "model",
@@ -377,7 +393,7 @@ class Scheduler:
             if entry is None:
                 raise UnknownModel(name)
             req = Request(priority=Priority.NORMAL, deadline=math.inf,
-                          arena_bytes=planned_bytes(entry.manifest, shape))
+                          arena_bytes=bytes_for(entry.costs, shape))
             verdict = memory_verdict(req, self._load(), self.budget, self.reading)
             if verdict is not None and self._evict_for(entry, req.arena_bytes):
                 verdict = memory_verdict(req, self._load(), self.budget, self.reading)
@@ -419,7 +435,7 @@ class Scheduler:
             if entry is None:
                 raise UnknownModel(name)
             q = self._queues[name]
-            arena = request_bytes(entry.manifest, x)
+            arena = bytes_for(entry.costs, list(x.shape) if x.ndim else [1])
             req = Request(priority=priority, deadline=now + timeout_s, arena_bytes=arena)
             load = self._load()
             verdict = admit(req, load=load, budget=self.budget, reading=self.reading,
