@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class Thermal(IntEnum):
@@ -50,8 +51,9 @@ class Budget:
     max_batch: int
 
 
-@dataclass(frozen=True, kw_only=True)
-class Load:
+# Load, Request and Admit are made on every request: named tuples, as immutable as the
+# frozen dataclasses they were and a third of their cost to make.
+class Load(NamedTuple):
     queue_depth: int
     resident_bytes: int
     arena_in_flight_bytes: int
@@ -63,15 +65,13 @@ class Reading:
     available_bytes: int
 
 
-@dataclass(frozen=True, kw_only=True)
-class Request:
+class Request(NamedTuple):
     priority: Priority
     deadline: float  # monotonic seconds
     arena_bytes: int  # all it holds: input, outputs and the model's arena
 
 
-@dataclass(frozen=True)
-class Admit:
+class Admit(NamedTuple):
     max_batch: int
 
 
