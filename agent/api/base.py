@@ -132,15 +132,16 @@ class Serving:
         # the event loop would keep it unread (no batching, no overlap). Idle keep-alive
         # connections with nothing pending (a client's pool) do not count.
         lone = self.http is None or not self.http.others_active()
-        submit = functools.partial(self.agent.scheduler.submit, name, x,
-                                   priority=PRIORITY[priority], timeout_s=timeout, inline=lone)
+        scheduler = self.agent.scheduler
         try:
-            fut = submit()
+            fut = scheduler.submit(name, x, priority=PRIORITY[priority], timeout_s=timeout,
+                                   inline=lone)
         except UnknownModel:  # unloaded to make room since `model` found it: load, retry
             loop = asyncio.get_running_loop()
             if not await loop.run_in_executor(None, self.agent.ensure_loaded, name):
                 raise
-            fut = submit()
+            fut = scheduler.submit(name, x, priority=PRIORITY[priority], timeout_s=timeout,
+                                   inline=lone)
         if not isinstance(fut, Future) or fut.done():  # ran inline (or already done): no
             return fut.result()  # need for the loop's thread-safe wake-up
         if self._completions is None:

@@ -23,6 +23,7 @@ log = logging.getLogger("edge_agent.api")
 #: Connections of the metrics listener (a scraper or two, health probes).
 METRICS_MAX_CONNECTIONS = 8
 INFERENCE_SUFFIXES = ("/infer", ":predict", ":classify", ":regress")
+ANSWER_KEYS_MAX = 256
 
 
 @functools.cache
@@ -49,7 +50,7 @@ class Api:
         self.agent = agent
         self.token = token
         self._errors = RateLimited(log, interval_s=60.0)
-        self._answer_keys: dict[tuple[int, str], Labels] = {}
+        self._answer_keys: dict[tuple[int, str], Labels] = {}  # by (status, path)
         self.serving = Serving(agent)
         self.kserve = KServe(self.serving)
         admin = Admin(self.serving)
@@ -92,10 +93,13 @@ class Api:
         client looping on a bad request, or cycling through random paths, must not flood
         the journal): 5xx but 503 as errors, refusals (429, 503) and other 4xx as
         warnings."""
-        kind = route_kind(path)
-        key = self._answer_keys.get((status, kind))
-        if key is None:  # statuses and kinds are few: their series' keys are made once
-            key = self._answer_keys[status, kind] = labels_key(code=str(status), kind=kind)
+        key = self._answer_keys.get((status, path))
+        if key is None:  # a client asks the same few paths: their series' keys made once
+            key = labels_key(code=str(status), kind=route_kind(path))
+            if len(path) <= 256:  # at most ANSWER_KEYS_MAX short paths kept
+                if len(self._answer_keys) >= ANSWER_KEYS_MAX:
+                    self._answer_keys.clear()
+                self._answer_keys[status, path] = key
         self.agent.metrics.add((("edge_agent_http_responses_total", key, 1.0),))
         if status < 400:
             return

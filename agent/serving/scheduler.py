@@ -268,7 +268,10 @@ class Scheduler:
         self.on_unknown = on_unknown
         self.thermal = Thermal.NORMAL
         self._known = True  # the sensor gave a reading last time
-        self._cv = threading.Condition()
+        # the request path takes the condition's lock itself (`_mutex`): entering the
+        # condition is a Python-level call, taking the lock a C-level one
+        self._mutex = threading.RLock()
+        self._cv = threading.Condition(self._mutex)
         self.reading = sensors.read()
         self._read_at = clock()
         self._apply_reading()
@@ -429,8 +432,9 @@ class Scheduler:
             Refused: admission said no (reason and HTTP status attached).
         """
         now = self.clock()
-        with self._cv:
-            self._sense(now)
+        with self._mutex:
+            if now - self._read_at >= self.sensor_interval_s:
+                self._sense(now)
             entry = self._models.get(name)
             if entry is None:
                 raise UnknownModel(name)
@@ -464,7 +468,7 @@ class Scheduler:
                       locked=True)
         finally:
             entry.lock.release()
-            with self._cv:
+            with self._mutex:
                 self._arena_in_flight -= arena
         return done
 
