@@ -104,8 +104,13 @@ class Serving:
         self.http: HttpServer | None = None  # set when the server is made
         self._completions: Completions | None = None
 
-    async def model(self, request: Request) -> Resident:
-        """The model `request` names (and the version, when it names one), loaded."""
+    def loaded(self, request: Request) -> Resident | None:
+        """The model `request` names (and the version, when it names one) when it is
+        loaded; None when it must be loaded first (`model`).
+
+        Raises:
+            UnknownModel, ApiError: no such model or version served.
+        """
         name = request.params["name"]
         if not MODEL_NAME.match(name):  # never a file name nor a label from raw input
             raise UnknownModel(name[:64] + ("…" if len(name) > 64 else ""))
@@ -113,16 +118,26 @@ class Serving:
             raise ApiError(404, f"model {name} was unloaded through the repository API: "
                            f"POST /v2/repository/models/{name}/load serves it again")
         entry = self.agent.scheduler.resident(name)
-        if entry is None:  # installed but unloaded to make room: load it again
-            loop = asyncio.get_running_loop()
-            if await loop.run_in_executor(None, self.agent.ensure_loaded, name):
-                entry = self.agent.scheduler.resident(name)
         if entry is None:
-            raise UnknownModel(name)
+            return None
         version = request.params.get("version")
         if version is not None and version != str(entry.manifest.version):
             raise ApiError(404, f"model {name} serves version {entry.manifest.version}, not "
                            f"{version}")
+        return entry
+
+    async def model(self, request: Request) -> Resident:
+        """The model `request` names (and the version, when it names one), loaded: one
+        installed but unloaded to make room is loaded again."""
+        entry = self.loaded(request)
+        if entry is not None:
+            return entry
+        loop = asyncio.get_running_loop()
+        name = request.params["name"]
+        if await loop.run_in_executor(None, self.agent.ensure_loaded, name):
+            entry = self.loaded(request)
+        if entry is None:
+            raise UnknownModel(name)
         return entry
 
     async def run(self, name: str, x: Any, priority: str, timeout_ms: float | None) -> Any:

@@ -67,7 +67,7 @@ class KServe:
     # -- inference --------------------------------------------------------------------------
     async def infer(self, request: Request) -> Response:
         s = self.s
-        entry = await s.model(request)
+        entry = s.loaded(request) or await s.model(request)
         header = request.headers.get("inference-header-content-length")
         try:
             header_length = int(header) if header is not None else None

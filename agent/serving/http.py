@@ -263,8 +263,11 @@ class HttpServer:
         (one `poll` with no wait: bytes the loop has seen ready but not read yet). Idle
         connections with nothing pending (a client's pool, a load balancer's) do not
         count."""
+        open_n = self.open_connections
+        if open_n == 1:  # the caller's alone
+            return False
         idle_n = sum(map(len, self._idle.values()))
-        if self.open_connections - idle_n > 1:
+        if open_n - idle_n > 1:
             return True
         if not idle_n:
             return False
@@ -617,9 +620,8 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, request: Request, response: Response) -> None:
         server = self.server
-        if server.on_response is not None:
-            server.on_response(request.method, request.path, response.status, response.body)
         if self.state == CLOSED:
+            self._answered(request, response)
             return
         unread = request.stream is not None and not request.stream.done
         self.streaming = False
@@ -627,6 +629,9 @@ class _Connection(asyncio.Protocol):
         # (pipelined requests waiting here); `_take_events` closes once they are done
         close = unread or server._draining or not request.keep_alive
         self._write(response, close=close, head_only=request.method == "HEAD")
+        # counted once the answer is out, off the client's wait; no other request is read
+        # before this callback returns, so a scrape still finds it counted
+        self._answered(request, response)
         if close:
             if unread:
                 self._linger()
@@ -637,6 +642,11 @@ class _Connection(asyncio.Protocol):
             self.deadline = time.monotonic() + server.idle_timeout_s
         else:
             self._next_request()
+
+    def _answered(self, request: Request, response: Response) -> None:
+        if self.server.on_response is not None:
+            self.server.on_response(request.method, request.path, response.status,
+                                    response.body)
 
     def _next_request(self) -> None:
         try:

@@ -35,7 +35,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -205,7 +205,7 @@ class _Job:
     seq: int
     x: F32 = field(compare=False)
     arena_bytes: int = field(compare=False)
-    future: Future[F32] | Done = field(compare=False)
+    future: Future[F32] = field(compare=False)
     submitted: float = field(compare=False)
 
 
@@ -464,8 +464,16 @@ class Scheduler:
                 return fut
         done = Done()
         try:  # the fast path, outside the scheduler lock, holding only the model's lock
-            self._run(entry, [_Job(int(priority), req.deadline, 0, x, arena, done, now)],
-                      locked=True)
+            started = time.perf_counter()
+            try:
+                y = entry.model.run(x)
+            except Exception as exc:  # as `_run`: the request fails, not the caller
+                self.metrics.inc("edge_agent_errors_total", model=entry.name)
+                done.set_exception(exc)
+                return done
+            self._sample(entry, x, y, started)
+            self._count(entry, len(x), (self.clock() - now,), inline=True)
+            done.set_result(y)
         finally:
             entry.lock.release()
             with self._mutex:
@@ -516,36 +524,39 @@ class Scheduler:
             with self._cv:
                 self._arena_in_flight -= sum(j.arena_bytes for j in jobs)
 
-    def _run(self, entry: Resident, jobs: list[_Job], *, locked: bool = False) -> None:
+    def _run(self, entry: Resident, jobs: list[_Job]) -> None:
         if not jobs:
             return
         try:
             x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
             started = time.perf_counter()
-            if locked:
+            with entry.lock:
                 y = entry.model.run(x)
                 self._sample(entry, x, y, started)
-            else:
-                with entry.lock:
-                    y = entry.model.run(x)
-                    self._sample(entry, x, y, started)
         except Exception as exc:  # a runtime failure fails these jobs, not the worker
             self.metrics.inc("edge_agent_errors_total", model=entry.name)
             for j in jobs:
                 j.future.set_exception(exc)
             return
         done = self.clock()
-        key = entry.key  # counted before any answer: a client that has one sees it counted
-        counted = [("edge_agent_batches_total", key, 1.0),
-                   ("edge_agent_inferences_total", key, float(len(x)))]
-        if locked:  # the caller's thread ran it: the inline fast path
-            counted.append(("edge_agent_inline_runs_total", key, 1.0))
-        self.metrics.add(counted, [("edge_agent_request_duration_seconds", key,
-                                    done - j.submitted) for j in jobs])
+        # counted before any answer: a client that has one sees it counted
+        self._count(entry, len(x), [done - j.submitted for j in jobs])
         start = 0
         for j in jobs:
             j.future.set_result(y if len(jobs) == 1 else y[start:start + len(j.x)])
             start += len(j.x)
+
+    def _count(self, entry: Resident, samples: int, waited: Iterable[float], *,
+               inline: bool = False) -> None:
+        """The metrics of one batch run: its samples, and each request's time from submit
+        to outcome."""
+        key = entry.key
+        counted = [("edge_agent_batches_total", key, 1.0),
+                   ("edge_agent_inferences_total", key, float(samples))]
+        if inline:  # the caller's thread ran it: the fast path
+            counted.append(("edge_agent_inline_runs_total", key, 1.0))
+        self.metrics.add(counted, [("edge_agent_request_duration_seconds", key, w)
+                                   for w in waited])
 
     def _sample(self, entry: Resident, x: F32, y: F32, started: float) -> None:
         """Bookkeeping after a run, under the model's lock: run time, batch size, and one
