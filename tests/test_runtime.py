@@ -12,7 +12,15 @@ from conftest import needs_onnxruntime
 
 from agent.errors import RuntimeLoadError
 from agent.profiles import load_profile
-from agent.serving.runtime import load_tflite_delegates, open_model
+from agent.serving.runtime import (
+    TfliteModel,
+    _Feed,
+    dequantize,
+    load_tflite_delegates,
+    open_model,
+    quantize,
+)
+from agent.trust.manifest import QuantParams, TensorSpec
 
 
 def test_a_missing_delegate_is_named_and_the_model_runs_on_the_cpu(onnx_run: Path) -> None:
@@ -36,3 +44,38 @@ def test_onnx_providers_not_on_this_machine_fall_back_to_the_cpu(onnx_run: Path)
     providers = load_profile("jetson-orin-nano").runtime.onnx_providers
     model = open_model(onnx_run / "model_int8.onnx", "onnx", providers=providers)
     assert model.run(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("scale", "zero_point", "dtype"), [
+    (1 / 255, -128, "int8"), (0.02, 3, "int8"), (0.1, 128, "uint8"), (0.5, 0, "int8")])
+def test_the_tflite_adapter_quantizes_and_dequantizes_as_the_reference_arithmetic(
+        scale: float, zero_point: int, dtype: str) -> None:
+    """The adapter works the input's int8 arithmetic out once per model (`_Feed`); it must
+    give what `quantize` gives, value for value: halves rounded to even, values past the
+    range clipped."""
+    q = QuantParams(scale=scale, zero_point=zero_point)
+    x = (np.random.default_rng(0).standard_normal((300, 16)) * 60 * scale).astype(np.float32)
+    x[0, :8] = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 1e9, -1e9, 0.0]) * np.float32(scale)
+    got = _Feed(TensorSpec(name="x", dtype=dtype, shape=[None, 16], quantization=q))(x)
+    want = quantize(x, q, np.dtype(dtype))
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+    assert len(np.unique(want)) > 100  # the data spans the range, clipping included
+
+
+def test_the_tflite_adapter_serves_what_the_reference_arithmetic_gives(onnx_run: Path) -> None:
+    """The digits int8 model through the adapter equals set_tensor(quantize(x)), invoke,
+    dequantize(get_tensor), on many inputs: the adapter's shortcuts (`_Feed`, the output's
+    256-value table) change nothing the model returns."""
+    model = open_model(onnx_run / "model_int8.tflite", "tflite")
+    assert isinstance(model, TfliteModel)
+    spec_in, spec_out = model.inputs[0], model.outputs[0]
+    assert spec_in.quantization is not None and spec_out.quantization is not None
+    it, seen = model.interpreter, set()
+    for x in np.random.default_rng(1).uniform(-0.2, 1.2, (50, 1, 1, 8, 8)).astype(np.float32):
+        it.set_tensor(model._in_index, quantize(x, spec_in.quantization,
+                                                np.dtype(spec_in.dtype)))
+        it.invoke()
+        raw = it.get_tensor(model._out_index)
+        seen.update(raw.ravel().tolist())
+        assert np.array_equal(model.run(x), dequantize(raw, spec_out.quantization))
+    assert len(seen) > 20  # many output values met

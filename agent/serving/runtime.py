@@ -105,7 +105,7 @@ class _Feed:
         if self.scale is None:
             return x.astype(self.dtype, copy=False)
         v = np.divide(x, self.scale, dtype=np.float32)  # as quantize: x / scale, rounded
-        np.round(v, out=v)
+        np.rint(v, out=v)  # np.round's rounding (half to even), without its wrappers
         v += self.zero_point
         np.minimum(v, self.hi, out=v)  # np.clip, without its Python wrapper
         np.maximum(v, self.lo, out=v)
