@@ -103,6 +103,8 @@ class Serving:
         self.unloaded: set[str] = set()
         self.http: HttpServer | None = None  # set when the server is made
         self._completions: Completions | None = None
+        # by model name (names that passed MODEL_NAME and found a resident model: few)
+        self._prechecks: dict[str, Callable[[list[int]], None]] = {}
 
     def loaded(self, request: Request) -> Resident | None:
         """The model `request` names (and the version, when it names one) when it is
@@ -139,6 +141,14 @@ class Serving:
         if entry is None:
             raise UnknownModel(name)
         return entry
+
+    def precheck(self, name: str) -> Callable[[list[int]], None]:
+        """The scheduler's admission precheck for model `name` (made once per name)."""
+        check = self._prechecks.get(name)
+        if check is None:
+            check = self._prechecks[name] = functools.partial(
+                self.agent.scheduler.precheck, name)
+        return check
 
     async def run(self, name: str, x: Any, priority: str, timeout_ms: float | None) -> Any:
         """Model `name` on `x`: its outputs."""

@@ -77,8 +77,7 @@ class KServe:
                       min(max(0, header_length), len(request.body)))
         s.json_cap(json_bytes)
         parse = (parse_infer, request.body, entry.manifest, header_length,
-                 functools.partial(s.agent.scheduler.precheck, entry.name),
-                 None if s.shm is None else s.shm.of(request.peer))
+                 s.precheck(entry.name), None if s.shm is None else s.shm.of(request.peer))
         req = (parse[0](*parse[1:]) if len(request.body) <= OFF_LOOP_BYTES  # no thread
                else await s.work(json_bytes, len(request.body), *parse))
         y = await s.run(entry.name, req.x, req.priority, req.timeout_ms)

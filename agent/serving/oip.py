@@ -95,7 +95,8 @@ class _Plan:
     inputs' layout in the binary part ((spec, dtype, shape, offset, size) in the model's
     order), the shape `reserve` sees, and the request's options."""
 
-    inputs: tuple[tuple[TensorSpec, np.dtype[Any], tuple[int, ...], int, int], ...]
+    # (spec, dtype, shape, byte offset, values, whether they are cast to float32)
+    inputs: tuple[tuple[TensorSpec, np.dtype[Any], tuple[int, ...], int, int, bool], ...]
     # the shape `reserve` sees, or None: one float32 input, decoded as a view of the body,
     # allocates nothing before admission (which decides on the same bytes) sees it
     reserved: list[int] | None
@@ -160,10 +161,11 @@ def _plan_of(head: bytes, manifest: Manifest, req: InferRequest) -> _Plan | None
     for spec in manifest.inputs:
         item = by_name[spec.name]
         offset, size = offsets[spec.name]
-        inputs.append((spec, np.dtype(DATATYPES[item["datatype"]]), tuple(item["shape"]),
-                       offset, size))
+        dtype = np.dtype(DATATYPES[item["datatype"]])
+        inputs.append((spec, dtype, tuple(item["shape"]), offset, size // dtype.itemsize,
+                       dtype != np.float32))
     first = inputs[0][2]
-    reserved = (None if len(inputs) == 1 and inputs[0][1] == np.float32 else list(first)
+    reserved = (None if len(inputs) == 1 and not inputs[0][5] else list(first)
                 if len(inputs) == 1 else [first[0], sum(math.prod(t[2][1:]) for t in inputs)])
     return _Plan(tuple(inputs), reserved, req.id, req.binary_output, req.priority,
                  req.timeout_ms)
@@ -178,9 +180,9 @@ def _planned(plan: _Plan, body: bytes, header_length: int,
     if reserve is not None and plan.reserved is not None:
         reserve(list(plan.reserved))
     xs = []
-    for spec, dtype, shape, offset, size in plan.inputs:
-        x = np.frombuffer(body, dtype, size // dtype.itemsize, header_length + offset)
-        if dtype != np.float32:
+    for spec, dtype, shape, offset, count, cast in plan.inputs:
+        x = np.frombuffer(body, dtype, count, header_length + offset)
+        if cast:
             x = x.astype(np.float32)
         if not _all_finite(x):
             raise ApiError(400, f"input {spec.name}: values must be finite")
