@@ -76,15 +76,23 @@ class KServe:
         json_bytes = (len(request.body) if header_length is None else
                       min(max(0, header_length), len(request.body)))
         s.json_cap(json_bytes)
-        parse = (parse_infer, request.body, entry.manifest, header_length,
-                 s.precheck(entry.name), None if s.shm is None else s.shm.of(request.peer))
-        req = (parse[0](*parse[1:]) if len(request.body) <= OFF_LOOP_BYTES  # no thread
-               else await s.work(json_bytes, len(request.body), *parse))
+        body, manifest = request.body, entry.manifest
+        precheck = s.precheck(entry.name)
+        shm = None if s.shm is None else s.shm.of(request.peer)
+        if len(body) <= OFF_LOOP_BYTES:  # the common small request: no thread hand-off
+            req = parse_infer(body, manifest, header_length, precheck, shm)
+        else:
+            req = await s.work(json_bytes, len(body), parse_infer, body, manifest,
+                               header_length, precheck, shm)
         y = await s.run(entry.name, req.x, req.priority, req.timeout_ms)
-        answer = functools.partial(infer_response, entry.manifest, y, request_id=req.id,
-                                   binary=req.binary_output, output_shm=req.output_shm)
-        body, head_len = (answer() if y.nbytes <= OFF_LOOP_BYTES else await s.work(
-            0 if req.binary_output or req.output_shm else y.nbytes, y.nbytes, answer))
+        if y.nbytes <= OFF_LOOP_BYTES:
+            body, head_len = infer_response(manifest, y, request_id=req.id,
+                                            binary=req.binary_output, output_shm=req.output_shm)
+        else:
+            body, head_len = await s.work(
+                0 if req.binary_output or req.output_shm else y.nbytes, y.nbytes,
+                functools.partial(infer_response, request_id=req.id, binary=req.binary_output,
+                                  output_shm=req.output_shm), manifest, y)
         if head_len is None:
             return Response(200, body)
         return Response(200, body, "application/octet-stream",

@@ -277,6 +277,10 @@ class Scheduler:
         self._apply_reading()
         self._models: dict[str, Resident] = {}
         self._queues: dict[str, _Queue] = {}
+        # kept as the tables change (`_load` reads them on every request): the bytes of
+        # the resident models, and the jobs waiting in every queue
+        self._resident_total = 0
+        self._queued = 0
         self._arena_in_flight = 0
         self._seq = itertools.count()
         self._stopping = False
@@ -289,6 +293,7 @@ class Scheduler:
             entry.last_used = self.clock()
             old = self._models.get(entry.name)
             self._models[entry.name] = entry
+            self._retotal()
             q = self._queues.setdefault(entry.name, _Queue())
             if q.worker is None:
                 q.worker = threading.Thread(target=self._work, args=(entry.name,),
@@ -317,6 +322,7 @@ class Scheduler:
             if self._queues[victim.name].heap or (spare_running and victim.lock.locked()):
                 continue
             del self._models[victim.name]
+            self._retotal()
             self.metrics.inc("edge_agent_model_unloads_total", model=victim.name)
             evicted = True
         return evicted
@@ -324,6 +330,7 @@ class Scheduler:
     def unload(self, name: str) -> None:
         with self._cv:
             self._models.pop(name, None)
+            self._retotal()
             self._gauges()
 
     def models(self) -> dict[str, Resident]:
@@ -417,10 +424,12 @@ class Scheduler:
             self._gauges()
         return evicted
 
+    def _retotal(self) -> None:
+        """After the resident models changed (under the lock)."""
+        self._resident_total = sum(m.resident_bytes for m in self._models.values())
+
     def _load(self) -> Load:
-        return Load(queue_depth=sum(len(qq.heap) for qq in self._queues.values()),
-                    resident_bytes=sum(m.resident_bytes for m in self._models.values()),
-                    arena_in_flight_bytes=self._arena_in_flight)
+        return Load(self._queued, self._resident_total, self._arena_in_flight)
 
     def submit(self, name: str, x: F32, *, priority: Priority = Priority.NORMAL,
                timeout_s: float = 1.0, inline: bool = True) -> Outcome:
@@ -459,6 +468,7 @@ class Scheduler:
                 fut: Future[F32] = Future()
                 heapq.heappush(q.heap, _Job(int(priority), req.deadline, next(self._seq), x,
                                             arena, fut, now))
+                self._queued += 1
                 self.metrics.set("edge_agent_queue_depth", load.queue_depth + 1)
                 self._cv.notify_all()
                 return fut
@@ -491,6 +501,7 @@ class Scheduler:
                 return None
             entry = self._models[name]
             jobs = [heapq.heappop(q.heap)]
+            self._queued -= 1
             _, max_batch = limits_for(self.thermal, self.budget)
             if entry.batchable and max_batch > 1 and (q.heap or entry.last_batch > 1):
                 until = self.clock() + self.max_wait_s
@@ -499,13 +510,13 @@ class Scheduler:
                         if sum(len(j.x) for j in jobs) + len(q.heap[0].x) > max_batch:
                             break
                         jobs.append(heapq.heappop(q.heap))
+                        self._queued -= 1
                         continue
                     left = until - self.clock()
                     if left <= 0 or not self._cv.wait(left):
                         break
             entry.last_used = self.clock()
-            self.metrics.set("edge_agent_queue_depth",
-                             sum(len(qq.heap) for qq in self._queues.values()))
+            self.metrics.set("edge_agent_queue_depth", self._queued)
             return entry, jobs
 
     def _work(self, name: str) -> None:
@@ -575,4 +586,5 @@ class Scheduler:
                 for j in q.heap:
                     j.future.set_exception(Refused("stopping", 503, "agent is stopping"))
                 q.heap.clear()
+            self._queued = 0
             self._cv.notify_all()
