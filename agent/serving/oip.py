@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -33,8 +33,7 @@ DATATYPES: dict[str, Any] = {
 MAX_ELEMENTS = 1 << 24
 
 
-@dataclass(slots=True)
-class InferRequest:
+class InferRequest(NamedTuple):
     id: str | None
     x: F32
     binary_output: bool
