@@ -179,13 +179,14 @@ def _planned(plan: _Plan, body: bytes, header_length: int,
     if reserve is not None and plan.reserved is not None:
         reserve(list(plan.reserved))
     xs = []
-    for spec, dtype, shape, offset, count, cast in plan.inputs:
-        x = np.frombuffer(body, dtype, count, header_length + offset)
+    for spec, dtype, shape, offset, _count, cast in plan.inputs:
+        # the tensor as a read-only view of the body's bytes, shaped, in one call
+        x: F32 = np.ndarray(shape, dtype, body, header_length + offset)
         if cast:
             x = x.astype(np.float32)
         if not _all_finite(x):
             raise ApiError(400, f"input {spec.name}: values must be finite")
-        xs.append(x.reshape(shape))
+        xs.append(x)
     return InferRequest(plan.id, xs[0] if len(xs) == 1 else pack(xs), plan.binary_output,
                         plan.priority, plan.timeout_ms)
 

@@ -35,7 +35,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -240,7 +240,7 @@ def costs_of(manifest: Manifest) -> Costs:
     return out_row, row_by_row, manifest.resources.arena_bytes
 
 
-def bytes_for(costs: Costs, shape: list[int]) -> int:
+def bytes_for(costs: Costs, shape: Sequence[int]) -> int:
     """`planned_bytes` with the model's costs worked out once."""
     rows = shape[0] if shape else 1
     out_row, row_by_row, arena = costs
@@ -448,8 +448,8 @@ class Scheduler:
             if entry is None:
                 raise UnknownModel(name)
             q = self._queues[name]
-            arena = bytes_for(entry.costs, list(x.shape) if x.ndim else [1])
-            req = Request(priority=priority, deadline=now + timeout_s, arena_bytes=arena)
+            arena = bytes_for(entry.costs, x.shape if x.ndim else (1,))
+            req = Request(priority, now + timeout_s, arena)
             load = self._load()
             verdict = admit(req, load=load, budget=self.budget, reading=self.reading,
                             thermal=self.thermal, now=now)
