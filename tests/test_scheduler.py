@@ -14,7 +14,7 @@ from conftest import needs_onnxruntime
 from agent.errors import Refused, UnknownModel
 from agent.serving.admission import Budget, Priority, ThermalLimits
 from agent.serving.runtime import F32, LoadedModel, open_model
-from agent.serving.scheduler import Resident, Scheduler, request_bytes
+from agent.serving.scheduler import Done, Resident, Scheduler, request_bytes
 from agent.testing import FakeClock, FakeSensors
 from agent.trust.bundle import read_manifest
 
@@ -227,4 +227,44 @@ def test_a_hot_swap_lets_the_running_batch_finish_on_the_old_model(onnx) -> None
     np.testing.assert_allclose(running.result(5), model.run(x()), atol=1e-5)  # old model
     np.testing.assert_allclose(queued.result(5), model.run(x()) + 100, atol=1e-4)  # new
     assert s.models()["digits"].manifest.version == 2
+    s.stop()
+
+
+def test_inline_runs_count_as_batches_do_and_fail_alone(onnx) -> None:  # type: ignore[no-untyped-def]
+    """The fast path (a lone request run on the caller's thread) records what a worker's
+    batch records: a batch, its samples, a latency observation each, plus an inline run;
+    a runtime failure there fails that request, counts an error, and frees the model."""
+    model, m = onnx
+    s = sched()
+    s.load(Resident("digits", m, model, 1000, batchable=True))
+    first = s.submit("digits", x(1))  # run_s unknown: the worker measures it first
+    assert isinstance(first, Future)
+    first.result(5)
+    s._models["digits"].run_s = 1e-5  # measured fast (a first run is slow: warm-up)
+    outcomes = [s.submit("digits", x(n)) for n in (1, 3, 1)]
+    assert all(isinstance(o, Done) for o in outcomes)
+    np.testing.assert_allclose(outcomes[1].result(), model.run(x(3)), atol=1e-5)
+
+    def count(name: str) -> float:
+        return s.metrics.counter(name, model="digits")
+
+    assert (count("edge_agent_batches_total"), count("edge_agent_inferences_total"),
+            count("edge_agent_inline_runs_total")) == (4, 6, 3)
+    histogram = s.metrics.histograms["edge_agent_request_duration_seconds"]
+    assert histogram[(("model", "digits"),)].count == 4
+
+    class Broken:
+        inputs, outputs = model.inputs, model.outputs
+
+        def run(self, x: F32) -> F32:
+            raise RuntimeError("the runtime failed")
+
+    s.load(Resident("digits", m, Broken(), 1000, batchable=True))
+    s._models["digits"].run_s = 1e-6  # known fast: the next request runs inline
+    failed = s.submit("digits", x(1))
+    assert isinstance(failed, Done)
+    with pytest.raises(RuntimeError, match="the runtime failed"):
+        failed.result()
+    assert count("edge_agent_errors_total") == 1 and count("edge_agent_batches_total") == 4
+    assert not s._models["digits"].lock.locked() and s._arena_in_flight == 0
     s.stop()

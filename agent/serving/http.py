@@ -393,6 +393,7 @@ class _Connection(asyncio.Protocol):
         self.eof = False  # the client closed its side
         # the request being read: its head's parts, the body so far, its cap
         self.head: h1.Head | None = None
+        self.path = ""  # its path, without the query
         self.chunks: list[bytes] = []
         self.size = self.limit = 0
         self.backlog: list[bytes] = []  # what arrived while a request was handled
@@ -506,8 +507,8 @@ class _Connection(asyncio.Protocol):
                 assert head is not None
                 body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self.head, self.chunks = None, []
-                self._handle(Request(head.method, head.target.split("?", 1)[0], head.headers,
-                                     body, self.unix, keep_alive=head.keep_alive))
+                self._handle(Request(head.method, self.path, head.headers, body, self.unix,
+                                     keep_alive=head.keep_alive))
             else:
                 self.close()
                 return
@@ -544,7 +545,7 @@ class _Connection(asyncio.Protocol):
             self.streaming = True
             self._handle(request)
             return
-        self.head, self.chunks, self.size, self.limit = head, [], 0, limit
+        self.head, self.path, self.chunks, self.size, self.limit = head, path, [], 0, limit
         self.state, self.deadline = BODY, time.monotonic() + server.body_timeout_s
 
     async def body_part(self) -> h1.Event:

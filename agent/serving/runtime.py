@@ -107,9 +107,10 @@ class _Feed:
         v = np.divide(x, self.scale, dtype=np.float32)  # as quantize: x / scale, rounded
         np.rint(v, out=v)  # np.round's rounding (half to even), without its wrappers
         v += self.zero_point
-        np.minimum(v, self.hi, out=v)  # np.clip, without its Python wrapper
-        np.maximum(v, self.lo, out=v)
-        return v.astype(self.dtype)
+        np.minimum(v, self.hi, out=v)  # np.clip, without its Python wrapper, the last
+        out = np.empty(v.shape, self.dtype)  # step writing the integers (exact: in range)
+        np.maximum(v, self.lo, out=out, casting="unsafe")
+        return out
 
 
 @dataclass

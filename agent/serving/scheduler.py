@@ -139,10 +139,13 @@ class Resident:
     # its metric series' labels, keyed once (`Metrics.add`)
     key: Labels = field(init=False)
     costs: Costs = field(init=False)  # `planned_bytes`' terms, worked out once
+    # what an inline run of one sample counts (`Scheduler._count`'s), made once
+    inline_one: tuple[tuple[str, Labels, float], ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.key = labels_key(model=self.name)
         self.costs = costs_of(self.manifest)
+        self.inline_one = batch_counts(self.key, 1, inline=True)
 
     def take_drift(self) -> DriftSample | None:
         """Drift statistics of the batches sampled since the last call (None: none)."""
@@ -155,6 +158,15 @@ class Resident:
         for x, y in batches:
             sample.add(self.manifest, prepared(self.model, x), y)
         return sample
+
+
+def batch_counts(key: Labels, samples: int, *, inline: bool
+                 ) -> tuple[tuple[str, Labels, float], ...]:
+    """The counters one batch run adds to (`Metrics.add`): batches, samples, and inline
+    runs when the caller's thread ran it (the fast path)."""
+    counted = (("edge_agent_batches_total", key, 1.0),
+               ("edge_agent_inferences_total", key, float(samples)))
+    return counted + ((("edge_agent_inline_runs_total", key, 1.0),) if inline else ())
 
 
 class Done:
@@ -482,7 +494,11 @@ class Scheduler:
                 done.set_exception(exc)
                 return done
             self._sample(entry, x, y, started)
-            self._count(entry, len(x), (self.clock() - now,), inline=True)
+            waited = (("edge_agent_request_duration_seconds", entry.key, self.clock() - now),)
+            if len(x) == 1:  # the common lone sample: its counts made at load
+                self.metrics.add(entry.inline_one, waited)
+            else:
+                self._count(entry, len(x), (waited[0][2],), inline=True)
             done.set_result(y)
         finally:
             entry.lock.release()
@@ -562,12 +578,8 @@ class Scheduler:
         """The metrics of one batch run: its samples, and each request's time from submit
         to outcome."""
         key = entry.key
-        counted = [("edge_agent_batches_total", key, 1.0),
-                   ("edge_agent_inferences_total", key, float(samples))]
-        if inline:  # the caller's thread ran it: the fast path
-            counted.append(("edge_agent_inline_runs_total", key, 1.0))
-        self.metrics.add(counted, [("edge_agent_request_duration_seconds", key, w)
-                                   for w in waited])
+        self.metrics.add(batch_counts(key, samples, inline=inline),
+                         [("edge_agent_request_duration_seconds", key, w) for w in waited])
 
     def _sample(self, entry: Resident, x: F32, y: F32, started: float) -> None:
         """Bookkeeping after a run, under the model's lock: run time, batch size, and one
