@@ -191,13 +191,10 @@ def _planned(plan: _Plan, body: bytes, header_length: int,
                         plan.priority, plan.timeout_ms)
 
 
-_all_finite_of = np.logical_and.reduce
-
-
 def _all_finite(x: F32) -> bool:
-    """`np.isfinite(x).all()` in two C calls (`ndarray.all` goes through a Python
-    function)."""
-    return bool(_all_finite_of(np.isfinite(x), axis=None))
+    """`np.isfinite(x).all()` without numpy's reduction machinery (half the time warm, and
+    the request path runs it cold): the flags' bytes searched for a zero."""
+    return b"\0" not in np.isfinite(x).tobytes()
 
 
 def _parse_infer(body: bytes, manifest: Manifest, header_length: int | None,

@@ -292,7 +292,7 @@ class TfliteModel:
         it.invoke()
         raw = it.get_tensor(self._out_index)
         if self._out_table is not None:
-            return self._out_table[raw.view(np.uint8)]  # type: ignore[no-any-return]
+            return self._out_table.take(raw.view(np.uint8))  # type: ignore[no-any-return]
         q = self.outputs[0].quantization
         return np.asarray(raw, dtype=np.float32) if q is None else dequantize(raw, q)
 
