@@ -223,3 +223,27 @@ def test_tf_serving_rows_and_columns(manifest: Manifest, tmp_path: Path) -> None
     assert rows and x.shape == (2, 4)
     x, rows = parse_predict(b'{"inputs": {"x": [[1,2,3,4]]}}', manifest)
     assert not rows and x.shape == (1, 4)
+
+
+def test_binary_answers_name_their_own_id_shape_and_model_version(manifest: Manifest) -> None:
+    """The binary answer's JSON header is made once per (model, id, shape) and kept
+    (`oip._HEADS`): each answer still names its own id, shape and the version serving it,
+    and a long id is answered without being kept."""
+    def head(m: Manifest, y: np.ndarray, rid: str | None) -> dict[str, Any]:
+        body, n = infer_response(m, y, request_id=rid, binary=True)
+        assert n is not None
+        np.testing.assert_array_equal(np.frombuffer(body[n:], "<f4").reshape(y.shape), y)
+        return json.loads(body[:n])  # type: ignore[no-any-return]
+
+    newer = manifest.model_copy(update={"version": manifest.version + 1})
+    y1, y3 = np.ones((1, 2), np.float32), np.arange(6, dtype=np.float32).reshape(3, 2)
+    for _ in range(2):  # made, then found
+        a, b, c = head(manifest, y1, "a"), head(manifest, y3, None), head(newer, y3, "c")
+        assert (a["id"], a["outputs"][0]["shape"], a["model_version"]) == (
+            "a", [1, 2], str(manifest.version))
+        assert "id" not in b and b["outputs"][0]["parameters"]["binary_data_size"] == 24
+        assert (c["id"], c["model_version"]) == ("c", str(manifest.version + 1))
+        assert head(manifest, y3, "c")["model_version"] == str(manifest.version)
+    kept = len(oip._HEADS)
+    assert head(manifest, y1, "x" * 10_000)["id"] == "x" * 10_000
+    assert len(oip._HEADS) == kept

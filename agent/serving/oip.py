@@ -400,9 +400,10 @@ def infer_response(manifest: Manifest, y: F32, *, request_id: str | None,
         known = _HEADS.get(key)
         if known is None or known[0] is not manifest:
             known = (manifest, _binary_head(manifest, y.shape, request_id))
-            if len(_HEADS) >= PLANS_MAX:
-                _HEADS.clear()
-            _HEADS[key] = known
+            if request_id is None or len(request_id) <= HEAD_ID_MAX:  # bounded: kept
+                if len(_HEADS) >= PLANS_MAX:
+                    _HEADS.clear()
+                _HEADS[key] = known
         head = known[1]
         return head + np.ascontiguousarray(y, dtype="<f4").tobytes(), len(head)
     out = manifest.outputs[0]
@@ -431,8 +432,10 @@ def infer_response(manifest: Manifest, y: F32, *, request_id: str | None,
 
 
 #: The JSON header of binary answers, by (manifest, request id, output shape): the same
-#: for every answer of a shape. Bounded as `_PLANS`.
+#: for every answer of a shape. Bounded as `_PLANS`, and only for ids of at most
+#: HEAD_ID_MAX characters (an id can be as long as the JSON a request may hold).
 _HEADS: dict[tuple[int, str | None, tuple[int, ...]], tuple[Manifest, bytes]] = {}
+HEAD_ID_MAX = 256
 
 
 def _binary_head(manifest: Manifest, shape: tuple[int, ...], request_id: str | None) -> bytes:
