@@ -16,7 +16,8 @@ from agent.api.tfserving import TfServing
 from agent.daemon import Agent
 from agent.errors import AgentError, ApiError, Refused, UnknownModel
 from agent.logs import RateLimited
-from agent.serving.http import Handler, HttpServer, Request, Response, Router
+from agent.serving.http import MEMO_PATH_MAX, Handler, HttpServer, Request, Response, Router
+from agent.serving.memo import remember
 from agent.serving.metrics import Labels, labels_key
 
 log = logging.getLogger("edge_agent.api")
@@ -96,10 +97,8 @@ class Api:
         key = self._answer_keys.get((status, path))
         if key is None:  # a client asks the same few paths: their series' keys made once
             key = labels_key(code=str(status), kind=route_kind(path))
-            if len(path) <= 256:  # at most ANSWER_KEYS_MAX short paths kept
-                if len(self._answer_keys) >= ANSWER_KEYS_MAX:
-                    self._answer_keys.clear()
-                self._answer_keys[status, path] = key
+            if len(path) <= MEMO_PATH_MAX:  # at most ANSWER_KEYS_MAX short paths kept
+                remember(self._answer_keys, (status, path), key, ANSWER_KEYS_MAX)
         self.agent.metrics.add((("edge_agent_http_responses_total", key, 1.0),))
         if status < 400:
             return

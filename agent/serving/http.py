@@ -57,6 +57,7 @@ from typing import Any
 
 from agent.errors import ApiError
 from agent.serving import h1
+from agent.serving.memo import remember
 
 MAX_HEADER_BYTES = 16 * 1024
 #: After answering a request whose body was left unread, the connection is closed only
@@ -160,10 +161,8 @@ class Router:
         found = self._found.get(key)
         if found is None:
             found = self._match(method, path)
-            if len(path) <= 256:  # at most ROUTES_SEEN_MAX short paths kept
-                if len(self._found) >= ROUTES_SEEN_MAX:
-                    self._found.clear()
-                self._found[key] = found
+            if len(path) <= MEMO_PATH_MAX:  # at most ROUTES_SEEN_MAX short paths kept
+                remember(self._found, key, found, ROUTES_SEEN_MAX)
         return found if isinstance(found, int) else (found[0], dict(found[1]))
 
     def _match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | int:
@@ -181,8 +180,9 @@ class Router:
         return sorted({m for m, regex, _ in self._routes if regex.match(path)})
 
 
-#: Matches the router keeps (`Router.match`).
+#: Matches the router keeps (`Router.match`), of paths up to MEMO_PATH_MAX characters.
 ROUTES_SEEN_MAX = 256
+MEMO_PATH_MAX = 256
 
 
 class _HttpError(Exception):

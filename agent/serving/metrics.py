@@ -177,6 +177,10 @@ Labels = tuple[tuple[str, str], ...]
 
 def labels_key(**labels: str) -> Labels:
     """A series' labels as `Metrics` keys them (`Metrics.add` takes keys made once)."""
+    return _key(labels)
+
+
+def _key(labels: dict[str, str]) -> Labels:
     return tuple(sorted(labels.items()))
 
 
@@ -200,7 +204,7 @@ class Metrics:
         self._collectors.append(collect)
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+        key = _key(labels)
         with self._lock:
             series = self.counters[name]
             series[key] = series.get(key, 0.0) + value
@@ -215,14 +219,11 @@ class Metrics:
                 series = self.counters[name]
                 series[key] = series.get(key, 0.0) + value
             for name, key, value in observations:
-                h = self.histograms[name].get(key)
-                if h is None:
-                    h = self.histograms[name][key] = Histogram()
-                h.observe(value)
+                self._histogram(name, key).observe(value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
-            self.gauges[name][tuple(sorted(labels.items()))] = value
+            self.gauges[name][_key(labels)] = value
 
     def set_family(self, name: str, label: str, values: dict[str, float]) -> None:
         """Replace every series of gauge `name` with one per `label` value (a model that
@@ -230,9 +231,8 @@ class Metrics:
         with self._lock:
             self.gauges[name] = {((label, k),): v for k, v in values.items()}
 
-    def _histogram(self, name: str, labels: dict[str, str]) -> Histogram:
+    def _histogram(self, name: str, key: Labels) -> Histogram:
         """The series' histogram, made on first use (under the lock)."""
-        key = tuple(sorted(labels.items()))
         h = self.histograms[name].get(key)
         if h is None:
             h = self.histograms[name][key] = Histogram()
@@ -240,19 +240,19 @@ class Metrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
-            self._histogram(name, labels).observe(value)
+            self._histogram(name, _key(labels)).observe(value)
 
     def observe_many(self, name: str, values: np.ndarray, **labels: str) -> None:
         with self._lock:
-            self._histogram(name, labels).observe_many(values)
+            self._histogram(name, _key(labels)).observe_many(values)
 
     def gauge(self, name: str, **labels: str) -> float:
         with self._lock:
-            return self.gauges[name].get(tuple(sorted(labels.items())), 0.0)
+            return self.gauges[name].get(_key(labels), 0.0)
 
     def counter(self, name: str, **labels: str) -> float:
         with self._lock:
-            return self.counters[name].get(tuple(sorted(labels.items())), 0.0)
+            return self.counters[name].get(_key(labels), 0.0)
 
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4): HELP and TYPE for every
@@ -261,7 +261,7 @@ class Metrics:
         for collect in self._collectors:
             try:
                 for name, labels, value in collect():
-                    collected[name][tuple(sorted(labels.items()))] = value
+                    collected[name][_key(labels)] = value
             except Exception:  # a scrape must not fail on one collector
                 continue
         lines: list[str] = []
@@ -312,7 +312,7 @@ class Snapshot:
                             for n, s in metrics.histograms.items()}
 
     def counter(self, name: str, **labels: str) -> float:
-        return self.counters.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        return self.counters.get(name, {}).get(_key(labels), 0.0)
 
     def counters_by(self, name: str, label: str) -> dict[str, float]:
         return {dict(k).get(label, ""): v for k, v in self.counters.get(name, {}).items()}
@@ -325,7 +325,7 @@ def window_counter(before: Snapshot, after: Snapshot, name: str, **labels: str) 
 def window_quantile(before: Snapshot, after: Snapshot, name: str, q: float,
                     **labels: str) -> float | None:
     """The q-quantile (`Histogram.quantile`) of what was observed between two snapshots."""
-    key = tuple(sorted(labels.items()))
+    key = _key(labels)
     now = after.buckets.get(name, {}).get(key)
     if now is None:
         return None

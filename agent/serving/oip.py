@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ApiError
+from agent.serving.memo import remember
 from agent.serving.runtime import pack
 from agent.serving.shm import Regions, ShmRef, shm_ref
 from agent.trust.manifest import Manifest, TensorSpec
@@ -134,9 +135,7 @@ def parse_infer(body: bytes, manifest: Manifest, header_length: int | None,
         req = _parse_infer(body, manifest, header_length, reserve, shm)
         plan = _plan_of(key[1], manifest, req)
         if plan is not None:
-            if len(_PLANS) >= PLANS_MAX:
-                _PLANS.clear()
-            _PLANS[key] = (manifest, plan)
+            remember(_PLANS, key, (manifest, plan), PLANS_MAX)
         return req
     return _parse_infer(body, manifest, header_length, reserve, shm)
 
@@ -401,9 +400,7 @@ def infer_response(manifest: Manifest, y: F32, *, request_id: str | None,
         if known is None or known[0] is not manifest:
             known = (manifest, _binary_head(manifest, y.shape, request_id))
             if request_id is None or len(request_id) <= HEAD_ID_MAX:  # bounded: kept
-                if len(_HEADS) >= PLANS_MAX:
-                    _HEADS.clear()
-                _HEADS[key] = known
+                remember(_HEADS, key, known, PLANS_MAX)
         head = known[1]
         return head + np.ascontiguousarray(y, dtype="<f4").tobytes(), len(head)
     out = manifest.outputs[0]

@@ -289,10 +289,6 @@ class Scheduler:
         self._apply_reading()
         self._models: dict[str, Resident] = {}
         self._queues: dict[str, _Queue] = {}
-        # kept as the tables change (`_load` reads them on every request): the bytes of
-        # the resident models, and the jobs waiting in every queue
-        self._resident_total = 0
-        self._queued = 0
         self._arena_in_flight = 0
         self._seq = itertools.count()
         self._stopping = False
@@ -305,7 +301,6 @@ class Scheduler:
             entry.last_used = self.clock()
             old = self._models.get(entry.name)
             self._models[entry.name] = entry
-            self._retotal()
             q = self._queues.setdefault(entry.name, _Queue())
             if q.worker is None:
                 q.worker = threading.Thread(target=self._work, args=(entry.name,),
@@ -334,7 +329,6 @@ class Scheduler:
             if self._queues[victim.name].heap or (spare_running and victim.lock.locked()):
                 continue
             del self._models[victim.name]
-            self._retotal()
             self.metrics.inc("edge_agent_model_unloads_total", model=victim.name)
             evicted = True
         return evicted
@@ -342,7 +336,6 @@ class Scheduler:
     def unload(self, name: str) -> None:
         with self._cv:
             self._models.pop(name, None)
-            self._retotal()
             self._gauges()
 
     def models(self) -> dict[str, Resident]:
@@ -436,12 +429,12 @@ class Scheduler:
             self._gauges()
         return evicted
 
-    def _retotal(self) -> None:
-        """After the resident models changed (under the lock)."""
-        self._resident_total = sum(m.resident_bytes for m in self._models.values())
-
     def _load(self) -> Load:
-        return Load(self._queued, self._resident_total, self._arena_in_flight)
+        return Load(self._queue_depth(), sum(m.resident_bytes for m in self._models.values()),
+                    self._arena_in_flight)
+
+    def _queue_depth(self) -> int:
+        return sum(len(q.heap) for q in self._queues.values())
 
     def submit(self, name: str, x: F32, *, priority: Priority = Priority.NORMAL,
                timeout_s: float = 1.0, inline: bool = True) -> Outcome:
@@ -480,7 +473,6 @@ class Scheduler:
                 fut: Future[F32] = Future()
                 heapq.heappush(q.heap, _Job(int(priority), req.deadline, next(self._seq), x,
                                             arena, fut, now))
-                self._queued += 1
                 self.metrics.set("edge_agent_queue_depth", load.queue_depth + 1)
                 self._cv.notify_all()
                 return fut
@@ -494,11 +486,7 @@ class Scheduler:
                 done.set_exception(exc)
                 return done
             self._sample(entry, x, y, started)
-            waited = (("edge_agent_request_duration_seconds", entry.key, self.clock() - now),)
-            if len(x) == 1:  # the common lone sample: its counts made at load
-                self.metrics.add(entry.inline_one, waited)
-            else:
-                self._count(entry, len(x), (waited[0][2],), inline=True)
+            self._count(entry, len(x), (self.clock() - now,), inline=True)
             done.set_result(y)
         finally:
             entry.lock.release()
@@ -517,7 +505,6 @@ class Scheduler:
                 return None
             entry = self._models[name]
             jobs = [heapq.heappop(q.heap)]
-            self._queued -= 1
             _, max_batch = limits_for(self.thermal, self.budget)
             if entry.batchable and max_batch > 1 and (q.heap or entry.last_batch > 1):
                 until = self.clock() + self.max_wait_s
@@ -526,13 +513,12 @@ class Scheduler:
                         if sum(len(j.x) for j in jobs) + len(q.heap[0].x) > max_batch:
                             break
                         jobs.append(heapq.heappop(q.heap))
-                        self._queued -= 1
                         continue
                     left = until - self.clock()
                     if left <= 0 or not self._cv.wait(left):
                         break
             entry.last_used = self.clock()
-            self.metrics.set("edge_agent_queue_depth", self._queued)
+            self.metrics.set("edge_agent_queue_depth", self._queue_depth())
             return entry, jobs
 
     def _work(self, name: str) -> None:
@@ -578,7 +564,9 @@ class Scheduler:
         """The metrics of one batch run: its samples, and each request's time from submit
         to outcome."""
         key = entry.key
-        self.metrics.add(batch_counts(key, samples, inline=inline),
+        counted = (entry.inline_one if inline and samples == 1  # the common lone sample
+                   else batch_counts(key, samples, inline=inline))
+        self.metrics.add(counted,
                          [("edge_agent_request_duration_seconds", key, w) for w in waited])
 
     def _sample(self, entry: Resident, x: F32, y: F32, started: float) -> None:
@@ -598,5 +586,4 @@ class Scheduler:
                 for j in q.heap:
                     j.future.set_exception(Refused("stopping", 503, "agent is stopping"))
                 q.heap.clear()
-            self._queued = 0
             self._cv.notify_all()
