@@ -5,7 +5,7 @@
 #   .venv-tflite   a TFLite-only device: the base install + tflite-runtime 2.14 with
 #                  numpy < 2 (Python 3.11 only), no onnxruntime; the tests that serve ONNX
 #                  models skip there (tests/conftest.py, needs_onnxruntime)
-# Test tooling (pytest, hypothesis, Triton's client) is added; converter outputs the tests
+# Test tooling (pytest and pytest-xdist, hypothesis, Triton's client) is added; converter outputs the tests
 # need are built once with the full .venv into build/test-artifacts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 log() { printf '[test-device] %s\n' "$*" >&2; }
 PY=$(command -v python3.11 || true)
 [ -z "$PY" ] && { log "python3.11 not found (tflite-runtime 2.14 has wheels up to 3.11)"; exit 1; }
-TOOLS=(pytest hypothesis "tritonclient[http]" cryptography)
+TOOLS=(pytest pytest-xdist hypothesis "tritonclient[http]" cryptography)
 stamp=$(sha256sum pyproject.toml scripts/test-device.sh | sha256sum | cut -c1-16)
 
 make_venv() {  # name, pip args...
@@ -64,5 +64,5 @@ DEVICE_TESTS=(tests/test_layering.py tests/test_profiles.py tests/test_manifest.
 for venv in .venv-device .venv-tflite; do
   log "$venv: $("$venv/bin/python" -c 'import numpy, sys; print("Python", sys.version.split()[0], "numpy", numpy.__version__)')"
   EDGE_TEST_ARTIFACTS=$PWD/build/test-artifacts "$venv/bin/python" -m pytest -q \
-    -p no:cacheprovider "${DEVICE_TESTS[@]}"
+    -p no:cacheprovider -n 2 "${DEVICE_TESTS[@]}"
 done

@@ -11,7 +11,10 @@ V=.venv/bin
 echo "== ruff"; "$V/ruff" check .
 echo "== mypy (strict)"; "$V/mypy"
 echo "== pytest"
-"$V/pytest" --durations=25 "$@"  # the slowest tests in the log: CI has 30 minutes
+# On both cores (pytest-xdist): most tests wait on agents, brokers and databases of their own.
+# The package tests share one build and run on one worker (their xdist_group); `-n 0` after
+# the command runs everything in one process.
+"$V/pytest" -n 2 --dist loadgroup --durations=25 "$@"  # the slowest in the log: CI has 30 min
 if [ "${EDGE_SKIP_DEVICE_ENVS:-0}" != 1 ]; then
   echo "== device environments: the agent with its own dependencies only"
   scripts/test-device.sh

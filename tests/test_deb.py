@@ -8,7 +8,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from debroot import REPO, fresh_root, unpack_release
+
+# One worker runs the package tests (tests/test_systemd_boot.py too): they share one
+# package build and the cached Debian root.
+pytestmark = pytest.mark.xdist_group("debian-package")
 
 
 def test_lintian_finds_no_error_and_every_override_says_why(deb: Path) -> None:

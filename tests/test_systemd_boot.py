@@ -19,6 +19,10 @@ import pytest
 from debroot import Root, add_onnxruntime, fresh_root, second_build, unpack_release
 from polling import wait_until
 
+# One worker runs the package tests (tests/test_deb.py too): they share one package build
+# and the cached Debian root.
+pytestmark = pytest.mark.xdist_group("debian-package")
+
 CONFIG = """
 [device]
 id = "dev-1"
