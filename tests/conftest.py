@@ -30,6 +30,12 @@ FAST = [
 ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The 5-minute soak (tests/test_soak.py) first: on two workers (pytest-xdist) it then
+    runs beside the rest of the suite instead of after it."""
+    items.sort(key=lambda item: item.path.name != "test_soak.py")
+
+
 @pytest.fixture(scope="session")
 def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """digits.npz, teacher.pt, teacher.onnx and recipe.toml, with a quickly trained teacher."""
