@@ -5,8 +5,8 @@
 #   .venv-tflite   a TFLite-only device: the base install + tflite-runtime 2.14 with
 #                  numpy < 2 (Python 3.11 only), no onnxruntime; the tests that serve ONNX
 #                  models skip there (tests/conftest.py, needs_onnxruntime)
-# Test tooling (pytest and pytest-xdist, hypothesis, Triton's client) is added; converter outputs the tests
-# need are built once with the full .venv into build/test-artifacts.
+# Test tooling (pytest and pytest-xdist, hypothesis, Triton's client) is added; converter
+# outputs the tests need are built once with the full .venv into build/test-artifacts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
