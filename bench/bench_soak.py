@@ -185,17 +185,20 @@ def soak(agent: AgentProcess, load: Load, proc: psutil.Process, versions: list[P
 
 def settled(rows: list[dict[str, float]], warmup_min: float) -> dict[str, float]:
     """The figures of the samples after `warmup_min` minutes: RSS's range and slope,
-    descriptors' and threads' ranges, p99's slope (per hour), failures over all rows."""
+    descriptors' and threads' ranges, p99's slope (per hour) and its median over the first
+    and the last four samples, failures over all rows."""
     after = [r for r in rows if r["t"] >= warmup_min * 60] or rows
     t = [r["t"] for r in after]
     rss = [r["rss"] for r in after]
     fds = [r["fds"] for r in after]
     threads = [r["threads"] for r in after]
+    p99 = [r["p99"] for r in after]
     return {"samples": len(after), "rss_min": min(rss), "rss_max": max(rss),
             "rss_range": max(rss) - min(rss), "rss_slope": _slope_per_hour(t, rss),
             "fds_min": min(fds), "fds_max": max(fds),
             "threads_min": min(threads), "threads_max": max(threads),
-            "p99_slope": _slope_per_hour(t, [r["p99"] for r in after]),
+            "p99_slope": _slope_per_hour(t, p99),
+            "p99_first": float(np.median(p99[:4])), "p99_last": float(np.median(p99[-4:])),
             "failures": sum(r["fail"] for r in rows)}
 
 
@@ -207,6 +210,13 @@ def summary(rows: list[dict[str, float]], swaps: int, warmup_min: float) -> None
           f"{f['fds_max']:.0f}; threads {f['threads_min']:.0f}-{f['threads_max']:.0f}; "
           f"p99 slope {f['p99_slope']:+.0f} µs/h; failures {f['failures']:.0f}; "
           f"swaps {swaps}")
+
+
+def releases_needed(minutes: float, swap_every: float) -> int:
+    """Versions of digits a soak of `minutes` installs: v1, and one per swap (`soak` swaps
+    every `swap_every` seconds up to and including the end; one spare for the clock's
+    rounding)."""
+    return int(minutes * 60 // swap_every) + 2
 
 
 @contextmanager
@@ -251,8 +261,8 @@ def main() -> None:
     ns = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         where = Path(tmp)
-        swaps_planned = int(ns.minutes * 60 // ns.swap_every) + 1
-        with soaking_agent(where, converted(where), swaps_planned + 1) as (agent, versions):
+        with soaking_agent(where, converted(where),
+                           releases_needed(ns.minutes, ns.swap_every)) as (agent, versions):
             assert agent.proc is not None
             proc = psutil.Process(agent.proc.pid)
             load = Load(agent.socket, requests_mix(SAMPLE), ns.rate, ns.clients)
