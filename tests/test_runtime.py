@@ -47,19 +47,47 @@ def test_onnx_providers_not_on_this_machine_fall_back_to_the_cpu(onnx_run: Path)
 
 
 @pytest.mark.parametrize(("scale", "zero_point", "dtype"), [
-    (1 / 255, -128, "int8"), (0.02, 3, "int8"), (0.1, 128, "uint8"), (0.5, 0, "int8")])
+    (1 / 255, -128, "int8"), (0.02, 3, "int8"), (0.1, 128, "uint8"), (0.5, 0, "int8"),
+    (1e-7, -5, "int8"), (3.7e4, 0, "int8")])
 def test_the_tflite_adapter_quantizes_and_dequantizes_as_the_reference_arithmetic(
         scale: float, zero_point: int, dtype: str) -> None:
-    """The adapter works the input's int8 arithmetic out once per model (`_Feed`); it must
-    give what `quantize` gives, value for value: halves rounded to even, values past the
-    range clipped."""
+    """The adapter quantizes an 8-bit input by lookup (`_Feed`: the float32 value of each
+    step between levels, found at load); it must give what `quantize` gives, value for
+    value: at every step and the floats on either side of it (halves rounded to even),
+    past the range (clipped), at the infinities, and on a million float32 bit patterns
+    drawn at random."""
     q = QuantParams(scale=scale, zero_point=zero_point)
+    feed = _Feed(TensorSpec(name="x", dtype=dtype, shape=[None, 16], quantization=q))
+    assert feed.steps is not None and len(feed.steps) == 255  # the lookup, not arithmetic
+    up, down = np.float32(np.inf), np.float32(-np.inf)
     x = (np.random.default_rng(0).standard_normal((300, 16)) * 60 * scale).astype(np.float32)
     x[0, :8] = np.array([0.5, 1.5, 2.5, -0.5, -2.5, 1e9, -1e9, 0.0]) * np.float32(scale)
-    got = _Feed(TensorSpec(name="x", dtype=dtype, shape=[None, 16], quantization=q))(x)
-    want = quantize(x, q, np.dtype(dtype))
-    assert got.dtype == want.dtype and np.array_equal(got, want)
-    assert len(np.unique(want)) > 100  # the data spans the range, clipping included
+    steps = feed.steps
+    edges = np.concatenate([
+        steps, np.nextafter(steps, up), np.nextafter(steps, down),
+        np.nextafter(np.nextafter(steps, down), down),
+        np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45, -1e-45], np.float32)])
+    bits = np.random.default_rng(1).integers(0, 2**32, 1_000_000, dtype=np.uint64)
+    drawn = bits.astype(np.uint32).view(np.float32)
+    for values in (x, edges.astype(np.float32), drawn[~np.isnan(drawn)]):
+        got = feed(values)
+        with np.errstate(over="ignore"):  # huge / scale: inf, clipped as it should be
+            want = quantize(values, q, np.dtype(dtype))
+        assert got.dtype == want.dtype and got.shape == values.shape
+        wrong = np.flatnonzero(got.ravel() != want.ravel())
+        assert not len(wrong), (values.ravel()[wrong[:5]], got.ravel()[wrong[:5]],
+                                want.ravel()[wrong[:5]])
+    assert len(np.unique(quantize(x, q, np.dtype(dtype)))) > 100  # x spans the range
+
+
+def test_a_wider_integer_input_keeps_the_quantize_arithmetic() -> None:
+    """An int16 input has 65,535 steps: the adapter keeps the arithmetic for it, equal to
+    `quantize` too."""
+    q = QuantParams(scale=0.001, zero_point=7)
+    feed = _Feed(TensorSpec(name="x", dtype="int16", shape=[None, 4], quantization=q))
+    assert feed.steps is None
+    x = (np.random.default_rng(2).standard_normal((500, 4)) * 40).astype(np.float32)
+    assert np.array_equal(feed(x), quantize(x, q, np.dtype("int16")))
 
 
 def test_the_tflite_adapter_serves_what_the_reference_arithmetic_gives(onnx_run: Path) -> None:

@@ -88,10 +88,17 @@ def dequantize(v: npt.NDArray[Any], q: QuantParams) -> F32:
 
 class _Feed:
     """How one input reaches its tensor, worked out once at load: `quantize` for an int8
-    tensor (the same arithmetic, with its bounds and types looked up once instead of on
-    every request), a cast otherwise."""
+    tensor, a cast otherwise.
 
-    __slots__ = ("dtype", "hi", "lo", "scale", "zero_point")
+    An 8-bit tensor is quantized by lookup: `quantize` is monotone in x, so each of the
+    255 steps between its 256 levels sits at one float32 value, found at load
+    (`_steps`), and a sample's level is the number of steps at or below it
+    (`searchsorted`, one numpy call and a `take`, instead of the arithmetic's six: the
+    request path runs them cold, 9 µs of an inference on the digits model). Equal to
+    `quantize` for every float32 but NaN, which the API refuses before it gets here. A
+    wider integer tensor keeps the arithmetic (its bounds and types looked up once)."""
+
+    __slots__ = ("dtype", "hi", "levels", "lo", "scale", "steps", "zero_point")
 
     def __init__(self, spec: TensorSpec) -> None:
         self.dtype = np.dtype(spec.dtype)
@@ -100,17 +107,50 @@ class _Feed:
         self.zero_point = 0 if q is None else q.zero_point
         info = np.iinfo(self.dtype) if q is not None else None
         self.lo, self.hi = (info.min, info.max) if info is not None else (0, 0)
+        self.steps: F32 | None = None
+        self.levels: npt.NDArray[Any] | None = None
+        if (self.scale is not None and self.dtype.itemsize == 1
+                and np.isfinite(self.scale) and self.scale > 0):
+            scale = self.scale
+            self.steps = _steps(lambda v: self._arithmetic(v, scale), self.lo, self.hi)
+            self.levels = np.arange(self.lo, self.hi + 1).astype(self.dtype)
 
     def __call__(self, x: F32) -> npt.NDArray[Any]:
+        if self.steps is not None and x.dtype == np.float32:
+            return self.levels.take(self.steps.searchsorted(x, side="right"))  # type: ignore[union-attr]
         if self.scale is None:
             return x.astype(self.dtype, copy=False)
-        v = np.divide(x, self.scale, dtype=np.float32)  # as quantize: x / scale, rounded
+        return self._arithmetic(x, self.scale)
+
+    def _arithmetic(self, x: F32, scale: np.float32) -> npt.NDArray[Any]:
+        v = np.divide(x, scale, dtype=np.float32)  # as quantize: x / scale, rounded
         np.rint(v, out=v)  # np.round's rounding (half to even), without its wrappers
         v += self.zero_point
         np.minimum(v, self.hi, out=v)  # np.clip, without its Python wrapper, the last
         out = np.empty(v.shape, self.dtype)  # step writing the integers (exact: in range)
         np.maximum(v, self.lo, out=out, casting="unsafe")
         return out
+
+
+def _steps(level: Callable[[F32], npt.NDArray[Any]], lo: int, hi: int) -> F32:
+    """For each level k in lo+1..hi, the least float32 x with `level(x) >= k`, for a
+    `level` monotone in x: bisected over float32's values in order (as integers: a
+    float's bits, negatives mirrored), all levels at once, 33 halvings from -inf to
+    +inf."""
+    def floats(keys: npt.NDArray[np.int64]) -> F32:
+        bits = np.where(keys >= 0, keys, -keys | 0x80000000).astype(np.uint32)
+        return bits.view(np.float32)
+
+    want = np.arange(lo + 1, hi + 1)
+    inf = 0x7F800000  # +inf's bits; -inf's key is its negative
+    below = np.full(len(want), -inf, np.int64)  # level(below) < k <= level(above)
+    above = np.full(len(want), inf, np.int64)
+    while np.any(above - below > 1):
+        mid = (below + above) // 2
+        with np.errstate(over="ignore"):  # huge x / scale: inf, the top level
+            reached = level(floats(mid)).astype(np.int64) >= want
+        above, below = np.where(reached, mid, above), np.where(reached, below, mid)
+    return floats(above)
 
 
 @dataclass
