@@ -67,6 +67,12 @@ MAX_HEADER_BYTES = 16 * 1024
 #: client reads it.
 LINGER_BYTES = 1 << 20
 LINGER_S = 2.0
+#: `others_active` looks for unread requests only on idle connections that answered
+#: within this long: a client sending concurrently is back within milliseconds, and one
+#: quiet for longer sends too rarely to batch with. A request on a quieter connection that
+#: arrives during an inline run waits for that run (at most the scheduler's
+#: `inline_max_s`, 1 ms), then is read and served as any other.
+RECENT_IDLE_S = 0.1
 log = logging.getLogger("edge_agent.http")
 #: Authorize a request from its head: None to go on, else the 401 message.
 Authorize = Callable[[dict[str, str], bool], str | None]
@@ -259,10 +265,11 @@ class HttpServer:
 
     def others_active(self) -> bool:
         """Whether a request besides the caller's is in progress or waiting: a connection
-        reading or answering one, or an idle keep-alive connection with bytes in its socket
-        (one `poll` with no wait: bytes the loop has seen ready but not read yet). Idle
-        connections with nothing pending (a client's pool, a load balancer's) do not
-        count."""
+        reading or answering one, or an idle keep-alive connection that answered within
+        `RECENT_IDLE_S` with bytes in its socket (one `poll` with no wait: bytes the loop
+        has seen ready but not read yet). Idle connections with nothing pending (a
+        client's pool, a load balancer's) do not count, and those quiet for longer are not
+        polled (the syscall was a third of what two idle connections cost a request)."""
         open_n = self.open_connections
         if open_n == 1:  # the caller's alone
             return False
@@ -271,7 +278,14 @@ class HttpServer:
             return True
         if not idle_n:
             return False
-        fds = [c.fd for pool in self._idle.values() for c in pool if c.fd >= 0]
+        since = time.monotonic() - RECENT_IDLE_S
+        fds = []
+        for pool in self._idle.values():
+            for c in reversed(pool):  # the most recently idle first
+                if pool[c] < since:
+                    break
+                if c.fd >= 0:
+                    fds.append(c.fd)
         if not fds:
             return False
         poller = select.poll()
