@@ -12,7 +12,7 @@ import pytest
 from conftest import needs_onnxruntime
 
 from agent.errors import Refused, UnknownModel
-from agent.serving.admission import Budget, Priority, ThermalLimits
+from agent.serving.admission import Budget, Priority, Reading, ThermalLimits
 from agent.serving.runtime import F32, LoadedModel, open_model
 from agent.serving.scheduler import Done, Resident, Scheduler, request_bytes
 from agent.testing import FakeClock, FakeSensors
@@ -210,6 +210,44 @@ def test_thermal_critical_sheds_normal_priority(onnx) -> None:  # type: ignore[n
     s.submit("digits", x(), priority=Priority.HIGH).result(5)
     sensors.temperature_c = 60.0
     s.submit("digits", x()).result(5)
+    s.stop()
+
+
+class CountedSensors(FakeSensors):
+    reads: int = 0
+
+    def read(self) -> Reading:
+        self.reads += 1
+        return super().read()
+
+
+def test_the_request_path_reads_the_sensors_only_when_the_polling_thread_fell_behind(
+        onnx) -> None:  # type: ignore[no-untyped-def]
+    """Readings come from the polling thread every interval (1 s here); a request reads
+    the sensors itself (50-100 µs of /proc and sysfs) only when the last reading is two
+    intervals old, the thread having missed one. Requests at these seconds after the
+    last reading; whether each read, and the thermal state it decided on."""
+    model, m = onnx
+    sensors, clock = CountedSensors(temperature_c=60.0), FakeClock()
+    s = Scheduler(budget=Budget(memory_budget_bytes=10**9, min_available_bytes=0,
+                                queue_max=8, max_batch=8), thermal_limits=LIMITS,
+                  sensors=sensors, sensor_interval_s=1.0, clock=clock)
+    s.load(Resident("digits", m, model, 1000, batchable=True))
+    assert sensors.reads == 1  # at start
+    sensors.temperature_c = 90.0  # critical from now on, for whoever reads it
+    seen = []
+    for at in (0.5, 1.0, 1.99, 2.0, 2.5, 4.0):
+        clock.now = 1000.0 + at  # FakeClock() starts at 1000 s
+        before = sensors.reads
+        try:
+            s.submit("digits", x()).result(5)
+            refused = False
+        except Refused:
+            refused = True
+        seen.append((at, sensors.reads - before, refused))
+    assert seen == [(0.5, 0, False), (1.0, 0, False), (1.99, 0, False),  # the thread's
+                    (2.0, 1, True),  # two intervals without a reading: read, critical
+                    (2.5, 0, True), (4.0, 1, True)]
     s.stop()
 
 
