@@ -269,7 +269,7 @@ class HttpServer:
         `RECENT_IDLE_S` with bytes in its socket (one `poll` with no wait: bytes the loop
         has seen ready but not read yet). Idle connections with nothing pending (a
         client's pool, a load balancer's) do not count, and those quiet for longer are not
-        polled (the syscall was a third of what two idle connections cost a request)."""
+        polled (the syscall was half of what two idle connections cost a request)."""
         open_n = self.open_connections
         if open_n == 1:  # the caller's alone
             return False
