@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -695,9 +695,14 @@ def run(recipe: Recipe, say: Callable[[str], None] = print, *, force: bool = Fal
     if out.exists() and not force:
         raise RecipeError(f"output {out} exists; remove it or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # The name first, the directory inside the `try`: a signal's exception raised between
+    # `mkdtemp` making the directory and the `try` (a few bytecodes, but a loaded machine
+    # can stop there) left it behind, seen once in CI. `mkdir` refuses a name that exists,
+    # so what the cleanup removes is this run's.
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(8)}"
     t0 = time.perf_counter()
     try:
+        tmp.mkdir(mode=0o700)
         ctx = open_context(recipe, tmp, say)
         ctx.results["recipe"] = recipe.model_dump(mode="json")
         for name in STAGES:
@@ -707,6 +712,10 @@ def run(recipe: Recipe, say: Callable[[str], None] = print, *, force: bool = Fal
         ctx.save()
         check_stop()
         _replace_dir(tmp, out)
+    except FileExistsError as exc:  # from `tmp.mkdir`, 2**-64: not ours to remove
+        if exc.filename != str(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
