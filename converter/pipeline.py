@@ -713,7 +713,7 @@ def run(recipe: Recipe, say: Callable[[str], None] = print, *, force: bool = Fal
         check_stop()
         _replace_dir(tmp, out)
     except FileExistsError as exc:  # from `tmp.mkdir`, 2**-64: not ours to remove
-        if exc.filename != str(tmp):
+        if exc.filename not in (tmp, str(tmp)):  # os.mkdir names it as it was given
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException:
